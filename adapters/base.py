@@ -1,0 +1,180 @@
+"""Load a pretrained backbone: quantization, dtype, device placement, freezing.
+
+QLoRA (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314) keeps the pretrained weights
+frozen in 4-bit NormalFloat (NF4) with double quantization and computes in a 16/32-bit dtype;
+LLM.int8() (Dettmers et al. 2022, https://arxiv.org/abs/2208.07339) stores them in 8 bits.
+Both come from bitsandbytes through ``transformers``' ``BitsAndBytesConfig``; this module only
+chooses the settings:
+
+* compute dtype for the hardware: float32 on CPU (bf16 matmuls on CPU are ~25x slower),
+  bfloat16 on GPUs that support it, float16 on older GPUs;
+* one device per process (``device_map={"": local_process_index}``), never ``"auto"``,
+  which would shard one model over all GPUs and break data parallelism;
+* the backbone is loaded *without* any task head (``AutoModel``): our heads are separate
+  full-precision modules, so they can never be quantized by accident.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, UnknownModelError
+from .packaged import PACKAGED_MODELS, resolve_packaged
+
+QUANTIZATIONS = ("nf4", "fp4", "int8", None)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class Backbone:
+    """A loaded, frozen backbone and what the rest of the library needs to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str  # what the user passed: packaged name, folder or hub id
+    location: str  # where the weights were actually read from
+    quantization: str | None
+    compute_dtype: torch.dtype
+    is_decoder: bool
+    hidden_size: int
+
+
+def resolve_source(name: str, trust_remote_code: bool = False) -> str:
+    """Map a packaged name, a local folder or a hub id to something ``from_pretrained`` reads."""
+    if name in PACKAGED_MODELS:
+        return str(resolve_packaged(name))
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            raise UnknownModelError(f"folder {name!r} has no config.json: it is not a transformers model folder")
+        return name
+    from transformers import AutoConfig
+
+    try:  # a hub id: only reachable online (or from the local HF cache)
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types
+        raise UnknownModelError(
+            f"unknown model {name!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), not a local folder, "
+            f"and not loadable as a hub id ({type(err).__name__}: {err}). Pass a packaged name, the path of a "
+            f"folder saved with save_pretrained, or a hub id while online.") from None
+    return name
+
+
+def default_compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype, double_quant: bool = True):
+    """Our short quantization names -> ``transformers.BitsAndBytesConfig`` (or None)."""
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}")
+    if quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def is_decoder_config(config) -> bool:
+    """Decoder-only LLM (pool the last token) vs bidirectional encoder (pool first/mean)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"encoder-decoder models ({config.model_type}) are not supported; use an encoder or a decoder")
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return False
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def process_device() -> torch.device:
+    """This process's device: its own GPU under DDP (``local_process_index``), else the CPU."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def load_backbone(
+    name: str,
+    quantization: str | None = "nf4",
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    double_quant: bool = True,
+    trust_remote_code: bool = False,
+    padding_side: str | None = None,
+) -> Backbone:
+    """Load ``name`` frozen, quantized as asked, on this process's device."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if padding_side not in (None, "left", "right"):
+        raise ConfigError(f"padding_side={padding_side!r} must be 'left', 'right' or None (the tokenizer's own)")
+    location = resolve_source(name, trust_remote_code)
+    device = torch.device(device) if device is not None else process_device()
+    if quantization is not None and device.type not in ("cpu", "cuda", "xpu"):
+        raise ConfigError(f"bitsandbytes quantization does not run on {device.type}; pass quantization=None")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    compute_dtype = dtype or default_compute_dtype(device)
+
+    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    decoder = is_decoder_config(config)
+    model = AutoModel.from_pretrained(
+        location,
+        quantization_config=quantization_config(quantization, compute_dtype, double_quant),
+        dtype=compute_dtype,
+        device_map={"": device.index if device.type == "cuda" and device.index is not None else str(device)},
+        trust_remote_code=trust_remote_code,
+    )
+    # BERT-style encoders carry a pooler that our heads never use. Left in place it would be
+    # quantized, targeted by "all-linear" LoRA, and leave DDP with parameters that get no grad.
+    if not decoder and isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler = None
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights on first CPU inference (bf16 absmax) when the CPU has
+        # AVX512-BF16: eval would then compute differently from training and mutate the frozen
+        # weights in place. Keep one layout and one numeric path for train and eval.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # norms to fp32 for stable training (the QLoRA recipe); checkpointing is the trainer's call
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ConfigError(f"tokenizer of {name!r} has no pad, eos or unk token to pad batches with")
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    return Backbone(model, tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
+
+
+def base_fingerprint(model: nn.Module) -> dict:
+    """A few numbers that identify the base weights, to refuse an adapter saved on another base.
+
+    Input embeddings are never quantized, so a sample of them identifies the checkpoint
+    whatever the quantization; values are compared with a tolerance (bf16 vs fp32 loads).
+    """
+    emb = model.get_input_embeddings().weight
+    flat = emb.detach().flatten()
+    idx = (torch.arange(16) * (flat.numel() // 16)).to(flat.device)
+    return {"embedding_shape": list(emb.shape), "embedding_sample": [float(v) for v in flat[idx].float().cpu()]}

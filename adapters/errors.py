@@ -1,0 +1,29 @@
+"""Typed errors. Each names the problem and says how to fix it.
+
+All derive from :class:`AdaptersError` (itself a ``ValueError``) so callers can catch
+one type; the subclasses let tests and programs tell the cases apart.
+"""
+
+
+class AdaptersError(ValueError):
+    """Base class of every error this library raises on bad input."""
+
+
+class UnknownModelError(AdaptersError):
+    """The model name is neither packaged, a local folder, nor resolvable on the hub."""
+
+
+class ConfigError(AdaptersError):
+    """A configuration value is out of range or of the wrong kind."""
+
+
+class TargetModulesError(AdaptersError):
+    """Adapter target patterns matched no module of the base model."""
+
+
+class DataError(AdaptersError):
+    """The training or evaluation data cannot be used (empty, missing column, bad label)."""
+
+
+class CheckpointError(AdaptersError):
+    """A saved artifact is missing files, is corrupt, or does not match the base model."""

@@ -1,0 +1,111 @@
+"""LoRA through ``peft``: our small config -> ``peft.LoraConfig``, with target checking.
+
+LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a weight ``W`` and learns a
+low-rank update ``W + (alpha / r) * B @ A`` with ``A: r x in``, ``B: out x r``, ``B = 0`` at
+start, so the adapted model equals the base until training moves it::
+
+    x ──> W (frozen, maybe 4-bit) ──────────────┐
+    └──> dropout ─> A (r x in) ─> B (out x r) ─> (+) ──> y      scale = alpha / r
+
+rsLoRA (Kalajdzievski 2023) scales by ``alpha / sqrt(r)``; DoRA (Liu et al. 2024) splits the
+weight into magnitude and direction. All of it, including the 4-bit/8-bit layer variants and
+the adapter file format, is peft's; we only validate the config and the target patterns, so a
+pattern that matches nothing fails with the names that do exist.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .errors import ConfigError, TargetModulesError
+
+
+@dataclass
+class LoRA:
+    """LoRA settings.
+
+    ``targets``: ``"all-linear"`` (every linear layer of the backbone), a list of module names
+    (matched on the name's last components, as in peft: ``["q_proj", "v_proj"]``), or one
+    regular expression matched against the full module name.
+    """
+
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16
+    """Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with rslora)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    targets: str | list[str] = "all-linear"
+    rslora: bool = False
+    """Rank-stabilised scaling (Kalajdzievski 2023)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (Liu et al. 2024)."""
+    kind: str = field(default="lora", init=False)
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"LoRA r={self.r!r} must be a positive integer (typical: 4-64)")
+        if not self.alpha > 0:
+            raise ConfigError(f"LoRA alpha={self.alpha!r} must be > 0 (typical: 2 * r)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
+        if isinstance(self.targets, (list, tuple)):
+            if not self.targets:
+                raise ConfigError("LoRA targets is an empty list: name modules or use 'all-linear'")
+            self.targets = list(self.targets)
+        elif not isinstance(self.targets, str):
+            raise ConfigError(f"LoRA targets={self.targets!r} must be 'all-linear', a list of names or a regex")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of every linear layer (plain, bitsandbytes 4/8-bit, GPT-2's Conv1D) in ``model``."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+
+
+def _matches(targets: str | list[str], name: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Return the linear modules ``targets`` selects; raise if none."""
+    names = linear_module_names(model)
+    if targets == "all-linear":
+        matched = names
+    else:
+        matched = [n for n in names if _matches(targets, n)]
+    if not matched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise TargetModulesError(
+            f"LoRA targets {targets!r} match no linear layer of the base model. Its linear layers are named "
+            f"{leaves} (e.g. {names[:3]}); pass some of these names, a regex over full names, or 'all-linear'.")
+    return matched
+
+
+def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
+    """Wrap ``model`` in a ``peft.PeftModel`` with LoRA layers on the selected targets."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = check_targets(model, lora.targets)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        # "all-linear" as the leaf names of every linear layer: peft's own shorthand would also
+        # skip a layer it takes for an output head, which a headless backbone does not have
+        target_modules=sorted({n.rsplit(".", 1)[-1] for n in targets}) if lora.targets == "all-linear" else lora.targets,
+        use_rslora=lora.rslora,
+        use_dora=lora.dora,
+        bias="none",
+        base_model_name_or_path=base_name,
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,57 @@
+"""The sentiment recipe end to end: on a user's CSV with a tiny model (fast), and on the
+packaged LLM and data (slow)."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import adapters
+
+from .conftest import toy_sentiment
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import sentiment  # noqa: E402
+
+
+def test_sentiment_recipe_on_a_users_csv(tiny_llama, tmp_path):
+    rows = toy_sentiment(80)
+    with open(tmp_path / "reviews.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["review", "stars", "film"])
+        writer.writeheader()
+        for i, r in enumerate(rows):
+            writer.writerow({"review": r["text"], "stars": r["label"], "film": f"film{i // 4}"})
+    out = tmp_path / "art"
+    result = sentiment.main(["--model", tiny_llama, "--data", str(tmp_path / "reviews.csv"), "--text-column", "review",
+                             "--label-column", "stars", "--group-column", "film", "--epochs", "3", "--lr", "5e-3",
+                             "--batch-size", "8", "--output", str(out)])
+    assert result["test_rows"] + result["train_rows"] == 80 and result["accuracy"] >= 0.7
+    assert json.loads((out / "results.json").read_text())["accuracy"] == result["accuracy"]
+    assert adapters.load(out).head_spec.labels == ["neg", "pos"]
+
+
+def test_group_split_keeps_groups_apart():
+    from _data import group_split
+
+    rows = [{"group": i // 3, "label": "a"} for i in range(60)]
+    train, test = group_split(rows, "group", 0.2, seed=1)
+    assert len(train) + len(test) == 60 and 9 <= len(test) <= 15
+    assert not {r["group"] for r in train} & {r["group"] for r in test}
+
+
+@pytest.mark.slow
+def test_sentiment_recipe_on_the_packaged_llm(tmp_path):
+    result = sentiment.main(["--train-size", "96", "--eval-size", "64", "--output", str(tmp_path / "art")])
+    assert result["model"] == "smollm2-135m" and result["quantization"] == "nf4"
+    assert 0 <= result["accuracy"] <= 1 and result["majority_baseline"] > 0.4
+    again = adapters.load(tmp_path / "art")
+    assert again.backbone_info.is_decoder and again.backbone_info.quantization == "nf4"
+
+
+@pytest.mark.slow
+def test_sentiment_recipe_on_the_packaged_encoder_in_int8(tmp_path):
+    result = sentiment.main(["--model", "minilm-l6", "--quantization", "int8", "--train-size", "512",
+                             "--eval-size", "256", "--epochs", "2", "--batch-size", "32", "--output", str(tmp_path / "art")])
+    assert result["accuracy"] > result["majority_baseline"]

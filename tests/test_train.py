@@ -1,0 +1,110 @@
+"""The training loop: what changes, what stays frozen, reproducibility, metrics, bad data."""
+
+import json
+
+import pytest
+import torch
+
+import adapters
+
+from .conftest import toy_sentiment
+
+
+def _snapshot(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8", None])
+def test_only_adapter_and_head_change(tiny_llama, toy_data, quantization):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
+                           quantization=quantization)
+    before = _snapshot(model)
+    adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8, progress=False))
+    after = _snapshot(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "training changed nothing"
+    assert changed <= trainable, f"frozen tensors changed: {sorted(changed - trainable)[:5]}"
+    assert any(n.startswith("head.") for n in changed) and any("lora_B" in n for n in changed)
+    frozen = [n for n in before if n not in trainable]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)  # base bit-identical
+
+
+def test_head_only_training(tiny_bert, toy_data):
+    model = adapters.adapt(tiny_bert, adapter=None, head=adapters.Classification(labels=["neg", "pos"]))
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"head"}
+    adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, batch_size=8, progress=False))
+
+
+def test_training_learns_encoder_and_decoder(tiny_model, toy_data, tmp_path):
+    model = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=8), head=adapters.Classification(labels=["neg", "pos"]),
+                           quantization="nf4")
+    metrics = adapters.train(model, toy_data[0], toy_data[1], adapters.TrainConfig(
+        epochs=6, lr=5e-3, head_lr=2e-2, batch_size=8, output_dir=str(tmp_path), progress=False))
+    assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_count"] == len(toy_data[1])
+    assert metrics["steps"] == 36 and metrics["world_size"] == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "config" in records[0] and any("train_loss" in r for r in records) and any("eval_accuracy" in r for r in records)
+    assert adapters.evaluate(model, toy_data[1])["accuracy"] == metrics["eval_accuracy"]
+
+
+def test_same_seed_same_weights(tiny_llama, toy_data):
+    def run():
+        model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+        adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=4, lr=1e-2, batch_size=8, progress=False))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    a, b = run(), run()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_gradient_accumulation_and_integer_labels(tiny_llama):
+    rows = [{"sentence": r["text"], "y": int(r["label"] == "pos")} for r in toy_sentiment(16)]
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    metrics = adapters.train(model, rows, rows, adapters.TrainConfig(
+        epochs=1, batch_size=4, grad_accum=2, text_column="sentence", label_column="y", progress=False))
+    assert metrics["steps"] == 2 and metrics["eval_count"] == 16
+
+
+def test_left_and_right_padding_give_the_same_logits(tiny_model):
+    texts = ["good film", "a very boring and tedious movie", "fun"]
+    right = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
+                           padding_side="right")
+    left = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
+                          padding_side="left")
+    assert right.tokenizer.padding_side == "right" and left.tokenizer.padding_side == "left"
+    assert torch.allclose(right.logits(texts), left.logits(texts), atol=1e-4)
+
+
+@pytest.mark.parametrize("data,match", [
+    ([], "empty"),
+    ([{"text": "good", "label": "neutral"}], "row 0: label 'neutral' is not one of"),
+    ([{"text": "good", "label": 5}], "out of range"),
+    ([{"review": "good", "label": "pos"}], "no column 'text'"),
+    ([{"text": 3, "label": "pos"}], "not text"),
+])
+def test_bad_data_is_a_clear_error(tiny_llama, data, match):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    with pytest.raises(adapters.DataError, match=match):
+        adapters.train(model, data, None, adapters.TrainConfig(max_steps=1, progress=False))
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": 0}, {"batch_size": 0}, {"epochs": 0}, {"optimizer": "sgd"},
+                                    {"scheduler": "step"}, {"warmup_ratio": 1.0}, {"mixed_precision": "fp8"},
+                                    {"grad_accum": 0}])
+def test_bad_train_config(kwargs):
+    with pytest.raises(adapters.ConfigError):
+        adapters.TrainConfig(**kwargs)
+
+
+def test_adamw_8bit_runs_on_cpu(tiny_llama, toy_data):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, optimizer="adamw_8bit", progress=False))
+
+
+def test_predict_labels_and_probabilities(tiny_llama):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    assert model.predict(["good film", "bad"]) in (["neg", "neg"], ["neg", "pos"], ["pos", "neg"], ["pos", "pos"])
+    label, probs = model.predict("good film", probabilities=True)
+    assert label in probs and abs(sum(probs.values()) - 1) < 1e-5
+    assert "trainable params" in model.summary() and "nf4" in model.summary()
