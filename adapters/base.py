@@ -165,6 +165,10 @@ def load_backbone(
             raise ConfigError(f"tokenizer of {name!r} has no pad, eos or unk token to pad batches with")
     if padding_side is not None:
         tokenizer.padding_side = padding_side
+    if not decoder and tokenizer.padding_side == "left":
+        # absolute position embeddings (BERT) would see every token shifted by the padding
+        raise ConfigError(f"{name!r} is an encoder: it must be padded on the right (padding_side='right'); "
+                          f"left padding shifts its absolute positions")
     return Backbone(model, tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
 
 

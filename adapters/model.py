@@ -7,6 +7,7 @@ labels are given); ``predict`` maps raw texts to labels. Saving and loading live
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from typing import Any
 
@@ -34,6 +35,10 @@ class AdaptedModel(nn.Module):
         self.head_spec = head_spec
         self.max_length = max_length
         self.dtype_arg = dtype_arg  # what the user asked for (None = per device), saved as is
+        # Decoders get positions counted from the first real token, so a left-padded text sees
+        # the same positions as unpadded (what generate() does); encoders are right-padded.
+        forward_args = inspect.signature(self.base_model.forward).parameters
+        self._positions_from_mask = backbone.is_decoder and "position_ids" in forward_args
 
     @property
     def base_model(self) -> nn.Module:
@@ -49,7 +54,10 @@ class AdaptedModel(nn.Module):
         return self.head.score.weight.device
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        extra = {}
+        if self._positions_from_mask:
+            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         logits = self.head(hidden, attention_mask)
         out = {"logits": logits}
         if labels is not None:

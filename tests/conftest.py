@@ -6,7 +6,12 @@ Hidden size 64 = one bitsandbytes 4-bit quantization block per row.
 
 from __future__ import annotations
 
+import os
 import random
+
+# tests never need the network: fail fast instead of waiting on hub retries
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch

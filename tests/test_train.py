@@ -36,16 +36,19 @@ def test_head_only_training(tiny_bert, toy_data):
     adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, batch_size=8, progress=False))
 
 
-def test_training_learns_encoder_and_decoder(tiny_model, toy_data, tmp_path):
+def test_training_learns_encoder_and_decoder(tiny_model, tmp_path):
+    train_rows, eval_rows = toy_sentiment(128), toy_sentiment(32, seed=1)
     model = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=8), head=adapters.Classification(labels=["neg", "pos"]),
                            quantization="nf4")
-    metrics = adapters.train(model, toy_data[0], toy_data[1], adapters.TrainConfig(
-        epochs=6, lr=5e-3, head_lr=2e-2, batch_size=8, output_dir=str(tmp_path), progress=False))
-    assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_count"] == len(toy_data[1])
-    assert metrics["steps"] == 36 and metrics["world_size"] == 1
+    untrained = adapters.evaluate(model, eval_rows)
+    metrics = adapters.train(model, train_rows, eval_rows, adapters.TrainConfig(
+        epochs=4, lr=1e-2, head_lr=3e-2, batch_size=16, output_dir=str(tmp_path), progress=False))
+    # held-out texts are new word combinations: well above chance (0.5), not memorised
+    assert metrics["eval_accuracy"] >= 0.75 and metrics["eval_loss"] < untrained["loss"]
+    assert metrics["eval_count"] == len(eval_rows) and metrics["steps"] == 32 and metrics["world_size"] == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "config" in records[0] and any("train_loss" in r for r in records) and any("eval_accuracy" in r for r in records)
-    assert adapters.evaluate(model, toy_data[1])["accuracy"] == metrics["eval_accuracy"]
+    assert adapters.evaluate(model, eval_rows)["accuracy"] == metrics["eval_accuracy"]
 
 
 def test_same_seed_same_weights(tiny_llama, toy_data):
@@ -66,14 +69,20 @@ def test_gradient_accumulation_and_integer_labels(tiny_llama):
     assert metrics["steps"] == 2 and metrics["eval_count"] == 16
 
 
-def test_left_and_right_padding_give_the_same_logits(tiny_model):
+def test_left_and_right_padding_give_the_same_logits(tiny_llama):
     texts = ["good film", "a very boring and tedious movie", "fun"]
-    right = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
+    right = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
                            padding_side="right")
-    left = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
+    left = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
                           padding_side="left")
     assert right.tokenizer.padding_side == "right" and left.tokenizer.padding_side == "left"
-    assert torch.allclose(right.logits(texts), left.logits(texts), atol=1e-4)
+    assert torch.allclose(right.logits(texts), left.logits(texts), atol=1e-5)
+    assert not torch.equal(right.encode(texts)["attention_mask"], left.encode(texts)["attention_mask"])
+
+
+def test_encoders_refuse_left_padding(tiny_bert):
+    with pytest.raises(adapters.ConfigError, match="right"):
+        adapters.adapt(tiny_bert, adapter=None, head=adapters.Classification(labels=["neg", "pos"]), padding_side="left")
 
 
 @pytest.mark.parametrize("data,match", [
