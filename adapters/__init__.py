@@ -10,6 +10,7 @@
 """
 
 from .artifact import load
+from .bottleneck import Bottleneck
 from .errors import AdaptersError, CheckpointError, ConfigError, DataError, TargetModulesError, UnknownModelError
 from .heads import Classification
 from .lora import LoRA
@@ -19,6 +20,6 @@ from .train import TrainConfig, evaluate, train
 
 __all__ = [
     "adapt", "train", "evaluate", "load",
-    "LoRA", "Classification", "TrainConfig", "AdaptedModel", "PACKAGED_MODELS",
+    "LoRA", "Bottleneck", "Classification", "TrainConfig", "AdaptedModel", "PACKAGED_MODELS",
     "AdaptersError", "UnknownModelError", "ConfigError", "TargetModulesError", "DataError", "CheckpointError",
 ]

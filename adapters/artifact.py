@@ -3,8 +3,9 @@
 Layout of an artifact folder::
 
     qadapters.json          base (name + fingerprint), quantization, adapter, head spec, labels, versions
-    adapter/                a standard peft adapter folder (LoRA): adapter_config.json,
-                            adapter_model.safetensors - ``PeftModel.from_pretrained`` reads it
+    adapter/                LoRA: a standard peft adapter folder (adapter_config.json,
+                            adapter_model.safetensors) - ``PeftModel.from_pretrained`` reads it
+    bottleneck.safetensors  bottleneck adapters: their weights (their config is in qadapters.json)
     head.safetensors        the task head's weights
 
 ``load`` rebuilds the model with ``adapt`` from the stored spec (same quantization, adapter
@@ -26,13 +27,15 @@ import torch
 
 from .base import base_fingerprint
 from .errors import CheckpointError, ConfigError
+from .bottleneck import Bottleneck
 from .heads import head_from_dict
 from .lora import LoRA
 
 FORMAT_VERSION = 1
 SPEC_FILE = "qadapters.json"
 HEAD_FILE = "head.safetensors"
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = "adapter"  # LoRA: a peft adapter folder
+BOTTLENECK_FILE = "bottleneck.safetensors"
 
 
 def library_version() -> str:
@@ -59,6 +62,8 @@ def _adapter_from_dict(data: dict | None):
     kind = data.pop("kind", None)
     if kind == "lora":
         return LoRA(**data)
+    if kind == "bottleneck":
+        return Bottleneck(**data)
     raise CheckpointError(f"artifact names an unknown adapter kind {kind!r}; was it saved by a newer qadapters?")
 
 
@@ -98,10 +103,11 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        if model.adapter is not None:
+        if isinstance(model.adapter, LoRA):
             model.body.save_pretrained(tmp / ADAPTER_DIR)
-        head_state = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-        save_file(head_state, str(tmp / HEAD_FILE))
+        elif isinstance(model.adapter, Bottleneck):
+            save_file(_cpu_state(model.bottleneck), str(tmp / BOTTLENECK_FILE))
+        save_file(_cpu_state(model.head), str(tmp / HEAD_FILE))
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
         if path.exists():  # swap: the old artifact is removed only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -113,6 +119,10 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _cpu_state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
 def read_spec(path) -> dict:
@@ -185,17 +195,20 @@ def load(path, base: str | None = None, device: str | torch.device | None = None
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path / SPEC_FILE} lacks or garbles an entry ({err}); the artifact is corrupt") from None
     head_tensors = _load_tensors(path / HEAD_FILE)
-    adapter_file = path / ADAPTER_DIR / "adapter_model.safetensors"
+    adapter_file = path / (BOTTLENECK_FILE if isinstance(adapter, Bottleneck) else f"{ADAPTER_DIR}/adapter_model.safetensors")
     adapter_tensors = _load_tensors(adapter_file) if adapter is not None else None
 
     model = adapt(base_name, adapter=adapter, head=head, quantization=spec["quantization"],
                   dtype=dtype or spec.get("dtype"), device=device, max_length=spec["max_length"],
                   padding_side=spec.get("padding_side"), seed=None)
     _check_fingerprint(spec, model, path)
-    if adapter_tensors is not None:
+    if isinstance(adapter, LoRA):
         # peft saves keys without the adapter name; compare against its own export of this model
         _check_state(adapter_tensors, get_peft_model_state_dict(model.body), adapter_file)
         set_peft_model_state_dict(model.body, adapter_tensors)
+    elif isinstance(adapter, Bottleneck):
+        _check_state(adapter_tensors, model.bottleneck.state_dict(), adapter_file)
+        model.bottleneck.load_state_dict({k: v.to(model.device) for k, v in adapter_tensors.items()})
     _check_state(head_tensors, model.head.state_dict(), path / HEAD_FILE)
     model.head.load_state_dict({k: v.to(model.device) for k, v in head_tensors.items()})
     model.eval()

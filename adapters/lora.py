@@ -70,7 +70,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
 
 
-def _matches(targets: str | list[str], name: str) -> bool:
+def matches(targets: str | list[str], name: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -82,7 +82,7 @@ def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     if targets == "all-linear":
         matched = names
     else:
-        matched = [n for n in names if _matches(targets, n)]
+        matched = [n for n in names if matches(targets, n)]
     if not matched:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise TargetModulesError(

@@ -15,20 +15,22 @@ import torch
 from torch import nn
 
 from .base import Backbone, load_backbone
+from .bottleneck import Bottleneck, BottleneckLayers
 from .errors import ConfigError
 from .heads import Classification
 from .lora import LoRA, apply_lora
 
-ADAPTERS = (LoRA,)
+ADAPTERS = (LoRA, Bottleneck)
 
 
 class AdaptedModel(nn.Module):
     """A backbone with an adapter and a head; only adapter and head parameters train."""
 
     def __init__(self, backbone: Backbone, body: nn.Module, adapter, head_spec, head: nn.Module,
-                 max_length: int, dtype_arg: str | None):
+                 max_length: int, dtype_arg: str | None, bottleneck: BottleneckLayers | None = None):
         super().__init__()
         self.body = body  # the backbone, wrapped by peft when the adapter is LoRA
+        self.bottleneck = bottleneck  # bottleneck adapters, hooked into the body's projections
         self.head = head
         self.backbone_info = backbone
         self.adapter = adapter
@@ -134,7 +136,7 @@ class AdaptedModel(nn.Module):
 
 def adapt(
     model: str,
-    adapter: LoRA | None = None,
+    adapter: LoRA | Bottleneck | None = None,
     head: Classification | None = None,
     quantization: str | None = "nf4",
     dtype: str | None = None,
@@ -148,7 +150,7 @@ def adapt(
     """Load ``model`` frozen (and quantized), add ``adapter`` and a new ``head``.
 
     ``model``: a packaged name (``"smollm2-135m"``, ``"minilm-l6"``), a local HF folder or a hub id.
-    ``adapter``: ``LoRA(...)``, or ``None`` to train the head only.
+    ``adapter``: ``LoRA(...)``, ``Bottleneck(...)``, or ``None`` to train the head only.
     ``quantization``: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``None``; ``dtype`` overrides the compute
     dtype (default: float32 on CPU, bfloat16 on capable GPUs).
     ``seed`` makes the new adapter and head weights reproducible (without touching global RNG).
@@ -173,10 +175,13 @@ def adapt(
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        body = backbone.model
+        body, bottleneck = backbone.model, None
         if isinstance(adapter, LoRA):
             body = apply_lora(body, adapter, model)
+        elif isinstance(adapter, Bottleneck):
+            bottleneck = BottleneckLayers(body, adapter, backbone.hidden_size)
         head_module = head.build(backbone.hidden_size, backbone.is_decoder)
     head_module.to(next(backbone.model.parameters()).device)
     return AdaptedModel(backbone, body, adapter, head, head_module, max_length,
-                        dtype if isinstance(dtype, str) or dtype is None else str(dtype).replace("torch.", ""))
+                        dtype if isinstance(dtype, str) or dtype is None else str(dtype).replace("torch.", ""),
+                        bottleneck)

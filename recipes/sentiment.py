@@ -56,10 +56,13 @@ def user_rows(args) -> tuple[list[dict], list[dict] | None]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="packaged name, local folder or hub id")
-    p.add_argument("--adapter", default="lora", choices=["lora", "none"], help="'none' trains the head only")
+    p.add_argument("--adapter", default="lora", choices=["lora", "bottleneck", "none"],
+                   help="'lora', 'bottleneck' (see --placement) or 'none' (head only)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--targets", default="all-linear", help="'all-linear' or comma-separated module names")
+    p.add_argument("--targets", default="all-linear", help="LoRA: 'all-linear' or comma-separated module names")
+    p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="bottleneck placement")
+    p.add_argument("--reduction", type=int, default=16, help="bottleneck width = hidden / reduction")
     p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
     p.add_argument("--train-size", type=int, default=2400)
     p.add_argument("--eval-size", type=int, default=1000)
@@ -94,11 +97,13 @@ def main(argv=None) -> dict:
     majority = majority_accuracy(train_rows, test_rows)
     print(f"majority-class baseline on test: {majority:.4f}")
 
-    lora = None
+    adapter = None
     if args.adapter == "lora":
         targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-        lora = adapters.LoRA(r=args.r, alpha=args.alpha, dropout=0.05, targets=targets)
-    model = adapters.adapt(args.model, adapter=lora, head=adapters.Classification(labels=labels),
+        adapter = adapters.LoRA(r=args.r, alpha=args.alpha, dropout=0.05, targets=targets)
+    elif args.adapter == "bottleneck":
+        adapter = adapters.Bottleneck(placement=args.placement, reduction=args.reduction)
+    model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=labels),
                            quantization=None if args.quantization == "none" else args.quantization,
                            max_length=args.max_length, seed=args.seed)
     print(model.summary())

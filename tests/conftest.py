@@ -39,10 +39,18 @@ def _tokenizer(bert: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", **kwargs), len(vocab)
 
 
+def save_tiny(model, path, bert: bool) -> str:
+    """Save a randomly initialised model with the word-level tokenizer as an HF folder."""
+    tokenizer, _ = _tokenizer(bert)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def build_tiny(kind: str, path) -> str:
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
-    tokenizer, vocab_size = _tokenizer(bert=kind == "bert")
+    _, vocab_size = _tokenizer(bert=kind == "bert")
     torch.manual_seed(0)
     if kind == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -53,9 +61,7 @@ def build_tiny(kind: str, path) -> str:
         config = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
         model = BertModel(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny(model, path, bert=kind == "bert")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,210 @@
+"""Bottleneck adapters (Houlsby and Pfeiffer) on any architecture, quantized or not.
+
+A bottleneck adapter is a small residual MLP inserted after a sublayer of each transformer
+block (Houlsby et al. 2019, *Parameter-Efficient Transfer Learning for NLP*,
+arXiv:1902.00751)::
+
+    h ──> down (d -> d/reduction) ──> activation ──> dropout ──> up (d/reduction -> d) ──> x scaling ──> (+) ──> h'
+    └──────────────────────────────────────────────────────────────────────────────────────────────────┘
+
+``up`` starts at zero, so the adapted model equals the base until training moves it.
+
+Placements:
+
+* ``"houlsby"``: two adapters per block, after the attention output projection and after the
+  feed-forward output projection (Houlsby et al. 2019);
+* ``"pfeiffer"``: one adapter per block, after the feed-forward output projection only (Pfeiffer
+  et al. 2021, *AdapterFusion*, arXiv:2005.00247), half the parameters for about the same quality.
+
+Insertion copies no model's forward and keeps no per-architecture table: a structural rule
+finds the block stack (the ``ModuleList`` of identical blocks holding the most linear layers)
+and, in each block, the *output projections*: the last-registered linear layer that maps back
+to the hidden size inside the attention child (``o_proj``, ``attention.output.dense``,
+``attn.c_proj``, ``out_proj``, ``out_lin``, ``dense``) and outside it (``down_proj``,
+``output.dense``, ``mlp.c_proj``, ``dense_4h_to_h``, ``fc2``, ``lin2``). A forward hook on that
+projection replaces its output ``h`` with ``h + adapter(h)``. The projection's weights (4-bit,
+8-bit or not) are untouched; the adapter runs in float32 and casts back to the output's dtype.
+Where the rule finds nothing, ``targets=`` names the modules by hand.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, TargetModulesError
+
+PLACEMENTS = ("pfeiffer", "houlsby")
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+@dataclass
+class Bottleneck:
+    """Bottleneck adapter settings."""
+
+    placement: str = "pfeiffer"
+    """``"pfeiffer"`` (after the feed-forward block) or ``"houlsby"`` (after attention and feed-forward)."""
+    reduction: int = 16
+    """Bottleneck width = hidden size / reduction."""
+    bottleneck_dim: int | None = None
+    """Explicit bottleneck width (overrides ``reduction``)."""
+    activation: str = "relu"
+    dropout: float = 0.0
+    scaling: float = 1.0
+    """Multiplies the adapter's output before the residual sum."""
+    layers: list[int] | None = None
+    """Block indices that get adapters (negative counts from the top: ``[-2, -1]``); None = all."""
+    targets: str | list[str] | None = None
+    """Escape hatch: module names (matched on their last components) or one regex over full names, whose
+    outputs get an adapter instead of those the placement rule finds."""
+    kind: str = field(default="bottleneck", init=False)
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"placement={self.placement!r} must be one of {PLACEMENTS}")
+        if not isinstance(self.reduction, int) or self.reduction < 1:
+            raise ConfigError(f"reduction={self.reduction!r} must be a positive integer (typical: 8-64)")
+        if self.bottleneck_dim is not None and (not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim < 1):
+            raise ConfigError(f"bottleneck_dim={self.bottleneck_dim!r} must be a positive integer")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r} must be one of {sorted(ACTIVATIONS)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.layers is not None:
+            self.layers = [int(i) for i in self.layers]
+            if not self.layers:
+                raise ConfigError("layers=[] selects no block; pass None for all blocks")
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = list(self.targets)
+            if not self.targets:
+                raise ConfigError("targets=[] names no module; pass None to use the placement rule")
+
+    def width(self, hidden: int) -> int:
+        return self.bottleneck_dim or max(1, hidden // self.reduction)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class BottleneckAdapter(nn.Module):
+    """``h + scaling * up(dropout(act(down(h))))`` in float32, ``up`` zero at start."""
+
+    def __init__(self, hidden: int, width: int, activation: str, dropout: float, scaling: float):
+        super().__init__()
+        self.down = nn.Linear(hidden, width)
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(width, hidden)
+        self.scaling = scaling
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(self.down.weight.dtype)
+        return (x + self.scaling * self.up(self.dropout(self.act(self.down(x))))).to(hidden.dtype)
+
+
+def _out_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2): weight is (in, out)
+        return module.nf
+    return None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of identical transformer blocks (the one holding the most linear layers)."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(b) for b in module}) == 1:
+            count = sum(_is_linear(m) for m in module.modules())
+            if count > best_count:
+                best, best_count = (name, module), count
+    if best is None:
+        raise TargetModulesError(
+            "found no stack of transformer blocks (an nn.ModuleList of identical blocks holding linear layers); "
+            "name the modules to adapt with Bottleneck(targets=[...])")
+    return best
+
+
+def output_projections(block: nn.Module, hidden: int) -> dict[str, str | None]:
+    """Names (relative to ``block``) of its attention and feed-forward output projections."""
+    found: dict[str, str | None] = {"attention": None, "feed_forward": None}
+    for name, module in block.named_modules():  # registration order: the last match wins
+        if not _is_linear(module) or _out_features(module) != hidden:
+            continue
+        part = "attention" if _ATTENTION_NAME.search(name) else "feed_forward"
+        found[part] = name
+    return found
+
+
+def placement_targets(model: nn.Module, spec: Bottleneck, hidden: int) -> list[str]:
+    """Full names of the modules whose outputs get an adapter."""
+    if spec.targets is not None:
+        from .lora import linear_module_names, matches
+
+        names = [n for n, _ in model.named_modules() if n and matches(spec.targets, n)]
+        if not names:
+            raise TargetModulesError(f"Bottleneck targets {spec.targets} match no module; linear layers are named "
+                                     f"like {linear_module_names(model)[:6]}")
+        return names
+    stack_name, stack = find_block_stack(model)
+    indices = range(len(stack))
+    if spec.layers is not None:
+        bad = [i for i in spec.layers if not -len(stack) <= i < len(stack)]
+        if bad:
+            raise ConfigError(f"layers={spec.layers}: {bad} out of range for {len(stack)} blocks")
+        indices = sorted({i % len(stack) for i in spec.layers})
+    parts = ("attention", "feed_forward") if spec.placement == "houlsby" else ("feed_forward",)
+    targets = []
+    for i in indices:
+        found = output_projections(stack[i], hidden)
+        for part in parts:
+            if found[part] is None:
+                raise TargetModulesError(
+                    f"block {stack_name}.{i} ({type(stack[i]).__name__}) has no {part.replace('_', '-')} output "
+                    f"projection: looked for the last linear layer mapping to the hidden size ({hidden}) "
+                    f"{'inside' if part == 'attention' else 'outside'} a child named like 'attn'/'attention'. "
+                    f"Name the modules with Bottleneck(targets=[...])")
+            targets.append(f"{stack_name}.{i}.{found[part]}")
+    return targets
+
+
+class BottleneckLayers(nn.Module):
+    """The adapters of one model and the hooks that apply them; saved as a plain state dict."""
+
+    def __init__(self, model: nn.Module, spec: Bottleneck, hidden: int):
+        super().__init__()
+        self.targets = placement_targets(model, spec, hidden)
+        modules = dict(model.named_modules())
+        self.adapters = nn.ModuleDict()
+        self._handles = []
+        device = next(model.parameters()).device
+        for name in self.targets:
+            size = _out_features(modules[name]) or hidden
+            adapter = BottleneckAdapter(size, spec.width(size), spec.activation, spec.dropout, spec.scaling).to(device)
+            self.adapters[name.replace(".", "__")] = adapter  # ModuleDict keys cannot hold dots
+            self._handles.append(modules[name].register_forward_hook(self._hook(adapter)))
+
+    @staticmethod
+    def _hook(adapter: BottleneckAdapter):
+        def apply(module, args, output):
+            return adapter(output)
+
+        return apply
+
+    def remove(self) -> None:
+        """Detach the hooks: the base model computes as if never adapted."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
