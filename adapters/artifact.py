@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .base import base_fingerprint
+from .base import base_fingerprint, process_state
 from .errors import CheckpointError, ConfigError
 from .bottleneck import Bottleneck
 from .heads import head_from_dict
@@ -75,7 +75,8 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
     """Write ``model``'s trainable tensors and spec to ``path`` atomically.
 
     An existing artifact at ``path`` is replaced; any other non-empty folder is kept unless
-    ``overwrite=True``, so a typo in the path never deletes the user's files.
+    ``overwrite=True``, so a typo in the path never deletes the user's files. Under several
+    processes only the main one writes; the others wait for it.
     """
     from safetensors.torch import save_file
 
@@ -85,6 +86,10 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
     if path.is_dir() and any(path.iterdir()) and not is_artifact(path) and not overwrite:
         raise ConfigError(f"{path} is a non-empty folder that is not a qadapters artifact; choose another "
                           f"path or pass overwrite=True to replace its contents")
+    state = process_state()
+    if not state.is_main_process:  # under DDP every rank holds the same weights: one writes
+        state.wait_for_everyone()
+        return path
     info = model.backbone_info
     spec = {
         "format_version": FORMAT_VERSION,
@@ -118,6 +123,7 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    state.wait_for_everyone()
     return path
 
 

@@ -100,11 +100,22 @@ def is_decoder_config(config) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
-def process_device() -> torch.device:
-    """This process's device: its own GPU under DDP (``local_process_index``), else the CPU."""
+def cpu_only() -> bool:
+    """True when there is no GPU. Accelerate must then be told ``cpu=True``: otherwise, started by
+    torchrun on CPUs, it silently trains each process alone (world size 1) instead of with gloo."""
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
+
+
+def process_state():
+    """Accelerate's per-process state (rank, world size, device), created the same way everywhere."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=cpu_only())
+
+
+def process_device() -> torch.device:
+    """This process's device: its own GPU under DDP (``local_process_index``), else the CPU."""
+    return process_state().device
 
 
 def load_backbone(

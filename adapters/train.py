@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .base import cpu_only
 from .data import Collator, encode_dataset
 from .errors import ConfigError
 from .metrics import classification_metrics
@@ -149,8 +151,13 @@ def _optimizer(model, config: TrainConfig):
     return bnb.optim.AdamW8bit(groups, lr=config.lr)
 
 
-def _lr_lambda(kind: str, warmup: int, total: int):
-    def schedule(step: int) -> float:
+def _lr_lambda(kind: str, warmup: int, total: int, calls_per_step: int = 1):
+    """Multiplier of the peak learning rate after ``step`` optimizer steps: linear warmup, then
+    linear decay to 0, half a cosine, or constant. Accelerate's scheduler wrapper calls the
+    schedule once per process at each step, hence ``calls_per_step``."""
+
+    def schedule(calls: int) -> float:
+        step = calls // calls_per_step
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if kind == "constant":
@@ -168,7 +175,7 @@ def evaluate(model, data, config: TrainConfig | None = None, accelerator=None) -
     from accelerate import Accelerator
 
     config = config or TrainConfig()
-    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = accelerator or Accelerator(cpu=cpu_only(), mixed_precision=config.mixed_precision)
     unwrapped = accelerator.unwrap_model(model)
     encoded = encode_dataset(data, unwrapped.tokenizer, unwrapped.head_spec, config.text_column,
                              config.label_column, unwrapped.max_length, "eval dataset")
@@ -212,6 +219,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         raise ConfigError("the model has no trainable parameters")
     trackers = _trackers(config.output_dir)
     accelerator = Accelerator(
+        cpu=cpu_only(),
         gradient_accumulation_steps=config.grad_accum,
         mixed_precision=config.mixed_precision,
         log_with=trackers or None,
@@ -219,6 +227,12 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         # the same shuffled order whatever the number of processes: runs are comparable
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ConfigError(
+            f"launched with WORLD_SIZE={launched} but Accelerate runs {accelerator.num_processes} process(es): "
+            f"each would train alone. On CPUs, create Accelerate state with cpu=True (or let adapters create it: "
+            f"do not call PartialState()/Accelerator() before adapters.adapt)")
     set_seed(config.seed)
     encoded = encode_dataset(train_data, model.tokenizer, model.head_spec, config.text_column,
                              config.label_column, model.max_length, "train dataset")
@@ -241,10 +255,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         eval_loader = accelerator.prepare(eval_loader)
     # the prepared loader is this process's shard: 1/N of the data per epoch
     local_steps = config.max_steps or max(1, math.ceil(math.ceil(len(train_loader) / config.grad_accum) * config.epochs))
-    # Accelerate's scheduler wrapper steps the schedule once per process at each optimizer step
-    schedule_steps = local_steps * accelerator.num_processes
-    scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(config.scheduler, int(config.warmup_ratio * schedule_steps), schedule_steps)))
+    scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(
+        config.scheduler, int(config.warmup_ratio * local_steps), local_steps, accelerator.num_processes)))
     if trackers:
         accelerator.init_trackers("qadapters", config={k: v for k, v in asdict(config).items() if v is not None})
     accelerator.print(f"training on {accelerator.num_processes} process(es) ({accelerator.device}), "
@@ -296,7 +308,9 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         "train_seconds": seconds,
         "train_examples_per_second": examples * accelerator.num_processes / seconds,
     }
-    accelerator.end_training()
+    # not end_training(): it destroys the process group, which saving and evaluating still need
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if config.gradient_checkpointing:
         accelerator.unwrap_model(model).base_model.gradient_checkpointing_disable()
     return result
