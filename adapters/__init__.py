@@ -11,7 +11,8 @@
 
 from .artifact import load
 from .bottleneck import Bottleneck
-from .errors import AdaptersError, CheckpointError, ConfigError, DataError, TargetModulesError, UnknownModelError
+from .errors import (AdaptersError, CheckpointError, ConfigError, DataError, NonFiniteLossError, TargetModulesError,
+                     TrainingError, TrainingInterrupted, UnknownModelError)
 from .heads import Classification
 from .lora import LoRA
 from .model import AdaptedModel, adapt
@@ -22,4 +23,5 @@ __all__ = [
     "adapt", "train", "evaluate", "load",
     "LoRA", "Bottleneck", "Classification", "TrainConfig", "AdaptedModel", "PACKAGED_MODELS",
     "AdaptersError", "UnknownModelError", "ConfigError", "TargetModulesError", "DataError", "CheckpointError",
+    "TrainingError", "NonFiniteLossError", "TrainingInterrupted",
 ]

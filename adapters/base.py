@@ -81,11 +81,15 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype, do
 
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP flattens parameters of one dtype together: 4-bit weights must be stored in the
+        # compute dtype to be sharded beside the other bf16/fp32 parameters
+        bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8,
     )
 
 

@@ -1,7 +1,8 @@
 """Typed errors. Each names the problem and says how to fix it.
 
-All derive from :class:`AdaptersError` (itself a ``ValueError``) so callers can catch
-one type; the subclasses let tests and programs tell the cases apart.
+Bad input raises an :class:`AdaptersError` (a ``ValueError``); a training run that has to stop
+raises a :class:`TrainingError` (a ``RuntimeError``). The subclasses let tests and programs
+tell the cases apart.
 """
 
 
@@ -27,3 +28,15 @@ class DataError(AdaptersError):
 
 class CheckpointError(AdaptersError):
     """A saved artifact is missing files, is corrupt, or does not match the base model."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped; the message says where the last good checkpoint is."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite; the weights were not updated with it."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved and the message says how to resume."""

@@ -5,6 +5,11 @@ model for data parallelism, shards the data, accumulates gradients (``accumulate
 gathers evaluation results without the padding duplicates of the last batch
 (``gather_for_metrics``). Only adapter and head parameters reach the optimizer, so the
 frozen (quantized) base never changes.
+
+Robustness (see ``checkpoint.py``): periodic atomic checkpoints and exact resume (``resume=
+"auto"``), a checkpoint then a clear exit on SIGTERM/SIGINT, a stop (or skip) on a NaN/inf loss
+before it reaches the weights, early stopping with the best weights restored, and no silent
+reuse of an output folder that holds an earlier run.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +28,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .base import cpu_only
+from .checkpoint import (STATE_FILE, checkpoint_dir, complete_checkpoints, keep_trainable_only, load_checkpoint,
+                         resolve_resume, save_checkpoint)
 from .data import Collator, encode_dataset
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from .metrics import classification_metrics
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -62,6 +72,25 @@ class TrainConfig:
     log_every: int = 10
     gradient_checkpointing: bool = False
     progress: bool = True
+    eval_every: int | None = None
+    """Evaluate every this many steps (default: at the end of each epoch)."""
+    save_every: int | None = None
+    """Save a resumable checkpoint under ``output_dir/checkpoints`` every this many steps."""
+    keep_last: int | None = 3
+    """Checkpoints kept (the best one, with early stopping, is kept besides); None keeps all."""
+    resume: str | None = None
+    """``"auto"``: continue from the newest complete checkpoint in ``output_dir`` (or start fresh);
+    a path: continue from that checkpoint."""
+    overwrite: bool = False
+    """Start afresh in an ``output_dir`` that holds an earlier run (its checkpoints and logs are deleted)."""
+    skip_nonfinite: bool = False
+    """Skip a step whose loss is NaN/inf instead of stopping with an error."""
+    early_stopping_metric: str | None = None
+    """Stop when this eval metric (e.g. ``"eval_macro_f1"``; ``*loss`` is minimised) stops improving."""
+    early_stopping_patience: int = 3
+    """Evaluations without improvement before stopping."""
+    load_best: bool = False
+    """End with the weights of the best evaluation (by ``early_stopping_metric``, default ``eval_loss``)."""
 
     def __post_init__(self):
         checks = [
@@ -79,6 +108,12 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}"),
             (self.mixed_precision in MIXED_PRECISION, f"mixed_precision={self.mixed_precision!r} must be one of {MIXED_PRECISION}"),
             (self.log_every >= 1, f"log_every={self.log_every} must be >= 1"),
+            (self.eval_every is None or self.eval_every >= 1, f"eval_every={self.eval_every} must be >= 1"),
+            (self.save_every is None or self.save_every >= 1, f"save_every={self.save_every} must be >= 1"),
+            (self.keep_last is None or self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1 or None"),
+            (self.early_stopping_patience >= 1, f"early_stopping_patience={self.early_stopping_patience} must be >= 1"),
+            (self.output_dir is not None or (self.save_every is None and self.resume is None),
+             "save_every and resume need an output_dir to keep checkpoints in"),
         ]
         for ok, message in checks:
             if not ok:
@@ -202,11 +237,59 @@ def _evaluate_loader(model, loader, accelerator) -> dict[str, float]:
     return metrics
 
 
+RUN_FILE = "run.json"  # written when a run finishes
+
+
+def _prepare_output_dir(config: TrainConfig, is_main: bool) -> None:
+    """Refuse to silently start over in a folder holding an earlier run; clear it on overwrite."""
+    if config.output_dir is None:
+        return
+    out = Path(config.output_dir)
+    earlier = (out / RUN_FILE).exists() or bool(complete_checkpoints(out)) or (out / "metrics.jsonl").exists()
+    if earlier and config.resume is None:
+        if not config.overwrite:
+            raise ConfigError(f"{out} holds an earlier run (checkpoints or logs); pass resume='auto' to continue it "
+                              f"or overwrite=True to start afresh (deleting its checkpoints and logs)")
+        if is_main:  # delete only what a run writes, never the user's other files
+            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+            for name in (RUN_FILE, "metrics.jsonl"):
+                (out / name).unlink(missing_ok=True)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag checked after each step (main thread only)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (so all take the same branch)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum").item() > 0)
+
+
 def train(model, train_data, eval_data=None, config: TrainConfig | None = None) -> dict[str, float]:
-    """Train ``model``'s adapter and head on ``train_data``; evaluate on ``eval_data`` each epoch.
+    """Train ``model``'s adapter and head on ``train_data``; evaluate on ``eval_data``.
 
     Returns the final metrics: ``train_loss``, ``eval_accuracy``, ``eval_macro_f1``, ``eval_loss``
-    (when there is eval data), ``steps``, ``world_size``, ``train_seconds``, ``train_examples_per_second``.
+    (when there is eval data), ``steps``, ``world_size``, ``train_seconds``,
+    ``train_examples_per_second`` and, with early stopping, ``best_step``/``best_<metric>``.
     """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -217,6 +300,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         raise ConfigError(f"config must be an adapters.TrainConfig, got {type(config).__name__}")
     if not model.trainable_parameters():
         raise ConfigError("the model has no trainable parameters")
+    if (config.early_stopping_metric or config.load_best) and eval_data is None:
+        raise ConfigError("early stopping and load_best need eval data: pass eval_data to train()")
     trackers = _trackers(config.output_dir)
     accelerator = Accelerator(
         cpu=cpu_only(),
@@ -233,19 +318,21 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
             f"launched with WORLD_SIZE={launched} but Accelerate runs {accelerator.num_processes} process(es): "
             f"each would train alone. On CPUs, create Accelerate state with cpu=True (or let adapters create it: "
             f"do not call PartialState()/Accelerator() before adapters.adapt)")
+    resume_from = resolve_resume(config.resume, config.output_dir)
+    if resume_from is None:
+        _prepare_output_dir(config, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
     encoded = encode_dataset(train_data, model.tokenizer, model.head_spec, config.text_column,
                              config.label_column, model.max_length, "train dataset")
-    eval_encoded = None
+    eval_loader = None
+    collate = Collator(model.tokenizer)
     if eval_data is not None:
         eval_encoded = encode_dataset(eval_data, model.tokenizer, model.head_spec, config.text_column,
                                       config.label_column, model.max_length, "eval dataset")
-    collate = Collator(model.tokenizer)
-    train_loader = DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
-    eval_loader = None
-    if eval_encoded is not None:
         eval_loader = DataLoader(eval_encoded, batch_size=config.eval_batch_size or 2 * config.batch_size,
                                  collate_fn=collate)
+    train_loader = DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
 
     if config.gradient_checkpointing:
         model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -257,60 +344,158 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     local_steps = config.max_steps or max(1, math.ceil(math.ceil(len(train_loader) / config.grad_accum) * config.epochs))
     scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(
         config.scheduler, int(config.warmup_ratio * local_steps), local_steps, accelerator.num_processes)))
-    if trackers:
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.register_save_state_pre_hook(keep_trainable_only(accelerator.unwrap_model))
+
+    run = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "running": 0.0, "running_count": 0, "last_loss": None,
+           "best": None, "best_step": None, "best_checkpoint": None, "bad_evals": 0, "skipped_steps": 0,
+           "stopped_early": False, "metrics": {}}
+    if resume_from is not None:
+        run.update(load_checkpoint(accelerator, resume_from))
+        accelerator.print(f"resumed from {resume_from} at step {run['step']}")
+    if trackers:  # metrics.jsonl is appended to: a resumed run's log goes on where it stopped
         accelerator.init_trackers("qadapters", config={k: v for k, v in asdict(config).items() if v is not None})
     accelerator.print(f"training on {accelerator.num_processes} process(es) ({accelerator.device}), "
                       f"{len(encoded)} examples, effective batch "
                       f"{config.batch_size * accelerator.num_processes * config.grad_accum}, {local_steps} steps")
 
-    progress = tqdm(total=local_steps, desc="train", disable=not (config.progress and accelerator.is_local_main_process))
+    metric_name = config.early_stopping_metric or ("eval_loss" if config.load_best else None)
+    minimise = metric_name is not None and metric_name.endswith("loss")
+    best_weights = None
+
+    def checkpoint(protect_best: bool = False) -> Path:
+        state = {k: v for k, v in run.items()}
+        if protect_best:
+            state["best_checkpoint"] = str(checkpoint_dir(config.output_dir) / f"step-{run['step']:06d}")
+        protect = Path(state["best_checkpoint"]) if state.get("best_checkpoint") else None
+        path = save_checkpoint(accelerator, config.output_dir, state, config.keep_last, protect)
+        run["best_checkpoint"] = state["best_checkpoint"]
+        return path
+
+    def evaluate_now() -> bool:
+        """Evaluate, log, track the best; True when early stopping says stop."""
+        nonlocal best_weights
+        run["metrics"] = {f"eval_{k}": v for k, v in _evaluate_loader(model, eval_loader, accelerator).items()}
+        accelerator.log(run["metrics"], step=run["step"])
+        accelerator.print(f"step {run['step']} (epoch {run['epoch'] + 1}): "
+                          + ", ".join(f"{k}={v:.4f}" for k, v in run["metrics"].items()))
+        if metric_name is None:
+            return False
+        if metric_name not in run["metrics"]:
+            raise ConfigError(f"early_stopping_metric={metric_name!r} is not an eval metric; "
+                              f"choose one of {sorted(run['metrics'])}")
+        value = run["metrics"][metric_name]
+        if run["best"] is None or (value < run["best"] if minimise else value > run["best"]):
+            run.update(best=value, best_step=run["step"], bad_evals=0)
+            best_weights = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+            if config.output_dir is not None:
+                checkpoint(protect_best=True)
+            return False
+        run["bad_evals"] += 1
+        return config.early_stopping_metric is not None and run["bad_evals"] >= config.early_stopping_patience
+
+    progress = tqdm(total=local_steps, initial=run["step"], desc="train",
+                    disable=not (config.progress and accelerator.is_local_main_process))
     model.train()
-    step, epoch, examples, started = 0, 0, 0, time.perf_counter()
-    running, running_count, last_loss, metrics = 0.0, 0, float("nan"), {}
-    while step < local_steps:
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch)["loss"]
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            examples += batch["input_ids"].shape[0]
-            running += loss.detach().float().item()
-            running_count += 1
-            if accelerator.sync_gradients:
-                step += 1
+    started, examples = time.perf_counter(), 0
+    last_saved = None
+    with _StopSignal() as stop_signal:
+        while run["step"] < local_steps and not run["stopped_early"]:
+            train_loader.set_epoch(run["epoch"])
+            batches = train_loader
+            if run["batch_in_epoch"]:  # resuming mid-epoch: the same order, minus what was done
+                batches = accelerator.skip_first_batches(train_loader, run["batch_in_epoch"])
+            finished_epoch = True
+            for batch in batches:
+                run["batch_in_epoch"] += 1
+                with accelerator.accumulate(model):
+                    loss = model(**batch)["loss"]
+                    if _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
+                        if not config.skip_nonfinite:
+                            where = run["best_checkpoint"] or last_saved or (complete_checkpoints(config.output_dir)[-1:]
+                                                                            or [None])[0] if config.output_dir else None
+                            raise NonFiniteLossError(
+                                f"loss became {loss.item()} at step {run['step'] + 1}; the weights were not updated. "
+                                f"Last good checkpoint: {where or 'none saved (set save_every)'}. Lower the learning "
+                                f"rate, check the data, or pass skip_nonfinite=True to skip such steps")
+                        optimizer.zero_grad()
+                        run["skipped_steps"] += 1
+                        continue
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                examples += batch["input_ids"].shape[0]
+                run["running"] += loss.detach().float().item()
+                run["running_count"] += 1
+                if not accelerator.sync_gradients:
+                    continue
+                run["step"] += 1
                 progress.update(1)
+                step = run["step"]
                 if step % config.log_every == 0 or step == local_steps:
-                    last_loss = float(accelerator.reduce(torch.tensor(running / running_count, device=accelerator.device), "mean"))
-                    running, running_count = 0.0, 0
-                    progress.set_postfix(loss=f"{last_loss:.4f}")
-                    accelerator.log({"train_loss": last_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step=step)
-                if step >= local_steps:
+                    mean = torch.tensor(run["running"] / max(run["running_count"], 1), device=accelerator.device)
+                    run["last_loss"] = float(accelerator.reduce(mean, "mean"))
+                    run["running"], run["running_count"] = 0.0, 0
+                    progress.set_postfix(loss=f"{run['last_loss']:.4f}")
+                    accelerator.log({"train_loss": run["last_loss"], "lr": scheduler.get_last_lr()[0],
+                                     "epoch": run["epoch"]}, step=step)
+                if _any_rank(accelerator, stop_signal.signum is not None):
+                    if config.output_dir is None:
+                        raise TrainingInterrupted(f"interrupted at step {step}; no output_dir, so nothing was saved")
+                    path = checkpoint()
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}; checkpoint saved to {path}. Resume with the same call and "
+                        f"TrainConfig(resume='auto', output_dir={config.output_dir!r})")
+                if config.save_every and step % config.save_every == 0:
+                    last_saved = checkpoint()
+                if eval_loader is not None and config.eval_every and step % config.eval_every == 0:
+                    run["stopped_early"] = evaluate_now()
+                if step >= local_steps or run["stopped_early"]:
+                    finished_epoch = run["batch_in_epoch"] >= len(train_loader)
                     break
-        epoch += 1
-        if eval_loader is not None:
-            metrics = {f"eval_{k}": v for k, v in _evaluate_loader(model, eval_loader, accelerator).items()}
-            accelerator.log(metrics, step=step)
-            accelerator.print(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if finished_epoch:
+                run["epoch"] += 1
+                run["batch_in_epoch"] = 0
+                if eval_loader is not None and not config.eval_every and not run["stopped_early"]:
+                    run["stopped_early"] = evaluate_now()
     progress.close()
     seconds = time.perf_counter() - started
+    if eval_loader is not None and not run["metrics"]:
+        evaluate_now()
+    if config.load_best and run["best_step"] is not None and run["best_step"] != run["step"]:
+        if best_weights is None:  # best seen before a resume: read it from its checkpoint
+            best_weights = _read_checkpoint_weights(Path(run["best_checkpoint"]))
+        unwrapped.load_state_dict(best_weights, strict=False)
+        accelerator.print(f"restored the best weights (step {run['best_step']}, {metric_name}={run['best']:.4f})")
     result = {
-        "train_loss": last_loss,
-        **metrics,
-        "steps": step,
-        "epochs": epoch,
+        "train_loss": run["last_loss"] if run["last_loss"] is not None else float("nan"),
+        **run["metrics"],
+        "steps": run["step"],
+        "epochs": run["epoch"],
         "world_size": accelerator.num_processes,
         "train_seconds": seconds,
         "train_examples_per_second": examples * accelerator.num_processes / seconds,
     }
+    if run["skipped_steps"]:
+        result["skipped_steps"] = run["skipped_steps"]
+    if metric_name is not None and run["best_step"] is not None:
+        result.update({"best_step": run["best_step"], f"best_{metric_name}": run["best"],
+                       "stopped_early": run["stopped_early"]})
+    if config.output_dir is not None and accelerator.is_main_process:
+        Path(config.output_dir, RUN_FILE).write_text(json.dumps({"finished": True, **result}, indent=2))
     # not end_training(): it destroys the process group, which saving and evaluating still need
     for tracker in accelerator.trackers:
         tracker.finish()
     if config.gradient_checkpointing:
-        accelerator.unwrap_model(model).base_model.gradient_checkpointing_disable()
+        unwrapped.base_model.gradient_checkpointing_disable()
     return result
+
+
+def _read_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    return {k.removeprefix("module."): v for k, v in weights.items()}

@@ -70,3 +70,11 @@ def test_is_decoder_config():
     from transformers import BertConfig, LlamaConfig
 
     assert is_decoder_config(LlamaConfig()) and not is_decoder_config(BertConfig())
+
+
+def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+    from adapters.base import quantization_config
+
+    assert quantization_config("nf4", torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert quantization_config("nf4", torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
