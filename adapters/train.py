@@ -14,6 +14,7 @@ reuse of an output folder that holds an earlier run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -402,9 +403,17 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     with _StopSignal() as stop_signal:
         while run["step"] < local_steps and not run["stopped_early"]:
             train_loader.set_epoch(run["epoch"])
-            batches = train_loader
             if run["batch_in_epoch"]:  # resuming mid-epoch: the same order, minus what was done
-                batches = accelerator.skip_first_batches(train_loader, run["batch_in_epoch"])
+                # Starting an iterator draws from the global RNG; the run that saved this checkpoint
+                # drew it at the start of the epoch, so restore the RNG state after drawing again.
+                # (Accelerate's loaders are generators: the draw happens at the first batch.)
+                rng = torch.get_rng_state()
+                batches = iter(accelerator.skip_first_batches(train_loader, run["batch_in_epoch"]))
+                first = next(batches, None)
+                torch.set_rng_state(rng)
+                batches = itertools.chain([first] if first is not None else [], batches)
+            else:
+                batches = iter(train_loader)
             finished_epoch = True
             for batch in batches:
                 run["batch_in_epoch"] += 1
