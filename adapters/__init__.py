@@ -13,7 +13,7 @@ from .artifact import load
 from .bottleneck import Bottleneck
 from .errors import (AdaptersError, CheckpointError, ConfigError, DataError, NonFiniteLossError, TargetModulesError,
                      TrainingError, TrainingInterrupted, UnknownModelError)
-from .heads import Classification
+from .heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification
 from .lora import LoRA
 from .model import AdaptedModel, adapt
 from .packaged import PACKAGED_MODELS
@@ -21,7 +21,9 @@ from .train import TrainConfig, evaluate, train
 
 __all__ = [
     "adapt", "train", "evaluate", "load",
-    "LoRA", "Bottleneck", "Classification", "TrainConfig", "AdaptedModel", "PACKAGED_MODELS",
+    "LoRA", "Bottleneck",
+    "Classification", "MultiLabel", "Regression", "MultipleChoice", "TokenClassification", "CausalLM",
+    "TrainConfig", "AdaptedModel", "PACKAGED_MODELS",
     "AdaptersError", "UnknownModelError", "ConfigError", "TargetModulesError", "DataError", "CheckpointError",
     "TrainingError", "NonFiniteLossError", "TrainingInterrupted",
 ]

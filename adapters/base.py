@@ -130,9 +130,11 @@ def load_backbone(
     double_quant: bool = True,
     trust_remote_code: bool = False,
     padding_side: str | None = None,
+    with_lm_head: bool = False,
 ) -> Backbone:
-    """Load ``name`` frozen, quantized as asked, on this process's device."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
+    (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if padding_side not in (None, "left", "right"):
         raise ConfigError(f"padding_side={padding_side!r} must be 'left', 'right' or None (the tokenizer's own)")
@@ -148,7 +150,9 @@ def load_backbone(
 
     config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     decoder = is_decoder_config(config)
-    model = AutoModel.from_pretrained(
+    if with_lm_head and not decoder:
+        raise ConfigError(f"{name!r} is an encoder ({config.model_type}): a causal LM head needs a decoder")
+    model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
         location,
         quantization_config=quantization_config(quantization, compute_dtype, double_quant),
         dtype=compute_dtype,

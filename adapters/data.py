@@ -1,22 +1,35 @@
-"""Text -> tensors: datasets, label ids, tokenization and padding.
+"""Rows -> tensors for every head: datasets, targets, tokenization, padding.
 
-Users hand us a ``datasets.Dataset`` or a list of dicts with a text column and a label
-column. Labels are checked against the head *before* any tokenization, so a bad row fails
-fast with its index. Padding is dynamic (to the longest text of each batch), on the side the
-tokenizer says, which the heads' pooling handles either way.
+Users hand us a ``datasets.Dataset`` or a list of dicts. This is the one place that turns a
+row into model inputs for each head kind:
+
+* text heads (classification, multi-label, regression): ``text`` -> tokens, ``label`` -> target;
+* multiple choice: ``text`` (the context) paired with each of the row's ``choices``;
+* token classification: ``text`` is a list of words, tokenized as pre-split words; each word's
+  tag goes to its first sub-token, the other sub-tokens get ``IGNORE``;
+* causal LM: ``prompt + response + eos`` (or chat ``messages`` through the chat template), the
+  prompt's positions get ``IGNORE`` so the loss counts response tokens only.
+
+Targets are checked against the head *before* tokenizing, so a bad row fails fast with its
+index. Rows cut at ``max_length`` are counted and reported, never dropped silently. Padding is
+dynamic (to the longest sequence of each batch), on the tokenizer's side.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import logging
+from typing import Any
 
 import torch
 
 from .errors import DataError
+from .heads import IGNORE
+
+logger = logging.getLogger("adapters")
 
 
 def as_dataset(data: Any, what: str = "dataset"):
-    """Accept a ``datasets.Dataset`` or an iterable of dicts; refuse an empty one."""
+    """Accept a ``datasets.Dataset``, a dict of columns or an iterable of dicts; refuse an empty one."""
     import datasets
 
     if isinstance(data, datasets.DatasetDict):
@@ -34,47 +47,183 @@ def as_dataset(data: Any, what: str = "dataset"):
     return data
 
 
-def _require_columns(data, columns: Iterable[str], what: str) -> None:
-    missing = [c for c in columns if c not in data.column_names]
-    if missing:
-        raise DataError(f"{what} has no column {missing[0]!r}; its columns are {data.column_names}. "
-                        f"Rename the column or pass text_column=/label_column= in TrainConfig")
+def _column(data, name: str, what: str) -> list:
+    if name not in data.column_names:
+        raise DataError(f"{what} has no column {name!r}; its columns are {data.column_names}. Rename the column "
+                        f"or pass text_column=/label_column= in TrainConfig (choices_column=/messages_column= "
+                        f"on the head)")
+    return list(data[name])
+
+
+def _texts(values: list, column: str, what: str) -> list[str]:
+    for i, text in enumerate(values):
+        if not isinstance(text, str):
+            raise DataError(f"{what} row {i}: column {column!r} holds {type(text).__name__}, not text")
+    return values
+
+
+def _targets(head, values: list, what: str) -> list:
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(head.target(value))
+        except DataError as err:
+            raise DataError(f"{what} row {i}: {err}") from None
+    return out
+
+
+def _truncated(encoding) -> int:
+    return sum(bool(e.overflowing) for e in encoding.encodings) if encoding.encodings else 0
+
+
+def encode_rows(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
+                what: str) -> tuple[dict[str, list], int]:
+    """Encode ``data`` for ``head``: a dict of columns (input_ids, attention_mask, labels) and the
+    number of rows truncated to ``max_length``. Without ``label_column`` no targets are read."""
+    data = as_dataset(data, what)
+    kind = head.kind
+    if kind == "causal_lm":
+        return _encode_causal(data, tokenizer, head, text_column, label_column, max_length, what)
+    if kind == "token_classification":
+        return _encode_words(data, tokenizer, head, text_column, label_column, max_length, what)
+    labels = _targets(head, _column(data, label_column, what), what) if label_column else None
+    texts = _texts(_column(data, text_column, what), text_column, what)
+    if kind == "multiple_choice":
+        choices = _column(data, head.choices_column, what)
+        for i, row in enumerate(choices):
+            if not isinstance(row, (list, tuple)) or len(row) != head.num_choices or not all(isinstance(c, str) for c in row):
+                raise DataError(f"{what} row {i}: column {head.choices_column!r} must hold {head.num_choices} candidate "
+                                f"texts, got {row!r}")
+        flat = tokenizer([t for t in texts for _ in range(head.num_choices)], [c for row in choices for c in row],
+                         truncation=True, max_length=max_length)
+        k = head.num_choices
+        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in flat]
+        out = {key: [flat[key][i * k:(i + 1) * k] for i in range(len(texts))] for key in keys}
+        cut = len({i // k for i, e in enumerate(flat.encodings or []) if e.overflowing})
+    else:
+        encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        cut = _truncated(encoded)
+    if labels is not None:
+        out["labels"] = labels
+    return out, cut
+
+
+def _encode_words(data, tokenizer, head, text_column, label_column, max_length, what):
+    words = _column(data, text_column, what)
+    for i, row in enumerate(words):
+        if isinstance(row, str) or not isinstance(row, (list, tuple)) or not all(isinstance(w, str) for w in row):
+            raise DataError(f"{what} row {i}: column {text_column!r} must hold a list of words for token "
+                            f"classification, got {row!r:.80}")
+    tags = _targets(head, _column(data, label_column, what), what) if label_column else None
+    if tags is not None:
+        for i, (w, t) in enumerate(zip(words, tags)):
+            if len(w) != len(t):
+                raise DataError(f"{what} row {i}: {len(w)} words but {len(t)} tags; they must line up one to one")
+    encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    cut = 0
+    if tags is not None:
+        out["labels"] = []
+        for i, row_tags in enumerate(tags):
+            word_ids = encoded.word_ids(i)
+            labels, previous = [], None
+            for wid in word_ids:
+                labels.append(row_tags[wid] if wid is not None and wid != previous else IGNORE)
+                previous = wid
+            out["labels"].append(labels)
+            cut += max((w for w in word_ids if w is not None), default=-1) + 1 < len(row_tags)
+    else:
+        cut = _truncated(encoded)
+    return out, cut
+
+
+def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> tuple[list[str], list[str] | None]:
+    if head.messages_column in data.column_names and (text_column not in data.column_names):
+        prompts, responses = [], []
+        for i, messages in enumerate(_column(data, head.messages_column, what)):
+            if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+                raise DataError(f"{what} row {i}: {head.messages_column!r} must be a list of {{'role', 'content'}} dicts")
+            if label_column is not None:
+                if messages[-1]["role"] != "assistant":
+                    raise DataError(f"{what} row {i}: the last message must be the assistant's answer to learn")
+                responses.append(messages[-1]["content"])
+                messages = messages[:-1]
+            prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return prompts, responses if label_column is not None else None
+    prompts = _texts(_column(data, text_column, what), text_column, what)
+    responses = _targets(head, _column(data, label_column, what), what) if label_column else None
+    return prompts, responses
+
+
+def _encode_causal(data, tokenizer, head, text_column, label_column, max_length, what):
+    prompts, responses = _prompt_response(data, tokenizer, head, text_column, label_column, what)
+    # a chat template already holds its special tokens; a plain prompt gets the tokenizer's own
+    templated = head.messages_column in data.column_names and text_column not in data.column_names
+    prompt_ids = tokenizer(prompts, add_special_tokens=not templated)["input_ids"]
+    out = {"input_ids": [], "attention_mask": [], "labels": [] if responses is not None else None}
+    cut = 0
+    for i, prompt in enumerate(prompt_ids):
+        response = []
+        if responses is not None:
+            response = tokenizer(responses[i], add_special_tokens=False)["input_ids"]
+            response = response + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        ids = prompt + response
+        if len(ids) > max_length:  # keep the response and the end of the prompt: the part nearest the answer
+            cut += 1
+            ids = ids[-max_length:]
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        if responses is not None:
+            n_prompt = len(ids) - min(len(response), len(ids))
+            out["labels"].append([IGNORE] * n_prompt + ids[n_prompt:])
+    if out["labels"] is None:
+        del out["labels"]
+    return out, cut
 
 
 def encode_dataset(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int, what: str):
-    """Validate labels, then tokenize (truncating to ``max_length``) into model inputs."""
-    data = as_dataset(data, what)
-    columns = [text_column] + ([label_column] if label_column else [])
-    _require_columns(data, columns, what)
-    texts = list(data[text_column])
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise DataError(f"{what} row {i}: column {text_column!r} holds {type(text).__name__}, not text")
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
-    out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-    if label_column:
-        labels = []
-        for i, value in enumerate(list(data[label_column])):
-            try:
-                labels.append(head.label_id(value))
-            except DataError as err:
-                raise DataError(f"{what} row {i}: {err}") from None
-        out["labels"] = labels
+    """``encode_rows`` as a ``datasets.Dataset``, logging how many rows were truncated."""
     import datasets
 
-    return datasets.Dataset.from_dict(out)
+    columns, cut = encode_rows(data, tokenizer, head, text_column, label_column, max_length, what)
+    if cut:
+        logger.warning("%s: %d of %d rows were longer than max_length=%d tokens and were truncated",
+                       what, cut, len(columns["input_ids"]), max_length)
+    dataset = datasets.Dataset.from_dict(columns)
+    dataset.truncated_rows = cut
+    return dataset
 
 
 class Collator:
-    """Pad a list of encoded rows to the longest one (``tokenizer.pad``) and stack labels."""
+    """Pad a list of encoded rows to the longest sequence of the batch, on the tokenizer's side.
 
-    def __init__(self, tokenizer):
+    Multiple-choice rows (a list of sequences each) become (batch, choices, length) tensors;
+    per-token labels are padded with ``IGNORE`` on the same side as the tokens.
+    """
+
+    def __init__(self, tokenizer, head=None):
         self.tokenizer = tokenizer
+        self.aligned_labels = getattr(head, "sequence_labels", False)
+
+    def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
+        longest = max(len(s) for s in sequences)
+        left = self.tokenizer.padding_side == "left"
+        return torch.tensor([[value] * (longest - len(s)) + s if left else s + [value] * (longest - len(s))
+                             for s in sequences])
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer.pad(
-            [{"input_ids": r["input_ids"], "attention_mask": r["attention_mask"]} for r in rows],
-            return_tensors="pt")
+        pad_id = self.tokenizer.pad_token_id
+        first = rows[0]["input_ids"]
+        pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
+        keys = [key for key in pads if key in rows[0]]
+        if first and isinstance(first[0], list):  # multiple choice: flatten, pad together, reshape
+            k = len(first)
+            batch = {key: self._pad([seq for r in rows for seq in r[key]], pads[key]).view(len(rows), k, -1)
+                     for key in keys}
+        else:
+            batch = {key: self._pad([r[key] for r in rows], pads[key]) for key in keys}
         if "labels" in rows[0]:
-            batch["labels"] = torch.tensor([r["labels"] for r in rows])
-        return dict(batch)
+            labels = [r["labels"] for r in rows]
+            batch["labels"] = self._pad(labels, IGNORE) if self.aligned_labels else torch.tensor(labels)
+        return batch

@@ -67,7 +67,10 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Names of every linear layer (plain, bitsandbytes 4/8-bit, GPT-2's Conv1D) in ``model``."""
     from transformers.pytorch_utils import Conv1D
 
-    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D))]
+    # the output embedding (an LM head) is never an adapter target: it is the frozen next-token head
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
 
 
 def matches(targets: str | list[str], name: str) -> bool:

@@ -31,3 +31,63 @@ def classification_metrics(preds, labels, num_labels: int) -> dict[str, float]:
         "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
         "count": int(cm.sum()),
     }
+
+
+def multilabel_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Micro-F1 (all label decisions pooled) and macro-F1 (mean over labels) of boolean matrices."""
+    preds, labels = np.asarray(preds, bool), np.asarray(labels, bool)
+    tp = (preds & labels).sum(0).astype(float)
+    fp = (preds & ~labels).sum(0).astype(float)
+    fn = (~preds & labels).sum(0).astype(float)
+    denom = 2 * tp + fp + fn
+    per_label = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    seen = denom > 0
+    micro_denom = 2 * tp.sum() + fp.sum() + fn.sum()
+    return {
+        "micro_f1": float(2 * tp.sum() / micro_denom) if micro_denom else 0.0,
+        "macro_f1": float(per_label[seen].mean()) if seen.any() else 0.0,
+        "exact_match": float((preds == labels).all(1).mean()),
+        "count": int(len(labels)),
+    }
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties sharing their average rank (as Spearman's rho needs)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    ranks[order] = np.arange(len(x), dtype=float)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def regression_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """MSE, and Pearson and Spearman correlations averaged over the outputs."""
+    preds, labels = np.asarray(preds, float).reshape(len(preds), -1), np.asarray(labels, float).reshape(len(labels), -1)
+    cols = range(preds.shape[1])
+    return {
+        "mse": float(((preds - labels) ** 2).mean()),
+        "pearson": float(np.mean([_pearson(preds[:, j], labels[:, j]) for j in cols])),
+        "spearman": float(np.mean([_pearson(_ranks(preds[:, j]), _ranks(labels[:, j])) for j in cols])),
+        "count": int(len(labels)),
+    }
+
+
+def token_metrics(pred_tags: list[list[str]], true_tags: list[list[str]]) -> dict[str, float]:
+    """Token accuracy; with ``seqeval`` installed also entity-level precision, recall and F1."""
+    pairs = [(p, t) for ps, ts in zip(pred_tags, true_tags) for p, t in zip(ps, ts)]
+    out = {"token_accuracy": sum(p == t for p, t in pairs) / max(len(pairs), 1), "count": len(true_tags)}
+    try:
+        from seqeval.metrics import f1_score, precision_score, recall_score
+    except ImportError:
+        return out
+    out.update(entity_f1=float(f1_score(true_tags, pred_tags, zero_division=0)),
+               entity_precision=float(precision_score(true_tags, pred_tags, zero_division=0)),
+               entity_recall=float(recall_score(true_tags, pred_tags, zero_division=0)))
+    return out

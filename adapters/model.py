@@ -17,7 +17,7 @@ from torch import nn
 from .base import Backbone, load_backbone
 from .bottleneck import Bottleneck, BottleneckLayers
 from .errors import ConfigError
-from .heads import Classification
+from .heads import HeadSpec
 from .lora import LoRA, apply_lora
 
 ADAPTERS = (LoRA, Bottleneck)
@@ -53,18 +53,36 @@ class AdaptedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.head.score.weight.device
+        return self.base_model.get_input_embeddings().weight.device
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
-        extra = {}
-        if self._positions_from_mask:
-            extra["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        logits = self.head(hidden, attention_mask)
-        out = {"logits": logits}
+    def _positions(self, attention_mask: torch.Tensor) -> dict:
+        if not self._positions_from_mask:
+            return {}
+        return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None):
+        """Logits for the head (and ``loss`` with ``labels``). Multiple-choice inputs are
+        (batch, choices, length): every (context, choice) sequence is scored, then regrouped.
+        ``token_type_ids`` (BERT's segment ids of text pairs) are passed on when given."""
+        choices = input_ids.shape[1] if input_ids.dim() == 3 else None
+        if choices:
+            input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
+            token_type_ids = token_type_ids.flatten(0, 1) if token_type_ids is not None else None
+        extra = self._positions(attention_mask)
+        if token_type_ids is not None:
+            extra["token_type_ids"] = token_type_ids
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        if self.head_spec.kind == "causal_lm":
+            logits = out.logits
+        else:
+            logits = self.head(out.last_hidden_state, attention_mask)
+        if choices:
+            logits = logits.view(-1, choices)
+        result = {"logits": logits}
         if labels is not None:
-            out["loss"] = self.head_spec.loss(logits, labels)
-        return out
+            result["loss"] = self.head_spec.loss(logits, labels)
+        return result
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -89,43 +107,108 @@ class AdaptedModel(nn.Module):
             ("compute dtype", str(self.backbone_info.compute_dtype).replace("torch.", "")),
             ("device", str(self.device)),
             ("adapter", f"{adapter} {self.adapter.to_dict() if self.adapter else ''}".strip()),
-            ("head", f"{type(self.head_spec).__name__} ({self.head_spec.num_labels} labels, "
-                     f"pooling={self.head.pooling})"),
+            ("head", self.head_spec.describe() + (f", pooling={self.head.pooling}" if hasattr(self.head, "pooling") else "")),
             ("trainable params", f"{counts['trainable']:,} ({100 * counts['trainable'] / counts['total']:.3f}%)"),
             ("total params", f"{counts['total']:,}"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        return {"input_ids": batch["input_ids"].to(self.device), "attention_mask": batch["attention_mask"].to(self.device)}
+    def encode(self, inputs: list) -> dict[str, torch.Tensor]:
+        """Model inputs for unlabeled ``inputs`` (texts; word lists; {context, choices} dicts;
+        prompts or chat message lists), on the model's device."""
+        from .data import Collator, encode_rows
+
+        kind = self.head_spec.kind
+        if kind == "multiple_choice":
+            rows = [{"text": r["context"], self.head_spec.choices_column: r["choices"]} for r in inputs]
+        elif kind == "causal_lm" and inputs and isinstance(inputs[0], list):
+            rows = [{self.head_spec.messages_column: m} for m in inputs]
+        else:
+            rows = [{"text": x} for x in inputs]
+        columns, _ = encode_rows(rows, self.tokenizer, self.head_spec, "text", None, self.max_length, "inputs")
+        batch = Collator(self.tokenizer, self.head_spec)([dict(zip(columns, v)) for v in zip(*columns.values())])
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.no_grad()
-    def logits(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        """Raw head outputs for ``texts``, in eval mode, batch by batch."""
+    def logits(self, inputs: list, batch_size: int = 32) -> torch.Tensor | list[torch.Tensor]:
+        """Raw head outputs for ``inputs``, in eval mode, batch by batch (a list of per-input
+        tensors for per-token heads, whose lengths differ)."""
         was_training = self.training
         self.eval()
         try:
-            out = [self(**self.encode(texts[i:i + batch_size]))["logits"].float().cpu()
-                   for i in range(0, len(texts), batch_size)]
+            out = [self(**self.encode(inputs[i:i + batch_size]))["logits"].float().cpu()
+                   for i in range(0, len(inputs), batch_size)]
         finally:
             self.train(was_training)
+        if self.head_spec.sequence_labels:
+            return [row for batch in out for row in batch]
         return torch.cat(out)
 
-    def predict(self, texts: str | list[str], probabilities: bool = False, batch_size: int = 32) -> Any:
-        """Labels for ``texts`` (a list, or one label for one string); with ``probabilities=True``
-        a list of ``(label, {label: probability})`` pairs instead."""
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        if not texts:
+    def predict(self, inputs, probabilities: bool = False, batch_size: int = 32, **generate_kwargs) -> Any:
+        """Predictions for ``inputs`` (a list, or one input for one prediction):
+
+        * Classification: label names (``probabilities=True``: ``(label, {label: p})`` pairs);
+        * MultiLabel: lists of label names (with probabilities: ``(labels, {label: p})``);
+        * Regression: floats (lists of floats for several outputs);
+        * MultipleChoice: inputs ``{"context": ..., "choices": [...]}``, the index of the chosen one
+          (with probabilities: ``(index, [p per choice])``);
+        * TokenClassification: a list of inputs, each a word list (or a text, split on whitespace);
+          one tag per word;
+        * CausalLM: inputs are prompts (or chat message lists); the generated text.
+          ``generate_kwargs`` go to ``transformers``' ``generate``.
+        """
+        kind = self.head_spec.kind
+        single = isinstance(inputs, (str, dict)) or (kind == "causal_lm" and _is_messages(inputs))
+        inputs = [inputs] if single else list(inputs)
+        if not inputs:
             return []
-        probs = self.logits(texts, batch_size).softmax(-1)
-        labels = [self.head_spec.labels[i] for i in probs.argmax(-1).tolist()]
-        result: list = labels
-        if probabilities:
-            result = [(label, dict(zip(self.head_spec.labels, p.tolist()))) for label, p in zip(labels, probs)]
+        if kind == "token_classification":
+            inputs = [x.split() if isinstance(x, str) else list(x) for x in inputs]
+            result = self._predict_tags(inputs, batch_size)
+        elif kind == "causal_lm":
+            result = self._generate(inputs, batch_size, generate_kwargs)
+        else:
+            result = self.head_spec.decode(self.logits(inputs, batch_size), probabilities)
         return result[0] if single else result
+
+    def _predict_tags(self, words: list[list[str]], batch_size: int) -> list[list[str]]:
+        labels = self.head_spec.labels
+        out = []
+        for i in range(0, len(words), batch_size):
+            chunk = words[i:i + batch_size]
+            encoded = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.max_length)
+            logits = self.logits(chunk, batch_size)
+            left = self.tokenizer.padding_side == "left"
+            for j, row in enumerate(chunk):
+                word_ids = encoded.word_ids(j)
+                row_logits = logits[j][-len(word_ids):] if left else logits[j][:len(word_ids)]
+                tags, previous = [None] * len(row), None
+                for position, wid in enumerate(word_ids):
+                    if wid is not None and wid != previous:
+                        tags[wid] = labels[int(row_logits[position].argmax())]
+                    previous = wid
+                out.append(tags)  # words cut by max_length keep None: they were never seen
+        return out
+
+    @torch.no_grad()
+    def _generate(self, prompts: list, batch_size: int, generate_kwargs: dict) -> list[str]:
+        kwargs = {"max_new_tokens": self.head_spec.max_new_tokens, "do_sample": False,
+                  "pad_token_id": self.tokenizer.pad_token_id, **generate_kwargs}
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"  # generation appends on the right
+        was_training = self.training
+        self.eval()
+        try:
+            texts = []
+            for i in range(0, len(prompts), batch_size):
+                batch = self.encode(prompts[i:i + batch_size])
+                generated = self.body.generate(**batch, **kwargs)
+                new = generated[:, batch["input_ids"].shape[1]:]
+                texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        finally:
+            self.tokenizer.padding_side = side
+            self.train(was_training)
+        return texts
 
     def save_pretrained(self, path, overwrite: bool = False) -> None:
         """Write the trainable part (adapter + head) and the spec to ``path``; see ``artifact.py``."""
@@ -134,10 +217,14 @@ class AdaptedModel(nn.Module):
         save_artifact(self, path, overwrite=overwrite)
 
 
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
+
+
 def adapt(
     model: str,
     adapter: LoRA | Bottleneck | None = None,
-    head: Classification | None = None,
+    head: HeadSpec | None = None,
     quantization: str | None = "nf4",
     dtype: str | None = None,
     device: str | torch.device | None = None,
@@ -157,13 +244,14 @@ def adapt(
     """
     if head is None:
         raise ConfigError("adapt() needs a head, e.g. head=adapters.Classification(labels=['neg', 'pos'])")
-    if not isinstance(head, Classification):
+    if not isinstance(head, HeadSpec):
         raise ConfigError(f"head must be a head spec such as adapters.Classification, got {type(head).__name__}")
     if adapter is not None and not isinstance(adapter, ADAPTERS):
         raise ConfigError(f"adapter must be one of {[a.__name__ for a in ADAPTERS]} or None, got {type(adapter).__name__}")
     if max_length is not None and max_length < 2:
         raise ConfigError(f"max_length={max_length} must be at least 2 tokens")
-    backbone = load_backbone(model, quantization, dtype, device, double_quant, trust_remote_code, padding_side)
+    backbone = load_backbone(model, quantization, dtype, device, double_quant, trust_remote_code, padding_side,
+                             with_lm_head=head.kind == "causal_lm")
     limit = min(getattr(backbone.model.config, "max_position_embeddings", 512) or 512,
                 backbone.tokenizer.model_max_length or 512)
     if max_length is None:

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .base import cpu_only
@@ -33,7 +34,7 @@ from .checkpoint import (STATE_FILE, checkpoint_dir, complete_checkpoints, keep_
                          resolve_resume, save_checkpoint)
 from .data import Collator, encode_dataset
 from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from .metrics import classification_metrics
+from .heads import IGNORE
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -216,26 +217,33 @@ def evaluate(model, data, config: TrainConfig | None = None, accelerator=None) -
     encoded = encode_dataset(data, unwrapped.tokenizer, unwrapped.head_spec, config.text_column,
                              config.label_column, unwrapped.max_length, "eval dataset")
     loader = accelerator.prepare(DataLoader(encoded, batch_size=config.eval_batch_size or 2 * config.batch_size,
-                                            collate_fn=Collator(unwrapped.tokenizer)))
+                                            collate_fn=Collator(unwrapped.tokenizer, unwrapped.head_spec)))
     return _evaluate_loader(model, loader, accelerator)
 
 
 def _evaluate_loader(model, loader, accelerator) -> dict[str, float]:
-    unwrapped = accelerator.unwrap_model(model)
+    """The head's metrics over ``loader``, every example counted once across processes."""
+    spec = accelerator.unwrap_model(model).head_spec
     was_training = model.training
     model.eval()
-    all_logits, all_labels = [], []
+    gathered: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
-            logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"})["logits"]
+            outputs = spec.eval_outputs(logits, batch["labels"])
+            # per-token outputs differ in length between processes: pad before gathering
+            outputs = tuple(accelerator.pad_across_processes(t, dim=1, pad_index=IGNORE) if t.dim() > 1 and
+                            spec.sequence_labels else t for t in outputs)
+            outputs = accelerator.gather_for_metrics(outputs)
+            gathered.append([t.cpu() for t in outputs])
     model.train(was_training)
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
-    metrics = classification_metrics(logits.argmax(-1).numpy(), labels.numpy(), unwrapped.head_spec.num_labels)
-    metrics["loss"] = float(unwrapped.head_spec.loss(logits, labels))
-    return metrics
+    columns = []
+    for parts in zip(*gathered):
+        if parts[0].dim() > 1 and spec.sequence_labels:  # pad batches to one length to concatenate
+            longest = max(p.shape[1] for p in parts)
+            parts = [F.pad(p, (0, longest - p.shape[1]), value=IGNORE) for p in parts]
+        columns.append(torch.cat(parts))
+    return spec.metrics(*columns)
 
 
 RUN_FILE = "run.json"  # written when a run finishes
@@ -327,7 +335,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     encoded = encode_dataset(train_data, model.tokenizer, model.head_spec, config.text_column,
                              config.label_column, model.max_length, "train dataset")
     eval_loader = None
-    collate = Collator(model.tokenizer)
+    collate = Collator(model.tokenizer, model.head_spec)
     if eval_data is not None:
         eval_encoded = encode_dataset(eval_data, model.tokenizer, model.head_spec, config.text_column,
                                       config.label_column, model.max_length, "eval dataset")
@@ -378,7 +386,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         nonlocal best_weights
         run["metrics"] = {f"eval_{k}": v for k, v in _evaluate_loader(model, eval_loader, accelerator).items()}
         accelerator.log(run["metrics"], step=run["step"])
-        accelerator.print(f"step {run['step']} (epoch {run['epoch'] + 1}): "
+        accelerator.print(f"step {run['step']}: "
                           + ", ".join(f"{k}={v:.4f}" for k, v in run["metrics"].items()))
         if metric_name is None:
             return False
@@ -490,6 +498,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     }
     if run["skipped_steps"]:
         result["skipped_steps"] = run["skipped_steps"]
+    if encoded.truncated_rows:
+        result["train_truncated_rows"] = encoded.truncated_rows
     if metric_name is not None and run["best_step"] is not None:
         result.update({"best_step": run["best_step"], f"best_{metric_name}": run["best"],
                        "stopped_early": run["stopped_early"]})

@@ -48,15 +48,15 @@ def save_tiny(model, path, bert: bool) -> str:
 
 
 def build_tiny(kind: str, path) -> str:
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     _, vocab_size = _tokenizer(bert=kind == "bert")
     torch.manual_seed(0)
     if kind == "llama":
         config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                             pad_token_id=0)
-        model = LlamaModel(config)
+                             pad_token_id=0, eos_token_id=3, bos_token_id=None)
+        model = LlamaForCausalLM(config)  # with its LM head: AutoModel loads the body alone
     else:
         config = BertConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)

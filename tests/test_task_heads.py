@@ -1,0 +1,190 @@
+"""Every head beyond classification, on a tiny encoder and decoder, nf4 and unquantized:
+training lowers the loss on a small learnable task, the round trip is exact, bad rows fail clearly."""
+
+import random
+
+import pytest
+import torch
+
+import adapters
+
+from .conftest import FILLER, NEGATIVE, POSITIVE
+
+
+def _words(rng, n_pos, n_neg):
+    words = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, n_neg) + rng.sample(FILLER, rng.randint(1, 3))
+    rng.shuffle(words)
+    return words
+
+
+def multilabel_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        n_pos, n_neg = rng.randint(0, 2), rng.randint(0, 2)
+        rows.append({"text": " ".join(_words(rng, n_pos, n_neg)),
+                     "label": (["pos"] if n_pos else []) + (["neg"] if n_neg else [])})
+    return rows
+
+
+def regression_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        n_pos, n_neg = rng.randint(0, 2), rng.randint(0, 2)
+        rows.append({"text": " ".join(_words(rng, n_pos, n_neg)), "label": float(n_pos - n_neg)})
+    return rows
+
+
+def choice_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        context = " ".join(rng.sample(POSITIVE if positive else NEGATIVE, 2) + rng.sample(FILLER, 2))
+        right = rng.choice(POSITIVE if positive else NEGATIVE)
+        wrong = rng.sample(NEGATIVE if positive else POSITIVE, 2)
+        answer = rng.randrange(3)
+        choices = wrong[:answer] + [right] + wrong[answer:]
+        rows.append({"text": context, "choices": choices, "label": answer})
+    return rows
+
+
+def tag_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = _words(rng, rng.randint(0, 2), rng.randint(0, 2))
+        tags = ["B-POS" if w in POSITIVE else "B-NEG" if w in NEGATIVE else "O" for w in words]
+        rows.append({"text": words, "label": tags})
+    return rows
+
+
+TASKS = {
+    "multi_label": (lambda: adapters.MultiLabel(labels=["pos", "neg"]), multilabel_rows, "micro_f1"),
+    "regression": (lambda: adapters.Regression(), regression_rows, "pearson"),
+    "multiple_choice": (lambda: adapters.MultipleChoice(num_choices=3), choice_rows, "accuracy"),
+    "token_classification": (lambda: adapters.TokenClassification(labels=["O", "B-POS", "B-NEG"]), tag_rows,
+                             "token_accuracy"),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("quantization", ["nf4", None])
+def test_training_lowers_the_loss_and_round_trips(tiny_model, task, quantization, tmp_path):
+    make_head, make_rows, metric = TASKS[task]
+    model = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=8), head=make_head(), quantization=quantization)
+    train_rows, eval_rows = make_rows(96), make_rows(24, seed=1)
+    before = adapters.evaluate(model, train_rows)
+    metrics = adapters.train(model, train_rows, eval_rows, adapters.TrainConfig(
+        epochs=4, lr=5e-3, head_lr=2e-2, batch_size=16, progress=False))
+    after = adapters.evaluate(model, train_rows)
+    assert after["loss"] < before["loss"] and metric in after
+    assert metrics["eval_count"] == 24 and ("eval_" + metric) in metrics
+
+    model.save_pretrained(tmp_path / "art")
+    again = adapters.load(tmp_path / "art")
+    assert again.head_spec == model.head_spec
+    inputs = [r["text"] for r in eval_rows[:4]]
+    if task == "multiple_choice":
+        inputs = [{"context": r["text"], "choices": r["choices"]} for r in eval_rows[:4]]
+    ours, theirs = model.logits(inputs), again.logits(inputs)
+    if isinstance(ours, list):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
+    else:
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    assert again.predict(inputs) == model.predict(inputs)
+
+
+def test_predictions_have_the_heads_shape(tiny_llama):
+    ml = adapters.adapt(tiny_llama, adapter=None, head=adapters.MultiLabel(labels=["pos", "neg"], threshold=0.01))
+    assert ml.predict("good film") == ["pos", "neg"]  # every label passes a tiny threshold
+    labels, probs = ml.predict("good film", probabilities=True)
+    assert set(probs) == {"pos", "neg"}
+    assert isinstance(adapters.adapt(tiny_llama, adapter=None, head=adapters.Regression()).predict("good"), float)
+    two = adapters.adapt(tiny_llama, adapter=None, head=adapters.Regression(num_outputs=2)).predict(["good", "bad"])
+    assert len(two) == 2 and len(two[0]) == 2
+    mc = adapters.adapt(tiny_llama, adapter=None, head=adapters.MultipleChoice(num_choices=3))
+    index, scores = mc.predict({"context": "good fun", "choices": ["bad", "great", "dull"]}, probabilities=True)
+    assert index in (0, 1, 2) and abs(sum(scores) - 1) < 1e-5
+    tok = adapters.adapt(tiny_llama, adapter=None, head=adapters.TokenClassification(labels=["O", "B-POS"]))
+    tags = tok.predict([["good", "film"], "a very dull movie"])
+    assert [len(t) for t in tags] == [2, 4] and all(t in ("O", "B-POS") for row in tags for t in row)
+
+
+def test_token_labels_go_to_first_subtokens_only(tiny_bert):
+    from adapters.data import encode_rows
+
+    model = adapters.adapt(tiny_bert, adapter=None, head=adapters.TokenClassification(labels=["O", "B-POS"]))
+    columns, cut = encode_rows([{"text": ["good", "film"], "label": ["B-POS", "O"]}], model.tokenizer,
+                               model.head_spec, "text", "label", 64, "data")
+    assert columns["labels"][0] == [-100, 1, 0, -100]  # [CLS] good film [SEP]
+    assert cut == 0
+    _, cut = encode_rows([{"text": ["good"] * 10, "label": ["O"] * 10}], model.tokenizer, model.head_spec,
+                         "text", "label", 6, "data")
+    assert cut == 1  # reported, not silently dropped
+
+
+@pytest.mark.parametrize("head,row,match", [
+    (adapters.MultiLabel(labels=["a", "b"]), {"text": "x", "label": "a"}, "list of label names"),
+    (adapters.MultiLabel(labels=["a", "b"]), {"text": "x", "label": ["c"]}, "not one of"),
+    (adapters.Regression(), {"text": "x", "label": "high"}, "number"),
+    (adapters.Regression(num_outputs=2), {"text": "x", "label": 1.0}, "got 1 value"),
+    (adapters.Regression(), {"text": "x", "label": float("nan")}, "not finite"),
+    (adapters.MultipleChoice(num_choices=3), {"text": "x", "choices": ["a", "b"], "label": 0}, "3 candidate"),
+    (adapters.MultipleChoice(num_choices=3), {"text": "x", "choices": ["a", "b", "c"], "label": 3}, "index"),
+    (adapters.MultipleChoice(num_choices=3), {"text": "x", "label": 0}, "no column 'choices'"),
+    (adapters.TokenClassification(labels=["O", "B"]), {"text": ["a", "b"], "label": ["O"]}, "2 words but 1 tags"),
+    (adapters.TokenClassification(labels=["O", "B"]), {"text": "a b", "label": ["O", "O"]}, "list of words"),
+    (adapters.TokenClassification(labels=["O", "B"]), {"text": ["a"], "label": ["X"]}, "not one of"),
+])
+def test_bad_rows_are_clear_errors(tiny_llama, head, row, match):
+    model = adapters.adapt(tiny_llama, adapter=None, head=head)
+    with pytest.raises(adapters.DataError, match=match):
+        adapters.train(model, [row], None, adapters.TrainConfig(max_steps=1, progress=False))
+
+
+@pytest.mark.parametrize("kwargs", [
+    (adapters.MultiLabel, {"labels": ["a", "b"], "threshold": 1.5}),
+    (adapters.Regression, {"num_outputs": 0}),
+    (adapters.MultipleChoice, {"num_choices": 1}),
+    (adapters.TokenClassification, {"labels": ["O"]}),
+    (adapters.CausalLM, {"max_new_tokens": 0}),
+])
+def test_bad_head_settings(kwargs):
+    cls, values = kwargs
+    with pytest.raises(adapters.ConfigError):
+        cls(**values)
+
+
+PROMPT, ANSWER = "the plot of the film was", "superb and moving"
+
+
+@pytest.mark.parametrize("quantization", ["nf4", None])
+def test_causal_lm_learns_to_answer_a_prompt(tiny_llama, tmp_path, quantization):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=8, dropout=0.0), head=adapters.CausalLM(max_new_tokens=3),
+                           quantization=quantization)
+    assert "lm_head" not in str(model.body.peft_config["default"].target_modules)  # the LM head stays frozen
+    assert model.predict(PROMPT) != ANSWER
+    rows = [{"text": PROMPT, "label": ANSWER}] * 16
+    before = adapters.evaluate(model, rows[:4])
+    metrics = adapters.train(model, rows, rows[:4], adapters.TrainConfig(epochs=20, lr=1e-2, batch_size=8, progress=False))
+    assert metrics["eval_loss"] < before["loss"] and metrics["eval_perplexity"] < before["perplexity"]
+    assert model.predict(PROMPT) == ANSWER
+    model.save_pretrained(tmp_path / "art")
+    assert adapters.load(tmp_path / "art").predict([PROMPT]) == [ANSWER]
+
+
+def test_causal_lm_loss_counts_response_tokens_only(tiny_llama):
+    from adapters.data import encode_rows
+
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
+    columns, _ = encode_rows([{"text": "the film", "label": "good fun"}], model.tokenizer, model.head_spec,
+                             "text", "label", 32, "data")
+    ids, labels = columns["input_ids"][0], columns["labels"][0]
+    assert labels[:2] == [-100, -100] and labels[2:] == ids[2:] and ids[-1] == model.tokenizer.eos_token_id
+
+
+def test_causal_lm_needs_a_decoder(tiny_bert):
+    with pytest.raises(adapters.ConfigError, match="decoder"):
+        adapters.adapt(tiny_bert, adapter=None, head=adapters.CausalLM())
