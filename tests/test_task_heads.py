@@ -188,3 +188,18 @@ def test_causal_lm_loss_counts_response_tokens_only(tiny_llama):
 def test_causal_lm_needs_a_decoder(tiny_bert):
     with pytest.raises(adapters.ConfigError, match="decoder"):
         adapters.adapt(tiny_bert, adapter=None, head=adapters.CausalLM())
+
+
+def test_causal_lm_chat_messages_use_the_chat_template(tiny_llama):
+    from adapters.data import encode_rows
+
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
+    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the {% endif %}"
+    rows = [{"messages": [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "fun"}]}]
+    columns, _ = encode_rows(rows, model.tokenizer, model.head_spec, "text", "label", 32, "data")
+    words = model.tokenizer.convert_ids_to_tokens(columns["input_ids"][0])
+    assert words == ["good", "film", "the", "fun", "[SEP]"]  # prompt rendered by the template, then the answer
+    assert columns["labels"][0][:3] == [-100] * 3
+    with pytest.raises(adapters.DataError, match="assistant"):
+        encode_rows([{"messages": [{"role": "user", "content": "good"}]}], model.tokenizer, model.head_spec,
+                    "text", "label", 32, "data")
