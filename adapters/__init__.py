@@ -9,15 +9,22 @@
     again = adapters.load("runs/sentiment")
 """
 
-from .artifact import load
-from .bottleneck import Bottleneck
-from .errors import (AdaptersError, CheckpointError, ConfigError, DataError, NonFiniteLossError, TargetModulesError,
-                     TrainingError, TrainingInterrupted, UnknownModelError)
-from .heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification
-from .lora import LoRA
-from .model import AdaptedModel, adapt
-from .packaged import PACKAGED_MODELS
-from .train import TrainConfig, evaluate, train
+import logging
+
+# bitsandbytes warns at import that an optional CPU kernel package is missing; it only serves the
+# packed CPU inference path, which base.py turns off (one numeric path for train and eval)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
+
+from .artifact import load  # noqa: E402
+from .bottleneck import Bottleneck  # noqa: E402
+from .errors import (  # noqa: E402
+    AdaptersError, CheckpointError, ConfigError, DataError, NonFiniteLossError, TargetModulesError, TrainingError,
+    TrainingInterrupted, UnknownModelError)
+from .heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification  # noqa: E402
+from .lora import LoRA  # noqa: E402
+from .model import AdaptedModel, adapt  # noqa: E402
+from .packaged import PACKAGED_MODELS  # noqa: E402
+from .train import TrainConfig, evaluate, train  # noqa: E402
 
 __all__ = [
     "adapt", "train", "evaluate", "load",

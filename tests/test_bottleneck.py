@@ -134,7 +134,7 @@ def test_round_trip(tiny_model, toy_data, tmp_path, quantization):
                            quantization=quantization)
     adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8, progress=False))
     model.save_pretrained(tmp_path / "art")
-    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["bottleneck.safetensors", "head.safetensors", "qadapters.json"]
+    assert sorted(p.name for p in (tmp_path / "art").iterdir()) == ["README.md", "bottleneck.safetensors", "head.safetensors", "qadapters.json"]
     again = adapters.load(tmp_path / "art")
     assert again.adapter == model.adapter
     assert torch.allclose(again.logits(TEXTS), model.logits(TEXTS), atol=1e-5)

@@ -33,7 +33,7 @@ def test_sentiment_recipe_on_a_users_csv(tiny_llama, tmp_path):
 
 
 def test_group_split_keeps_groups_apart():
-    from _data import group_split
+    from adapters.sources import group_split
 
     rows = [{"group": i // 3, "label": "a"} for i in range(60)]
     train, test = group_split(rows, "group", 0.2, seed=1)

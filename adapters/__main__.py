@@ -1,0 +1,7 @@
+"""``python -m adapters``: the ``qadapters`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

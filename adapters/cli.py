@@ -1,0 +1,206 @@
+"""``qadapters`` (or ``python -m adapters``): the library without writing Python.
+
+    qadapters train recipes/configs/sentiment.yaml train.lr=1e-4 adapter.r=16
+    qadapters eval runs/sentiment --data test.csv
+    qadapters predict runs/sentiment "a moving, funny film"
+    qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl
+    qadapters merge runs/sentiment runs/sentiment-merged
+    qadapters info runs/sentiment
+
+Every command is a thin layer over the Python API (``adapt``, ``train``, ``load``, ...); bad
+input prints one ``error:`` line naming the problem and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AdaptersError
+
+EXAMPLES = {
+    "train": "qadapters train recipes/configs/sentiment.yaml train.epochs=2 adapter.r=16",
+    "eval": "qadapters eval runs/sentiment --data reviews.csv --text-column review --label-column stars",
+    "predict": "qadapters predict runs/sentiment \"a moving, funny film\" \"a tedious mess\"\n"
+               "  qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl",
+    "merge": "qadapters merge runs/sentiment runs/sentiment-merged",
+    "info": "qadapters info runs/sentiment",
+}
+
+
+def _split_rows(run):
+    from .sources import group_split, load_rows, sample
+
+    data = run.data
+    rows = load_rows(data.train)
+    if data.eval is not None:
+        eval_rows = load_rows(data.eval)
+    else:
+        if data.group_column and rows and data.group_column not in rows[0]:
+            raise AdaptersError(f"data.group_column={data.group_column!r} is not a column of {data.train}; "
+                                f"columns: {sorted(rows[0])}")
+        rows, eval_rows = group_split(rows, data.group_column, data.eval_fraction, data.seed)
+    return sample(rows, data.train_size, data.seed), sample(eval_rows, data.eval_size, data.seed)
+
+
+def cmd_train(args) -> int:
+    from . import adapt, train
+    from .config import load_run_config, to_yaml
+
+    run = load_run_config(args.config, args.overrides)
+    train_rows, eval_rows = _split_rows(run)
+    print(f"data: {len(train_rows)} training rows, {len(eval_rows)} evaluation rows")
+    m = run.model
+    model = adapt(m.name, adapter=run.adapter, head=run.head, quantization=m.quantization, dtype=m.dtype,
+                  max_length=m.max_length, padding_side=m.padding_side, double_quant=m.double_quant,
+                  trust_remote_code=m.trust_remote_code, seed=run.data.seed)
+    print(model.summary())
+    metrics = train(model, train_rows, eval_rows, run.train)
+    model.save_pretrained(run.output)
+    (Path(run.output) / "config.yaml").write_text(to_yaml(run))
+    print(json.dumps(metrics, indent=2))
+    print(f"artifact saved to {run.output}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import TrainConfig, evaluate, load
+    from .sources import load_rows
+
+    model = load(args.artifact)
+    config = TrainConfig(text_column=args.text_column, label_column=args.label_column, batch_size=args.batch_size,
+                         progress=False)
+    print(json.dumps(evaluate(model, load_rows(args.data), config), indent=2))
+    return 0
+
+
+def _batches(lines, size: int):
+    batch = []
+    for line in lines:
+        if line.strip():
+            batch.append(json.loads(line))
+            if len(batch) == size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def cmd_predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from . import load
+
+    if bool(args.texts) == bool(args.input):
+        raise AdaptersError("give texts to predict, or --input FILE.jsonl (with --output), not both")
+    model = load(args.artifact)
+    if args.texts:
+        for text, prediction in zip(args.texts, model.predict(args.texts, probabilities=args.probabilities)):
+            print(json.dumps({"input": text, "prediction": prediction}))
+        return 0
+    source = Path(args.input)
+    if not source.is_file():
+        raise AdaptersError(f"--input {source} does not exist")
+    out = open(args.output, "w") if args.output else sys.stdout
+    try:
+        with source.open() as lines, tqdm(desc="predict", unit="rows", disable=args.output is None) as bar:
+            for batch in _batches(lines, args.batch_size):  # streaming: the file is never held in memory
+                try:
+                    inputs = [row[args.text_column] for row in batch]
+                except KeyError:
+                    raise AdaptersError(f"--input rows need a {args.text_column!r} field (see --text-column)") from None
+                for row, prediction in zip(batch, model.predict(inputs, probabilities=args.probabilities,
+                                                                batch_size=args.batch_size)):
+                    out.write(json.dumps({**row, "prediction": prediction}) + "\n")
+                bar.update(len(batch))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_artifact
+
+    merge_artifact(args.artifact, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .artifact import read_spec
+
+    spec = read_spec(args.artifact)
+    training = spec.get("training") or {}
+    rows = [
+        ("base", f"{spec['base']['name']} ({spec['base']['model_type']})"),
+        ("quantization", spec["quantization"] or "none"),
+        ("adapter", json.dumps(spec["adapter"]) if spec["adapter"] else "none (head only)"),
+        ("head", json.dumps(spec["head"])),
+        ("trainable params", training.get("trainable_parameters", "?")),
+        ("training metrics", json.dumps(training.get("metrics", {}))),
+        ("versions", json.dumps(spec["versions"])),
+    ]
+    if spec.get("merged_from"):
+        rows.insert(3, ("merged from", spec["merged_from"]))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="qadapters", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = main.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {EXAMPLES[name]}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = command("train", "train an adapter and head from a YAML config, then save the artifact")
+    p.add_argument("config", help="YAML file with sections model, adapter, head, data, train, output")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
+    p.set_defaults(run=cmd_train)
+
+    p = command("eval", "metrics of a saved artifact on a dataset")
+    p.add_argument("artifact", help="folder written by save_pretrained / qadapters train")
+    p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, packaged dataset or hub dataset")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=cmd_eval)
+
+    p = command("predict", "predict texts given on the command line or streamed from a JSONL file")
+    p.add_argument("artifact")
+    p.add_argument("texts", nargs="*", help="texts to predict")
+    p.add_argument("--input", help="JSONL file of rows with a text field")
+    p.add_argument("--output", help="JSONL file to write (rows + prediction); standard output when absent")
+    p.add_argument("--text-column", default="text", help="field of --input rows holding the input")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--probabilities", action="store_true", help="also return probabilities")
+    p.set_defaults(run=cmd_predict)
+
+    p = command("merge", "merge a LoRA artifact into its (dequantized) base: a standalone transformers folder")
+    p.add_argument("artifact")
+    p.add_argument("out", help="folder to write the merged model to")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(run=cmd_merge)
+
+    p = command("info", "describe an artifact: base, quantization, adapter, head, metrics, versions")
+    p.add_argument("artifact")
+    p.set_defaults(run=cmd_info)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except AdaptersError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The command line driven as a user would: subprocesses, YAML files, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import adapters
+from adapters.config import load_run_config
+
+from .conftest import toy_sentiment
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def qadapters(*args, expect: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "adapters", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert done.returncode == expect, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def config_file(tiny_llama, tmp_path):
+    data = _write_jsonl(tmp_path / "train.jsonl", toy_sentiment(64))
+    config = {
+        "model": {"name": tiny_llama, "quantization": "nf4"},
+        "adapter": {"kind": "lora", "r": 4},
+        "head": {"kind": "classification", "labels": ["neg", "pos"]},
+        "data": {"train": str(data), "eval_fraction": 0.25, "seed": 1},
+        "train": {"epochs": 3, "lr": 5e-3, "batch_size": 8, "progress": False},
+        "output": str(tmp_path / "art"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_train_eval_predict_info(config_file, tmp_path):
+    done = qadapters("train", config_file, "train.lr=1e-2", "adapter.r=8")
+    assert '"eval_accuracy"' in done.stdout and "artifact saved" in done.stdout
+    art = tmp_path / "art"
+    saved = yaml.safe_load((art / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 1e-2 and saved["adapter"]["r"] == 8  # overrides applied
+    assert "# art" in (art / "README.md").read_text() and "LoRA" in (art / "README.md").read_text()
+
+    metrics = json.loads(qadapters("eval", art, "--data", tmp_path / "train.jsonl").stdout)
+    assert metrics["count"] == 64 and 0 <= metrics["accuracy"] <= 1
+
+    lines = qadapters("predict", art, "good fun film", "bad dull mess").stdout.splitlines()
+    assert [json.loads(x)["input"] for x in lines] == ["good fun film", "bad dull mess"]
+    inputs = _write_jsonl(tmp_path / "in.jsonl", [{"text": r["text"], "id": i} for i, r in enumerate(toy_sentiment(70))])
+    qadapters("predict", art, "--input", inputs, "--output", tmp_path / "out.jsonl", "--batch-size", "16")
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in out] == list(range(70)) and all(r["prediction"] in ("neg", "pos") for r in out)
+    assert out[0]["prediction"] == adapters.load(art).predict(out[0]["text"])
+
+    info = qadapters("info", art).stdout
+    assert "nf4" in info and '"labels": ["neg", "pos"]' in info and "eval_accuracy" in info
+
+
+def test_merged_model_predicts_like_the_adapter(config_file, tmp_path):
+    from transformers import AutoModel
+
+    qadapters("train", config_file)
+    done = qadapters("merge", tmp_path / "art", tmp_path / "merged")
+    assert "dequantizing the nf4 base" in done.stdout
+    texts = [r["text"] for r in toy_sentiment(12, seed=3)]
+    adapted, merged = adapters.load(tmp_path / "art"), adapters.load(tmp_path / "merged")
+    assert merged.backbone_info.quantization is None and merged.adapter is None
+    assert torch.allclose(adapted.logits(texts), merged.logits(texts), atol=1e-4)  # float rounding only
+    assert merged.predict(texts) == adapted.predict(texts)
+    plain = AutoModel.from_pretrained(tmp_path / "merged")  # a standalone transformers folder
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+
+
+def test_bottleneck_cannot_be_merged(tiny_llama, tmp_path):
+    model = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(), head=adapters.Classification(labels=["a", "b"]))
+    model.save_pretrained(tmp_path / "art")
+    done = qadapters("merge", tmp_path / "art", tmp_path / "merged", expect=2)
+    assert done.stderr.startswith("error:") and "no weight matrix can absorb" in done.stderr
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c: c["train"].update(lrr=1e-3), "unknown key train.lrr; allowed keys of train"),
+    (lambda c: c["train"].update(epochs="three"), "train.epochs='three' has the wrong type"),
+    (lambda c: c["adapter"].update(kind="prefix"), "adapter.kind='prefix' must be one of"),
+    (lambda c: c.update(optimiser={}), "unknown section 'optimiser'"),
+    (lambda c: c["data"].update(train="missing.csv"), "data file missing.csv does not exist"),
+    (lambda c: c["adapter"].update(r=0), "adapter: LoRA r=0"),
+])
+def test_config_errors_name_the_key(config_file, edit, match):
+    config = yaml.safe_load(config_file.read_text())
+    edit(config)
+    config_file.write_text(yaml.safe_dump(config))
+    done = qadapters("train", config_file, expect=2)
+    assert match in done.stderr and done.stderr.startswith("error:")
+
+
+def test_bad_yaml_and_bad_override(config_file, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert "not valid YAML" in qadapters("train", bad, expect=2).stderr
+    assert "section.key=value" in qadapters("train", config_file, "train.lr", expect=2).stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "merge", "info"])
+def test_help_shows_an_example(command):
+    done = qadapters(command, "--help")
+    assert "example:" in done.stdout and f"qadapters {command}" in done.stdout
+
+
+def test_recipe_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        text = path.read_text()
+        assert text.startswith("#") and f"train recipes/configs/{path.name}" in text  # a header saying how to run it
+        load_run_config(path)
