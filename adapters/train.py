@@ -371,6 +371,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     metric_name = config.early_stopping_metric or ("eval_loss" if config.load_best else None)
     minimise = metric_name is not None and metric_name.endswith("loss")
     best_weights = None
+    eval_seconds = 0.0  # kept out of the training time and throughput
 
     def checkpoint(protect_best: bool = False) -> Path:
         state = {k: v for k, v in run.items()}
@@ -383,8 +384,10 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
 
     def evaluate_now() -> bool:
         """Evaluate, log, track the best; True when early stopping says stop."""
-        nonlocal best_weights
+        nonlocal best_weights, eval_seconds
+        eval_started = time.perf_counter()
         run["metrics"] = {f"eval_{k}": v for k, v in _evaluate_loader(model, eval_loader, accelerator).items()}
+        eval_seconds += time.perf_counter() - eval_started
         accelerator.log(run["metrics"], step=run["step"])
         accelerator.print(f"step {run['step']}: "
                           + ", ".join(f"{k}={v:.4f}" for k, v in run["metrics"].items()))
@@ -406,7 +409,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     progress = tqdm(total=local_steps, initial=run["step"], desc="train",
                     disable=not (config.progress and accelerator.is_local_main_process))
     model.train()
-    started, examples = time.perf_counter(), 0
+    started, examples, tokens = time.perf_counter(), 0, 0
     last_saved = None
     with _StopSignal() as stop_signal:
         while run["step"] < local_steps and not run["stopped_early"]:
@@ -445,6 +448,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                     scheduler.step()
                     optimizer.zero_grad()
                 examples += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
                 run["running"] += loss.detach().float().item()
                 run["running_count"] += 1
                 if not accelerator.sync_gradients:
@@ -479,7 +483,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                 if eval_loader is not None and not config.eval_every and not run["stopped_early"]:
                     run["stopped_early"] = evaluate_now()
     progress.close()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - eval_seconds
     if eval_loader is not None and not run["metrics"]:
         evaluate_now()
     if config.load_best and run["best_step"] is not None and run["best_step"] != run["step"]:
@@ -495,6 +499,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         "world_size": accelerator.num_processes,
         "train_seconds": seconds,
         "train_examples_per_second": examples * accelerator.num_processes / seconds,
+        "train_tokens_per_second": tokens * accelerator.num_processes / seconds,
     }
     if run["skipped_steps"]:
         result["skipped_steps"] = run["skipped_steps"]

@@ -1,0 +1,74 @@
+"""Shared pieces of the benchmarks: machine stamp, subprocess runs, peak memory, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import accelerate
+    import adapters  # noqa: F401 - first: it quiets a bitsandbytes import-time warning
+    import bitsandbytes
+    import peft
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu, "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__, "accelerate": accelerate.__version__, "bitsandbytes": bitsandbytes.__version__,
+    }
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: allocated GPU memory on a GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_child(script: str, args: list[str], timeout: int = 3600) -> dict:
+    """Run ``script`` in a fresh process (so its peak memory is its own); it prints one JSON line last."""
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def folder_mb(path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def write_results(name: str, payload: dict, table: str, out: Path = RESULTS) -> Path:
+    """``<out>/<name>.json`` and ``<out>/<name>.md`` (the table, stamped with the machine)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    stamp = payload["machine"]
+    header = (f"Measured {stamp['date']} on {stamp['cpu']} ({stamp['cores']} cores)"
+              f"{', GPU ' + stamp['gpu'] if stamp['gpu'] else ', no GPU'}; torch {stamp['torch']}, "
+              f"transformers {stamp['transformers']}, peft {stamp['peft']}, bitsandbytes {stamp['bitsandbytes']}.\n\n")
+    (out / f"{name}.md").write_text(header + table + "\n")
+    return out / f"{name}.md"

@@ -1,0 +1,38 @@
+"""The benchmarks' quick modes produce well-formed results (tables, JSON, plots), checked on a
+tiny model; the numbers themselves are measured by running the scripts, not asserted here."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_methods_quick(tiny_llama, tmp_path):
+    import methods
+
+    methods.main(["--quick", "--model", tiny_llama, "--methods", "head only", "QLoRA nf4", "bottleneck Pfeiffer nf4",
+                  "--name", "m", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "m.json").read_text())
+    assert [r["method"] for r in payload["results"]] == ["head only", "QLoRA nf4", "bottleneck Pfeiffer nf4"]
+    for r in payload["results"]:
+        assert r["trainable"] > 0 and r["peak_mb"] > 0 and r["examples_per_second"] > 0 and 0 <= r["accuracy"] <= 1
+    assert payload["results"][0]["trainable"] < payload["results"][1]["trainable"]
+    assert payload["machine"]["cpu"] and "| QLoRA nf4 |" in (tmp_path / "m.md").read_text()
+    assert (tmp_path / "m.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
+    import vs_peft_trainer
+
+    vs_peft_trainer.main(["--quick", "--model", tiny_llama, "--repeats", "1", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "vs_peft_trainer-quick.json").read_text())
+    assert len(payload["runs"]["ours"]) == len(payload["runs"]["baseline"]) == 1
+    assert payload["runs"]["ours"][0]["steps"] == payload["runs"]["baseline"][0]["steps"] == 6  # same budget
+    for key in ("seconds_per_step", "peak_mb", "accuracy"):
+        assert payload["summary"][key]["ratio_median"] > 0
+    assert "ratio ours/baseline" in (tmp_path / "vs_peft_trainer-quick.md").read_text()
