@@ -4,6 +4,7 @@ Users hand us a ``datasets.Dataset`` or a list of dicts. This is the one place t
 row into model inputs for each head kind:
 
 * text heads (classification, multi-label, regression): ``text`` -> tokens, ``label`` -> target;
+  with ``long_text="windows"``, ``text`` -> overlapping windows of tokens, all kept;
 * multiple choice: ``text`` (the context) paired with each of the row's ``choices``;
 * token classification: ``text`` is a list of words, tokenized as pre-split words; each word's
   tag goes to its first sub-token, the other sub-tokens get ``IGNORE``;
@@ -100,6 +101,18 @@ def encode_rows(data, tokenizer, head, text_column: str, label_column: str | Non
         keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in flat]
         out = {key: [flat[key][i * k:(i + 1) * k] for i in range(len(texts))] for key in keys}
         cut = len({i // k for i, e in enumerate(flat.encodings or []) if e.overflowing})
+    elif getattr(head, "long_text", "truncate") == "windows":
+        # overlapping windows of max_length tokens; the tokenizer's stride is the overlap
+        overlap = head.window_overlap if head.window_overlap is not None else max_length // 4
+        if overlap >= max_length - 2:
+            raise DataError(f"window_overlap={overlap} must be smaller than max_length={max_length} minus special tokens")
+        encoded = tokenizer(texts, truncation=True, max_length=max_length, stride=overlap, return_overflowing_tokens=True)
+        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
+        out = {key: [[] for _ in texts] for key in keys}
+        for window, row in enumerate(encoded["overflow_to_sample_mapping"]):
+            for key in keys:
+                out[key][row].append(encoded[key][window])
+        cut = 0  # nothing is dropped
     else:
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
         out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
@@ -205,6 +218,7 @@ class Collator:
     def __init__(self, tokenizer, head=None):
         self.tokenizer = tokenizer
         self.aligned_labels = getattr(head, "sequence_labels", False)
+        self.windows = getattr(head, "long_text", "truncate") == "windows"
 
     def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
         longest = max(len(s) for s in sequences)
@@ -217,7 +231,10 @@ class Collator:
         first = rows[0]["input_ids"]
         pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
         keys = [key for key in pads if key in rows[0]]
-        if first and isinstance(first[0], list):  # multiple choice: flatten, pad together, reshape
+        if self.windows:  # a variable number of windows per row: flatten, and say whose each window is
+            batch = {key: self._pad([seq for r in rows for seq in r[key]], pads[key]) for key in keys}
+            batch["window_doc"] = torch.tensor([i for i, r in enumerate(rows) for _ in r["input_ids"]])
+        elif first and isinstance(first[0], list):  # multiple choice: flatten, pad together, reshape
             k = len(first)
             batch = {key: self._pad([seq for r in rows for seq in r[key]], pads[key]).view(len(rows), k, -1)
                      for key in keys}

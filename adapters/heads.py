@@ -1,5 +1,10 @@
 """Task heads: small full-precision modules over the backbone's hidden states.
 
+Long texts: the whole-text heads (classification, multi-label, regression) can read a text
+longer than the model's length as overlapping windows (``long_text="windows"``): every window
+is scored and the window logits are pooled (mean or max) into the text's logits, in training
+and in prediction, so nothing past the first window is dropped.
+
 A head is split in two, as peft splits config and layer: a *spec* (a dataclass the user
 builds, saved as JSON with the artifact: labels, pooling, loss settings) and the *module*
 (weights, saved as safetensors). Heads are never part of the quantized backbone, so they are
@@ -42,7 +47,21 @@ from .errors import ConfigError, DataError
 from .metrics import classification_metrics, multilabel_metrics, regression_metrics, token_metrics
 
 POOLINGS = ("auto", "last", "first", "mean")
+LONG_TEXT = ("truncate", "windows")
+WINDOW_POOLINGS = ("mean", "max")
 IGNORE = -100  # label of positions that take no part in a loss (padding, later sub-tokens, prompts)
+
+
+def pool_windows(logits: torch.Tensor, document: torch.Tensor, method: str) -> torch.Tensor:
+    """Per-window logits (windows, outputs) -> per-document logits, ``document`` giving each
+    window's row in the batch: the mean or the max over each document's windows."""
+    count = int(document.max()) + 1
+    index = document.unsqueeze(-1).expand_as(logits)
+    if method == "max":
+        return torch.full((count, logits.shape[-1]), float("-inf"), dtype=logits.dtype,
+                          device=logits.device).scatter_reduce(0, index, logits, "amax")
+    sums = torch.zeros(count, logits.shape[-1], dtype=logits.dtype, device=logits.device).index_add(0, document, logits)
+    return sums / torch.bincount(document, minlength=count).unsqueeze(-1).to(logits.dtype)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
@@ -103,6 +122,13 @@ def _check_labels(labels) -> list[str]:
 
 
 def _check_common(spec) -> None:
+    if getattr(spec, "long_text", "truncate") not in LONG_TEXT:
+        raise ConfigError(f"long_text={spec.long_text!r} must be one of {LONG_TEXT}")
+    if getattr(spec, "window_pooling", "mean") not in WINDOW_POOLINGS:
+        raise ConfigError(f"window_pooling={spec.window_pooling!r} must be one of {WINDOW_POOLINGS}")
+    overlap = getattr(spec, "window_overlap", None)
+    if overlap is not None and (not isinstance(overlap, int) or overlap < 0):
+        raise ConfigError(f"window_overlap={overlap!r} must be a non-negative number of tokens")
     if getattr(spec, "pooling", "auto") not in POOLINGS:
         raise ConfigError(f"pooling={spec.pooling!r} is not one of {POOLINGS}")
     if not 0 <= getattr(spec, "dropout", 0.0) < 1:
@@ -162,6 +188,14 @@ class Classification(HeadSpec):
     class_weights: list[float] | None = None
     """Loss weight per label, for imbalanced data (e.g. inverse frequency)."""
     label_smoothing: float = 0.0
+    long_text: str = field(default="truncate", kw_only=True)
+    """``"truncate"``: only the first ``max_length`` tokens are read. ``"windows"``: the text is split
+    into overlapping windows of ``max_length`` tokens, each is scored, and the window logits are
+    pooled (``window_pooling``), in training and prediction alike: nothing is dropped."""
+    window_overlap: int | None = field(default=None, kw_only=True)
+    """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
+    window_pooling: str = field(default="mean", kw_only=True)
+    """``"mean"`` or ``"max"`` of the window logits."""
     kind: str = field(default="classification", init=False)
 
     def __post_init__(self):
@@ -215,6 +249,14 @@ class MultiLabel(HeadSpec):
     """A label is predicted when its probability (sigmoid) reaches this."""
     pooling: str = "auto"
     dropout: float = 0.1
+    long_text: str = field(default="truncate", kw_only=True)
+    """``"truncate"``: only the first ``max_length`` tokens are read. ``"windows"``: the text is split
+    into overlapping windows of ``max_length`` tokens, each is scored, and the window logits are
+    pooled (``window_pooling``), in training and prediction alike: nothing is dropped."""
+    window_overlap: int | None = field(default=None, kw_only=True)
+    """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
+    window_pooling: str = field(default="mean", kw_only=True)
+    """``"mean"`` or ``"max"`` of the window logits."""
     kind: str = field(default="multi_label", init=False)
 
     def __post_init__(self):
@@ -262,6 +304,14 @@ class Regression(HeadSpec):
     num_outputs: int = 1
     pooling: str = "auto"
     dropout: float = 0.1
+    long_text: str = field(default="truncate", kw_only=True)
+    """``"truncate"``: only the first ``max_length`` tokens are read. ``"windows"``: the text is split
+    into overlapping windows of ``max_length`` tokens, each is scored, and the window logits are
+    pooled (``window_pooling``), in training and prediction alike: nothing is dropped."""
+    window_overlap: int | None = field(default=None, kw_only=True)
+    """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
+    window_pooling: str = field(default="mean", kw_only=True)
+    """``"mean"`` or ``"max"`` of the window logits."""
     kind: str = field(default="regression", init=False)
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ from torch import nn
 from .base import Backbone, load_backbone
 from .bottleneck import Bottleneck, BottleneckLayers
 from .errors import ConfigError
-from .heads import HeadSpec
+from .heads import HeadSpec, pool_windows
 from .lora import LoRA, apply_lora
 
 ADAPTERS = (LoRA, Bottleneck)
@@ -62,10 +62,12 @@ class AdaptedModel(nn.Module):
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None):
+                token_type_ids: torch.Tensor | None = None, window_doc: torch.Tensor | None = None):
         """Logits for the head (and ``loss`` with ``labels``). Multiple-choice inputs are
         (batch, choices, length): every (context, choice) sequence is scored, then regrouped.
-        ``token_type_ids`` (BERT's segment ids of text pairs) are passed on when given."""
+        With ``window_doc`` the rows are windows of longer texts (``window_doc[i]`` = the text of
+        window i): their logits are pooled per text. ``token_type_ids`` (BERT's segment ids of
+        text pairs) are passed on when given."""
         choices = input_ids.shape[1] if input_ids.dim() == 3 else None
         if choices:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
@@ -80,6 +82,8 @@ class AdaptedModel(nn.Module):
             logits = self.head(out.last_hidden_state, attention_mask)
         if choices:
             logits = logits.view(-1, choices)
+        if window_doc is not None:
+            logits = pool_windows(logits, window_doc, self.head_spec.window_pooling)
         result = {"logits": logits}
         if labels is not None:
             result["loss"] = self.head_spec.loss(logits, labels)

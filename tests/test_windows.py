@@ -1,0 +1,87 @@
+"""Long texts read as overlapping windows: coverage, pooled logits, and the train/predict paths."""
+
+import random
+
+import pytest
+import torch
+
+import adapters
+from adapters.data import encode_rows
+
+from .conftest import FILLER, NEGATIVE, POSITIVE
+
+
+def _windowed(path, **kwargs):
+    head = adapters.Classification(labels=["neg", "pos"], long_text="windows", window_overlap=4, **kwargs)
+    return adapters.adapt(path, adapter=adapters.LoRA(r=4), head=head, max_length=16)
+
+
+def long_rows(n, seed=0, filler=30):
+    """The sentiment word comes last, after ``filler`` words: past the first window."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = [rng.choice(FILLER) for _ in range(filler)] + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def test_windows_cover_the_whole_text(tiny_llama, tiny_bert):
+    text = long_rows(1, filler=45)[0]["text"]
+    model = _windowed(tiny_llama)
+    windows = encode_rows([{"text": text}], model.tokenizer, model.head_spec, "text", None, 16, "data")[0]["input_ids"][0]
+    full = model.tokenizer(text)["input_ids"]
+    assert len(windows) == 4 and all(len(w) <= 16 for w in windows)
+    rebuilt = windows[0] + [t for w in windows[1:] for t in w[4:]]  # consecutive windows share 4 tokens
+    assert rebuilt == full
+    bert = _windowed(tiny_bert)
+    windows = encode_rows([{"text": text}], bert.tokenizer, bert.head_spec, "text", None, 16, "data")[0]["input_ids"][0]
+    content = bert.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert all(w[0] == bert.tokenizer.cls_token_id and w[-1] == bert.tokenizer.sep_token_id for w in windows)
+    assert windows[0][1:-1] + [t for w in windows[1:] for t in w[1:-1][4:]] == content
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_text_logits_pool_the_window_logits(tiny_llama, pooling):
+    model = _windowed(tiny_llama, window_pooling=pooling)
+    text = long_rows(1, filler=40)[0]["text"]
+    pooled = model.logits([text, "good film"])
+    windows = encode_rows([{"text": text}], model.tokenizer, model.head_spec, "text", None, 16, "data")[0]["input_ids"][0]
+    model.eval()
+    with torch.no_grad():
+        each = torch.cat([model(input_ids=torch.tensor([w]), attention_mask=torch.ones(1, len(w), dtype=torch.long))["logits"]
+                          for w in windows])
+    expected = each.mean(0) if pooling == "mean" else each.max(0).values
+    assert torch.allclose(pooled[0], expected, atol=1e-5)
+    short = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
+                           max_length=16)
+    assert torch.allclose(pooled[1], short.logits(["good film"])[0], atol=1e-5)  # one window = plain truncation
+
+
+def test_training_reads_past_the_first_window(tiny_llama, tmp_path):
+    train_rows, eval_rows = long_rows(96), long_rows(32, seed=1)
+    config = adapters.TrainConfig(epochs=8, lr=5e-3, head_lr=5e-2, batch_size=8, progress=False)
+    truncated = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=8), head=adapters.Classification(labels=["neg", "pos"]),
+                               max_length=16)
+    blind = adapters.train(truncated, train_rows, eval_rows, config)
+    windowed = _windowed(tiny_llama)
+    seen = adapters.train(windowed, train_rows, eval_rows, config)
+    assert blind["train_truncated_rows"] == 96 and "train_truncated_rows" not in seen
+    assert blind["eval_accuracy"] <= 0.65 < 0.85 <= seen["eval_accuracy"]  # the answer is in the last window
+    windowed.save_pretrained(tmp_path / "art")
+    again = adapters.load(tmp_path / "art")
+    texts = [r["text"] for r in eval_rows[:6]]
+    assert torch.allclose(again.logits(texts), windowed.logits(texts), atol=1e-5)
+    assert again.predict(texts) == windowed.predict(texts)
+
+
+def test_window_settings_are_checked(tiny_llama):
+    with pytest.raises(adapters.ConfigError, match="long_text"):
+        adapters.Classification(labels=["a", "b"], long_text="chunks")
+    with pytest.raises(adapters.ConfigError, match="window_pooling"):
+        adapters.Regression(long_text="windows", window_pooling="median")
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.Classification(
+        labels=["a", "b"], long_text="windows", window_overlap=20), max_length=16)
+    with pytest.raises(adapters.DataError, match="window_overlap"):
+        model.predict("good film")
