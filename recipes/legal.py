@@ -1,0 +1,241 @@
+"""Legal recipe: licence notices and licence texts from ScanCode's licence knowledge base.
+
+    python recipes/legal.py --task category          # notice (8-200 words) -> licence category
+    python recipes/legal.py --task category-full     # a full licence text -> its category (long texts, windows)
+    python recipes/legal.py --task identify          # notice -> which of 4 licence names it is (multiple choice)
+    python recipes/legal.py --data ledgar.csv --text-column text --label-column label   # your own data
+
+The data ship in ``licensedcode-data`` (CC-BY-4.0): 2,310 licence texts and 34,859 rules, labelled
+by ScanCode's curators. Every task is split by licence key, so no licence has text on both sides
+(the notices of one licence are near-duplicates). Phases: data -> adapt -> train -> evaluate
+against the majority baseline -> confusion matrix -> save -> reload and predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import adapters  # noqa: E402
+from _data import balance, majority_accuracy  # noqa: E402
+from adapters.sources import group_split, load_rows, sample  # noqa: E402
+
+NOTICE_CATEGORIES = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
+# LexGLUE-shaped datasets (hub or local files of the same shape): their column mapping
+KNOWN_DATASETS = {
+    "ledgar": {"text": "text", "label": "label"},  # one label per contract provision
+    "unfair_tos": {"text": "text", "label": "labels"},  # a list of unfair-term types (multi-label)
+}
+
+
+def _front_matter(path: Path) -> tuple[dict, str]:
+    """ScanCode files: YAML between two '---' lines, then the text."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    match = re.match(r"^---\s*\n(.*?)\n---\s*\n?(.*)$", raw, flags=re.S)
+    if not match:
+        return {}, raw
+    return yaml.safe_load(match.group(1)) or {}, match.group(2).strip()
+
+
+def data_root() -> Path:
+    return Path(importlib.metadata.distribution("licensedcode-data").locate_file("licensedcode/data"))
+
+
+def read_licences(root: Path) -> dict[str, dict]:
+    """key -> {name, category, text} for every licence text."""
+    licences = {}
+    for path in sorted((root / "licenses").glob("*.LICENSE")):
+        meta, text = _front_matter(path)
+        if meta.get("key") and meta.get("category"):
+            licences[meta["key"]] = {"name": meta.get("short_name") or meta.get("name") or meta["key"],
+                                     "category": meta["category"], "text": text}
+    return licences
+
+
+def read_notices(root: Path, licences: dict, min_words: int = 8, max_words: int = 200) -> list[dict]:
+    """Licence notices naming exactly one known licence: text, licence key, category."""
+    rows = []
+    for path in sorted((root / "rules").glob("*.RULE")):
+        meta, text = _front_matter(path)
+        key = str(meta.get("license_expression", ""))
+        if not meta.get("is_license_notice") or " " in key or key not in licences:
+            continue  # expressions such as "mit OR apache-2.0" name several licences
+        if min_words <= len(text.split()) <= max_words:
+            rows.append({"text": text, "key": key, "label": licences[key]["category"]})
+    return rows
+
+
+def category_task(licences: dict, notices: list[dict]) -> list[dict]:
+    return [dict(r, group=r["key"]) for r in notices if r["label"] in NOTICE_CATEGORIES]
+
+
+def category_full_task(licences: dict, min_examples: int = 50) -> list[dict]:
+    """Full licence texts -> category, over the categories with at least ``min_examples`` texts."""
+    counts = Counter(v["category"] for v in licences.values())
+    keep = {c for c, n in counts.items() if n >= min_examples}
+    return [{"text": v["text"], "label": v["category"], "group": k} for k, v in licences.items()
+            if v["category"] in keep and v["text"]]
+
+
+def identify_task(licences: dict, notices: list[dict], choices: int = 4, seed: int = 0) -> list[dict]:
+    """Notice -> the name of its licence among ``choices`` names; the wrong ones come from licences
+    of the same category, so the category alone does not give the answer."""
+    rng = random.Random(seed)
+    by_category: dict[str, list[str]] = {}
+    for key, v in licences.items():
+        by_category.setdefault(v["category"], []).append(key)
+    rows = []
+    for r in notices:
+        pool = [k for k in by_category[licences[r["key"]]["category"]] if k != r["key"]
+                and licences[k]["name"] != licences[r["key"]]["name"]]
+        if len(pool) < choices - 1:
+            continue
+        keys = rng.sample(pool, choices - 1)
+        answer = rng.randrange(choices)
+        keys.insert(answer, r["key"])
+        rows.append({"text": r["text"], "choices": [licences[k]["name"] for k in keys], "label": answer,
+                     "group": r["key"], "choice_keys": keys})
+    return rows
+
+
+def user_rows(args) -> list[dict]:
+    mapping = KNOWN_DATASETS.get(Path(args.data).stem.split("-")[0], {})
+    text_col, label_col = args.text_column or mapping.get("text", "text"), args.label_column or mapping.get("label", "label")
+    rows = load_rows(args.data)
+    if text_col not in rows[0] or label_col not in rows[0]:
+        raise SystemExit(f"--data {args.data}: needs columns {text_col!r} and {label_col!r}; it has {sorted(rows[0])}")
+    return [{"text": r[text_col],
+             "label": [str(x) for x in r[label_col]] if isinstance(r[label_col], list) else str(r[label_col]),
+             "group": r.get(args.group_column, i) if args.group_column else i} for i, r in enumerate(rows)]
+
+
+def confusion_png(cm, labels: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="category", choices=["category", "category-full", "identify"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--adapter", default="lora", choices=["lora", "bottleneck", "none"])
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
+    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--eval-size", type=int, default=600)
+    p.add_argument("--epochs", type=float, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--head-lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--long-text", default="windows", choices=["windows", "truncate"], help="category-full only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
+    p.add_argument("--data", help="your own CSV/JSONL/Parquet file or a hub dataset (e.g. LexGLUE's ledgar)")
+    p.add_argument("--text-column")
+    p.add_argument("--label-column")
+    p.add_argument("--group-column")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    output = Path(args.output or f"runs/legal-{args.task}")
+    if args.data:
+        rows = user_rows(args)
+    else:
+        licences = read_licences(data_root())
+        notices = read_notices(data_root(), licences)
+        rows = {"category": lambda: category_task(licences, notices),
+                "category-full": lambda: category_full_task(licences),
+                "identify": lambda: identify_task(licences, notices, seed=args.seed)}[args.task]()
+    train_rows, test_rows = group_split(rows, "group", 0.2, args.seed)
+    train_rows, test_rows = sample(train_rows, args.train_size, args.seed), sample(test_rows, args.eval_size, args.seed)
+    shared = {r["group"] for r in train_rows} & {r["group"] for r in test_rows}
+    assert not shared, f"licences on both sides of the split: {sorted(shared)[:5]}"
+    print(f"task {args.task}: {len(rows)} rows; {len(train_rows)} train / {len(test_rows)} test "
+          f"({len({r['group'] for r in train_rows})} / {len({r['group'] for r in test_rows})} licences, none shared)")
+    multi = isinstance(train_rows[0]["label"], list)
+    if not multi:
+        print(f"train balance: {balance(train_rows)}")
+    majority = 0.0 if multi else majority_accuracy(train_rows, test_rows)
+    print(f"majority-class baseline on test: {majority:.4f}")
+
+    if args.task == "identify" and not args.data:
+        head = adapters.MultipleChoice(num_choices=4)
+    elif isinstance(train_rows[0]["label"], list):  # e.g. unfair_tos: several labels per text
+        head = adapters.MultiLabel(labels=sorted({x for r in train_rows + test_rows for x in r["label"]}))
+    else:
+        labels = sorted({r["label"] for r in train_rows} | {r["label"] for r in test_rows})
+        counts = Counter(r["label"] for r in train_rows)
+        # inverse-frequency weights: the rare categories (Commercial) count as much as the frequent ones
+        weights = [len(train_rows) / (len(labels) * max(counts[label], 1)) for label in labels]
+        head = adapters.Classification(labels=labels, class_weights=weights,
+                                       long_text=args.long_text if args.task == "category-full" else "truncate")
+    adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
+    model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,
+                           quantization=None if args.quantization == "none" else args.quantization)
+    print(model.summary())
+    config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+                                  seed=args.seed, output_dir=str(output) + "-logs", overwrite=True)
+    metrics = adapters.train(model, train_rows, test_rows, config)
+    model.save_pretrained(output)
+    result = {"task": args.task, "accuracy": metrics.get("eval_accuracy", metrics.get("eval_exact_match")),
+              "majority_baseline": majority,
+              "train_rows": len(train_rows), "test_rows": len(test_rows), "train_seconds": metrics["train_seconds"]}
+    if isinstance(head, adapters.Classification):
+        from adapters.metrics import confusion_matrix, per_class_f1
+
+        predicted = model.predict([r["text"] for r in test_rows], batch_size=16)
+        ids = [head.labels.index(p) for p in predicted]
+        truth = [head.labels.index(r["label"]) for r in test_rows]
+        cm = confusion_matrix(ids, truth, len(head.labels))
+        f1 = per_class_f1(cm)
+        result.update(macro_f1=metrics["eval_macro_f1"], per_class_f1=dict(zip(head.labels, f1.round(4).tolist())))
+        confusion_png(cm, head.labels, output / "confusion_matrix.png")
+        print("per-class F1: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class_f1"].items()))
+        print(f"confusion matrix saved to {output / 'confusion_matrix.png'}")
+        examples = test_rows[:3]
+        for r, p in zip(examples, model.predict([r["text"] for r in examples])):
+            print(f"  predicted {p!r:<20} true {r['label']!r:<20} {r['text'][:70]!r}")
+    elif isinstance(head, adapters.MultiLabel):
+        result.update(micro_f1=metrics["eval_micro_f1"], macro_f1=metrics["eval_macro_f1"])
+    else:
+        for r in test_rows[:3]:
+            pick = model.predict({"context": r["text"], "choices": r["choices"]})
+            print(f"  picked {r['choices'][pick]!r}, right {r['choices'][r['label']]!r}: {r['text'][:60]!r}")
+    result["total_seconds"] = time.perf_counter() - started
+    (output / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"\naccuracy {result['accuracy']:.4f}"
+          + (f" | macro-F1 {result['macro_f1']:.4f}" if "macro_f1" in result else "")
+          + f" | majority baseline {majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

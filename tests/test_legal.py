@@ -1,0 +1,100 @@
+"""The legal recipe's data building, on a small sample of ScanCode-shaped files."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import legal  # noqa: E402
+
+from adapters.sources import group_split  # noqa: E402
+
+LICENCES = {  # key: (name, category)
+    "mit": ("MIT License", "Permissive"), "bsd-new": ("BSD-3-Clause", "Permissive"),
+    "isc": ("ISC License", "Permissive"), "x11": ("X11 License", "Permissive"),
+    "gpl-2.0": ("GPL 2.0", "Copyleft"), "gpl-3.0": ("GPL 3.0", "Copyleft"), "agpl-3.0": ("AGPL 3.0", "Copyleft"),
+    "osl-3.0": ("OSL 3.0", "Copyleft"), "lgpl-2.1": ("LGPL 2.1", "Copyleft Limited"),
+    "acme-eula": ("ACME EULA", "Commercial"),
+}
+
+
+@pytest.fixture
+def root(tmp_path):
+    (tmp_path / "licenses").mkdir()
+    (tmp_path / "rules").mkdir()
+    for key, (name, category) in LICENCES.items():
+        (tmp_path / "licenses" / f"{key}.LICENSE").write_text(
+            f"---\nkey: {key}\nshort_name: {name}\ncategory: {category}\n---\n\nThe full text of {name}. " * 2)
+        for i in range(3):
+            (tmp_path / "rules" / f"{key}_{i}.RULE").write_text(
+                f"---\nlicense_expression: {key}\nis_license_notice: yes\n---\n"
+                f"This file is licensed under the {name}, see the notice number {i} for details.\n")
+    # rules that must be left out: two licences, a tag (not a notice), too short
+    (tmp_path / "rules" / "dual_1.RULE").write_text(
+        "---\nlicense_expression: mit OR gpl-2.0\nis_license_notice: yes\n---\nDual licensed under MIT or GPL 2.0 as you wish.\n")
+    (tmp_path / "rules" / "tag_1.RULE").write_text("---\nlicense_expression: mit\nis_license_tag: yes\n---\nlicense: MIT\n")
+    (tmp_path / "rules" / "short_1.RULE").write_text("---\nlicense_expression: mit\nis_license_notice: yes\n---\nMIT licensed\n")
+    return tmp_path
+
+
+def test_notices_and_their_categories(root):
+    licences = legal.read_licences(root)
+    notices = legal.read_notices(root, licences)
+    assert len(licences) == 10 and len(notices) == 30  # the dual, tag and short rules are out
+    assert all(n["label"] == LICENCES[n["key"]][1] for n in notices)
+    rows = legal.category_task(licences, notices)
+    assert {r["label"] for r in rows} == set(legal.NOTICE_CATEGORIES)
+    full = legal.category_full_task(licences, min_examples=2)
+    assert {r["label"] for r in full} == {"Permissive", "Copyleft"}  # categories with enough texts
+
+
+def test_split_never_shares_a_licence(root):
+    licences = legal.read_licences(root)
+    rows = legal.category_task(licences, legal.read_notices(root, licences))
+    for seed in range(5):
+        train, test = group_split(rows, "group", 0.3, seed)
+        assert train and test and not {r["group"] for r in train} & {r["group"] for r in test}
+
+
+def test_identify_distractors_share_the_category_and_never_the_answer(root):
+    licences = legal.read_licences(root)
+    rows = legal.identify_task(licences, legal.read_notices(root, licences), choices=4, seed=1)
+    assert rows and {r["group"] for r in rows} <= {k for k, v in LICENCES.items() if v[1] in ("Permissive", "Copyleft")}
+    for r in rows:
+        answer_key = r["choice_keys"][r["label"]]
+        assert answer_key == r["group"] and r["choices"][r["label"]] == LICENCES[answer_key][0]
+        others = [k for i, k in enumerate(r["choice_keys"]) if i != r["label"]]
+        assert len(set(others)) == 3 and answer_key not in others
+        assert all(LICENCES[k][1] == LICENCES[answer_key][1] for k in others)
+    assert len({r["label"] for r in rows}) > 1  # the answer's position varies
+
+
+def test_lexglue_shaped_files_map_their_columns(tmp_path):
+    import json
+
+    path = tmp_path / "ledgar.jsonl"
+    path.write_text("".join(json.dumps({"text": f"clause {i}", "label": i % 3}) + "\n" for i in range(6)))
+    args = legal.parse_args(["--data", str(path)])
+    rows = legal.user_rows(args)
+    assert [r["label"] for r in rows[:3]] == ["0", "1", "2"] and rows[0]["text"] == "clause 0"
+    path = tmp_path / "unfair_tos.jsonl"
+    path.write_text("".join(json.dumps({"text": f"term {i}", "labels": [i % 2]}) + "\n" for i in range(4)))
+    rows = legal.user_rows(legal.parse_args(["--data", str(path)]))
+    assert rows[1]["label"] == ["1"]
+
+
+def test_recipe_end_to_end_on_a_users_file(tiny_llama, tmp_path):
+    import json
+    import random
+
+    from .conftest import NEGATIVE, POSITIVE
+
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.sample(POSITIVE if i % 2 else NEGATIVE, 2)), "label": i % 2} for i in range(60)]
+    path = tmp_path / "ledgar.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = legal.main(["--data", str(path), "--model", tiny_llama, "--epochs", "3", "--lr", "5e-3", "--batch-size", "8",
+                         "--output", str(tmp_path / "art")])
+    assert result["accuracy"] >= 0.7 and 0 <= result["macro_f1"] <= 1
+    assert (tmp_path / "art" / "confusion_matrix.png").exists() and (tmp_path / "art" / "results.json").exists()
