@@ -175,7 +175,22 @@ class HeadSpec:
 
 
 @dataclass
-class Classification(HeadSpec):
+class LongTextHead(HeadSpec):
+    """Whole-text heads (classification, multi-label, regression): how texts longer than
+    ``max_length`` are read (keyword-only settings, shared by the three)."""
+
+    long_text: str = field(default="truncate", kw_only=True)
+    """``"truncate"``: only the first ``max_length`` tokens are read. ``"windows"``: the text is split
+    into overlapping windows of ``max_length`` tokens, each is scored, and the window logits are
+    pooled (``window_pooling``), in training and prediction alike: nothing is dropped."""
+    window_overlap: int | None = field(default=None, kw_only=True)
+    """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
+    window_pooling: str = field(default="mean", kw_only=True)
+    """``"mean"`` or ``"max"`` of the window logits."""
+
+
+@dataclass
+class Classification(LongTextHead):
     """Single-label classification over ``labels`` (the names, in id order).
 
     Data: a text column and a label column holding a label name or id.
@@ -188,14 +203,6 @@ class Classification(HeadSpec):
     class_weights: list[float] | None = None
     """Loss weight per label, for imbalanced data (e.g. inverse frequency)."""
     label_smoothing: float = 0.0
-    long_text: str = field(default="truncate", kw_only=True)
-    """``"truncate"``: only the first ``max_length`` tokens are read. ``"windows"``: the text is split
-    into overlapping windows of ``max_length`` tokens, each is scored, and the window logits are
-    pooled (``window_pooling``), in training and prediction alike: nothing is dropped."""
-    window_overlap: int | None = field(default=None, kw_only=True)
-    """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
-    window_pooling: str = field(default="mean", kw_only=True)
-    """``"mean"`` or ``"max"`` of the window logits."""
     kind: str = field(default="classification", init=False)
 
     def __post_init__(self):
@@ -241,7 +248,7 @@ class Classification(HeadSpec):
 
 
 @dataclass
-class MultiLabel(HeadSpec):
+class MultiLabel(LongTextHead):
     """Any subset of ``labels`` per text. Data: a label column holding a list of label names (or ids)."""
 
     labels: list[str]
@@ -249,14 +256,6 @@ class MultiLabel(HeadSpec):
     """A label is predicted when its probability (sigmoid) reaches this."""
     pooling: str = "auto"
     dropout: float = 0.1
-    long_text: str = field(default="truncate", kw_only=True)
-    """``"truncate"``: only the first ``max_length`` tokens are read. ``"windows"``: the text is split
-    into overlapping windows of ``max_length`` tokens, each is scored, and the window logits are
-    pooled (``window_pooling``), in training and prediction alike: nothing is dropped."""
-    window_overlap: int | None = field(default=None, kw_only=True)
-    """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
-    window_pooling: str = field(default="mean", kw_only=True)
-    """``"mean"`` or ``"max"`` of the window logits."""
     kind: str = field(default="multi_label", init=False)
 
     def __post_init__(self):
@@ -298,20 +297,12 @@ class MultiLabel(HeadSpec):
 
 
 @dataclass
-class Regression(HeadSpec):
+class Regression(LongTextHead):
     """One or more real numbers per text. Data: a label column holding a number (or a list of them)."""
 
     num_outputs: int = 1
     pooling: str = "auto"
     dropout: float = 0.1
-    long_text: str = field(default="truncate", kw_only=True)
-    """``"truncate"``: only the first ``max_length`` tokens are read. ``"windows"``: the text is split
-    into overlapping windows of ``max_length`` tokens, each is scored, and the window logits are
-    pooled (``window_pooling``), in training and prediction alike: nothing is dropped."""
-    window_overlap: int | None = field(default=None, kw_only=True)
-    """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
-    window_pooling: str = field(default="mean", kw_only=True)
-    """``"mean"`` or ``"max"`` of the window logits."""
     kind: str = field(default="regression", init=False)
 
     def __post_init__(self):

@@ -270,7 +270,7 @@ def adapt(
             torch.manual_seed(seed)
         body, bottleneck = backbone.model, None
         if isinstance(adapter, LoRA):
-            body = apply_lora(body, adapter, model)
+            body = apply_lora(body, adapter, backbone.location)
         elif isinstance(adapter, Bottleneck):
             bottleneck = BottleneckLayers(body, adapter, backbone.hidden_size)
         head_module = head.build(backbone.hidden_size, backbone.is_decoder)
