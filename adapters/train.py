@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 
 from .base import cpu_only
@@ -122,7 +123,7 @@ class TrainConfig:
                 raise ConfigError(message)
 
 
-class JSONLTracker:
+class JSONLTracker(GeneralTracker):
     """An Accelerate tracker writing one JSON object per logged step to ``metrics.jsonl``."""
 
     name = "jsonl"
@@ -156,12 +157,9 @@ class JSONLTracker:
 def _trackers(output_dir: str | None) -> list:
     if output_dir is None:
         return []
-    from accelerate.tracking import GeneralTracker
     from accelerate.utils import is_tensorboard_available
 
-    # registered as a GeneralTracker subclass at runtime so the module imports without accelerate
-    tracker_cls = type("JSONLTracker", (JSONLTracker, GeneralTracker), {})
-    trackers: list = [tracker_cls(output_dir)]
+    trackers: list = [JSONLTracker(output_dir)]
     if is_tensorboard_available():
         trackers.append("tensorboard")
     return trackers
@@ -410,7 +408,6 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                     disable=not (config.progress and accelerator.is_local_main_process))
     model.train()
     started, examples, tokens = time.perf_counter(), 0, 0
-    last_saved = None
     with _StopSignal() as stop_signal:
         while run["step"] < local_steps and not run["stopped_early"]:
             train_loader.set_epoch(run["epoch"])
@@ -432,8 +429,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                     loss = model(**batch)["loss"]
                     if _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
                         if not config.skip_nonfinite:
-                            where = run["best_checkpoint"] or last_saved or (complete_checkpoints(config.output_dir)[-1:]
-                                                                            or [None])[0] if config.output_dir else None
+                            saved = complete_checkpoints(config.output_dir) if config.output_dir else []
+                            where = saved[-1] if saved else None
                             raise NonFiniteLossError(
                                 f"loss became {loss.item()} at step {run['step'] + 1}; the weights were not updated. "
                                 f"Last good checkpoint: {where or 'none saved (set save_every)'}. Lower the learning "
@@ -447,7 +444,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                examples += batch["input_ids"].shape[0]
+                examples += batch["labels"].shape[0]  # texts, not windows or choices
                 tokens += int(batch["attention_mask"].sum())
                 run["running"] += loss.detach().float().item()
                 run["running_count"] += 1
@@ -471,7 +468,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                         f"interrupted at step {step}; checkpoint saved to {path}. Resume with the same call and "
                         f"TrainConfig(resume='auto', output_dir={config.output_dir!r})")
                 if config.save_every and step % config.save_every == 0:
-                    last_saved = checkpoint()
+                    checkpoint()
                 if eval_loader is not None and config.eval_every and step % config.eval_every == 0:
                     run["stopped_early"] = evaluate_now()
                 if step >= local_steps or run["stopped_early"]:
