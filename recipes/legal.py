@@ -4,6 +4,7 @@
     python recipes/legal.py --task category-full     # a full licence text -> its category (long texts, windows)
     python recipes/legal.py --task identify          # notice -> which of 4 licence names it is (multiple choice)
     python recipes/legal.py --data ledgar.csv --text-column text --label-column label   # your own data
+    python recipes/legal.py --task category --export data/legal_category.jsonl         # rows for the YAML configs
 
 The data ship in ``licensedcode-data`` (CC-BY-4.0): 2,310 licence texts and 34,859 rules, labelled
 by ScanCode's curators. Every task is split by licence key, so no licence has text on both sides
@@ -159,6 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--text-column")
     p.add_argument("--label-column")
     p.add_argument("--group-column")
+    p.add_argument("--export", help="write the task's rows (text, label, group[, choices]) to this JSONL file and stop: "
+                                    "the input of recipes/configs/legal_*.yaml")
     return p.parse_args(argv)
 
 
@@ -174,6 +177,13 @@ def main(argv=None) -> dict:
         rows = {"category": lambda: category_task(licences, notices),
                 "category-full": lambda: category_full_task(licences),
                 "identify": lambda: identify_task(licences, notices, seed=args.seed)}[args.task]()
+    if args.export:
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.export, "w") as f:
+            for r in rows:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "choice_keys"}) + "\n")
+        print(f"wrote {len(rows)} rows of task {args.task} to {args.export}")
+        return {"exported": len(rows)}
     train_rows, test_rows = group_split(rows, "group", 0.2, args.seed)
     train_rows, test_rows = sample(train_rows, args.train_size, args.seed), sample(test_rows, args.eval_size, args.seed)
     shared = {r["group"] for r in train_rows} & {r["group"] for r in test_rows}

@@ -98,3 +98,18 @@ def test_recipe_end_to_end_on_a_users_file(tiny_llama, tmp_path):
                          "--output", str(tmp_path / "art")])
     assert result["accuracy"] >= 0.7 and 0 <= result["macro_f1"] <= 1
     assert (tmp_path / "art" / "confusion_matrix.png").exists() and (tmp_path / "art" / "results.json").exists()
+
+
+def test_export_feeds_the_yaml_configs(root, tmp_path, monkeypatch):
+    import json
+
+    from adapters.config import load_run_config
+
+    monkeypatch.setattr(legal, "data_root", lambda: root)
+    out = tmp_path / "identify.jsonl"
+    assert legal.main(["--task", "identify", "--export", str(out)])["exported"] > 0
+    row = json.loads(out.read_text().splitlines()[0])
+    assert set(row) == {"text", "choices", "label", "group"} and len(row["choices"]) == 4
+    config = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "legal_identify.yaml"
+    run = load_run_config(config, [f"data.train={out}"])
+    assert run.head.kind == "multiple_choice" and run.head.num_choices == 4
