@@ -28,7 +28,7 @@ def main():
     model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=["neg", "pos"], dropout=0.0),
                            quantization="nf4")
     metrics = adapters.train(model, toy_sentiment(64), toy_sentiment(27, seed=1), adapters.TrainConfig(
-        epochs=2, lr=1e-2, batch_size=args.batch_size, seed=3, progress=False, log_every=1,
+        epochs=2, lr=1e-2, batch_size=args.batch_size, seed=3, progress=False, log_every=1, save_every=4, keep_last=2,
         output_dir=str(Path(args.out) / "logs")))
     out = Path(args.out)
     state = PartialState()  # already set up by the library (with cpu=True on CPUs)

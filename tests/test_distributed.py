@@ -41,7 +41,9 @@ def test_two_processes_match_one(tiny_llama, tmp_path, adapter):
     assert metrics[0]["eval_accuracy"] == metrics[1]["eval_accuracy"] == one["eval_accuracy"]
     assert metrics[0]["steps"] == one["steps"] == 16
 
-    # one artifact, one log, written by the main process only, and it loads
+    # one artifact, one log, one set of checkpoints, written by the main process only; the artifact loads
+    checkpoints = sorted(p.name for p in (tmp_path / "ddp" / "logs" / "checkpoints").iterdir())
+    assert checkpoints == ["step-000012", "step-000016"]  # keep_last=2, no partial .tmp- folder left
     assert json.loads((tmp_path / "ddp" / "reload.json").read_text())["same_logits"]
     assert [p.name for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".")] == []
     log = (tmp_path / "ddp" / "logs" / "metrics.jsonl").read_text().splitlines()
