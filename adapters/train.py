@@ -31,7 +31,7 @@ from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 
 from .base import cpu_only
-from .checkpoint import (STATE_FILE, checkpoint_dir, complete_checkpoints, keep_trainable_only, load_checkpoint,
+from .checkpoint import (checkpoint_dir, complete_checkpoints, keep_trainable_only, load_checkpoint,
                          resolve_resume, save_checkpoint)
 from .data import Collator, encode_dataset
 from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
