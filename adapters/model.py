@@ -1,8 +1,8 @@
 """AdaptedModel = frozen (quantized) backbone + trainable adapter + task head.
 
 ``adapt`` builds one; ``AdaptedModel.forward`` runs backbone -> head (and the loss when
-labels are given); ``predict`` maps raw texts to labels. Saving and loading live in
-``artifact.py``.
+labels are given); ``predict`` maps raw inputs to the head's predictions. Saving and loading
+live in ``artifact.py``.
 """
 
 from __future__ import annotations
