@@ -8,7 +8,9 @@
     qadapters info runs/sentiment
 
 Every command is a thin layer over the Python API (``adapt``, ``train``, ``load``, ...); bad
-input prints one ``error:`` line naming the problem and exits with status 2.
+input prints one ``error:`` line naming the problem and exits with status 2; a training run
+stopped by a NaN loss exits with 1, one interrupted by SIGTERM/SIGINT (after saving a
+checkpoint) with 130.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AdaptersError
+from .errors import AdaptersError, TrainingError, TrainingInterrupted
 
 EXAMPLES = {
     "train": "qadapters train recipes/configs/sentiment.yaml train.epochs=2 adapter.r=16",
@@ -200,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     except AdaptersError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:  # SIGTERM/SIGINT: a checkpoint was saved, the message says how to resume
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 130
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
