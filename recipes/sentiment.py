@@ -101,7 +101,8 @@ def main(argv=None) -> dict:
                            max_length=args.max_length, seed=args.seed)
     print(model.summary())
     config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
-                                  seed=args.seed, output_dir=args.output + "-logs")
+                                  seed=args.seed, output_dir=args.output + "-logs",
+                                  overwrite=True)  # a re-run of the recipe starts its logs afresh
     metrics = adapters.train(model, train_rows, test_rows, config)
     model.save_pretrained(args.output)
 
