@@ -58,9 +58,29 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
                         f"file, and not loadable from the hub ({type(err).__name__}: {err})") from None
 
 
-def group_split(rows: list[dict], group_key: str | None, eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def group_split(rows: list[dict], group_key: str | None, eval_fraction: float, seed: int,
+                stratify: str | None = None) -> tuple[list[dict], list[dict]]:
     """Split rows so that no group (movie, licence...) has rows on both sides; rows are their
-    own group when ``group_key`` is None."""
+    own group when ``group_key`` is None. With ``stratify`` (a column constant within each group,
+    e.g. a licence's category) each of its values is split on its own, so a few large groups
+    cannot leave a class (nearly) absent from one side."""
+    if stratify is not None:
+        strata: dict = {}
+        for r in rows:
+            strata.setdefault(r[stratify], []).append(r)
+        if group_key is not None:
+            values: dict = {}
+            for r in rows:
+                values.setdefault(r[group_key], set()).add(r[stratify])
+            mixed = [g for g, v in values.items() if len(v) > 1]
+            if mixed:
+                raise DataError(f"cannot stratify by {stratify!r}: group(s) {mixed[:3]} hold several values of it")
+        train, test = [], []
+        for value in sorted(strata, key=str):
+            a, b = group_split(strata[value], group_key, eval_fraction, seed)
+            train += a
+            test += b
+        return train, test
     keys = [r[group_key] if group_key else i for i, r in enumerate(rows)]
     groups = sorted(set(keys), key=str)
     random.Random(seed).shuffle(groups)

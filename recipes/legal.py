@@ -184,7 +184,9 @@ def main(argv=None) -> dict:
                 f.write(json.dumps({k: v for k, v in r.items() if k != "choice_keys"}) + "\n")
         print(f"wrote {len(rows)} rows of task {args.task} to {args.export}")
         return {"exported": len(rows)}
-    train_rows, test_rows = group_split(rows, "group", 0.2, args.seed)
+    # split within each category: a few large licences must not leave a category out of one side
+    stratify = "label" if not args.data and args.task != "identify" else None
+    train_rows, test_rows = group_split(rows, "group", 0.2, args.seed, stratify=stratify)
     train_rows, test_rows = sample(train_rows, args.train_size, args.seed), sample(test_rows, args.eval_size, args.seed)
     shared = {r["group"] for r in train_rows} & {r["group"] for r in test_rows}
     assert not shared, f"licences on both sides of the split: {sorted(shared)[:5]}"

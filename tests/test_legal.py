@@ -55,6 +55,18 @@ def test_split_never_shares_a_licence(root):
     for seed in range(5):
         train, test = group_split(rows, "group", 0.3, seed)
         assert train and test and not {r["group"] for r in train} & {r["group"] for r in test}
+        train, test = group_split(rows, "group", 0.3, seed, stratify="label")
+        assert not {r["group"] for r in train} & {r["group"] for r in test}
+        # every category with at least two licences is on both sides
+        assert {r["label"] for r in test} >= {"Permissive", "Copyleft"} <= {r["label"] for r in train}
+
+
+def test_stratifying_needs_one_value_per_group():
+    from adapters.errors import DataError
+
+    rows = [{"group": "a", "label": "x"}, {"group": "a", "label": "y"}, {"group": "b", "label": "x"}]
+    with pytest.raises(DataError, match="several values"):
+        group_split(rows, "group", 0.5, 0, stratify="label")
 
 
 def test_identify_distractors_share_the_category_and_never_the_answer(root):
