@@ -17,23 +17,22 @@ def _words(rng, n_pos, n_neg):
     return words
 
 
-def multilabel_rows(n, seed=0):
+def _counted_rows(n, seed, label):
+    """Texts with 0-2 positive and 0-2 negative words; ``label(n_pos, n_neg)`` is the target."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         n_pos, n_neg = rng.randint(0, 2), rng.randint(0, 2)
-        rows.append({"text": " ".join(_words(rng, n_pos, n_neg)),
-                     "label": (["pos"] if n_pos else []) + (["neg"] if n_neg else [])})
+        rows.append({"text": " ".join(_words(rng, n_pos, n_neg)), "label": label(n_pos, n_neg)})
     return rows
+
+
+def multilabel_rows(n, seed=0):
+    return _counted_rows(n, seed, lambda p, q: (["pos"] if p else []) + (["neg"] if q else []))
 
 
 def regression_rows(n, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        n_pos, n_neg = rng.randint(0, 2), rng.randint(0, 2)
-        rows.append({"text": " ".join(_words(rng, n_pos, n_neg)), "label": float(n_pos - n_neg)})
-    return rows
+    return _counted_rows(n, seed, lambda p, q: float(p - q))
 
 
 def choice_rows(n, seed=0):
