@@ -36,3 +36,17 @@ def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
     for key in ("seconds_per_step", "peak_mb", "accuracy"):
         assert payload["summary"][key]["ratio_median"] > 0
     assert "ratio ours/baseline" in (tmp_path / "vs_peft_trainer-quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_scaling_quick(tiny_llama, tmp_path):
+    import scaling
+
+    scaling.main(["--quick", "--model", tiny_llama, "--lengths", "16", "32", "--batches", "2", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "scaling-quick.json").read_text())
+    rows = payload["results"]
+    assert len(rows) == 2 * 2 * 1 * 2  # adapters x lengths x batches x checkpointing
+    assert {(r["adapter"], r["length"], r["checkpointing"]) for r in rows} == {
+        (a, n, c) for a in scaling.ADAPTERS for n in (16, 32) for c in (False, True)}
+    assert all(r["tokens_per_second"] > 0 and r["peak_mb"] > 0 for r in rows)
+    assert (tmp_path / "scaling-quick.png").stat().st_size > 10_000
