@@ -205,17 +205,21 @@ def _lr_lambda(kind: str, warmup: int, total: int, calls_per_step: int = 1):
     return schedule
 
 
+def _eval_loader(model, data, config: TrainConfig) -> DataLoader:
+    """Evaluation batches of ``data`` for ``model`` (unprepared): encoded, in order, padded per batch."""
+    encoded = encode_dataset(data, model.tokenizer, model.head_spec, config.text_column, config.label_column,
+                             model.max_length, "eval dataset")
+    return DataLoader(encoded, batch_size=config.eval_batch_size or 2 * config.batch_size,
+                      collate_fn=Collator(model.tokenizer, model.head_spec))
+
+
 def evaluate(model, data, config: TrainConfig | None = None, accelerator=None) -> dict[str, float]:
-    """Accuracy, macro-F1 and loss of ``model`` on ``data`` (every example counted once)."""
+    """The head's metrics (and loss) of ``model`` on ``data``, every example counted once."""
     from accelerate import Accelerator
 
     config = config or TrainConfig()
     accelerator = accelerator or Accelerator(cpu=cpu_only(), mixed_precision=config.mixed_precision)
-    unwrapped = accelerator.unwrap_model(model)
-    encoded = encode_dataset(data, unwrapped.tokenizer, unwrapped.head_spec, config.text_column,
-                             config.label_column, unwrapped.max_length, "eval dataset")
-    loader = accelerator.prepare(DataLoader(encoded, batch_size=config.eval_batch_size or 2 * config.batch_size,
-                                            collate_fn=Collator(unwrapped.tokenizer, unwrapped.head_spec)))
+    loader = accelerator.prepare(_eval_loader(accelerator.unwrap_model(model), data, config))
     return _evaluate_loader(model, loader, accelerator)
 
 
@@ -332,14 +336,9 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     set_seed(config.seed)
     encoded = encode_dataset(train_data, model.tokenizer, model.head_spec, config.text_column,
                              config.label_column, model.max_length, "train dataset")
-    eval_loader = None
-    collate = Collator(model.tokenizer, model.head_spec)
-    if eval_data is not None:
-        eval_encoded = encode_dataset(eval_data, model.tokenizer, model.head_spec, config.text_column,
-                                      config.label_column, model.max_length, "eval dataset")
-        eval_loader = DataLoader(eval_encoded, batch_size=config.eval_batch_size or 2 * config.batch_size,
-                                 collate_fn=collate)
-    train_loader = DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
+    eval_loader = _eval_loader(model, eval_data, config) if eval_data is not None else None
+    train_loader = DataLoader(encoded, batch_size=config.batch_size, shuffle=True,
+                              collate_fn=Collator(model.tokenizer, model.head_spec))
 
     if config.gradient_checkpointing:
         model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
