@@ -22,12 +22,13 @@ from .errors import (  # noqa: E402
     TrainingInterrupted, UnknownModelError)
 from .heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification  # noqa: E402
 from .lora import LoRA  # noqa: E402
+from .memory import MemoryEstimate, estimate_memory  # noqa: E402
 from .model import AdaptedModel, adapt  # noqa: E402
 from .packaged import PACKAGED_MODELS  # noqa: E402
 from .train import TrainConfig, evaluate, train  # noqa: E402
 
 __all__ = [
-    "adapt", "train", "evaluate", "load",
+    "adapt", "train", "evaluate", "load", "estimate_memory", "MemoryEstimate",
     "LoRA", "Bottleneck",
     "Classification", "MultiLabel", "Regression", "MultipleChoice", "TokenClassification", "CausalLM",
     "TrainConfig", "AdaptedModel", "PACKAGED_MODELS",

@@ -6,6 +6,7 @@
     qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl
     qadapters merge runs/sentiment runs/sentiment-merged
     qadapters info runs/sentiment
+    qadapters estimate recipes/configs/sentiment.yaml train.batch_size=32 --device cuda
 
 Every command is a thin layer over the Python API (``adapt``, ``train``, ``load``, ...); bad
 input prints one ``error:`` line naming the problem and exits with status 2; a training run
@@ -29,6 +30,7 @@ EXAMPLES = {
                "  qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl",
     "merge": "qadapters merge runs/sentiment runs/sentiment-merged",
     "info": "qadapters info runs/sentiment",
+    "estimate": "qadapters estimate recipes/configs/sentiment.yaml train.batch_size=32 --device cuda",
 }
 
 
@@ -47,11 +49,33 @@ def _split_rows(run):
     return sample(rows, data.train_size, data.seed), sample(eval_rows, data.eval_size, data.seed)
 
 
+def _estimate(run, device: str | None, processes: int, fsdp: bool):
+    from .memory import estimate_memory
+
+    m, t = run.model, run.train
+    return estimate_memory(m.name, adapter=run.adapter, head=run.head, quantization=m.quantization,
+                           batch_size=t.batch_size, seq_len=m.max_length or 512,
+                           gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
+                           mixed_precision=t.mixed_precision, processes=processes, fsdp=fsdp, device=device,
+                           dtype=m.dtype, double_quant=m.double_quant, trust_remote_code=m.trust_remote_code)
+
+
+def cmd_estimate(args) -> int:
+    from .config import load_run_config
+
+    estimate = _estimate(load_run_config(args.config, args.overrides), args.device, args.processes, args.fsdp)
+    print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
+    return 0
+
+
 def cmd_train(args) -> int:
     from . import adapt, train
     from .config import load_run_config, to_yaml
 
     run = load_run_config(args.config, args.overrides)
+    if args.estimate_only:
+        print(_estimate(run, None, 1, False).table())
+        return 0
     train_rows, eval_rows = _split_rows(run)
     print(f"data: {len(train_rows)} training rows, {len(eval_rows)} evaluation rows")
     m = run.model
@@ -163,7 +187,18 @@ def parser() -> argparse.ArgumentParser:
     p = command("train", "train an adapter and head from a YAML config, then save the artifact")
     p.add_argument("config", help="YAML file with sections model, adapter, head, data, train, output")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="print the memory this run needs per device (from the config alone) and stop")
     p.set_defaults(run=cmd_train)
+
+    p = command("estimate", "memory per device that a training config needs, from the model's config alone")
+    p.add_argument("config", help="YAML training config (as for train)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32 model.max_length=1024")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="where it will train (default: this machine's)")
+    p.add_argument("--processes", type=int, default=1, help="data-parallel processes (DDP, or FSDP with --fsdp)")
+    p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer states (FSDP)")
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    p.set_defaults(run=cmd_estimate)
 
     p = command("eval", "metrics of a saved artifact on a dataset")
     p.add_argument("artifact", help="folder written by save_pretrained / qadapters train")

@@ -22,7 +22,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -94,6 +94,10 @@ class TrainConfig:
     """Evaluations without improvement before stopping."""
     load_best: bool = False
     """End with the weights of the best evaluation (by ``early_stopping_metric``, default ``eval_loss``)."""
+    auto_batch_size: bool = False
+    """Use the largest per-device batch that fits the device's free memory (memory estimate, then one
+    real step that backs off on out-of-memory), with gradient accumulation keeping the effective
+    batch ``batch_size x grad_accum`` per device; see ``batch_size.py``."""
 
     def __post_init__(self):
         checks = [
@@ -313,6 +317,20 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         raise ConfigError("the model has no trainable parameters")
     if (config.early_stopping_metric or config.load_best) and eval_data is None:
         raise ConfigError("early stopping and load_best need eval data: pass eval_data to train()")
+    encoded = encode_dataset(train_data, model.tokenizer, model.head_spec, config.text_column,
+                             config.label_column, model.max_length, "train dataset")
+    auto_batch = None
+    if config.auto_batch_size:
+        from .batch_size import choose_batch_size
+
+        batch_size, grad_accum, auto_batch = choose_batch_size(model, encoded, config,
+                                                               int(os.environ.get("WORLD_SIZE", "1")))
+        config = replace(config, batch_size=batch_size, grad_accum=grad_accum)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"auto_batch_size: {batch_size} per device x {grad_accum} accumulation steps (requested "
+                  f"{auto_batch['requested_per_device']} per device per step; sequences up to {auto_batch['seq_len']} "
+                  f"tokens; estimate {auto_batch['estimate_bytes'] / 2**30:.2f} GiB of "
+                  f"{auto_batch['free_bytes'] / 2**30:.2f} GiB free)")
     trackers = _trackers(config.output_dir)
     accelerator = Accelerator(
         cpu=cpu_only(),
@@ -329,13 +347,17 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
             f"launched with WORLD_SIZE={launched} but Accelerate runs {accelerator.num_processes} process(es): "
             f"each would train alone. On CPUs, create Accelerate state with cpu=True (or let adapters create it: "
             f"do not call PartialState()/Accelerator() before adapters.adapt)")
+    if auto_batch is not None and accelerator.num_processes > 1:
+        # every rank must step together: all take the smallest batch any of them can hold
+        smallest = int(accelerator.gather(torch.tensor([config.batch_size], device=accelerator.device)).min())
+        if smallest != config.batch_size:
+            config = replace(config, batch_size=smallest, grad_accum=config.batch_size * config.grad_accum // smallest)
+            accelerator.gradient_accumulation_steps = config.grad_accum
     resume_from = resolve_resume(config.resume, config.output_dir)
     if resume_from is None:
         _prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    encoded = encode_dataset(train_data, model.tokenizer, model.head_spec, config.text_column,
-                             config.label_column, model.max_length, "train dataset")
     eval_loader = _eval_loader(model, eval_data, config) if eval_data is not None else None
     train_loader = DataLoader(encoded, batch_size=config.batch_size, shuffle=True,
                               collate_fn=Collator(model.tokenizer, model.head_spec))
@@ -497,6 +519,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         "train_examples_per_second": examples * accelerator.num_processes / seconds,
         "train_tokens_per_second": tokens * accelerator.num_processes / seconds,
     }
+    if auto_batch is not None:
+        result.update(batch_size=config.batch_size, grad_accum=config.grad_accum)
     if run["skipped_steps"]:
         result["skipped_steps"] = run["skipped_steps"]
     if encoded.truncated_rows:

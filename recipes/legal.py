@@ -76,6 +76,20 @@ def read_notices(root: Path, licences: dict, min_words: int = 8, max_words: int 
     return rows
 
 
+def cap_per_licence(notices: list[dict], cap: int | None, seed: int = 0) -> list[dict]:
+    """At most ``cap`` notices of each licence key (drawn at random, order kept). A few licences
+    have hundreds of near-duplicate notices (gpl-2.0 911, gpl-2.0-plus 871, proprietary-license 451): uncapped
+    they dominate whichever side of the split they land on, and the held-out score measures them."""
+    if cap is None:
+        return notices
+    by_key: dict[str, list[int]] = {}
+    for i, r in enumerate(notices):
+        by_key.setdefault(r["key"], []).append(i)
+    rng = random.Random(seed)
+    keep = {i for key in sorted(by_key) for i in (rng.sample(by_key[key], cap) if len(by_key[key]) > cap else by_key[key])}
+    return [r for i, r in enumerate(notices) if i in keep]
+
+
 def category_task(licences: dict, notices: list[dict]) -> list[dict]:
     return [dict(r, group=r["key"]) for r in notices if r["label"] in NOTICE_CATEGORIES]
 
@@ -153,6 +167,8 @@ def parse_args(argv=None):
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--per-licence", type=int, default=60,
+                   help="at most this many notices of one licence (category, identify); 0 keeps all")
     p.add_argument("--long-text", default="windows", choices=["windows", "truncate"], help="category-full only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
@@ -173,7 +189,7 @@ def main(argv=None) -> dict:
         rows = user_rows(args)
     else:
         licences = read_licences(data_root())
-        notices = read_notices(data_root(), licences)
+        notices = cap_per_licence(read_notices(data_root(), licences), args.per_licence or None, args.seed)
         rows = {"category": lambda: category_task(licences, notices),
                 "category-full": lambda: category_full_task(licences),
                 "identify": lambda: identify_task(licences, notices, seed=args.seed)}[args.task]()

@@ -128,3 +128,15 @@ def test_recipe_configs_are_valid():
         text = path.read_text()
         assert text.startswith("#") and f"train recipes/configs/{path.name}" in text  # a header saying how to run it
         load_run_config(path)
+
+
+def test_estimate_and_estimate_only(config_file, tmp_path):
+    done = qadapters("estimate", config_file, "train.batch_size=4", "model.max_length=32", "--device", "cuda",
+                     "--processes", "2", "--json")
+    data = json.loads(done.stdout)
+    assert data["settings"]["batch_size"] == 4 and data["settings"]["seq_len"] == 32 and data["settings"]["processes"] == 2
+    assert data["framework"] > 0 and data["total"] > data["tensors"] > data["activations"] > 0
+    done = qadapters("train", config_file, "--estimate-only")
+    assert "activations" in done.stdout and "total" in done.stdout
+    assert not (tmp_path / "art").exists()  # nothing trained, nothing written
+    qadapters("estimate", config_file, "train.batch_size=0", expect=2)

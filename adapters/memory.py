@@ -1,0 +1,405 @@
+"""Will it fit? Training memory per device, from the model's config alone.
+
+The model is built on PyTorch's ``meta`` device (shapes, no storage: a 70B config builds in about
+a second and reads no weight), the adapter and head are added exactly as ``adapt`` adds them, and
+the estimate is the sum of
+
+* **base weights**: each linear layer that bitsandbytes quantizes costs its packed values plus its
+  quantization constants (NF4/FP4 (Dettmers et al. 2023, https://arxiv.org/abs/2305.14314): half
+  a byte per weight, one absmax per block of 64 weights, 4 bytes, or 1 byte plus a second-level
+  fp32 absmax per 256 blocks with double quantization; LLM.int8 (Dettmers et al. 2022): one byte
+  per weight plus an fp32 scale per output row); everything else (embeddings, norms, biases, an
+  LM head) stays unquantized (fp32 after ``prepare_model_for_kbit_training``);
+* **trainable parameters** (adapter + head, fp32), their **gradients** and the **optimizer
+  states** (AdamW: 8 bytes per parameter; bitsandbytes 8-bit AdamW: 2 bytes for tensors of at
+  least 4,096 values, 8 below that);
+* **activations**: not a formula. The adapted meta model runs one forward pass of the requested
+  batch under ``torch.autograd.graph.saved_tensors_hooks`` and every tensor autograd keeps for
+  backward is counted once (views and shared tensors deduplicated, frozen weights excluded), per
+  transformer block; so frozen layers cost only what their backward really needs (the input of
+  a frozen linear is not saved, a LoRA dropout mask is). With gradient checkpointing each block
+  keeps only its input and one block's tensors are recomputed at a time (Chen et al. 2016,
+  https://arxiv.org/abs/1604.06174);
+* **transient buffers** while backward runs: the gradients flowing through the widest activation
+  (four of its size: in a gated feed-forward layer the incoming gradient, the gradients of the
+  gate and up products and of their input are alive together) and one dequantized weight matrix
+  (4-bit and 8-bit layers compute in the compute dtype);
+* **framework overhead**, reported apart: the CUDA context and cuBLAS workspace, which
+  ``torch.cuda.max_memory_allocated`` does not see but ``nvidia-smi`` does.
+
+Under DDP every device holds everything plus a second copy of the gradients (the buckets
+all-reduce reads from); under FSDP the base weights, trainable parameters, gradients and optimizer
+states are divided by the number of processes, and one block is gathered whole at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
+BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors (min_8bit_size)
+BLOCKSIZE_4BIT = 64
+CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace on recent GPUs, outside the allocator
+GIB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device, by part; ``total`` adds them up, ``tensors`` leaves out ``framework``."""
+
+    base_quantized: int
+    """Linear weights stored by bitsandbytes (packed values + quantization constants)."""
+    base_unquantized: int
+    """Embeddings, norms, biases, an LM head: the base weights bitsandbytes leaves alone."""
+    trainable: int
+    """Adapter and head parameters (fp32)."""
+    gradients: int
+    optimizer: int
+    activations: int
+    """What autograd keeps from the forward pass for backward (for the given batch and length)."""
+    transient: int
+    """Short-lived buffers at the peak: activation gradients, a dequantized weight."""
+    framework: int
+    """CUDA context and workspace (0 on CPU): real memory that the allocator does not count."""
+    trainable_params: int
+    total_params: int
+    settings: dict = field(default_factory=dict)
+
+    PARTS = ("base_quantized", "base_unquantized", "trainable", "gradients", "optimizer", "activations",
+             "transient", "framework")
+
+    @property
+    def tensors(self) -> int:
+        """Everything but the framework overhead: compare with ``torch.cuda.max_memory_allocated``."""
+        return self.total - self.framework
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, part) for part in self.PARTS)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tensors": self.tensors, "total": self.total}
+
+    def table(self) -> str:
+        s = self.settings
+        lines = [f"memory estimate per device: {s.get('model')} | {s.get('quantization') or 'no quantization'} | "
+                 f"{s.get('adapter')} | batch {s.get('batch_size')} x {s.get('seq_len')} tokens"
+                 f"{' | checkpointing' if s.get('gradient_checkpointing') else ''} | {s.get('optimizer')}"
+                 f"{' | %d processes' % s['processes'] if s.get('processes', 1) > 1 else ''}"
+                 f"{' (FSDP)' if s.get('fsdp') else ''}"]
+        lines.append(f"trainable parameters {self.trainable_params:,} of {self.total_params:,} "
+                     f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%)")
+        width = max(len(p) for p in self.PARTS)
+        for part in self.PARTS:
+            lines.append(f"  {part.replace('_', ' '):<{width}}  {_human(getattr(self, part)):>10}")
+        lines.append(f"  {'total':<{width}}  {_human(self.total):>10}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def quantized_linear_bytes(out_features: int, in_features: int, quantization: str, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes stores for one ``out x in`` weight."""
+    n = out_features * in_features
+    if quantization == "int8":
+        return n + 4 * out_features  # int8 values + one fp32 scale per output row (SCB)
+    blocks = math.ceil(n / BLOCKSIZE_4BIT)
+    packed = math.ceil(n / 2)
+    if double_quant:  # uint8 absmax per block, fp32 absmax per 256 blocks, 256-entry fp32 code, offset
+        constants = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4
+    else:
+        constants = 4 * blocks
+    return packed + constants + 4 * 16  # + the 16-value NF4/FP4 code
+
+
+def _config_of(model, trust_remote_code: bool):
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model, type(model).__name__
+    if isinstance(model, dict):
+        from transformers import CONFIG_MAPPING
+
+        kind = model.get("model_type")
+        if kind not in CONFIG_MAPPING:
+            raise ConfigError(f"config dict needs a known model_type, got {kind!r}")
+        return CONFIG_MAPPING[kind](**{k: v for k, v in model.items() if k != "model_type"}), kind
+    from .base import resolve_source
+
+    return AutoConfig.from_pretrained(resolve_source(model, trust_remote_code), trust_remote_code=trust_remote_code), model
+
+
+@contextmanager
+def _meta_init():
+    """Build modules on the meta device, without transformers' random weight init (slow, useless)."""
+    from transformers import modeling_utils
+
+    no_init = getattr(modeling_utils, "no_init_weights", None)
+    with torch.device("meta"):
+        if no_init is not None:
+            with no_init():
+                yield
+        else:
+            yield
+
+
+def _meta_model(config, name: str, head, adapter, activation_dtype: torch.dtype, trust_remote_code: bool):
+    """The adapted model on the meta device, built by the same code paths as ``adapt``."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from .base import Backbone, is_decoder_config
+    from .bottleneck import Bottleneck, BottleneckLayers
+    from .lora import LoRA, apply_lora
+    from .model import AdaptedModel
+
+    decoder = is_decoder_config(config)
+    cls = AutoModelForCausalLM if head.kind == "causal_lm" else AutoModel
+    with _meta_init():
+        net = cls.from_config(config, dtype=activation_dtype, trust_remote_code=trust_remote_code,
+                              attn_implementation="sdpa")
+        if not decoder and isinstance(getattr(net, "pooler", None), nn.Module):
+            net.pooler = None  # as load_backbone: never used, never quantized or adapted
+        for p in net.parameters():
+            p.requires_grad_(False)
+        quantizable = _quantizable_linears(net)
+        body, bottleneck = net, None
+        if isinstance(adapter, LoRA):
+            net.name_or_path = name  # what peft records as the base (it warns when it is missing)
+            body = apply_lora(net, adapter, name)
+        elif isinstance(adapter, Bottleneck):
+            bottleneck = BottleneckLayers(net, adapter, config.hidden_size)
+        head_module = head.build(config.hidden_size, decoder)
+    backbone = Backbone(net, None, "meta", "meta", None, activation_dtype, decoder, config.hidden_size)
+    model = AdaptedModel(backbone, body, adapter, head, head_module, max_length=0, dtype_arg=None, bottleneck=bottleneck)
+    return model, quantizable
+
+
+def _quantizable_linears(net: nn.Module) -> dict[int, tuple[int, int]]:
+    """id(weight) -> (out, in) of the linear layers bitsandbytes would quantize (all but an LM head)."""
+    from .lora import linear_module_names
+
+    modules = dict(net.named_modules())
+    found = {}
+    for name in linear_module_names(net):
+        weight = modules[name].weight
+        # GPT-2's Conv1D stores (in, out); the byte count is symmetric
+        found[id(weight)] = (weight.shape[0], weight.shape[1])
+    return found
+
+
+def _inputs(head, batch_size: int, seq_len: int, vocab_size: int) -> dict:
+    """Meta-device inputs and labels of the right shapes for ``head``."""
+    kind = head.kind
+    shape = (batch_size, head.num_choices, seq_len) if kind == "multiple_choice" else (batch_size, seq_len)
+    with torch.device("meta"):
+        inputs = {"input_ids": torch.empty(shape, dtype=torch.long), "attention_mask": torch.empty(shape, dtype=torch.long)}
+        if kind in ("classification", "multiple_choice"):
+            inputs["labels"] = torch.empty(batch_size, dtype=torch.long)
+        elif kind == "multi_label":
+            inputs["labels"] = torch.empty(batch_size, head.num_labels, dtype=torch.float32)
+        elif kind == "regression":
+            inputs["labels"] = torch.empty(batch_size, head.outputs, dtype=torch.float32)
+        elif kind in ("token_classification", "causal_lm"):
+            inputs["labels"] = torch.empty(batch_size, seq_len, dtype=torch.long)
+    return inputs
+
+
+def saved_activations(model, inputs: dict, padded: bool = True) -> tuple[int, list[int], int, int]:
+    """Run ``model`` forward on meta inputs and count what autograd saves for backward
+    (``padded``: the batch has padding, so attention gets an explicit mask, as in training).
+
+    Returns (bytes saved outside the block stack, bytes saved per block, bytes of one block's
+    input, bytes of the largest saved tensor)."""
+    from .bottleneck import find_block_stack
+
+    frozen = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    _, blocks = find_block_stack(model.base_model)
+    current: list[int | None] = [None]
+    per_block = [0] * len(blocks)
+    outside = [0]
+    block_input = [0]
+    largest = [0]
+    seen: dict[int, torch.Tensor] = {}  # id -> tensor, held so that ids are not reused
+
+    def pack(t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if id(base) in frozen or id(base) in seen:
+            return t
+        seen[id(base)] = base
+        nbytes = base.untyped_storage().nbytes()
+        largest[0] = max(largest[0], nbytes)
+        if current[0] is None:
+            outside[0] += nbytes
+        else:
+            per_block[current[0]] += nbytes
+        return t
+
+    def unmasked(module, args, kwargs):
+        # transformers inspects the mask's values to pick a causal-attention shortcut, which meta
+        # tensors do not have; without it the model builds the causal mask itself (the padding
+        # mask's own memory is added by the caller)
+        kwargs["attention_mask"] = None
+        return args, kwargs
+
+    def fused_attention(query, key, value, *args, **kwargs):
+        # On meta tensors SDPA falls back to its decomposed math form, which saves the full
+        # (batch, heads, length, length) probabilities; the fused kernels that really run (flash
+        # on CPU and GPU, memory-efficient) save their inputs, the output and one logsumexp per row.
+        for t in (query, key, value):
+            pack(t)
+        out_shape = (*query.shape[:-1], value.shape[-1])
+        pack(torch.empty(out_shape, dtype=query.dtype, device="meta"))
+        pack(torch.empty(query.shape[:-1], dtype=torch.float32, device="meta"))
+        if padded:  # a padded batch's mask, converted to the query's dtype, is kept per layer
+            pack(torch.empty((query.shape[0], 1, query.shape[-2], key.shape[-2]), dtype=query.dtype, device="meta"))
+        # an output of the right shape that stays in the autograd graph and saves nothing itself
+        return query.narrow(-1, 0, 1).expand(out_shape)
+
+    handles = [model.body.register_forward_pre_hook(unmasked, with_kwargs=True)]
+    for i, block in enumerate(blocks):
+        def enter(module, args, kwargs, i=i):
+            current[0] = i
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            block_input[0] = max(block_input[0], hidden.numel() * hidden.element_size())
+
+        def leave(module, args, output):
+            current[0] = None
+
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(block.register_forward_hook(leave))
+    model.train()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = fused_attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**inputs)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for h in handles:
+            h.remove()
+    return outside[0], per_block, block_input[0], largest[0]
+
+
+def estimate_memory(
+    model,
+    adapter=None,
+    head=None,
+    quantization: str | None = "nf4",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    mixed_precision: str = "no",
+    processes: int = 1,
+    fsdp: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    double_quant: bool = True,
+    trust_remote_code: bool = False,
+) -> MemoryEstimate:
+    """Training memory per device for ``model`` (a packaged name, folder, hub id, a
+    ``transformers`` config or a config dict, or an ``AdaptedModel`` whose settings are reused)
+    with ``adapter`` and ``head``, quantized as asked, for ``batch_size`` sequences of ``seq_len``
+    tokens per device. ``device`` ("cuda"/"cpu", default: this machine's) sets the compute dtype
+    as ``adapt`` would (bf16 on GPUs, fp32 on CPU) and whether the CUDA context counts. No weight
+    is read: only the config."""
+    from .base import DTYPES, QUANTIZATIONS
+    from .heads import Classification, HeadSpec
+    from .lora import LoRA
+    from .model import AdaptedModel
+    from .train import MIXED_PRECISION, OPTIMIZERS
+
+    if isinstance(model, AdaptedModel):
+        info = model.backbone_info
+        adapter, head, quantization = model.adapter, model.head_spec, info.quantization
+        dtype = dtype or str(info.compute_dtype).replace("torch.", "")
+        device = device or model.device.type
+        model = model.base_model.config
+    head = head or Classification(labels=["0", "1"])
+    checks = [
+        (isinstance(head, HeadSpec), f"head must be a head spec such as adapters.Classification, got {type(head).__name__}"),
+        (quantization in QUANTIZATIONS, f"quantization={quantization!r} is not one of {QUANTIZATIONS}"),
+        (isinstance(batch_size, int) and batch_size >= 1, f"batch_size={batch_size!r} must be a positive integer"),
+        (isinstance(seq_len, int) and seq_len >= 1, f"seq_len={seq_len!r} must be a positive integer"),
+        (optimizer in OPTIMIZERS, f"optimizer={optimizer!r} must be one of {OPTIMIZERS}"),
+        (mixed_precision in MIXED_PRECISION, f"mixed_precision={mixed_precision!r} must be one of {MIXED_PRECISION}"),
+        (isinstance(processes, int) and processes >= 1, f"processes={processes!r} must be a positive integer"),
+        (dtype is None or dtype in DTYPES, f"dtype={dtype!r} is not one of {sorted(DTYPES)}"),
+        (device in (None, "cpu", "cuda"), f"device={device!r} must be 'cpu' or 'cuda'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    config, name = _config_of(model, trust_remote_code)
+    # activations flow in fp32 when the base is quantized (its embeddings and norms are upcast by
+    # prepare_model_for_kbit_training and 4-bit layers return their input's dtype) unless autocast
+    if mixed_precision != "no":
+        activation_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    else:
+        activation_dtype = torch.float32 if quantization else compute_dtype
+    meta, quantizable = _meta_model(config, name, head, adapter, activation_dtype, trust_remote_code)
+
+    unquantized_bytes = 4 if quantization else torch.finfo(compute_dtype).bits // 8
+    base_q = base_u = trainable = total_params = 0
+    optimizer_bytes = 0
+    widest_weight = 0
+    for p in meta.parameters():
+        total_params += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            if optimizer == "adamw" or p.numel() < BNB_8BIT_MIN_SIZE:
+                optimizer_bytes += 8 * p.numel()
+            else:
+                optimizer_bytes += OPTIMIZER_BYTES[optimizer] * p.numel()
+        elif quantization and id(p) in quantizable:
+            out_f, in_f = quantizable[id(p)]
+            base_q += quantized_linear_bytes(out_f, in_f, quantization, double_quant)
+            widest_weight = max(widest_weight, p.numel() * torch.finfo(compute_dtype).bits // 8)
+        else:
+            base_u += p.numel() * unquantized_bytes
+
+    outside, per_block, block_input, largest = saved_activations(
+        meta, _inputs(head, batch_size, seq_len, config.vocab_size))
+    if gradient_checkpointing:
+        activations = outside + len(per_block) * block_input + max(per_block, default=0)
+    else:
+        activations = outside + sum(per_block)
+    transient = 4 * largest + widest_weight
+
+    trainable_bytes, gradient_bytes = 4 * trainable, 4 * trainable
+    if fsdp and processes > 1:
+        block_share = (base_q + base_u) / max(len(per_block), 1)
+        base_q, base_u = math.ceil(base_q / processes), math.ceil(base_u / processes)
+        trainable_bytes, gradient_bytes = math.ceil(trainable_bytes / processes), math.ceil(gradient_bytes / processes)
+        optimizer_bytes = math.ceil(optimizer_bytes / processes)
+        transient += int(block_share)  # one block all-gathered at a time
+    elif processes > 1:
+        gradient_bytes *= 2  # DDP's all-reduce buckets hold a copy of the gradients
+    adapter_name = (f"LoRA r={adapter.r}" + (" DoRA" if adapter.dora else "") if isinstance(adapter, LoRA)
+                    else f"Bottleneck {adapter.placement}" if adapter is not None else "head only")
+    settings = {"model": name, "quantization": quantization, "adapter": adapter_name, "head": head.kind,
+                "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+                "optimizer": optimizer, "mixed_precision": mixed_precision, "processes": processes, "fsdp": fsdp,
+                "device": device, "compute_dtype": str(compute_dtype).replace("torch.", "")}
+    return MemoryEstimate(
+        base_quantized=base_q, base_unquantized=base_u, trainable=trainable_bytes, gradients=gradient_bytes,
+        optimizer=optimizer_bytes, activations=activations, transient=transient,
+        framework=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+        trainable_params=trainable, total_params=total_params, settings=settings)
