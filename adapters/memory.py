@@ -213,7 +213,7 @@ def _inputs(head, batch_size: int, seq_len: int, vocab_size: int) -> dict:
         elif kind == "multi_label":
             inputs["labels"] = torch.empty(batch_size, head.num_labels, dtype=torch.float32)
         elif kind == "regression":
-            inputs["labels"] = torch.empty(batch_size, head.outputs, dtype=torch.float32)
+            inputs["labels"] = torch.empty(batch_size, head.num_outputs, dtype=torch.float32)
         elif kind in ("token_classification", "causal_lm"):
             inputs["labels"] = torch.empty(batch_size, seq_len, dtype=torch.long)
     return inputs

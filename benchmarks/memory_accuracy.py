@@ -130,6 +130,7 @@ def grid(quick: bool) -> list[dict]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", help="run every cell on this model instead (a packaged name or a folder)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one cell as JSON, in a subprocess
     args = p.parse_args(argv)
@@ -141,7 +142,8 @@ def main(argv=None) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    for cell in tqdm(grid(args.quick), desc="cells"):
+    cells = [{**c, "model": args.model} if args.model else c for c in grid(args.quick)]
+    for cell in tqdm(cells, desc="cells"):
         est = estimate(cell, device)
         proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cell)], capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]

@@ -50,3 +50,17 @@ def test_scaling_quick(tiny_llama, tmp_path):
         (a, n, c) for a in scaling.ADAPTERS for n in (16, 32) for c in (False, True)}
     assert all(r["tokens_per_second"] > 0 and r["peak_mb"] > 0 for r in rows)
     assert (tmp_path / "scaling-quick.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_memory_accuracy_quick(tiny_llama, tmp_path):
+    import memory_accuracy
+
+    memory_accuracy.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "memory_accuracy-quick.json").read_text())
+    assert len(payload["rows"]) == 4 and payload["summary"]["cells"] == 4
+    for row in payload["rows"]:
+        assert row["estimate_mib"] > 0 and row["measured_mib"] > 0
+        assert row["error"] == pytest.approx(row["estimate_mib"] / row["measured_mib"] - 1)
+    assert "| error |" in (tmp_path / "memory_accuracy-quick.md").read_text()
+    assert (tmp_path / "memory_accuracy-quick.png").stat().st_size > 10_000

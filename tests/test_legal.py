@@ -61,6 +61,18 @@ def test_split_never_shares_a_licence(root):
         assert {r["label"] for r in test} >= {"Permissive", "Copyleft"} <= {r["label"] for r in train}
 
 
+def test_notices_are_capped_per_licence(root):
+    licences = legal.read_licences(root)
+    notices = legal.read_notices(root, licences)
+    capped = legal.cap_per_licence(notices, 2, seed=0)
+    counts = {}
+    for r in capped:
+        counts[r["key"]] = counts.get(r["key"], 0) + 1
+    assert set(counts) == set(LICENCES) and set(counts.values()) == {2}  # every licence kept, none above 2
+    assert capped == [r for r in notices if r in capped]  # original order
+    assert capped == legal.cap_per_licence(notices, 2, seed=0) and legal.cap_per_licence(notices, None) == notices
+
+
 def test_stratifying_needs_one_value_per_group():
     from adapters.errors import DataError
 

@@ -202,3 +202,22 @@ def test_auto_batch_size_that_cannot_fit(tiny_llama, toy_data, monkeypatch):
     monkeypatch.setattr(auto, "free_memory", lambda device: 1000)
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         adapters.train(model, train_rows, None, adapters.TrainConfig(max_steps=1, auto_batch_size=True, progress=False))
+
+
+@pytest.mark.parametrize("head", [adapters.MultiLabel(labels=["a", "b", "c"]), adapters.Regression(),
+                                  adapters.MultipleChoice(num_choices=4), adapters.TokenClassification(labels=["O", "B"]),
+                                  adapters.CausalLM()], ids=lambda h: h.kind)
+def test_every_head_on_decoder_and_encoder(head):
+    from transformers import BertConfig
+
+    bert = BertConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    for config in (llama(num_hidden_layers=2), bert):
+        if head.kind == "causal_lm" and config is bert:
+            with pytest.raises(ConfigError, match="decoder"):
+                est(model=config, head=head)
+            continue
+        e = est(model=config, head=head, batch_size=2, seq_len=32)
+        assert e.activations > 0 and e.trainable_params > 0
+    if head.kind == "multiple_choice":  # every choice is a sequence: 4x the activations of one
+        one = est(head=HEAD, batch_size=2, seq_len=32, model=llama(num_hidden_layers=2)).activations
+        assert est(head=head, batch_size=2, seq_len=32, model=llama(num_hidden_layers=2)).activations > 3.5 * one
