@@ -124,6 +124,9 @@ def _check_labels(labels) -> list[str]:
 def _check_common(spec) -> None:
     if getattr(spec, "long_text", "truncate") not in LONG_TEXT:
         raise ConfigError(f"long_text={spec.long_text!r} must be one of {LONG_TEXT}")
+    window_batch = getattr(spec, "window_batch", 16)
+    if not isinstance(window_batch, int) or window_batch < 1:
+        raise ConfigError(f"window_batch={window_batch!r} must be a positive integer")
     if getattr(spec, "window_pooling", "mean") not in WINDOW_POOLINGS:
         raise ConfigError(f"window_pooling={spec.window_pooling!r} must be one of {WINDOW_POOLINGS}")
     overlap = getattr(spec, "window_overlap", None)
@@ -187,6 +190,10 @@ class LongTextHead(HeadSpec):
     """Tokens shared by consecutive windows (default: a quarter of ``max_length``)."""
     window_pooling: str = field(default="mean", kw_only=True)
     """``"mean"`` or ``"max"`` of the window logits."""
+    window_batch: int = field(default=16, kw_only=True)
+    """Windows run through the model at most this many at a time. In training each group is
+    recomputed during backward (activation checkpointing), so memory is bounded by this number
+    whatever the documents' length (a 20,000-token text is 200+ windows)."""
 
 
 @dataclass

@@ -72,14 +72,10 @@ class AdaptedModel(nn.Module):
         if choices:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
             token_type_ids = token_type_ids.flatten(0, 1) if token_type_ids is not None else None
-        extra = self._positions(attention_mask)
-        if token_type_ids is not None:
-            extra["token_type_ids"] = token_type_ids
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        if self.head_spec.kind == "causal_lm":
-            logits = out.logits
+        if window_doc is not None and input_ids.shape[0] > self.head_spec.window_batch:
+            logits = self._windows_in_groups(input_ids, attention_mask, token_type_ids)
         else:
-            logits = self.head(out.last_hidden_state, attention_mask)
+            logits = self._sequence_logits(input_ids, attention_mask, token_type_ids)
         if choices:
             logits = logits.view(-1, choices)
         if window_doc is not None:
@@ -88,6 +84,32 @@ class AdaptedModel(nn.Module):
         if labels is not None:
             result["loss"] = self.head_spec.loss(logits, labels)
         return result
+
+    def _sequence_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Backbone -> head for a batch of sequences."""
+        extra = self._positions(attention_mask)
+        if token_type_ids is not None:
+            extra["token_type_ids"] = token_type_ids
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        if self.head_spec.kind == "causal_lm":
+            return out.logits
+        return self.head(out.last_hidden_state, attention_mask)
+
+    def _windows_in_groups(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """The windows of a batch's long texts, ``window_batch`` at a time. With gradients, each group
+        is checkpointed: only its inputs and logits are kept, and it is recomputed (same dropout
+        masks: the RNG state is replayed) when backward reaches it."""
+        from torch.utils.checkpoint import checkpoint
+
+        size, parts = self.head_spec.window_batch, []
+        for start in range(0, input_ids.shape[0], size):
+            group = (input_ids[start:start + size], attention_mask[start:start + size],
+                     None if token_type_ids is None else token_type_ids[start:start + size])
+            if torch.is_grad_enabled() and self.training:
+                parts.append(checkpoint(self._sequence_logits, *group, use_reentrant=False))
+            else:
+                parts.append(self._sequence_logits(*group))
+        return torch.cat(parts)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

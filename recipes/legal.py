@@ -165,7 +165,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, help="default: 2 for --task category (what its README figures used), else 1")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--head-lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step (see --grad-accum)")
+    p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
+    p.add_argument("--auto-batch-size", action="store_true",
+                   help="largest per-step batch that fits in memory; --grad-accum keeps batch-size x grad-accum")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--per-licence", type=int, default=60,
                    help="at most this many notices of one licence (category, identify); 0 keeps all")
@@ -231,6 +234,7 @@ def main(argv=None) -> dict:
     print(model.summary())
     epochs = args.epochs or (2 if args.task == "category" and not args.data else 1)
     config = adapters.TrainConfig(epochs=epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+                                  grad_accum=args.grad_accum, auto_batch_size=args.auto_batch_size,
                                   seed=args.seed, output_dir=str(output) + "-logs", overwrite=True)
     metrics = adapters.train(model, train_rows, test_rows, config)
     model.save_pretrained(output)

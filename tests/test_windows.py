@@ -85,3 +85,31 @@ def test_window_settings_are_checked(tiny_llama):
         labels=["a", "b"], long_text="windows", window_overlap=20), max_length=16)
     with pytest.raises(adapters.DataError, match="window_overlap"):
         model.predict("good film")
+
+
+def test_windows_in_groups_give_the_same_logits_and_gradients(tiny_llama):
+    """window_batch bounds memory (groups, checkpointed in training) without changing the result."""
+    from adapters.data import Collator
+
+    rows = long_rows(3, filler=60)  # 5 windows each: 15 windows in the batch, groups of 4
+    results = []
+    for window_batch in (1000, 4):
+        # no dropout: one draw over 15 windows and four draws over groups give different masks
+        head = adapters.Classification(labels=["neg", "pos"], long_text="windows", window_overlap=4,
+                                       window_batch=window_batch, dropout=0.0)
+        model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, dropout=0.0), head=head, max_length=16)
+        columns, _ = encode_rows(rows, model.tokenizer, head, "text", "label", 16, "data")
+        batch = Collator(model.tokenizer, head)([dict(zip(columns, v)) for v in zip(*columns.values())])
+        assert batch["input_ids"].shape[0] == 15  # more windows than one group holds
+        model.train()
+        out = model(**batch)
+        out["loss"].backward()
+        grads = [p.grad.clone() for p in model.trainable_parameters()]
+        results.append((out["logits"].detach(), out["loss"].item(), grads))
+        results[-1] += (model.logits([r["text"] for r in rows]),)
+    (a_logits, a_loss, a_grads, a_eval), (b_logits, b_loss, b_grads, b_eval) = results
+    assert torch.allclose(a_logits, b_logits, atol=1e-5) and a_loss == pytest.approx(b_loss, abs=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a_grads, b_grads))
+    assert torch.allclose(a_eval, b_eval, atol=1e-5)
+    with pytest.raises(adapters.ConfigError, match="window_batch"):
+        adapters.Classification(labels=["a", "b"], long_text="windows", window_batch=0)
