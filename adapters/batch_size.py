@@ -3,7 +3,7 @@
 ``TrainConfig(auto_batch_size=True)``: the per-device examples per optimizer step that were asked
 for (``batch_size x grad_accum``) are split into ``b x (batch_size x grad_accum / b)`` with the
 largest divisor ``b`` whose memory estimate (``memory.estimate_memory``, for the longest
-sequence of the data) fits in 90% of the device's free memory; then one real forward and backward
+sequence of the data) fits in 90% of the GPU's free memory (75% of the available RAM on CPU); then one real forward and backward
 pass at that size, on the longest rows, confirms it, and an out-of-memory error there backs off
 to the next smaller divisor. The effective batch, and so the optimisation, do not change.
 """
@@ -18,6 +18,7 @@ from .errors import ConfigError
 
 logger = logging.getLogger("adapters")
 SAFETY = 0.9  # the estimate is within ~15%: keep some room for the allocator's fragmentation
+CPU_SAFETY = 0.75  # on CPU the process also holds the Python heap, libraries and malloc's free lists
 
 
 def free_memory(device: torch.device) -> int:
@@ -77,7 +78,7 @@ def choose_batch_size(model, encoded, config, processes: int = 1) -> tuple[int, 
         if resident is None:  # the weights are loaded already: they are not in `free`
             resident = est.base_quantized + est.base_unquantized + est.trainable
         needed = est.tensors - resident
-        if needed > SAFETY * free:
+        if needed > (SAFETY if model.device.type == "cuda" else CPU_SAFETY) * free:
             continue
         try:
             _real_step(model, [encoded[i] for i in longest[:b]], collator)

@@ -167,7 +167,7 @@ def test_auto_batch_size_keeps_the_effective_batch(tiny_llama, toy_data, monkeyp
     one = estimate_memory(model, batch_size=1, seq_len=longest)
     per_row = estimate_memory(model, batch_size=2, seq_len=longest).tensors - one.tensors
     resident = one.base_quantized + one.base_unquantized + one.trainable
-    monkeypatch.setattr(auto, "free_memory", lambda device: int((one.tensors - resident + 3.2 * per_row) / auto.SAFETY))
+    monkeypatch.setattr(auto, "free_memory", lambda device: int((one.tensors - resident + 3.2 * per_row) / auto.CPU_SAFETY))
     config = adapters.TrainConfig(batch_size=8, grad_accum=2, max_steps=2, auto_batch_size=True, progress=False)
     metrics = adapters.train(model, train_rows, None, config)
     assert metrics["batch_size"] * metrics["grad_accum"] == 16
