@@ -1,8 +1,13 @@
-"""Adaptation methods side by side on the sentiment task: same data, budget, length and seed.
+"""Adaptation methods side by side: same data, budget, length and seed for every method.
 
-    python benchmarks/methods.py --quick            # < 10 minutes on 2 CPU cores
-    python benchmarks/methods.py                    # the full budget (what results are reported from)
-    python benchmarks/methods.py --model minilm-l6  # the packaged encoder instead of the LLM
+    python benchmarks/methods.py --quick                # sentiment, < 10 minutes on 2 CPU cores
+    python benchmarks/methods.py                        # the full budget (what results are reported from)
+    python benchmarks/methods.py --task legal --quick   # the legal category task (licence notices)
+    python benchmarks/methods.py --model minilm-l6      # the packaged encoder instead of the LLM
+
+Tasks: ``sentiment`` (Rotten Tomatoes, split by movie, max length 64) and ``legal`` (licence
+notice -> one of 4 categories, split by licence within each category, class-weighted loss,
+max length 128; the data of ``recipes/legal.py --task category``).
 
 For each method, in its own subprocess (so peak memory is its own): trainable parameters,
 peak memory (RSS on CPU, max allocated on GPU), training throughput (examples/s and tokens/s,
@@ -34,6 +39,32 @@ METHODS = {
     "bottleneck Houlsby nf4": ("houlsby", "nf4", False),
 }
 BUDGETS = {"quick": {"train": 160, "eval": 200, "epochs": 1}, "full": {"train": 2400, "eval": 1000, "epochs": 1}}
+LEGAL_BUDGETS = {"quick": {"train": 160, "eval": 200, "epochs": 1}, "full": {"train": 2000, "eval": 600, "epochs": 2}}
+
+
+def task_data(task: str, budget: dict, seed: int) -> tuple[list[dict], list[dict], object, int]:
+    """(train rows, held-out rows, head, max length) of ``task``."""
+    import adapters
+    from adapters.sources import group_split, rotten_tomatoes, sample
+
+    if task == "sentiment":
+        train_rows, test_rows = group_split(rotten_tomatoes(), "group", 0.2, seed)
+        head, max_length = adapters.Classification(labels=["negative", "positive"]), 64
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+        import legal
+
+        licences = legal.read_licences(legal.data_root())
+        notices = legal.cap_per_licence(legal.read_notices(legal.data_root(), licences), 60, seed)
+        train_rows, test_rows = group_split(legal.category_task(licences, notices), "group", 0.2, seed, stratify="label")
+        head, max_length = None, 128
+    train_rows, test_rows = sample(train_rows, budget["train"], seed), sample(test_rows, budget["eval"], seed)
+    if head is None:  # inverse-frequency class weights, as the legal recipe
+        labels = legal.NOTICE_CATEGORIES
+        counts = {label: sum(r["label"] == label for r in train_rows) for label in labels}
+        head = adapters.Classification(labels=labels, class_weights=[
+            len(train_rows) / (len(labels) * max(counts[label], 1)) for label in labels])
+    return train_rows, test_rows, head, max_length
 
 
 def run_one(args) -> dict:
@@ -41,19 +72,16 @@ def run_one(args) -> dict:
     import torch
 
     import adapters
-    from adapters.sources import group_split, rotten_tomatoes, sample
     from common import folder_mb, peak_memory_mb
 
     kind, quantization, full = METHODS[args.method]
-    budget = BUDGETS[args.budget]
-    rows = rotten_tomatoes()
-    train_rows, test_rows = group_split(rows, "group", 0.2, args.seed)
-    train_rows, test_rows = sample(train_rows, budget["train"], args.seed), sample(test_rows, budget["eval"], args.seed)
+    budget = (BUDGETS if args.task == "sentiment" else LEGAL_BUDGETS)[args.budget]
+    train_rows, test_rows, head, max_length = task_data(args.task, budget, args.seed)
     adapter = {"none": None, "lora": adapters.LoRA(r=8), "dora": adapters.LoRA(r=8, dora=True),
                "pfeiffer": adapters.Bottleneck(placement="pfeiffer"), "houlsby": adapters.Bottleneck(placement="houlsby")}[kind]
     started = time.perf_counter()
-    model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=["negative", "positive"]),
-                           quantization=quantization, max_length=64, seed=args.seed)
+    model = adapters.adapt(args.model, adapter=adapter, head=head, quantization=quantization, max_length=max_length,
+                           seed=args.seed)
     if full:  # every weight trains: the reference point of the parameter-efficient methods
         for p in model.parameters():
             p.requires_grad_(True)
@@ -110,6 +138,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budget (< 10 min on 2 CPU cores)")
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="sentiment", choices=["sentiment", "legal"])
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of: " + ", ".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="results file name (default: methods[-quick][-MODEL])")
@@ -127,14 +156,17 @@ def main(argv=None) -> None:
     for method in args.methods:
         print(f"{method} ...", flush=True)
         rows.append(run_child(__file__, ["--method", method, "--budget", budget, "--model", args.model,
-                                         "--seed", str(args.seed)]))
+                                         "--task", args.task, "--seed", str(args.seed)]))
         print(f"  accuracy {rows[-1]['accuracy']:.4f}, {rows[-1]['examples_per_second']:.2f} examples/s, "
               f"peak {rows[-1]['peak_mb']:.0f} MB", flush=True)
-    name = args.name or "methods" + ("-quick" if args.quick else "") + ("" if args.model == "smollm2-135m" else f"-{Path(args.model).name}")
-    payload = {"machine": machine(), "model": args.model, "budget": BUDGETS[budget], "seed": args.seed, "results": rows}
-    text = table(rows) + (f"\n\nSentiment (Rotten Tomatoes, split by movie), model `{args.model}`, "
-                          f"{BUDGETS[budget]['train']} training rows, {BUDGETS[budget]['eval']} held-out rows, "
-                          f"batch 16, max length 64, seed {args.seed}, 1 epoch. Learning rates: adapters 5e-4 "
+    name = args.name or "methods" + ("-legal" if args.task == "legal" else "") + ("-quick" if args.quick else "") + ("" if args.model == "smollm2-135m" else f"-{Path(args.model).name}")
+    spent = (BUDGETS if args.task == "sentiment" else LEGAL_BUDGETS)[budget]
+    payload = {"machine": machine(), "model": args.model, "task": args.task, "budget": spent, "seed": args.seed,
+               "results": rows}
+    what = ("Sentiment (Rotten Tomatoes, split by movie), max length 64" if args.task == "sentiment" else
+            "Legal category (licence notices, split by licence within each category, class-weighted), max length 128")
+    text = table(rows) + (f"\n\n{what}, model `{args.model}`, {spent['train']} training rows, {spent['eval']} held-out "
+                          f"rows, batch 16, seed {args.seed}, {spent['epochs']} epoch(s). Learning rates: adapters 5e-4 "
                           f"(bottleneck and head only 1e-3, full fine-tuning 5e-5), head 2e-3.")
     path = write_results(name, payload, text, Path(args.out) if args.out else RESULTS)
     plot(rows, path.with_suffix(".png"))

@@ -64,3 +64,16 @@ def test_memory_accuracy_quick(tiny_llama, tmp_path):
         assert row["error"] == pytest.approx(row["estimate_mib"] / row["measured_mib"] - 1)
     assert "| error |" in (tmp_path / "memory_accuracy-quick.md").read_text()
     assert (tmp_path / "memory_accuracy-quick.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_methods_quick_on_the_legal_task(tiny_llama, tmp_path):
+    import methods
+
+    methods.main(["--quick", "--task", "legal", "--model", tiny_llama, "--methods", "QLoRA nf4", "--name", "m",
+                  "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "m.json").read_text())
+    assert payload["task"] == "legal" and payload["budget"]["train"] == 160
+    row = payload["results"][0]
+    assert row["method"] == "QLoRA nf4" and 0 <= row["macro_f1"] <= 1 and row["steps"] == 10
+    assert "Legal category" in (tmp_path / "m.md").read_text()
