@@ -17,13 +17,17 @@ the estimate is the sum of
   batch under ``torch.autograd.graph.saved_tensors_hooks`` and every tensor autograd keeps for
   backward is counted once (views and shared tensors deduplicated, frozen weights excluded), per
   transformer block; so frozen layers cost only what their backward really needs (the input of
-  a frozen linear is not saved, a LoRA dropout mask is). With gradient checkpointing each block
-  keeps only its input and one block's tensors are recomputed at a time (Chen et al. 2016,
-  https://arxiv.org/abs/1604.06174);
-* **transient buffers** while backward runs: the gradients flowing through the widest activation
-  (four of its size: in a gated feed-forward layer the incoming gradient, the gradients of the
-  gate and up products and of their input are alive together) and one dequantized weight matrix
-  (4-bit and 8-bit layers compute in the compute dtype);
+  a frozen linear is not saved, a LoRA dropout mask is). Two kernels differ on meta from what
+  really runs and are counted as the real ones: fused attention (flash / memory-efficient: its
+  inputs, output and logsumexp, not the length x length probabilities; the math path with its
+  dropout masks when attention dropout is on, as for BERT) and bitsandbytes' int8 matmul (it
+  keeps its input). With gradient checkpointing each block keeps only its input and one block's
+  tensors are recomputed at a time (Chen et al. 2016, https://arxiv.org/abs/1604.06174);
+* **transient buffers** at the peak: the larger of the gradients flowing through the widest
+  saved activation (four of its size: in a gated feed-forward layer the incoming gradient and
+  the gradients of the gate and up products and of their input are alive together) and the
+  forward pass's working set in one block (four feed-forward-wide tensors), plus one dequantized
+  weight matrix (4-bit and 8-bit layers compute in the compute dtype);
 * **framework overhead**, reported apart: the CUDA context and cuBLAS workspace, which
   ``torch.cuda.max_memory_allocated`` does not see but ``nvidia-smi`` does.
 
@@ -189,8 +193,8 @@ def _meta_model(config, name: str, head, adapter, activation_dtype: torch.dtype,
     return model, quantizable
 
 
-def _quantizable_linears(net: nn.Module) -> dict[int, tuple[int, int]]:
-    """id(weight) -> (out, in) of the linear layers bitsandbytes would quantize (all but an LM head)."""
+def _quantizable_linears(net: nn.Module) -> dict[int, tuple[int, int, nn.Module]]:
+    """id(weight) -> (out, in, module) of the linear layers bitsandbytes would quantize (all but an LM head)."""
     from .lora import linear_module_names
 
     modules = dict(net.named_modules())
@@ -198,7 +202,7 @@ def _quantizable_linears(net: nn.Module) -> dict[int, tuple[int, int]]:
     for name in linear_module_names(net):
         weight = modules[name].weight
         # GPT-2's Conv1D stores (in, out); the byte count is symmetric
-        found[id(weight)] = (weight.shape[0], weight.shape[1])
+        found[id(weight)] = (weight.shape[0], weight.shape[1], modules[name])
     return found
 
 
@@ -219,9 +223,10 @@ def _inputs(head, batch_size: int, seq_len: int, vocab_size: int) -> dict:
     return inputs
 
 
-def saved_activations(model, inputs: dict, padded: bool = True) -> tuple[int, list[int], int, int]:
+def saved_activations(model, inputs: dict, padded: bool = True, saves_input: tuple = ()) -> tuple[int, list[int], int, int]:
     """Run ``model`` forward on meta inputs and count what autograd saves for backward
-    (``padded``: the batch has padding, so attention gets an explicit mask, as in training).
+    (``padded``: the batch has padding, so attention gets an explicit mask, as in training;
+    ``saves_input``: modules whose real, quantized version keeps its input for backward).
 
     Returns (bytes saved outside the block stack, bytes saved per block, bytes of one block's
     input, bytes of the largest saved tensor)."""
@@ -260,6 +265,12 @@ def saved_activations(model, inputs: dict, padded: bool = True) -> tuple[int, li
         # On meta tensors SDPA falls back to its decomposed math form, which saves the full
         # (batch, heads, length, length) probabilities; the fused kernels that really run (flash
         # on CPU and GPU, memory-efficient) save their inputs, the output and one logsumexp per row.
+        # With attention dropout (BERT) the math form is what runs on CPU: count it as it is.
+        dropout = kwargs.get("dropout_p", args[1] if len(args) > 1 else 0.0)
+        if dropout and model.training:
+            return sdpa(query, key, value, *args, **kwargs)
+        if not any(t.requires_grad for t in (query, key, value)):
+            return sdpa(query, key, value, *args, **kwargs)  # frozen and nothing to backpropagate: saves nothing
         for t in (query, key, value):
             pack(t)
         out_shape = (*query.shape[:-1], value.shape[-1])
@@ -282,6 +293,13 @@ def saved_activations(model, inputs: dict, padded: bool = True) -> tuple[int, li
 
         handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
         handles.append(block.register_forward_hook(leave))
+    for module in saves_input:
+        # bitsandbytes' int8 matmul keeps its input for backward when that input needs a gradient
+        def keep_input(module, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+                pack(args[0])
+
+        handles.append(module.register_forward_pre_hook(keep_input))
     model.train()
     sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = fused_attention
@@ -324,8 +342,10 @@ def estimate_memory(
     from .model import AdaptedModel
     from .train import MIXED_PRECISION, OPTIMIZERS
 
+    source = None
     if isinstance(model, AdaptedModel):
         info = model.backbone_info
+        source = info.source
         adapter, head, quantization = model.adapter, model.head_spec, info.quantization
         dtype = dtype or str(info.compute_dtype).replace("torch.", "")
         device = device or model.device.type
@@ -348,6 +368,7 @@ def estimate_memory(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     config, name = _config_of(model, trust_remote_code)
+    name = source or name
     # activations flow in fp32 when the base is quantized (its embeddings and norms are upcast by
     # prepare_model_for_kbit_training and 4-bit layers return their input's dtype) unless autocast
     if mixed_precision != "no":
@@ -369,19 +390,24 @@ def estimate_memory(
             else:
                 optimizer_bytes += OPTIMIZER_BYTES[optimizer] * p.numel()
         elif quantization and id(p) in quantizable:
-            out_f, in_f = quantizable[id(p)]
+            out_f, in_f, _ = quantizable[id(p)]
             base_q += quantized_linear_bytes(out_f, in_f, quantization, double_quant)
             widest_weight = max(widest_weight, p.numel() * torch.finfo(compute_dtype).bits // 8)
         else:
             base_u += p.numel() * unquantized_bytes
 
-    outside, per_block, block_input, largest = saved_activations(
-        meta, _inputs(head, batch_size, seq_len, config.vocab_size))
+    inputs = _inputs(head, batch_size, seq_len, config.vocab_size)
+    saves_input = tuple(m for _, _, m in quantizable.values()) if quantization == "int8" else ()
+    outside, per_block, block_input, largest = saved_activations(meta, inputs, saves_input=saves_input)
+    # the forward pass's working set inside one block (feed-forward products), alive even when
+    # nothing is saved (a frozen base under a head-only run)
+    widest = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    working_set = 4 * inputs["input_ids"].numel() * max(widest, config.hidden_size) * (torch.finfo(activation_dtype).bits // 8)
     if gradient_checkpointing:
         activations = outside + len(per_block) * block_input + max(per_block, default=0)
     else:
         activations = outside + sum(per_block)
-    transient = 4 * largest + widest_weight
+    transient = max(4 * largest, working_set) + widest_weight
 
     trainable_bytes, gradient_bytes = 4 * trainable, 4 * trainable
     if fsdp and processes > 1:

@@ -7,8 +7,9 @@ in a fresh subprocess, so cells never share an allocator:
 * on a GPU: ``torch.cuda.max_memory_allocated`` over the steps;
 * on CPU: the peak of live tensor memory, from the allocator's own records (PyTorch profiler with
   ``profile_memory=True``, started before the model is loaded, so weights, quantization
-  constants, optimizer states and every temporary are in it; RSS would add the Python heap,
-  libraries and allocator caching, which no estimate of tensors can know).
+  constants, optimizer states and every temporary are in it; unquantized weights, which
+  safetensors maps from disk, are copied into allocated memory first; RSS would add the Python
+  heap, libraries and allocator caching, which no estimate of tensors can know).
 
 and reports the error (estimate / measured - 1) per cell. The goal: within 15% on CPU, 10% on
 a GPU (against ``tensors``, the estimate without the CUDA context).
@@ -64,6 +65,11 @@ def measure(cell: dict) -> dict:
     def run():
         model = adapters.adapt(cell["model"], adapter=adapter, head=head, quantization=cell["quantization"],
                                max_length=s)
+        # unquantized weights are read by mmap from safetensors: pages of a file, not allocations,
+        # so the allocator never sees them; copy them into allocated memory, as a GPU load would
+        for t in [*model.parameters(), *model.buffers()]:
+            if type(t).__name__ not in ("Params4bit", "Int8Params"):
+                t.data = t.data.clone()
         if cell["checkpointing"]:  # as train() does
             model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = _optimizer(model, TrainConfig(optimizer=cell.get("optimizer", "adamw")))

@@ -146,6 +146,15 @@ def test_estimate_matches_a_measured_step(tiny_llama):
         assert abs(estimated / measured - 1) < 0.15, (cell, estimated, measured)
 
 
+def test_config_dict():
+    as_dict = {"model_type": "llama", **{k: v for k, v in llama().to_dict().items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings")}}
+    assert est(model=as_dict).total == est().total
+    with pytest.raises(ConfigError, match="model_type"):
+        est(model={"model_type": "no-such-architecture"})
+
+
 def test_bad_input():
     with pytest.raises(ConfigError, match="batch_size"):
         est(batch_size=0)
