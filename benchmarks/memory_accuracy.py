@@ -120,8 +120,8 @@ def grid(quick: bool) -> list[dict]:
         return {**base, **kw}
 
     if quick:
-        return [cell(), cell(quantization=None), cell(method="bottleneck", seq_len=256),
-                cell(checkpointing=True, seq_len=256)]
+        return [cell(), cell(quantization=None), cell(method="bottleneck", batch=8),
+                cell(checkpointing=True, batch=8)]
     cells = []
     for quantization in ("nf4", "int8", None):
         for method in ("lora", "bottleneck", "head"):
