@@ -256,8 +256,8 @@ def saved_activations(model, inputs: dict, padded: bool = True, saves_input: tup
 
     def unmasked(module, args, kwargs):
         # transformers inspects the mask's values to pick a causal-attention shortcut, which meta
-        # tensors do not have; without it the model builds the causal mask itself (the padding
-        # mask's own memory is added by the caller)
+        # tensors do not have; without it the model builds the causal mask itself (what a padded
+        # batch's mask costs is counted in fused_attention)
         kwargs["attention_mask"] = None
         return args, kwargs
 
