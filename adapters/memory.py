@@ -377,7 +377,7 @@ def estimate_memory(
         activation_dtype = torch.float32 if quantization else compute_dtype
     meta, quantizable = _meta_model(config, name, head, adapter, activation_dtype, trust_remote_code)
 
-    unquantized_bytes = 4 if quantization else torch.finfo(compute_dtype).bits // 8
+    unquantized_bytes = 4 if quantization else compute_dtype.itemsize
     base_q = base_u = trainable = total_params = 0
     optimizer_bytes = 0
     widest_weight = 0
@@ -392,7 +392,7 @@ def estimate_memory(
         elif quantization and id(p) in quantizable:
             out_f, in_f, _ = quantizable[id(p)]
             base_q += quantized_linear_bytes(out_f, in_f, quantization, double_quant)
-            widest_weight = max(widest_weight, p.numel() * torch.finfo(compute_dtype).bits // 8)
+            widest_weight = max(widest_weight, p.numel() * compute_dtype.itemsize)
         else:
             base_u += p.numel() * unquantized_bytes
 
@@ -402,7 +402,7 @@ def estimate_memory(
     # the forward pass's working set inside one block (feed-forward products), alive even when
     # nothing is saved (a frozen base under a head-only run)
     widest = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
-    working_set = 4 * inputs["input_ids"].numel() * max(widest, config.hidden_size) * (torch.finfo(activation_dtype).bits // 8)
+    working_set = 4 * inputs["input_ids"].numel() * max(widest, config.hidden_size) * activation_dtype.itemsize
     if gradient_checkpointing:
         activations = outside + len(per_block) * block_input + max(per_block, default=0)
     else:
