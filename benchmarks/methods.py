@@ -59,11 +59,9 @@ def task_data(task: str, budget: dict, seed: int) -> tuple[list[dict], list[dict
         train_rows, test_rows = group_split(legal.category_task(licences, notices), "group", 0.2, seed, stratify="label")
         head, max_length = None, 128
     train_rows, test_rows = sample(train_rows, budget["train"], seed), sample(test_rows, budget["eval"], seed)
-    if head is None:  # inverse-frequency class weights, as the legal recipe
-        labels = legal.NOTICE_CATEGORIES
-        counts = {label: sum(r["label"] == label for r in train_rows) for label in labels}
-        head = adapters.Classification(labels=labels, class_weights=[
-            len(train_rows) / (len(labels) * max(counts[label], 1)) for label in labels])
+    if head is None:  # class-weighted, as the legal recipe
+        head = adapters.Classification(labels=legal.NOTICE_CATEGORIES, class_weights=legal.inverse_frequency_weights(
+            train_rows, legal.NOTICE_CATEGORIES))
     return train_rows, test_rows, head, max_length
 
 

@@ -90,6 +90,12 @@ def cap_per_licence(notices: list[dict], cap: int | None, seed: int = 0) -> list
     return [r for i, r in enumerate(notices) if i in keep]
 
 
+def inverse_frequency_weights(rows: list[dict], labels: list[str]) -> list[float]:
+    """Class weights that make the rare categories (Commercial) count as much as the frequent ones."""
+    counts = Counter(r["label"] for r in rows)
+    return [len(rows) / (len(labels) * max(counts[label], 1)) for label in labels]
+
+
 def category_task(licences: dict, notices: list[dict]) -> list[dict]:
     return [dict(r, group=r["key"]) for r in notices if r["label"] in NOTICE_CATEGORIES]
 
@@ -223,10 +229,7 @@ def main(argv=None) -> dict:
         head = adapters.MultiLabel(labels=sorted({x for r in train_rows + test_rows for x in r["label"]}))
     else:
         labels = sorted({r["label"] for r in train_rows} | {r["label"] for r in test_rows})
-        counts = Counter(r["label"] for r in train_rows)
-        # inverse-frequency weights: the rare categories (Commercial) count as much as the frequent ones
-        weights = [len(train_rows) / (len(labels) * max(counts[label], 1)) for label in labels]
-        head = adapters.Classification(labels=labels, class_weights=weights,
+        head = adapters.Classification(labels=labels, class_weights=inverse_frequency_weights(train_rows, labels),
                                        long_text=args.long_text if args.task == "category-full" else "truncate")
     adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
     model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,
