@@ -1,11 +1,14 @@
 """How cost grows with sequence length and batch size, with and without gradient checkpointing.
 
-    python benchmarks/scaling.py --quick     # lengths 64-256, batch 4, 2 steps each (about 6 minutes on 2 CPU cores)
-    python benchmarks/scaling.py             # lengths 64-1024, batches 4-16, 4 steps each
+    python benchmarks/scaling.py --quick     # lengths 64-256 at batch 4 (about 6 minutes on 2 CPU cores)
+    python benchmarks/scaling.py             # lengths 64-1024 at batch 2, batches 1-16 at length 128
 
 For QLoRA (nf4, LoRA r=8 on all linear layers) and the Pfeiffer bottleneck adapter (nf4) on the
 packaged LLM: training tokens/s and peak memory (RSS on CPU, max allocated on GPU), each setting
-in its own subprocess. Inputs are random token ids of exactly the given length (no padding), so
+in its own subprocess, as the length doubles (at a fixed batch) and as the batch doubles (at a
+fixed length), with and without gradient checkpointing. Two sweeps through one point rather
+than the full length x batch product: the product's corner (1024 x 16) alone is 16,384 tokens a
+step, minutes per step and over 40 GB of activations on a CPU machine without checkpointing. Inputs are random token ids of exactly the given length (no padding), so
 the numbers are about the model, not the data. Writes results/scaling[-quick].{json,md,png}.
 """
 
@@ -20,8 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-GRIDS = {"quick": {"lengths": [64, 128, 256], "batches": [4], "steps": 2},
-         "full": {"lengths": [64, 128, 256, 512, 1024], "batches": [4, 8, 16], "steps": 4}}
+# lengths run at batch "at_batch"; batches run at length "at_length"
+GRIDS = {"quick": {"lengths": [64, 128, 256], "at_batch": 4, "batches": [4], "at_length": 64, "steps": 2},
+         "full": {"lengths": [64, 128, 256, 512, 1024], "at_batch": 2, "batches": [1, 2, 4, 8, 16], "at_length": 128,
+                  "steps": 2}}
+
+
+def settings(grid: dict) -> list[tuple[int, int]]:
+    """(length, batch) pairs of the two sweeps, the shared point once, in order."""
+    pairs = [(n, grid["at_batch"]) for n in grid["lengths"]] + [(grid["at_length"], b) for b in grid["batches"]]
+    return list(dict.fromkeys(pairs))
 ADAPTERS = ("QLoRA nf4", "bottleneck Pfeiffer nf4")
 
 
@@ -58,26 +69,28 @@ def run_one(args) -> dict:
             "peak_mb": peak_memory_mb()}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], grid: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batch = min(r["batch"] for r in rows)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for adapter in ADAPTERS:
-        for ckpt in (False, True):
-            sel = sorted((r for r in rows if r["adapter"] == adapter and r["checkpointing"] == ckpt and r["batch"] == batch),
-                         key=lambda r: r["length"])
-            label = f"{adapter}{' + checkpointing' if ckpt else ''}"
-            left.plot([r["length"] for r in sel], [r["tokens_per_second"] for r in sel], marker="o", label=label)
-            right.plot([r["length"] for r in sel], [r["peak_mb"] for r in sel], marker="o", label=label)
-    for ax, title in ((left, "training tokens/s"), (right, "peak memory (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"sequence length (batch {batch})")
-        ax.set_title(title)
-        ax.legend(fontsize=8)
+    sweeps = [("length", "batch", grid["at_batch"], "sequence length"), ("batch", "length", grid["at_length"], "batch size")]
+    sweeps = [s for s in sweeps if len({r[s[0]] for r in rows if r[s[1]] == s[2]}) > 1]  # only sweeps that vary
+    fig, axes = plt.subplots(len(sweeps), 2, figsize=(12, 4.5 * len(sweeps)), squeeze=False)
+    for (x, fixed, at, xlabel), (left, right) in zip(sweeps, axes):
+        for adapter in ADAPTERS:
+            for ckpt in (False, True):
+                sel = sorted((r for r in rows if r["adapter"] == adapter and r["checkpointing"] == ckpt
+                              and r[fixed] == at), key=lambda r: r[x])
+                label = f"{adapter}{' + checkpointing' if ckpt else ''}"
+                left.plot([r[x] for r in sel], [r["tokens_per_second"] for r in sel], marker="o", label=label)
+                right.plot([r[x] for r in sel], [r["peak_mb"] for r in sel], marker="o", label=label)
+        for ax, title in ((left, "training tokens/s"), (right, "peak memory (MB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(f"{xlabel} ({fixed} {at})")
+            ax.set_title(title)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -87,8 +100,10 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
-    p.add_argument("--lengths", type=int, nargs="*", help="sequence lengths instead of the grid's")
-    p.add_argument("--batches", type=int, nargs="*", help="batch sizes instead of the grid's")
+    p.add_argument("--lengths", type=int, nargs="*", help="sequence lengths of the length sweep instead of the grid's")
+    p.add_argument("--batches", type=int, nargs="*", help="batch sizes of the batch sweep instead of the grid's")
+    p.add_argument("--at-batch", type=int, help="batch size of the length sweep instead of the grid's")
+    p.add_argument("--at-length", type=int, help="sequence length of the batch sweep instead of the grid's")
     p.add_argument("--adapter", help=argparse.SUPPRESS)  # internal: one setting in this process
     p.add_argument("--length", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -101,18 +116,18 @@ def main(argv=None) -> None:
     from common import RESULTS, machine, run_child, write_results
 
     grid = dict(GRIDS["quick" if args.quick else "full"])
-    grid.update({k: v for k, v in (("lengths", args.lengths), ("batches", args.batches)) if v})
+    grid.update({k: v for k, v in (("lengths", args.lengths), ("batches", args.batches), ("at_batch", args.at_batch),
+                                   ("at_length", args.at_length)) if v})
     rows = []
     for adapter in ADAPTERS:
-        for length in grid["lengths"]:
-            for batch in grid["batches"]:
-                for ckpt in (False, True):
-                    extra = ["--checkpointing"] if ckpt else []
-                    rows.append(run_child(__file__, ["--adapter", adapter, "--length", str(length), "--batch", str(batch),
-                                                     "--steps", str(grid["steps"]), "--model", args.model, *extra]))
-                    r = rows[-1]
-                    print(f"{adapter:<24} len {length:>5} batch {batch:>3} ckpt {ckpt!s:<5} "
-                          f"{r['tokens_per_second']:8.0f} tok/s  {r['peak_mb']:7.0f} MB", flush=True)
+        for length, batch in settings(grid):
+            for ckpt in (False, True):
+                extra = ["--checkpointing"] if ckpt else []
+                rows.append(run_child(__file__, ["--adapter", adapter, "--length", str(length), "--batch", str(batch),
+                                                 "--steps", str(grid["steps"]), "--model", args.model, *extra]))
+                r = rows[-1]
+                print(f"{adapter:<24} len {length:>5} batch {batch:>3} ckpt {ckpt!s:<5} "
+                      f"{r['tokens_per_second']:8.0f} tok/s  {r['peak_mb']:7.0f} MB", flush=True)
     lines = ["| adapter | length | batch | checkpointing | s/step | tokens/s | peak MB |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['adapter']} | {r['length']} | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
               f"{r['seconds_per_step']:.2f} | {r['tokens_per_second']:.0f} | {r['peak_mb']:.0f} |" for r in rows]
@@ -121,7 +136,7 @@ def main(argv=None) -> None:
     name = "scaling" + ("-quick" if args.quick else "")
     path = write_results(name, {"machine": machine(), "model": args.model, "grid": grid, "results": rows}, text,
                          Path(args.out) if args.out else RESULTS)
-    plot(rows, path.with_suffix(".png"))
+    plot(rows, grid, path.with_suffix(".png"))
     print(text)
 
 

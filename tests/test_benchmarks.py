@@ -42,12 +42,14 @@ def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
 def test_scaling_quick(tiny_llama, tmp_path):
     import scaling
 
-    scaling.main(["--quick", "--model", tiny_llama, "--lengths", "16", "32", "--batches", "2", "--out", str(tmp_path)])
+    scaling.main(["--quick", "--model", tiny_llama, "--lengths", "16", "32", "--at-batch", "2", "--batches", "1", "2",
+                  "--at-length", "16", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "scaling-quick.json").read_text())
     rows = payload["results"]
-    assert len(rows) == 2 * 2 * 1 * 2  # adapters x lengths x batches x checkpointing
-    assert {(r["adapter"], r["length"], r["checkpointing"]) for r in rows} == {
-        (a, n, c) for a in scaling.ADAPTERS for n in (16, 32) for c in (False, True)}
+    # the length sweep (16, 32 at batch 2) and the batch sweep (1, 2 at length 16) share (16, 2)
+    assert len(rows) == 2 * 3 * 2  # adapters x settings x checkpointing
+    assert {(r["adapter"], r["length"], r["batch"], r["checkpointing"]) for r in rows} == {
+        (a, n, b, c) for a in scaling.ADAPTERS for n, b in ((16, 2), (32, 2), (16, 1)) for c in (False, True)}
     assert all(r["tokens_per_second"] > 0 and r["peak_mb"] > 0 for r in rows)
     assert (tmp_path / "scaling-quick.png").stat().st_size > 10_000
 
