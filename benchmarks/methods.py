@@ -103,12 +103,6 @@ def run_one(args) -> dict:
             "device": str(model.device), "torch_threads": torch.get_num_threads()}
 
 
-def torch_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def table(rows: list[dict]) -> str:
     lines = ["| method | trainable params | % | peak MB | load s | examples/s | tokens/s | accuracy | macro-F1 | artifact MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -174,7 +168,7 @@ def main(argv=None) -> None:
     text = table(rows) + (f"\n\n{what}, model `{args.model}`, {spent['train']} training rows, {spent['eval']} held-out "
                           f"rows, batch 16, seed {args.seed}, {spent['epochs']} epoch(s). Learning rates: adapters 5e-4 "
                           f"(bottleneck and head only 1e-3, full fine-tuning 5e-5), head 2e-3."
-                          + ("" if torch_cuda() else " Peak MB is the process's peak RSS, which on CPU also counts heap "
+                          + ("" if rows[0]["device"].startswith("cuda") else " Peak MB is the process's peak RSS, which on CPU also counts heap "
                              "that glibc keeps after freeing (see `common.EXACT_RSS`): read differences under ~20% "
                              "as noise."))
     path = write_results(name, payload, text, Path(args.out) if args.out else RESULTS)

@@ -8,8 +8,8 @@ packaged LLM: training tokens/s and peak memory (RSS on CPU, max allocated on GP
 in its own subprocess, as the length doubles (at a fixed batch) and as the batch doubles (at a
 fixed length), with and without gradient checkpointing. Two sweeps through one point rather
 than the full length x batch product: the product's corner (1024 x 16) alone is 16,384 tokens a
-step, minutes per step and over 40 GB of activations on a CPU machine without checkpointing. Inputs are random token ids of exactly the given length (no padding), so
-the numbers are about the model, not the data. Writes results/scaling[-quick].{json,md,png}.
+step, minutes per step and over 40 GB of activations on a CPU machine without checkpointing.
+Inputs are random token ids of exactly the given length (no padding), so the numbers are about the model, not the data. Writes results/scaling[-quick].{json,md,png}.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def settings(grid: dict) -> list[tuple[int, int]]:
     """(length, batch) pairs of the two sweeps, the shared point once, in order."""
     pairs = [(n, grid["at_batch"]) for n in grid["lengths"]] + [(grid["at_length"], b) for b in grid["batches"]]
     return list(dict.fromkeys(pairs))
+
+
 ADAPTERS = ("QLoRA nf4", "bottleneck Pfeiffer nf4")
 
 
