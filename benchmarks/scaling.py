@@ -9,7 +9,8 @@ in its own subprocess, as the length doubles (at a fixed batch) and as the batch
 fixed length), with and without gradient checkpointing. Two sweeps through one point rather
 than the full length x batch product: the product's corner (1024 x 16) alone is 16,384 tokens a
 step, minutes per step and over 40 GB of activations on a CPU machine without checkpointing.
-Inputs are random token ids of exactly the given length (no padding), so the numbers are about the model, not the data. Writes results/scaling[-quick].{json,md,png}.
+Inputs are random token ids of exactly the given length (no padding), so the numbers are about
+the model, not the data. Writes results/scaling[-quick].{json,md,png}.
 """
 
 from __future__ import annotations
