@@ -9,7 +9,7 @@ the estimate is the sum of
   a byte per weight, one absmax per block of 64 weights, 4 bytes, or 1 byte plus a second-level
   fp32 absmax per 256 blocks with double quantization; LLM.int8 (Dettmers et al. 2022): one byte
   per weight plus an fp32 scale per output row); everything else (embeddings, norms, biases, an
-  LM head) stays unquantized (fp32 after ``prepare_model_for_kbit_training``);
+  LM head) stays unquantized, in the compute dtype (``base.py`` does not upcast it to fp32);
 * **trainable parameters** (adapter + head, fp32), their **gradients** and the **optimizer
   states** (AdamW: 8 bytes per parameter; bitsandbytes 8-bit AdamW: 2 bytes for tensors of at
   least 4,096 values, 8 below that);
@@ -369,15 +369,14 @@ def estimate_memory(
     compute_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     config, name = _config_of(model, trust_remote_code)
     name = source or name
-    # activations flow in fp32 when the base is quantized (its embeddings and norms are upcast by
-    # prepare_model_for_kbit_training and 4-bit layers return their input's dtype) unless autocast
+    # activations flow in the compute dtype (the base is not upcast: see base.py) unless autocast
     if mixed_precision != "no":
         activation_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     else:
-        activation_dtype = torch.float32 if quantization else compute_dtype
+        activation_dtype = compute_dtype
     meta, quantizable = _meta_model(config, name, head, adapter, activation_dtype, trust_remote_code)
 
-    unquantized_bytes = 4 if quantization else compute_dtype.itemsize
+    unquantized_bytes = compute_dtype.itemsize
     base_q = base_u = trainable = total_params = 0
     optimizer_bytes = 0
     widest_weight = 0

@@ -113,12 +113,18 @@ def measure(cell: dict) -> dict:
     return {"peak_bytes": peak, "bytes_before_training": at_start, "how": "CPU allocator records (profiler)"}
 
 
-def grid(quick: bool) -> list[dict]:
+def grid(quick: bool, kind: str = "cpu") -> list[dict]:
     def cell(**kw):
         base = {"model": "smollm2-135m", "quantization": "nf4", "method": "lora", "batch": 4, "seq_len": 128,
                 "checkpointing": False}
         return {**base, **kw}
 
+    if kind == "gpu":  # nf4/int8, LoRA/bottleneck, 128-2048 tokens, with and without checkpointing
+        return [cell(batch=8), cell(batch=8, seq_len=512), cell(seq_len=2048), cell(seq_len=2048, checkpointing=True),
+                cell(batch=16, seq_len=1024, checkpointing=True), cell(method="bottleneck", batch=8, seq_len=512),
+                cell(method="bottleneck", seq_len=2048, checkpointing=True), cell(quantization="int8", batch=8, seq_len=512),
+                cell(quantization="int8", seq_len=1024, checkpointing=True),
+                cell(quantization="int8", method="bottleneck", batch=8, seq_len=256)]
     if quick:
         return [cell(), cell(quantization=None), cell(method="bottleneck", batch=8),
                 cell(checkpointing=True, batch=8)]
@@ -137,6 +143,10 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", help="run every cell on this model instead (a packaged name or a folder)")
+    p.add_argument("--grid", choices=["cpu", "gpu"], default="cpu", help="the cells: CPU-sized or GPU-sized (8-16 x 128-2048)")
+    p.add_argument("--max-seq-len", type=int, help="clamp every cell's length (a dry run on a tiny model)")
+    p.add_argument("--name", help="result file name (default: memory_accuracy[-quick|-gpu])")
+    p.add_argument("--limit", type=int, help="only the first N cells (a dry run)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one cell as JSON, in a subprocess
     args = p.parse_args(argv)
@@ -148,7 +158,10 @@ def main(argv=None) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
-    cells = [{**c, "model": args.model} if args.model else c for c in grid(args.quick)]
+    cells = [{**c, "model": args.model} if args.model else c for c in grid(args.quick, args.grid)]
+    cells = cells[:args.limit] if args.limit else cells
+    if args.max_seq_len:
+        cells = [{**c, "seq_len": min(c["seq_len"], args.max_seq_len)} for c in cells]
     for cell in tqdm(cells, desc="cells"):
         est = estimate(cell, device)
         proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cell)], capture_output=True, text=True)
@@ -181,7 +194,8 @@ def main(argv=None) -> dict:
     result = {"machine": machine(), "summary": summary, "rows": rows}
     text = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                      + ["| " + " | ".join(str(x) for x in row) + " |" for row in table]) + "\n\n" + notes
-    path = write_results("memory_accuracy" + ("-quick" if args.quick else ""), result, text, Path(args.out))
+    name = args.name or "memory_accuracy" + ("-quick" if args.quick else "-gpu" if args.grid == "gpu" else "")
+    path = write_results(name, result, text, Path(args.out))
     _plot(result, path.with_suffix(".png"))
     print(text)
     return result

@@ -1,0 +1,250 @@
+"""The GPU path, checked and measured in one unattended run (under 8 minutes on one H100 or H200).
+
+    make gpu-check                              # python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --dry-run    # the same code paths on the CPU, tiny model and sizes
+
+GPU time is rare and short, so this is written to be trusted before a GPU is in hand: a fast test
+runs the dry run, and every part runs in its own process under its own timeout (all of them under
+``--budget`` seconds), so one failure or hang costs one part, not the run. Parts:
+
+1. **correctness**: ``pytest -m gpu`` (``tests/test_gpu.py``): nf4/fp4/int8 bases on CUDA in bf16,
+   training lowers the loss for every head kind with LoRA and bottleneck adapters, save -> load gives
+   the same logits, a CPU artifact predicts the same labels on the GPU and back, 8-bit optimizers,
+   checkpointing gives the same gradients, ``auto_batch_size`` fits and backs off on out-of-memory;
+2. **memory**: ``memory_accuracy.py --grid gpu``: ``estimate_memory`` vs ``torch.cuda.max_memory_allocated``
+   on 10 cells (nf4/int8, LoRA/bottleneck, 128-2048 tokens, with and without checkpointing); goal 10%;
+3. **throughput**: ``throughput.py``: batch 16 x 512, ours vs PEFT + Trainer in the same run: tokens/s,
+   step time, peak memory, MFU; goal x1.3 tokens/s and x0.75 memory;
+4. **recipe**: ``recipes/sentiment.py`` at its default budget: time and accuracy.
+
+After each part, ``<out>/gpu-check.{json,md}`` is rewritten with everything finished so far (device,
+driver, CUDA, library versions), so a killed run still leaves its results. Without CUDA (and without
+``--dry-run``) it prints "no CUDA device: GPU check skipped" and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# seconds per part: what each took on the GPU, with room; the total --budget caps them all
+TIMEOUTS = {"correctness": 210, "memory": 150, "throughput": 150, "recipe": 150}
+
+
+def device_info() -> dict:
+    import torch
+
+    from common import machine
+
+    info = machine()
+    info["cuda"] = torch.version.cuda
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def run_part(command: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run one part in its own process (own session, so a timeout kills its children too)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=max(timeout, 1))
+        status = "passed" if proc.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+        status = "timeout"
+    return {"status": status, "seconds": round(time.perf_counter() - started, 1), "output_tail": output[-4000:]}
+
+
+def correctness(ctx) -> dict:
+    junit = ctx.work / "junit.xml"
+    result = run_part([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+                       f"--junitxml={junit}"], ctx.timeout("correctness"),
+                      {"QADAPTERS_GPU_DRY_RUN": "1"} if ctx.dry_run else None)
+    if junit.exists():
+        cases = ET.parse(junit).getroot().iter("testcase")
+        tests = {"passed": [], "failed": [], "skipped": []}
+        for case in cases:
+            name = case.get("name")
+            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if bad is not None:
+                tests["failed"].append({"test": name, "message": (bad.get("message") or "")[:300]})
+            elif case.find("skipped") is not None:
+                tests["skipped"].append(name)
+            else:
+                tests["passed"].append(name)
+        result["tests"] = tests
+        if result["status"] == "passed" and not tests["passed"]:
+            result["status"] = "failed"  # everything skipped: nothing was checked
+    return result
+
+
+def memory(ctx) -> dict:
+    cmd = [sys.executable, "benchmarks/memory_accuracy.py", "--grid", "gpu", "--out", str(ctx.out),
+           "--name", "memory_accuracy-gpu" + ctx.suffix]
+    if ctx.dry_run:
+        cmd += ["--model", ctx.model, "--limit", "2", "--max-seq-len", "64"]
+    result = run_part(cmd, ctx.timeout("memory"))
+    path = ctx.out / f"memory_accuracy-gpu{ctx.suffix}.json"
+    if result["status"] == "passed" and path.exists():
+        data = json.loads(path.read_text())
+        result["summary"] = data["summary"]
+        result["rows"] = [{k: r[k] for k in ("quantization", "method", "batch", "seq_len", "checkpointing",
+                                             "estimate_mib", "measured_mib", "error")} for r in data["rows"]]
+    return result
+
+
+def throughput(ctx) -> dict:
+    cmd = [sys.executable, "benchmarks/throughput.py", "--out", str(ctx.out), "--name", "gpu" + ctx.suffix]
+    if ctx.dry_run:
+        cmd += ["--model", ctx.model, "--seq-len", "64", "--batch", "4", "--steps", "2", "--repeats", "1"]
+    result = run_part(cmd, ctx.timeout("throughput"))
+    path = ctx.out / f"throughput-gpu{ctx.suffix}.json"
+    if result["status"] == "passed" and path.exists():
+        data = json.loads(path.read_text())
+        result["summary"] = {**data["summary"], **{k: data["settings"][k] for k in ("batch", "seq_len", "repeats")}}
+    return result
+
+
+def recipe(ctx) -> dict:
+    output = ctx.work / "sentiment"
+    cmd = [sys.executable, "recipes/sentiment.py", "--output", str(output)]
+    if ctx.dry_run:
+        cmd += ["--model", ctx.model, "--train-size", "32", "--eval-size", "16"]
+    result = run_part(cmd, ctx.timeout("recipe"))
+    if result["status"] == "passed":
+        result["summary"] = json.loads((output / "results.json").read_text())
+    return result
+
+
+PARTS = {"correctness": correctness, "memory": memory, "throughput": throughput, "recipe": recipe}
+
+
+class Context:
+    def __init__(self, args, work: Path):
+        self.dry_run, self.model, self.work = args.dry_run, args.model, work
+        self.out = Path(args.out)
+        self.suffix = "-dry-run" if args.dry_run else ""
+        self.deadline = time.monotonic() + args.budget
+
+    def timeout(self, part: str) -> float:
+        return min(TIMEOUTS[part], self.deadline - time.monotonic())
+
+
+def report(results: dict) -> str:
+    d = results["device"]
+    lines = [f"GPU check on **{d.get('gpu') or 'CPU (dry run)'}**"
+             + (f" ({d.get('gpu_memory_gib')} GiB, compute capability {d.get('capability')}), driver {d.get('driver')}, "
+                f"CUDA {d.get('cuda')}" if d.get("gpu") else "")
+             + f"; torch {d['torch']}, transformers {d['transformers']}, peft {d['peft']}, bitsandbytes "
+               f"{d['bitsandbytes']}, accelerate {d['accelerate']}; {d['date']}.", "",
+             "| part | status | seconds | result |", "|---|---|---|---|"]
+    for name in PARTS:
+        part = results["parts"].get(name)
+        if part is None:
+            lines.append(f"| {name} | not run | | |")
+            continue
+        lines.append(f"| {name} | {part['status']} | {part['seconds']} | {_headline(name, part)} |")
+    mem = results["parts"].get("memory", {}).get("rows")
+    if mem:
+        lines += ["", "Memory estimate vs `torch.cuda.max_memory_allocated` (two training steps):", "",
+                  "| quantization | method | batch | length | checkpointing | estimate MiB | measured MiB | error |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['quantization']} | {r['method']} | {r['batch']} | {r['seq_len']} | {r['checkpointing']} | "
+                  f"{r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | {100 * r['error']:+.1f}% |" for r in mem]
+    thr = results["parts"].get("throughput", {}).get("summary")
+    if thr:
+        lines += ["", f"Throughput, batch {thr['batch']} x {thr['seq_len']} tokens (medians of {thr['repeats']}):", "", "| side | tokens/s | s/step | peak MB | MFU |",
+                  "|---|---|---|---|---|"]
+        for side in ("ours", "baseline"):
+            s = thr[side]
+            mfu = f"{100 * s['mfu']:.2f}%" if s.get("mfu") is not None else "n/a"
+            lines.append(f"| {side} | {s['tokens_per_second']:,.0f} | {s['seconds_per_step']:.4f} | {s['peak_mb']:,.0f} | {mfu} |")
+    failed = results["parts"].get("correctness", {}).get("tests", {}).get("failed")
+    if failed:
+        lines += ["", "Failed tests:", ""] + [f"- `{f['test']}`: {f['message']}" for f in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _headline(name: str, part: dict) -> str:
+    if name == "correctness" and "tests" in part:
+        t = part["tests"]
+        return f"{len(t['passed'])} passed, {len(t['failed'])} failed, {len(t['skipped'])} skipped"
+    s = part.get("summary")
+    if not s:
+        return part["output_tail"].strip().splitlines()[-1][:200].replace("|", "/") if part["output_tail"].strip() else ""
+    if name == "memory":
+        return (f"{s['within_goal']}/{s['cells']} cells within {100 * s['goal']:.0f}%, max abs error "
+                f"{100 * s['max_abs_error']:.1f}%, mean {100 * s['mean_abs_error']:.1f}%")
+    if name == "throughput":
+        return (f"ours {s['ours']['tokens_per_second']:,.0f} vs baseline {s['baseline']['tokens_per_second']:,.0f} "
+                f"tokens/s (x{s['speedup']:.2f}); peak memory x{s['memory_ratio']:.2f}")
+    return (f"accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, train {s['train_seconds']:.0f} s, "
+            f"total {s['total_seconds']:.0f} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="run every part on the CPU with a tiny model and sizes")
+    p.add_argument("--model", help="the model (default: smollm2-135m; a tiny random Llama in a dry run)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--budget", type=float, default=470, help="seconds for all parts together")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("no CUDA device: GPU check skipped")
+        return 0
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        p.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        work = Path(tmp)
+        if args.dry_run and not args.model:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from conftest import build_tiny
+
+            args.model = build_tiny("llama", work / "tiny-llama")
+        args.model = args.model or "smollm2-135m"
+        ctx = Context(args, work)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        results = {"device": device_info(), "dry_run": args.dry_run, "model": args.model, "parts": {}}
+        name = "gpu-check" + ctx.suffix
+        for part in parts:
+            if ctx.timeout(part) < 5:
+                results["parts"][part] = {"status": "no time left", "seconds": 0, "output_tail": ""}
+            else:
+                print(f"[gpu-check] {part}: up to {ctx.timeout(part):.0f} s", flush=True)
+                results["parts"][part] = PARTS[part](ctx)
+                print(f"[gpu-check] {part}: {results['parts'][part]['status']} in "
+                      f"{results['parts'][part]['seconds']} s: {_headline(part, results['parts'][part])}", flush=True)
+            (Path(args.out) / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
+            (Path(args.out) / f"{name}.md").write_text(report(results))
+    print(report(results))
+    return 0 if all(r["status"] == "passed" for r in results["parts"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
