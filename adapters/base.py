@@ -73,6 +73,21 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def resolve_mixed_precision(value: str, device_type: str | None = None) -> str:
+    """``"auto"`` -> ``"bf16"`` autocast on GPUs that support bf16 (the QLoRA recipe: the 4-bit base
+    computes in bf16 anyway, and LoRA's fp32 master weights then run their matmuls in bf16 instead of
+    upcasting every adapter input to fp32), ``"no"`` elsewhere (bf16 on CPU is far slower, fp16 autocast
+    needs loss scaling). Other values pass through."""
+    if value != "auto":
+        return value
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type != "cuda":
+        return "no"
+    # an estimate for a GPU made on a machine without one assumes a bf16-capable GPU
+    return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "no"
+
+
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype, double_quant: bool = True):
     """Our short quantization names -> ``transformers.BitsAndBytesConfig`` (or None)."""
     if quantization not in QUANTIZATIONS:

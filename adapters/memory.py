@@ -322,7 +322,7 @@ def estimate_memory(
     seq_len: int = 512,
     gradient_checkpointing: bool = False,
     optimizer: str = "adamw",
-    mixed_precision: str = "no",
+    mixed_precision: str = "auto",
     processes: int = 1,
     fsdp: bool = False,
     device: str | None = None,
@@ -336,7 +336,7 @@ def estimate_memory(
     tokens per device. ``device`` ("cuda"/"cpu", default: this machine's) sets the compute dtype
     as ``adapt`` would (bf16 on GPUs, fp32 on CPU) and whether the CUDA context counts. No weight
     is read: only the config."""
-    from .base import DTYPES, QUANTIZATIONS
+    from .base import DTYPES, QUANTIZATIONS, resolve_mixed_precision
     from .heads import Classification, HeadSpec
     from .lora import LoRA
     from .model import AdaptedModel
@@ -370,6 +370,7 @@ def estimate_memory(
     config, name = _config_of(model, trust_remote_code)
     name = source or name
     # activations flow in the compute dtype (the base is not upcast: see base.py) unless autocast
+    mixed_precision = resolve_mixed_precision(mixed_precision, device)
     if mixed_precision != "no":
         activation_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     else:
@@ -397,6 +398,12 @@ def estimate_memory(
 
     inputs = _inputs(head, batch_size, seq_len, config.vocab_size)
     saves_input = tuple(m for _, _, m in quantizable.values()) if quantization == "int8" else ()
+    if mixed_precision != "no":
+        # under autocast the adapter's and head's matmuls run in the autocast dtype, so what they save
+        # for backward is in that dtype; meta tensors do not autocast, so cast those weights instead
+        for p in meta.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(activation_dtype)
     outside, per_block, block_input, largest = saved_activations(meta, inputs, saves_input=saves_input)
     # the forward pass's working set inside one block (feed-forward products), alive even when
     # nothing is saved (a frozen base under a head-only run)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 
-from .base import cpu_only
+from .base import cpu_only, resolve_mixed_precision
 from .checkpoint import (checkpoint_dir, complete_checkpoints, keep_trainable_only, load_checkpoint,
                          resolve_resume, save_checkpoint)
 from .data import Collator, encode_dataset
@@ -39,7 +39,7 @@ from .heads import IGNORE
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass
@@ -66,7 +66,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     optimizer: str = "adamw"
     """``"adamw"`` (torch), ``"adamw_8bit"`` or ``"paged_adamw_8bit"`` (bitsandbytes)."""
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
+    """``"auto"``: bf16 autocast on GPUs that support it, none on CPU; or ``"no"``, ``"bf16"``, ``"fp16"``."""
     seed: int = 42
     text_column: str = "text"
     label_column: str = "label"
@@ -222,7 +223,7 @@ def evaluate(model, data, config: TrainConfig | None = None, accelerator=None) -
     from accelerate import Accelerator
 
     config = config or TrainConfig()
-    accelerator = accelerator or Accelerator(cpu=cpu_only(), mixed_precision=config.mixed_precision)
+    accelerator = accelerator or Accelerator(cpu=cpu_only(), mixed_precision=resolve_mixed_precision(config.mixed_precision))
     loader = accelerator.prepare(_eval_loader(accelerator.unwrap_model(model), data, config))
     return _evaluate_loader(model, loader, accelerator)
 
@@ -335,7 +336,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     accelerator = Accelerator(
         cpu=cpu_only(),
         gradient_accumulation_steps=config.grad_accum,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
         log_with=trackers or None,
         project_dir=config.output_dir,
         # the same shuffled order whatever the number of processes: runs are comparable

@@ -81,7 +81,7 @@ def test_training_lowers_the_loss_for_every_head(base, kind, adapter):
     assert after < 0.9 * before, (before, after)
 
 
-def _trained(base, device=DEVICE, steps=4):
+def _trained(base, device=DEVICE, steps=8):
     model = adapters.adapt(base, adapter=adapters.LoRA(r=8), head=adapters.Classification(labels=["neg", "pos"]),
                            quantization="nf4", device=device, max_length=64)
     adapters.train(model, toy_sentiment(64), None, adapters.TrainConfig(max_steps=steps, lr=5e-3, head_lr=2e-2,
@@ -105,12 +105,13 @@ def test_cpu_artifact_predicts_the_same_labels_on_the_device_and_back(base, tmp_
     cpu_model.save_pretrained(tmp_path / "cpu")
     on_device = adapters.load(tmp_path / "cpu", device=DEVICE)
     cpu_logits, device_logits = cpu_model.logits(TEXTS), on_device.logits(TEXTS)
-    # bf16 compute moves logits by about 1e-2: labels agree wherever the CPU margin exceeds that
-    margin = (cpu_logits[:, 1] - cpu_logits[:, 0]).abs()
-    clear = margin > 0.05
-    assert clear.sum() >= len(TEXTS) // 2
+    # fp32 on CPU vs bf16 on the GPU: logits move by the rounding of 30 bf16 blocks. Labels must agree
+    # wherever the CPU's margin exceeds twice the largest move, and most texts must be that clear.
+    moved = float((cpu_logits - device_logits).abs().max())
+    assert moved < 0.5, moved
+    clear = (cpu_logits[:, 1] - cpu_logits[:, 0]).abs() > 2 * moved
+    assert clear.sum() >= len(TEXTS) // 2, (moved, clear.sum())
     assert torch.equal(cpu_logits[clear].argmax(-1), device_logits[clear].argmax(-1))
-    assert torch.allclose(cpu_logits, device_logits, atol=0.1)
     on_device.save_pretrained(tmp_path / "back")
     back = adapters.load(tmp_path / "back", device="cpu")
     assert torch.allclose(back.logits(TEXTS), cpu_logits, atol=1e-5)  # the weights made the round trip intact
@@ -158,9 +159,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 
     plain, recomputed = grads(False), grads(True)
     assert plain.keys() == recomputed.keys() and plain
-    for name in plain:  # recomputation replays the same kernels on the same inputs
+    # recomputation replays the same kernels on the same inputs; on a GPU the attention backward
+    # accumulates with atomics, so bf16 sums may differ in their last bits
+    tolerance = 1e-2 if CUDA else 1e-5
+    for name in plain:
         scale = plain[name].norm().clamp(min=1e-12)
-        assert (plain[name] - recomputed[name]).norm() / scale < 1e-3, name
+        assert (plain[name] - recomputed[name]).norm() / scale < tolerance, name
 
 
 def test_auto_batch_size_fits_and_backs_off_on_out_of_memory(base, monkeypatch):
