@@ -223,7 +223,8 @@ def evaluate(model, data, config: TrainConfig | None = None, accelerator=None) -
     from accelerate import Accelerator
 
     config = config or TrainConfig()
-    accelerator = accelerator or Accelerator(cpu=cpu_only(), mixed_precision=resolve_mixed_precision(config.mixed_precision))
+    accelerator = accelerator or Accelerator(cpu=cpu_only(), mixed_precision=resolve_mixed_precision(
+        config.mixed_precision, model.device.type))
     loader = accelerator.prepare(_eval_loader(accelerator.unwrap_model(model), data, config))
     return _evaluate_loader(model, loader, accelerator)
 
@@ -336,7 +337,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     accelerator = Accelerator(
         cpu=cpu_only(),
         gradient_accumulation_steps=config.grad_accum,
-        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        # "auto" follows the model's device: a model kept on the CPU of a GPU machine trains in fp32
+        mixed_precision=resolve_mixed_precision(config.mixed_precision, model.device.type),
         log_with=trackers or None,
         project_dir=config.output_dir,
         # the same shuffled order whatever the number of processes: runs are comparable
@@ -540,6 +542,10 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         tracker.finish()
     if config.gradient_checkpointing:
         unwrapped.base_model.gradient_checkpointing_disable()
+    # prepare() wrapped forward in autocast for training; inference (predict, evaluate, a reloaded
+    # artifact) runs without it, so the trained model must too (seen on an H200: logits moved by bf16
+    # rounding between the trained model and its own reload)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return result
 
 

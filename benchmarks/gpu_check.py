@@ -78,8 +78,9 @@ def run_part(command: list[str], timeout: float, env: dict | None = None) -> dic
 
 def correctness(ctx) -> dict:
     junit = ctx.work / "junit.xml"
+    select = ["-k", ctx.tests] if ctx.tests else []
     result = run_part([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={junit}"], ctx.timeout("correctness"),
+                       f"--junitxml={junit}", *select], ctx.timeout("correctness"),
                       {"QADAPTERS_GPU_DRY_RUN": "1"} if ctx.dry_run else None)
     if junit.exists():
         cases = ET.parse(junit).getroot().iter("testcase")
@@ -102,8 +103,10 @@ def correctness(ctx) -> dict:
 def memory(ctx) -> dict:
     cmd = [sys.executable, "benchmarks/memory_accuracy.py", "--grid", "gpu", "--out", str(ctx.out),
            "--name", "memory_accuracy-gpu" + ctx.suffix]
+    if ctx.memory_cells:
+        cmd += ["--limit", str(ctx.memory_cells)]
     if ctx.dry_run:
-        cmd += ["--model", ctx.model, "--limit", "2", "--max-seq-len", "64"]
+        cmd += ["--model", ctx.model, "--limit", str(min(ctx.memory_cells or 2, 2)), "--max-seq-len", "64"]
     result = run_part(cmd, ctx.timeout("memory"))
     path = ctx.out / f"memory_accuracy-gpu{ctx.suffix}.json"
     if result["status"] == "passed" and path.exists():
@@ -143,6 +146,7 @@ PARTS = {"correctness": correctness, "memory": memory, "throughput": throughput,
 class Context:
     def __init__(self, args, work: Path):
         self.dry_run, self.model, self.work = args.dry_run, args.model, work
+        self.tests, self.memory_cells = args.tests, args.memory_cells
         self.out = Path(args.out)
         self.suffix = "-dry-run" if args.dry_run else ""
         self.deadline = time.monotonic() + args.budget
@@ -208,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="run every part on the CPU with a tiny model and sizes")
     p.add_argument("--model", help="the model (default: smollm2-135m; a tiny random Llama in a dry run)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--tests", help="correctness: only the tests matching this pytest -k expression (a re-run)")
+    p.add_argument("--memory-cells", type=int, help="memory: only the first N cells of the grid (a re-run)")
     p.add_argument("--budget", type=float, default=470, help="seconds for all parts together")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)

@@ -56,6 +56,7 @@ def measure(cell: dict) -> dict:
     import torch
 
     import adapters
+    from adapters.base import resolve_mixed_precision
     from adapters.train import TrainConfig, _optimizer
 
     adapter, head = cell_objects(cell)
@@ -83,9 +84,13 @@ def measure(cell: dict) -> dict:
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        # as train() runs it: under bf16 autocast on GPUs (TrainConfig(mixed_precision="auto"))
+        precision = resolve_mixed_precision(cell.get("mixed_precision", "auto"), model.device.type)
+        autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.profiler.record_function("train_steps"):
             for _ in range(2):
-                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+                with autocast:
+                    out = model(input_ids=ids, attention_mask=mask, labels=labels)
                 out["loss"].backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
