@@ -223,8 +223,8 @@ def evaluate(model, data, config: TrainConfig | None = None, accelerator=None) -
     from accelerate import Accelerator
 
     config = config or TrainConfig()
-    accelerator = accelerator or Accelerator(cpu=cpu_only(), mixed_precision=resolve_mixed_precision(
-        config.mixed_precision, model.device.type))
+    # inference runs without autocast, as predict() and a reloaded artifact do
+    accelerator = accelerator or Accelerator(cpu=cpu_only())
     loader = accelerator.prepare(_eval_loader(accelerator.unwrap_model(model), data, config))
     return _evaluate_loader(model, loader, accelerator)
 
@@ -334,11 +334,16 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                   f"tokens; estimate {auto_batch['estimate_bytes'] / 2**30:.2f} GiB of "
                   f"{auto_batch['free_bytes'] / 2**30:.2f} GiB free)")
     trackers = _trackers(config.output_dir)
+    # bf16 autocast is ours, around the training forward only: Accelerate's would wrap the model's forward
+    # for good and pin one precision per process (a second model trained in fp32 in the same process is
+    # refused; seen on an H200). fp16 needs its loss scaler, so that one stays Accelerate's.
+    # "auto" follows the model's device: a model kept on the CPU of a GPU machine trains in fp32.
+    precision = resolve_mixed_precision(config.mixed_precision, model.device.type)
+    autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     accelerator = Accelerator(
         cpu=cpu_only(),
         gradient_accumulation_steps=config.grad_accum,
-        # "auto" follows the model's device: a model kept on the CPU of a GPU machine trains in fp32
-        mixed_precision=resolve_mixed_precision(config.mixed_precision, model.device.type),
+        mixed_precision="fp16" if precision == "fp16" else "no",
         log_with=trackers or None,
         project_dir=config.output_dir,
         # the same shuffled order whatever the number of processes: runs are comparable
@@ -450,7 +455,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
             for batch in batches:
                 run["batch_in_epoch"] += 1
                 with accelerator.accumulate(model):
-                    loss = model(**batch)["loss"]
+                    with autocast:
+                        loss = model(**batch)["loss"]
                     if _any_rank(accelerator, not bool(torch.isfinite(loss.detach()))):
                         if not config.skip_nonfinite:
                             saved = complete_checkpoints(config.output_dir) if config.output_dir else []
@@ -542,8 +548,8 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         tracker.finish()
     if config.gradient_checkpointing:
         unwrapped.base_model.gradient_checkpointing_disable()
-    # prepare() wrapped forward in autocast for training; inference (predict, evaluate, a reloaded
-    # artifact) runs without it, so the trained model must too (seen on an H200: logits moved by bf16
+    # with fp16, prepare() wrapped forward in autocast; inference (predict, evaluate, a reloaded artifact)
+    # runs without it, so the trained model must too (seen on an H200 with bf16: logits moved by bf16
     # rounding between the trained model and its own reload)
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return result

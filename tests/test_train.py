@@ -117,3 +117,19 @@ def test_predict_labels_and_probabilities(tiny_llama):
     label, probs = model.predict("good film", probabilities=True)
     assert label in probs and abs(sum(probs.values()) - 1) < 1e-5
     assert "trainable params" in model.summary() and "nf4" in model.summary()
+
+
+def test_bf16_autocast_stays_in_training(tiny_llama, toy_data, tmp_path):
+    """Two failures first seen on an H200, reproduced on CPU with explicit bf16: autocast lingering on
+    the trained model's forward (its logits then differed from its own reload's), and a second model
+    trained in another precision in the same process being refused by Accelerate's global state."""
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, batch_size=8, mixed_precision="bf16",
+                                                                  progress=False))
+    model.save_pretrained(tmp_path / "art")
+    texts = [r["text"] for r in toy_data[1]]
+    assert torch.allclose(model.logits(texts), adapters.load(tmp_path / "art").logits(texts), atol=1e-6)
+    other = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    metrics = adapters.train(other, toy_data[0], None, adapters.TrainConfig(max_steps=2, batch_size=8,
+                                                                            mixed_precision="no", progress=False))
+    assert metrics["steps"] == 2
