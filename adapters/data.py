@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .batching import pack
 from .errors import DataError
 from .heads import IGNORE
 
@@ -215,10 +216,11 @@ class Collator:
     per-token labels are padded with ``IGNORE`` on the same side as the tokens.
     """
 
-    def __init__(self, tokenizer, head=None):
+    def __init__(self, tokenizer, head=None, pack: bool = False):
         self.tokenizer = tokenizer
         self.aligned_labels = getattr(head, "sequence_labels", False)
         self.windows = getattr(head, "long_text", "truncate") == "windows"
+        self.pack = pack  # padding-free rows for decoders (batching.pack); the caller checks batching.packable
 
     def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
         longest = max(len(s) for s in sequences)
@@ -231,7 +233,9 @@ class Collator:
         first = rows[0]["input_ids"]
         pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
         keys = [key for key in pads if key in rows[0]]
-        if self.windows:  # a variable number of windows per row: flatten, and say whose each window is
+        if self.pack:
+            batch = pack([r["input_ids"] for r in rows], pad_id)
+        elif self.windows:  # a variable number of windows per row: flatten, and say whose each window is
             batch = {key: self._pad([seq for r in rows for seq in r[key]], pads[key]) for key in keys}
             batch["window_doc"] = torch.tensor([i for i, r in enumerate(rows) for _ in r["input_ids"]])
         elif first and isinstance(first[0], list):  # multiple choice: flatten, pad together, reshape

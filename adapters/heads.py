@@ -80,6 +80,24 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
 
 
+def pool_segments(hidden: torch.Tensor, segments: torch.Tensor, method: str) -> torch.Tensor:
+    """Reduce packed ``hidden`` (rows, tokens, dim) to one vector per segment (``segments``: each
+    token's text, -1 for filler; see ``batching.pack``), as ``pool`` does for padded rows."""
+    flat, owner = hidden.reshape(-1, hidden.shape[-1]), segments.reshape(-1)
+    keep = owner >= 0
+    flat, owner = flat[keep], owner[keep]
+    count = int(owner.max()) + 1
+    if method == "mean":
+        sums = torch.zeros(count, flat.shape[-1], dtype=flat.dtype, device=flat.device).index_add(0, owner, flat)
+        return sums / torch.bincount(owner, minlength=count).unsqueeze(-1).to(flat.dtype)
+    if method not in ("last", "first"):
+        raise ConfigError(f"pooling={method!r} is not one of {POOLINGS}")
+    positions = torch.arange(owner.numel(), device=flat.device)
+    start = torch.full((count,), owner.numel() if method == "first" else -1, device=flat.device)
+    index = start.scatter_reduce(0, owner, positions, "amin" if method == "first" else "amax")
+    return flat[index]
+
+
 class SequenceHead(nn.Module):
     """Pooling -> dropout -> linear layer: one output vector per text."""
 
@@ -91,8 +109,10 @@ class SequenceHead(nn.Module):
         nn.init.normal_(self.score.weight, std=0.02)
         nn.init.zeros_(self.score.bias)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        pooled = pool(hidden, attention_mask, self.pooling)
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        pooled = pool(hidden, attention_mask, self.pooling) if segments is None else pool_segments(
+            hidden, segments, self.pooling)
         return self.score(self.dropout(pooled.to(self.score.weight.dtype)))
 
 

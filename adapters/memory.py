@@ -259,6 +259,10 @@ def saved_activations(model, inputs: dict, padded: bool = True, saves_input: tup
         # tensors do not have; without it the model builds the causal mask itself (what a padded
         # batch's mask costs is counted in fused_attention)
         kwargs["attention_mask"] = None
+        # with no mask and no KV cache, transformers would look for packed rows in the position ids'
+        # values: give it a cache (it holds the keys and values that backward keeps anyway)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = True
         return args, kwargs
 
     def fused_attention(query, key, value, *args, **kwargs):

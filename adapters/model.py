@@ -42,6 +42,9 @@ class AdaptedModel(nn.Module):
         # the same positions as unpadded (what generate() does); encoders are right-padded.
         forward_args = inspect.signature(self.base_model.forward).parameters
         self._positions_from_mask = backbone.is_decoder and "position_ids" in forward_args
+        # no KV cache: nothing here generates, the cache would hold every layer's keys and values, and
+        # with it transformers does not detect packed rows
+        self._no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
 
     @property
     def base_model(self) -> nn.Module:
@@ -61,13 +64,20 @@ class AdaptedModel(nn.Module):
             return {}
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, window_doc: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                window_doc: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None):
         """Logits for the head (and ``loss`` with ``labels``). Multiple-choice inputs are
         (batch, choices, length): every (context, choice) sequence is scored, then regrouped.
         With ``window_doc`` the rows are windows of longer texts (``window_doc[i]`` = the text of
         window i): their logits are pooled per text. ``token_type_ids`` (BERT's segment ids of
-        text pairs) are passed on when given."""
+        text pairs) are passed on when given. Packed rows (``batching.pack``) come with
+        ``position_ids`` and ``segments`` instead of an attention mask: one logit row per segment."""
+        if segments is not None:
+            out = self.body(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
+            logits = self.head(out.last_hidden_state, None, segments)
+            return {"logits": logits, **({"loss": self.head_spec.loss(logits, labels)} if labels is not None else {})}
         choices = input_ids.shape[1] if input_ids.dim() == 3 else None
         if choices:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
@@ -90,7 +100,7 @@ class AdaptedModel(nn.Module):
         extra = self._positions(attention_mask)
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra, **self._no_cache)
         if self.head_spec.kind == "causal_lm":
             return out.logits
         return self.head(out.last_hidden_state, attention_mask)
@@ -141,10 +151,10 @@ class AdaptedModel(nn.Module):
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
-    def encode(self, inputs: list) -> dict[str, torch.Tensor]:
-        """Model inputs for unlabeled ``inputs`` (texts; word lists; {context, choices} dicts;
-        prompts or chat message lists), on the model's device."""
-        from .data import Collator, encode_rows
+    def _encoded_rows(self, inputs: list) -> list[dict]:
+        """Unlabeled ``inputs`` (texts; word lists; {context, choices} dicts; prompts or chat message
+        lists) as encoded rows, one dict per input."""
+        from .data import encode_rows
 
         kind = self.head_spec.kind
         if kind == "multiple_choice":
@@ -154,25 +164,42 @@ class AdaptedModel(nn.Module):
         else:
             rows = [{"text": x} for x in inputs]
         columns, _ = encode_rows(rows, self.tokenizer, self.head_spec, "text", None, self.max_length, "inputs")
-        batch = Collator(self.tokenizer, self.head_spec)([dict(zip(columns, v)) for v in zip(*columns.values())])
+        return [dict(zip(columns, v)) for v in zip(*columns.values())]
+
+    def encode(self, inputs: list) -> dict[str, torch.Tensor]:
+        """Model inputs for unlabeled ``inputs`` (see ``_encoded_rows``), padded, on the model's device."""
+        from .data import Collator
+
+        batch = Collator(self.tokenizer, self.head_spec)(self._encoded_rows(inputs))
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    @torch.no_grad()
-    def logits(self, inputs: list, batch_size: int = 32) -> torch.Tensor | list[torch.Tensor]:
-        """Raw head outputs for ``inputs``, in eval mode, batch by batch (a list of per-input
-        tensors for per-token heads, whose lengths differ)."""
+    @torch.inference_mode()
+    def logits(self, inputs: list, batch_size: int = 64) -> torch.Tensor | list[torch.Tensor]:
+        """Raw head outputs for ``inputs``, in eval mode, in the caller's order (a list of per-input
+        tensors for per-token heads, whose lengths differ). Inputs run sorted by length, so a batch
+        pads little (``batching.py``)."""
+        from .batching import by_length, row_length
+        from .data import Collator
+
+        rows = self._encoded_rows(inputs)
+        order = by_length([row_length(r["input_ids"]) for r in rows])
+        collate = Collator(self.tokenizer, self.head_spec)
+        out: list = [None] * len(rows)
         was_training = self.training
         self.eval()
         try:
-            out = [self(**self.encode(inputs[i:i + batch_size]))["logits"].float().cpu()
-                   for i in range(0, len(inputs), batch_size)]
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in chunk]).items()}
+                for i, row in zip(chunk, self(**batch)["logits"].float().cpu()):
+                    out[i] = row
         finally:
             self.train(was_training)
         if self.head_spec.sequence_labels:
-            return [row for batch in out for row in batch]
-        return torch.cat(out)
+            return out
+        return torch.stack(out)
 
-    def predict(self, inputs, probabilities: bool = False, batch_size: int = 32, **generate_kwargs) -> Any:
+    def predict(self, inputs, probabilities: bool = False, batch_size: int = 64, **generate_kwargs) -> Any:
         """Predictions for ``inputs`` (a list, or one input for one prediction):
 
         * Classification: label names (``probabilities=True``: ``(label, {label: p})`` pairs);

@@ -1,19 +1,22 @@
 """Are we better than the script a user writes from the PEFT and transformers docs?
 
-    python benchmarks/vs_peft_trainer.py --quick      # 2 repetitions, a small budget
-    python benchmarks/vs_peft_trainer.py              # 3 repetitions, 64 steps each
+    python benchmarks/vs_peft_trainer.py --quick      # 2 rounds, a small budget
+    python benchmarks/vs_peft_trainer.py              # 3 rounds, 64 steps each, and the ablation
 
 The baseline: ``BitsAndBytesConfig`` (NF4, double quantization, float32 compute on CPU) +
 ``AutoModelForSequenceClassification`` + ``prepare_model_for_kbit_training`` (no gradient
 checkpointing, as a careful user would choose for a 135M model) + ``get_peft_model`` (LoRA r=8,
 alpha 16, dropout 0.05, all linear layers, ``task_type="SEQ_CLS"`` so the head trains) +
-``Trainer``. Ours: ``adapters.adapt`` + ``adapters.train`` with the same model, data, LoRA
-config, batch size, learning rate (one rate for adapter and head on both sides), schedule,
-warmup, steps and seed. Both run in the same invocation, alternating, each in a fresh
-subprocess; we report ours/baseline ratios of time per training step, peak memory and held-out
-accuracy (median and range over the repetitions). On CPU both sides run with glibc's mmap threshold
+``Trainer``, at its defaults and tuned with ``train_sampling_strategy="group_by_length"`` (the best a
+user could set it). Ours: ``adapters.adapt`` + ``adapters.train`` with the same model, data, LoRA
+config, batch size, learning rate (one rate for adapter and head on both sides), schedule, warmup,
+epoch and seed, each side at its own defaults. The three run in the same invocation, in alternating
+order, each in a fresh subprocess; we report medians and paired ratios of training wall time,
+evaluation and predict wall time, peak memory, held-out accuracy and the share of real (unpadded)
+tokens in what the model computed. The ablation runs ours with its batching levers switched off
+(packing off; packing and length grouping off). On CPU every side runs with glibc's mmap threshold
 at 64 KiB (``common.EXACT_RSS``) so that peak RSS counts live memory, not heap holes that depend
-on the order of batch shapes; that slows both sides alike. Writes results/vs_peft_trainer[-quick].{json,md}.
+on the order of batch shapes; that slows all sides alike. Writes results/vs_peft_trainer[-quick].{json,md}.
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ def _data(budget: dict, seed: int):
     return sample(train, budget["train"], seed), sample(test, budget["eval"], seed)
 
 
-def run_ours(model_name: str, budget: dict, seed: int) -> dict:
+# ours at its defaults, and with levers switched off (the ablation): TrainConfig overrides
+OURS = {"ours": {}, "ours-grouped": {"packing": False}, "ours-plain": {"packing": False, "group_by_length": False}}
+BASELINES = {"baseline": "random", "baseline-grouped": "group_by_length"}
+
+
+def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
     import adapters
 
     train_rows, test_rows = _data(budget, seed)
@@ -47,15 +55,24 @@ def run_ours(model_name: str, budget: dict, seed: int) -> dict:
                                                              dropout=SETTINGS["dropout"]),
                            head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
                            max_length=SETTINGS["max_length"], seed=seed)
-    metrics = adapters.train(model, train_rows, test_rows, adapters.TrainConfig(
+    started = time.perf_counter()
+    metrics = adapters.train(model, train_rows, None, adapters.TrainConfig(
         epochs=1, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], warmup_ratio=SETTINGS["warmup_ratio"],
-        seed=seed, progress=False))
-    return {"seconds_per_step": metrics["train_seconds"] / metrics["steps"], "steps": metrics["steps"],
-            "accuracy": metrics["eval_accuracy"]}
+        seed=seed, progress=False, **overrides))
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    accuracy = adapters.evaluate(model, test_rows)["accuracy"]
+    eval_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    model.predict([r["text"] for r in test_rows])
+    predict_seconds = time.perf_counter() - started
+    return {"train_seconds": train_seconds, "seconds_per_step": train_seconds / metrics["steps"],
+            "steps": metrics["steps"], "eval_seconds": eval_seconds, "predict_seconds": predict_seconds,
+            "accuracy": accuracy, "real_token_fraction": metrics["train_real_token_fraction"]}
 
 
-def run_baseline(model_name: str, budget: dict, seed: int) -> dict:
-    """The hand-written PEFT + Trainer script, as its docs show it."""
+def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "random") -> dict:
+    """The hand-written PEFT + Trainer script, as its docs show it (``sampling="group_by_length"``: tuned)."""
     import numpy as np
     import torch
     from datasets import Dataset
@@ -95,15 +112,50 @@ def run_baseline(model_name: str, budget: dict, seed: int) -> dict:
                              # the same whole number of warmup steps as ours: int(ratio x steps)
                              warmup_steps=int(SETTINGS["warmup_ratio"] * -(-len(train_rows) // SETTINGS["batch_size"])),
                              weight_decay=0.0, max_grad_norm=1.0, seed=seed, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=not cuda, disable_tqdm=True)
+                             logging_strategy="no", use_cpu=not cuda, disable_tqdm=True,
+                             train_sampling_strategy=sampling)
     trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
                       data_collator=DataCollatorWithPadding(tokenizer))
     started = time.perf_counter()
     result = trainer.train()
-    seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     prediction = trainer.predict(encode(test_rows))
+    eval_seconds = time.perf_counter() - started
     accuracy = float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())
-    return {"seconds_per_step": seconds / result.global_step, "steps": result.global_step, "accuracy": accuracy}
+    real = processed = 0  # one more pass over the Trainer's own training batches, collation only
+    for batch in trainer.get_train_dataloader():
+        real += int(batch["attention_mask"].sum())
+        processed += batch["attention_mask"].numel()
+    return {"train_seconds": train_seconds, "seconds_per_step": train_seconds / result.global_step,
+            "steps": result.global_step, "eval_seconds": eval_seconds, "predict_seconds": eval_seconds,
+            "accuracy": accuracy, "real_token_fraction": real / processed}
+
+
+def run_side(side: str, model_name: str, budget: dict, seed: int) -> dict:
+    if side in OURS:
+        return run_ours(model_name, budget, seed, OURS[side])
+    return run_baseline(model_name, budget, seed, BASELINES[side])
+
+
+QUANTITIES = [("train_seconds", "training wall time (s)"), ("eval_seconds", "evaluation wall time (s)"),
+              ("predict_seconds", "predict wall time (s)"), ("peak_mb", "peak memory (MB)"),
+              ("accuracy", "held-out accuracy"), ("real_token_fraction", "real / processed tokens")]
+
+
+def compare(runs: dict, side: str, baseline: str) -> tuple[list[str], dict]:
+    """Table rows and numbers for ``side`` against ``baseline``: medians and the median of paired ratios."""
+    lines, summary = [], {}
+    for key, label in QUANTITIES:
+        pairs = [(o[key], b[key]) for o, b in zip(runs[side], runs[baseline]) if b[key]]
+        ratios = [o / b for o, b in pairs]
+        summary[key] = {side: statistics.median(r[key] for r in runs[side]),
+                        baseline: statistics.median(r[key] for r in runs[baseline]),
+                        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        s = summary[key]
+        lines.append(f"| {label} | {s[side]:.4g} | {s[baseline]:.4g} | {s['ratio_median']:.3f} | "
+                     f"{s['ratio_min']:.3f} - {s['ratio_max']:.3f} |")
+    return lines, summary
 
 
 def main(argv=None) -> None:
@@ -111,49 +163,65 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, help="repetitions of each side (default: 2 quick, 3 full)")
+    p.add_argument("--repeats", type=int, help="repetitions of the main sides (default: 2 quick, 3 full)")
+    p.add_argument("--ablation-repeats", type=int, default=1, help="repetitions of ours with levers off")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
-    p.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # internal: one run
+    p.add_argument("--side", choices=[*OURS, *BASELINES], help=argparse.SUPPRESS)  # internal: one run
     p.add_argument("--budget", default="full", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.side:
         from common import peak_memory_mb
 
-        run = run_ours if args.side == "ours" else run_baseline
-        result = run(args.model, BUDGETS[args.budget], args.seed)
+        result = run_side(args.side, args.model, BUDGETS[args.budget], args.seed)
         print(json.dumps({**result, "peak_mb": peak_memory_mb()}))
         return
     from common import EXACT_RSS, RESULTS, machine, run_child, write_results
 
     budget = "quick" if args.quick else "full"
     repeats = args.repeats or BUDGETS[budget]["repeats"]
-    runs = {"ours": [], "baseline": []}
-    for i in range(repeats):
-        for side in ("ours", "baseline") if i % 2 == 0 else ("baseline", "ours"):  # alternate the order
+    runs = {side: [] for side in [*OURS, *BASELINES]}
+    main_sides = ["ours", "baseline", "baseline-grouped"]
+    plan = [main_sides if i % 2 == 0 else main_sides[::-1] for i in range(repeats)]  # alternate the order
+    plan += [["ours-grouped", "ours-plain"]] * args.ablation_repeats
+    for i, sides in enumerate(plan):
+        for side in sides:
             runs[side].append(run_child(__file__, ["--side", side, "--budget", budget, "--model", args.model,
                                                    "--seed", str(args.seed)], env=EXACT_RSS))
-            print(f"repeat {i + 1} {side}: {runs[side][-1]}", flush=True)
-    lines = ["| quantity | ours (median) | baseline (median) | ratio ours/baseline (median) | ratio range |",
-             "|---|---|---|---|---|"]
-    summary = {}
-    for key, label in [("seconds_per_step", "seconds per training step"), ("peak_mb", "peak memory (MB)"),
-                       ("accuracy", "held-out accuracy")]:
-        ratios = [o[key] / b[key] for o, b in zip(runs["ours"], runs["baseline"]) if b[key]]
-        summary[key] = {"ours": statistics.median(r[key] for r in runs["ours"]),
-                        "baseline": statistics.median(r[key] for r in runs["baseline"]),
-                        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
-        s = summary[key]
-        lines.append(f"| {label} | {s['ours']:.4g} | {s['baseline']:.4g} | {s['ratio_median']:.3f} | "
-                     f"{s['ratio_min']:.3f} - {s['ratio_max']:.3f} |")
+            r = runs[side][-1]
+            print(f"round {i + 1} {side}: train {r['train_seconds']:.0f} s, eval {r['eval_seconds']:.1f} s, "
+                  f"{r['peak_mb']:.0f} MB, accuracy {r['accuracy']:.3f}, real tokens {r['real_token_fraction']:.2f}",
+                  flush=True)
+    header = ["| quantity | {a} (median) | {b} (median) | ratio (median) | ratio range |", "|---|---|---|---|---|"]
+    sections, summary = [], {}
+    for side, baseline in [("ours", "baseline"), ("ours", "baseline-grouped")]:
+        lines, summary[f"{side}/{baseline}"] = compare(runs, side, baseline)
+        sections.append(f"**{side} vs {baseline}**\n\n" + "\n".join(
+            [header[0].format(a=side, b=baseline), header[1], *lines]))
+    ablation = ["| configuration | training wall time (s) | peak memory (MB) | accuracy | real / processed tokens |",
+                "|---|---|---|---|---|"]
+    for side, label in [("baseline", "PEFT + Trainer, defaults"), ("baseline-grouped", "PEFT + Trainer, group_by_length"),
+                        ("ours-plain", "ours, random batches (no lever)"), ("ours-grouped", "ours, length-grouped batches"),
+                        ("ours", "ours, defaults (packed batches)")]:
+        if runs[side]:
+            med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES}
+            ablation.append(f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "
+                            f"{med['train_seconds']:.0f} | {med['peak_mb']:.0f} | {med['accuracy']:.3f} | "
+                            f"{med['real_token_fraction']:.2f} |")
     b = BUDGETS[budget]
-    text = "\n".join(lines) + (
-        f"\n\nBoth sides: `{args.model}` in NF4 (double quantization, float32 compute on CPU), LoRA r={SETTINGS['r']} "
+    text = "\n\n".join(sections) + "\n\n**Ablation** (medians)\n\n" + "\n".join(ablation) + (
+        f"\n\nAll sides: `{args.model}` in NF4 (double quantization, float32 compute on CPU), LoRA r={SETTINGS['r']} "
         f"alpha={SETTINGS['alpha']} dropout={SETTINGS['dropout']} on all linear layers, a new 2-label head trained in "
         f"full, lr {SETTINGS['lr']} for adapter and head, linear schedule with {SETTINGS['warmup_ratio']} warmup, "
-        f"batch {SETTINGS['batch_size']}, max length {SETTINGS['max_length']}, dynamic padding, 1 epoch of "
-        f"{b['train']} rows, {b['eval']} held-out rows, seed {args.seed}, {repeats} repetitions alternating order, "
-        f"each in a fresh process (on CPU with MALLOC_MMAP_THRESHOLD_=65536, so peak RSS counts live memory). Baseline: AutoModelForSequenceClassification + prepare_model_for_kbit_training "
-        f"(no gradient checkpointing) + get_peft_model(task_type=SEQ_CLS) + Trainer.")
+        f"batch {SETTINGS['batch_size']}, max length {SETTINGS['max_length']}, 1 epoch of {b['train']} rows, "
+        f"{b['eval']} held-out rows, seed {args.seed}; {repeats} rounds of the three main sides in alternating order "
+        f"and {args.ablation_repeats} of the ablation, each run in a fresh process (on CPU with "
+        f"MALLOC_MMAP_THRESHOLD_=65536, so peak RSS counts live memory). Each side at its own defaults. Training "
+        f"time: the whole `train` call (ours includes tokenizing; the baseline's `trainer.train()` does not); "
+        f"evaluation: tokenizing and scoring the held-out rows (ours `adapters.evaluate`, baseline "
+        f"`trainer.predict`); predict: ours `model.predict` on the texts (the baseline's is its `trainer.predict`). "
+        f"Baseline: AutoModelForSequenceClassification + prepare_model_for_kbit_training (no gradient "
+        f"checkpointing) + get_peft_model(task_type=SEQ_CLS) + Trainer (eval batch 32); -grouped adds "
+        f"`train_sampling_strategy=\"group_by_length\"`.")
     payload = {"machine": machine(), "model": args.model, "budget": b, "settings": SETTINGS, "runs": runs,
                "summary": summary}
     write_results("vs_peft_trainer" + ("-quick" if args.quick else ""), payload, text,

@@ -1,0 +1,113 @@
+"""How encoded rows become batches: length-grouped training order, length-sorted inference, packing.
+
+Dynamic padding pads each batch to its longest row, so a random batch of short texts of mixed
+lengths computes mostly padding: on the Rotten Tomatoes snippets (25 tokens on average, 64 at most)
+random batches of 16 process 1.85x the real tokens. Three remedies, each exact in what it computes:
+
+* **length-grouped training order** (the bucketing of seq2seq toolkits; transformers'
+  ``group_by_length``): each epoch, a seeded shuffle is cut into mega-batches of
+  ``MEGA_BATCHES`` batches, each mega-batch is sorted by length and cut into batches, and the
+  batches are shuffled, so a batch holds rows of similar length while the loss curve does not
+  cycle from short to long. Every row appears exactly once per epoch, the order depends only on
+  (seed, epoch), the same on every process, so Accelerate's batch sharding and the exact mid-epoch
+  resume keep working. The batch holding the longest row comes first: an out-of-memory error shows
+  at step 1, not at the end of the epoch.
+* **length-sorted inference**: evaluation and prediction run over rows sorted by length and
+  return results in the caller's order.
+* **padding-free packing** for decoders (padding-free training, transformers PR #31629): a batch's
+  rows are concatenated into one row (or a few, at most ``PACKED_ROW_TOKENS`` tokens each), with
+  ``position_ids`` restarting at 0 for each and no attention mask; transformers then builds a
+  block-diagonal causal mask, so no token attends across rows, and the head pools each segment
+  (``segments`` gives each token's row, -1 for the filler that ends a packed row). No padding is
+  computed at all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+MEGA_BATCHES = 50  # batches per sorted mega-batch: large enough to find similar lengths, small enough to mix
+PACKED_ROW_TOKENS = 4096  # sdpa builds a dense (tokens x tokens) mask per packed row: keep it bounded
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Row indices in an order whose consecutive ``batch_size`` chunks hold rows of similar length."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batches: int = MEGA_BATCHES):
+        self.lengths, self.batch_size, self.seed, self.mega_batches = list(lengths), batch_size, seed, mega_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        mega = self.batch_size * self.mega_batches
+        batches = []
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # a short last batch must stay last: the loader cuts the flat order into batch_size chunks
+        short = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches.insert(0, batches.pop(longest))
+        return batches + ([short] if short else [])
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch
+
+
+def row_length(ids) -> int:
+    """Tokens of one encoded row: the longest choice of a multiple-choice row, all windows of a long text."""
+    if ids and isinstance(ids[0], list):
+        return sum(len(x) for x in ids)
+    return len(ids)
+
+
+def by_length(lengths: list[int]) -> list[int]:
+    """Indices from the longest row to the shortest (the first batch shows the worst case)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def packable(head, is_decoder: bool) -> bool:
+    """Packing needs a decoder (its causal mask is rebuilt per segment) and a head that pools one
+    vector per text from plain rows (not windows, choices or per-token outputs)."""
+    return (is_decoder and head.kind in ("classification", "multi_label", "regression")
+            and getattr(head, "long_text", "truncate") == "truncate")
+
+
+def pack(sequences: list[list[int]], pad_id: int, row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, torch.Tensor]:
+    """Concatenate ``sequences`` into rows of at most ``row_tokens`` tokens (one row when they fit).
+
+    Returns ``input_ids``, ``position_ids`` (0.. within each sequence) and ``segments`` (the
+    sequence each token belongs to; -1 for the filler that pads the rows to one length, whose
+    positions restart at 0 too, so it forms a segment of its own that nothing attends to)."""
+    rows: list[list[int]] = [[]]
+    owners: list[list[int]] = [[]]
+    for index, seq in enumerate(sequences):
+        if rows[-1] and len(rows[-1]) + len(seq) > max(row_tokens, len(seq)):
+            rows.append([])
+            owners.append([])
+        rows[-1] += seq
+        owners[-1] += [index] * len(seq)
+    width = max(len(r) for r in rows)
+    input_ids, positions, segments = [], [], []
+    for row, owner in zip(rows, owners):
+        fill = width - len(row)
+        input_ids.append(row + [pad_id] * fill)
+        pos, previous = [], None
+        for who in owner:
+            pos.append(pos[-1] + 1 if who == previous else 0)
+            previous = who
+        positions.append(pos + list(range(fill)))
+        segments.append(owner + [-1] * fill)
+    return {"input_ids": torch.tensor(input_ids), "position_ids": torch.tensor(positions),
+            "segments": torch.tensor(segments)}

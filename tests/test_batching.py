@@ -1,0 +1,124 @@
+"""Batching levers: length-grouped order, packing, length-sorted inference. Each must compute what
+plain padded batches compute: same rows once per epoch, same logits, same order back to the caller."""
+
+import random
+
+import pytest
+import torch
+
+import adapters
+from adapters.batching import LengthGroupedSampler, pack
+from adapters.data import Collator, encode_rows
+from adapters.heads import pool, pool_segments
+
+from .conftest import toy_sentiment
+
+
+def _lengths(n, seed=0):
+    rng = random.Random(seed)
+    return [rng.randint(3, 64) for _ in range(n)]
+
+
+@pytest.mark.parametrize("n,batch", [(100, 16), (96, 16), (7, 16), (1000, 8)])
+def test_grouped_order_covers_every_row_once_and_is_seeded(n, batch):
+    lengths = _lengths(n)
+    sampler = LengthGroupedSampler(lengths, batch, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(n))
+    assert list(LengthGroupedSampler(lengths, batch, seed=3)) == first  # another process: the same order
+    sampler.set_epoch(1)
+    assert list(sampler) != first or n < 2 * batch  # a new epoch, a new order
+    assert sorted(sampler) == list(range(n))
+    assert list(LengthGroupedSampler(lengths, batch, seed=4)) != first or n < 2 * batch
+
+
+def test_grouped_batches_pad_far_less_and_start_with_the_longest():
+    lengths = _lengths(1600)
+    sampler = LengthGroupedSampler(lengths, 16, seed=0)
+    order = list(sampler)
+    batches = [order[i:i + 16] for i in range(0, len(order), 16)]
+    assert batches == sampler.batches()  # the loader's cut matches the sampler's batches: a short one is last
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    shuffled = list(range(1600))
+    random.Random(0).shuffle(shuffled)
+    plain = [shuffled[i:i + 16] for i in range(0, 1600, 16)]
+    real = sum(lengths)
+    assert padded(batches) / real < 1.1 < 1.5 < padded(plain) / real
+    assert max(lengths[i] for i in batches[0]) == max(lengths)
+    assert len(batches[-1]) == 16
+
+
+def test_pack_positions_segments_and_row_bound():
+    sequences = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
+    one = pack(sequences, pad_id=0)
+    assert one["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    assert one["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 0, 1, 2, 3]]
+    assert one["segments"].tolist() == [[0, 0, 0, 1, 2, 2, 3, 3, 3, 3]]
+    rows = pack(sequences, pad_id=0, row_tokens=5)
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 14]]
+    assert rows["segments"].tolist() == [[0, 0, 0, 1], [2, 2, -1, -1], [3, 3, 3, 3]]
+    assert rows["position_ids"][1].tolist() == [0, 1, 0, 1]  # filler restarts: a segment of its own
+
+
+@pytest.mark.parametrize("method", ["last", "first", "mean"])
+def test_segment_pooling_equals_padded_pooling(method):
+    torch.manual_seed(0)
+    lengths = [3, 1, 4]
+    padded = torch.randn(3, 4, 5)
+    mask = torch.tensor([[1 if j < n else 0 for j in range(4)] for n in lengths])
+    packed = torch.cat([padded[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
+    segments = torch.tensor([[i for i, n in enumerate(lengths) for _ in range(n)]])
+    assert torch.allclose(pool(padded, mask, method), pool_segments(packed, segments, method))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("quantization", ["nf4", None])
+def test_packed_logits_and_gradients_equal_padded(tiny_llama, pooling, quantization):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, dropout=0.0),
+                           head=adapters.Classification(labels=["neg", "pos"], pooling=pooling, dropout=0.0),
+                           quantization=quantization)
+    with torch.no_grad():  # move lora_B off zero, so the adapter takes part
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    columns, _ = encode_rows(toy_sentiment(12), model.tokenizer, model.head_spec, "text", "label", 64, "rows")
+    rows = [dict(zip(columns, v)) for v in zip(*columns.values())]
+    results = []
+    for batch in (Collator(model.tokenizer, model.head_spec)(rows), Collator(model.tokenizer, model.head_spec, pack=True)(rows),
+                  {**pack([r["input_ids"] for r in rows], model.tokenizer.pad_token_id, row_tokens=16),
+                   "labels": torch.tensor([r["labels"] for r in rows])}):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out["loss"].backward()
+        results.append((out["logits"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (padded, grads), *packed = results
+    for logits, packed_grads in packed:
+        assert torch.allclose(logits, padded, atol=1e-5)
+        for name in grads:
+            assert torch.allclose(packed_grads[name], grads[name], atol=1e-5), name
+
+
+def test_training_packs_decoders_and_groups_encoders(tiny_llama, tiny_bert, toy_data):
+    head = adapters.Classification(labels=["neg", "pos"])
+    decoder = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=head)
+    metrics = adapters.train(decoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False))
+    assert metrics["train_real_token_fraction"] == 1.0  # packed: nothing but real tokens
+    encoder = adapters.adapt(tiny_bert, adapter=adapters.LoRA(r=4), head=head)
+    grouped = adapters.train(encoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False))
+    plain = adapters.train(encoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False,
+                                                                            group_by_length=False))
+    assert grouped["train_real_token_fraction"] > plain["train_real_token_fraction"]
+    with pytest.raises(adapters.ConfigError, match="packing=True needs a decoder"):
+        adapters.train(encoder, toy_data[0], None, adapters.TrainConfig(max_steps=1, packing=True, progress=False))
+
+
+def test_inference_sorted_by_length_returns_the_callers_order(tiny_llama):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    texts = [r["text"] for r in toy_sentiment(30, seed=2)]
+    together = model.logits(texts, batch_size=8)
+    one_by_one = torch.cat([model.logits([t]) for t in texts])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    assert model.predict(texts[::-1], batch_size=4) == model.predict(texts, batch_size=64)[::-1]
