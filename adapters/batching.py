@@ -12,8 +12,10 @@ random batches of 16 process 1.85x the real tokens. Three remedies, each exact i
   (seed, epoch), the same on every process, so Accelerate's batch sharding and the exact mid-epoch
   resume keep working. The batch holding the longest row comes first: an out-of-memory error shows
   at step 1, not at the end of the epoch.
-* **length-sorted inference**: evaluation and prediction run over rows sorted by length and
-  return results in the caller's order.
+* **length-sorted inference**: evaluation and prediction run over rows sorted by length, in batches
+  of up to ``INFERENCE_TOKENS`` padded tokens (many short rows, few long ones), and return results
+  in the caller's order. Few large batches matter on CPU: a 4-bit layer dequantizes its whole
+  weight at every call, whatever the batch.
 * **padding-free packing** for decoders (padding-free training, transformers PR #31629): a batch's
   rows are concatenated into one row (or a few, at most ``PACKED_ROW_TOKENS`` tokens each), with
   ``position_ids`` restarting at 0 for each and no attention mask; transformers then builds a
@@ -29,6 +31,8 @@ from torch.utils.data import Sampler
 
 MEGA_BATCHES = 50  # batches per sorted mega-batch: large enough to find similar lengths, small enough to mix
 PACKED_ROW_TOKENS = 4096  # sdpa builds a dense (tokens x tokens) mask per packed row: keep it bounded
+INFERENCE_TOKENS = 8192  # padded tokens per inference batch: no activations are kept, so it can be large
+INFERENCE_ROWS = 512
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -75,6 +79,21 @@ def row_length(ids) -> int:
 def by_length(lengths: list[int]) -> list[int]:
     """Indices from the longest row to the shortest (the first batch shows the worst case)."""
     return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def inference_batches(lengths: list[int], rows: int | None = None, tokens: int = INFERENCE_TOKENS) -> list[list[int]]:
+    """Row indices sorted by length (longest first), cut into batches of ``rows`` rows when given, else
+    of up to ``tokens`` padded tokens (at most ``INFERENCE_ROWS`` rows)."""
+    order = by_length(lengths)
+    if rows:
+        return [order[i:i + rows] for i in range(0, len(order), rows)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < INFERENCE_ROWS and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def packable(head, is_decoder: bool) -> bool:

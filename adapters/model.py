@@ -174,22 +174,23 @@ class AdaptedModel(nn.Module):
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.inference_mode()
-    def logits(self, inputs: list, batch_size: int = 64) -> torch.Tensor | list[torch.Tensor]:
+    def logits(self, inputs: list, batch_size: int | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Raw head outputs for ``inputs``, in eval mode, in the caller's order (a list of per-input
-        tensors for per-token heads, whose lengths differ). Inputs run sorted by length, so a batch
-        pads little (``batching.py``)."""
-        from .batching import by_length, row_length
+        tensors for per-token heads, whose lengths differ). Inputs run sorted by length, in batches of
+        ``batch_size`` rows or, by default, of up to 8,192 padded tokens (``batching.py``)."""
+        from .batching import inference_batches, row_length
         from .data import Collator
 
         rows = self._encoded_rows(inputs)
-        order = by_length([row_length(r["input_ids"]) for r in rows])
+        if batch_size is None and self.head_spec.kind == "causal_lm":
+            batch_size = 32  # logits span the vocabulary
+        batches = inference_batches([row_length(r["input_ids"]) for r in rows], batch_size)
         collate = Collator(self.tokenizer, self.head_spec)
         out: list = [None] * len(rows)
         was_training = self.training
         self.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
+            for chunk in batches:
                 batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in chunk]).items()}
                 for i, row in zip(chunk, self(**batch)["logits"].float().cpu()):
                     out[i] = row
@@ -199,7 +200,7 @@ class AdaptedModel(nn.Module):
             return out
         return torch.stack(out)
 
-    def predict(self, inputs, probabilities: bool = False, batch_size: int = 64, **generate_kwargs) -> Any:
+    def predict(self, inputs, probabilities: bool = False, batch_size: int | None = None, **generate_kwargs) -> Any:
         """Predictions for ``inputs`` (a list, or one input for one prediction):
 
         * Classification: label names (``probabilities=True``: ``(label, {label: p})`` pairs);
@@ -219,9 +220,9 @@ class AdaptedModel(nn.Module):
             return []
         if kind == "token_classification":
             inputs = [x.split() if isinstance(x, str) else list(x) for x in inputs]
-            result = self._predict_tags(inputs, batch_size)
+            result = self._predict_tags(inputs, batch_size or 256)
         elif kind == "causal_lm":
-            result = self._generate(inputs, batch_size, generate_kwargs)
+            result = self._generate(inputs, batch_size or 32, generate_kwargs)
         else:
             result = self.head_spec.decode(self.logits(inputs, batch_size), probabilities)
         return result[0] if single else result

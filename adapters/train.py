@@ -31,7 +31,7 @@ from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 
 from .base import cpu_only, resolve_mixed_precision
-from .batching import LengthGroupedSampler, by_length, packable, row_length
+from .batching import LengthGroupedSampler, inference_batches, packable, row_length
 from .checkpoint import (checkpoint_dir, complete_checkpoints, keep_trainable_only, load_checkpoint,
                          resolve_resume, save_checkpoint)
 from .data import Collator, encode_dataset
@@ -58,7 +58,8 @@ class TrainConfig:
     batch_size: int = 16
     """Examples per device per forward pass."""
     eval_batch_size: int | None = None
-    """Default: 4 x batch_size (no activations kept for backward; rows sorted by length)."""
+    """Rows per evaluation batch. Default: rows sorted by length in batches of up to 8,192 padded tokens
+    on one process, 4 x batch_size under several (and for CausalLM heads, whose logits span the vocabulary)."""
     grad_accum: int = 1
     """Forward passes per optimizer step: effective batch = batch_size x processes x grad_accum."""
     warmup_ratio: float = 0.06
@@ -217,14 +218,17 @@ def _lr_lambda(kind: str, warmup: int, total: int, calls_per_step: int = 1):
     return schedule
 
 
-def _eval_loader(model, data, config: TrainConfig) -> DataLoader:
+def _eval_loader(model, data, config: TrainConfig, processes: int = 1) -> DataLoader:
     """Evaluation batches of ``data`` for ``model`` (unprepared): encoded, sorted by length (metrics do
-    not depend on the order), padded per batch."""
+    not depend on the order), padded per batch; by token budget on one process (``batching.py``), and of
+    ``eval_batch_size`` rows (default 4 x batch_size) under several, whose shards must be of one size."""
     encoded = encode_dataset(data, model.tokenizer, model.head_spec, config.text_column, config.label_column,
                              model.max_length, "eval dataset")
-    return DataLoader(encoded, batch_size=config.eval_batch_size or 4 * config.batch_size,
-                      sampler=by_length([row_length(ids) for ids in encoded["input_ids"]]),
-                      collate_fn=Collator(model.tokenizer, model.head_spec))
+    rows = config.eval_batch_size
+    if rows is None and (processes > 1 or model.head_spec.kind == "causal_lm"):  # vocabulary-wide logits
+        rows = 4 * config.batch_size
+    batches = inference_batches([row_length(ids) for ids in encoded["input_ids"]], rows)
+    return DataLoader(encoded, batch_sampler=batches, collate_fn=Collator(model.tokenizer, model.head_spec))
 
 
 def _train_loader(model, encoded, config: TrainConfig) -> DataLoader:
@@ -250,7 +254,7 @@ def evaluate(model, data, config: TrainConfig | None = None, accelerator=None) -
     config = config or TrainConfig()
     # inference runs without autocast, as predict() and a reloaded artifact do
     accelerator = accelerator or Accelerator(cpu=cpu_only())
-    loader = accelerator.prepare(_eval_loader(accelerator.unwrap_model(model), data, config))
+    loader = accelerator.prepare(_eval_loader(accelerator.unwrap_model(model), data, config, accelerator.num_processes))
     return _evaluate_loader(model, loader, accelerator)
 
 
@@ -391,7 +395,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         _prepare_output_dir(config, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    eval_loader = _eval_loader(model, eval_data, config) if eval_data is not None else None
+    eval_loader = _eval_loader(model, eval_data, config, accelerator.num_processes) if eval_data is not None else None
     train_loader = _train_loader(model, encoded, config)
 
     if config.gradient_checkpointing:
