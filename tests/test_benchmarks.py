@@ -31,11 +31,16 @@ def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
 
     vs_peft_trainer.main(["--quick", "--model", tiny_llama, "--repeats", "1", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "vs_peft_trainer-quick.json").read_text())
-    assert len(payload["runs"]["ours"]) == len(payload["runs"]["baseline"]) == 1
-    assert payload["runs"]["ours"][0]["steps"] == payload["runs"]["baseline"][0]["steps"] == 6  # same budget
-    for key in ("seconds_per_step", "peak_mb", "accuracy"):
-        assert payload["summary"][key]["ratio_median"] > 0
-    assert "ratio ours/baseline" in (tmp_path / "vs_peft_trainer-quick.md").read_text()
+    runs = payload["runs"]
+    assert all(len(runs[side]) == 1 for side in ("ours", "baseline", "baseline-grouped", "ours-grouped", "ours-plain"))
+    assert runs["ours"][0]["steps"] == runs["baseline"][0]["steps"] == 6  # same budget
+    for pair in ("ours/baseline", "ours/baseline-grouped"):
+        for key in ("train_seconds", "eval_seconds", "predict_seconds", "peak_mb", "accuracy", "real_token_fraction"):
+            assert payload["summary"][pair][key]["ratio_median"] > 0
+    # the levers do what they say: packing computes no padding, grouping less than random batches
+    assert runs["ours"][0]["real_token_fraction"] == 1.0
+    assert runs["ours-grouped"][0]["real_token_fraction"] > runs["ours-plain"][0]["real_token_fraction"]
+    assert "**Ablation**" in (tmp_path / "vs_peft_trainer-quick.md").read_text()
 
 
 @pytest.mark.slow
@@ -79,3 +84,26 @@ def test_methods_quick_on_the_legal_task(tiny_llama, tmp_path):
     row = payload["results"][0]
     assert row["method"] == "QLoRA nf4" and 0 <= row["macro_f1"] <= 1 and row["steps"] == 10
     assert "Legal category" in (tmp_path / "m.md").read_text()
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check's every part, on CPU at tiny sizes: the first GPU run is not the first run."""
+    import gpu_check
+
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu-check-dry-run.json").read_text())
+    assert set(result["parts"]) == {"correctness", "memory", "throughput", "recipe"}
+    assert all(part["status"] == "passed" for part in result["parts"].values())
+    assert len(result["parts"]["correctness"]["tests"]["passed"]) >= 20
+    assert "| correctness | passed |" in (tmp_path / "gpu-check-dry-run.md").read_text()
+
+
+def test_gpu_check_skips_without_cuda(capsys):
+    import torch
+
+    import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert gpu_check.main([]) == 0
+    assert "no CUDA device: GPU check skipped" in capsys.readouterr().out
