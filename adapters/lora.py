@@ -11,13 +11,24 @@ rsLoRA (Kalajdzievski 2023) scales by ``alpha / sqrt(r)``; DoRA (Liu et al. 2024
 weight into magnitude and direction. All of it, including the 4-bit/8-bit layer variants and
 the adapter file format, is peft's; we only validate the config and the target patterns, so a
 pattern that matches nothing fails with the names that do exist.
+
+One change to peft's training path, for memory: **one dropped-out input per group of LoRA layers
+that read the same tensor** (q/k/v read one normed hidden state, gate/up another). peft draws a
+dropout mask per layer, so autograd keeps a dropped-out copy of the input (and its mask) for each
+of them; ``SharedInputDropout`` draws one mask per input tensor and hands the same dropped-out
+tensor to every layer of the group, so it is kept once (the idea of Unsloth's fused LoRA kernels,
+without replacing peft's layers). Semantics: layers that share an input share their dropout mask;
+with ``dropout=0`` nothing changes at all. ``LoRA(shared_dropout=False)`` restores peft's own.
+The adapter weights, their file format and merging are untouched.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from .errors import ConfigError, TargetModulesError
@@ -43,6 +54,13 @@ class LoRA:
     """Rank-stabilised scaling (Kalajdzievski 2023)."""
     dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024)."""
+    layers: list[int] | None = None
+    """Adapt only these transformer blocks (0 = the first; peft's ``layers_to_transform``), e.g. the top
+    half. Nothing below the lowest adapted block requires a gradient, so autograd keeps no activation
+    there: the classic "freeze the early layers", cheaper in time and memory. None: every block."""
+    shared_dropout: bool = True
+    """Layers that read the same input (q/k/v, gate/up) share one dropout mask, so autograd keeps one
+    dropped-out copy of the input instead of one per layer (see the module docstring)."""
     kind: str = field(default="lora", init=False)
 
     def __post_init__(self):
@@ -58,6 +76,12 @@ class LoRA:
             self.targets = list(self.targets)
         elif not isinstance(self.targets, str):
             raise ConfigError(f"LoRA targets={self.targets!r} must be 'all-linear', a list of names or a regex")
+        if self.layers is not None:
+            if (not isinstance(self.layers, (list, tuple)) or not self.layers
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
+                raise ConfigError(f"LoRA layers={self.layers!r} must be a non-empty list of block indices (0, 1, ...), "
+                                  f"e.g. list(range(15, 30)) for the top half of a 30-block model, or None for all")
+            self.layers = sorted(set(self.layers))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,11 +118,55 @@ def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
     return matched
 
 
+class SharedInputDropout(nn.Dropout):
+    """Dropout that returns the same dropped-out tensor when called again on the same input tensor.
+
+    Every instance of a model shares one ``slot``: the last input (by identity) and its output. Layers
+    that share an input run one after the other (q, k, v; gate, up), so the second and third find the
+    first's output there. Only references are kept: a weak one to the input, the output as long as
+    autograd keeps it for backward."""
+
+    def __init__(self, p: float, slot: dict):
+        super().__init__(p)
+        self.slot = slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        source, out = self.slot.get("input"), self.slot.get("output")
+        if source is not None and source() is x and out is not None and out() is not None:
+            return out()
+        dropped = super().forward(x)
+        self.slot.update(input=weakref.ref(x), output=weakref.ref(dropped))
+        return dropped
+
+
+def share_dropout(model: nn.Module) -> int:
+    """Replace peft's per-layer LoRA dropout by ``SharedInputDropout`` (one slot per model); returns
+    how many layers were changed."""
+    slot: dict = {}
+    changed = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name, layer in dropouts.items():
+            if type(layer) is nn.Dropout:
+                dropouts[name] = SharedInputDropout(layer.p, slot)
+                changed += 1
+    return changed
+
+
 def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     """Wrap ``model`` in a ``peft.PeftModel`` with LoRA layers on the selected targets."""
     from peft import LoraConfig, get_peft_model
 
     targets = check_targets(model, lora.targets)
+    if lora.layers is not None:
+        blocks = getattr(model.config, "num_hidden_layers", None)
+        if blocks is not None and max(lora.layers) >= blocks:
+            raise ConfigError(f"LoRA layers={lora.layers} name block {max(lora.layers)}, but the model has {blocks} "
+                              f"blocks (0-{blocks - 1})")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -108,7 +176,11 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
         target_modules=sorted({n.rsplit(".", 1)[-1] for n in targets}) if lora.targets == "all-linear" else lora.targets,
         use_rslora=lora.rslora,
         use_dora=lora.dora,
+        layers_to_transform=lora.layers,
         bias="none",
         base_model_name_or_path=base_name,
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if lora.shared_dropout:
+        share_dropout(peft_model)
+    return peft_model

@@ -214,6 +214,9 @@ class AdaptedModel(nn.Module):
           ``generate_kwargs`` go to ``transformers``' ``generate``.
         """
         kind = self.head_spec.kind
+        if generate_kwargs and kind != "causal_lm":  # a typo (probabilites=True) must not pass in silence
+            raise ConfigError(f"predict() got unknown keyword(s) {sorted(generate_kwargs)}: a {kind} head takes "
+                              f"`probabilities` and `batch_size` (generate() keywords are for CausalLM heads)")
         single = isinstance(inputs, (str, dict)) or (kind == "causal_lm" and _is_messages(inputs))
         inputs = [inputs] if single else list(inputs)
         if not inputs:

@@ -109,6 +109,7 @@ class TrainConfig:
     batch ``batch_size x grad_accum`` per device; see ``batch_size.py``."""
 
     def __post_init__(self):
+        self._check_types()
         checks = [
             (self.epochs > 0, f"epochs={self.epochs} must be > 0"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1"),
@@ -134,6 +135,24 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+    def _check_types(self) -> None:
+        """Numbers must be finite numbers and counts integers, before any comparison (``lr="abc"``
+        would end in a bare TypeError, ``lr=inf`` would train to NaN)."""
+        for name in ("epochs", "lr", "head_lr", "warmup_ratio", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is None and name in ("head_lr", "max_grad_norm"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"TrainConfig({name}={value!r}): must be a finite number")
+        for name in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "seed", "log_every", "eval_every",
+                     "save_every", "keep_last", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"TrainConfig({name}={value!r}): must be an integer")
+        if self.packing not in (None, True, False):
+            raise ConfigError(f"TrainConfig(packing={self.packing!r}): must be True, False or None (automatic)")
 
 
 class JSONLTracker(GeneralTracker):
@@ -413,7 +432,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
 
     run = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "running": 0.0, "running_count": 0, "last_loss": None,
            "best": None, "best_step": None, "best_checkpoint": None, "bad_evals": 0, "skipped_steps": 0,
-           "stopped_early": False, "metrics": {}}
+           "stopped_early": False, "metrics": {}, "metrics_step": None}
     if resume_from is not None:
         run.update(load_checkpoint(accelerator, resume_from))
         accelerator.print(f"resumed from {resume_from} at step {run['step']}")
@@ -442,6 +461,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
         nonlocal best_weights, eval_seconds
         eval_started = time.perf_counter()
         run["metrics"] = {f"eval_{k}": v for k, v in _evaluate_loader(model, eval_loader, accelerator).items()}
+        run["metrics_step"] = run["step"]
         eval_seconds += time.perf_counter() - eval_started
         accelerator.log(run["metrics"], step=run["step"])
         accelerator.print(f"step {run['step']}: "
@@ -541,7 +561,9 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
                     run["stopped_early"] = evaluate_now()
     progress.close()
     seconds = time.perf_counter() - started - eval_seconds
-    if eval_loader is not None and not run["metrics"]:
+    # the final metrics describe the final weights: evaluate again when the last evaluation came earlier
+    # (max_steps stopping mid-epoch after an end-of-epoch evaluation)
+    if eval_loader is not None and (not run["metrics"] or run.get("metrics_step") != run["step"]):
         evaluate_now()
     if config.load_best and run["best_step"] is not None and run["best_step"] != run["step"]:
         if best_weights is None:  # best seen before a resume: read it from its checkpoint

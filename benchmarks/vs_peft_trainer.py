@@ -43,7 +43,10 @@ def _data(budget: dict, seed: int):
 
 
 # ours at its defaults, and with levers switched off (the ablation): TrainConfig overrides
-OURS = {"ours": {}, "ours-grouped": {"packing": False}, "ours-plain": {"packing": False, "group_by_length": False}}
+# each ablation side switches off one more lever: shared dropout, then packing, then length grouping
+UNSHARED = {"lora": {"shared_dropout": False}}
+OURS = {"ours": {}, "ours-unshared": UNSHARED, "ours-grouped": {**UNSHARED, "packing": False},
+        "ours-plain": {**UNSHARED, "packing": False, "group_by_length": False}}
 BASELINES = {"baseline": "random", "baseline-grouped": "group_by_length"}
 
 
@@ -51,8 +54,10 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
     import adapters
 
     train_rows, test_rows = _data(budget, seed)
+    overrides = dict(overrides)
+    lora = overrides.pop("lora", {})
     model = adapters.adapt(model_name, adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"],
-                                                             dropout=SETTINGS["dropout"]),
+                                                             dropout=SETTINGS["dropout"], **lora),
                            head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
                            max_length=SETTINGS["max_length"], seed=seed)
     started = time.perf_counter()
@@ -182,7 +187,7 @@ def main(argv=None) -> None:
     runs = {side: [] for side in [*OURS, *BASELINES]}
     main_sides = ["ours", "baseline", "baseline-grouped"]
     plan = [main_sides if i % 2 == 0 else main_sides[::-1] for i in range(repeats)]  # alternate the order
-    plan += [["ours-grouped", "ours-plain"]] * args.ablation_repeats
+    plan += [["ours-unshared", "ours-grouped", "ours-plain"]] * args.ablation_repeats
     for i, sides in enumerate(plan):
         for side in sides:
             runs[side].append(run_child(__file__, ["--side", side, "--budget", budget, "--model", args.model,
@@ -200,8 +205,10 @@ def main(argv=None) -> None:
     ablation = ["| configuration | training wall time (s) | peak memory (MB) | accuracy | real / processed tokens |",
                 "|---|---|---|---|---|"]
     for side, label in [("baseline", "PEFT + Trainer, defaults"), ("baseline-grouped", "PEFT + Trainer, group_by_length"),
-                        ("ours-plain", "ours, random batches (no lever)"), ("ours-grouped", "ours, length-grouped batches"),
-                        ("ours", "ours, defaults (packed batches)")]:
+                        ("ours-plain", "ours, random batches, per-layer dropout copies (no lever)"),
+                        ("ours-grouped", "ours, length-grouped batches, per-layer dropout copies"),
+                        ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
+                        ("ours", "ours, defaults (packed batches, one dropout copy per input)")]:
         if runs[side]:
             med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES}
             ablation.append(f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "

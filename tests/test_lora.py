@@ -60,3 +60,86 @@ def test_peft_loads_the_saved_adapter_folder(tiny_llama, tmp_path, toy_data):
         ours = model.body(input_ids=ids).last_hidden_state
         theirs = peft_model(input_ids=ids).last_hidden_state
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_lora_on_the_top_blocks_only(tiny_llama, toy_data, tmp_path):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, layers=[1]),
+                           head=adapters.Classification(labels=["neg", "pos"]))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_" in n}
+    assert adapted == {"1"}
+    adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, lr=1e-2, batch_size=8, progress=False))
+    model.save_pretrained(tmp_path / "art")
+    again = adapters.load(tmp_path / "art")
+    assert again.adapter.layers == [1]
+    texts = [r["text"] for r in toy_data[1]]
+    assert torch.allclose(model.logits(texts), again.logits(texts), atol=1e-6)
+
+
+@pytest.mark.parametrize("layers", [[], [-1], ["1"], [True], 3])
+def test_bad_lora_layers(layers):
+    with pytest.raises(adapters.ConfigError, match="layers"):
+        adapters.LoRA(layers=layers)
+
+
+def test_lora_layers_beyond_the_model(tiny_llama):
+    with pytest.raises(adapters.ConfigError, match="has 2 blocks"):
+        adapters.adapt(tiny_llama, adapter=adapters.LoRA(layers=[5]), head=adapters.Classification(labels=["a", "b"]))
+
+
+def _lora_inputs_and_saved_bytes(model, ids):
+    """The input each LoRA A matrix saw, and the bytes autograd kept for backward, in one training forward."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    inputs, storages, total = {}, set(), [0]
+    handles = [module.register_forward_hook(lambda m, args, out, n=name: inputs.__setitem__(n, args[0]))
+               for name, module in model.named_modules() if name.endswith("lora_A.default")]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in storages:
+            storages.add(t.untyped_storage().data_ptr())
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 0, 1]))["loss"]
+    loss.backward()
+    for h in handles:
+        h.remove()
+    return {n.split("base_model.model.")[-1].removesuffix(".lora_A.default"): t for n, t in inputs.items()}, total[0]
+
+
+def test_layers_reading_one_input_share_one_dropped_out_copy(tiny_llama):
+    ids = torch.randint(4, 20, (4, 12), generator=torch.Generator().manual_seed(0))
+    saved = {}
+    for shared in (False, True):
+        model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, dropout=0.1, shared_dropout=shared),
+                               head=adapters.Classification(labels=["a", "b"]))
+        torch.manual_seed(0)
+        inputs, saved[shared] = _lora_inputs_and_saved_bytes(model, ids)
+        attention = [inputs[f"layers.0.self_attn.{p}_proj"] for p in "qkv"]
+        mlp = [inputs[f"layers.0.mlp.{p}_proj"] for p in ("gate", "up")]
+        same = all(t is attention[0] for t in attention) and mlp[0] is mlp[1]
+        assert same == shared
+        # dropout semantics, shared or not: each value is dropped (0) or scaled by 1 / (1 - p)
+        kept = attention[0] != 0
+        assert 0.8 < kept.float().mean() < 0.98
+    assert saved[True] < 0.9 * saved[False]  # one copy instead of three (q/k/v) and two (gate/up) per block
+
+
+def test_shared_dropout_changes_nothing_without_dropout(tiny_llama):
+    """dropout=0: gradients equal peft's own layers exactly."""
+    ids = torch.randint(4, 20, (4, 12), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for shared in (False, True):
+        model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, dropout=0.0, shared_dropout=shared),
+                               head=adapters.Classification(labels=["a", "b"], dropout=0.0))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+        _lora_inputs_and_saved_bytes(model, ids)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name

@@ -133,3 +133,26 @@ def test_bf16_autocast_stays_in_training(tiny_llama, toy_data, tmp_path):
     metrics = adapters.train(other, toy_data[0], None, adapters.TrainConfig(max_steps=2, batch_size=8,
                                                                             mixed_precision="no", progress=False))
     assert metrics["steps"] == 2
+
+
+@pytest.mark.parametrize("values", [{"lr": "abc"}, {"lr": float("inf")}, {"epochs": float("nan")},
+                                    {"batch_size": 2.5}, {"max_steps": True}, {"packing": "yes"}])
+def test_config_types_are_checked(values):
+    with pytest.raises(adapters.ConfigError, match=list(values)[0]):
+        adapters.TrainConfig(**values)
+
+
+def test_final_metrics_describe_the_final_weights(tiny_llama, toy_data):
+    """max_steps stopping mid-epoch after an end-of-epoch evaluation: the final weights are evaluated."""
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    # 48 rows / 16 = 3 steps per epoch: the epoch ends (and evaluates) at step 3, training stops at 4
+    metrics = adapters.train(model, toy_data[0], toy_data[1], adapters.TrainConfig(
+        max_steps=4, lr=1e-2, batch_size=16, progress=False))
+    assert metrics["steps"] == 4
+    assert metrics["eval_loss"] == pytest.approx(adapters.evaluate(model, toy_data[1])["loss"], abs=1e-6)
+
+
+def test_predict_refuses_keywords_the_head_cannot_use(tiny_llama):
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.Classification(labels=["neg", "pos"]))
+    with pytest.raises(adapters.ConfigError, match="probabilites"):
+        model.predict(["a good film"], probabilites=True)
