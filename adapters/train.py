@@ -31,7 +31,7 @@ from accelerate.tracking import GeneralTracker
 from torch.utils.data import DataLoader
 
 from .base import cpu_only, resolve_mixed_precision
-from .batching import LengthGroupedSampler, inference_batches, packable, row_length
+from .batching import LengthGroupedSampler, by_length, inference_batches, packable, row_length
 from .checkpoint import (checkpoint_dir, complete_checkpoints, keep_trainable_only, load_checkpoint,
                          resolve_resume, save_checkpoint)
 from .data import Collator, encode_dataset
@@ -246,11 +246,14 @@ def _eval_loader(model, data, config: TrainConfig, processes: int = 1) -> DataLo
     rows = config.eval_batch_size
     if rows is None and (processes > 1 or model.head_spec.kind == "causal_lm"):  # vocabulary-wide logits
         rows = 4 * config.batch_size
-    batches = inference_batches([row_length(ids) for ids in encoded["input_ids"]], rows)
-    return DataLoader(encoded, batch_sampler=batches, collate_fn=Collator(model.tokenizer, model.head_spec))
+    lengths = [row_length(ids) for ids in encoded["input_ids"]]
+    collate = Collator(model.tokenizer, model.head_spec)
+    if processes > 1:  # Accelerate shards a sampler with a fixed batch size evenly across processes
+        return DataLoader(encoded, batch_size=rows, sampler=by_length(lengths), collate_fn=collate)
+    return DataLoader(encoded, batch_sampler=inference_batches(lengths, rows), collate_fn=collate)
 
 
-def _train_loader(model, encoded, config: TrainConfig) -> DataLoader:
+def _train_loader(model, encoded, config: TrainConfig, processes: int = 1) -> DataLoader:
     """Training batches: packed (no padding) where the model and head allow it and ``packing`` is not
     False; else length-grouped (``group_by_length``) or plainly shuffled, padded per batch."""
     allowed = packable(model.head_spec, model.backbone_info.is_decoder)
@@ -261,7 +264,10 @@ def _train_loader(model, encoded, config: TrainConfig) -> DataLoader:
     packed = allowed if config.packing is None else config.packing
     collate = Collator(model.tokenizer, model.head_spec, pack=packed)
     if config.group_by_length and not packed:
-        sampler = LengthGroupedSampler([row_length(ids) for ids in encoded["input_ids"]], config.batch_size, config.seed)
+        # grouped in units of the global batch: Accelerate hands consecutive batches to the processes,
+        # so N processes see the same rows per step as one process with an N times larger batch
+        sampler = LengthGroupedSampler([row_length(ids) for ids in encoded["input_ids"]],
+                                       config.batch_size * processes, config.seed)
         return DataLoader(encoded, batch_size=config.batch_size, sampler=sampler, collate_fn=collate)
     return DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
 
@@ -415,7 +421,7 @@ def train(model, train_data, eval_data=None, config: TrainConfig | None = None) 
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     eval_loader = _eval_loader(model, eval_data, config, accelerator.num_processes) if eval_data is not None else None
-    train_loader = _train_loader(model, encoded, config)
+    train_loader = _train_loader(model, encoded, config, accelerator.num_processes)
 
     if config.gradient_checkpointing:
         model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
