@@ -55,7 +55,7 @@ class LoRA:
     dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024)."""
     layers: list[int] | None = None
-    """Adapt only these transformer blocks (0 = the first; peft's ``layers_to_transform``), e.g. the top
+    """Adapt only these transformer blocks (0 = the first), e.g. the top
     half. Nothing below the lowest adapted block requires a gradient, so autograd keeps no activation
     there: the classic "freeze the early layers", cheaper in time and memory. None: every block."""
     shared_dropout: bool = True
@@ -95,6 +95,9 @@ def linear_module_names(model: nn.Module) -> list[str]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [name for name, module in model.named_modules()
             if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
+
+
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
 
 def matches(targets: str | list[str], name: str) -> bool:
@@ -162,21 +165,25 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     from peft import LoraConfig, get_peft_model
 
     targets = check_targets(model, lora.targets)
+    target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets}) if lora.targets == "all-linear" else lora.targets
     if lora.layers is not None:
         blocks = getattr(model.config, "num_hidden_layers", None)
         if blocks is not None and max(lora.layers) >= blocks:
             raise ConfigError(f"LoRA layers={lora.layers} name block {max(lora.layers)}, but the model has {blocks} "
                               f"blocks (0-{blocks - 1})")
+        # the selected modules by full name: peft's layers_to_transform cannot find the blocks of a
+        # headless backbone, whose block names ("layers.3...") have no parent prefix
+        chosen = [n for n in targets if (m := BLOCK_INDEX.search(n)) and int(m.group(1)) in lora.layers]
+        target_modules = "|".join(re.escape(n) for n in chosen)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         # "all-linear" as the leaf names of every linear layer: peft's own shorthand would also
         # skip a layer it takes for an output head, which a headless backbone does not have
-        target_modules=sorted({n.rsplit(".", 1)[-1] for n in targets}) if lora.targets == "all-linear" else lora.targets,
+        target_modules=target_modules,
         use_rslora=lora.rslora,
         use_dora=lora.dora,
-        layers_to_transform=lora.layers,
         bias="none",
         base_model_name_or_path=base_name,
     )
