@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from .batching import by_length
 from .errors import ConfigError
 
 logger = logging.getLogger("adapters")
@@ -66,7 +67,7 @@ def choose_batch_size(model, encoded, config, processes: int = 1) -> tuple[int, 
     lengths = [_row_length(ids) for ids in encoded["input_ids"]]
     if not lengths:
         raise ConfigError("auto_batch_size needs training data")
-    longest = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # the real step runs the worst case
+    longest = by_length(lengths)  # the real step runs the worst case
     seq_len = lengths[longest[0]]
     free = free_memory(model.device)
     resident = None
