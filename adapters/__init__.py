@@ -15,7 +15,6 @@ import logging
 # packed CPU inference path, which base.py turns off (one numeric path for train and eval)
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
 
-from .artifact import load  # noqa: E402
 from .bottleneck import Bottleneck  # noqa: E402
 from .errors import (  # noqa: E402
     AdaptersError, CheckpointError, ConfigError, DataError, NonFiniteLossError, TargetModulesError, TrainingError,
@@ -23,7 +22,7 @@ from .errors import (  # noqa: E402
 from .heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification  # noqa: E402
 from .lora import LoRA  # noqa: E402
 from .memory import MemoryEstimate, estimate_memory  # noqa: E402
-from .model import AdaptedModel, adapt  # noqa: E402
+from .model import AdaptedModel, adapt, load  # noqa: E402
 from .packaged import PACKAGED_MODELS  # noqa: E402
 from .train import TrainConfig, evaluate, train  # noqa: E402
 

@@ -10,35 +10,33 @@ Layout of an artifact folder::
     bottleneck.safetensors  bottleneck adapters: their weights (their config is in qadapters.json)
     head.safetensors        the task head's weights
 
-``load`` rebuilds the model with ``adapt`` from the stored spec (same quantization, adapter
-and head), then loads the trained tensors after checking names and shapes, so a folder that
-is incomplete, corrupt or from another base fails with a ``CheckpointError`` saying which.
-Saving writes to a temporary sibling folder and renames it into place, so a crash never
-leaves a half-written artifact where a good one was.
+This module is the format only: what is written where, and reading it back with checks. Each
+adapter kind writes and reads its own files (``AdapterSpec.save``/``load``).
+``AdaptedModel.from_pretrained`` (``adapters.load``) rebuilds the model with ``adapt`` from the
+stored spec (same quantization, adapter and head), then loads the trained tensors after checking
+names and shapes, so a folder that is incomplete, corrupt or from another base fails with a
+``CheckpointError`` saying which. Saving writes to a temporary sibling folder and renames it into
+place (``files.atomic_folder``), so a crash never leaves a half-written artifact where a good one was.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .base import base_fingerprint, process_state
+from .bottleneck import BOTTLENECK_FILE  # noqa: F401 (part of the format, named here for readers)
 from .card import model_card
 from .errors import CheckpointError, ConfigError
-from .bottleneck import Bottleneck
-from .heads import head_from_dict
-from .lora import LoRA
+from .files import atomic_folder, cpu_state, load_tensors
+from .lora import ADAPTER_DIR  # noqa: F401
+from .registry import adapter_from_dict, head_from_dict
 
 FORMAT_VERSION = 1
 SPEC_FILE = "qadapters.json"
 HEAD_FILE = "head.safetensors"
-ADAPTER_DIR = "adapter"  # LoRA: a peft adapter folder
-BOTTLENECK_FILE = "bottleneck.safetensors"
 
 
 def library_version() -> str:
@@ -58,20 +56,28 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def _adapter_from_dict(data: dict | None):
-    if data is None:
-        return None
-    data = dict(data)
-    kind = data.pop("kind", None)
-    if kind == "lora":
-        return LoRA(**data)
-    if kind == "bottleneck":
-        return Bottleneck(**data)
-    raise CheckpointError(f"artifact names an unknown adapter kind {kind!r}; was it saved by a newer qadapters?")
-
-
 def is_artifact(path) -> bool:
     return (Path(path) / SPEC_FILE).is_file()
+
+
+def artifact_spec(model, extra: dict | None = None) -> dict:
+    """What ``qadapters.json`` records about ``model`` (an ``AdaptedModel``)."""
+    base = model.base
+    return {
+        "format_version": FORMAT_VERSION,
+        "base": {"name": base.source, "model_type": model.backbone.config.model_type,
+                 "hidden_size": base.hidden_size, "is_decoder": base.is_decoder,
+                 **base_fingerprint(model.backbone)},
+        "quantization": base.quantization,
+        "dtype": model.dtype_arg,
+        "max_length": model.max_length,
+        "padding_side": base.tokenizer.padding_side,
+        "adapter": model.adapter.to_dict() if model.adapter else None,
+        "head": model.head_spec.to_dict(),
+        "versions": _versions(),
+        "training": model.training_record,
+        **(extra or {}),
+    }
 
 
 def save_artifact(model, path, overwrite: bool = False, extra: dict | None = None) -> Path:
@@ -93,47 +99,15 @@ def save_artifact(model, path, overwrite: bool = False, extra: dict | None = Non
     if not state.is_main_process:  # under DDP every rank holds the same weights: one writes
         state.wait_for_everyone()
         return path
-    info = model.backbone_info
-    spec = {
-        "format_version": FORMAT_VERSION,
-        "base": {"name": info.source, "model_type": model.base_model.config.model_type,
-                 "hidden_size": info.hidden_size, "is_decoder": info.is_decoder,
-                 **base_fingerprint(model.base_model)},
-        "quantization": info.quantization,
-        "dtype": model.dtype_arg,
-        "max_length": model.max_length,
-        "padding_side": info.tokenizer.padding_side,
-        "adapter": model.adapter.to_dict() if model.adapter else None,
-        "head": model.head_spec.to_dict(),
-        "versions": _versions(),
-        "training": model.training_record,
-        **(extra or {}),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        if isinstance(model.adapter, LoRA):
-            model.body.save_pretrained(tmp / ADAPTER_DIR)
-        elif isinstance(model.adapter, Bottleneck):
-            save_file(_cpu_state(model.bottleneck), str(tmp / BOTTLENECK_FILE))
-        save_file(_cpu_state(model.head), str(tmp / HEAD_FILE))
+    spec = artifact_spec(model, extra)
+    with atomic_folder(path) as tmp:
+        if model.adapter is not None:
+            model.adapter.save(model, tmp)
+        save_file(cpu_state(model.head), str(tmp / HEAD_FILE))
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
         (tmp / "README.md").write_text(model_card(spec, path.name))
-        if path.exists():  # swap: the old artifact is removed only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "artifact")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     state.wait_for_everyone()
     return path
-
-
-def _cpu_state(module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
 def read_spec(path) -> dict:
@@ -152,32 +126,33 @@ def read_spec(path) -> dict:
     return spec
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def adapter_spec_of(spec: dict, path: Path):
+    """The adapter settings an artifact's spec records (None: head only)."""
+    return _spec_entry(spec, "adapter", adapter_from_dict, path)
 
-    if not file.is_file():
-        raise CheckpointError(f"artifact file {file} is missing; the artifact is incomplete, save it again")
+
+def head_spec_of(spec: dict, path: Path):
+    """The head settings an artifact's spec records."""
+    return _spec_entry(spec, "head", head_from_dict, path)
+
+
+def _spec_entry(spec: dict, key: str, build, path: Path):
     try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file} is corrupt or not a safetensors file ({err})") from None
+        return build(spec[key])
+    except (KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(f"{path / SPEC_FILE} lacks or garbles its {key!r} entry ({err}); the artifact is "
+                              f"corrupt or was written by a newer qadapters") from None
 
 
-def _check_state(loaded: dict, expected: dict, file: Path) -> None:
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{file} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, tensor in expected.items():
-        if tuple(loaded[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{file}: tensor {key} has shape {tuple(loaded[key].shape)}, the model expects "
-                                  f"{tuple(tensor.shape)}; the artifact was saved from a different configuration")
+def read_head(path: Path) -> dict[str, torch.Tensor]:
+    """The head's tensors of artifact ``path``."""
+    return load_tensors(Path(path) / HEAD_FILE)
 
 
-def _check_fingerprint(spec: dict, model, path: Path) -> None:
+def check_base(spec: dict, network, path: Path) -> None:
+    """Refuse a base whose weights differ from the one the artifact was trained on."""
     saved = spec["base"]
-    now = base_fingerprint(model.base_model)
+    now = base_fingerprint(network)
     same_shape = saved.get("embedding_shape") == now["embedding_shape"]
     close = same_shape and torch.allclose(torch.tensor(saved["embedding_sample"]),
                                           torch.tensor(now["embedding_sample"]), rtol=1e-2, atol=1e-3)
@@ -185,42 +160,3 @@ def _check_fingerprint(spec: dict, model, path: Path) -> None:
         raise CheckpointError(f"artifact {path} was trained on a different base model than {saved['name']!r} "
                               f"resolves to now (embedding weights differ); pass base= pointing at the original "
                               f"base weights")
-
-
-def load(path, base: str | None = None, device: str | torch.device | None = None, dtype: str | None = None):
-    """Rebuild a saved adapted model: same base, quantization, adapter and head, trained weights.
-
-    ``base`` overrides where the base model is read from (default: the name stored at save
-    time); ``device``/``dtype`` as in ``adapt``.
-    """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    from .model import adapt
-
-    path = Path(path)
-    spec = read_spec(path)
-    try:
-        adapter = _adapter_from_dict(spec["adapter"])
-        head = head_from_dict(spec["head"])
-        base_name = base or spec["base"]["name"]
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{path / SPEC_FILE} lacks or garbles an entry ({err}); the artifact is corrupt") from None
-    head_tensors = _load_tensors(path / HEAD_FILE)
-    adapter_file = path / (BOTTLENECK_FILE if isinstance(adapter, Bottleneck) else f"{ADAPTER_DIR}/adapter_model.safetensors")
-    adapter_tensors = _load_tensors(adapter_file) if adapter is not None else None
-
-    model = adapt(base_name, adapter=adapter, head=head, quantization=spec["quantization"],
-                  dtype=dtype or spec.get("dtype"), device=device, max_length=spec["max_length"],
-                  padding_side=spec.get("padding_side"), seed=None)
-    _check_fingerprint(spec, model, path)
-    if isinstance(adapter, LoRA):
-        # peft saves keys without the adapter name; compare against its own export of this model
-        _check_state(adapter_tensors, get_peft_model_state_dict(model.body), adapter_file)
-        set_peft_model_state_dict(model.body, adapter_tensors)
-    elif isinstance(adapter, Bottleneck):
-        _check_state(adapter_tensors, model.bottleneck.state_dict(), adapter_file)
-        model.bottleneck.load_state_dict({k: v.to(model.device) for k, v in adapter_tensors.items()})
-    _check_state(head_tensors, model.head.state_dict(), path / HEAD_FILE)
-    model.head.load_state_dict({k: v.to(model.device) for k, v in head_tensors.items()})
-    model.eval()
-    return model

@@ -19,8 +19,9 @@ chooses the settings:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -34,10 +35,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 
 @dataclass
-class Backbone:
-    """A loaded, frozen backbone and what the rest of the library needs to know about it."""
+class BaseInfo:
+    """What the rest of the library needs to know about a loaded, frozen backbone (the network itself
+    is ``AdaptedModel.backbone``)."""
 
-    model: nn.Module
     tokenizer: Any
     source: str  # what the user passed: packaged name, folder or hub id
     location: str  # where the weights were actually read from
@@ -45,6 +46,22 @@ class Backbone:
     compute_dtype: torch.dtype
     is_decoder: bool
     hidden_size: int
+
+
+def dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how dtypes are written in specs, tables and logs."""
+    return dtype if dtype is None or isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def resolve_source(name: str, trust_remote_code: bool = False) -> str:
@@ -148,9 +165,10 @@ def load_backbone(
     trust_remote_code: bool = False,
     padding_side: str | None = None,
     with_lm_head: bool = False,
-) -> Backbone:
+) -> tuple[nn.Module, BaseInfo]:
     """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
-    (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``)."""
+    (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``). Returns the
+    network and what it is."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if padding_side not in (None, "left", "right"):
@@ -205,7 +223,7 @@ def load_backbone(
         # absolute position embeddings (BERT) would see every token shifted by the padding
         raise ConfigError(f"{name!r} is an encoder: it must be padded on the right (padding_side='right'); "
                           f"left padding shifts its absolute positions")
-    return Backbone(model, tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
+    return model, BaseInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
 
 
 def base_fingerprint(model: nn.Module) -> dict:

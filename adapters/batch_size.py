@@ -14,8 +14,10 @@ import logging
 
 import torch
 
-from .batching import by_length
+from .batching import by_length, longest_sequence
+from .data import Collator
 from .errors import ConfigError
+from .memory import estimate_memory
 
 logger = logging.getLogger("adapters")
 SAFETY = 0.9  # the estimate is within ~15%: keep some room for the allocator's fragmentation
@@ -33,11 +35,6 @@ def free_memory(device: torch.device) -> int:
 
 def _divisors_descending(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
-
-
-def _row_length(ids: list) -> int:
-    """Tokens of one encoded row (the longest choice of a multiple-choice row)."""
-    return max(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
@@ -60,11 +57,8 @@ def _real_step(model, rows: list[dict], collator) -> None:
 
 def choose_batch_size(model, encoded, config, processes: int = 1) -> tuple[int, int, dict]:
     """(per-device batch, gradient accumulation, details) for ``config.batch_size x config.grad_accum``."""
-    from .data import Collator
-    from .memory import estimate_memory
-
     wanted = config.batch_size * config.grad_accum
-    lengths = [_row_length(ids) for ids in encoded["input_ids"]]
+    lengths = [longest_sequence(ids) for ids in encoded["input_ids"]]
     if not lengths:
         raise ConfigError("auto_batch_size needs training data")
     longest = by_length(lengths)  # the real step runs the worst case

@@ -70,10 +70,15 @@ class LengthGroupedSampler(Sampler[int]):
 
 
 def row_length(ids) -> int:
-    """Tokens of one encoded row: the longest choice of a multiple-choice row, all windows of a long text."""
+    """Tokens of one encoded row: all choices of a multiple-choice row, all windows of a long text."""
     if ids and isinstance(ids[0], list):
         return sum(len(x) for x in ids)
     return len(ids)
+
+
+def longest_sequence(ids) -> int:
+    """Tokens of the longest sequence in one encoded row (a choice, a window, or the row itself)."""
+    return max(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)
 
 
 def by_length(lengths: list[int]) -> list[int]:
@@ -99,8 +104,7 @@ def inference_batches(lengths: list[int], rows: int | None = None, tokens: int =
 def packable(head, is_decoder: bool) -> bool:
     """Packing needs a decoder (its causal mask is rebuilt per segment) and a head that pools one
     vector per text from plain rows (not windows, choices or per-token outputs)."""
-    return (is_decoder and head.kind in ("classification", "multi_label", "regression")
-            and getattr(head, "long_text", "truncate") == "truncate")
+    return is_decoder and head.packable()
 
 
 def pack(sequences: list[list[int]], pad_id: int, row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, torch.Tensor]:

@@ -30,20 +30,25 @@ Where the rule finds nothing, ``targets=`` names the modules by hand.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .adapter_spec import AdapterSpec
 from .errors import ConfigError, TargetModulesError
+from .files import check_state, cpu_state, load_tensors
+from .targets import linear_module_names, matches
 
 PLACEMENTS = ("pfeiffer", "houlsby")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+BOTTLENECK_FILE = "bottleneck.safetensors"  # in an artifact: the adapters' weights (settings in qadapters.json)
 
 
 @dataclass
-class Bottleneck:
+class Bottleneck(AdapterSpec):
     """Bottleneck adapter settings."""
 
     placement: str = "pfeiffer"
@@ -86,8 +91,29 @@ class Bottleneck:
     def width(self, hidden: int) -> int:
         return self.bottleneck_dim or max(1, hidden // self.reduction)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def attach(self, model) -> None:
+        """New adapter modules (``model.adapter_layers``), hooked onto the backbone's output projections."""
+        model.adapter_layers = BottleneckLayers(model.backbone, self, model.base.hidden_size)
+
+    def trained_state(self, model) -> dict:
+        return model.adapter_layers.state_dict()
+
+    def save(self, model, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(cpu_state(model.adapter_layers), str(folder / BOTTLENECK_FILE))
+
+    def load(self, model, folder: Path) -> None:
+        file = folder / BOTTLENECK_FILE
+        tensors = load_tensors(file)
+        check_state(tensors, self.trained_state(model), file)
+        model.adapter_layers.load_state_dict({k: v.to(model.device) for k, v in tensors.items()})
+
+    def describe(self) -> str:
+        return f"Bottleneck {self.placement}"
+
+    def merge_refusal(self) -> str | None:
+        return "they are extra non-linear modules (down, activation, up) that no weight matrix can absorb"
 
 
 class BottleneckAdapter(nn.Module):
@@ -151,8 +177,6 @@ def output_projections(block: nn.Module, hidden: int) -> dict[str, str | None]:
 def placement_targets(model: nn.Module, spec: Bottleneck, hidden: int) -> list[str]:
     """Full names of the modules whose outputs get an adapter."""
     if spec.targets is not None:
-        from .lora import linear_module_names, matches
-
         names = [n for n, _ in model.named_modules() if n and matches(spec.targets, n)]
         if not names:
             raise TargetModulesError(f"Bottleneck targets {spec.targets} match no module; linear layers are named "

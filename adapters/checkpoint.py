@@ -3,7 +3,8 @@
 A checkpoint is ``<output_dir>/checkpoints/step-000120/``, written by Accelerate's
 ``save_state`` (adapter and head weights as safetensors, optimizer, scheduler, gradient scaler,
 sampler and per-process RNG states; all read back with ``torch.load(weights_only=True)``) plus
-our ``trainer_state.json`` (step, epoch, position in the epoch, early-stopping state). Only
+our ``trainer_state.json``: the loop's ``TrainState`` (step, epoch, position in the epoch, running
+loss, early-stopping state). Only
 trainable tensors are kept: a pre-save hook drops the frozen base from the model state.
 
 Atomicity: everything is written to ``checkpoints/.tmp-step-000120`` and renamed into place
@@ -17,12 +18,51 @@ import json
 import os
 import re
 import shutil
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Everything the loop knows that is not a tensor: saved with each checkpoint, restored on resume."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Epochs finished."""
+    batch_in_epoch: int = 0
+    """Batches of the current epoch done: a resumed run skips them, in the same order."""
+    running: float = 0.0
+    """Sum of the losses since the last log line (and their count below)."""
+    running_count: int = 0
+    last_loss: float | None = None
+    """The mean training loss of the last log interval."""
+    best: float | None = None
+    """The best value of the early-stopping metric so far, at ``best_step``, saved in ``best_checkpoint``."""
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    bad_evals: int = 0
+    """Evaluations in a row without improvement."""
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite loss (``skip_nonfinite``)."""
+    stopped_early: bool = False
+    metrics: dict = field(default_factory=dict)
+    """The last evaluation's metrics, computed after step ``metrics_step``."""
+    metrics_step: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        """Read a saved state; keys this version does not know are ignored, missing ones keep their default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def checkpoint_dir(output_dir) -> Path:
@@ -50,10 +90,16 @@ def keep_trainable_only(model_getter):
     return hook
 
 
-def save_checkpoint(accelerator, output_dir, state: dict, keep_last: int | None, protect: Path | None = None) -> Path:
-    """Save the training state at ``state["step"]`` atomically; prune to ``keep_last`` (never ``protect``)."""
+def step_checkpoint(output_dir, step: int) -> Path:
+    """The folder of the checkpoint saved after ``step``."""
+    return checkpoint_dir(output_dir) / f"step-{step:06d}"
+
+
+def save_checkpoint(accelerator, output_dir, state: TrainState, keep_last: int | None,
+                    protect: Path | None = None) -> Path:
+    """Save the training state at ``state.step`` atomically; prune to ``keep_last`` (never ``protect``)."""
     root = checkpoint_dir(output_dir)
-    final = root / f"step-{state['step']:06d}"
+    final = step_checkpoint(output_dir, state.step)
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -63,7 +109,7 @@ def save_checkpoint(accelerator, output_dir, state: dict, keep_last: int | None,
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -89,10 +135,40 @@ def resolve_resume(resume, output_dir) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
+def load_checkpoint(accelerator, path: Path) -> TrainState:
+    """Restore the tensors (model, optimizer, scheduler, RNG) into ``accelerator``'s objects; return the state."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
+        state = TrainState.from_dict(json.loads((path / STATE_FILE).read_text()))
         accelerator.load_state(str(path), strict=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or does not fit this model/optimizer ({err})") from None
     return state
+
+
+def read_checkpoint_weights(path: Path) -> dict:
+    """The trainable tensors saved in checkpoint ``path`` (names as in the unwrapped model)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(path) / "model.safetensors"))
+    return {k.removeprefix("module."): v for k, v in weights.items()}
+
+
+RUN_FILE = "run.json"  # written when a run finishes
+LOG_FILE = "metrics.jsonl"
+
+
+def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> None:
+    """Refuse to silently start over in a folder holding an earlier run; on ``overwrite`` delete only what
+    a run writes there (checkpoints, ``run.json``, ``metrics.jsonl``), never the user's other files."""
+    if output_dir is None:
+        return
+    out = Path(output_dir)
+    earlier = (out / RUN_FILE).exists() or bool(complete_checkpoints(out)) or (out / LOG_FILE).exists()
+    if earlier and resume is None:
+        if not overwrite:
+            raise ConfigError(f"{out} holds an earlier run (checkpoints or logs); pass resume='auto' to continue "
+                              f"it or overwrite=True to start afresh (deleting its checkpoints and logs)")
+        if is_main:
+            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+            for name in (RUN_FILE, LOG_FILE):
+                (out / name).unlink(missing_ok=True)

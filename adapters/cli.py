@@ -92,13 +92,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import TrainConfig, evaluate, load
+    from . import evaluate, load
     from .sources import load_rows
 
     model = load(args.artifact)
-    config = TrainConfig(text_column=args.text_column, label_column=args.label_column, batch_size=args.batch_size,
-                         progress=False)
-    print(json.dumps(evaluate(model, load_rows(args.data), config), indent=2))
+    metrics = evaluate(model, load_rows(args.data), text_column=args.text_column, label_column=args.label_column,
+                       batch_size=args.batch_size)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -205,7 +205,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, packaged dataset or hub dataset")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: batches of up to 8,192 padded tokens, sorted by length)")
     p.set_defaults(run=cmd_eval)
 
     p = command("predict", "predict texts given on the command line or streamed from a JSONL file")

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from .bottleneck import Bottleneck
+from .adapter_spec import AdapterSpec
 from .errors import ConfigError
-from .heads import HEADS
-from .lora import LoRA
-from .train import TrainConfig
+from .heads import HeadSpec
+from .registry import ADAPTERS, HEADS
+from .train_config import TrainConfig
 
-ADAPTER_KINDS = {"lora": LoRA, "bottleneck": Bottleneck, "none": None}
+ADAPTER_KINDS = {**ADAPTERS, "none": None}  # "none": train the head only
 
 
 @dataclass
@@ -63,8 +63,8 @@ class DataConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig
-    adapter: LoRA | Bottleneck | None
-    head: typing.Any
+    adapter: AdapterSpec | None
+    head: HeadSpec
     data: DataConfig
     train: TrainConfig
     output: str = "runs/latest"

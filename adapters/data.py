@@ -25,8 +25,8 @@ import torch
 
 from .batching import pack
 from .errors import DataError
-from .heads import IGNORE
 
+IGNORE = -100  # label of positions that take no part in a loss (padding, later sub-tokens, prompts)
 logger = logging.getLogger("adapters")
 
 
@@ -81,39 +81,34 @@ def _truncated(encoding) -> int:
 def encode_rows(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
                 what: str) -> tuple[dict[str, list], int]:
     """Encode ``data`` for ``head``: a dict of columns (input_ids, attention_mask, labels) and the
-    number of rows truncated to ``max_length``. Without ``label_column`` no targets are read."""
-    data = as_dataset(data, what)
-    kind = head.kind
-    if kind == "causal_lm":
-        return _encode_causal(data, tokenizer, head, text_column, label_column, max_length, what)
-    if kind == "token_classification":
-        return _encode_words(data, tokenizer, head, text_column, label_column, max_length, what)
+    number of rows truncated to ``max_length``. Without ``label_column`` no targets are read. How a
+    row is encoded is the head's choice (``HeadSpec.encode``: texts, text windows, choices, words,
+    prompt and response)."""
+    return head.encode(as_dataset(data, what), tokenizer, text_column, label_column, max_length, what)
+
+
+def _token_columns(encoded) -> list[str]:
+    return [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
+
+
+def encode_texts(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
+                 what: str) -> tuple[dict[str, list], int]:
+    """One sequence per text, cut at ``max_length``; or, for heads with ``long_text="windows"``, every
+    text as overlapping windows of ``max_length`` tokens (nothing dropped)."""
     labels = _targets(head, _column(data, label_column, what), what) if label_column else None
     texts = _texts(_column(data, text_column, what), text_column, what)
-    if kind == "multiple_choice":
-        choices = _column(data, head.choices_column, what)
-        for i, row in enumerate(choices):
-            if not isinstance(row, (list, tuple)) or len(row) != head.num_choices or not all(isinstance(c, str) for c in row):
-                raise DataError(f"{what} row {i}: column {head.choices_column!r} must hold {head.num_choices} candidate "
-                                f"texts, got {row!r}")
-        flat = tokenizer([t for t in texts for _ in range(head.num_choices)], [c for row in choices for c in row],
-                         truncation=True, max_length=max_length)
-        k = head.num_choices
-        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in flat]
-        out = {key: [flat[key][i * k:(i + 1) * k] for i in range(len(texts))] for key in keys}
-        cut = len({i // k for i, e in enumerate(flat.encodings or []) if e.overflowing})
-    elif getattr(head, "long_text", "truncate") == "windows":
-        # overlapping windows of max_length tokens; the tokenizer's stride is the overlap
+    if getattr(head, "long_text", "truncate") == "windows":
+        # the tokenizer's stride is the overlap between consecutive windows
         overlap = head.window_overlap if head.window_overlap is not None else max_length // 4
         if overlap >= max_length - 2:
             raise DataError(f"window_overlap={overlap} must be smaller than max_length={max_length} minus special tokens")
         encoded = tokenizer(texts, truncation=True, max_length=max_length, stride=overlap, return_overflowing_tokens=True)
-        keys = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
+        keys = _token_columns(encoded)
         out = {key: [[] for _ in texts] for key in keys}
         for window, row in enumerate(encoded["overflow_to_sample_mapping"]):
             for key in keys:
                 out[key][row].append(encoded[key][window])
-        cut = 0  # nothing is dropped
+        cut = 0
     else:
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
         out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
@@ -123,7 +118,28 @@ def encode_rows(data, tokenizer, head, text_column: str, label_column: str | Non
     return out, cut
 
 
-def _encode_words(data, tokenizer, head, text_column, label_column, max_length, what):
+def encode_choices(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
+                   what: str) -> tuple[dict[str, list], int]:
+    """A context and ``head.num_choices`` candidates per row: one (context, candidate) pair per choice."""
+    labels = _targets(head, _column(data, label_column, what), what) if label_column else None
+    texts = _texts(_column(data, text_column, what), text_column, what)
+    choices = _column(data, head.choices_column, what)
+    k = head.num_choices
+    for i, row in enumerate(choices):
+        if not isinstance(row, (list, tuple)) or len(row) != k or not all(isinstance(c, str) for c in row):
+            raise DataError(f"{what} row {i}: column {head.choices_column!r} must hold {k} candidate "
+                            f"texts, got {row!r}")
+    flat = tokenizer([t for t in texts for _ in range(k)], [c for row in choices for c in row],
+                     truncation=True, max_length=max_length)
+    out = {key: [flat[key][i * k:(i + 1) * k] for i in range(len(texts))] for key in _token_columns(flat)}
+    cut = len({i // k for i, e in enumerate(flat.encodings or []) if e.overflowing})
+    if labels is not None:
+        out["labels"] = labels
+    return out, cut
+
+
+def encode_words(data, tokenizer, head, text_column, label_column, max_length, what):
+    """Pre-split words per row; a tag per word goes to its first sub-token, the others get ``IGNORE``."""
     words = _column(data, text_column, what)
     for i, row in enumerate(words):
         if isinstance(row, str) or not isinstance(row, (list, tuple)) or not all(isinstance(w, str) for w in row):
@@ -170,7 +186,9 @@ def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> 
     return prompts, responses
 
 
-def _encode_causal(data, tokenizer, head, text_column, label_column, max_length, what):
+def encode_causal(data, tokenizer, head, text_column, label_column, max_length, what):
+    """Prompt then response (with EOS); the loss counts response tokens only. Too long: the prompt's
+    start is cut, the part nearest the answer is kept."""
     prompts, responses = _prompt_response(data, tokenizer, head, text_column, label_column, what)
     # a chat template already holds its special tokens; a plain prompt gets the tokenizer's own
     templated = head.messages_column in data.column_names and text_column not in data.column_names

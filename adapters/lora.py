@@ -26,16 +26,22 @@ from __future__ import annotations
 
 import re
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, TargetModulesError
+from .adapter_spec import AdapterSpec
+from .errors import ConfigError
+from .files import check_state, load_tensors
+from .targets import BLOCK_INDEX, check_targets, linear_module_names, matches  # noqa: F401 (re-exported)
+
+ADAPTER_DIR = "adapter"  # in an artifact: a standard peft adapter folder
 
 
 @dataclass
-class LoRA:
+class LoRA(AdapterSpec):
     """LoRA settings.
 
     ``targets``: ``"all-linear"`` (every linear layer of the backbone), a list of module names
@@ -83,42 +89,38 @@ class LoRA:
                                   f"e.g. list(range(15, 30)) for the top half of a 30-block model, or None for all")
             self.layers = sorted(set(self.layers))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def attach(self, model) -> None:
+        """peft's LoRA layers into ``model.backbone`` (in place); peft's wrapper kept as ``model.peft_model``."""
+        model.peft_model = apply_lora(model.backbone, self, model.base.location)
 
+    def trained_state(self, model) -> dict:
+        from peft import get_peft_model_state_dict
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Names of every linear layer (plain, bitsandbytes 4/8-bit, GPT-2's Conv1D) in ``model``."""
-    from transformers.pytorch_utils import Conv1D
+        # peft's own export: keys without the adapter name, as in its adapter files
+        return get_peft_model_state_dict(model.peft_model)
 
-    # the output embedding (an LM head) is never an adapter target: it is the frozen next-token head
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
+    def save(self, model, folder: Path) -> None:
+        model.peft_model.save_pretrained(folder / ADAPTER_DIR)
 
+    def load(self, model, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
 
-BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
+        file = folder / ADAPTER_DIR / "adapter_model.safetensors"
+        tensors = load_tensors(file)
+        check_state(tensors, self.trained_state(model), file)
+        set_peft_model_state_dict(model.peft_model, tensors)
 
+    def describe(self) -> str:
+        return f"LoRA r={self.r}" + (" DoRA" if self.dora else "")
 
-def matches(targets: str | list[str], name: str) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    def merge_refusal(self) -> str | None:
+        return None
 
+    def merge(self, network: nn.Module, folder: Path) -> nn.Module:
+        """``W' = W + (alpha/r) B A`` for every adapted layer: peft's ``merge_and_unload``."""
+        from peft import PeftModel
 
-def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
-    """Return the linear modules ``targets`` selects; raise if none."""
-    names = linear_module_names(model)
-    if targets == "all-linear":
-        matched = names
-    else:
-        matched = [n for n in names if matches(targets, n)]
-    if not matched:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise TargetModulesError(
-            f"LoRA targets {targets!r} match no linear layer of the base model. Its linear layers are named "
-            f"{leaves} (e.g. {names[:3]}); pass some of these names, a regex over full names, or 'all-linear'.")
-    return matched
+        return PeftModel.from_pretrained(network, str(folder / ADAPTER_DIR)).merge_and_unload()
 
 
 class SharedInputDropout(nn.Dropout):

@@ -45,7 +45,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .base import DTYPES, QUANTIZATIONS, BaseInfo, dtype_name, is_decoder_config, resolve_mixed_precision, resolve_source
+from .bottleneck import find_block_stack
 from .errors import ConfigError
+from .heads import Classification, HeadSpec
+from .model import AdaptedModel
+from .targets import linear_module_names
+from .train_config import MIXED_PRECISION, OPTIMIZERS
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors (min_8bit_size)
@@ -143,8 +149,6 @@ def _config_of(model, trust_remote_code: bool):
         if kind not in CONFIG_MAPPING:
             raise ConfigError(f"config dict needs a known model_type, got {kind!r}")
         return CONFIG_MAPPING[kind](**{k: v for k, v in model.items() if k != "model_type"}), kind
-    from .base import resolve_source
-
     return AutoConfig.from_pretrained(resolve_source(model, trust_remote_code), trust_remote_code=trust_remote_code), model
 
 
@@ -166,13 +170,8 @@ def _meta_model(config, name: str, head, adapter, activation_dtype: torch.dtype,
     """The adapted model on the meta device, built by the same code paths as ``adapt``."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from .base import Backbone, is_decoder_config
-    from .bottleneck import Bottleneck, BottleneckLayers
-    from .lora import LoRA, apply_lora
-    from .model import AdaptedModel
-
     decoder = is_decoder_config(config)
-    cls = AutoModelForCausalLM if head.kind == "causal_lm" else AutoModel
+    cls = AutoModelForCausalLM if head.lm_logits else AutoModel
     with _meta_init():
         net = cls.from_config(config, dtype=activation_dtype, trust_remote_code=trust_remote_code,
                               attn_implementation="sdpa")
@@ -181,80 +180,55 @@ def _meta_model(config, name: str, head, adapter, activation_dtype: torch.dtype,
         for p in net.parameters():
             p.requires_grad_(False)
         quantizable = _quantizable_linears(net)
-        body, bottleneck = net, None
-        if isinstance(adapter, LoRA):
-            net.name_or_path = name  # what peft records as the base (it warns when it is missing)
-            body = apply_lora(net, adapter, name)
-        elif isinstance(adapter, Bottleneck):
-            bottleneck = BottleneckLayers(net, adapter, config.hidden_size)
-        head_module = head.build(config.hidden_size, decoder)
-    backbone = Backbone(net, None, "meta", "meta", None, activation_dtype, decoder, config.hidden_size)
-    model = AdaptedModel(backbone, body, adapter, head, head_module, max_length=0, dtype_arg=None, bottleneck=bottleneck)
+        net.name_or_path = name  # what peft records as the base (it warns when it is missing)
+        base = BaseInfo(None, "meta", name, None, activation_dtype, decoder, config.hidden_size)
+        model = AdaptedModel(net, base, adapter, head, max_length=0, dtype_arg=None)
     return model, quantizable
 
 
 def _quantizable_linears(net: nn.Module) -> dict[int, tuple[int, int, nn.Module]]:
     """id(weight) -> (out, in, module) of the linear layers bitsandbytes would quantize (all but an LM head)."""
-    from .lora import linear_module_names
-
     modules = dict(net.named_modules())
     found = {}
     for name in linear_module_names(net):
         weight = modules[name].weight
-        # GPT-2's Conv1D stores (in, out); the byte count is symmetric
         found[id(weight)] = (weight.shape[0], weight.shape[1], modules[name])
     return found
 
 
-def _inputs(head, batch_size: int, seq_len: int, vocab_size: int) -> dict:
-    """Meta-device inputs and labels of the right shapes for ``head``."""
-    kind = head.kind
-    shape = (batch_size, head.num_choices, seq_len) if kind == "multiple_choice" else (batch_size, seq_len)
-    with torch.device("meta"):
-        inputs = {"input_ids": torch.empty(shape, dtype=torch.long), "attention_mask": torch.empty(shape, dtype=torch.long)}
-        if kind in ("classification", "multiple_choice"):
-            inputs["labels"] = torch.empty(batch_size, dtype=torch.long)
-        elif kind == "multi_label":
-            inputs["labels"] = torch.empty(batch_size, head.num_labels, dtype=torch.float32)
-        elif kind == "regression":
-            inputs["labels"] = torch.empty(batch_size, head.num_outputs, dtype=torch.float32)
-        elif kind in ("token_classification", "causal_lm"):
-            inputs["labels"] = torch.empty(batch_size, seq_len, dtype=torch.long)
-    return inputs
+class SavedTensorCounter:
+    """Counts, per transformer block, the bytes autograd saves for backward during one meta forward pass.
 
+    Every saved tensor is counted once (views and shared tensors deduplicated; frozen weights and
+    buffers left out). Two kernels that differ on meta from what really runs are counted as the real
+    ones: fused attention (``fused_attention``) and bitsandbytes' int8 matmul (``saves_input``).
+    """
 
-def saved_activations(model, inputs: dict, padded: bool = True, saves_input: tuple = ()) -> tuple[int, list[int], int, int]:
-    """Run ``model`` forward on meta inputs and count what autograd saves for backward
-    (``padded``: the batch has padding, so attention gets an explicit mask, as in training;
-    ``saves_input``: modules whose real, quantized version keeps its input for backward).
+    def __init__(self, model, padded: bool = True, saves_input: tuple = ()):
+        self.model, self.padded, self.saves_input = model, padded, saves_input
+        self.frozen = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+        _, self.blocks = find_block_stack(model.backbone)
+        self.current: int | None = None  # the block running now
+        self.per_block = [0] * len(self.blocks)
+        self.outside = self.block_input = self.largest = 0
+        self.seen: dict[int, torch.Tensor] = {}  # id -> tensor, held so that ids are not reused
 
-    Returns (bytes saved outside the block stack, bytes saved per block, bytes of one block's
-    input, bytes of the largest saved tensor)."""
-    from .bottleneck import find_block_stack
-
-    frozen = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    _, blocks = find_block_stack(model.base_model)
-    current: list[int | None] = [None]
-    per_block = [0] * len(blocks)
-    outside = [0]
-    block_input = [0]
-    largest = [0]
-    seen: dict[int, torch.Tensor] = {}  # id -> tensor, held so that ids are not reused
-
-    def pack(t: torch.Tensor):
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """The saved-tensors hook: count ``t``'s storage once."""
         base = t._base if t._base is not None else t
-        if id(base) in frozen or id(base) in seen:
+        if id(base) in self.frozen or id(base) in self.seen:
             return t
-        seen[id(base)] = base
+        self.seen[id(base)] = base
         nbytes = base.untyped_storage().nbytes()
-        largest[0] = max(largest[0], nbytes)
-        if current[0] is None:
-            outside[0] += nbytes
+        self.largest = max(self.largest, nbytes)
+        if self.current is None:
+            self.outside += nbytes
         else:
-            per_block[current[0]] += nbytes
+            self.per_block[self.current] += nbytes
         return t
 
-    def unmasked(module, args, kwargs):
+    @staticmethod
+    def _unmasked(module, args, kwargs):
         # transformers inspects the mask's values to pick a causal-attention shortcut, which meta
         # tensors do not have; without it the model builds the causal mask itself (what a padded
         # batch's mask costs is counted in fused_attention)
@@ -265,56 +239,70 @@ def saved_activations(model, inputs: dict, padded: bool = True, saves_input: tup
             kwargs["use_cache"] = True
         return args, kwargs
 
-    def fused_attention(query, key, value, *args, **kwargs):
-        # On meta tensors SDPA falls back to its decomposed math form, which saves the full
-        # (batch, heads, length, length) probabilities; the fused kernels that really run (flash
-        # on CPU and GPU, memory-efficient) save their inputs, the output and one logsumexp per row.
-        # With attention dropout (BERT) the math form is what runs on CPU: count it as it is.
+    def fused_attention(self, query, key, value, *args, **kwargs):
+        """Stands in for SDPA. On meta tensors SDPA falls back to its decomposed math form, which saves
+        the full (batch, heads, length, length) probabilities; the fused kernels that really run (flash
+        on CPU and GPU, memory-efficient) save their inputs, the output and one logsumexp per row.
+        With attention dropout (BERT) the math form is what runs on CPU: count it as it is."""
         dropout = kwargs.get("dropout_p", args[1] if len(args) > 1 else 0.0)
-        if dropout and model.training:
-            return sdpa(query, key, value, *args, **kwargs)
-        if not any(t.requires_grad for t in (query, key, value)):
-            return sdpa(query, key, value, *args, **kwargs)  # frozen and nothing to backpropagate: saves nothing
+        if (dropout and self.model.training) or not any(t.requires_grad for t in (query, key, value)):
+            return self.sdpa(query, key, value, *args, **kwargs)  # (frozen, nothing to backpropagate: saves nothing)
         for t in (query, key, value):
-            pack(t)
+            self.pack(t)
         out_shape = (*query.shape[:-1], value.shape[-1])
-        pack(torch.empty(out_shape, dtype=query.dtype, device="meta"))
-        pack(torch.empty(query.shape[:-1], dtype=torch.float32, device="meta"))
-        if padded:  # a padded batch's mask, converted to the query's dtype, is kept per layer
-            pack(torch.empty((query.shape[0], 1, query.shape[-2], key.shape[-2]), dtype=query.dtype, device="meta"))
+        self.pack(torch.empty(out_shape, dtype=query.dtype, device="meta"))
+        self.pack(torch.empty(query.shape[:-1], dtype=torch.float32, device="meta"))
+        if self.padded:  # a padded batch's mask, converted to the query's dtype, is kept per layer
+            self.pack(torch.empty((query.shape[0], 1, query.shape[-2], key.shape[-2]), dtype=query.dtype, device="meta"))
         # an output of the right shape that stays in the autograd graph and saves nothing itself
         return query.narrow(-1, 0, 1).expand(out_shape)
 
-    handles = [model.body.register_forward_pre_hook(unmasked, with_kwargs=True)]
-    for i, block in enumerate(blocks):
-        def enter(module, args, kwargs, i=i):
-            current[0] = i
-            hidden = args[0] if args else next(iter(kwargs.values()))
-            block_input[0] = max(block_input[0], hidden.numel() * hidden.element_size())
+    def _hooks(self) -> list:
+        handles = [self.model.backbone.register_forward_pre_hook(self._unmasked, with_kwargs=True)]
+        for i, block in enumerate(self.blocks):
+            def enter(module, args, kwargs, i=i):
+                self.current = i
+                hidden = args[0] if args else next(iter(kwargs.values()))
+                self.block_input = max(self.block_input, hidden.numel() * hidden.element_size())
 
-        def leave(module, args, output):
-            current[0] = None
+            def leave(module, args, output):
+                self.current = None
 
-        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
-        handles.append(block.register_forward_hook(leave))
-    for module in saves_input:
-        # bitsandbytes' int8 matmul keeps its input for backward when that input needs a gradient
-        def keep_input(module, args):
-            if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
-                pack(args[0])
+            handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(block.register_forward_hook(leave))
+        for module in self.saves_input:
+            # bitsandbytes' int8 matmul keeps its input for backward when that input needs a gradient
+            def keep_input(module, args):
+                if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+                    self.pack(args[0])
 
-        handles.append(module.register_forward_pre_hook(keep_input))
-    model.train()
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = fused_attention
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(**inputs)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
-        for h in handles:
-            h.remove()
-    return outside[0], per_block, block_input[0], largest[0]
+            handles.append(module.register_forward_pre_hook(keep_input))
+        return handles
+
+    def run(self, inputs: dict) -> "SavedTensorCounter":
+        handles = self._hooks()
+        self.model.train()
+        self.sdpa = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = self.fused_attention
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                self.model(**inputs)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = self.sdpa
+            for h in handles:
+                h.remove()
+        return self
+
+
+def saved_activations(model, inputs: dict, padded: bool = True, saves_input: tuple = ()) -> tuple[int, list[int], int, int]:
+    """Run ``model`` forward on meta inputs and count what autograd saves for backward
+    (``padded``: the batch has padding, so attention gets an explicit mask, as in training;
+    ``saves_input``: modules whose real, quantized version keeps its input for backward).
+
+    Returns (bytes saved outside the block stack, bytes saved per block, bytes of one block's
+    input, bytes of the largest saved tensor)."""
+    counter = SavedTensorCounter(model, padded, saves_input).run(inputs)
+    return counter.outside, counter.per_block, counter.block_input, counter.largest
 
 
 def estimate_memory(
@@ -340,21 +328,50 @@ def estimate_memory(
     tokens per device. ``device`` ("cuda"/"cpu", default: this machine's) sets the compute dtype
     as ``adapt`` would (bf16 on GPUs, fp32 on CPU) and whether the CUDA context counts. No weight
     is read: only the config."""
-    from .base import DTYPES, QUANTIZATIONS, resolve_mixed_precision
-    from .heads import Classification, HeadSpec
-    from .lora import LoRA
-    from .model import AdaptedModel
-    from .train import MIXED_PRECISION, OPTIMIZERS
-
     source = None
     if isinstance(model, AdaptedModel):
-        info = model.backbone_info
-        source = info.source
-        adapter, head, quantization = model.adapter, model.head_spec, info.quantization
-        dtype = dtype or str(info.compute_dtype).replace("torch.", "")
+        base = model.base
+        source = base.source
+        adapter, head, quantization = model.adapter, model.head_spec, base.quantization
+        dtype = dtype or dtype_name(base.compute_dtype)
         device = device or model.device.type
-        model = model.base_model.config
+        model = model.backbone.config
     head = head or Classification(labels=["0", "1"])
+    _check_arguments(head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype, device)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    config, name = _config_of(model, trust_remote_code)
+    name = source or name
+    # activations flow in the compute dtype (the base is not upcast: see base.py) unless autocast
+    mixed_precision = resolve_mixed_precision(mixed_precision, device)
+    activation_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, compute_dtype)
+    meta, quantizable = _meta_model(config, name, head, adapter, activation_dtype, trust_remote_code)
+
+    weights = _weight_bytes(meta, quantizable, quantization, double_quant, compute_dtype, optimizer)
+    activations, transient, blocks = _activation_bytes(meta, quantizable, config, head, quantization, batch_size,
+                                                       seq_len, gradient_checkpointing, mixed_precision,
+                                                       activation_dtype)
+    transient += weights.pop("widest_weight")
+    if fsdp and processes > 1:
+        block_share = (weights["base_quantized"] + weights["base_unquantized"]) / max(blocks, 1)
+        for part in ("base_quantized", "base_unquantized", "trainable", "gradients", "optimizer"):
+            weights[part] = math.ceil(weights[part] / processes)
+        transient += int(block_share)  # one block all-gathered at a time
+    elif processes > 1:
+        weights["gradients"] *= 2  # DDP's all-reduce buckets hold a copy of the gradients
+    settings = {"model": name, "quantization": quantization,
+                "adapter": adapter.describe() if adapter is not None else "head only", "head": head.kind,
+                "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+                "optimizer": optimizer, "mixed_precision": mixed_precision, "processes": processes, "fsdp": fsdp,
+                "device": device, "compute_dtype": dtype_name(compute_dtype)}
+    counts = weights.pop("params")
+    return MemoryEstimate(**weights, activations=activations, transient=transient,
+                          framework=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+                          trainable_params=counts[0], total_params=counts[1], settings=settings)
+
+
+def _check_arguments(head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype,
+                     device) -> None:
     checks = [
         (isinstance(head, HeadSpec), f"head must be a head spec such as adapters.Classification, got {type(head).__name__}"),
         (quantization in QUANTIZATIONS, f"quantization={quantization!r} is not one of {QUANTIZATIONS}"),
@@ -369,38 +386,34 @@ def estimate_memory(
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    compute_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    config, name = _config_of(model, trust_remote_code)
-    name = source or name
-    # activations flow in the compute dtype (the base is not upcast: see base.py) unless autocast
-    mixed_precision = resolve_mixed_precision(mixed_precision, device)
-    if mixed_precision != "no":
-        activation_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    else:
-        activation_dtype = compute_dtype
-    meta, quantizable = _meta_model(config, name, head, adapter, activation_dtype, trust_remote_code)
 
-    unquantized_bytes = compute_dtype.itemsize
-    base_q = base_u = trainable = total_params = 0
-    optimizer_bytes = 0
-    widest_weight = 0
+
+def _weight_bytes(meta, quantizable, quantization, double_quant, compute_dtype, optimizer) -> dict:
+    """Bytes of the base weights (quantized or not), the trainable parameters (fp32), their gradients and
+    optimizer states; the widest dequantized weight; the parameter counts."""
+    base_q = base_u = trainable = total_params = optimizer_bytes = widest_weight = 0
     for p in meta.parameters():
         total_params += p.numel()
         if p.requires_grad:
             trainable += p.numel()
-            if optimizer == "adamw" or p.numel() < BNB_8BIT_MIN_SIZE:
-                optimizer_bytes += 8 * p.numel()
-            else:
-                optimizer_bytes += OPTIMIZER_BYTES[optimizer] * p.numel()
+            small = optimizer == "adamw" or p.numel() < BNB_8BIT_MIN_SIZE
+            optimizer_bytes += (8 if small else OPTIMIZER_BYTES[optimizer]) * p.numel()
         elif quantization and id(p) in quantizable:
             out_f, in_f, _ = quantizable[id(p)]
             base_q += quantized_linear_bytes(out_f, in_f, quantization, double_quant)
             widest_weight = max(widest_weight, p.numel() * compute_dtype.itemsize)
         else:
-            base_u += p.numel() * unquantized_bytes
+            base_u += p.numel() * compute_dtype.itemsize
+    return {"base_quantized": base_q, "base_unquantized": base_u, "trainable": 4 * trainable,
+            "gradients": 4 * trainable, "optimizer": optimizer_bytes, "widest_weight": widest_weight,
+            "params": (trainable, total_params)}
 
-    inputs = _inputs(head, batch_size, seq_len, config.vocab_size)
+
+def _activation_bytes(meta, quantizable, config, head, quantization, batch_size, seq_len, gradient_checkpointing,
+                      mixed_precision, activation_dtype) -> tuple[int, int, int]:
+    """(bytes autograd keeps for backward, transient bytes at the peak, number of blocks) for one batch."""
+    with torch.device("meta"):
+        inputs = head.example_batch(batch_size, seq_len)
     saves_input = tuple(m for _, _, m in quantizable.values()) if quantization == "int8" else ()
     if mixed_precision != "no":
         # under autocast the adapter's and head's matmuls run in the autocast dtype, so what they save
@@ -417,25 +430,4 @@ def estimate_memory(
         activations = outside + len(per_block) * block_input + max(per_block, default=0)
     else:
         activations = outside + sum(per_block)
-    transient = max(4 * largest, working_set) + widest_weight
-
-    trainable_bytes, gradient_bytes = 4 * trainable, 4 * trainable
-    if fsdp and processes > 1:
-        block_share = (base_q + base_u) / max(len(per_block), 1)
-        base_q, base_u = math.ceil(base_q / processes), math.ceil(base_u / processes)
-        trainable_bytes, gradient_bytes = math.ceil(trainable_bytes / processes), math.ceil(gradient_bytes / processes)
-        optimizer_bytes = math.ceil(optimizer_bytes / processes)
-        transient += int(block_share)  # one block all-gathered at a time
-    elif processes > 1:
-        gradient_bytes *= 2  # DDP's all-reduce buckets hold a copy of the gradients
-    adapter_name = (f"LoRA r={adapter.r}" + (" DoRA" if adapter.dora else "") if isinstance(adapter, LoRA)
-                    else f"Bottleneck {adapter.placement}" if adapter is not None else "head only")
-    settings = {"model": name, "quantization": quantization, "adapter": adapter_name, "head": head.kind,
-                "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
-                "optimizer": optimizer, "mixed_precision": mixed_precision, "processes": processes, "fsdp": fsdp,
-                "device": device, "compute_dtype": str(compute_dtype).replace("torch.", "")}
-    return MemoryEstimate(
-        base_quantized=base_q, base_unquantized=base_u, trainable=trainable_bytes, gradients=gradient_bytes,
-        optimizer=optimizer_bytes, activations=activations, transient=transient,
-        framework=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
-        trainable_params=trainable, total_params=total_params, settings=settings)
+    return activations, max(4 * largest, working_set), len(per_block)

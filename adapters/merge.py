@@ -17,46 +17,44 @@ import json
 import shutil
 from pathlib import Path
 
-from .artifact import ADAPTER_DIR, HEAD_FILE, SPEC_FILE, read_spec
+from .artifact import HEAD_FILE, SPEC_FILE, adapter_spec_of, head_spec_of, read_spec
+from .base import dtype_name, load_backbone
 from .card import model_card
 from .errors import ConfigError
+from .packaged import drop_quantizer_marks
 
 
 def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
     """Write the merged model of LoRA ``artifact`` to ``out``; return ``out``."""
-    from peft import PeftModel
-
-    from .base import load_backbone
-
     artifact, out = Path(artifact), Path(out)
     spec = read_spec(artifact)
-    adapter = spec["adapter"]
-    if adapter is None or adapter["kind"] != "lora":
-        kind = "no adapter (head only)" if adapter is None else f"{adapter['kind']} adapters"
-        raise ConfigError(f"{artifact} has {kind}: only LoRA can be merged into the base weights. Bottleneck adapters "
-                          f"are extra non-linear modules (down, activation, up) that no weight matrix can absorb; use "
-                          f"the artifact as it is with adapters.load")
+    adapter = adapter_spec_of(spec, artifact)
+    if adapter is None:
+        raise ConfigError(f"{artifact} has no adapter (head only): there is nothing to merge into the base weights; "
+                          f"use the artifact as it is with adapters.load")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another folder or pass overwrite")
-    backbone = load_backbone(spec["base"]["name"], spec["quantization"], spec.get("dtype"), "cpu",
-                             padding_side=spec.get("padding_side"), with_lm_head=spec["head"]["kind"] == "causal_lm")
-    model = backbone.model
+    refusal = adapter.merge_refusal()
+    if refusal:  # before loading anything
+        raise ConfigError(f"{artifact} has {adapter.describe()} adapters, which cannot be merged into the base "
+                          f"weights: {refusal}. Use the artifact as it is with adapters.load")
+    network, base = load_backbone(spec["base"]["name"], spec["quantization"], spec.get("dtype"), "cpu",
+                                  padding_side=spec.get("padding_side"),
+                                  with_lm_head=head_spec_of(spec, artifact).lm_logits)
     if spec["quantization"] is not None:
-        log(f"dequantizing the {spec['quantization']} base to {str(backbone.compute_dtype).replace('torch.', '')} "
+        log(f"dequantizing the {spec['quantization']} base to {dtype_name(base.compute_dtype)} "
             f"before merging (the adapter was trained on the quantized weights)")
-        model = model.dequantize(dtype=backbone.compute_dtype)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    merged = PeftModel.from_pretrained(model, str(artifact / ADAPTER_DIR)).merge_and_unload()
+        network = network.dequantize(dtype=base.compute_dtype)
+        drop_quantizer_marks(network)
+    merged = adapter.merge(network, artifact)
     if out.exists():
         shutil.rmtree(out)
     merged.save_pretrained(out)
-    backbone.tokenizer.save_pretrained(out)
+    base.tokenizer.save_pretrained(out)
     shutil.copy(artifact / HEAD_FILE, out / HEAD_FILE)
     merged_spec = dict(spec, adapter=None, quantization=None, merged_from=str(artifact),
                        base=dict(spec["base"], name=str(out.resolve())))
-    merged_spec["dtype"] = str(backbone.compute_dtype).replace("torch.", "")
+    merged_spec["dtype"] = dtype_name(base.compute_dtype)
     (out / SPEC_FILE).write_text(json.dumps(merged_spec, indent=2, default=str))
     (out / "README.md").write_text(model_card(merged_spec, out.name))
     log(f"merged model written to {out}: load it with transformers.AutoModel.from_pretrained or adapters.load")

@@ -1,63 +1,75 @@
 """AdaptedModel = frozen (quantized) backbone + trainable adapter + task head.
 
 ``adapt`` builds one; ``AdaptedModel.forward`` runs backbone -> head (and the loss when
-labels are given); ``predict`` maps raw inputs to the head's predictions. Saving and loading
-live in ``artifact.py``.
+labels are given); ``predict`` maps raw inputs to the head's predictions (the head spec says how).
+``save_pretrained`` writes an artifact (the format is ``artifact.py``'s) and ``from_pretrained``
+(``adapters.load``) rebuilds the model from one.
+
+Names: ``backbone`` is the frozen transformers network (LoRA layers live inside it, put there by
+peft, whose wrapper is kept as ``peft_model``); ``adapter_layers`` holds adapter modules hooked onto
+it from outside (bottleneck adapters); ``head`` is the task head; ``base`` says what the backbone
+is (source, quantization, compute dtype, tokenizer).
 """
 
 from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Backbone, load_backbone
-from .bottleneck import Bottleneck, BottleneckLayers
+from .adapter_spec import AdapterSpec
+from .artifact import adapter_spec_of, check_base, head_spec_of, read_head, read_spec, save_artifact
+from .base import BaseInfo, dtype_name, eval_mode, load_backbone
+from .batching import inference_batches, row_length
+from .data import Collator, encode_rows
 from .errors import ConfigError
 from .heads import HeadSpec, pool_windows
-from .lora import LoRA, apply_lora
-
-ADAPTERS = (LoRA, Bottleneck)
+from .registry import ADAPTERS
 
 
 class AdaptedModel(nn.Module):
     """A backbone with an adapter and a head; only adapter and head parameters train."""
 
-    def __init__(self, backbone: Backbone, body: nn.Module, adapter, head_spec, head: nn.Module,
-                 max_length: int, dtype_arg: str | None, bottleneck: BottleneckLayers | None = None):
+    def __init__(self, backbone: nn.Module, base: BaseInfo, adapter: AdapterSpec | None, head_spec: HeadSpec,
+                 max_length: int, dtype_arg: str | None):
         super().__init__()
-        self.body = body  # the backbone, wrapped by peft when the adapter is LoRA
-        self.bottleneck = bottleneck  # bottleneck adapters, hooked into the body's projections
-        self.head = head
-        self.backbone_info = backbone
+        self.backbone = backbone  # the frozen transformers network; LoRA layers live inside it
+        self.base = base
         self.adapter = adapter
+        self.adapter_layers: nn.Module | None = None  # adapter modules hooked on from outside (bottleneck)
+        self.peft_model = None  # peft's wrapper of the backbone (LoRA): saving, loading and merging go through it
+        if adapter is not None:
+            adapter.attach(self)
         self.head_spec = head_spec
+        self.head = head_spec.build(base.hidden_size, base.is_decoder)
         self.max_length = max_length
         self.dtype_arg = dtype_arg  # what the user asked for (None = per device), saved as is
         self.training_record: dict | None = None  # set by train(): metrics, data sizes, settings
         # Decoders get positions counted from the first real token, so a left-padded text sees
         # the same positions as unpadded (what generate() does); encoders are right-padded.
-        forward_args = inspect.signature(self.base_model.forward).parameters
-        self._positions_from_mask = backbone.is_decoder and "position_ids" in forward_args
+        forward_args = inspect.signature(self.backbone.forward).parameters
+        self._positions_from_mask = base.is_decoder and "position_ids" in forward_args
         # no KV cache: nothing here generates, the cache would hold every layer's keys and values, and
         # with it transformers does not detect packed rows
         self._no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
 
-    @property
-    def base_model(self) -> nn.Module:
-        """The plain transformers backbone, under any peft wrapping."""
-        return self.body.get_base_model() if hasattr(self.body, "get_base_model") else self.body
+    def __setattr__(self, name: str, value) -> None:
+        if name == "peft_model":  # not a submodule: it wraps the backbone, whose parameters are registered once
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def tokenizer(self):
-        return self.backbone_info.tokenizer
+        return self.base.tokenizer
 
     @property
     def device(self) -> torch.device:
-        return self.base_model.get_input_embeddings().weight.device
+        return self.backbone.get_input_embeddings().weight.device
 
     def _positions(self, attention_mask: torch.Tensor) -> dict:
         if not self._positions_from_mask:
@@ -75,7 +87,7 @@ class AdaptedModel(nn.Module):
         text pairs) are passed on when given. Packed rows (``batching.pack``) come with
         ``position_ids`` and ``segments`` instead of an attention mask: one logit row per segment."""
         if segments is not None:
-            out = self.body(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
+            out = self.backbone(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
             logits = self.head(out.last_hidden_state, None, segments)
             return {"logits": logits, **({"loss": self.head_spec.loss(logits, labels)} if labels is not None else {})}
         choices = input_ids.shape[1] if input_ids.dim() == 3 else None
@@ -100,8 +112,8 @@ class AdaptedModel(nn.Module):
         extra = self._positions(attention_mask)
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids
-        out = self.body(input_ids=input_ids, attention_mask=attention_mask, **extra, **self._no_cache)
-        if self.head_spec.kind == "causal_lm":
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra, **self._no_cache)
+        if self.head_spec.lm_logits:
             return out.logits
         return self.head(out.last_hidden_state, attention_mask)
 
@@ -139,9 +151,9 @@ class AdaptedModel(nn.Module):
         counts = self.parameter_counts()
         adapter = type(self.adapter).__name__ if self.adapter else "none (head only)"
         rows = [
-            ("base", f"{self.backbone_info.source} ({'decoder' if self.backbone_info.is_decoder else 'encoder'})"),
-            ("quantization", self.backbone_info.quantization or "none"),
-            ("compute dtype", str(self.backbone_info.compute_dtype).replace("torch.", "")),
+            ("base", f"{self.base.source} ({'decoder' if self.base.is_decoder else 'encoder'})"),
+            ("quantization", self.base.quantization or "none"),
+            ("compute dtype", dtype_name(self.base.compute_dtype)),
             ("device", str(self.device)),
             ("adapter", f"{adapter} {self.adapter.to_dict() if self.adapter else ''}".strip()),
             ("head", self.head_spec.describe() + (f", pooling={self.head.pooling}" if hasattr(self.head, "pooling") else "")),
@@ -153,23 +165,13 @@ class AdaptedModel(nn.Module):
 
     def _encoded_rows(self, inputs: list) -> list[dict]:
         """Unlabeled ``inputs`` (texts; word lists; {context, choices} dicts; prompts or chat message
-        lists) as encoded rows, one dict per input."""
-        from .data import encode_rows
-
-        kind = self.head_spec.kind
-        if kind == "multiple_choice":
-            rows = [{"text": r["context"], self.head_spec.choices_column: r["choices"]} for r in inputs]
-        elif kind == "causal_lm" and inputs and isinstance(inputs[0], list):
-            rows = [{self.head_spec.messages_column: m} for m in inputs]
-        else:
-            rows = [{"text": x} for x in inputs]
+        lists: whatever the head reads) as encoded rows, one dict per input."""
+        rows = self.head_spec.input_rows(inputs)
         columns, _ = encode_rows(rows, self.tokenizer, self.head_spec, "text", None, self.max_length, "inputs")
         return [dict(zip(columns, v)) for v in zip(*columns.values())]
 
     def encode(self, inputs: list) -> dict[str, torch.Tensor]:
         """Model inputs for unlabeled ``inputs`` (see ``_encoded_rows``), padded, on the model's device."""
-        from .data import Collator
-
         batch = Collator(self.tokenizer, self.head_spec)(self._encoded_rows(inputs))
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -178,24 +180,17 @@ class AdaptedModel(nn.Module):
         """Raw head outputs for ``inputs``, in eval mode, in the caller's order (a list of per-input
         tensors for per-token heads, whose lengths differ). Inputs run sorted by length, in batches of
         ``batch_size`` rows or, by default, of up to 8,192 padded tokens (``batching.py``)."""
-        from .batching import inference_batches, row_length
-        from .data import Collator
-
         rows = self._encoded_rows(inputs)
-        if batch_size is None and self.head_spec.kind == "causal_lm":
+        if batch_size is None and self.head_spec.lm_logits:
             batch_size = 32  # logits span the vocabulary
         batches = inference_batches([row_length(r["input_ids"]) for r in rows], batch_size)
         collate = Collator(self.tokenizer, self.head_spec)
         out: list = [None] * len(rows)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             for chunk in batches:
                 batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in chunk]).items()}
                 for i, row in zip(chunk, self(**batch)["logits"].float().cpu()):
                     out[i] = row
-        finally:
-            self.train(was_training)
         if self.head_spec.sequence_labels:
             return out
         return torch.stack(out)
@@ -211,77 +206,70 @@ class AdaptedModel(nn.Module):
         * TokenClassification: a list of inputs, each a word list (or a text, split on whitespace);
           one tag per word;
         * CausalLM: inputs are prompts (or chat message lists); the generated text.
-          ``generate_kwargs`` go to ``transformers``' ``generate``.
+          ``generate_kwargs`` go to ``transformers``' ``generate``; other heads refuse them.
         """
-        kind = self.head_spec.kind
-        if generate_kwargs and kind != "causal_lm":  # a typo (probabilites=True) must not pass in silence
-            raise ConfigError(f"predict() got unknown keyword(s) {sorted(generate_kwargs)}: a {kind} head takes "
-                              f"`probabilities` and `batch_size` (generate() keywords are for CausalLM heads)")
-        single = isinstance(inputs, (str, dict)) or (kind == "causal_lm" and _is_messages(inputs))
+        single = self.head_spec.is_single(inputs)
         inputs = [inputs] if single else list(inputs)
-        if not inputs:
+        if not inputs and not generate_kwargs:
             return []
-        if kind == "token_classification":
-            inputs = [x.split() if isinstance(x, str) else list(x) for x in inputs]
-            result = self._predict_tags(inputs, batch_size or 256)
-        elif kind == "causal_lm":
-            result = self._generate(inputs, batch_size or 32, generate_kwargs)
-        else:
-            result = self.head_spec.decode(self.logits(inputs, batch_size), probabilities)
+        result = self.head_spec.predict(self, inputs, probabilities, batch_size, **generate_kwargs)
         return result[0] if single else result
 
-    def _predict_tags(self, words: list[list[str]], batch_size: int) -> list[list[str]]:
-        labels = self.head_spec.labels
-        out = []
-        for i in range(0, len(words), batch_size):
-            chunk = words[i:i + batch_size]
-            encoded = self.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=self.max_length)
-            logits = self.logits(chunk, batch_size)
-            left = self.tokenizer.padding_side == "left"
-            for j, row in enumerate(chunk):
-                word_ids = encoded.word_ids(j)
-                row_logits = logits[j][-len(word_ids):] if left else logits[j][:len(word_ids)]
-                tags, previous = [None] * len(row), None
-                for position, wid in enumerate(word_ids):
-                    if wid is not None and wid != previous:
-                        tags[wid] = labels[int(row_logits[position].argmax())]
-                    previous = wid
-                out.append(tags)  # words cut by max_length keep None: they were never seen
-        return out
-
     @torch.no_grad()
-    def _generate(self, prompts: list, batch_size: int, generate_kwargs: dict) -> list[str]:
+    def generate(self, prompts: list, batch_size: int = 32, **generate_kwargs) -> list[str]:
+        """The continuation of each prompt (or chat message list), greedy by default (CausalLM heads)."""
         kwargs = {"max_new_tokens": self.head_spec.max_new_tokens, "do_sample": False,
                   "pad_token_id": self.tokenizer.pad_token_id, **generate_kwargs}
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"  # generation appends on the right
-        was_training = self.training
-        self.eval()
         try:
-            texts = []
-            for i in range(0, len(prompts), batch_size):
-                batch = self.encode(prompts[i:i + batch_size])
-                generated = self.body.generate(**batch, **kwargs)
-                new = generated[:, batch["input_ids"].shape[1]:]
-                texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            with eval_mode(self):
+                texts = []
+                for i in range(0, len(prompts), batch_size):
+                    batch = self.encode(prompts[i:i + batch_size])
+                    generated = self.backbone.generate(**batch, **kwargs)
+                    new = generated[:, batch["input_ids"].shape[1]:]
+                    texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         finally:
             self.tokenizer.padding_side = side
-            self.train(was_training)
         return texts
 
-    def save_pretrained(self, path, overwrite: bool = False) -> None:
+    def save_pretrained(self, path, overwrite: bool = False) -> Path:
         """Write the trainable part (adapter + head) and the spec to ``path``; see ``artifact.py``."""
-        from .artifact import save_artifact
+        return save_artifact(self, path, overwrite=overwrite)
 
-        save_artifact(self, path, overwrite=overwrite)
+    @classmethod
+    def from_pretrained(cls, path, base: str | None = None, device: str | torch.device | None = None,
+                        dtype: str | None = None) -> "AdaptedModel":
+        """Rebuild a saved adapted model: same base, quantization, adapter and head, trained weights.
 
+        ``base`` overrides where the base model is read from (default: the name stored at save
+        time); ``device``/``dtype`` as in ``adapt``. Files are checked (present, readable, names and
+        shapes that fit, the same base weights) and a misfit raises a ``CheckpointError`` saying which.
+        """
+        path = Path(path)
+        spec = read_spec(path)
+        adapter, head = adapter_spec_of(spec, path), head_spec_of(spec, path)
+        head_tensors = read_head(path)  # before the slow part: a missing file fails at once
+        model = adapt(base or spec["base"]["name"], adapter=adapter, head=head, quantization=spec["quantization"],
+                      dtype=dtype or spec.get("dtype"), device=device, max_length=spec["max_length"],
+                      padding_side=spec.get("padding_side"), seed=None)
+        check_base(spec, model.backbone, path)
+        if adapter is not None:
+            adapter.load(model, path)
+        model.load_head(head_tensors, path)
+        model.eval()
+        return model
 
-def _is_messages(x) -> bool:
-    return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
+    def load_head(self, tensors: dict, path: Path) -> None:
+        from .files import check_state
+
+        check_state(tensors, self.head.state_dict(), path)
+        self.head.load_state_dict({k: v.to(self.device) for k, v in tensors.items()})
 
 
 def adapt(
     model: str,
-    adapter: LoRA | Bottleneck | None = None,
+    adapter: AdapterSpec | None = None,
     head: HeadSpec | None = None,
     quantization: str | None = "nf4",
     dtype: str | None = None,
@@ -300,34 +288,36 @@ def adapt(
     dtype (default: float32 on CPU, bfloat16 on capable GPUs).
     ``seed`` makes the new adapter and head weights reproducible (without touching global RNG).
     """
-    if head is None:
-        raise ConfigError("adapt() needs a head, e.g. head=adapters.Classification(labels=['neg', 'pos'])")
-    if not isinstance(head, HeadSpec):
-        raise ConfigError(f"head must be a head spec such as adapters.Classification, got {type(head).__name__}")
-    if adapter is not None and not isinstance(adapter, ADAPTERS):
-        raise ConfigError(f"adapter must be one of {[a.__name__ for a in ADAPTERS]} or None, got {type(adapter).__name__}")
-    if max_length is not None and max_length < 2:
-        raise ConfigError(f"max_length={max_length} must be at least 2 tokens")
-    backbone = load_backbone(model, quantization, dtype, device, double_quant, trust_remote_code, padding_side,
-                             with_lm_head=head.kind == "causal_lm")
-    limit = min(getattr(backbone.model.config, "max_position_embeddings", 512) or 512,
-                backbone.tokenizer.model_max_length or 512)
+    _check_specs(adapter, head, max_length)
+    network, base = load_backbone(model, quantization, dtype, device, double_quant, trust_remote_code, padding_side,
+                                  with_lm_head=head.lm_logits)
+    limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)
     if max_length is None:
         max_length = min(limit, 512)
     elif max_length > limit:
         raise ConfigError(f"max_length={max_length} exceeds what {model!r} accepts ({limit} tokens)")
-
     rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
-        body, bottleneck = backbone.model, None
-        if isinstance(adapter, LoRA):
-            body = apply_lora(body, adapter, backbone.location)
-        elif isinstance(adapter, Bottleneck):
-            bottleneck = BottleneckLayers(body, adapter, backbone.hidden_size)
-        head_module = head.build(backbone.hidden_size, backbone.is_decoder)
-    head_module.to(next(backbone.model.parameters()).device)
-    return AdaptedModel(backbone, body, adapter, head, head_module, max_length,
-                        dtype if isinstance(dtype, str) or dtype is None else str(dtype).replace("torch.", ""),
-                        bottleneck)
+        adapted = AdaptedModel(network, base, adapter, head, max_length, dtype_name(dtype))
+    adapted.head.to(next(network.parameters()).device)
+    return adapted
+
+
+def _check_specs(adapter, head, max_length) -> None:
+    """The arguments ``adapt`` can check before loading anything."""
+    if head is None:
+        raise ConfigError("adapt() needs a head, e.g. head=adapters.Classification(labels=['neg', 'pos'])")
+    if not isinstance(head, HeadSpec):
+        raise ConfigError(f"head must be a head spec such as adapters.Classification, got {type(head).__name__}")
+    if adapter is not None and not isinstance(adapter, AdapterSpec):
+        names = [cls.__name__ for cls in ADAPTERS.values()]
+        raise ConfigError(f"adapter must be one of {names} or None, got {type(adapter).__name__}")
+    if max_length is not None and max_length < 2:
+        raise ConfigError(f"max_length={max_length} must be at least 2 tokens")
+
+
+def load(path, base: str | None = None, device: str | torch.device | None = None, dtype: str | None = None):
+    """``AdaptedModel.from_pretrained``: rebuild a saved adapted model (see there)."""
+    return AdaptedModel.from_pretrained(path, base=base, device=device, dtype=dtype)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UnknownModelError
+from .files import atomic_folder
 
 
 @dataclass(frozen=True)
@@ -66,19 +65,19 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The GGUF loader marks the model as quantized; the dequantized weights are plain tensors,
-    # and save_pretrained refuses to write until the marks are removed.
+    # The GGUF loader marks the model as quantized; the dequantized weights are plain tensors.
+    drop_quantizer_marks(model)
+    with atomic_folder(out) as tmp:  # a crash mid-conversion never leaves a half folder at ``out``
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def drop_quantizer_marks(model) -> None:
+    """Make a dequantized model (from GGUF or bitsandbytes) a plain one: ``save_pretrained`` refuses to
+    write a model still marked as quantized, and the saved config must not ask for quantization."""
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)  # a crash mid-conversion never leaves a half folder at ``out``
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_packaged(name: str) -> Path:

@@ -57,7 +57,8 @@ def measure(cell: dict) -> dict:
 
     import adapters
     from adapters.base import resolve_mixed_precision
-    from adapters.train import TrainConfig, _optimizer
+    from adapters.optim import build_optimizer
+    from adapters.train_config import TrainConfig
 
     adapter, head = cell_objects(cell)
     gpu = torch.cuda.is_available()
@@ -72,10 +73,10 @@ def measure(cell: dict) -> dict:
             if type(t).__name__ not in ("Params4bit", "Int8Params"):
                 t.data = t.data.clone()
         if cell["checkpointing"]:  # as train() does
-            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = _optimizer(model, TrainConfig(optimizer=cell.get("optimizer", "adamw")))
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = build_optimizer(model, TrainConfig(optimizer=cell.get("optimizer", "adamw")))
         generator = torch.Generator().manual_seed(0)
-        vocab = model.base_model.config.vocab_size
+        vocab = model.backbone.config.vocab_size
         ids = torch.randint(min(10, vocab - 1), min(1000, vocab), (b, s), generator=generator).to(model.device)
         mask = torch.ones(b, s, dtype=torch.long, device=model.device)
         mask[-1, : s // 4] = 0  # one padded row, as real batches have: the model builds its padding mask

@@ -50,11 +50,11 @@ def run_one(args) -> dict:
     model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=["a", "b"]),
                            quantization="nf4", max_length=max(args.length, 16))
     if args.checkpointing:
-        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
-    vocab = model.base_model.get_input_embeddings().weight.shape[0]
+    vocab = model.backbone.get_input_embeddings().weight.shape[0]
     batch = {"input_ids": torch.randint(0, vocab, (args.batch, args.length), generator=generator).to(model.device),
              "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long, device=model.device),
              "labels": torch.randint(0, 2, (args.batch,), generator=generator).to(model.device)}

@@ -88,7 +88,7 @@ def run_ours(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
     metrics = adapters.train(model, data, None, adapters.TrainConfig(epochs=1, lr=LR, batch_size=batch, progress=False))
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "steps": metrics["steps"], "tokens": rows * seq_len,
-            "flops_per_token": flops_per_token(model.base_model.config, seq_len)}
+            "flops_per_token": flops_per_token(model.backbone.config, seq_len)}
 
 
 def run_baseline(model_name: str, rows: int, seq_len: int, batch: int) -> dict:

@@ -24,7 +24,7 @@ def test_round_trip_gives_identical_logits(tiny_model, toy_data, tmp_path, quant
     model = _trained(tiny_model, quantization, data=toy_data[0])
     model.save_pretrained(tmp_path / "art")
     again = adapters.load(tmp_path / "art")
-    assert again.backbone_info.quantization == quantization
+    assert again.base.quantization == quantization
     assert again.head_spec == model.head_spec and again.adapter == model.adapter
     assert torch.allclose(model.logits(TEXTS), again.logits(TEXTS), atol=1e-5)
     assert again.predict(TEXTS) == model.predict(TEXTS)

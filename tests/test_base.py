@@ -11,36 +11,36 @@ from adapters.base import is_decoder_config, load_backbone
 @pytest.mark.parametrize("quantization,layer", [("nf4", bnb.nn.Linear4bit), ("fp4", bnb.nn.Linear4bit),
                                                 ("int8", bnb.nn.Linear8bitLt), (None, torch.nn.Linear)])
 def test_quantization_modes_use_real_bnb_layers(tiny_model, quantization, layer):
-    backbone = load_backbone(tiny_model, quantization=quantization)
-    linears = [m for m in backbone.model.modules() if isinstance(m, torch.nn.Linear)]
+    network, base = load_backbone(tiny_model, quantization=quantization)
+    linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is layer for m in linears)
     if quantization in ("nf4", "fp4"):
         assert all(m.weight.quant_state.quant_type == quantization for m in linears)
         assert all(m.weight.quant_state.nested for m in linears)  # double quantization on by default
-    assert backbone.compute_dtype == torch.float32  # CPU: fp32 compute
-    assert not any(p.requires_grad for p in backbone.model.parameters())
+    assert base.compute_dtype == torch.float32  # CPU: fp32 compute
+    assert not any(p.requires_grad for p in network.parameters())
 
 
 def test_double_quant_can_be_turned_off(tiny_llama):
-    backbone = load_backbone(tiny_llama, quantization="nf4", double_quant=False)
-    layer = next(m for m in backbone.model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    network, _ = load_backbone(tiny_llama, quantization="nf4", double_quant=False)
+    layer = next(m for m in network.modules() if isinstance(m, bnb.nn.Linear4bit))
     assert not layer.weight.quant_state.nested
 
 
 def test_quantized_forward_runs_and_is_close_to_full_precision(tiny_llama):
     ids = torch.tensor([[5, 6, 7, 8]])
-    full = load_backbone(tiny_llama, quantization=None).model(input_ids=ids).last_hidden_state
+    full = load_backbone(tiny_llama, quantization=None)[0](input_ids=ids).last_hidden_state
     for q in ("nf4", "int8"):
-        out = load_backbone(tiny_llama, quantization=q).model(input_ids=ids).last_hidden_state
+        out = load_backbone(tiny_llama, quantization=q)[0](input_ids=ids).last_hidden_state
         assert out.shape == full.shape and torch.isfinite(out).all()
         assert torch.nn.functional.cosine_similarity(out.flatten(), full.flatten(), dim=0) > 0.9
 
 
 def test_encoder_and_decoder_detected(tiny_llama, tiny_bert):
-    assert load_backbone(tiny_llama, quantization=None).is_decoder
-    bert = load_backbone(tiny_bert, quantization="nf4")
-    assert not bert.is_decoder
-    assert bert.model.pooler is None  # unused pooler dropped, never quantized or LoRA-targeted
+    assert load_backbone(tiny_llama, quantization=None)[1].is_decoder
+    bert, info = load_backbone(tiny_bert, quantization="nf4")
+    assert not info.is_decoder
+    assert bert.pooler is None  # unused pooler dropped, never quantized or LoRA-targeted
 
 
 def test_unknown_model_is_a_clear_error():
@@ -61,9 +61,9 @@ def test_bad_settings_are_config_errors(tiny_llama, kwargs, match):
 
 
 def test_packaged_encoder_resolves_offline():
-    backbone = load_backbone("minilm-l6", quantization="nf4")
-    assert not backbone.is_decoder and backbone.hidden_size == 384
-    assert isinstance(backbone.model.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
+    network, base = load_backbone("minilm-l6", quantization="nf4")
+    assert not base.is_decoder and base.hidden_size == 384
+    assert isinstance(network.encoder.layer[0].attention.self.query, bnb.nn.Linear4bit)
 
 
 def test_is_decoder_config():

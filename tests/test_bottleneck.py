@@ -57,10 +57,10 @@ def test_placement_on_every_architecture(tiny_archs, arch, quantization):
     for placement, per_block, suffixes in [("pfeiffer", 1, (ffn,)), ("houlsby", 2, (attn, ffn))]:
         model = adapters.adapt(tiny_archs[arch], adapter=adapters.Bottleneck(placement=placement, reduction=4),
                                head=LABELS, quantization=quantization)
-        targets = model.bottleneck.targets
+        targets = model.adapter_layers.targets
         assert len(targets) == 2 * per_block, targets
         assert sorted(t.split(".0.", 1)[1] for t in targets if ".0." in t) == sorted(suffixes)
-        assert all(a.down.out_features == 16 and a.up.weight.dtype == torch.float32 for a in model.bottleneck.adapters.values())
+        assert all(a.down.out_features == 16 and a.up.weight.dtype == torch.float32 for a in model.adapter_layers.adapters.values())
         # up-projection starts at zero: identical logits to the un-adapted base with the same head
         model.head.load_state_dict(base.head.state_dict())
         assert torch.equal(model.logits(TEXTS), base.logits(TEXTS))
@@ -71,7 +71,7 @@ def test_only_adapters_and_head_train_and_4bit_base_stays_bit_identical(tiny_lla
                            head=LABELS, quantization="nf4")
     before = {n: t.clone() for n, t in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("bottleneck.", "head.")) for n in trainable)
+    assert trainable and all(n.startswith(("adapter_layers.", "head.")) for n in trainable)
     adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8, progress=False))
     after = model.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -91,15 +91,15 @@ def test_trains_on_encoder_and_decoder(tiny_model):
 
 def test_layers_restrict_the_blocks(tiny_llama):
     model = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(layers=[-1]), head=LABELS, quantization=None)
-    assert model.bottleneck.targets == ["layers.1.mlp.down_proj"]
+    assert model.adapter_layers.targets == ["layers.1.mlp.down_proj"]
     with pytest.raises(adapters.ConfigError, match="out of range"):
         adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(layers=[5]), head=LABELS, quantization=None)
 
 
 def test_targets_escape_hatch_and_its_errors(tiny_llama):
     model = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(targets=["up_proj"]), head=LABELS, quantization="nf4")
-    assert model.bottleneck.targets == ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
-    assert all(a.down.in_features == 128 for a in model.bottleneck.adapters.values())  # sized to the module's output
+    assert model.adapter_layers.targets == ["layers.0.mlp.up_proj", "layers.1.mlp.up_proj"]
+    assert all(a.down.in_features == 128 for a in model.adapter_layers.adapters.values())  # sized to the module's output
     with pytest.raises(adapters.TargetModulesError, match="match no module"):
         adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(targets=["nothing_here"]), head=LABELS, quantization=None)
 

@@ -76,7 +76,7 @@ def test_merged_model_predicts_like_the_adapter(config_file, tmp_path):
     assert "dequantizing the nf4 base" in done.stdout
     texts = [r["text"] for r in toy_sentiment(12, seed=3)]
     adapted, merged = adapters.load(tmp_path / "art"), adapters.load(tmp_path / "merged")
-    assert merged.backbone_info.quantization is None and merged.adapter is None
+    assert merged.base.quantization is None and merged.adapter is None
     assert torch.allclose(adapted.logits(texts), merged.logits(texts), atol=1e-4)  # float rounding only
     assert merged.predict(texts) == adapted.predict(texts)
     plain = AutoModel.from_pretrained(tmp_path / "merged")  # a standalone transformers folder

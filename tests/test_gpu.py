@@ -41,13 +41,13 @@ def test_quantized_base_loads_on_the_device_in_the_compute_dtype(base, quantizat
 
     model = _adapt(base, adapters.LoRA(r=8), quantization=quantization)
     layer = bnb.nn.Linear8bitLt if quantization == "int8" else bnb.nn.Linear4bit
-    quantized = [m for m in model.base_model.modules() if isinstance(m, layer)]
+    quantized = [m for m in model.backbone.modules() if isinstance(m, layer)]
     assert quantized and all(m.weight.device.type == DEVICE for m in quantized)
     want = torch.bfloat16 if CUDA else torch.float32
-    assert model.backbone_info.compute_dtype == want
+    assert model.base.compute_dtype == want
     # no blanket fp32 upcast on a GPU: embeddings and norms stay in the compute dtype, so the
     # activations between blocks are bf16 (the trainable adapter and head keep fp32 master weights)
-    frozen = {p.dtype for p in model.base_model.parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    frozen = {p.dtype for p in model.backbone.parameters() if not p.requires_grad and p.dtype.is_floating_point}
     assert frozen <= {want}, frozen
     logits = model.logits(["a good film", "a dull mess"])
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
@@ -142,7 +142,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 
     def grads(checkpointing: bool):
         if checkpointing:
-            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         model.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):
@@ -154,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
         model(**batch, labels=labels)["loss"].backward()
         out = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         if checkpointing:
-            model.base_model.gradient_checkpointing_disable()
+            model.backbone.gradient_checkpointing_disable()
         return out
 
     plain, recomputed = grads(False), grads(True)

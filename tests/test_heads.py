@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import adapters
-from adapters.heads import head_from_dict, pool
+from adapters.heads import pool
+from adapters.registry import head_from_dict
 
 
 def test_pooling_is_the_same_with_left_and_right_padding():

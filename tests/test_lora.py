@@ -10,7 +10,7 @@ from adapters.lora import check_targets
 def test_lora_maps_onto_peft_config(tiny_llama):
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, alpha=8, dropout=0.1, rslora=True, dora=True),
                            head=adapters.Classification(labels=["a", "b"]), quantization=None)
-    config = model.body.peft_config["default"]
+    config = model.peft_model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora) == (4, 8, 0.1, True, True)
     assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -20,14 +20,14 @@ def test_lora_on_4bit_layers_uses_peft_bnb_layer(tiny_llama):
 
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, targets=["q_proj", "v_proj"]),
                            head=adapters.Classification(labels=["a", "b"]), quantization="nf4")
-    wrapped = [n for n, m in model.body.named_modules() if isinstance(m, LoraLinear4bit)]
+    wrapped = [n for n, m in model.peft_model.named_modules() if isinstance(m, LoraLinear4bit)]
     assert len(wrapped) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in wrapped)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
 
 
 def test_regex_targets(tiny_bert):
-    names = check_targets(adapters.base.load_backbone(tiny_bert, quantization=None).model, r".*attention\.self\.(query|value)")
+    names = check_targets(adapters.base.load_backbone(tiny_bert, quantization=None)[0], r".*attention\.self\.(query|value)")
     assert len(names) == 4
 
 
@@ -57,7 +57,7 @@ def test_peft_loads_the_saved_adapter_folder(tiny_llama, tmp_path, toy_data):
     model.eval()
     peft_model.eval()
     with torch.no_grad():
-        ours = model.body(input_ids=ids).last_hidden_state
+        ours = model.backbone(input_ids=ids).last_hidden_state
         theirs = peft_model(input_ids=ids).last_hidden_state
     assert torch.allclose(ours, theirs, atol=1e-5)
 
@@ -106,7 +106,7 @@ def _lora_inputs_and_saved_bytes(model, ids):
     loss.backward()
     for h in handles:
         h.remove()
-    return {n.split("base_model.model.")[-1].removesuffix(".lora_A.default"): t for n, t in inputs.items()}, total[0]
+    return {n.removeprefix("backbone.").removesuffix(".lora_A.default"): t for n, t in inputs.items()}, total[0]
 
 
 def test_layers_reading_one_input_share_one_dropped_out_copy(tiny_llama):

@@ -79,9 +79,9 @@ def test_quantized_bytes_match_bitsandbytes(tiny_llama):
 
     for quantization in ("nf4", "int8"):
         model = adapters.adapt(tiny_llama, head=HEAD, quantization=quantization)
-        modules = dict(model.base_model.named_modules())
+        modules = dict(model.backbone.named_modules())
         real = 0
-        for name in linear_module_names(model.base_model):
+        for name in linear_module_names(model.backbone):
             weight = modules[name].weight
             real += weight.untyped_storage().nbytes()
             state = getattr(weight, "quant_state", None)

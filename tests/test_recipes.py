@@ -50,7 +50,7 @@ def test_sentiment_recipe_on_the_packaged_llm(tmp_path):
     assert result["model"] == "smollm2-135m" and result["quantization"] == "nf4"
     assert 0 <= result["accuracy"] <= 1 and result["majority_baseline"] > 0.4
     again = adapters.load(tmp_path / "art")
-    assert again.backbone_info.is_decoder and again.backbone_info.quantization == "nf4"
+    assert again.base.is_decoder and again.base.quantization == "nf4"
 
 
 @pytest.mark.slow

@@ -1,0 +1,58 @@
+"""What an adapter kind is: a settings dataclass that knows how to attach, save, load and describe itself.
+
+Every kind (``LoRA`` in ``lora.py``, ``Bottleneck`` in ``bottleneck.py``) subclasses ``AdapterSpec``
+and is listed once in ``registry.ADAPTERS``; nothing else in the library asks which kind it holds.
+An ``AdaptedModel`` calls ``attach`` once, on its frozen backbone; the artifact code calls ``save`` /
+``load``; the memory estimate builds the same model on the meta device through the same ``attach``.
+
+Adding a kind: a new module with a dataclass ``class MyAdapter(AdapterSpec)`` (a ``kind`` field, its
+settings, the methods below) and one line in ``registry.py``. The README's architecture section
+walks through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from torch import nn
+
+
+class AdapterSpec:
+    """The interface of an adapter kind's settings (subclasses are dataclasses with a ``kind`` field)."""
+
+    kind: str
+
+    def attach(self, model) -> None:
+        """Add this adapter to ``model.backbone`` (frozen): wrap it, or set ``model.adapter_layers`` to a
+        module holding new layers hooked into it. Only the new parameters require gradients."""
+        raise NotImplementedError
+
+    def trained_state(self, model) -> dict:
+        """The adapter's trained tensors in ``model``, by the names ``save`` writes them under."""
+        raise NotImplementedError
+
+    def save(self, model, folder: Path) -> None:
+        """Write the adapter's trained tensors (and whatever else its format needs) into artifact ``folder``."""
+        raise NotImplementedError
+
+    def load(self, model, folder: Path) -> None:
+        """Read what ``save`` wrote into ``model`` (built with this spec); a ``CheckpointError`` when the
+        files are missing, corrupt or do not fit."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One short line for tables and logs, e.g. ``"LoRA r=8"``."""
+        return type(self).__name__
+
+    def merge_refusal(self) -> str | None:
+        """Why this kind cannot be folded into the base weights (None: it can, through ``merge``)."""
+        return "this adapter kind has no merge"
+
+    def merge(self, network: nn.Module, folder: Path) -> nn.Module:
+        """``network`` with the adapter saved in artifact ``folder`` folded into its weights."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """The settings as saved in ``qadapters.json`` and YAML configs (with ``kind``)."""
+        return asdict(self)

@@ -1,0 +1,64 @@
+"""Held-out metrics: every example counted once, whatever the number of processes.
+
+The head spec says what to gather per batch (``eval_outputs``: logits and labels, or per-token
+predictions) and how to turn the gathered columns into metrics (``metrics``); Accelerate's
+``gather_for_metrics`` drops the duplicates that pad the last batch of each process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import cpu_only, eval_mode
+from .data import IGNORE
+from .loaders import eval_loader, eval_rows
+from .train_config import TrainConfig
+
+
+def evaluate(model, data, config: TrainConfig | None = None, accelerator=None, *, text_column: str | None = None,
+             label_column: str | None = None, batch_size: int | None = None) -> dict[str, float]:
+    """The head's metrics (and loss) of ``model`` on ``data``, every example counted once.
+
+    Columns and the batch size (rows per batch; default: by a budget of padded tokens) come from the
+    keywords, else from ``config`` (a ``TrainConfig``, as ``train`` uses), else the defaults."""
+    from accelerate import Accelerator
+
+    text_column = text_column or (config.text_column if config else "text")
+    label_column = label_column or (config.label_column if config else "label")
+    if batch_size is None and config is not None:
+        batch_size = config.eval_batch_size
+    # inference runs without autocast, as predict() and a reloaded artifact do
+    accelerator = accelerator or Accelerator(cpu=cpu_only())
+    processes = accelerator.num_processes
+    spec = accelerator.unwrap_model(model).head_spec
+    batch_size = eval_rows(spec, batch_size, config.batch_size if config else TrainConfig.batch_size, processes)
+    loader = eval_loader(accelerator.unwrap_model(model), data, text_column, label_column, batch_size, processes)
+    return evaluate_loader(model, accelerator.prepare(loader), accelerator)
+
+
+def evaluate_loader(model, loader, accelerator) -> dict[str, float]:
+    """The head's metrics over ``loader``, every example counted once across processes."""
+    spec = accelerator.unwrap_model(model).head_spec
+    gathered: list[list[torch.Tensor]] = []
+    with eval_mode(model), torch.inference_mode():
+        for batch in loader:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"})["logits"]
+            outputs = spec.eval_outputs(logits, batch["labels"])
+            # per-token outputs differ in length between processes: pad before gathering
+            outputs = tuple(accelerator.pad_across_processes(t, dim=1, pad_index=IGNORE) if t.dim() > 1 and
+                            spec.sequence_labels else t for t in outputs)
+            outputs = accelerator.gather_for_metrics(outputs)
+            gathered.append([t.cpu() for t in outputs])
+    return spec.metrics(*_concatenate(gathered, spec.sequence_labels))
+
+
+def _concatenate(gathered: list[list[torch.Tensor]], sequence_labels: bool) -> list[torch.Tensor]:
+    """Per-batch outputs -> one tensor per output; per-token ones padded to one length first."""
+    columns = []
+    for parts in zip(*gathered):
+        if parts[0].dim() > 1 and sequence_labels:
+            longest = max(p.shape[1] for p in parts)
+            parts = [F.pad(p, (0, longest - p.shape[1]), value=IGNORE) for p in parts]
+        columns.append(torch.cat(parts))
+    return columns

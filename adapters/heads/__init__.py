@@ -1,0 +1,45 @@
+"""Task heads: small full-precision modules over the backbone's hidden states.
+
+Long texts: the whole-text heads (classification, multi-label, regression) can read a text
+longer than the model's length as overlapping windows (``long_text="windows"``): every window
+is scored and the window logits are pooled (mean or max) into the text's logits, in training
+and in prediction, so nothing past the first window is dropped.
+
+A head is split in two, as peft splits config and layer: a *spec* (a dataclass the user
+builds, saved as JSON with the artifact: labels, pooling, loss settings) and the *module*
+(weights, saved as safetensors). Heads are never part of the quantized backbone, so they are
+never quantized and always train in float32.
+
+Each spec says how to read a target from a data row (``target``), its loss, what to gather
+per example at evaluation (``eval_outputs``) and the metrics computed from it, and how to turn
+outputs into predictions (``decode``). The heads:
+
+=====================  ==================================  ==============================
+head                   module                              loss
+=====================  ==================================  ==============================
+Classification         pool -> linear(num_labels)          cross-entropy (weights, smoothing)
+MultiLabel             pool -> linear(num_labels)          BCE with logits
+Regression             pool -> linear(num_outputs)         MSE
+MultipleChoice         pool each (context, choice) -> 1    cross-entropy over choices
+TokenClassification    linear(num_labels) on every token   cross-entropy on first sub-tokens
+CausalLM               the base's own LM head, frozen      next-token loss on the response
+=====================  ==================================  ==============================
+
+Pooling turns per-token states into one vector per text and must fit the base: a decoder sees
+only the left context, so only its last real token has read the whole text (``"last"``); an
+encoder is bidirectional, so the mean of its tokens (``"mean"``) or its first token
+(``"first"``, BERT's [CLS]) work. Positions come from the attention mask, so left and right
+padding give the same result.
+"""
+
+from ..data import IGNORE
+from .causal import CausalLM
+from .choice import MultipleChoice
+from .layers import POOLINGS, SequenceHead, TokenHead, pool, pool_segments, pool_windows
+from .sequence import Classification, MultiLabel, Regression
+from .spec import HeadSpec, LongTextHead
+from .tokens import TokenClassification
+
+__all__ = ["IGNORE", "POOLINGS", "CausalLM", "Classification", "HeadSpec", "LongTextHead", "MultiLabel",
+           "MultipleChoice", "Regression", "SequenceHead", "TokenClassification", "TokenHead", "pool",
+           "pool_segments", "pool_windows"]

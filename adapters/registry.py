@@ -1,0 +1,42 @@
+"""The adapter kinds and head kinds, by the ``kind`` name saved in artifacts and YAML configs.
+
+The one place that lists them: the YAML loader, the artifact reader and ``adapt``'s checks read
+these tables. A new kind is one module (an ``AdapterSpec`` or ``HeadSpec`` subclass) and one line here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .adapter_spec import AdapterSpec
+from .bottleneck import Bottleneck
+from .errors import ConfigError
+from .heads import CausalLM, Classification, HeadSpec, MultiLabel, MultipleChoice, Regression, TokenClassification
+from .lora import LoRA
+
+
+def _by_kind(*classes: type) -> dict[str, type]:
+    return {cls.__dataclass_fields__["kind"].default: cls for cls in classes}
+
+
+ADAPTERS: dict[str, type[AdapterSpec]] = _by_kind(LoRA, Bottleneck)
+HEADS: dict[str, type[HeadSpec]] = _by_kind(Classification, MultiLabel, Regression, MultipleChoice,
+                                            TokenClassification, CausalLM)
+
+
+def adapter_from_dict(data: dict | None) -> AdapterSpec | None:
+    """``{"kind": "lora", "r": 8, ...}`` -> ``LoRA(r=8, ...)``; None (head only) stays None."""
+    return None if data is None else _from_dict(data, ADAPTERS, "adapter")
+
+
+def head_from_dict(data: dict) -> HeadSpec:
+    """``{"kind": "classification", "labels": [...]}`` -> ``Classification(labels=[...])``."""
+    return _from_dict(data, HEADS, "head")
+
+
+def _from_dict(data: dict, kinds: dict[str, type], what: str) -> Any:
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind not in kinds:
+        raise ConfigError(f"unknown {what} kind {kind!r}; known: {sorted(kinds)} (was it written by a newer qadapters?)")
+    return kinds[kind](**data)

@@ -1,0 +1,48 @@
+"""Which modules of a backbone an adapter may target: its linear layers, named as peft names them.
+
+Shared by LoRA (``lora.py``) and bottleneck adapters (``bottleneck.py``): a list of names matches on a
+module name's last components (``["q_proj", "v_proj"]``, as in peft), a string is one regular
+expression over full names, and a selection that matches nothing fails with the names that exist.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import TargetModulesError
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Names of every linear layer (plain, bitsandbytes 4/8-bit, GPT-2's Conv1D) in ``model``."""
+    from transformers.pytorch_utils import Conv1D
+
+    # the output embedding (an LM head) is never an adapter target: it is the frozen next-token head
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
+
+
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
+
+
+def matches(targets: str | list[str], name: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
+    """Return the linear modules ``targets`` selects; raise if none."""
+    names = linear_module_names(model)
+    if targets == "all-linear":
+        matched = names
+    else:
+        matched = [n for n in names if matches(targets, n)]
+    if not matched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise TargetModulesError(
+            f"LoRA targets {targets!r} match no linear layer of the base model. Its linear layers are named "
+            f"{leaves} (e.g. {names[:3]}); pass some of these names, a regex over full names, or 'all-linear'.")
+    return matched
