@@ -1,6 +1,7 @@
 """Save / load: only trainable tensors, identical logits, clear errors on bad folders."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,31 @@ def test_different_base_is_refused(tiny_llama, tmp_path):
     reseeded.save_pretrained(other)
     with pytest.raises(adapters.CheckpointError, match="different base"):
         adapters.load(tmp_path / "art", base=other)
+
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("name", ["lora-nf4", "bottleneck-nf4"])
+def test_an_artifact_saved_by_an_earlier_version_still_loads(tiny_llama, name):
+    """Artifacts committed from qadapters before the restructuring (commit c06fd42) load and give the
+    logits they gave when saved."""
+    expected = json.loads((DATA / "artifact-v0.1-logits.json").read_text())
+    model = adapters.load(DATA / f"artifact-v0.1-{name}", base=tiny_llama)
+    assert torch.allclose(model.logits(expected["texts"]), torch.tensor(expected["logits"][name]), atol=1e-5)
+
+
+def test_saved_files_follow_the_umask(tiny_llama, tmp_path):
+    """Written through a private temporary folder, yet readable as any file the user creates."""
+    import os
+    import stat
+
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["a", "b"]))
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "art")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "art", *(tmp_path / "art").rglob("*")]}
+    assert modes["art"] == 0o755 and modes["adapter"] == 0o755
+    assert modes["head.safetensors"] == 0o644 and modes["adapter_model.safetensors"] == 0o644

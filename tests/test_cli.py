@@ -17,6 +17,16 @@ from .conftest import toy_sentiment
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
+def in_process(capsys, *args, expect: int = 0):
+    """The command run in this process (``cli.main``): its exit code checked, its captured output returned."""
+    from adapters.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert code == expect, out.out[-2000:] + out.err[-3000:]
+    return out
+
+
 def qadapters(*args, expect: int = 0) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "adapters", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env=ENV)
@@ -54,7 +64,10 @@ def test_train_eval_predict_info(config_file, tmp_path):
     assert "# art" in (art / "README.md").read_text() and "LoRA" in (art / "README.md").read_text()
 
     metrics = json.loads(qadapters("eval", art, "--data", tmp_path / "train.jsonl").stdout)
-    assert metrics["count"] == 64 and 0 <= metrics["accuracy"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    in_python = adapters.evaluate(adapters.load(art), rows)  # the command computes what the API computes
+    assert metrics["count"] == 64 and metrics["accuracy"] == pytest.approx(in_python["accuracy"])
+    assert metrics["loss"] == pytest.approx(in_python["loss"], rel=1e-5)
 
     lines = qadapters("predict", art, "good fun film", "bad dull mess").stdout.splitlines()
     assert [json.loads(x)["input"] for x in lines] == ["good fun film", "bad dull mess"]
@@ -83,11 +96,11 @@ def test_merged_model_predicts_like_the_adapter(config_file, tmp_path):
     assert not any("lora" in n for n, _ in plain.named_parameters())
 
 
-def test_bottleneck_cannot_be_merged(tiny_llama, tmp_path):
+def test_bottleneck_cannot_be_merged(tiny_llama, tmp_path, capsys):
     model = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(), head=adapters.Classification(labels=["a", "b"]))
     model.save_pretrained(tmp_path / "art")
-    done = qadapters("merge", tmp_path / "art", tmp_path / "merged", expect=2)
-    assert done.stderr.startswith("error:") and "no weight matrix can absorb" in done.stderr
+    err = in_process(capsys, "merge", tmp_path / "art", tmp_path / "merged", expect=2).err
+    assert err.startswith("error:") and "no weight matrix can absorb" in err and not (tmp_path / "merged").exists()
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -98,25 +111,36 @@ def test_bottleneck_cannot_be_merged(tiny_llama, tmp_path):
     (lambda c: c["data"].update(train="missing.csv"), "data file missing.csv does not exist"),
     (lambda c: c["adapter"].update(r=0), "adapter: LoRA r=0"),
 ])
-def test_config_errors_name_the_key(config_file, edit, match):
+def test_config_errors_name_the_key(config_file, edit, match, capsys):
     config = yaml.safe_load(config_file.read_text())
     edit(config)
     config_file.write_text(yaml.safe_dump(config))
-    done = qadapters("train", config_file, expect=2)
-    assert match in done.stderr and done.stderr.startswith("error:")
+    err = in_process(capsys, "train", config_file, expect=2).err
+    assert match in err and err.startswith("error:")
 
 
-def test_bad_yaml_and_bad_override(config_file, tmp_path):
+def test_bad_yaml_and_bad_override(config_file, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    assert "not valid YAML" in qadapters("train", bad, expect=2).stderr
-    assert "section.key=value" in qadapters("train", config_file, "train.lr", expect=2).stderr
+    assert "not valid YAML" in in_process(capsys, "train", bad, expect=2).err
+    assert "section.key=value" in in_process(capsys, "train", config_file, "train.lr", expect=2).err
+
+
+def test_a_config_error_exits_with_code_2(config_file):
+    """The one subprocess of the error cases: the real exit code and stderr of the installed command."""
+    config = yaml.safe_load(config_file.read_text())
+    config["train"]["lrr"] = 1e-3
+    config_file.write_text(yaml.safe_dump(config))
+    done = qadapters("train", config_file, expect=2)
+    assert done.stderr.startswith("error: unknown key train.lrr") and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "predict", "merge", "info"])
-def test_help_shows_an_example(command):
-    done = qadapters(command, "--help")
-    assert "example:" in done.stdout and f"qadapters {command}" in done.stdout
+def test_help_shows_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        in_process(capsys, command, "--help")
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "example:" in out and f"qadapters {command}" in out
 
 
 def test_recipe_configs_are_valid():

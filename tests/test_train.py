@@ -1,6 +1,7 @@
 """The training loop: what changes, what stays frozen, reproducibility, metrics, bad data."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -33,7 +34,12 @@ def test_only_adapter_and_head_change(tiny_llama, toy_data, quantization):
 def test_head_only_training(tiny_bert, toy_data):
     model = adapters.adapt(tiny_bert, adapter=None, head=adapters.Classification(labels=["neg", "pos"]))
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"head"}
-    adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, batch_size=8, progress=False))
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    result = adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, batch_size=8, progress=False))
+    after = model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {"head.score.weight", "head.score.bias"}  # the base did not move, the head did
+    assert result["steps"] == 2 and math.isfinite(result["train_loss"])
 
 
 def test_training_learns_encoder_and_decoder(tiny_model, tmp_path):
@@ -107,15 +113,30 @@ def test_bad_train_config(kwargs):
 
 
 def test_adamw_8bit_runs_on_cpu(tiny_llama, toy_data):
+    import bitsandbytes as bnb
+
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     adapters.train(model, toy_data[0], None, adapters.TrainConfig(max_steps=2, optimizer="adamw_8bit", progress=False))
+    after = dict(model.named_parameters())
+    moved = [n for n, t in before.items() if not torch.equal(t, after[n])]
+    assert any("lora_B" in n for n in moved) and any(n.startswith("head.") for n in moved)
+    from adapters.optim import build_optimizer
+
+    assert isinstance(build_optimizer(model, adapters.TrainConfig(optimizer="adamw_8bit")), bnb.optim.AdamW8bit)
 
 
 def test_predict_labels_and_probabilities(tiny_llama):
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
-    assert model.predict(["good film", "bad"]) in (["neg", "neg"], ["neg", "pos"], ["pos", "neg"], ["pos", "pos"])
-    label, probs = model.predict("good film", probabilities=True)
-    assert label in probs and abs(sum(probs.values()) - 1) < 1e-5
+    texts = ["good film", "bad", "a very boring plot"]
+    logits = model.logits(texts)
+    labels = model.predict(texts)
+    assert labels == [["neg", "pos"][i] for i in logits.argmax(-1).tolist()]  # the argmax of the head's logits
+    pairs = model.predict(texts, probabilities=True)
+    for (label, probs), row in zip(pairs, logits.softmax(-1)):
+        assert label == max(probs, key=probs.get) and abs(sum(probs.values()) - 1) < 1e-5
+        assert probs == pytest.approx({"neg": float(row[0]), "pos": float(row[1])}, abs=1e-6)
+    assert model.predict("good film") == labels[0]  # one input, one prediction
     assert "trainable params" in model.summary() and "nf4" in model.summary()
 
 
