@@ -169,7 +169,7 @@ def load_backbone(
     """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
     (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``). Returns the
     network and what it is."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     if padding_side not in (None, "left", "right"):
         raise ConfigError(f"padding_side={padding_side!r} must be 'left', 'right' or None (the tokenizer's own)")
@@ -182,11 +182,20 @@ def load_backbone(
             raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     compute_dtype = dtype or default_compute_dtype(device)
-
     config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
     decoder = is_decoder_config(config)
     if with_lm_head and not decoder:
         raise ConfigError(f"{name!r} is an encoder ({config.model_type}): a causal LM head needs a decoder")
+    network = _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device,
+                           trust_remote_code, decoder)
+    tokenizer = _load_tokenizer(name, location, trust_remote_code, padding_side, decoder)
+    return network, BaseInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
+
+
+def _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device, trust_remote_code,
+                 decoder) -> nn.Module:
+    from transformers import AutoModel, AutoModelForCausalLM
+
     model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
         location,
         quantization_config=quantization_config(quantization, compute_dtype, double_quant),
@@ -211,6 +220,11 @@ def load_backbone(
     # weights. On CPU the compute dtype is fp32, so nothing changes there.
     for param in model.parameters():
         param.requires_grad_(False)
+    return model
+
+
+def _load_tokenizer(name, location, trust_remote_code, padding_side, decoder):
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -223,7 +237,7 @@ def load_backbone(
         # absolute position embeddings (BERT) would see every token shifted by the padding
         raise ConfigError(f"{name!r} is an encoder: it must be padded on the right (padding_side='right'); "
                           f"left padding shifts its absolute positions")
-    return model, BaseInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
+    return tokenizer
 
 
 def base_fingerprint(model: nn.Module) -> dict:

@@ -24,7 +24,6 @@ from .heads import HeadSpec
 from .registry import ADAPTERS, HEADS
 from .train_config import TrainConfig
 
-ADAPTER_KINDS = {**ADAPTERS, "none": None}  # "none": train the head only
 
 
 @dataclass
@@ -178,7 +177,8 @@ def load_run_config(path, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"output={output!r} must be a folder path")
     return RunConfig(
         model=build(ModelConfig, data.get("model"), "model"),
-        adapter=_kind_section(data.get("adapter"), "adapter", ADAPTER_KINDS, default="lora"),
+        # "none": train the head only
+        adapter=_kind_section(data.get("adapter"), "adapter", {**ADAPTERS, "none": None}, default="lora"),
         head=_kind_section(data["head"], "head", HEADS),
         data=build(DataConfig, data["data"], "data"),
         train=build(TrainConfig, data.get("train"), "train"),

@@ -191,24 +191,55 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
+    """Rows -> split -> adapted model -> training -> report: the phases below, in order."""
     args = parse_args(argv)
     started = time.perf_counter()
     output = Path(args.output or f"runs/legal-{args.task}")
-    if args.data:
-        rows = user_rows(args)
-    else:
-        licences = read_licences(data_root())
-        notices = cap_per_licence(read_notices(data_root(), licences), args.per_licence or None, args.seed)
-        rows = {"category": lambda: category_task(licences, notices),
-                "category-full": lambda: category_full_task(licences),
-                "identify": lambda: identify_task(licences, notices, seed=args.seed)}[args.task]()
+    rows = task_rows(args)
     if args.export:
-        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.export, "w") as f:
-            for r in rows:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "choice_keys"}) + "\n")
-        print(f"wrote {len(rows)} rows of task {args.task} to {args.export}")
-        return {"exported": len(rows)}
+        return export_rows(rows, args)
+    train_rows, test_rows, majority = split_rows(rows, args)
+    model, head = build_model(args, train_rows, test_rows)
+    epochs = args.epochs or (2 if args.task == "category" and not args.data else 1)
+    config = adapters.TrainConfig(epochs=epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+                                  grad_accum=args.grad_accum, auto_batch_size=args.auto_batch_size,
+                                  seed=args.seed, output_dir=str(output) + "-logs", overwrite=True)
+    metrics = adapters.train(model, train_rows, test_rows, config)
+    model.save_pretrained(output)
+    result = {"task": args.task, "accuracy": metrics.get("eval_accuracy", metrics.get("eval_exact_match")),
+              "majority_baseline": majority,
+              "train_rows": len(train_rows), "test_rows": len(test_rows), "train_seconds": metrics["train_seconds"]}
+    result.update(report(model, head, metrics, test_rows, output))
+    result["total_seconds"] = time.perf_counter() - started
+    (output / "results.json").write_text(json.dumps(result, indent=2))
+    print(f"\naccuracy {result['accuracy']:.4f}"
+          + (f" | macro-F1 {result['macro_f1']:.4f}" if "macro_f1" in result else "")
+          + f" | majority baseline {majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")
+    return result
+
+
+def task_rows(args) -> list[dict]:
+    """The rows of the task: the user's file, or built from the packaged licence data."""
+    if args.data:
+        return user_rows(args)
+    licences = read_licences(data_root())
+    notices = cap_per_licence(read_notices(data_root(), licences), args.per_licence or None, args.seed)
+    return {"category": lambda: category_task(licences, notices),
+            "category-full": lambda: category_full_task(licences),
+            "identify": lambda: identify_task(licences, notices, seed=args.seed)}[args.task]()
+
+
+def export_rows(rows: list[dict], args) -> dict:
+    Path(args.export).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.export, "w") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if k != "choice_keys"}) + "\n")
+    print(f"wrote {len(rows)} rows of task {args.task} to {args.export}")
+    return {"exported": len(rows)}
+
+
+def split_rows(rows: list[dict], args) -> tuple[list[dict], list[dict], float]:
+    """Train and test rows with no licence on both sides, and the majority-class accuracy on test."""
     # split within each category: a few large licences must not leave a category out of one side
     stratify = "label" if not args.data and args.task != "identify" else None
     train_rows, test_rows = group_split(rows, "group", 0.2, args.seed, stratify=stratify)
@@ -222,7 +253,11 @@ def main(argv=None) -> dict:
         print(f"train balance: {balance(train_rows)}")
     majority = 0.0 if multi else majority_accuracy(train_rows, test_rows)
     print(f"majority-class baseline on test: {majority:.4f}")
+    return train_rows, test_rows, majority
 
+
+def build_model(args, train_rows: list[dict], test_rows: list[dict]):
+    """The head the rows call for (choices, several labels, or one), on the chosen base and adapter."""
     if args.task == "identify" and not args.data:
         head = adapters.MultipleChoice(num_choices=4)
     elif isinstance(train_rows[0]["label"], list):  # e.g. unfair_tos: several labels per text
@@ -235,42 +270,32 @@ def main(argv=None) -> dict:
     model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,
                            quantization=None if args.quantization == "none" else args.quantization)
     print(model.summary())
-    epochs = args.epochs or (2 if args.task == "category" and not args.data else 1)
-    config = adapters.TrainConfig(epochs=epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
-                                  grad_accum=args.grad_accum, auto_batch_size=args.auto_batch_size,
-                                  seed=args.seed, output_dir=str(output) + "-logs", overwrite=True)
-    metrics = adapters.train(model, train_rows, test_rows, config)
-    model.save_pretrained(output)
-    result = {"task": args.task, "accuracy": metrics.get("eval_accuracy", metrics.get("eval_exact_match")),
-              "majority_baseline": majority,
-              "train_rows": len(train_rows), "test_rows": len(test_rows), "train_seconds": metrics["train_seconds"]}
+    return model, head
+
+
+def report(model, head, metrics: dict, test_rows: list[dict], output: Path) -> dict:
+    """Per-class F1 and a confusion matrix (classification), F1s (multi-label), and a few examples."""
     if isinstance(head, adapters.Classification):
         from adapters.metrics import confusion_matrix, per_class_f1
 
         predicted = model.predict([r["text"] for r in test_rows], batch_size=16)
-        ids = [head.labels.index(p) for p in predicted]
-        truth = [head.labels.index(r["label"]) for r in test_rows]
-        cm = confusion_matrix(ids, truth, len(head.labels))
+        cm = confusion_matrix([head.labels.index(p) for p in predicted],
+                              [head.labels.index(r["label"]) for r in test_rows], len(head.labels))
         f1 = per_class_f1(cm)
-        result.update(macro_f1=metrics["eval_macro_f1"], per_class_f1=dict(zip(head.labels, f1.round(4).tolist())))
+        result = {"macro_f1": metrics["eval_macro_f1"], "per_class_f1": dict(zip(head.labels, f1.round(4).tolist()))}
         confusion_png(cm, head.labels, output / "confusion_matrix.png")
         print("per-class F1: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class_f1"].items()))
         print(f"confusion matrix saved to {output / 'confusion_matrix.png'}")
         examples = test_rows[:3]
         for r, p in zip(examples, model.predict([r["text"] for r in examples])):
             print(f"  predicted {p!r:<20} true {r['label']!r:<20} {r['text'][:70]!r}")
-    elif isinstance(head, adapters.MultiLabel):
-        result.update(micro_f1=metrics["eval_micro_f1"], macro_f1=metrics["eval_macro_f1"])
-    else:
-        for r in test_rows[:3]:
-            pick = model.predict({"context": r["text"], "choices": r["choices"]})
-            print(f"  picked {r['choices'][pick]!r}, right {r['choices'][r['label']]!r}: {r['text'][:60]!r}")
-    result["total_seconds"] = time.perf_counter() - started
-    (output / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"\naccuracy {result['accuracy']:.4f}"
-          + (f" | macro-F1 {result['macro_f1']:.4f}" if "macro_f1" in result else "")
-          + f" | majority baseline {majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")
-    return result
+        return result
+    if isinstance(head, adapters.MultiLabel):
+        return {"micro_f1": metrics["eval_micro_f1"], "macro_f1": metrics["eval_macro_f1"]}
+    for r in test_rows[:3]:
+        pick = model.predict({"context": r["text"], "choices": r["choices"]})
+        print(f"  picked {r['choices'][pick]!r}, right {r['choices'][r['label']]!r}: {r['text'][:60]!r}")
+    return {}
 
 
 if __name__ == "__main__":
