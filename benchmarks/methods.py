@@ -100,7 +100,7 @@ def run_one(args) -> dict:
             "trainable_pct": 100 * counts["trainable"] / counts["total"], "peak_mb": peak_memory_mb(),
             "load_seconds": load_seconds, "examples_per_second": metrics["train_examples_per_second"],
             "tokens_per_second": metrics["train_tokens_per_second"], "accuracy": metrics["eval_accuracy"],
-            "macro_f1": metrics["eval_macro_f1"], "artifact_mb": size, "lr": lr, "steps": metrics["steps"],
+            "macro_f1": metrics["eval_macro_f1"], "eval_count": int(metrics["eval_count"]), "artifact_mb": size, "lr": lr, "steps": metrics["steps"],
             "device": str(model.device), "torch_threads": torch.get_num_threads()}
 
 

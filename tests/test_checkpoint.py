@@ -63,6 +63,7 @@ def _assert_same_run(out: Path, uninterrupted, resumed_from: int):
     assert after and all(after[s] == losses[s] for s in after), "loss curve after the resume differs"
 
 
+@pytest.mark.slow  # a subprocess run end to end; `make test` runs it
 def test_sigkill_then_resume_is_bit_identical(tiny_llama, tmp_path, uninterrupted):
     proc = _start(tiny_llama, tmp_path, "--step-delay", "0.1")
     _wait_for(tmp_path / "run" / "checkpoints" / "step-000006" / "trainer_state.json", proc)
@@ -78,6 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_llama, tmp_path, uninterrupte
     assert len(complete_checkpoints(tmp_path / "run")) == 2  # keep_last
 
 
+@pytest.mark.slow  # a subprocess run end to end; `make test` runs it
 def test_kill_during_save_keeps_the_previous_checkpoint(tiny_llama, tmp_path, uninterrupted):
     proc = _start(tiny_llama, tmp_path, "--slow-save-at", "6")
     _wait_for(tmp_path / "saving", proc)
@@ -92,6 +94,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tiny_llama, tmp_path, un
     _assert_same_run(tmp_path, uninterrupted, 4)
 
 
+@pytest.mark.slow  # a subprocess run end to end; `make test` runs it
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_llama, tmp_path, uninterrupted):
     proc = _start(tiny_llama, tmp_path, "--step-delay", "0.1")
     _wait_for(tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json", proc)

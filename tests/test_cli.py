@@ -21,6 +21,7 @@ def in_process(capsys, *args, expect: int = 0):
     """The command run in this process (``cli.main``): its exit code checked, its captured output returned."""
     from adapters.cli import main
 
+    capsys.readouterr()  # what the test printed before is not the command's
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     assert code == expect, out.out[-2000:] + out.err[-3000:]
@@ -55,38 +56,38 @@ def config_file(tiny_llama, tmp_path):
     return path
 
 
-def test_train_eval_predict_info(config_file, tmp_path):
-    done = qadapters("train", config_file, "train.lr=1e-2", "adapter.r=8")
+def test_train_eval_predict_info(config_file, tmp_path, capsys):
+    done = qadapters("train", config_file, "train.lr=1e-2", "adapter.r=8")  # the installed command, end to end
     assert '"eval_accuracy"' in done.stdout and "artifact saved" in done.stdout
     art = tmp_path / "art"
     saved = yaml.safe_load((art / "config.yaml").read_text())
     assert saved["train"]["lr"] == 1e-2 and saved["adapter"]["r"] == 8  # overrides applied
     assert "# art" in (art / "README.md").read_text() and "LoRA" in (art / "README.md").read_text()
 
-    metrics = json.loads(qadapters("eval", art, "--data", tmp_path / "train.jsonl").stdout)
+    metrics = json.loads(in_process(capsys, "eval", art, "--data", tmp_path / "train.jsonl").out)
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     in_python = adapters.evaluate(adapters.load(art), rows)  # the command computes what the API computes
     assert metrics["count"] == 64 and metrics["accuracy"] == pytest.approx(in_python["accuracy"])
     assert metrics["loss"] == pytest.approx(in_python["loss"], rel=1e-5)
 
-    lines = qadapters("predict", art, "good fun film", "bad dull mess").stdout.splitlines()
+    lines = in_process(capsys, "predict", art, "good fun film", "bad dull mess").out.splitlines()
     assert [json.loads(x)["input"] for x in lines] == ["good fun film", "bad dull mess"]
     inputs = _write_jsonl(tmp_path / "in.jsonl", [{"text": r["text"], "id": i} for i, r in enumerate(toy_sentiment(70))])
-    qadapters("predict", art, "--input", inputs, "--output", tmp_path / "out.jsonl", "--batch-size", "16")
+    in_process(capsys, "predict", art, "--input", inputs, "--output", tmp_path / "out.jsonl", "--batch-size", "16")
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["id"] for r in out] == list(range(70)) and all(r["prediction"] in ("neg", "pos") for r in out)
     assert out[0]["prediction"] == adapters.load(art).predict(out[0]["text"])
 
-    info = qadapters("info", art).stdout
+    info = in_process(capsys, "info", art).out
     assert "nf4" in info and '"labels": ["neg", "pos"]' in info and "eval_accuracy" in info
 
 
-def test_merged_model_predicts_like_the_adapter(config_file, tmp_path):
+def test_merged_model_predicts_like_the_adapter(config_file, tmp_path, capsys):
     from transformers import AutoModel
 
-    qadapters("train", config_file)
-    done = qadapters("merge", tmp_path / "art", tmp_path / "merged")
-    assert "dequantizing the nf4 base" in done.stdout
+    in_process(capsys, "train", config_file)
+    done = in_process(capsys, "merge", tmp_path / "art", tmp_path / "merged")
+    assert "dequantizing the nf4 base" in done.out
     texts = [r["text"] for r in toy_sentiment(12, seed=3)]
     adapted, merged = adapters.load(tmp_path / "art"), adapters.load(tmp_path / "merged")
     assert merged.base.quantization is None and merged.adapter is None
@@ -154,13 +155,13 @@ def test_recipe_configs_are_valid():
         load_run_config(path)
 
 
-def test_estimate_and_estimate_only(config_file, tmp_path):
-    done = qadapters("estimate", config_file, "train.batch_size=4", "model.max_length=32", "--device", "cuda",
-                     "--processes", "2", "--json")
-    data = json.loads(done.stdout)
+def test_estimate_and_estimate_only(config_file, tmp_path, capsys):
+    done = in_process(capsys, "estimate", config_file, "train.batch_size=4", "model.max_length=32", "--device", "cuda",
+                      "--processes", "2", "--json")
+    data = json.loads(done.out)
     assert data["settings"]["batch_size"] == 4 and data["settings"]["seq_len"] == 32 and data["settings"]["processes"] == 2
     assert data["framework"] > 0 and data["total"] > data["tensors"] > data["activations"] > 0
-    done = qadapters("train", config_file, "--estimate-only")
-    assert "activations" in done.stdout and "total" in done.stdout
+    done = in_process(capsys, "train", config_file, "--estimate-only")
+    assert "activations" in done.out and "total" in done.out
     assert not (tmp_path / "art").exists()  # nothing trained, nothing written
-    qadapters("estimate", config_file, "train.batch_size=0", expect=2)
+    in_process(capsys, "estimate", config_file, "train.batch_size=0", expect=2)

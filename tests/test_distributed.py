@@ -22,6 +22,7 @@ def _run(model: str, adapter: str, processes: int, batch_size: int, out: Path) -
     assert f"training on {processes} process(es)" in done.stdout
 
 
+@pytest.mark.slow  # a subprocess run end to end; `make test` runs it
 @pytest.mark.parametrize("adapter", ["lora", "bottleneck"])
 def test_two_processes_match_one(tiny_llama, tmp_path, adapter):
     _run(tiny_llama, adapter, 2, 4, tmp_path / "ddp")
