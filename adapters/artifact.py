@@ -22,16 +22,18 @@ place (``files.atomic_folder``), so a crash never leaves a half-written artifact
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-from .base import base_fingerprint, process_state
-from .bottleneck import BOTTLENECK_FILE  # noqa: F401 (part of the format, named here for readers)
+from .base import base_fingerprint, process_state, weights_folder
+from .bottleneck import BOTTLENECK_FILE
 from .card import model_card
 from .errors import CheckpointError, ConfigError
-from .files import atomic_folder, cpu_state, load_tensors
-from .lora import ADAPTER_DIR  # noqa: F401
+from .files import atomic_folder, cpu_state, load_tensors, weights_digest
+from .lora import ADAPTER_DIR
 from .registry import adapter_from_dict, head_from_dict
 
 FORMAT_VERSION = 1
@@ -60,52 +62,113 @@ def is_artifact(path) -> bool:
     return (Path(path) / SPEC_FILE).is_file()
 
 
-def artifact_spec(model, extra: dict | None = None) -> dict:
-    """What ``qadapters.json`` records about ``model`` (an ``AdaptedModel``)."""
+# what every artifact folder may hold that the library wrote (the spec's "files" says exactly, since v0.2)
+ARTIFACT_FILES = (SPEC_FILE, HEAD_FILE, "README.md", ADAPTER_DIR, BOTTLENECK_FILE, "config.yaml")
+
+
+def written_files(path: Path) -> list[str]:
+    """The entries of artifact folder ``path`` that the library wrote (what re-saving may replace)."""
+    try:
+        spec = json.loads((path / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return list(ARTIFACT_FILES)
+    files = spec.get("files") if isinstance(spec, dict) else None
+    return list(files) if isinstance(files, list) else list(ARTIFACT_FILES)
+
+
+def base_entry(base, network, artifact: Path) -> dict:
+    """What the spec records about the base. A local folder is recorded relative to the artifact (no absolute
+    path inside: a copied or moved artifact still finds a base moved along with it), with a digest of its
+    tensors that loading and merging check."""
+    entry = {"name": base.source, "model_type": network.config.model_type, "hidden_size": base.hidden_size,
+             "is_decoder": base.is_decoder, **base_fingerprint(network)}
+    if os.path.isdir(base.source):
+        entry["name"] = Path(base.source).resolve().name
+        entry["path"] = os.path.relpath(Path(base.source).resolve(), artifact.resolve().parent / artifact.name)
+    folder = weights_folder(base.location)
+    digest = weights_digest(folder) if folder else None
+    if digest:
+        entry["weights_digest"] = digest
+    return entry
+
+
+def artifact_spec(model, path: Path, extra: dict | None = None) -> dict:
+    """What ``qadapters.json`` records about ``model`` (an ``AdaptedModel``) saved at ``path``."""
     base = model.base
+    training = model.training_record
+    if training and isinstance(training.get("config", {}).get("output_dir"), str):
+        config = dict(training["config"])  # only where logs went: never an absolute path inside
+        config["output_dir"] = Path(config["output_dir"]).name
+        training = {**training, "config": config}
+    columns = (training or {}).get("config", {})
     return {
         "format_version": FORMAT_VERSION,
-        "base": {"name": base.source, "model_type": model.backbone.config.model_type,
-                 "hidden_size": base.hidden_size, "is_decoder": base.is_decoder,
-                 **base_fingerprint(model.backbone)},
+        "base": base_entry(base, model.backbone, Path(path)),
         "quantization": base.quantization,
         "dtype": model.dtype_arg,
         "max_length": model.max_length,
         "padding_side": base.tokenizer.padding_side,
         "adapter": model.adapter.to_dict() if model.adapter else None,
         "head": model.head_spec.to_dict(),
+        # the columns it was trained on: `qadapters eval` reads them by default
+        "columns": {"text": columns.get("text_column", "text"), "label": columns.get("label_column", "label")},
         "versions": _versions(),
-        "training": model.training_record,
+        "training": training,
         **(extra or {}),
     }
 
 
-def save_artifact(model, path, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write ``model``'s trainable tensors and spec to ``path`` atomically.
+def check_destination(path: Path, overwrite: bool, writes: Iterable[str]) -> list[str]:
+    """Refuse a destination whose files we would lose; return the entries a save there replaces.
 
-    An existing artifact at ``path`` is replaced; any other non-empty folder is kept unless
-    ``overwrite=True``, so a typo in the path never deletes the user's files. Under several
-    processes only the main one writes; the others wait for it.
+    An artifact folder: the files the library wrote there are replaced, the user's other files kept.
+    Any other non-empty folder: refused, unless ``overwrite``, and then only when none of its entries
+    has a name the save writes (they are kept, the artifact is written beside them)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is a file; choose a folder path for the artifact")
+    if not path.is_dir() or not any(path.iterdir()):
+        return []
+    if is_artifact(path):
+        return written_files(path)
+    if not overwrite:
+        raise ConfigError(f"{path} is a non-empty folder that is not a qadapters artifact; choose another path, or "
+                          f"pass overwrite=True to write the artifact beside its files (none of them is deleted)")
+    clash = sorted({p.name for p in path.iterdir()} & set(writes))
+    if clash:
+        raise ConfigError(f"{path} already holds {clash}, which are not a qadapters artifact's; the library never "
+                          f"replaces files it did not write. Move them, or choose another folder")
+    return []
+
+
+def save_artifact(model, path, overwrite: bool = False, extra: dict | None = None,
+                  text_files: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s trainable tensors and spec to ``path`` atomically (``text_files``: more files to
+    write beside them, e.g. the CLI's resolved ``config.yaml``).
+
+    Re-saving into an artifact folder replaces only the files the library wrote there; any other
+    non-empty folder is refused unless ``overwrite=True`` (see ``check_destination``), so a typo in the
+    path never deletes the user's files. Under several processes only the main one writes.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path} exists and is a file; choose a folder path for the artifact")
-    if path.is_dir() and any(path.iterdir()) and not is_artifact(path) and not overwrite:
-        raise ConfigError(f"{path} is a non-empty folder that is not a qadapters artifact; choose another "
-                          f"path or pass overwrite=True to replace its contents")
+    replaces = check_destination(path, overwrite, ARTIFACT_FILES + tuple(text_files or ()))
     state = process_state()
     if not state.is_main_process:  # under DDP every rank holds the same weights: one writes
         state.wait_for_everyone()
         return path
-    spec = artifact_spec(model, extra)
-    with atomic_folder(path) as tmp:
+    spec = artifact_spec(model, path, extra)
+    with atomic_folder(path, replaces) as tmp:
         if model.adapter is not None:
             model.adapter.save(model, tmp)
-        save_file(cpu_state(model.head), str(tmp / HEAD_FILE))
-        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
+        # the tensors say which base and quantization they were trained on: an edited spec is caught
+        metadata = {"quantization": str(spec["quantization"]), "base": spec["base"]["name"]}
+        save_file(cpu_state(model.head), str(tmp / HEAD_FILE), metadata=metadata)
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text)
         (tmp / "README.md").write_text(model_card(spec, path.name))
+        spec["files"] = sorted([p.name for p in tmp.iterdir()] + [SPEC_FILE])
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
     state.wait_for_everyone()
     return path
 
@@ -149,9 +212,37 @@ def read_head(path: Path) -> dict[str, torch.Tensor]:
     return load_tensors(Path(path) / HEAD_FILE)
 
 
-def check_base(spec: dict, network, path: Path) -> None:
-    """Refuse a base whose weights differ from the one the artifact was trained on."""
+def resolve_base(spec: dict, path: Path, base: str | None = None) -> str:
+    """Where to read the base from: ``base`` when given; a merged artifact's own folder; a local base
+    recorded relative to the artifact; else the recorded name (a packaged model or a hub id)."""
+    if base is not None:
+        return str(base)
+    entry = spec["base"]
+    if entry.get("path") is not None:
+        found = (Path(path) / entry["path"]).resolve()
+        if not found.is_dir():
+            raise CheckpointError(f"artifact {path} was trained on the local base {entry['name']!r}, recorded at "
+                                  f"{entry['path']} relative to the artifact, which is not there; pass base= (CLI: "
+                                  f"--base) with the folder of that model")
+        return str(found)
+    return entry["name"]
+
+
+def check_base(spec: dict, network, base_location: str, path: Path) -> None:
+    """Refuse a base whose weights differ from the one the artifact was trained on: every tensor's digest
+    where the artifact recorded them (and the base's files are on this machine), else a sample of the
+    input embeddings."""
     saved = spec["base"]
+    folder = weights_folder(base_location) if saved.get("weights_digest") else None
+    digest = weights_digest(folder) if folder else None
+    if digest:
+        changed = sorted(k for k in set(saved["weights_digest"]) | set(digest)
+                         if saved["weights_digest"].get(k) != digest.get(k))
+        if changed:
+            raise CheckpointError(f"artifact {path} was trained on a different base than {base_location!r}: "
+                                  f"{len(changed)} tensor(s) differ, e.g. {changed[:3]}; pass base= (CLI: --base) "
+                                  f"pointing at the original base weights")
+        return
     now = base_fingerprint(network)
     same_shape = saved.get("embedding_shape") == now["embedding_shape"]
     close = same_shape and torch.allclose(torch.tensor(saved["embedding_sample"]),
@@ -160,3 +251,17 @@ def check_base(spec: dict, network, path: Path) -> None:
         raise CheckpointError(f"artifact {path} was trained on a different base model than {saved['name']!r} "
                               f"resolves to now (embedding weights differ); pass base= pointing at the original "
                               f"base weights")
+
+
+def check_quantization(spec: dict, path: Path) -> None:
+    """The spec's quantization against the one the saved tensors record (artifacts since v0.2)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(path) / HEAD_FILE), "pt") as f:
+            recorded = (f.metadata() or {}).get("quantization")
+    except Exception:  # noqa: BLE001 - a damaged head file is reported by read_head
+        return
+    if recorded is not None and recorded != str(spec["quantization"]):
+        raise CheckpointError(f"{path / SPEC_FILE} says quantization={spec['quantization']!r} but its tensors were "
+                              f"trained on a {recorded!r} base; the spec was edited. Restore quantization={recorded!r}")

@@ -240,6 +240,19 @@ def _load_tokenizer(name, location, trust_remote_code, padding_side, decoder):
     return tokenizer
 
 
+def weights_folder(location: str) -> str | None:
+    """The local folder holding a base's weights: ``location`` itself, or a hub model's cached snapshot
+    (None when neither is on this machine)."""
+    if os.path.isdir(location):
+        return location
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(location, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, not a repo id: nothing to digest
+        return None
+
+
 def base_fingerprint(model: nn.Module) -> dict:
     """A few numbers that identify the base weights, to refuse an adapter saved on another base.
 

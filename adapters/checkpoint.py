@@ -157,18 +157,29 @@ RUN_FILE = "run.json"  # written when a run finishes
 LOG_FILE = "metrics.jsonl"
 
 
-def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> None:
-    """Refuse to silently start over in a folder holding an earlier run; on ``overwrite`` delete only what
-    a run writes there (checkpoints, ``run.json``, ``metrics.jsonl``), never the user's other files."""
+def check_output_dir(output_dir, resume, overwrite: bool) -> bool:
+    """Refuse to silently start over in a folder holding an earlier run; True when there is one to clear
+    (``overwrite``). Cheap: callers run it before loading a model."""
     if output_dir is None:
-        return
+        return False
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file; choose a folder for checkpoints and logs")
     earlier = (out / RUN_FILE).exists() or bool(complete_checkpoints(out)) or (out / LOG_FILE).exists()
     if earlier and resume is None:
         if not overwrite:
-            raise ConfigError(f"{out} holds an earlier run (checkpoints or logs); pass resume='auto' to continue "
-                              f"it or overwrite=True to start afresh (deleting its checkpoints and logs)")
-        if is_main:
-            shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-            for name in (RUN_FILE, LOG_FILE):
-                (out / name).unlink(missing_ok=True)
+            raise ConfigError(f"{out} holds an earlier run (checkpoints or logs); continue it with resume='auto' "
+                              f"(YAML: train.resume=auto) or start afresh with overwrite=True (train.overwrite=true), "
+                              f"which deletes its checkpoints and logs and nothing else")
+        return True
+    return False
+
+
+def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> None:
+    """``check_output_dir``, then on ``overwrite`` delete only what a run writes there (checkpoints,
+    ``run.json``, ``metrics.jsonl``), never the user's other files."""
+    if check_output_dir(output_dir, resume, overwrite) and is_main:
+        out = Path(output_dir)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        for name in (RUN_FILE, LOG_FILE):
+            (out / name).unlink(missing_ok=True)

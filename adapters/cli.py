@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AdaptersError, TrainingError, TrainingInterrupted
+from .errors import AdaptersError, CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 
 EXAMPLES = {
     "train": "qadapters train recipes/configs/sentiment.yaml train.epochs=2 adapter.r=16",
@@ -70,7 +70,10 @@ def cmd_estimate(args) -> int:
 
 def cmd_train(args) -> int:
     from . import adapt, train
+    from .artifact import ARTIFACT_FILES, check_destination, save_artifact
+    from .checkpoint import check_output_dir
     from .config import load_run_config, to_yaml
+    from .data import check_rows
 
     run = load_run_config(args.config, args.overrides)
     if args.estimate_only:
@@ -78,14 +81,19 @@ def cmd_train(args) -> int:
         return 0
     train_rows, eval_rows = _split_rows(run)
     print(f"data: {len(train_rows)} training rows, {len(eval_rows)} evaluation rows")
+    # everything that can be checked before the model loads: the rows against the head, the folders
+    t = run.train
+    check_rows(train_rows, run.head, t.text_column, t.label_column, f"{run.data.train} (training rows)")
+    check_rows(eval_rows, run.head, t.text_column, t.label_column, "evaluation rows")
+    check_destination(Path(run.output), False, ARTIFACT_FILES)
+    check_output_dir(t.output_dir, t.resume, t.overwrite)
     m = run.model
     model = adapt(m.name, adapter=run.adapter, head=run.head, quantization=m.quantization, dtype=m.dtype,
                   max_length=m.max_length, padding_side=m.padding_side, double_quant=m.double_quant,
                   trust_remote_code=m.trust_remote_code, seed=run.data.seed)
     print(model.summary())
     metrics = train(model, train_rows, eval_rows, run.train)
-    model.save_pretrained(run.output)
-    (Path(run.output) / "config.yaml").write_text(to_yaml(run))
+    save_artifact(model, run.output, text_files={"config.yaml": to_yaml(run)})
     print(json.dumps(metrics, indent=2))
     print(f"artifact saved to {run.output}")
     return 0
@@ -93,23 +101,41 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import evaluate, load
+    from .artifact import read_spec
     from .sources import load_rows
 
+    columns = read_spec(args.artifact).get("columns") or {}  # the columns it was trained on, by default
+    text_column = args.text_column or columns.get("text", "text")
+    label_column = args.label_column or columns.get("label", "label")
+    rows = load_rows(args.data)  # before the model: a bad file fails at once
+    for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
+        if column not in rows[0]:
+            raise DataError(f"{args.data} has no column {column!r} (its columns: {sorted(rows[0])}); name the "
+                            f"column with {flag}")
     model = load(args.artifact)
-    metrics = evaluate(model, load_rows(args.data), text_column=args.text_column, label_column=args.label_column,
-                       batch_size=args.batch_size)
+    metrics = evaluate(model, rows, text_column=text_column, label_column=label_column, batch_size=args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _batches(lines, size: int):
+def _batches(lines, size: int, source: Path, text_column: str):
+    """Rows of a JSONL file in batches of ``size``; a bad line is a DataError naming it."""
     batch = []
-    for line in lines:
-        if line.strip():
-            batch.append(json.loads(line))
-            if len(batch) == size:
-                yield batch
-                batch = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"--input {source} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                            f"each line must hold one JSON object") from None
+        if not isinstance(row, dict) or text_column not in row:
+            raise DataError(f"--input {source} line {number} has no {text_column!r} field; pass --text-column to "
+                            f"name the field that holds the input")
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
@@ -121,26 +147,30 @@ def cmd_predict(args) -> int:
 
     if bool(args.texts) == bool(args.input):
         raise AdaptersError("give texts to predict, or --input FILE.jsonl (with --output), not both")
+    source = Path(args.input) if args.input else None
+    # everything that can be checked is checked before the model loads
+    if source is not None and not source.is_file():
+        raise DataError(f"--input {source} does not exist")
+    if args.output and Path(args.output).exists():
+        raise ConfigError(f"--output {args.output} exists; choose a new file (predictions never overwrite a file)")
     model = load(args.artifact)
     if args.texts:
         for text, prediction in zip(args.texts, model.predict(args.texts, probabilities=args.probabilities)):
             print(json.dumps({"input": text, "prediction": prediction}))
         return 0
-    source = Path(args.input)
-    if not source.is_file():
-        raise AdaptersError(f"--input {source} does not exist")
-    out = open(args.output, "w") if args.output else sys.stdout
+    out = open(args.output, "x") if args.output else sys.stdout
     try:
-        with source.open() as lines, tqdm(desc="predict", unit="rows", disable=args.output is None) as bar:
-            for batch in _batches(lines, args.batch_size):  # streaming: the file is never held in memory
-                try:
-                    inputs = [row[args.text_column] for row in batch]
-                except KeyError:
-                    raise AdaptersError(f"--input rows need a {args.text_column!r} field (see --text-column)") from None
+        with source.open(encoding="utf-8") as lines, tqdm(desc="predict", unit="rows", disable=args.output is None) as bar:
+            # streaming: the file is never held in memory
+            for batch in _batches(lines, args.batch_size, source, args.text_column):
+                inputs = [row[args.text_column] for row in batch]
                 for row, prediction in zip(batch, model.predict(inputs, probabilities=args.probabilities,
                                                                 batch_size=args.batch_size)):
                     out.write(json.dumps({**row, "prediction": prediction}) + "\n")
                 bar.update(len(batch))
+    except UnicodeDecodeError as err:
+        raise DataError(f"--input {source} is not UTF-8 text (byte {err.object[err.start]:#04x}); re-save it as "
+                        f"UTF-8") from None
     finally:
         if out is not sys.stdout:
             out.close()
@@ -158,16 +188,21 @@ def cmd_info(args) -> int:
     from .artifact import read_spec
 
     spec = read_spec(args.artifact)
-    training = spec.get("training") or {}
-    rows = [
-        ("base", f"{spec['base']['name']} ({spec['base']['model_type']})"),
-        ("quantization", spec["quantization"] or "none"),
-        ("adapter", json.dumps(spec["adapter"]) if spec["adapter"] else "none (head only)"),
-        ("head", json.dumps(spec["head"])),
-        ("trainable params", training.get("trainable_parameters", "?")),
-        ("training metrics", json.dumps(training.get("metrics", {}))),
-        ("versions", json.dumps(spec["versions"])),
-    ]
+    try:
+        training = spec.get("training") or {}
+        rows = [
+            ("base", f"{spec['base']['name']} ({spec['base']['model_type']})"),
+            ("quantization", spec["quantization"] or "none"),
+            ("adapter", json.dumps(spec["adapter"]) if spec["adapter"] else "none (head only)"),
+            ("head", json.dumps(spec["head"])),
+            ("columns", json.dumps(spec.get("columns", {"text": "text", "label": "label"}))),
+            ("trainable params", training.get("trainable_parameters", "?")),
+            ("training metrics", json.dumps(training.get("metrics", {}))),
+            ("versions", json.dumps(spec.get("versions", {}))),
+        ]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{args.artifact}/qadapters.json lacks or garbles an entry ({err}); the artifact is "
+                              f"corrupt") from None
     if spec.get("merged_from"):
         rows.insert(3, ("merged from", spec["merged_from"]))
     width = max(len(k) for k, _ in rows)
@@ -203,8 +238,8 @@ def parser() -> argparse.ArgumentParser:
     p = command("eval", "metrics of a saved artifact on a dataset")
     p.add_argument("artifact", help="folder written by save_pretrained / qadapters train")
     p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, packaged dataset or hub dataset")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--text-column", help="column of the inputs (default: the one the artifact was trained on)")
+    p.add_argument("--label-column", help="column of the labels (default: the one the artifact was trained on)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per batch (default: batches of up to 8,192 padded tokens, sorted by length)")
     p.set_defaults(run=cmd_eval)

@@ -38,23 +38,79 @@ def as_dataset(data: Any, what: str = "dataset"):
         raise DataError(f"{what} is a DatasetDict with splits {list(data)}; pass one split, e.g. data['train']")
     if not isinstance(data, datasets.Dataset):
         if isinstance(data, dict):
-            data = datasets.Dataset.from_dict(data)
+            lengths = {name: len(values) for name, values in data.items()}
+            if len(set(lengths.values())) > 1:
+                raise DataError(f"{what}: its columns differ in length {lengths}; every column needs one value per row")
+            rows = [dict(zip(data, values)) for values in zip(*data.values())] if data else []
         else:
             rows = list(data)
             if rows and not all(isinstance(r, dict) for r in rows):
                 raise DataError(f"{what} must be a datasets.Dataset or a list of dicts, got rows of {type(rows[0]).__name__}")
+        _check_column_types(rows, what)
+        try:
             data = datasets.Dataset.from_list(rows)
+        except (TypeError, ValueError, ArithmeticError) as err:  # pyarrow's errors derive from these
+            raise DataError(f"{what}: its rows cannot form a table ({type(err).__name__}: {err}); give every row "
+                            f"the same columns, each holding one kind of value") from None
     if len(data) == 0:
         raise DataError(f"{what} is empty: it needs at least one row")
     return data
 
 
+def _value_type(value) -> str | None:
+    """The kind of a cell as a table column sees it (None for a missing value)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number" if value == value else "NaN"  # NaN: an empty cell of a spreadsheet or pandas
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return type(value).__name__
+
+
+def _check_column_types(rows: list[dict], what: str) -> None:
+    """Refuse, with the row and column, a column mixing kinds of values (text and numbers, a NaN among
+    texts): pyarrow would fail on it with neither."""
+    first: dict[str, tuple[str, int]] = {}  # column -> (type of its first value, its row)
+    for i, row in enumerate(rows):
+        for column, value in row.items():
+            found = _value_type(value)
+            if found == "NaN":
+                raise DataError(f"{what} row {i}: column {column!r} is empty (NaN, not finite); fill it in or drop "
+                                f"the row")
+            if found is None:
+                continue
+            seen = first.setdefault(column, (found, i))
+            if seen[0] != found:
+                raise DataError(f"{what} row {i}: column {column!r} holds {found} ({value!r:.40}) but row {seen[1]} "
+                                f"holds {seen[0]}; use one kind per column (e.g. all label names or all label ids)")
+
+
 def _column(data, name: str, what: str) -> list:
     if name not in data.column_names:
-        raise DataError(f"{what} has no column {name!r}; its columns are {data.column_names}. Rename the column "
-                        f"or pass text_column=/label_column= in TrainConfig (choices_column=/messages_column= "
-                        f"on the head)")
+        raise DataError(f"{what} has no column {name!r}; its columns are {data.column_names}. Rename the column, or "
+                        f"name it: text_column=/label_column= (TrainConfig, evaluate), train.text_column/"
+                        f"train.label_column (YAML), --text-column/--label-column (qadapters eval); "
+                        f"choices_column=/messages_column= on the head")
     return list(data[name])
+
+
+def check_rows(data, head, text_column: str, label_column: str | None, what: str) -> None:
+    """The checks encoding would make that need no tokenizer (columns present, every target valid for
+    ``head``), so a bad file fails before a model is loaded."""
+    data = as_dataset(data, what)
+    chat = head.lm_logits and text_column not in data.column_names and \
+        getattr(head, "messages_column", None) in data.column_names
+    if not chat:
+        _column(data, text_column, what)
+        if label_column is not None:
+            _targets(head, _column(data, label_column, what), what)
 
 
 def _texts(values: list, column: str, what: str) -> list[str]:

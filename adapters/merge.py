@@ -14,48 +14,82 @@ them, so they cannot be merged.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from .artifact import HEAD_FILE, SPEC_FILE, adapter_spec_of, head_spec_of, read_spec
+from safetensors.torch import save_file
+
+from .artifact import (HEAD_FILE, SPEC_FILE, adapter_spec_of, check_base, check_quantization, head_spec_of,
+                       is_artifact, read_head, read_spec, resolve_base)
 from .base import dtype_name, load_backbone
 from .card import model_card
 from .errors import ConfigError
+from .files import atomic_folder, check_state, weights_digest
 from .packaged import drop_quantizer_marks
 
 
 def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
-    """Write the merged model of LoRA ``artifact`` to ``out``; return ``out``."""
+    """Write the merged model of LoRA ``artifact`` to ``out``; return ``out``.
+
+    Everything ``load`` checks is checked first (spec, head tensors against the head, quantization, the
+    base's weights), and ``out`` must be new, empty, or (with ``overwrite``) an earlier merge, whose own
+    files are the only ones replaced."""
     artifact, out = Path(artifact), Path(out)
     spec = read_spec(artifact)
-    adapter = adapter_spec_of(spec, artifact)
+    adapter, head = adapter_spec_of(spec, artifact), head_spec_of(spec, artifact)
     if adapter is None:
         raise ConfigError(f"{artifact} has no adapter (head only): there is nothing to merge into the base weights; "
                           f"use the artifact as it is with adapters.load")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose another folder or pass overwrite")
     refusal = adapter.merge_refusal()
     if refusal:  # before loading anything
         raise ConfigError(f"{artifact} has {adapter.describe()} adapters, which cannot be merged into the base "
                           f"weights: {refusal}. Use the artifact as it is with adapters.load")
-    network, base = load_backbone(spec["base"]["name"], spec["quantization"], spec.get("dtype"), "cpu",
-                                  padding_side=spec.get("padding_side"),
-                                  with_lm_head=head_spec_of(spec, artifact).lm_logits)
+    _check_head(spec, head, artifact)
+    check_quantization(spec, artifact)
+    replaces = _check_out(out, overwrite)
+    location = resolve_base(spec, artifact)
+    network, base = load_backbone(location, spec["quantization"], spec.get("dtype"), "cpu",
+                                  padding_side=spec.get("padding_side"), with_lm_head=head.lm_logits)
+    check_base(spec, network, base.location, artifact)
     if spec["quantization"] is not None:
         log(f"dequantizing the {spec['quantization']} base to {dtype_name(base.compute_dtype)} "
             f"before merging (the adapter was trained on the quantized weights)")
         network = network.dequantize(dtype=base.compute_dtype)
         drop_quantizer_marks(network)
     merged = adapter.merge(network, artifact)
-    if out.exists():
-        shutil.rmtree(out)
-    merged.save_pretrained(out)
-    base.tokenizer.save_pretrained(out)
-    shutil.copy(artifact / HEAD_FILE, out / HEAD_FILE)
-    merged_spec = dict(spec, adapter=None, quantization=None, merged_from=str(artifact),
-                       base=dict(spec["base"], name=str(out.resolve())))
-    merged_spec["dtype"] = dtype_name(base.compute_dtype)
-    (out / SPEC_FILE).write_text(json.dumps(merged_spec, indent=2, default=str))
-    (out / "README.md").write_text(model_card(merged_spec, out.name))
+    with atomic_folder(out, replaces) as tmp:
+        merged.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        # the head, recorded as trained for this unquantized base (its metadata is checked at load)
+        save_file(read_head(artifact), str(tmp / HEAD_FILE), metadata={"quantization": "None", "base": out.name})
+        # the merged weights are their own base, in the artifact's own folder: it travels as one piece
+        own = {"name": out.name, "path": ".", "weights_digest": weights_digest(tmp)}
+        merged_spec = dict(spec, adapter=None, quantization=None, merged_from=artifact.name,
+                           base={**spec["base"], **own}, dtype=dtype_name(base.compute_dtype))
+        (tmp / "README.md").write_text(model_card(merged_spec, out.name))
+        merged_spec["files"] = sorted([p.name for p in tmp.iterdir()] + [SPEC_FILE])
+        (tmp / SPEC_FILE).write_text(json.dumps(merged_spec, indent=2, default=str))
     log(f"merged model written to {out}: load it with transformers.AutoModel.from_pretrained or adapters.load")
     return out
+
+
+def _check_head(spec: dict, head, artifact: Path) -> None:
+    """The head tensors against the head the spec describes (a mismatch would only fail at the next load)."""
+    module = head.build(spec["base"]["hidden_size"], spec["base"]["is_decoder"])
+    check_state(read_head(artifact), module.state_dict(), artifact / HEAD_FILE)
+
+
+def _check_out(out: Path, overwrite: bool) -> list[str]:
+    """The entries of ``out`` a merge may replace: none for a new or empty folder, an earlier merge's own
+    files with ``overwrite``; anything else is refused (the library replaces only what it wrote)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is a file; choose a folder for the merged model")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
+                          f"earlier merge written there)")
+    spec = read_spec(out) if is_artifact(out) else {}
+    if not spec.get("merged_from") or not isinstance(spec.get("files"), list):
+        raise ConfigError(f"{out} is not a merge written by this qadapters, so overwrite cannot tell its files from "
+                          f"yours; choose another folder")
+    return spec["files"]

@@ -22,11 +22,22 @@ import torch
 from torch import nn
 
 from .adapter_spec import AdapterSpec
-from .artifact import adapter_spec_of, check_base, head_spec_of, read_head, read_spec, save_artifact
+from .artifact import (
+    HEAD_FILE,
+    adapter_spec_of,
+    check_base,
+    check_quantization,
+    head_spec_of,
+    read_head,
+    read_spec,
+    resolve_base,
+    save_artifact,
+)
 from .base import BaseInfo, dtype_name, eval_mode, load_backbone
 from .batching import inference_batches, row_length
 from .data import Collator, encode_rows
 from .errors import ConfigError
+from .files import check_state
 from .heads import HeadSpec, pool_windows
 from .registry import ADAPTERS
 
@@ -248,12 +259,15 @@ class AdaptedModel(nn.Module):
         """
         path = Path(path)
         spec = read_spec(path)
+        # everything that can be checked is, before the slow part: the specs, the files, the base's place
         adapter, head = adapter_spec_of(spec, path), head_spec_of(spec, path)
-        head_tensors = read_head(path)  # before the slow part: a missing file fails at once
-        model = adapt(base or spec["base"]["name"], adapter=adapter, head=head, quantization=spec["quantization"],
+        head_tensors = read_head(path)
+        check_quantization(spec, path)
+        location = resolve_base(spec, path, base)
+        model = adapt(location, adapter=adapter, head=head, quantization=spec["quantization"],
                       dtype=dtype or spec.get("dtype"), device=device, max_length=spec["max_length"],
                       padding_side=spec.get("padding_side"), seed=None)
-        check_base(spec, model.backbone, path)
+        check_base(spec, model.backbone, model.base.location, path)
         if adapter is not None:
             adapter.load(model, path)
         model.load_head(head_tensors, path)
@@ -261,9 +275,8 @@ class AdaptedModel(nn.Module):
         return model
 
     def load_head(self, tensors: dict, path: Path) -> None:
-        from .files import check_state
-
-        check_state(tensors, self.head.state_dict(), path)
+        """The head's trained tensors (read from artifact ``path``), checked against this head."""
+        check_state(tensors, self.head.state_dict(), Path(path) / HEAD_FILE)
         self.head.load_state_dict({k: v.to(self.device) for k, v in tensors.items()})
 
 

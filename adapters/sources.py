@@ -37,25 +37,108 @@ FILE_KINDS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", "
 
 
 def load_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows of a packaged dataset, a local file, or a hub dataset's ``split``."""
-    import datasets
+    """Rows of a packaged dataset, a local file (CSV, TSV, JSONL/JSON, Parquet), or a hub dataset's ``split``.
 
+    Local files are read here, not by ``datasets``, so that what is wrong with one (not UTF-8, empty,
+    a header without rows, a line that is not JSON) is a ``DataError`` naming the file, the line and
+    the fix rather than a generator error from deep inside a loader."""
     if source in PACKAGED_DATASETS:
         return PACKAGED_DATASETS[source]()
     path = Path(source)
+    if path.is_dir():
+        raise DataError(f"{source} is a folder; pass a CSV, TSV, JSONL or Parquet file")
     if path.exists():
-        kind = FILE_KINDS.get(path.suffix)
+        kind = FILE_KINDS.get(path.suffix.lower())
         if kind is None:
             raise DataError(f"{source}: unsupported file type {path.suffix!r}; use one of {sorted(FILE_KINDS)}")
-        extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        return [dict(r) for r in datasets.load_dataset(kind, data_files=str(path), split="train", **extra)]
+        rows = READERS[kind](path)
+        if not rows:
+            raise DataError(f"{source} holds no rows; it needs at least one")
+        return rows
     if path.suffix in FILE_KINDS or "/" in source and path.parent.exists():
         raise DataError(f"data file {source} does not exist")
+    import datasets
+
     try:
         return [dict(r) for r in datasets.load_dataset(source, split=split)]
     except Exception as err:  # noqa: BLE001 - the hub raises many types
         raise DataError(f"{source!r} is not a packaged dataset ({', '.join(PACKAGED_DATASETS)}), not an existing "
                         f"file, and not loadable from the hub ({type(err).__name__}: {err})") from None
+
+
+def _text_of(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's UTF-8) is not data
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                        f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({err.strerror})") from None
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import io
+
+    import pandas as pd
+
+    text = _text_of(path)
+    if not text.strip():
+        raise DataError(f"{path} is empty; it needs a header line and at least one row")
+    try:
+        # empty cells stay empty strings (not NaN), so a missing text or label is named with its row later
+        frame = pd.read_csv(io.StringIO(text), sep="\t" if path.suffix.lower() == ".tsv" else ",",
+                            keep_default_na=False)
+    except (pd.errors.ParserError, ValueError) as err:
+        raise DataError(f"{path} is not valid {'TSV' if path.suffix.lower() == '.tsv' else 'CSV'} ({err})") from None
+    if frame.empty:
+        raise DataError(f"{path} has a header ({', '.join(map(str, frame.columns))}) but no rows")
+    return [{str(k): _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _read_json(path: Path) -> list[dict]:
+    import json
+
+    text = _text_of(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON array of objects
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+        numbered = list(enumerate(rows, 1))
+    else:  # JSON Lines: one object per line
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno}); each "
+                                f"line must hold one JSON object") from None
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} holds a JSON {type(row).__name__}, not an object of named fields")
+    return [row for _, row in numbered]
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise DataError(f"{path} is not a readable Parquet file ({type(err).__name__}: {err})") from None
+    return [{str(k): _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+
+
+def _plain(value):
+    """numpy scalars and arrays from pandas as plain Python values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+READERS = {"csv": _read_csv, "json": _read_json, "parquet": _read_parquet}
 
 
 def group_split(rows: list[dict], group_key: str | None, eval_fraction: float, seed: int,

@@ -12,6 +12,10 @@ import random
 # tests never need the network: fail fast instead of waiting on hub retries
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# one thread per process: the tiny test models are all synchronisation and no arithmetic, so a second
+# OpenMP thread only adds waiting (measured: the fast suite 335 s with 2 threads, 88 s with 1, on 2 cores);
+# subprocesses (torchrun, the CLI, benchmarks) inherit it
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch

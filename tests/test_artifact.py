@@ -129,3 +129,80 @@ def test_saved_files_follow_the_umask(tiny_llama, tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "art", *(tmp_path / "art").rglob("*")]}
     assert modes["art"] == 0o755 and modes["adapter"] == 0o755
     assert modes["head.safetensors"] == 0o644 and modes["adapter_model.safetensors"] == 0o644
+
+
+def test_resaving_keeps_the_users_files(tiny_llama, tmp_path):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["a", "b"]))
+    art = tmp_path / "art"
+    model.save_pretrained(art)
+    (art / "notes.md").write_text("my notes")
+    (art / "reports").mkdir()
+    (art / "reports" / "eval.json").write_text("{}")
+    again = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(), head=adapters.Classification(labels=["a", "b"]))
+    again.save_pretrained(art)  # another kind: the LoRA folder goes, the user's files stay
+    names = sorted(p.name for p in art.iterdir())
+    assert names == ["README.md", "bottleneck.safetensors", "head.safetensors", "notes.md", "qadapters.json", "reports"]
+    assert (art / "notes.md").read_text() == "my notes" and (art / "reports" / "eval.json").exists()
+    assert json.loads((art / "qadapters.json").read_text())["files"] == [
+        "README.md", "bottleneck.safetensors", "head.safetensors", "qadapters.json"]
+    assert isinstance(adapters.load(art).adapter, adapters.Bottleneck)
+
+
+def test_overwrite_writes_beside_the_users_files(tiny_llama, tmp_path):
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.Classification(labels=["a", "b"]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "data.csv").write_text("text,label\n")
+    model.save_pretrained(tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "data.csv").read_text() == "text,label\n" and adapters.load(tmp_path / "out")
+
+
+def test_an_artifact_and_its_local_base_travel_together(tiny_llama, tmp_path):
+    """No absolute path inside: the base is recorded relative to the artifact."""
+    import shutil
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_llama, project / "base")
+    model = _trained(str(project / "base"))
+    model.save_pretrained(project / "runs" / "art")
+    spec = json.loads((project / "runs" / "art" / "qadapters.json").read_text())
+    assert spec["base"]["path"] == "../../base" and str(tmp_path) not in json.dumps(spec)
+    moved = tmp_path / "elsewhere" / "project"
+    shutil.move(project, moved)
+    again = adapters.load(moved / "runs" / "art")
+    assert torch.equal(again.logits(TEXTS), model.logits(TEXTS))
+
+
+def test_a_base_with_one_changed_layer_is_refused(tiny_llama, tmp_path):
+    """Same embeddings, one retrained block: the tensors' digest tells them apart."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    model = _trained(str(base))
+    model.save_pretrained(tmp_path / "art")
+    changed = LlamaForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        changed.model.layers[1].mlp.down_proj.weight.mul_(1.01)
+    changed.save_pretrained(base)
+    with pytest.raises(adapters.CheckpointError, match=r"1 tensor\(s\) differ, e.g. \['model.layers.1.mlp.down_proj"):
+        adapters.load(tmp_path / "art")
+
+
+def test_a_merged_artifact_is_self_contained(tiny_llama, tmp_path):
+    import shutil
+
+    from adapters.merge import merge_artifact
+
+    model = _trained(tiny_llama)
+    model.save_pretrained(tmp_path / "art")
+    merge_artifact(tmp_path / "art", tmp_path / "merged", log=lambda *_: None)
+    spec = json.loads((tmp_path / "merged" / "qadapters.json").read_text())
+    assert spec["base"]["path"] == "." and spec["merged_from"] == "art" and str(tmp_path) not in json.dumps(spec)
+    shutil.move(tmp_path / "merged", tmp_path / "moved")
+    (tmp_path / "moved" / "notes.txt").write_text("mine")
+    merged = adapters.load(tmp_path / "moved")
+    assert torch.allclose(merged.logits(TEXTS), model.logits(TEXTS), atol=1e-4)
+    merge_artifact(tmp_path / "art", tmp_path / "moved", overwrite=True, log=lambda *_: None)  # an earlier merge
+    assert (tmp_path / "moved" / "notes.txt").read_text() == "mine"

@@ -1,6 +1,7 @@
 """The command line driven as a user would: subprocesses, YAML files, exit codes."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -165,3 +166,34 @@ def test_estimate_and_estimate_only(config_file, tmp_path, capsys):
     assert "activations" in done.out and "total" in done.out
     assert not (tmp_path / "art").exists()  # nothing trained, nothing written
     in_process(capsys, "estimate", config_file, "train.batch_size=0", expect=2)
+
+
+def test_eval_reads_the_columns_the_artifact_was_trained_on(tiny_llama, tmp_path, capsys):
+    rows = [{"review": r["text"], "sentiment": r["label"]} for r in toy_sentiment(24)]
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["neg", "pos"]))
+    adapters.train(model, rows, None, adapters.TrainConfig(max_steps=1, text_column="review", label_column="sentiment",
+                                                           progress=False))
+    model.save_pretrained(tmp_path / "art")
+    data = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    metrics = json.loads(in_process(capsys, "eval", tmp_path / "art", "--data", data).out)  # no column flags
+    assert metrics["count"] == 24
+    assert '"text": "review"' in in_process(capsys, "info", tmp_path / "art").out
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda c, t: c["head"].update(labels=["negative", "positive"]), "label 'pos' is not one of the head's labels"),
+    (lambda c, t: c["train"].update(label_column="stars"), "no column 'stars'"),
+    (lambda c, t: ((t / "art").mkdir(), (t / "art" / "notes.txt").write_text("mine")), "not a qadapters artifact"),
+    (lambda c, t: ((t / "logs").mkdir(), (t / "logs" / "run.json").write_text("{}"),
+                   c["train"].update(output_dir=str(t / "logs"))), r"earlier run.*train.overwrite=true"),
+])
+def test_train_refuses_before_loading_the_model(config_file, tmp_path, capsys, monkeypatch, edit, match):
+    """Bad rows and occupied folders are found before the (slow) model load, not after training."""
+    import adapters.model
+
+    config = yaml.safe_load(config_file.read_text())
+    edit(config, tmp_path)
+    config_file.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(adapters.model, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+    err = in_process(capsys, "train", config_file, expect=2).err
+    assert re.search(match, err), err
