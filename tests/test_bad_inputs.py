@@ -17,8 +17,10 @@ from adapters.config import load_run_config
 from adapters.merge import merge_artifact
 from adapters.sources import load_rows
 
+
 LABELS = ["neg", "pos"]
 GOOD = {"text": "good fun film", "label": "pos"}
+
 
 def _file(tmp_path, spec):
     name, content = spec
@@ -26,14 +28,18 @@ def _file(tmp_path, spec):
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     return load_rows(str(path))
 
+
 def _rows(tmp_path, rows, model=None):
     return adapters.train(model, rows, None, adapters.TrainConfig(max_steps=1, batch_size=4, progress=False))
+
 
 def _eval_rows(tmp_path, rows, model=None):
     return adapters.evaluate(model, rows)
 
+
 def _config(tmp_path, kwargs):
     return adapters.TrainConfig(**kwargs)
+
 
 def _yaml(tmp_path, edit):
     config = {"model": {"name": "minilm-l6"}, "head": {"kind": "classification", "labels": LABELS},
@@ -43,14 +49,17 @@ def _yaml(tmp_path, edit):
     path.write_text(text if isinstance(text, str) else yaml.safe_dump(config))
     return load_run_config(path)
 
+
 def _artifact(tmp_path, damage, artifact=None):
     art = tmp_path / "art"
     shutil.copytree(artifact, art)
     action = damage(art)
     return action() if callable(action) else adapters.load(art)
 
+
 def _folder(tmp_path, act, model=None):
     return act(tmp_path, model)
+
 
 def _cli(tmp_path, args, capsys=None, artifact=None):
     (tmp_path / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
@@ -60,10 +69,12 @@ def _cli(tmp_path, args, capsys=None, artifact=None):
     assert code == 2 and err.startswith("error: "), err
     raise adapters.AdaptersError(err)  # the message, checked like the others
 
+
 def _json(path, edit):
     spec = json.loads(path.read_text())
     edit(spec)
     path.write_text(json.dumps(spec))
+
 
 CASES = [
     # files a user points at
@@ -159,9 +170,11 @@ CASES = [
     ("cli info on no artifact", _cli, ["info", "{tmp}"], adapters.AdaptersError, r"has no qadapters.json"),
 ]
 
+
 @pytest.fixture(scope="module")
 def model(tiny_llama):
     return adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS))
+
 
 @pytest.fixture(scope="module")
 def artifact(model, tmp_path_factory):
@@ -169,8 +182,10 @@ def artifact(model, tmp_path_factory):
     model.save_pretrained(path)
     return path
 
+
 def test_the_table_is_long_enough():
     assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+
 
 @pytest.mark.parametrize("name,runner,value,error,match", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_typed_error(name, runner, value, error, match, tmp_path, model, artifact, capsys):
