@@ -26,8 +26,8 @@ run: install
 	$(BIN)/python recipes/sentiment.py
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
-	$(BIN)/python -m pytest -m slow -q
+	$(BIN)/python -m pytest -n 2 -m "not slow" -q
+	$(BIN)/python -m pytest -n 2 -m slow -q
 
 # the GPU path checked and measured in one unattended run (< 8 min on an H100/H200); skipped without CUDA
 gpu-check: install

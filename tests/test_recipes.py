@@ -48,7 +48,9 @@ def test_group_split_keeps_groups_apart():
 def test_sentiment_recipe_on_the_packaged_llm(tmp_path):
     result = sentiment.main(["--train-size", "96", "--eval-size", "64", "--output", str(tmp_path / "art")])
     assert result["model"] == "smollm2-135m" and result["quantization"] == "nf4"
-    assert 0 <= result["accuracy"] <= 1 and result["majority_baseline"] > 0.4
+    # 6 steps on 96 rows: not yet good (64% against a 61% majority on this machine), but not a constant
+    # guess either, whose macro-F1 would be about 0.38; and a share of the 64 held-out rows
+    assert result["macro_f1"] > 0.45 and abs(result["accuracy"] * 64 - round(result["accuracy"] * 64)) < 1e-6
     again = adapters.load(tmp_path / "art")
     assert again.base.is_decoder and again.base.quantization == "nf4"
 
