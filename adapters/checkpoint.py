@@ -135,12 +135,24 @@ def resolve_resume(resume, output_dir) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainState:
-    """Restore the tensors (model, optimizer, scheduler, RNG) into ``accelerator``'s objects; return the state."""
+def load_checkpoint(accelerator, path: Path, trainable: set[str]) -> TrainState:
+    """Restore the tensors (model, optimizer, scheduler, RNG) into ``accelerator``'s objects; return the state.
+
+    The frozen base is not in a checkpoint, so the model is loaded non-strictly; ``trainable`` (the names
+    of the model's trainable tensors) must then match the saved ones exactly, or a resumed run would go on
+    silently from fresh adapter weights."""
+    from safetensors import SafetensorError
+
     try:
         state = TrainState.from_dict(json.loads((path / STATE_FILE).read_text()))
+        saved = set(read_checkpoint_weights(path))
+        if saved != trainable:
+            raise CheckpointError(f"checkpoint {path} holds other trainable tensors than this model (e.g. saved "
+                                  f"{sorted(saved - trainable)[:2]}, expected {sorted(trainable - saved)[:2]}): another "
+                                  f"adapter or head, or a checkpoint of another qadapters version; start afresh "
+                                  f"(overwrite=True)")
         accelerator.load_state(str(path), strict=False)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or does not fit this model/optimizer ({err})") from None
     return state
 

@@ -1,7 +1,8 @@
 """Rows -> tensors for every head: datasets, targets, tokenization, padding.
 
-Users hand us a ``datasets.Dataset`` or a list of dicts. This is the one place that turns a
-row into model inputs for each head kind:
+Users hand us a ``datasets.Dataset`` or a list of dicts (checked here: one kind of value per
+column, no NaN, so a bad row is named rather than failing deep in pyarrow). The encoders below turn
+rows into model inputs; each head spec picks its own (``HeadSpec.encode``):
 
 * text heads (classification, multi-label, regression): ``text`` -> tokens, ``label`` -> target;
   with ``long_text="windows"``, ``text`` -> overlapping windows of tokens, all kept;

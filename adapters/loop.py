@@ -41,9 +41,19 @@ import torch
 
 from .base import cpu_only, resolve_mixed_precision
 from .batch_size import choose_batch_size
-from .checkpoint import (RUN_FILE, TrainState, complete_checkpoints, keep_trainable_only, load_checkpoint,
-                         prepare_output_dir, read_checkpoint_weights, resolve_resume, save_checkpoint,
-                         step_checkpoint)
+from .checkpoint import (
+    RUN_FILE,
+    TrainState,
+    check_output_dir,
+    complete_checkpoints,
+    keep_trainable_only,
+    load_checkpoint,
+    prepare_output_dir,
+    read_checkpoint_weights,
+    resolve_resume,
+    save_checkpoint,
+    step_checkpoint,
+)
 from .data import encode_dataset
 from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from .evaluation import evaluate_loader
@@ -64,6 +74,7 @@ class TrainingLoop:
             raise ConfigError("the model has no trainable parameters")
         if (config.early_stopping_metric or config.load_best) and eval_data is None:
             raise ConfigError("early stopping and load_best need eval data: pass eval_data to train()")
+        check_output_dir(config.output_dir, config.resume, config.overwrite)  # before any slow work
         self.model = self.unwrapped = model
         self.train_data, self.eval_data, self.config = train_data, eval_data, config
         self.state = TrainState()
@@ -99,7 +110,8 @@ class TrainingLoop:
         self._setup_data()
         self._setup_optimizer()
         if self.resume_from is not None:
-            self.state = load_checkpoint(self.accelerator, self.resume_from)
+            trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+            self.state = load_checkpoint(self.accelerator, self.resume_from, trainable)
             self.accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
         if self.trackers:  # metrics.jsonl is appended to: a resumed run's log goes on where it stopped
             self.accelerator.init_trackers("qadapters", config=_set_fields(self.config))

@@ -180,3 +180,16 @@ def test_an_earlier_run_is_never_silently_overwritten(tiny_llama, tmp_path):
 def test_checkpoint_settings_need_an_output_dir():
     with pytest.raises(adapters.ConfigError, match="output_dir"):
         adapters.TrainConfig(save_every=5)
+
+
+def test_a_checkpoint_of_another_adapter_is_refused_not_silently_skipped(tiny_llama, tmp_path):
+    """The frozen base is not saved, so the model loads non-strictly: tensors under other names would
+    otherwise be skipped in silence and the run would go on from fresh adapter weights."""
+    data = toy_sentiment(32)
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["neg", "pos"]))
+    adapters.train(model, data, None, adapters.TrainConfig(max_steps=2, batch_size=8, save_every=1,
+                                                           output_dir=str(tmp_path), progress=False))
+    other = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(), head=adapters.Classification(labels=["neg", "pos"]))
+    with pytest.raises(adapters.CheckpointError, match="holds other trainable tensors than this model"):
+        adapters.train(other, data, None, adapters.TrainConfig(max_steps=4, batch_size=8, resume="auto",
+                                                               output_dir=str(tmp_path), progress=False))

@@ -25,11 +25,9 @@ TokenClassification    linear(num_labels) on every token   cross-entropy on firs
 CausalLM               the base's own LM head, frozen      next-token loss on the response
 =====================  ==================================  ==============================
 
-Pooling turns per-token states into one vector per text and must fit the base: a decoder sees
-only the left context, so only its last real token has read the whole text (``"last"``); an
-encoder is bidirectional, so the mean of its tokens (``"mean"``) or its first token
-(``"first"``, BERT's [CLS]) work. Positions come from the attention mask, so left and right
-padding give the same result.
+The package: ``spec.py`` (``HeadSpec``, what every kind provides), ``layers.py`` (the head modules
+and pooling), ``sequence.py`` (classification, multi-label, regression), ``choice.py``,
+``tokens.py``, ``causal.py``; the kinds are listed once, in ``registry.HEADS``.
 """
 
 from ..data import IGNORE
