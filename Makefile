@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch only when missing: a CPU wheel here (torch==2.13.0), the user's own CUDA build elsewhere
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[recipes,test]"
+	$(BIN)/pip install -e ".[recipes,test,serve]"
 	$(BIN)/pip install --no-deps $(PACKAGED)
 	touch $(STAMP)
 

@@ -53,6 +53,25 @@ class AdapterSpec:
         """``network`` with the adapter saved in artifact ``folder`` folded into its weights."""
         raise NotImplementedError
 
+    # --- serving several artifacts on one base (``serve.py``) ------------------------------------------
+
+    def handle(self, model):
+        """What ``switch`` needs to turn on or off this adapter as ``attach`` put it in ``model``."""
+        return None
+
+    def can_join(self, model) -> bool:
+        """Whether another artifact of this kind can be added to ``model``'s (shared) backbone."""
+        return False
+
+    def join(self, model, folder: Path, name: str):
+        """Add this kind's adapter saved in artifact ``folder`` to ``model``'s backbone, beside the adapters
+        already there, switched off; return its handle."""
+        raise NotImplementedError
+
+    def switch(self, model, handle, on: bool) -> None:
+        """Turn the adapter ``handle`` on or off in ``model`` (all are turned off before one is turned on)."""
+        raise NotImplementedError
+
     def to_dict(self) -> dict:
         """The settings as saved in ``qadapters.json`` and YAML configs (with ``kind``)."""
         return asdict(self)

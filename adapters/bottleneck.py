@@ -112,6 +112,24 @@ class Bottleneck(AdapterSpec):
     def describe(self) -> str:
         return f"Bottleneck {self.placement}"
 
+    def handle(self, model):
+        return model.adapter_layers
+
+    def can_join(self, model) -> bool:
+        return True  # more adapter layers hooked onto the same projections, one set on at a time
+
+    def join(self, model, folder: Path, name: str):
+        layers = BottleneckLayers(model.backbone, self, model.base.hidden_size).eval()
+        file = folder / BOTTLENECK_FILE
+        tensors = load_tensors(file)
+        check_state(tensors, layers.state_dict(), file)
+        layers.load_state_dict({k: v.to(model.device) for k, v in tensors.items()})
+        layers.enabled = False
+        return layers
+
+    def switch(self, model, handle, on: bool) -> None:
+        handle.enabled = on
+
     def merge_refusal(self) -> str | None:
         return "they are extra non-linear modules (down, activation, up) that no weight matrix can absorb"
 
@@ -167,6 +185,13 @@ def output_projections(block: nn.Module, hidden: int) -> dict[str, str | None]:
     """Names (relative to ``block``) of its attention and feed-forward output projections."""
     found: dict[str, str | None] = {"attention": None, "feed_forward": None}
     for name, module in block.named_modules():  # registration order: the last match wins
+        # a layer wrapped by peft (LoRA served beside bottleneck adapters on one base) is the projection
+        # itself; its own parts (base_layer, lora_A, lora_B) are not
+        base_layer = getattr(module, "base_layer", None)
+        if base_layer is not None and _is_linear(base_layer):
+            module = base_layer
+        elif ".lora_" in f".{name}" or name.endswith("base_layer") or ".base_layer." in name:
+            continue
         if not _is_linear(module) or _out_features(module) != hidden:
             continue
         part = "attention" if _ATTENTION_NAME.search(name) else "feed_forward"
@@ -212,6 +237,7 @@ class BottleneckLayers(nn.Module):
         self.targets = placement_targets(model, spec, hidden)
         modules = dict(model.named_modules())
         self.adapters = nn.ModuleDict()
+        self.enabled = True  # off: the hooks pass outputs through (several sets served on one base)
         self._handles = []
         device = next(model.parameters()).device
         for name in self.targets:
@@ -220,10 +246,9 @@ class BottleneckLayers(nn.Module):
             self.adapters[name.replace(".", "__")] = adapter  # ModuleDict keys cannot hold dots
             self._handles.append(modules[name].register_forward_hook(self._hook(adapter)))
 
-    @staticmethod
-    def _hook(adapter: BottleneckAdapter):
+    def _hook(self, adapter: BottleneckAdapter):
         def apply(module, args, output):
-            return adapter(output)
+            return adapter(output) if self.enabled else output
 
         return apply
 

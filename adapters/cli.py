@@ -30,6 +30,8 @@ EXAMPLES = {
                "  qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl",
     "merge": "qadapters merge runs/sentiment runs/sentiment-merged",
     "info": "qadapters info runs/sentiment",
+    "serve": "qadapters serve sentiment=runs/sentiment licence=runs/licence --port 8000\n"
+             "  curl -s localhost:8000/v1/models/sentiment/predict -d '{\"texts\": [\"a moving film\"]}'",
     "estimate": "qadapters estimate recipes/configs/sentiment.yaml train.batch_size=32 --device cuda",
 }
 
@@ -184,6 +186,17 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import Limits, serve
+
+    for name in ("max_batch", "max_texts", "max_chars", "port"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars)
+    serve(args.artifacts, args.host, args.port, limits, args.device)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .artifact import read_spec
 
@@ -259,6 +272,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write the merged model to")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.set_defaults(run=cmd_merge)
+
+    p = command("serve", "serve artifacts over HTTP; artifacts on the same base share one copy of it")
+    p.add_argument("artifacts", nargs="+", help="artifact folders, or NAME=FOLDER to choose the name in the URL")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="inputs run together in one batch at most")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-texts", type=int, default=256, help="inputs one request may hold")
+    p.add_argument("--max-chars", type=int, default=20_000, help="characters one input may hold")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's device)")
+    p.set_defaults(run=cmd_serve)
 
     p = command("info", "describe an artifact: base, quantization, adapter, head, metrics, versions")
     p.add_argument("artifact")

@@ -116,6 +116,24 @@ class LoRA(AdapterSpec):
     def merge_refusal(self) -> str | None:
         return None
 
+    def handle(self, model):
+        return model.peft_model.active_adapter
+
+    def can_join(self, model) -> bool:
+        return model.peft_model is not None  # another named adapter in the same peft model
+
+    def join(self, model, folder: Path, name: str):
+        model.peft_model.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+        return name
+
+    def switch(self, model, handle, on: bool) -> None:
+        layers = model.peft_model.base_model
+        if on:
+            layers.enable_adapter_layers()
+            model.peft_model.set_adapter(handle)
+        else:
+            layers.disable_adapter_layers()
+
     def merge(self, network: nn.Module, folder: Path) -> nn.Module:
         """``W' = W + (alpha/r) B A`` for every adapted layer: peft's ``merge_and_unload``."""
         from peft import PeftModel
