@@ -16,6 +16,7 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
 
 from .bottleneck import Bottleneck  # noqa: E402
+from .callbacks import Callback  # noqa: E402
 from .errors import (  # noqa: E402
     AdaptersError, CheckpointError, ConfigError, DataError, NonFiniteLossError, TargetModulesError, TrainingError,
     TrainingInterrupted, UnknownModelError)
@@ -30,7 +31,7 @@ __all__ = [
     "adapt", "train", "evaluate", "load", "estimate_memory", "MemoryEstimate",
     "LoRA", "Bottleneck",
     "Classification", "MultiLabel", "Regression", "MultipleChoice", "TokenClassification", "CausalLM",
-    "TrainConfig", "AdaptedModel", "PACKAGED_MODELS",
+    "TrainConfig", "Callback", "AdaptedModel", "PACKAGED_MODELS",
     "AdaptersError", "UnknownModelError", "ConfigError", "TargetModulesError", "DataError", "CheckpointError",
     "TrainingError", "NonFiniteLossError", "TrainingInterrupted",
 ]

@@ -17,11 +17,13 @@ from .train_config import TrainConfig
 
 
 def evaluate(model, data, config: TrainConfig | None = None, accelerator=None, *, text_column: str | None = None,
-             label_column: str | None = None, batch_size: int | None = None) -> dict[str, float]:
+             label_column: str | None = None, batch_size: int | None = None,
+             compute_metrics=None) -> dict[str, float]:
     """The head's metrics (and loss) of ``model`` on ``data``, every example counted once.
 
     Columns and the batch size (rows per batch; default: by a budget of padded tokens) come from the
-    keywords, else from ``config`` (a ``TrainConfig``, as ``train`` uses), else the defaults."""
+    keywords, else from ``config`` (a ``TrainConfig``, as ``train`` uses), else the defaults.
+    ``compute_metrics``: more metrics from the gathered outputs (see ``callbacks.py``)."""
     from accelerate import Accelerator
 
     text_column = text_column or (config.text_column if config else "text")
@@ -34,11 +36,12 @@ def evaluate(model, data, config: TrainConfig | None = None, accelerator=None, *
     spec = accelerator.unwrap_model(model).head_spec
     batch_size = eval_rows(spec, batch_size, config.batch_size if config else TrainConfig.batch_size, processes)
     loader = eval_loader(accelerator.unwrap_model(model), data, text_column, label_column, batch_size, processes)
-    return evaluate_loader(model, accelerator.prepare(loader), accelerator)
+    return evaluate_loader(model, accelerator.prepare(loader), accelerator, compute_metrics)
 
 
-def evaluate_loader(model, loader, accelerator) -> dict[str, float]:
-    """The head's metrics over ``loader``, every example counted once across processes."""
+def evaluate_loader(model, loader, accelerator, compute_metrics=None) -> dict[str, float]:
+    """The head's metrics over ``loader``, every example counted once across processes (and the user's
+    ``compute_metrics`` of the gathered outputs)."""
     spec = accelerator.unwrap_model(model).head_spec
     gathered: list[list[torch.Tensor]] = []
     with eval_mode(model), torch.inference_mode():
@@ -50,7 +53,26 @@ def evaluate_loader(model, loader, accelerator) -> dict[str, float]:
                             spec.sequence_labels else t for t in outputs)
             outputs = accelerator.gather_for_metrics(outputs)
             gathered.append([t.cpu() for t in outputs])
-    return spec.metrics(*_concatenate(gathered, spec.sequence_labels))
+    columns = _concatenate(gathered, spec.sequence_labels)
+    metrics = spec.metrics(*columns)
+    if compute_metrics is not None:
+        metrics.update(_user_metrics(compute_metrics, columns, metrics))
+    return metrics
+
+
+def _user_metrics(compute_metrics, columns: list[torch.Tensor], own: dict) -> dict[str, float]:
+    """``compute_metrics(EvalPrediction(predictions, label_ids))``, checked: a dict of numbers."""
+    from transformers import EvalPrediction
+
+    from .errors import ConfigError
+
+    found = compute_metrics(EvalPrediction(predictions=columns[0].numpy(), label_ids=columns[1].numpy()))
+    if not isinstance(found, dict) or not all(isinstance(v, (int, float)) for v in found.values()):
+        raise ConfigError(f"compute_metrics must return a dict of numbers, got {found!r:.100}")
+    clash = sorted(set(found) & set(own))
+    if clash:
+        raise ConfigError(f"compute_metrics returned {clash}, which the head computes already; name them otherwise")
+    return {k: float(v) for k, v in found.items()}
 
 
 def _concatenate(gathered: list[list[torch.Tensor]], sequence_labels: bool) -> list[torch.Tensor]:

@@ -41,6 +41,7 @@ import torch
 
 from .base import cpu_only, resolve_mixed_precision
 from .batch_size import choose_batch_size
+from .callbacks import call
 from .checkpoint import (
     RUN_FILE,
     TrainState,
@@ -66,7 +67,8 @@ from .train_config import TrainConfig
 class TrainingLoop:
     """One training run of ``model`` (an unwrapped ``AdaptedModel``) on ``train_data``."""
 
-    def __init__(self, model, train_data, eval_data=None, config: TrainConfig | None = None):
+    def __init__(self, model, train_data, eval_data=None, config: TrainConfig | None = None,
+                 compute_metrics=None, callbacks=()):
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"config must be an adapters.TrainConfig, got {type(config).__name__}")
@@ -83,12 +85,17 @@ class TrainingLoop:
         self.auto_batch: dict | None = None
         self.eval_seconds = 0.0  # kept out of the training time and throughput
         self.counts = {"examples": 0, "tokens": 0, "processed": 0}
+        self.compute_metrics, self.callbacks = compute_metrics, list(callbacks or ())
+        self.should_stop = False  # a callback may set it: stop after this step
 
     def run(self) -> dict[str, float]:
         self.setup()
+        call(self.callbacks, "on_train_begin", self)
         with _StopSignal() as self.stop_signal:
             self.fit()
-        return self.finish()
+        result = self.finish()
+        call(self.callbacks, "on_train_end", self, result)
+        return result
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -135,7 +142,7 @@ class TrainingLoop:
         from accelerate.utils import DataLoaderConfiguration
 
         config = self.config
-        self.trackers = trackers_for(config.output_dir)
+        self.trackers = trackers_for(config.output_dir, config.report_to)
         # bf16 autocast is ours, around the training forward only: Accelerate's would wrap the model's forward
         # for good and pin one precision per process (a second model trained in fp32 in the same process is
         # refused; seen on an H200). fp16 needs its loss scaler, so that one stays Accelerate's.
@@ -292,6 +299,8 @@ class TrainingLoop:
             self.checkpoint()
         if self.eval_loader is not None and config.eval_every and step % config.eval_every == 0:
             state.stopped_early = self.evaluate()
+        if _any_rank(accelerator, self.should_stop):
+            state.stopped_early = True
 
     def _log_loss(self) -> None:
         state, accelerator = self.state, self.accelerator
@@ -299,8 +308,9 @@ class TrainingLoop:
         state.last_loss = float(accelerator.reduce(mean, "mean"))
         state.running, state.running_count = 0.0, 0
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}")
-        accelerator.log({"train_loss": state.last_loss, "lr": self.scheduler.get_last_lr()[0],
-                         "epoch": state.epoch}, step=state.step)
+        logs = {"train_loss": state.last_loss, "lr": self.scheduler.get_last_lr()[0], "epoch": state.epoch}
+        accelerator.log(logs, step=state.step)
+        call(self.callbacks, "on_log", self, logs)
 
     # --- evaluation and checkpoints ---------------------------------------------------------------
 
@@ -308,12 +318,13 @@ class TrainingLoop:
         """Evaluate, log, track the best; True when early stopping says stop."""
         state, accelerator = self.state, self.accelerator
         started = time.perf_counter()
-        metrics = evaluate_loader(self.model, self.eval_loader, accelerator)
+        metrics = evaluate_loader(self.model, self.eval_loader, accelerator, self.compute_metrics)
         state.metrics = {f"eval_{k}": v for k, v in metrics.items()}
         state.metrics_step = state.step
         self.eval_seconds += time.perf_counter() - started
         accelerator.log(state.metrics, step=state.step)
         accelerator.print(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in state.metrics.items()))
+        call(self.callbacks, "on_evaluate", self, state.metrics)
         return self._early_stopping()
 
     def _early_stopping(self) -> bool:
@@ -345,6 +356,7 @@ class TrainingLoop:
         protect = Path(saved.best_checkpoint) if saved.best_checkpoint else None
         path = save_checkpoint(self.accelerator, output_dir, saved, self.config.keep_last, protect)
         state.best_checkpoint = saved.best_checkpoint
+        call(self.callbacks, "on_save", self, path)
         return path
 
     # --- the end ----------------------------------------------------------------------------------

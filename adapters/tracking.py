@@ -8,6 +8,9 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
 
+from .errors import ConfigError
+from .train_config import TRACKERS  # noqa: F401 (the names report_to accepts)
+
 
 class JSONLTracker(GeneralTracker):
     """An Accelerate tracker writing one JSON object per logged step to ``metrics.jsonl``."""
@@ -40,13 +43,23 @@ class JSONLTracker(GeneralTracker):
         pass
 
 
-def trackers_for(output_dir: str | None) -> list:
-    """The trackers a run with this ``output_dir`` logs to (none without one)."""
-    if output_dir is None:
-        return []
-    from accelerate.utils import is_tensorboard_available
+NEEDS_FOLDER = ("tensorboard", "aim", "dvclive")  # they write into the run's folder
 
-    trackers: list = [JSONLTracker(output_dir)]
-    if is_tensorboard_available():
-        trackers.append("tensorboard")
+
+def trackers_for(output_dir: str | None, report_to: list[str] | None = None) -> list:
+    """The trackers a run logs to: ``metrics.jsonl`` whenever there is an ``output_dir``, plus
+    ``report_to`` (Accelerate's trackers by name), or by default TensorBoard when it is installed."""
+    import accelerate.utils as available
+
+    trackers: list = [JSONLTracker(output_dir)] if output_dir is not None else []
+    if report_to is None:
+        if output_dir is not None and available.is_tensorboard_available():
+            trackers.append("tensorboard")
+        return trackers
+    for name in report_to:
+        if not getattr(available, f"is_{name}_available")():
+            raise ConfigError(f"report_to={report_to}: {name!r} is not installed (pip install {name.replace('_', '-')})")
+        if name in NEEDS_FOLDER and output_dir is None:
+            raise ConfigError(f"report_to={name!r} writes its logs into output_dir; set TrainConfig(output_dir=...)")
+        trackers.append(name)
     return trackers

@@ -10,11 +10,14 @@ from .train_config import TrainConfig
 __all__ = ["TrainConfig", "evaluate", "train"]
 
 
-def train(model, train_data, eval_data=None, config: TrainConfig | None = None) -> dict[str, float]:
+def train(model, train_data, eval_data=None, config: TrainConfig | None = None, *, compute_metrics=None,
+          callbacks=()) -> dict[str, float]:
     """Train ``model``'s adapter and head on ``train_data``; evaluate on ``eval_data``.
 
     Returns the final metrics: ``train_loss``, ``eval_accuracy``, ``eval_macro_f1``, ``eval_loss``
     (when there is eval data), ``steps``, ``world_size``, ``train_seconds``,
     ``train_examples_per_second`` and, with early stopping, ``best_step``/``best_<metric>``.
+    ``compute_metrics`` adds metrics of your own to every evaluation; ``callbacks`` are called on log,
+    evaluate, save, and at the start and end (``callbacks.py``), as with ``transformers.Trainer``.
     """
-    return TrainingLoop(model, train_data, eval_data, config).run()
+    return TrainingLoop(model, train_data, eval_data, config, compute_metrics, callbacks).run()

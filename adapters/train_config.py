@@ -10,6 +10,7 @@ from .errors import ConfigError
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
@@ -73,6 +74,11 @@ class TrainConfig:
     packing: bool | None = None
     """Padding-free batches for decoders with a pooling head (rows concatenated, positions restarting,
     pooled per row; see ``batching.py``). None: on where the model and head allow it."""
+    report_to: list[str] | None = None
+    """Experiment trackers to log to through Accelerate (``"tensorboard"``, ``"wandb"``, ``"mlflow"``,
+    ``"comet_ml"``, ``"aim"``, ``"clearml"``, ``"dvclive"``, ``"swanlab"``, ``"trackio"``); each must be
+    installed. None: TensorBoard when installed and there is an ``output_dir``; ``[]``: none.
+    ``metrics.jsonl`` is always written into ``output_dir``."""
     auto_batch_size: bool = False
     """Use the largest per-device batch that fits the device's free memory (memory estimate, then one
     real step that backs off on out-of-memory), with gradient accumulation keeping the effective
@@ -121,5 +127,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"TrainConfig({name}={value!r}): must be an integer")
+        if self.report_to is not None:
+            if isinstance(self.report_to, str):
+                self.report_to = [self.report_to]
+            unknown = [n for n in self.report_to if n not in TRACKERS]
+            if not isinstance(self.report_to, list) or unknown:
+                raise ConfigError(f"TrainConfig(report_to={self.report_to!r}): name trackers among {list(TRACKERS)}")
         if self.packing not in (None, True, False):
             raise ConfigError(f"TrainConfig(packing={self.packing!r}): must be True, False or None (automatic)")

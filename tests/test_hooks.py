@@ -1,0 +1,90 @@
+"""What Trainer users expect: compute_metrics, callbacks, report_to, loader options, quiet logs."""
+
+import json
+
+import numpy as np
+import pytest
+
+import adapters
+from adapters.callbacks import Callback
+
+from .conftest import toy_sentiment
+
+LABELS = ["neg", "pos"]
+
+
+def _model(tiny_llama):
+    return adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS))
+
+
+def test_compute_metrics_adds_to_the_heads_metrics(tiny_llama):
+    seen = []
+
+    def balanced_accuracy(prediction):
+        seen.append(prediction)
+        preds, labels = prediction.predictions.argmax(-1), prediction.label_ids
+        return {"balanced_accuracy": float(np.mean([(preds[labels == c] == c).mean() for c in np.unique(labels)]))}
+
+    model = _model(tiny_llama)
+    rows, held_out = toy_sentiment(24), toy_sentiment(16, seed=1)
+    result = adapters.train(model, rows, held_out, adapters.TrainConfig(max_steps=2, batch_size=8, progress=False),
+                            compute_metrics=balanced_accuracy)
+    assert seen[-1].predictions.shape == (16, 2) and seen[-1].label_ids.shape == (16,)
+    assert 0 <= result["eval_balanced_accuracy"] <= 1 and "eval_accuracy" in result
+    again = adapters.evaluate(model, held_out, compute_metrics=balanced_accuracy)
+    assert again["balanced_accuracy"] == pytest.approx(result["eval_balanced_accuracy"])
+    with pytest.raises(adapters.ConfigError, match="computes already"):
+        adapters.evaluate(model, held_out, compute_metrics=lambda p: {"accuracy": 1.0})
+    with pytest.raises(adapters.ConfigError, match="dict of numbers"):
+        adapters.evaluate(model, held_out, compute_metrics=lambda p: 0.5)
+
+
+def test_callbacks_see_each_phase_and_can_stop_training(tiny_llama, tmp_path):
+    class Recorder(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_train_begin(self, loop):
+            self.events.append(("begin", loop.state.step))
+
+        def on_log(self, loop, logs):
+            self.events.append(("log", loop.state.step, round(logs["train_loss"], 6)))
+
+        def on_evaluate(self, loop, metrics):
+            self.events.append(("evaluate", loop.state.step, "eval_accuracy" in metrics))
+            if loop.state.step >= 4:
+                loop.should_stop = True
+
+        def on_save(self, loop, path):
+            self.events.append(("save", loop.state.step, path.name))
+
+        def on_train_end(self, loop, result):
+            self.events.append(("end", result["steps"]))
+
+    recorder = Recorder()
+    config = adapters.TrainConfig(max_steps=20, batch_size=8, log_every=2, eval_every=2, save_every=2,
+                                  output_dir=str(tmp_path), progress=False)
+    result = adapters.train(_model(tiny_llama), toy_sentiment(48), toy_sentiment(8, seed=1), config,
+                            callbacks=[recorder])
+    kinds = [e[0] for e in recorder.events]
+    assert kinds[0] == "begin" and kinds[-1] == "end" and result["steps"] == 4  # stopped by the callback
+    assert [e[1] for e in recorder.events if e[0] == "save"] == [2, 4]
+    assert [e[1:] for e in recorder.events if e[0] == "evaluate"] == [(2, True), (4, True)]
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in x]
+    assert [(e[1], e[2]) for e in recorder.events if e[0] == "log"] == [(r["step"], round(r["train_loss"], 6))
+                                                                          for r in logged]
+
+
+def test_report_to_names_trackers_that_exist_and_are_installed(tiny_llama, tmp_path):
+    with pytest.raises(adapters.ConfigError, match="name trackers among"):
+        adapters.TrainConfig(report_to=["neptune"])
+    assert adapters.TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]
+    from adapters.tracking import trackers_for
+
+    assert trackers_for(str(tmp_path), [])[0].name == "jsonl" and len(trackers_for(str(tmp_path), [])) == 1
+    import accelerate.utils
+
+    if not accelerate.utils.is_wandb_available():
+        with pytest.raises(adapters.ConfigError, match="'wandb' is not installed"):
+            adapters.train(_model(tiny_llama), toy_sentiment(8), None,
+                           adapters.TrainConfig(max_steps=1, report_to=["wandb"], progress=False))
