@@ -10,10 +10,20 @@
 """
 
 import logging
+import warnings
 
-# bitsandbytes warns at import that an optional CPU kernel package is missing; it only serves the
-# packed CPU inference path, which base.py turns off (one numeric path for train and eval)
+# Library messages known to be harmless here, silenced once, where we know why:
+# - bitsandbytes warns at import that an optional CPU kernel package is missing; it only serves the
+#   packed CPU inference path, which base.py turns off (one numeric path for train and eval);
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
+# - LLM.int8 quantizes a layer's inputs in fp16 by design and says so on every int8 layer of every
+#   forward (36 lines per SmolLM2 forward): said once;
+_said: set = set()
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: "inputs will be cast" not in record.msg or not (record.msg in _said or _said.add(record.msg)))
+# - peft reads transformers' old `is_gradient_checkpointing` name, and transformers warns on every
+#   command; we never use the name ourselves.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from .bottleneck import Bottleneck  # noqa: E402
 from .callbacks import Callback  # noqa: E402

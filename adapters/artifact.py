@@ -114,6 +114,7 @@ def artifact_spec(model, path: Path, extra: dict | None = None) -> dict:
         "columns": {"text": columns.get("text_column", "text"), "label": columns.get("label_column", "label")},
         "versions": _versions(),
         "training": training,
+        "load_options": getattr(model, "load_options", {}),
         **(extra or {}),
     }
 

@@ -64,7 +64,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-def resolve_source(name: str, trust_remote_code: bool = False) -> str:
+def resolve_source(name: str, trust_remote_code: bool = False, revision: str | None = None) -> str:
     """Map a packaged name, a local folder or a hub id to something ``from_pretrained`` reads."""
     if name in PACKAGED_MODELS:
         return str(resolve_packaged(name))
@@ -75,7 +75,7 @@ def resolve_source(name: str, trust_remote_code: bool = False) -> str:
     from transformers import AutoConfig
 
     try:  # a hub id: only reachable online (or from the local HF cache)
-        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as err:  # noqa: BLE001 - hub errors come in many types
         raise UnknownModelError(
             f"unknown model {name!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), not a local folder, "
@@ -165,15 +165,19 @@ def load_backbone(
     trust_remote_code: bool = False,
     padding_side: str | None = None,
     with_lm_head: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, BaseInfo]:
     """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
     (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``). Returns the
-    network and what it is."""
+    network and what it is. ``revision`` (a hub branch, tag or commit) and ``attn_implementation``
+    (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...) go to ``from_pretrained``."""
     from transformers import AutoConfig
 
     if padding_side not in (None, "left", "right"):
         raise ConfigError(f"padding_side={padding_side!r} must be 'left', 'right' or None (the tokenizer's own)")
-    location = resolve_source(name, trust_remote_code)
+    hub = {"trust_remote_code": trust_remote_code, "revision": revision}
+    location = resolve_source(name, trust_remote_code, revision)
     device = torch.device(device) if device is not None else process_device()
     if quantization is not None and device.type not in ("cpu", "cuda", "xpu"):
         raise ConfigError(f"bitsandbytes quantization does not run on {device.type}; pass quantization=None")
@@ -182,18 +186,18 @@ def load_backbone(
             raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     compute_dtype = dtype or default_compute_dtype(device)
-    config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(location, **hub)
     decoder = is_decoder_config(config)
     if with_lm_head and not decoder:
         raise ConfigError(f"{name!r} is an encoder ({config.model_type}): a causal LM head needs a decoder")
-    network = _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device,
-                           trust_remote_code, decoder)
-    tokenizer = _load_tokenizer(name, location, trust_remote_code, padding_side, decoder)
+    network = _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device, hub, decoder,
+                           attn_implementation)
+    tokenizer = _load_tokenizer(name, location, hub, padding_side, decoder)
     return network, BaseInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
 
 
-def _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device, trust_remote_code,
-                 decoder) -> nn.Module:
+def _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device, hub: dict, decoder,
+                 attn_implementation: str | None) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
@@ -201,7 +205,8 @@ def _load_frozen(location, with_lm_head, quantization, compute_dtype, double_qua
         quantization_config=quantization_config(quantization, compute_dtype, double_quant),
         dtype=compute_dtype,
         device_map={"": device.index if device.type == "cuda" and device.index is not None else str(device)},
-        trust_remote_code=trust_remote_code,
+        **hub,
+        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
     )
     # BERT-style encoders carry a pooler that our heads never use. Left in place it would be
     # quantized, targeted by "all-linear" LoRA, and leave DDP with parameters that get no grad.
@@ -223,10 +228,10 @@ def _load_frozen(location, with_lm_head, quantization, compute_dtype, double_qua
     return model
 
 
-def _load_tokenizer(name, location, trust_remote_code, padding_side, decoder):
+def _load_tokenizer(name, location, hub: dict, padding_side, decoder):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(location, **hub)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if tokenizer.pad_token is None:

@@ -60,6 +60,7 @@ class AdaptedModel(nn.Module):
         self.max_length = max_length
         self.dtype_arg = dtype_arg  # what the user asked for (None = per device), saved as is
         self.training_record: dict | None = None  # set by train(): metrics, data sizes, settings
+        self.load_options: dict = {}  # set by adapt(): revision, attn_implementation, trust_remote_code
         # Decoders get positions counted from the first real token, so a left-padded text sees
         # the same positions as unpadded (what generate() does); encoders are right-padded.
         forward_args = inspect.signature(self.backbone.forward).parameters
@@ -250,11 +251,13 @@ class AdaptedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, base: str | None = None, device: str | torch.device | None = None,
-                        dtype: str | None = None) -> "AdaptedModel":
+                        dtype: str | None = None, trust_remote_code: bool = False,
+                        attn_implementation: str | None = None) -> "AdaptedModel":
         """Rebuild a saved adapted model: same base, quantization, adapter and head, trained weights.
 
         ``base`` overrides where the base model is read from (default: the name stored at save
-        time); ``device``/``dtype`` as in ``adapt``. Files are checked (present, readable, names and
+        time); ``device``/``dtype``/``attn_implementation`` as in ``adapt``; ``trust_remote_code`` must be
+        given again for a base with custom code (it is recorded, never trusted from a file). Files are checked (present, readable, names and
         shapes that fit, the same base weights) and a misfit raises a ``CheckpointError`` saying which.
         """
         path = Path(path)
@@ -264,9 +267,15 @@ class AdaptedModel(nn.Module):
         head_tensors = read_head(path)
         check_quantization(spec, path)
         location = resolve_base(spec, path, base)
+        recorded = spec.get("load_options") or {}
+        if recorded.get("trust_remote_code") and not trust_remote_code:
+            raise ConfigError(f"{path} was trained on a base with custom code; loading it runs that code: pass "
+                              f"trust_remote_code=True if you trust {spec['base']['name']!r}")
         model = adapt(location, adapter=adapter, head=head, quantization=spec["quantization"],
                       dtype=dtype or spec.get("dtype"), device=device, max_length=spec["max_length"],
-                      padding_side=spec.get("padding_side"), seed=None)
+                      padding_side=spec.get("padding_side"), seed=None, trust_remote_code=trust_remote_code,
+                      revision=recorded.get("revision") if base is None else None,
+                      attn_implementation=attn_implementation or recorded.get("attn_implementation"))
         check_base(spec, model.backbone, model.base.location, path)
         if adapter is not None:
             adapter.load(model, path)
@@ -292,6 +301,8 @@ def adapt(
     double_quant: bool = True,
     trust_remote_code: bool = False,
     seed: int | None = 0,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
 ) -> AdaptedModel:
     """Load ``model`` frozen (and quantized), add ``adapter`` and a new ``head``.
 
@@ -300,10 +311,13 @@ def adapt(
     ``quantization``: ``"nf4"``, ``"fp4"``, ``"int8"`` or ``None``; ``dtype`` overrides the compute
     dtype (default: float32 on CPU, bfloat16 on capable GPUs).
     ``seed`` makes the new adapter and head weights reproducible (without touching global RNG).
+    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``) and ``revision`` (a hub
+    branch, tag or commit) go to ``from_pretrained``; both are recorded in saved artifacts.
     """
     _check_specs(adapter, head, max_length)
     network, base = load_backbone(model, quantization, dtype, device, double_quant, trust_remote_code, padding_side,
-                                  with_lm_head=head.lm_logits)
+                                  with_lm_head=head.lm_logits, revision=revision,
+                                  attn_implementation=attn_implementation)
     limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)
     if max_length is None:
         max_length = min(limit, 512)
@@ -315,6 +329,9 @@ def adapt(
             torch.manual_seed(seed)
         adapted = AdaptedModel(network, base, adapter, head, max_length, dtype_name(dtype))
     adapted.head.to(next(network.parameters()).device)
+    # how the base was read, for the artifact: a reload reads it the same way
+    adapted.load_options = {k: v for k, v in (("revision", revision), ("attn_implementation", attn_implementation),
+                                             ("trust_remote_code", trust_remote_code)) if v}
     return adapted
 
 
@@ -331,6 +348,8 @@ def _check_specs(adapter, head, max_length) -> None:
         raise ConfigError(f"max_length={max_length} must be at least 2 tokens")
 
 
-def load(path, base: str | None = None, device: str | torch.device | None = None, dtype: str | None = None):
+def load(path, base: str | None = None, device: str | torch.device | None = None, dtype: str | None = None,
+         trust_remote_code: bool = False, attn_implementation: str | None = None):
     """``AdaptedModel.from_pretrained``: rebuild a saved adapted model (see there)."""
-    return AdaptedModel.from_pretrained(path, base=base, device=device, dtype=dtype)
+    return AdaptedModel.from_pretrained(path, base=base, device=device, dtype=dtype,
+                                        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)

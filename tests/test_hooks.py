@@ -88,3 +88,40 @@ def test_report_to_names_trackers_that_exist_and_are_installed(tiny_llama, tmp_p
         with pytest.raises(adapters.ConfigError, match="'wandb' is not installed"):
             adapters.train(_model(tiny_llama), toy_sentiment(8), None,
                            adapters.TrainConfig(max_steps=1, report_to=["wandb"], progress=False))
+
+
+def test_attention_implementation_is_used_and_recorded(tiny_llama, tmp_path):
+    import torch
+
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS),
+                           attn_implementation="eager")
+    assert model.backbone.config._attn_implementation == "eager"
+    model.save_pretrained(tmp_path / "art")
+    assert json.loads((tmp_path / "art" / "qadapters.json").read_text())["load_options"] == {
+        "attn_implementation": "eager"}
+    again = adapters.load(tmp_path / "art")
+    assert again.backbone.config._attn_implementation == "eager"
+    texts = ["good fun film", "a dull mess"]
+    assert torch.allclose(again.logits(texts), model.logits(texts), atol=1e-6)
+    sdpa = adapters.load(tmp_path / "art", attn_implementation="sdpa")  # the same numbers either way
+    assert torch.allclose(sdpa.logits(texts), model.logits(texts), atol=1e-5)
+
+
+def test_custom_code_must_be_trusted_again_at_load(tiny_llama, tmp_path):
+    model = _model(tiny_llama)
+    model.load_options = {"trust_remote_code": True}  # as adapt(..., trust_remote_code=True) records it
+    model.save_pretrained(tmp_path / "art")
+    with pytest.raises(adapters.ConfigError, match="pass trust_remote_code=True"):
+        adapters.load(tmp_path / "art")
+    assert adapters.load(tmp_path / "art", trust_remote_code=True).head_spec.labels == LABELS
+
+
+def test_int8_says_its_input_cast_once(tiny_llama, caplog):
+    import logging
+
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS),
+                           quantization="int8")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
+        model.logits(["good fun film"] * 3)
+        model.logits(["a dull mess"])
+    assert sum("inputs will be cast" in r.getMessage() for r in caplog.records) <= 1
