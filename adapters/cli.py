@@ -30,6 +30,9 @@ EXAMPLES = {
                "  qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl",
     "merge": "qadapters merge runs/sentiment runs/sentiment-merged",
     "info": "qadapters info runs/sentiment",
+    "export": "qadapters export runs/sentiment runs/sentiment-export\n"
+              "  python -c \"from transformers import pipeline; print(pipeline('text-classification', "
+              "model='runs/sentiment-export')('a moving film'))\"",
     "serve": "qadapters serve sentiment=runs/sentiment licence=runs/licence --port 8000\n"
              "  curl -s localhost:8000/v1/models/sentiment/predict -d '{\"texts\": [\"a moving film\"]}'",
     "estimate": "qadapters estimate recipes/configs/sentiment.yaml train.batch_size=32 --device cuda",
@@ -186,6 +189,13 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_for_pipeline
+
+    export_for_pipeline(args.artifact, args.out, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve import Limits, serve
 
@@ -272,6 +282,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write the merged model to")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.set_defaults(run=cmd_merge)
+
+    p = command("export", "write a standard AutoModelForSequenceClassification folder for transformers.pipeline")
+    p.add_argument("artifact")
+    p.add_argument("out", help="folder to write the exported model to")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    p.set_defaults(run=cmd_export)
 
     p = command("serve", "serve artifacts over HTTP; artifacts on the same base share one copy of it")
     p.add_argument("artifacts", nargs="+", help="artifact folders, or NAME=FOLDER to choose the name in the URL")

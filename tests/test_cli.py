@@ -137,7 +137,7 @@ def test_a_config_error_exits_with_code_2(config_file):
     assert done.stderr.startswith("error: unknown key train.lrr") and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "merge", "info", "serve"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "merge", "info", "serve", "export"])
 def test_help_shows_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         in_process(capsys, command, "--help")

@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 import adapters
 
@@ -94,7 +93,7 @@ def test_each_artifact_answers_as_its_own_predict(server, artifacts):
 
 def test_bad_requests_get_json_errors_and_the_server_lives_on(server):
     port, process = server
-    cases = [(f"/v1/models/nope/predict", {"texts": ["x"]}, 404, "no model 'nope'"),
+    cases = [("/v1/models/nope/predict", {"texts": ["x"]}, 404, "no model 'nope'"),
              ("/v1/models/lora/predict", {"texts": []}, 422, "at least 1"),
              ("/v1/models/lora/predict", {"text": ["x"]}, 422, "texts"),
              ("/v1/models/lora/predict", {"texts": "not a list"}, 422, "list"),

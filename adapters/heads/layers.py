@@ -66,13 +66,14 @@ def pool_segments(hidden: torch.Tensor, segments: torch.Tensor, method: str) -> 
 class SequenceHead(nn.Module):
     """Pooling -> dropout -> linear layer: one output vector per text."""
 
-    def __init__(self, hidden_size: int, outputs: int, pooling: str, dropout: float):
+    def __init__(self, hidden_size: int, outputs: int, pooling: str, dropout: float, bias: bool = True):
         super().__init__()
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
-        self.score = nn.Linear(hidden_size, outputs)
+        self.score = nn.Linear(hidden_size, outputs, bias=bias)
         nn.init.normal_(self.score.weight, std=0.02)
-        nn.init.zeros_(self.score.bias)
+        if bias:
+            nn.init.zeros_(self.score.bias)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                 segments: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ class Classification(LongTextHead):
     """Loss weight per label, for imbalanced data (e.g. inverse frequency)."""
     label_smoothing: float = 0.0
     kind: str = field(default="classification", init=False)
+    problem_type: ClassVar[str | None] = "single_label_classification"
 
     def __post_init__(self):
         self.labels = _check_labels(self.labels)
@@ -53,7 +55,8 @@ class Classification(LongTextHead):
         return len(self.labels)
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
-        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout)
+        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout,
+                            self.bias)
 
     def label_id(self, value) -> int:
         return _label_index(self.labels, value)
@@ -89,6 +92,7 @@ class MultiLabel(LongTextHead):
     pooling: str = "auto"
     dropout: float = 0.1
     kind: str = field(default="multi_label", init=False)
+    problem_type: ClassVar[str | None] = "multi_label_classification"
 
     def __post_init__(self):
         self.labels = _check_labels(self.labels)
@@ -101,7 +105,8 @@ class MultiLabel(LongTextHead):
         return len(self.labels)
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
-        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout)
+        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout,
+                            self.bias)
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         return {**super().example_batch(batch_size, seq_len),
@@ -147,7 +152,8 @@ class Regression(LongTextHead):
             raise ConfigError(f"num_outputs={self.num_outputs!r} must be a positive integer")
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
-        return SequenceHead(hidden_size, self.num_outputs, self.resolved_pooling(is_decoder), self.dropout)
+        return SequenceHead(hidden_size, self.num_outputs, self.resolved_pooling(is_decoder), self.dropout,
+                            self.bias)
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         return {**super().example_batch(batch_size, seq_len),

@@ -70,6 +70,9 @@ class HeadSpec:
     kind: ClassVar[str]
     sequence_labels: ClassVar[bool] = False
     """Labels are per token, aligned with input_ids."""
+    problem_type: ClassVar[str | None] = None
+    """What transformers' ``AutoModelForSequenceClassification`` calls this head's task, where it has one
+    (``qadapters export``)."""
     lm_logits: ClassVar[bool] = False
     """The outputs are the base's own vocabulary-wide LM logits: the base is loaded with its LM head,
     and evaluation batches are kept small."""
@@ -148,6 +151,9 @@ class LongTextHead(HeadSpec):
     """Windows run through the model at most this many at a time. In training each group is
     recomputed during backward (activation checkpointing), so memory is bounded by this number
     whatever the documents' length (a 20,000-token text is 200+ windows)."""
+    bias: bool = field(default=True, kw_only=True)
+    """A bias in the output layer. Decoders' ``AutoModelForSequenceClassification`` heads have none: train
+    with ``bias=False`` to export the model for ``transformers.pipeline`` (``qadapters export``)."""
 
     def packable(self) -> bool:
         return self.long_text == "truncate"

@@ -1,0 +1,119 @@
+"""Export an artifact as a standard ``AutoModelForSequenceClassification`` folder for ``transformers.pipeline``.
+
+Where the adapted model *is* a transformers sequence classifier, it is written as one: a decoder whose
+classification (or multi-label) head is a linear layer without bias on the last real token, which is
+exactly what ``LlamaForSequenceClassification`` (and Qwen2's, Mistral's, GPT-2's...) computes: the
+last non-padding token's hidden state times ``score``. The adapter is merged first (LoRA through
+peft's ``merge_and_unload``, on the dequantized base as ``merge.py`` does), the head's weight
+becomes ``score.weight``, and the labels become ``id2label``, so
+
+    pipeline("text-classification", model="runs/sentiment-export", top_k=None)
+
+gives the adapted model's labels and probabilities. Where it does not map, ``export`` refuses and says
+why before loading anything: an encoder's sequence classifier reads BERT's pooler (a dense layer and
+tanh over [CLS]) that our heads do not use; mean or first-token pooling, windows over long texts, a
+head with a bias, multiple choice or per-token heads, and bottleneck adapters (no weight absorbs
+them) have no counterpart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .artifact import adapter_spec_of, check_base, check_quantization, head_spec_of, read_head, read_spec, resolve_base
+from .base import load_backbone
+from .errors import ConfigError
+from .files import atomic_folder, check_state
+from .packaged import drop_quantizer_marks
+
+MARK = "qadapters-export.json"  # says the folder is an export (what --overwrite may replace)
+
+
+def refusal(spec: dict, head, adapter) -> str | None:
+    """Why the artifact cannot be a transformers sequence classifier (None: it can)."""
+    if head.problem_type is None:
+        return f"a {type(head).__name__} head has no text-classification pipeline counterpart"
+    if not spec["base"]["is_decoder"]:
+        return ("an encoder's AutoModelForSequenceClassification classifies BERT's pooler output (a dense layer and "
+                "tanh over [CLS]), which the adapted model's head does not read")
+    if head.resolved_pooling(True) != "last":
+        return f"pooling={head.pooling!r}: a decoder's sequence classifier reads the last token only"
+    if head.long_text != "truncate":
+        return "long_text='windows' pools several windows per text; the pipeline reads one"
+    if head.bias:
+        return ("the head has a bias, and a decoder's sequence-classification layer (score) has none; train with "
+                "Classification(bias=False) to export")
+    if adapter is not None and adapter.merge_refusal():
+        return f"{adapter.describe()} adapters: {adapter.merge_refusal()}"
+    return None
+
+
+def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Path:
+    """Write ``artifact`` as an ``AutoModelForSequenceClassification`` folder at ``out``; return ``out``."""
+    from transformers import AutoModelForSequenceClassification
+
+    artifact, out = Path(artifact), Path(out)
+    spec = read_spec(artifact)
+    adapter, head = adapter_spec_of(spec, artifact), head_spec_of(spec, artifact)
+    why = refusal(spec, head, adapter)
+    if why:
+        raise ConfigError(f"{artifact} cannot be exported for transformers.pipeline: {why}. Use it with adapters.load "
+                          f"or qadapters serve")
+    tensors = read_head(artifact)
+    check_state(tensors, head.build(spec["base"]["hidden_size"], True).state_dict(), artifact / "head.safetensors")
+    check_quantization(spec, artifact)
+    replaces = _check_out(out, overwrite)
+    network, base = load_backbone(resolve_base(spec, artifact), spec["quantization"], spec.get("dtype"), "cpu",
+                                  padding_side=spec.get("padding_side"))
+    check_base(spec, network, base.location, artifact)
+    if spec["quantization"] is not None:
+        log(f"dequantizing the {spec['quantization']} base before merging (the adapter was trained on it)")
+        network = network.dequantize(dtype=base.compute_dtype)
+        drop_quantizer_marks(network)
+    if adapter is not None:
+        network = adapter.merge(network, artifact)
+    classifier = _classifier(network, head, base.tokenizer, tensors, AutoModelForSequenceClassification)
+    with atomic_folder(out, replaces) as tmp:
+        classifier.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        files = sorted([p.name for p in tmp.iterdir()] + [MARK])
+        (tmp / MARK).write_text(json.dumps({"exported_from": artifact.name, "files": files}, indent=2))
+    log(f"exported to {out}: pipeline('text-classification', model={str(out)!r}, top_k=None)")
+    return out
+
+
+def _classifier(network: nn.Module, head, tokenizer, tensors: dict, auto) -> nn.Module:
+    """The sequence classifier of ``network``'s architecture with its weights and the head as ``score``."""
+    config = network.config
+    config.num_labels = len(head.labels)
+    config.id2label = dict(enumerate(head.labels))
+    config.label2id = {label: i for i, label in enumerate(head.labels)}
+    config.pad_token_id = tokenizer.pad_token_id
+    config.problem_type = head.problem_type
+    try:
+        classifier = auto.from_config(config, dtype=next(network.parameters()).dtype)
+    except ValueError as err:
+        raise ConfigError(f"transformers has no sequence classifier for {config.model_type!r} ({err})") from None
+    getattr(classifier, classifier.base_model_prefix).load_state_dict(network.state_dict())
+    extra = [m for n, m in classifier.named_children() if n != classifier.base_model_prefix]
+    if len(extra) != 1 or not isinstance(extra[0], nn.Linear) or extra[0].bias is not None:
+        raise ConfigError(f"{type(classifier).__name__} does not end in one bias-free linear layer; cannot place the head")
+    extra[0].weight.data.copy_(tensors["score.weight"])
+    return classifier.eval()
+
+
+def _check_out(out: Path, overwrite: bool) -> list[str]:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is a file; choose a folder for the export")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
+                          f"earlier export written there)")
+    if not (out / MARK).is_file():
+        raise ConfigError(f"{out} is not an export written by qadapters, so overwrite cannot tell its files from yours; "
+                          f"choose another folder")
+    return json.loads((out / MARK).read_text()).get("files", [])
