@@ -164,3 +164,34 @@ def test_artifact_names(tmp_path):
     assert parse_artifacts(["runs/a", "b=runs/x"]) == {"a": tmp_path.__class__("runs/a"), "b": tmp_path.__class__("runs/x")}
     with pytest.raises(adapters.ConfigError, match="used twice"):
         parse_artifacts(["runs/a", "a=runs/b"])
+
+
+@pytest.mark.slow  # the packaged encoder, end to end
+def test_two_artifacts_on_the_packaged_encoder_share_it(tmp_path):
+    paths = {}
+    for i, labels in enumerate((["negative", "positive"], ["sport", "politics", "film"])):
+        model = adapters.adapt("minilm-l6", adapter=adapters.LoRA(r=4), seed=i,
+                               head=adapters.Classification(labels=labels))
+        model.save_pretrained(tmp_path / f"a{i}")
+        paths[f"a{i}"] = tmp_path / f"a{i}"
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "adapters", "serve", *[f"{n}={p}" for n, p in paths.items()],
+                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if _call(port, "/health")[0] == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        assert {m["base_group"] for m in _call(port, "/v1/models")[1]["models"]} == {0}
+        for name, path in paths.items():
+            status, answer = _call(port, f"/v1/models/{name}/predict", {"texts": TEXTS})
+            expected = adapters.load(path).predict(TEXTS, probabilities=True)
+            assert status == 200
+            for got, (label, probs) in zip(answer["predictions"], expected):
+                assert got["prediction"] == label and got["probabilities"] == pytest.approx(probs, abs=1e-5)
+    finally:
+        process.terminate()
+        process.wait(60)
