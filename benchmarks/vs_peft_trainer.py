@@ -46,7 +46,9 @@ def _data(budget: dict, seed: int):
 # each ablation side switches off one more lever: shared dropout, then packing, then length grouping
 UNSHARED = {"lora": {"shared_dropout": False}}
 OURS = {"ours": {}, "ours-unshared": UNSHARED, "ours-grouped": {**UNSHARED, "packing": False},
-        "ours-plain": {**UNSHARED, "packing": False, "group_by_length": False}}
+        "ours-plain": {**UNSHARED, "packing": False, "group_by_length": False},
+        # LoRA on the top blocks only (LoRA(layers=...)): benchmarks/lora_layers.py
+        "ours-top-half": {"lora_top": 0.5}, "ours-top-quarter": {"lora_top": 0.25}}
 BASELINES = {"baseline": "random", "baseline-grouped": "group_by_length"}
 
 
@@ -55,7 +57,15 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
 
     train_rows, test_rows = _data(budget, seed)
     overrides = dict(overrides)
-    lora = overrides.pop("lora", {})
+    lora = dict(overrides.pop("lora", {}))
+    if "lora_top" in overrides:  # the top fraction of the blocks
+        from transformers import AutoConfig
+
+        from adapters.base import resolve_source
+
+        blocks = AutoConfig.from_pretrained(resolve_source(model_name)).num_hidden_layers
+        keep = max(1, round(blocks * overrides.pop("lora_top")))
+        lora["layers"] = list(range(blocks - keep, blocks))
     model = adapters.adapt(model_name, adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"],
                                                              dropout=SETTINGS["dropout"], **lora),
                            head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
@@ -73,7 +83,8 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
     predict_seconds = time.perf_counter() - started
     return {"train_seconds": train_seconds, "seconds_per_step": train_seconds / metrics["steps"],
             "steps": metrics["steps"], "eval_seconds": eval_seconds, "predict_seconds": predict_seconds,
-            "accuracy": accuracy, "real_token_fraction": metrics["train_real_token_fraction"]}
+            "accuracy": accuracy, "real_token_fraction": metrics["train_real_token_fraction"],
+            "trainable": model.parameter_counts()["trainable"], "lora_layers": lora.get("layers")}
 
 
 def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "random") -> dict:

@@ -116,3 +116,15 @@ def test_gpu_check_skips_without_cuda(capsys):
         pytest.skip("a CUDA device is present")
     assert gpu_check.main([]) == 0
     assert "no CUDA device: GPU check skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lora_layers_quick(tiny_llama, tmp_path):
+    import lora_layers
+
+    payload = lora_layers.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    runs = payload["runs"]
+    assert runs["ours"][0]["lora_layers"] is None and runs["ours-top-half"][0]["lora_layers"] == [1]
+    # the top block only: half the LoRA parameters of the 2-block model, the same head
+    assert runs["ours-top-half"][0]["trainable"] < runs["ours"][0]["trainable"]
+    assert "| top half of the blocks | 1-1 |" in (tmp_path / "lora_layers-quick.md").read_text()
