@@ -182,6 +182,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, help="repetitions of the main sides (default: 2 quick, 3 full)")
     p.add_argument("--ablation-repeats", type=int, default=1, help="repetitions of ours with levers off")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
+    p.add_argument("--reuse", help="a results JSON of this script: its runs are taken in plan order instead of "
+                                   "running them again; only the missing ones run (to finish a stopped run)")
     p.add_argument("--side", choices=[*OURS, *BASELINES], help=argparse.SUPPRESS)  # internal: one run
     p.add_argument("--budget", default="full", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -199,8 +201,12 @@ def main(argv=None) -> None:
     main_sides = ["ours", "baseline", "baseline-grouped"]
     plan = [main_sides if i % 2 == 0 else main_sides[::-1] for i in range(repeats)]  # alternate the order
     plan += [["ours-unshared", "ours-grouped", "ours-plain"]] * args.ablation_repeats
+    done = json.loads(Path(args.reuse).read_text())["runs"] if args.reuse else {}
     for i, sides in enumerate(plan):
         for side in sides:
+            if done.get(side):
+                runs[side].append(done[side].pop(0))
+                continue
             runs[side].append(run_child(__file__, ["--side", side, "--budget", budget, "--model", args.model,
                                                    "--seed", str(args.seed)], env=EXACT_RSS))
             r = runs[side][-1]
