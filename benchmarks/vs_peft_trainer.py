@@ -163,10 +163,11 @@ def compare(runs: dict, side: str, baseline: str) -> tuple[list[str], dict]:
     """Table rows and numbers for ``side`` against ``baseline``: medians and the median of paired ratios."""
     lines, summary = [], {}
     for key, label in QUANTITIES:
-        pairs = [(o[key], b[key]) for o, b in zip(runs[side], runs[baseline]) if b[key]]
+        pairs = [(o[key], b[key]) for o, b in zip(runs[side], runs[baseline]) if b.get(key) and key in o]
+        if not pairs:  # not measured in these runs (runs transcribed from a log lack some quantities)
+            continue
         ratios = [o / b for o, b in pairs]
-        summary[key] = {side: statistics.median(r[key] for r in runs[side]),
-                        baseline: statistics.median(r[key] for r in runs[baseline]),
+        summary[key] = {side: statistics.median(o for o, _ in pairs), baseline: statistics.median(b for _, b in pairs),
                         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
         s = summary[key]
         lines.append(f"| {label} | {s[side]:.4g} | {s[baseline]:.4g} | {s['ratio_median']:.3f} | "
@@ -227,7 +228,7 @@ def main(argv=None) -> None:
                         ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
                         ("ours", "ours, defaults (packed batches, one dropout copy per input)")]:
         if runs[side]:
-            med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES}
+            med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES if k in runs[side][0]}
             ablation.append(f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "
                             f"{med['train_seconds']:.0f} | {med['peak_mb']:.0f} | {med['accuracy']:.3f} | "
                             f"{med['real_token_fraction']:.2f} |")
