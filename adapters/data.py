@@ -154,6 +154,8 @@ def encode_texts(data, tokenizer, head, text_column: str, label_column: str | No
     text as overlapping windows of ``max_length`` tokens (nothing dropped)."""
     labels = _targets(head, _column(data, label_column, what), what) if label_column else None
     texts = _texts(_column(data, text_column, what), text_column, what)
+    if getattr(head, "prompt", None) is not None:
+        texts = head.prompted(texts)
     if getattr(head, "long_text", "truncate") == "windows":
         # the tokenizer's stride is the overlap between consecutive windows
         overlap = head.window_overlap if head.window_overlap is not None else max_length // 4

@@ -57,6 +57,7 @@ class AdaptedModel(nn.Module):
             adapter.attach(self)
         self.head_spec = head_spec
         self.head = head_spec.build(base.hidden_size, base.is_decoder)
+        head_spec.initialize(self.head, backbone, base.tokenizer)
         self.max_length = max_length
         self.dtype_arg = dtype_arg  # what the user asked for (None = per device), saved as is
         self.training_record: dict | None = None  # set by train(): metrics, data sizes, settings

@@ -36,6 +36,11 @@ class Classification(LongTextHead):
     class_weights: list[float] | None = None
     """Loss weight per label, for imbalanced data (e.g. inverse frequency)."""
     label_smoothing: float = 0.0
+    label_words: list[str] | None = None
+    """One word per label (e.g. ``[" negative", " positive"]``, with the space a tokenizer puts before a
+    word): the head starts as the base's own next-token scores of these words (the rows of its output
+    embedding), so a decoder begins as its zero-shot classifier instead of a random head. Needs tied
+    input and output embeddings (SmolLM2, Llama 3.2, Qwen2.5 small, Gemma...)."""
     kind: str = field(default="classification", init=False)
     problem_type: ClassVar[str | None] = "single_label_classification"
 
@@ -44,6 +49,12 @@ class Classification(LongTextHead):
         _check_common(self)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
+        self.check_prompt()
+        if self.label_words is not None and (not isinstance(self.label_words, list) or
+                                             len(self.label_words) != len(self.labels) or
+                                             not all(isinstance(w, str) and w for w in self.label_words)):
+            raise ConfigError(f"label_words needs one non-empty word per label ({len(self.labels)}), "
+                              f"got {self.label_words!r}")
         if self.class_weights is not None:
             if len(self.class_weights) != len(self.labels) or any(w < 0 for w in self.class_weights):
                 raise ConfigError(f"class_weights needs one non-negative weight per label ({len(self.labels)}), "
@@ -57,6 +68,22 @@ class Classification(LongTextHead):
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
         return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout,
                             self.bias)
+
+    def initialize(self, head: nn.Module, backbone, tokenizer) -> None:
+        """With ``label_words``: each label's row is the output embedding of its word's first token."""
+        if self.label_words is None or tokenizer is None:
+            return
+        if not getattr(backbone.config, "tie_word_embeddings", False):
+            raise ConfigError("label_words needs a base whose output embeddings are its input embeddings "
+                              "(tie_word_embeddings); this one has a separate LM head")
+        ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in self.label_words]
+        if any(not i for i in ids) or len({i[0] for i in ids}) != len(ids):
+            raise ConfigError(f"label_words {self.label_words} must start with distinct tokens; got token ids {ids}")
+        rows = backbone.get_input_embeddings().weight[[i[0] for i in ids]]
+        with torch.no_grad():
+            head.score.weight.copy_(rows.float())
+            if head.score.bias is not None:
+                head.score.bias.zero_()
 
     def label_id(self, value) -> int:
         return _label_index(self.labels, value)
@@ -97,6 +124,7 @@ class MultiLabel(LongTextHead):
     def __post_init__(self):
         self.labels = _check_labels(self.labels)
         _check_common(self)
+        self.check_prompt()
         if not 0 < self.threshold < 1:
             raise ConfigError(f"threshold={self.threshold!r} must be in (0, 1)")
 
@@ -148,6 +176,7 @@ class Regression(LongTextHead):
 
     def __post_init__(self):
         _check_common(self)
+        self.check_prompt()
         if not isinstance(self.num_outputs, int) or self.num_outputs < 1:
             raise ConfigError(f"num_outputs={self.num_outputs!r} must be a positive integer")
 

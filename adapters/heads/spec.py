@@ -106,6 +106,9 @@ class HeadSpec:
         """Whether ``predict`` was given one input (answered with one prediction) rather than a list."""
         return isinstance(inputs, (str, dict))
 
+    def initialize(self, head: "torch.nn.Module", backbone, tokenizer) -> None:
+        """Set the new head's first weights from the base (default: leave the random ones)."""
+
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         """Empty inputs and labels of the shapes a training batch has (the memory estimate runs them on
         the meta device)."""
@@ -151,9 +154,25 @@ class LongTextHead(HeadSpec):
     """Windows run through the model at most this many at a time. In training each group is
     recomputed during backward (activation checkpointing), so memory is bounded by this number
     whatever the documents' length (a 20,000-token text is 200+ windows)."""
+    prompt: str | None = field(default=None, kw_only=True)
+    """A template put around every text, with ``{text}`` where the text goes, e.g. ``"Review: {text}\nThe
+    review is"``: for decoders, whose last token then reads the text as the task asks (training,
+    evaluation and prediction alike)."""
     bias: bool = field(default=True, kw_only=True)
     """A bias in the output layer. Decoders' ``AutoModelForSequenceClassification`` heads have none: train
     with ``bias=False`` to export the model for ``transformers.pipeline`` (``qadapters export``)."""
 
     def packable(self) -> bool:
         return self.long_text == "truncate"
+
+    def check_prompt(self) -> None:
+        if self.prompt is None:
+            return
+        if not isinstance(self.prompt, str) or self.prompt.count("{text}") != 1:
+            raise ConfigError(f"prompt={self.prompt!r} must be text holding {{text}} once, where the input goes")
+        if self.long_text != "truncate":
+            raise ConfigError("prompt= and long_text='windows' do not combine: each window would need the prompt")
+
+    def prompted(self, texts: list[str]) -> list[str]:
+        """``texts`` inside the prompt template (unchanged without one)."""
+        return texts if self.prompt is None else [self.prompt.replace("{text}", t) for t in texts]
