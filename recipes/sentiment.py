@@ -70,6 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--group-column", help="column whose values must not straddle the train/test split")
+    p.add_argument("--prompt", help="a template around each text, with {text} where it goes, e.g. "
+                                    "'Review: {text}\\nSentiment:' (Classification(prompt=...))")
+    p.add_argument("--label-words", action="store_true",
+                   help="start the head as the base's next-token scores of ' <label>' for each label, and report "
+                        "that zero-shot accuracy before training (Classification(label_words=...))")
     return p.parse_args(argv)
 
 
@@ -96,10 +101,17 @@ def main(argv=None) -> dict:
         adapter = adapters.LoRA(r=args.r, alpha=args.alpha, dropout=0.05, targets=targets)
     elif args.adapter == "bottleneck":
         adapter = adapters.Bottleneck(placement=args.placement, reduction=args.reduction)
-    model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=labels),
+    prompt = args.prompt.replace("\\n", "\n") if args.prompt else None
+    words = [f" {label}" for label in labels] if args.label_words else None
+    head = adapters.Classification(labels=labels, prompt=prompt, label_words=words)
+    model = adapters.adapt(args.model, adapter=adapter, head=head,
                            quantization=None if args.quantization == "none" else args.quantization,
                            max_length=args.max_length, seed=args.seed)
     print(model.summary())
+    zero_shot = None
+    if words:  # the head is the base's own classifier: how good before any training?
+        zero_shot = adapters.evaluate(model, test_rows)["accuracy"]
+        print(f"zero-shot accuracy (label words, before training): {zero_shot:.4f}")
     config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
                                   seed=args.seed, output_dir=args.output + "-logs",
                                   overwrite=True)  # a re-run of the recipe starts its logs afresh
@@ -113,7 +125,8 @@ def main(argv=None) -> dict:
     result = {"accuracy": metrics["eval_accuracy"], "macro_f1": metrics["eval_macro_f1"],
               "majority_baseline": majority, "train_rows": len(train_rows), "test_rows": len(test_rows),
               "train_seconds": metrics["train_seconds"], "total_seconds": time.perf_counter() - started,
-              "model": args.model, "quantization": args.quantization, "adapter": args.adapter}
+              "model": args.model, "quantization": args.quantization, "adapter": args.adapter,
+              "prompt": prompt, "label_words": words, "zero_shot_accuracy": zero_shot}
     Path(args.output, "results.json").write_text(json.dumps(result, indent=2))
     print(f"\naccuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | majority baseline "
           f"{majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")
