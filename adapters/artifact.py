@@ -84,7 +84,7 @@ def base_entry(base, network, artifact: Path) -> dict:
              "is_decoder": base.is_decoder, **base_fingerprint(network)}
     if os.path.isdir(base.source):
         entry["name"] = Path(base.source).resolve().name
-        entry["path"] = os.path.relpath(Path(base.source).resolve(), artifact.resolve().parent / artifact.name)
+        entry["path"] = os.path.relpath(Path(base.source).resolve(), artifact.resolve())
     folder = weights_folder(base.location)
     digest = weights_digest(folder) if folder else None
     if digest:
