@@ -26,7 +26,7 @@ from torch import nn
 from .artifact import adapter_spec_of, check_base, check_quantization, head_spec_of, read_head, read_spec, resolve_base
 from .base import load_backbone
 from .errors import ConfigError
-from .files import atomic_folder, check_state
+from .files import atomic_folder, check_state, earlier_output
 from .packaged import drop_quantizer_marks
 
 MARK = "qadapters-export.json"  # says the folder is an export (what --overwrite may replace)
@@ -65,7 +65,7 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Pa
     tensors = read_head(artifact)
     check_state(tensors, head.build(spec["base"]["hidden_size"], True).state_dict(), artifact / "head.safetensors")
     check_quantization(spec, artifact)
-    replaces = _check_out(out, overwrite)
+    replaces = earlier_output(out, overwrite, "an export", "the export", _exported_files)
     network, base = load_backbone(resolve_base(spec, artifact), spec["quantization"], spec.get("dtype"), "cpu",
                                   padding_side=spec.get("padding_side"))
     check_base(spec, network, base.location, artifact)
@@ -105,15 +105,6 @@ def _classifier(network: nn.Module, head, tokenizer, tensors: dict, auto) -> nn.
     return classifier.eval()
 
 
-def _check_out(out: Path, overwrite: bool) -> list[str]:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is a file; choose a folder for the export")
-    if not out.is_dir() or not any(out.iterdir()):
-        return []
-    if not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
-                          f"earlier export written there)")
-    if not (out / MARK).is_file():
-        raise ConfigError(f"{out} is not an export written by qadapters, so overwrite cannot tell its files from yours; "
-                          f"choose another folder")
-    return json.loads((out / MARK).read_text()).get("files", [])
+def _exported_files(out: Path) -> list[str] | None:
+    """The files an earlier export at ``out`` wrote (None: ``out`` is not an export)."""
+    return json.loads((out / MARK).read_text()).get("files", []) if (out / MARK).is_file() else None

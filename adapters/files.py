@@ -13,11 +13,11 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 
 def _umask() -> int:
@@ -69,6 +69,25 @@ def atomic_folder(path, replaces: Iterable[str] = ()) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def earlier_output(out: Path, overwrite: bool, kind: str, target: str,
+                   written: Callable[[Path], list[str] | None]) -> list[str]:
+    """The entries of folder ``out`` that writing ``kind`` (``"a merge"``) there may replace: none for a new or
+    empty folder; with ``overwrite``, the files an earlier ``kind`` lists as its own (``written(out)``, None when
+    ``out`` is not one). Anything else is refused: the library replaces only what it wrote."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is a file; choose a folder for {target}")
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
+                          f"earlier {kind.split(' ', 1)[1]} written there)")
+    files = written(out)
+    if files is None:
+        raise ConfigError(f"{out} is not {kind} written by this qadapters, so overwrite cannot tell its files from "
+                          f"yours; choose another folder")
+    return files
 
 
 def load_tensors(file: Path) -> dict[str, torch.Tensor]:

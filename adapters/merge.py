@@ -23,7 +23,7 @@ from .artifact import (HEAD_FILE, SPEC_FILE, adapter_spec_of, check_base, check_
 from .base import dtype_name, load_backbone
 from .card import model_card
 from .errors import ConfigError
-from .files import atomic_folder, check_state, weights_digest
+from .files import atomic_folder, check_state, earlier_output, weights_digest
 from .packaged import drop_quantizer_marks
 
 
@@ -43,9 +43,9 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
     if refusal:  # before loading anything
         raise ConfigError(f"{artifact} has {adapter.describe()} adapters, which cannot be merged into the base "
                           f"weights: {refusal}. Use the artifact as it is with adapters.load")
-    _check_head(spec, head, artifact)
+    head_tensors = _checked_head(spec, head, artifact)
     check_quantization(spec, artifact)
-    replaces = _check_out(out, overwrite)
+    replaces = earlier_output(out, overwrite, "a merge", "the merged model", _merged_files)
     location = resolve_base(spec, artifact)
     network, base = load_backbone(location, spec["quantization"], spec.get("dtype"), "cpu",
                                   padding_side=spec.get("padding_side"), with_lm_head=head.lm_logits)
@@ -60,7 +60,7 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
         merged.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         # the head, recorded as trained for this unquantized base (its metadata is checked at load)
-        save_file(read_head(artifact), str(tmp / HEAD_FILE), metadata={"quantization": "None", "base": out.name})
+        save_file(head_tensors, str(tmp / HEAD_FILE), metadata={"quantization": "None", "base": out.name})
         # the merged weights are their own base, in the artifact's own folder: it travels as one piece
         own = {"name": out.name, "path": ".", "weights_digest": weights_digest(tmp)}
         merged_spec = dict(spec, adapter=None, quantization=None, merged_from=artifact.name,
@@ -72,24 +72,16 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
     return out
 
 
-def _check_head(spec: dict, head, artifact: Path) -> None:
-    """The head tensors against the head the spec describes (a mismatch would only fail at the next load)."""
+def _checked_head(spec: dict, head, artifact: Path) -> dict:
+    """The head tensors, checked against the head the spec describes (a mismatch would only fail at the next
+    load)."""
     module = head.build(spec["base"]["hidden_size"], spec["base"]["is_decoder"])
-    check_state(read_head(artifact), module.state_dict(), artifact / HEAD_FILE)
+    tensors = read_head(artifact)
+    check_state(tensors, module.state_dict(), artifact / HEAD_FILE)
+    return tensors
 
 
-def _check_out(out: Path, overwrite: bool) -> list[str]:
-    """The entries of ``out`` a merge may replace: none for a new or empty folder, an earlier merge's own
-    files with ``overwrite``; anything else is refused (the library replaces only what it wrote)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is a file; choose a folder for the merged model")
-    if not out.is_dir() or not any(out.iterdir()):
-        return []
-    if not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
-                          f"earlier merge written there)")
+def _merged_files(out: Path) -> list[str] | None:
+    """The files an earlier merge at ``out`` wrote (None: ``out`` is not a merge)."""
     spec = read_spec(out) if is_artifact(out) else {}
-    if not spec.get("merged_from") or not isinstance(spec.get("files"), list):
-        raise ConfigError(f"{out} is not a merge written by this qadapters, so overwrite cannot tell its files from "
-                          f"yours; choose another folder")
-    return spec["files"]
+    return spec["files"] if spec.get("merged_from") and isinstance(spec.get("files"), list) else None

@@ -41,6 +41,25 @@ def _call(port: int, path: str, body=None, raw: bytes | None = None) -> tuple[in
         return err.code, json.loads(err.read())
 
 
+def _start(artifacts: dict, *options: str, wait: float = 120) -> tuple[int, subprocess.Popen]:
+    """``qadapters serve NAME=PATH ... OPTIONS`` on a free port, once its /health answers."""
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "adapters", "serve", *[f"{n}={p}" for n, p in artifacts.items()],
+                                "--port", str(port), *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        try:
+            if _call(port, "/health")[0] == 200:
+                return port, process
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.3)
+        if process.poll() is not None:
+            pytest.fail(process.stdout.read())
+    process.kill()
+    pytest.fail(f"the server did not answer /health within {wait} s")
+
+
 @pytest.fixture(scope="module")
 def artifacts(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
@@ -57,20 +76,7 @@ def artifacts(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(artifacts):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "adapters", "serve", *[f"{n}={p}" for n, p in artifacts.items()],
-                                "--port", str(port), "--max-wait-ms", "20"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if _call(port, "/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.3)
-        if process.poll() is not None:
-            pytest.fail(process.stdout.read())
+    port, process = _start(artifacts, "--max-wait-ms", "20")
     yield port, process
     if process.poll() is None:
         process.terminate()
@@ -134,17 +140,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_answer(server, artifa
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits(artifacts):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "adapters", "serve", f"lora={artifacts['lora']}", "--port",
-                                str(port), "--max-wait-ms", "1500"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if _call(port, "/health")[0] == 200:
-                break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.3)
+    port, process = _start({"lora": artifacts["lora"]}, "--max-wait-ms", "1500")
     answers = []
     asker = threading.Thread(target=lambda: answers.append(_call(port, "/v1/models/lora/predict", {"texts": TEXTS})))
     asker.start()
@@ -174,17 +170,8 @@ def test_two_artifacts_on_the_packaged_encoder_share_it(tmp_path):
                                head=adapters.Classification(labels=labels))
         model.save_pretrained(tmp_path / f"a{i}")
         paths[f"a{i}"] = tmp_path / f"a{i}"
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "adapters", "serve", *[f"{n}={p}" for n, p in paths.items()],
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port, process = _start(paths, wait=300)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if _call(port, "/health")[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.5)
         assert {m["base_group"] for m in _call(port, "/v1/models")[1]["models"]} == {0}
         for name, path in paths.items():
             status, answer = _call(port, f"/v1/models/{name}/predict", {"texts": TEXTS})
