@@ -35,6 +35,7 @@ from torch import nn
 from .adapter_spec import AdapterSpec
 from .errors import ConfigError
 from .files import check_state, load_tensors
+from .lora_inference import lean_inference
 from .targets import BLOCK_INDEX, check_targets, linear_module_names, matches  # noqa: F401 (re-exported)
 
 ADAPTER_DIR = "adapter"  # in an artifact: a standard peft adapter folder
@@ -124,6 +125,7 @@ class LoRA(AdapterSpec):
 
     def join(self, model, folder: Path, name: str):
         model.peft_model.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+        lean_inference(model.peft_model)  # layers the new adapter added, if any
         return name
 
     def switch(self, model, handle, on: bool) -> None:
@@ -210,4 +212,5 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     peft_model = get_peft_model(model, config)
     if lora.shared_dropout:
         share_dropout(peft_model)
+    lean_inference(peft_model)
     return peft_model

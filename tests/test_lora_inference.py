@@ -1,0 +1,150 @@
+"""The lean LoRA inference path (adapters/lora_inference.py) against peft's own forward."""
+
+import copy
+
+import pytest
+import torch
+
+import adapters
+from adapters.lora_inference import _lean_adapters, lean_inference
+
+IDS = torch.randint(4, 20, (3, 10), generator=torch.Generator().manual_seed(0))
+MASK = torch.ones_like(IDS)
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _adapted(tiny_llama, quantization, **lora):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, **lora), head=adapters.Classification(labels=["a", "b"]),
+                           quantization=quantization)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B = 0 at start would hide any error in the update
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def _peft_logits(model):
+    """The logits with peft's own forward in every LoRA layer (the lean one put back afterwards)."""
+    layers = [m for m in _lora_layers(model) if "forward" in vars(m)]
+    saved = [vars(m).pop("forward") for m in layers]
+    try:
+        with torch.inference_mode():
+            return model(input_ids=IDS, attention_mask=MASK)["logits"]
+    finally:
+        for m, forward in zip(layers, saved):
+            m.forward = forward
+
+
+def _lean_logits(model, no_grad=False):
+    with torch.no_grad() if no_grad else torch.inference_mode():
+        return model(input_ids=IDS, attention_mask=MASK)["logits"]
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4", "int8"])
+def test_lean_forward_equals_peft_forward(tiny_llama, quantization):
+    model = _adapted(tiny_llama, quantization)
+    assert all("forward" in vars(m) for m in _lora_layers(model))  # every adapted linear layer has it
+    expected = _peft_logits(model)
+    assert torch.allclose(_lean_logits(model), expected, atol=1e-5)
+    assert torch.allclose(_lean_logits(model, no_grad=True), expected, atol=1e-5)
+    assert not torch.allclose(expected, _base_logits(model), atol=1e-3)  # the update is really there
+
+
+def _base_logits(model):
+    with model.peft_model.disable_adapter(), torch.inference_mode():
+        return model(input_ids=IDS, attention_mask=MASK)["logits"]
+
+
+def test_layers_reading_one_input_share_one_low_rank_product(tiny_llama):
+    """q/k/v (and o: same parent, same width) are one group; the stacked product is computed once for
+    the group and freed with its input."""
+    model = _adapted(tiny_llama, None)
+    attention = model.peft_model.base_model.model.layers[0].self_attn
+    q, k, v, o = (getattr(attention, f"{p}_proj") for p in "qkvo")
+    x = torch.randn(2, 5, 64)
+    calls = []
+    original = torch.Tensor.__matmul__
+    with torch.inference_mode():
+        torch.Tensor.__matmul__ = lambda a, b: calls.append(b.shape) or original(a, b)
+        try:
+            outputs = [layer(x) for layer in (q, k, v)]
+        finally:
+            torch.Tensor.__matmul__ = original
+        assert calls == [torch.Size([64, 16])]  # one matmul with the four stacked A (4 x r=4) for q, k, v
+        for layer, out in zip((q, k, v), outputs):
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            scale = layer.scaling["default"]
+            assert torch.allclose(out, layer.base_layer(x) + scale * (x @ a.t()) @ b.t(), atol=1e-5)
+        assert q._lean_slot  # kept while its input lives
+        del x
+    assert not q._lean_slot  # freed with it
+    assert o._lean_group is q._lean_group
+
+
+def test_training_and_gradients_take_peft_path(tiny_llama):
+    model = _adapted(tiny_llama, None, dropout=0.0)
+    layer = _lora_layers(model)[0]
+    x = torch.randn(2, 3, 64)
+    model.train()
+    assert _lean_adapters(layer, x, (), {}) is None  # training mode
+    model.eval()
+    assert _lean_adapters(layer, x, (), {}) is None  # gradients recorded
+    with torch.no_grad():
+        assert _lean_adapters(layer, x, (), {}) == ["default"]
+        assert _lean_adapters(layer, x, (), {"adapter_names": ["default"]}) is None  # per-row adapters: peft's
+
+
+def test_dora_and_merged_layers_fall_back_to_peft(tiny_llama):
+    model = _adapted(tiny_llama, None, dora=True)
+    layer = _lora_layers(model)[0]
+    with torch.no_grad():
+        assert _lean_adapters(layer, torch.randn(1, 64), (), {}) is None
+    assert torch.allclose(_lean_logits(model), _peft_logits(model), atol=1e-5)
+    model = _adapted(tiny_llama, None)
+    expected = _peft_logits(model)
+    model.peft_model.base_model.merge_adapter()
+    with torch.no_grad():
+        assert _lean_adapters(_lora_layers(model)[0], torch.randn(1, 64), (), {}) is None
+    assert torch.allclose(_lean_logits(model), expected, atol=1e-4)
+
+
+def test_several_adapters_switched_as_the_server_does(tiny_llama, tmp_path):
+    first = _adapted(tiny_llama, None)
+    second = _adapted(tiny_llama, None)
+    with torch.no_grad():
+        for p in second.peft_model.parameters():
+            if p.requires_grad:
+                p.mul_(-1.5)
+    second.save_pretrained(tmp_path / "second")
+    expected = _peft_logits(second)
+    name = first.adapter.join(first, tmp_path / "second", "other")
+    first.adapter.switch(first, name, True)
+    first.head.load_state_dict(second.head.state_dict())
+    assert torch.allclose(_lean_logits(first), expected, atol=1e-5)
+    assert torch.allclose(_lean_logits(first), _peft_logits(first), atol=1e-5)
+    first.adapter.switch(first, name, False)  # adapters off: the base alone
+    assert torch.allclose(_lean_logits(first), _peft_logits(first), atol=1e-5)
+
+
+def test_a_deep_copy_uses_its_own_layers(tiny_llama):
+    model = _adapted(tiny_llama, None)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.peft_model.parameters():
+            if p.requires_grad:
+                p.mul_(2)
+    layer = _lora_layers(twin)[0]
+    assert all(m in _lora_layers(twin) for m in layer._lean_group)
+    assert torch.allclose(_lean_logits(twin), _peft_logits(twin), atol=1e-5)
+    assert not torch.allclose(_lean_logits(twin), _lean_logits(model), atol=1e-3)
+
+
+def test_installing_twice_changes_nothing(tiny_llama):
+    model = _adapted(tiny_llama, None)
+    assert lean_inference(model.peft_model) == 0
