@@ -26,11 +26,14 @@ class TrainConfig:
     """Peak learning rate of the adapter."""
     head_lr: float | None = None
     """Learning rate of the new head (default: ``lr``); a fresh head often wants more."""
+    layer_lr_decay: float | None = None
+    """Layer-wise learning-rate decay in (0, 1]: the adapter in block ``i`` of ``N`` learns at
+    ``lr * layer_lr_decay ** (N - 1 - i)`` (the top block at ``lr``; see ``optim.py``). None: one rate."""
     batch_size: int = 16
     """Examples per device per forward pass."""
     eval_batch_size: int | None = None
-    """Rows per evaluation batch. Default: rows sorted by length in batches of up to 8,192 padded tokens
-    on one process, 4 x batch_size under several (and for CausalLM heads, whose logits span the vocabulary)."""
+    """Rows per evaluation batch. Default: rows sorted by length in batches of up to 2,048 padded tokens
+    on CPU (8,192 on GPUs) on one process, 4 x batch_size under several (and for CausalLM heads, whose logits span the vocabulary)."""
     grad_accum: int = 1
     """Forward passes per optimizer step: effective batch = batch_size x processes x grad_accum."""
     warmup_ratio: float = 0.06
@@ -91,6 +94,8 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
             (self.head_lr is None or self.head_lr > 0, f"head_lr={self.head_lr} must be > 0"),
+            (self.layer_lr_decay is None or 0 < self.layer_lr_decay <= 1,
+             f"layer_lr_decay={self.layer_lr_decay} must be in (0, 1] (typical: 0.8-0.95) or None"),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
             (self.eval_batch_size is None or self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1"),
             (self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1"),
@@ -116,9 +121,9 @@ class TrainConfig:
     def _check_types(self) -> None:
         """Numbers must be finite numbers and counts integers, before any comparison (``lr="abc"``
         would end in a bare TypeError, ``lr=inf`` would train to NaN)."""
-        for name in ("epochs", "lr", "head_lr", "warmup_ratio", "weight_decay", "max_grad_norm"):
+        for name in ("epochs", "lr", "head_lr", "layer_lr_decay", "warmup_ratio", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
-            if value is None and name in ("head_lr", "max_grad_norm"):
+            if value is None and name in ("head_lr", "layer_lr_decay", "max_grad_norm"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"TrainConfig({name}={value!r}): must be a finite number")

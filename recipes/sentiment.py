@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--head-lr", type=float, default=2e-3)
+    p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -112,8 +113,8 @@ def main(argv=None) -> dict:
     if words:  # the head is the base's own classifier: how good before any training?
         zero_shot = adapters.evaluate(model, test_rows)["accuracy"]
         print(f"zero-shot accuracy (label words, before training): {zero_shot:.4f}")
-    config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
-                                  seed=args.seed, output_dir=args.output + "-logs",
+    config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
+                                  layer_lr_decay=args.layer_lr_decay, batch_size=args.batch_size, seed=args.seed, output_dir=args.output + "-logs",
                                   overwrite=True)  # a re-run of the recipe starts its logs afresh
     metrics = adapters.train(model, train_rows, test_rows, config)
     model.save_pretrained(args.output)
