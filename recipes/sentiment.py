@@ -114,7 +114,8 @@ def main(argv=None) -> dict:
         zero_shot = adapters.evaluate(model, test_rows)["accuracy"]
         print(f"zero-shot accuracy (label words, before training): {zero_shot:.4f}")
     config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
-                                  layer_lr_decay=args.layer_lr_decay, batch_size=args.batch_size, seed=args.seed, output_dir=args.output + "-logs",
+                                  layer_lr_decay=args.layer_lr_decay, batch_size=args.batch_size, seed=args.seed,
+                                  output_dir=args.output + "-logs",
                                   overwrite=True)  # a re-run of the recipe starts its logs afresh
     metrics = adapters.train(model, train_rows, test_rows, config)
     model.save_pretrained(args.output)

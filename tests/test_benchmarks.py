@@ -128,3 +128,14 @@ def test_lora_layers_quick(tiny_llama, tmp_path):
     # the top block only: half the LoRA parameters of the 2-block model, the same head
     assert runs["ours-top-half"][0]["trainable"] < runs["ours"][0]["trainable"]
     assert "| top half of the blocks | 1-1 |" in (tmp_path / "lora_layers-quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_lora_inference_quick(tiny_llama, tmp_path):
+    import lora_inference
+
+    payload = lora_inference.main(["--quick", "--model", tiny_llama, "--rounds", "1", "--out", str(tmp_path)])
+    assert {side: len(runs) for side, runs in payload["runs"].items()} == {"peft": 1, "lean-8192": 1, "lean": 1}
+    assert payload["same_loss"]  # the lean path computes peft's numbers
+    assert all(r[0]["rows"] == 40 and r[0]["eval_seconds"] > 0 for r in payload["runs"].values())
+    assert "| lean path" in (tmp_path / "lora_inference-quick.md").read_text()

@@ -1,0 +1,107 @@
+"""Evaluation with LoRA unmerged: peft's forward vs the lean inference path, and the batch size.
+
+    python benchmarks/lora_inference.py              # 500 held-out rows of the vs_peft_trainer job, 2 rounds
+    python benchmarks/lora_inference.py --quick --model PATH
+
+Each side loads the job's model (NF4 + LoRA r=8 on all linear layers; the LoRA ``B`` matrices set to
+seeded random values, as after training, so the update is really computed), then times
+``adapters.evaluate`` on the held-out rows in a fresh process; the sides alternate their order
+between rounds; medians. Sides:
+
+* ``peft``: peft's own LoRA forward, batches of up to 8,192 padded tokens (this library before the lean
+  path);
+* ``lean-8192``: the lean path (``adapters/lora_inference.py``), the same batches;
+* ``lean``: the lean path with the defaults (2,048 padded tokens per batch on CPU).
+
+All sides must report the same loss (the same numbers, computed differently). Writes
+results/lora_inference[-quick].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SIDES = {"peft": "peft's LoRA forward, batches of <= 8,192 tokens", "lean-8192": "lean path, batches of <= 8,192 tokens",
+         "lean": "lean path, batches of <= 2,048 tokens (defaults)"}
+ROWS = {"quick": 40, "full": 500}
+
+
+def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
+    import torch
+
+    import adapters
+    from adapters import batching
+    from vs_peft_trainer import BUDGETS, SETTINGS, _data
+
+    _, test_rows = _data(BUDGETS["full"], seed)
+    model = adapters.adapt(model_name, adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"]),
+                           head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
+                           max_length=SETTINGS["max_length"], seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    layers = [m for m in model.modules() if hasattr(m, "lora_B")]
+    with torch.no_grad():
+        for layer in layers:
+            weight = layer.lora_B["default"].weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+    if side == "peft":  # drop the lean forward: peft's class method runs again
+        for layer in layers:
+            vars(layer).pop("forward", None)
+    if side in ("peft", "lean-8192"):
+        batching.INFERENCE_TOKENS = {"cpu": 8192, "gpu": 8192}
+    started = time.perf_counter()
+    metrics = adapters.evaluate(model, test_rows[:rows])
+    return {"side": side, "eval_seconds": time.perf_counter() - started, "loss": metrics["loss"],
+            "accuracy": metrics["accuracy"], "rows": metrics["count"]}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="results folder (default: benchmarks/results)")
+    p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: one run
+    args = p.parse_args(argv)
+    rows = ROWS["quick" if args.quick else "full"]
+    if args.side:
+        print(json.dumps(run_side(args.side, args.model, rows, args.seed)))
+        return {}
+    from common import EXACT_RSS, RESULTS, machine, run_child, write_results
+
+    runs: dict = {side: [] for side in SIDES}
+    for r in range(args.rounds):
+        for side in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
+            result = run_child(__file__, ["--side", side, "--model", args.model, "--seed", str(args.seed)]
+                               + (["--quick"] if args.quick else []), env=EXACT_RSS)
+            runs[side].append(result)
+            print(f"round {r + 1} {side}: eval {result['eval_seconds']:.1f} s, loss {result['loss']:.5f}", flush=True)
+    losses = [x["loss"] for side in SIDES for x in runs[side]]
+    same = max(losses) - min(losses) < 1e-4
+    base = statistics.median(x["eval_seconds"] for x in runs["peft"])
+    lines = ["| side | evaluation s (median) | x peft | loss |", "|---|---|---|---|"]
+    for side, label in SIDES.items():
+        med = statistics.median(x["eval_seconds"] for x in runs[side])
+        lines.append(f"| {label} | {med:.1f} | {med / base:.2f} | {runs[side][0]['loss']:.5f} |")
+    text = "\n".join(lines) + (
+        f"\n\n`{args.model}` in NF4, LoRA r=8 on all linear layers (B seeded random), `adapters.evaluate` on "
+        f"{rows} held-out rows of the vs_peft_trainer job, {args.rounds} round(s) in alternating order, each run in "
+        f"a fresh process (MALLOC_MMAP_THRESHOLD_=65536, as vs_peft_trainer). Same loss on every side: "
+        f"{'yes' if same else 'NO'} (spread {max(losses) - min(losses):.1e}).")
+    payload = {"machine": machine(), "model": args.model, "rows": rows, "runs": runs, "same_loss": same}
+    write_results("lora_inference" + ("-quick" if args.quick else ""), payload, text,
+                  Path(args.out) if args.out else RESULTS)
+    print(text)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
