@@ -10,7 +10,7 @@ matmul, the idea of Unsloth's fused LoRA, https://github.com/unslothai/unsloth, 
 inference only) and adds ``scale * (A x) B^T`` into the base output in place with one ``addmm_``.
 
 It runs only where it is exact: no gradient being recorded (``torch.no_grad``/``inference_mode``),
-eval mode, plain LoRA on a linear layer (no DoRA or other variant, no LoRA bias), not merged,
+no autocast, eval mode, plain LoRA on a linear layer (no DoRA or other variant, no LoRA bias), not merged,
 adapters enabled, no per-row ``adapter_names``. Anything else calls peft's own forward unchanged,
 so training never takes this path. ``tests/test_lora_inference.py`` checks it against peft's
 forward (fp32, NF4, int8; several adapters; switching; merged and DoRA fall-backs).
@@ -50,7 +50,8 @@ def lean_inference(peft_model: nn.Module) -> int:
 
 def _lean_adapters(layer, x, args, kwargs) -> list[str] | None:
     """The active adapters when the lean path is exact for this call, else None (peft's forward)."""
-    if (args or kwargs or torch.is_grad_enabled() or layer.training or layer.merged or layer.disable_adapters):
+    if (args or kwargs or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or layer.training
+            or layer.merged or layer.disable_adapters):
         return None
     names = [a for a in layer.active_adapters if a in layer.lora_A]
     if any(a in layer.lora_variant or layer.lora_B[a].bias is not None for a in names):
@@ -82,21 +83,23 @@ def _low_rank_input(layer, x: torch.Tensor, name: str) -> torch.Tensor:
     another layer of the group already computed it from this very tensor, else computed for the group."""
     slot = layer._lean_slot
     source = slot.get("input")
+    weight = layer.lora_A[name].weight
     if source is not None and source() is x and slot.get("adapter") == name and id(layer) in slot["offsets"]:
-        start, stop = slot["offsets"][id(layer)]
-        return slot["product"][:, start:stop]
+        start, stop, used, version = slot["offsets"][id(layer)]
+        if used is weight and version == weight._version:  # not replaced or changed in place since
+            return slot["product"][:, start:stop]
     members = [m for m in layer._lean_group if name in m.lora_A]
     weights = [m.lora_A[name].weight for m in members]
     if len({w.dtype for w in weights}) > 1:  # cannot stack: this layer alone
-        weights, members = [layer.lora_A[name].weight], [layer]
+        weights, members = [weight], [layer]
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
     product = x.reshape(-1, x.shape[-1]).to(stacked.dtype) @ stacked.t()
     offsets, start = {}, 0
-    for member, weight in zip(members, weights):
-        offsets[id(member)] = (start, start + weight.shape[0])
-        start += weight.shape[0]
+    for member, each in zip(members, weights):
+        offsets[id(member)] = (start, start + each.shape[0], each, each._version)
+        start += each.shape[0]
     slot.clear()
     # the product lives as long as its input: freed with it once the group has run
     slot.update(input=weakref.ref(x, lambda _: slot.clear()), adapter=name, product=product, offsets=offsets)
-    begin, end = offsets[id(layer)]
+    begin, end = offsets[id(layer)][:2]
     return product[:, begin:end]

@@ -82,9 +82,20 @@ def test_layers_reading_one_input_share_one_low_rank_product(tiny_llama):
             scale = layer.scaling["default"]
             assert torch.allclose(out, layer.base_layer(x) + scale * (x @ a.t()) @ b.t(), atol=1e-5)
         assert q._lean_slot  # kept while its input lives
+        with torch.no_grad():  # an A changed in place since: computed afresh, not taken from the slot
+            k.lora_A["default"].weight.mul_(2)
+        a, b = k.lora_A["default"].weight, k.lora_B["default"].weight
+        assert torch.allclose(k(x), k.base_layer(x) + k.scaling["default"] * (x @ a.t()) @ b.t(), atol=1e-5)
         del x
     assert not q._lean_slot  # freed with it
     assert o._lean_group is q._lean_group
+
+
+def test_autocast_takes_peft_path(tiny_llama):
+    model = _adapted(tiny_llama, None)
+    layer = _lora_layers(model)[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _lean_adapters(layer, torch.randn(1, 64), (), {}) is None
 
 
 def test_training_and_gradients_take_peft_path(tiny_llama):
