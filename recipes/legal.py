@@ -179,6 +179,11 @@ def parse_args(argv=None):
     p.add_argument("--per-licence", type=int, default=60,
                    help="at most this many notices of one licence (category, identify); 0 keeps all")
     p.add_argument("--long-text", default="windows", choices=["windows", "truncate"], help="category-full only")
+    p.add_argument("--window-pooling", default="mean", choices=["mean", "max"],
+                   help="category-full: how the windows' logits of one licence are pooled")
+    p.add_argument("--prompt", help="category tasks: a template around each text with {text}, e.g. "
+                                    "'Licence text: {text}\nLicence category:'")
+    p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
     p.add_argument("--data", help="your own CSV/JSONL/Parquet file or a hub dataset (e.g. LexGLUE's ledgar)")
@@ -201,7 +206,8 @@ def main(argv=None) -> dict:
     train_rows, test_rows, majority = split_rows(rows, args)
     model, head = build_model(args, train_rows, test_rows)
     epochs = args.epochs or (2 if args.task == "category" and not args.data else 1)
-    config = adapters.TrainConfig(epochs=epochs, lr=args.lr, head_lr=args.head_lr, batch_size=args.batch_size,
+    config = adapters.TrainConfig(epochs=epochs, lr=args.lr, head_lr=args.head_lr, layer_lr_decay=args.layer_lr_decay,
+                                  batch_size=args.batch_size,
                                   grad_accum=args.grad_accum, auto_batch_size=args.auto_batch_size,
                                   seed=args.seed, output_dir=str(output) + "-logs", overwrite=True)
     metrics = adapters.train(model, train_rows, test_rows, config)
@@ -264,8 +270,10 @@ def build_model(args, train_rows: list[dict], test_rows: list[dict]):
         head = adapters.MultiLabel(labels=sorted({x for r in train_rows + test_rows for x in r["label"]}))
     else:
         labels = sorted({r["label"] for r in train_rows} | {r["label"] for r in test_rows})
+        full = args.task == "category-full"
         head = adapters.Classification(labels=labels, class_weights=inverse_frequency_weights(train_rows, labels),
-                                       long_text=args.long_text if args.task == "category-full" else "truncate")
+                                       long_text=args.long_text if full else "truncate",
+                                       window_pooling=args.window_pooling, prompt=args.prompt)
     adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
     model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,
                            quantization=None if args.quantization == "none" else args.quantization)
