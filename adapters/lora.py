@@ -15,27 +15,26 @@ pattern that matches nothing fails with the names that do exist.
 One change to peft's training path, for memory: **one dropped-out input per group of LoRA layers
 that read the same tensor** (q/k/v read one normed hidden state, gate/up another). peft draws a
 dropout mask per layer, so autograd keeps a dropped-out copy of the input (and its mask) for each
-of them; ``SharedInputDropout`` draws one mask per input tensor and hands the same dropped-out
+of them; ``lora_fused.SharedInputDropout`` draws one mask per input tensor and hands the same dropped-out
 tensor to every layer of the group, so it is kept once (the idea of Unsloth's fused LoRA kernels,
 without replacing peft's layers). Semantics: layers that share an input share their dropout mask;
 with ``dropout=0`` nothing changes at all. ``LoRA(shared_dropout=False)`` restores peft's own.
-The adapter weights, their file format and merging are untouched.
+The adapter weights, their file format and merging are untouched. The forward of every LoRA layer
+is ``lora_fused.py``'s: one stacked ``A`` matmul per input group and one ``addmm`` for the update.
 """
 
 from __future__ import annotations
 
 import re
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .adapter_spec import AdapterSpec
 from .errors import ConfigError
 from .files import check_state, load_tensors
-from .lora_inference import lean_inference
+from .lora_fused import fuse_lora, share_dropout
 from .targets import BLOCK_INDEX, check_targets, linear_module_names, matches  # noqa: F401 (re-exported)
 
 ADAPTER_DIR = "adapter"  # in an artifact: a standard peft adapter folder
@@ -125,7 +124,7 @@ class LoRA(AdapterSpec):
 
     def join(self, model, folder: Path, name: str):
         model.peft_model.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
-        lean_inference(model.peft_model)  # layers the new adapter added, if any
+        fuse_lora(model.peft_model)  # layers the new adapter added, if any
         return name
 
     def switch(self, model, handle, on: bool) -> None:
@@ -141,45 +140,6 @@ class LoRA(AdapterSpec):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(network, str(folder / ADAPTER_DIR)).merge_and_unload()
-
-
-class SharedInputDropout(nn.Dropout):
-    """Dropout that returns the same dropped-out tensor when called again on the same input tensor.
-
-    Every instance of a model shares one ``slot``: the last input (by identity) and its output. Layers
-    that share an input run one after the other (q, k, v; gate, up), so the second and third find the
-    first's output there. Only references are kept: a weak one to the input, the output as long as
-    autograd keeps it for backward."""
-
-    def __init__(self, p: float, slot: dict):
-        super().__init__(p)
-        self.slot = slot
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        source, out = self.slot.get("input"), self.slot.get("output")
-        if source is not None and source() is x and out is not None and out() is not None:
-            return out()
-        dropped = super().forward(x)
-        self.slot.update(input=weakref.ref(x), output=weakref.ref(dropped))
-        return dropped
-
-
-def share_dropout(model: nn.Module) -> int:
-    """Replace peft's per-layer LoRA dropout by ``SharedInputDropout`` (one slot per model); returns
-    how many layers were changed."""
-    slot: dict = {}
-    changed = 0
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if not isinstance(dropouts, nn.ModuleDict):
-            continue
-        for name, layer in dropouts.items():
-            if type(layer) is nn.Dropout:
-                dropouts[name] = SharedInputDropout(layer.p, slot)
-                changed += 1
-    return changed
 
 
 def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
@@ -212,5 +172,5 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     peft_model = get_peft_model(model, config)
     if lora.shared_dropout:
         share_dropout(peft_model)
-    lean_inference(peft_model)
+    fuse_lora(peft_model)
     return peft_model

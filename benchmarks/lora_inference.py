@@ -10,7 +10,7 @@ between rounds; medians. Sides:
 
 * ``peft``: peft's own LoRA forward, batches of up to 8,192 padded tokens (this library before the lean
   path);
-* ``lean-8192``: the lean path (``adapters/lora_inference.py``), the same batches;
+* ``lean-8192``: the lean path (``adapters/lora_fused.py``), the same batches;
 * ``lean``: the lean path with the defaults (2,048 padded tokens per batch on CPU).
 
 All sides must report the same loss (the same numbers, computed differently). Writes

@@ -87,12 +87,13 @@ def test_lora_layers_beyond_the_model(tiny_llama):
 
 
 def _lora_inputs_and_saved_bytes(model, ids):
-    """The input each LoRA A matrix saw, and the bytes autograd kept for backward, in one training forward."""
+    """The dropped-out input each LoRA layer's A read, and the bytes autograd kept for backward, in one
+    training forward."""
     from torch.autograd.graph import saved_tensors_hooks
 
     inputs, storages, total = {}, set(), [0]
-    handles = [module.register_forward_hook(lambda m, args, out, n=name: inputs.__setitem__(n, args[0]))
-               for name, module in model.named_modules() if name.endswith("lora_A.default")]
+    handles = [module.register_forward_hook(lambda m, args, out, n=name: inputs.__setitem__(n, out))
+               for name, module in model.named_modules() if name.endswith("lora_dropout.default")]
 
     def pack(t):
         if t.untyped_storage().data_ptr() not in storages:
@@ -106,7 +107,7 @@ def _lora_inputs_and_saved_bytes(model, ids):
     loss.backward()
     for h in handles:
         h.remove()
-    return {n.removeprefix("backbone.").removesuffix(".lora_A.default"): t for n, t in inputs.items()}, total[0]
+    return {n.removeprefix("backbone.").removesuffix(".lora_dropout.default"): t for n, t in inputs.items()}, total[0]
 
 
 def test_layers_reading_one_input_share_one_dropped_out_copy(tiny_llama):

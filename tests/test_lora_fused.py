@@ -1,4 +1,4 @@
-"""The lean LoRA inference path (adapters/lora_inference.py) against peft's own forward."""
+"""The lean LoRA forward (adapters/lora_fused.py) against peft's own: outputs, gradients, fall-backs."""
 
 import copy
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.lora_inference import _lean_adapters, lean_inference
+from adapters.lora_fused import _lean_adapters, fuse_lora
 
 IDS = torch.randint(4, 20, (3, 10), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones_like(IDS)
@@ -98,17 +98,43 @@ def test_autocast_takes_peft_path(tiny_llama):
         assert _lean_adapters(layer, torch.randn(1, 64), (), {}) is None
 
 
-def test_training_and_gradients_take_peft_path(tiny_llama):
-    model = _adapted(tiny_llama, None, dropout=0.0)
+def test_per_row_adapter_names_take_peft_path(tiny_llama):
+    model = _adapted(tiny_llama, None)
     layer = _lora_layers(model)[0]
     x = torch.randn(2, 3, 64)
-    model.train()
-    assert _lean_adapters(layer, x, (), {}) is None  # training mode
-    model.eval()
-    assert _lean_adapters(layer, x, (), {}) is None  # gradients recorded
-    with torch.no_grad():
-        assert _lean_adapters(layer, x, (), {}) == ["default"]
-        assert _lean_adapters(layer, x, (), {"adapter_names": ["default"]}) is None  # per-row adapters: peft's
+    assert _lean_adapters(layer, x, (), {}) == ["default"]  # training or not, with gradients or not
+    assert _lean_adapters(layer, x, (), {"adapter_names": ["default"]}) is None
+
+
+def _training_grads(model, peft_forward: bool, seed: int = 0):
+    """Loss and gradients of one training step, with peft's forward or the lean one."""
+    layers = [m for m in _lora_layers(model) if "forward" in vars(m)]
+    saved = [vars(m).pop("forward") for m in layers] if peft_forward else []
+    try:
+        model.train()
+        model.zero_grad()
+        torch.manual_seed(seed)  # the same dropout masks on both sides
+        loss = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1, 1]))["loss"]
+        loss.backward()
+    finally:
+        for m, forward in zip(layers, saved):
+            m.forward = forward
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("quantization,dropout,shared", [(None, 0.0, True), ("nf4", 0.0, True), (None, 0.1, True),
+                                                         ("nf4", 0.1, True), (None, 0.1, False), ("int8", 0.1, True)])
+def test_training_gradients_equal_peft(tiny_llama, quantization, dropout, shared):
+    """Same loss and gradients as peft's forward, with dropout too: the masks are drawn in the same order
+    (one per group with shared dropout, one per layer without)."""
+    model = _adapted(tiny_llama, quantization, dropout=dropout, shared_dropout=shared)
+    ours_loss, ours = _training_grads(model, peft_forward=False)
+    peft_loss, theirs = _training_grads(model, peft_forward=True)
+    assert abs(ours_loss - peft_loss) < 1e-5
+    assert ours.keys() == theirs.keys() and any("lora_A" in n for n in ours)
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], atol=1e-5), name
+    assert any(ours[n].abs().sum() > 0 for n in ours if "lora_A" in n)
 
 
 def test_dora_and_merged_layers_fall_back_to_peft(tiny_llama):
@@ -158,4 +184,4 @@ def test_a_deep_copy_uses_its_own_layers(tiny_llama):
 
 def test_installing_twice_changes_nothing(tiny_llama):
     model = _adapted(tiny_llama, None)
-    assert lean_inference(model.peft_model) == 0
+    assert fuse_lora(model.peft_model) == 0

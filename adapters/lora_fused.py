@@ -1,0 +1,160 @@
+"""A lean LoRA forward: peft's numbers and gradients with less memory traffic.
+
+For every call peft's LoRA linear layer computes ``base(x)``, a defensive copy of it (4-bit layers),
+``A x``, ``B (A x)``, a multiplication by the scale and a new tensor for the sum: about five passes
+over an output-sized (tokens x out) tensor, and on a memory-bound CPU those elementwise passes cost
+as much as the small matmuls; backward repeats them (the scale again, and one ``x``-sized gradient
+per layer of a group, summed). This forward instead
+
+* computes ``A x`` once per **group of layers that read the same tensor** (q/k/v read one normed
+  hidden state, gate/up another): their ``A`` matrices are stacked into one ``(sum r) x in`` matmul,
+  each layer takes its slice (the idea of Unsloth's fused LoRA kernels,
+  https://github.com/unslothai/unsloth, in plain torch ops); in training the group's shared dropout
+  (``SharedInputDropout`` below) hands every member the same dropped-out tensor, so the group is
+  still found; with per-layer dropout (``LoRA(shared_dropout=False)``) each layer computes its own;
+* adds ``scale * (A x) B^T`` to the base output with one ``addmm``: in place when no gradient is
+  recorded (inference), out of place in training (autograd's own ``addmm`` backward, which folds the
+  scale into its matmuls).
+
+It runs only where it gives peft's result: plain LoRA on a linear layer (no DoRA or other variant,
+no LoRA bias), not merged, adapters enabled, no per-row ``adapter_names``, no autocast (GPU training
+under bf16 autocast keeps peft's forward). Anything else calls peft's own forward unchanged.
+``tests/test_lora_fused.py`` checks outputs and gradients against peft's forward (fp32, NF4, int8;
+dropout; several adapters; merged and DoRA fall-backs).
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+
+import torch
+from torch import nn
+
+
+def fuse_lora(peft_model: nn.Module) -> int:
+    """Give every peft LoRA linear layer of ``peft_model`` the lean forward (in place, once;
+    idempotent). Layers that share an input are found at run time by identity; candidates are the
+    layers of one parent module with the same input width. Returns how many layers were changed."""
+    from peft.tuners.lora import LoraLayer
+
+    slot: dict = {}  # one per model: the last input (by identity) and the stacked ``A x`` computed from it
+    changed = 0
+    for parent in peft_model.modules():
+        layers = [m for m in parent.children() if isinstance(m, LoraLayer)
+                  and isinstance(m.get_base_layer(), nn.Linear) and "forward" not in vars(m)]
+        groups: dict[int, list[nn.Module]] = {}
+        for layer in layers:
+            groups.setdefault(layer.in_features, []).append(layer)
+        for group in groups.values():
+            for layer in group:
+                # plain attributes, not submodules: a deepcopy of the model maps them to the copies
+                layer._lean_slot, layer._lean_group = slot, group
+                layer.forward = types.MethodType(_forward, layer)
+                changed += 1
+    return changed
+
+
+def _lean_adapters(layer, x, args, kwargs) -> list[str] | None:
+    """The active adapters when the lean path gives peft's result for this call, else None."""
+    if (args or kwargs or torch.is_autocast_enabled(x.device.type) or layer.merged or layer.disable_adapters):
+        return None
+    names = [a for a in layer.active_adapters if a in layer.lora_A]
+    if any(a in layer.lora_variant or layer.lora_B[a].bias is not None for a in names):
+        return None
+    return names
+
+
+def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    names = _lean_adapters(layer, x, args, kwargs)
+    if names is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x)
+    if not names:
+        return result
+    shape = result.shape
+    flat = result.reshape(-1, shape[-1])
+    in_place = not torch.is_grad_enabled()
+    for name in names:
+        dropout = layer.lora_dropout[name]
+        p = getattr(dropout, "p", 0.0)  # peft uses nn.Identity for dropout=0
+        dropped = dropout(x) if layer.training and p > 0 else x
+        # a layer with its own dropout mask cannot share the group's product
+        shared = not layer.training or p == 0 or isinstance(dropout, SharedInputDropout)
+        low = _low_rank_input(layer, dropped, name, shared)
+        up = layer.lora_B[name].weight
+        if up.dtype != flat.dtype:  # e.g. an fp32 adapter on a bf16 base output: peft casts the update
+            update = (low @ up.t()).to(flat.dtype)
+            flat = flat.add_(update, alpha=layer.scaling[name]) if in_place else flat.add(update, alpha=layer.scaling[name])
+        elif in_place:
+            flat = flat.addmm_(low, up.t(), alpha=layer.scaling[name])
+        else:
+            flat = torch.addmm(flat, low, up.t(), alpha=layer.scaling[name])
+    return flat.view(shape)
+
+
+def _low_rank_input(layer, x: torch.Tensor, name: str, shared: bool = True) -> torch.Tensor:
+    """``A x`` (tokens x r) for ``layer``'s adapter ``name``: a slice of the group's stacked product when
+    another layer of the group already computed it from this very tensor, else computed for the group
+    (for this layer alone when not ``shared``)."""
+    slot = layer._lean_slot
+    source = slot.get("input")
+    weight = layer.lora_A[name].weight
+    if source is not None and source() is x and slot.get("adapter") == name and id(layer) in slot["offsets"]:
+        start, stop, used, version = slot["offsets"][id(layer)]
+        if used is weight and version == weight._version:  # not replaced or changed in place since
+            return slot["product"][:, start:stop]
+    members = [m for m in layer._lean_group if name in m.lora_A] if shared else [layer]
+    weights = [m.lora_A[name].weight for m in members]
+    if len({w.dtype for w in weights}) > 1:  # cannot stack: this layer alone
+        weights, members = [weight], [layer]
+    stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+    product = x.reshape(-1, x.shape[-1]).to(stacked.dtype) @ stacked.t()
+    offsets, start = {}, 0
+    for member, each in zip(members, weights):
+        offsets[id(member)] = (start, start + each.shape[0], each, each._version)
+        start += each.shape[0]
+    slot.clear()
+    # the product lives as long as its input: freed with it once the group has run
+    slot.update(input=weakref.ref(x, lambda _: slot.clear()), adapter=name, product=product, offsets=offsets)
+    begin, end = offsets[id(layer)][:2]
+    return product[:, begin:end]
+
+
+class SharedInputDropout(nn.Dropout):
+    """Dropout that returns the same dropped-out tensor when called again on the same input tensor.
+
+    Every instance of a model shares one ``slot``: the last input (by identity) and its output. Layers
+    that share an input run one after the other (q, k, v; gate, up), so the second and third find the
+    first's output there. Only references are kept: a weak one to the input, the output as long as
+    autograd keeps it for backward."""
+
+    def __init__(self, p: float, slot: dict):
+        super().__init__(p)
+        self.slot = slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        source, out = self.slot.get("input"), self.slot.get("output")
+        if source is not None and source() is x and out is not None and out() is not None:
+            return out()
+        dropped = super().forward(x)
+        self.slot.update(input=weakref.ref(x), output=weakref.ref(dropped))
+        return dropped
+
+
+def share_dropout(model: nn.Module) -> int:
+    """Replace peft's per-layer LoRA dropout by ``SharedInputDropout`` (one slot per model); returns
+    how many layers were changed."""
+    slot: dict = {}
+    changed = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, nn.ModuleDict):
+            continue
+        for name, layer in dropouts.items():
+            if type(layer) is nn.Dropout:
+                dropouts[name] = SharedInputDropout(layer.p, slot)
+                changed += 1
+    return changed
