@@ -67,6 +67,9 @@ class LoRA(AdapterSpec):
     shared_dropout: bool = True
     """Layers that read the same input (q/k/v, gate/up) share one dropout mask, so autograd keeps one
     dropped-out copy of the input instead of one per layer (see the module docstring)."""
+    fused: bool = True
+    """The lean forward of ``lora_fused.py`` (one stacked ``A`` matmul per group of layers that read one
+    input, the update by one ``addmm``; outputs and gradients equal peft's). False: peft's own forward."""
     kind: str = field(default="lora", init=False)
 
     def __post_init__(self):
@@ -82,6 +85,9 @@ class LoRA(AdapterSpec):
             self.targets = list(self.targets)
         elif not isinstance(self.targets, str):
             raise ConfigError(f"LoRA targets={self.targets!r} must be 'all-linear', a list of names or a regex")
+        for name in ("shared_dropout", "fused", "rslora", "dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"LoRA {name}={getattr(self, name)!r} must be True or False")
         if self.layers is not None:
             if (not isinstance(self.layers, (list, tuple)) or not self.layers
                     or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
@@ -124,7 +130,8 @@ class LoRA(AdapterSpec):
 
     def join(self, model, folder: Path, name: str):
         model.peft_model.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
-        fuse_lora(model.peft_model)  # layers the new adapter added, if any
+        if self.fused:
+            fuse_lora(model.peft_model)  # layers the new adapter added, if any
         return name
 
     def switch(self, model, handle, on: bool) -> None:
@@ -172,5 +179,6 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     peft_model = get_peft_model(model, config)
     if lora.shared_dropout:
         share_dropout(peft_model)
-    fuse_lora(peft_model)
+    if lora.fused:
+        fuse_lora(peft_model)
     return peft_model

@@ -13,8 +13,8 @@ config, batch size, learning rate (one rate for adapter and head on both sides),
 epoch and seed, each side at its own defaults. The three run in the same invocation, in alternating
 order, each in a fresh subprocess; we report medians and paired ratios of training wall time,
 evaluation and predict wall time, peak memory, held-out accuracy and the share of real (unpadded)
-tokens in what the model computed. The ablation runs ours with its batching levers switched off
-(packing off; packing and length grouping off). On CPU every side runs with glibc's mmap threshold
+tokens in what the model computed. The ablation runs ours with its levers switched off one more at
+a time: the fused LoRA forward, then the shared dropout copy, then packing, then length grouping. On CPU every side runs with glibc's mmap threshold
 at 64 KiB (``common.EXACT_RSS``) so that peak RSS counts live memory, not heap holes that depend
 on the order of batch shapes; that slows all sides alike. Writes results/vs_peft_trainer[-quick].{json,md}.
 """
@@ -43,9 +43,10 @@ def _data(budget: dict, seed: int):
 
 
 # ours at its defaults, and with levers switched off (the ablation): TrainConfig overrides
-# each ablation side switches off one more lever: shared dropout, then packing, then length grouping
-UNSHARED = {"lora": {"shared_dropout": False}}
-OURS = {"ours": {}, "ours-unshared": UNSHARED, "ours-grouped": {**UNSHARED, "packing": False},
+# each ablation side switches off one more lever: the fused forward, shared dropout, packing, length grouping
+UNFUSED = {"lora": {"fused": False}}
+UNSHARED = {"lora": {"shared_dropout": False, "fused": False}}
+OURS = {"ours": {}, "ours-unfused": UNFUSED, "ours-unshared": UNSHARED, "ours-grouped": {**UNSHARED, "packing": False},
         "ours-plain": {**UNSHARED, "packing": False, "group_by_length": False},
         # LoRA on the top blocks only (LoRA(layers=...)): benchmarks/lora_layers.py
         "ours-top-half": {"lora_top": 0.5}, "ours-top-quarter": {"lora_top": 0.25}}
@@ -201,7 +202,7 @@ def main(argv=None) -> None:
     runs = {side: [] for side in [*OURS, *BASELINES]}
     main_sides = ["ours", "baseline", "baseline-grouped"]
     plan = [main_sides if i % 2 == 0 else main_sides[::-1] for i in range(repeats)]  # alternate the order
-    plan += [["ours-unshared", "ours-grouped", "ours-plain"]] * args.ablation_repeats
+    plan += [["ours-unfused", "ours-unshared", "ours-grouped", "ours-plain"]] * args.ablation_repeats
     done = json.loads(Path(args.reuse).read_text())["runs"] if args.reuse else {}
     for i, sides in enumerate(plan):
         for side in sides:
@@ -226,7 +227,8 @@ def main(argv=None) -> None:
                         ("ours-plain", "ours, random batches, per-layer dropout copies (no lever)"),
                         ("ours-grouped", "ours, length-grouped batches, per-layer dropout copies"),
                         ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
-                        ("ours", "ours, defaults (packed batches, one dropout copy per input)")]:
+                        ("ours-unfused", "ours, packed batches, one dropout copy per input, peft's LoRA forward"),
+                        ("ours", "ours, defaults (+ fused LoRA forward: stacked A per input group, one addmm)")]:
         if runs[side]:
             med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES if k in runs[side][0]}
             ablation.append(f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "

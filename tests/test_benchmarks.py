@@ -39,7 +39,7 @@ def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
     vs_peft_trainer.main(["--quick", "--model", tiny_llama, "--repeats", "1", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "vs_peft_trainer-quick.json").read_text())
     runs = payload["runs"]
-    assert all(len(runs[side]) == 1 for side in ("ours", "baseline", "baseline-grouped", "ours-unshared", "ours-grouped",
+    assert all(len(runs[side]) == 1 for side in ("ours", "baseline", "baseline-grouped", "ours-unfused", "ours-unshared", "ours-grouped",
                                                  "ours-plain"))
     assert runs["ours"][0]["steps"] == runs["baseline"][0]["steps"] == 6  # same budget
     for pair in ("ours/baseline", "ours/baseline-grouped"):

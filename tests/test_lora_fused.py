@@ -185,3 +185,10 @@ def test_a_deep_copy_uses_its_own_layers(tiny_llama):
 def test_installing_twice_changes_nothing(tiny_llama):
     model = _adapted(tiny_llama, None)
     assert fuse_lora(model.peft_model) == 0
+
+
+def test_fused_false_keeps_peft_forward(tiny_llama):
+    model = _adapted(tiny_llama, None, fused=False)
+    assert not any("forward" in vars(m) for m in _lora_layers(model))
+    with pytest.raises(adapters.ConfigError, match="fused"):
+        adapters.LoRA(fused="yes")
