@@ -204,10 +204,12 @@ def main(argv=None) -> None:
     plan = [main_sides if i % 2 == 0 else main_sides[::-1] for i in range(repeats)]  # alternate the order
     plan += [["ours-unfused", "ours-unshared", "ours-grouped", "ours-plain"]] * args.ablation_repeats
     done = json.loads(Path(args.reuse).read_text())["runs"] if args.reuse else {}
+    reused = 0
     for i, sides in enumerate(plan):
         for side in sides:
             if done.get(side):
                 runs[side].append(done[side].pop(0))
+                reused += 1
                 continue
             runs[side].append(run_child(__file__, ["--side", side, "--budget", budget, "--model", args.model,
                                                    "--seed", str(args.seed)], env=EXACT_RSS))
@@ -215,6 +217,10 @@ def main(argv=None) -> None:
             print(f"round {i + 1} {side}: train {r['train_seconds']:.0f} s, eval {r['eval_seconds']:.1f} s, "
                   f"{r['peak_mb']:.0f} MB, accuracy {r['accuracy']:.3f}, real tokens {r['real_token_fraction']:.2f}",
                   flush=True)
+    for side, left in done.items():  # reused runs beyond the plan are kept too
+        if side in runs:
+            runs[side].extend(left)
+            reused += len(left)
     header = ["| quantity | {a} (median) | {b} (median) | ratio (median) | ratio range |", "|---|---|---|---|---|"]
     sections, summary = [], {}
     for side, baseline in [("ours", "baseline"), ("ours", "baseline-grouped")]:
@@ -249,8 +255,11 @@ def main(argv=None) -> None:
         f"Baseline: AutoModelForSequenceClassification + prepare_model_for_kbit_training (no gradient "
         f"checkpointing) + get_peft_model(task_type=SEQ_CLS) + Trainer (eval batch 32); -grouped adds "
         f"`train_sampling_strategy=\"group_by_length\"`.")
+    if reused:
+        text += (f" {reused} of the runs were taken from an earlier results file of this script (`--reuse`), not "
+                 f"run again in this invocation.")
     payload = {"machine": machine(), "model": args.model, "budget": b, "settings": SETTINGS, "runs": runs,
-               "summary": summary}
+               "summary": summary, "reused_runs": reused}
     write_results("vs_peft_trainer" + ("-quick" if args.quick else ""), payload, text,
                   Path(args.out) if args.out else RESULTS)
     print(text)
