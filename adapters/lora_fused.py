@@ -57,12 +57,19 @@ def fuse_lora(peft_model: nn.Module) -> int:
 
 def _lean_adapters(layer, x, args, kwargs) -> list[str] | None:
     """The active adapters when the lean path gives peft's result for this call, else None."""
-    if (args or kwargs or torch.is_autocast_enabled(x.device.type) or layer.merged or layer.disable_adapters):
+    if args or kwargs or _autocast_on(x.device.type) or layer.merged or layer.disable_adapters:
         return None
     names = [a for a in layer.active_adapters if a in layer.lora_A]
     if any(a in layer.lora_variant or layer.lora_B[a].bias is not None for a in names):
         return None
     return names
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type without autocast: the memory estimate's meta device
+        return False
 
 
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
