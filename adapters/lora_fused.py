@@ -133,8 +133,9 @@ class SharedInputDropout(nn.Dropout):
 
     Every instance of a model shares one ``slot``: the last input (by identity) and its output. Layers
     that share an input run one after the other (q, k, v; gate, up), so the second and third find the
-    first's output there. Only references are kept: a weak one to the input, the output as long as
-    autograd keeps it for backward."""
+    first's output there. The output is held for as long as its input lives, and freed with it: under
+    gradient checkpointing autograd keeps no reference to it, and a mask drawn anew for k or v would
+    make the recomputation differ from the forward."""
 
     def __init__(self, p: float, slot: dict):
         super().__init__(p)
@@ -143,11 +144,13 @@ class SharedInputDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        source, out = self.slot.get("input"), self.slot.get("output")
-        if source is not None and source() is x and out is not None and out() is not None:
-            return out()
+        source = self.slot.get("input")
+        if source is not None and source() is x:
+            return self.slot["output"]
         dropped = super().forward(x)
-        self.slot.update(input=weakref.ref(x), output=weakref.ref(dropped))
+        slot = self.slot
+        slot.clear()
+        slot.update(input=weakref.ref(x, lambda _: slot.clear()), output=dropped)
         return dropped
 
 
