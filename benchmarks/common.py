@@ -66,6 +66,20 @@ def run_child(script: str, args: list[str], timeout: int = 3600, env: dict | Non
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def alternating_runs(script: str, sides: list[str], rounds: int, args: list[str], describe,
+                     env: dict | None = EXACT_RSS) -> dict[str, list[dict]]:
+    """Every side of ``script`` (its ``--side`` option) in a fresh process, ``rounds`` times, the order
+    reversed every other round so that no side always runs first; ``args``: the script's other
+    arguments; ``describe(result)``: the progress line of one run. Returns the results by side."""
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for r in range(rounds):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            result = run_child(script, ["--side", side, *args], env=env)
+            runs[side].append(result)
+            print(f"round {r + 1} {side}: {describe(result)}", flush=True)
+    return runs
+
+
 def folder_mb(path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 

@@ -75,15 +75,11 @@ def main(argv=None) -> dict:
     if args.side:
         print(json.dumps(run_side(args.side, args.model, rows, args.seed)))
         return {}
-    from common import EXACT_RSS, RESULTS, machine, run_child, write_results
+    from common import RESULTS, alternating_runs, machine, write_results
 
-    runs: dict = {side: [] for side in SIDES}
-    for r in range(args.rounds):
-        for side in (list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]):
-            result = run_child(__file__, ["--side", side, "--model", args.model, "--seed", str(args.seed)]
-                               + (["--quick"] if args.quick else []), env=EXACT_RSS)
-            runs[side].append(result)
-            print(f"round {r + 1} {side}: eval {result['eval_seconds']:.1f} s, loss {result['loss']:.5f}", flush=True)
+    runs = alternating_runs(__file__, list(SIDES), args.rounds,
+                            ["--model", args.model, "--seed", str(args.seed)] + (["--quick"] if args.quick else []),
+                            lambda x: f"eval {x['eval_seconds']:.1f} s, loss {x['loss']:.5f}")
     losses = [x["loss"] for side in SIDES for x in runs[side]]
     same = max(losses) - min(losses) < 1e-4
     base = statistics.median(x["eval_seconds"] for x in runs["peft"])

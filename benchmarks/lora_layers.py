@@ -31,20 +31,15 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
-    from common import EXACT_RSS, RESULTS, machine, run_child, write_results
+    from common import RESULTS, alternating_runs, machine, write_results
     from vs_peft_trainer import BUDGETS, SETTINGS
 
     budget = "quick" if args.quick else "full"
     script = str(Path(__file__).with_name("vs_peft_trainer.py"))
-    runs: dict = {side: [] for side, _ in SIDES}
-    for r in range(args.rounds):
-        order = SIDES if r % 2 == 0 else SIDES[::-1]
-        for side, _ in order:
-            result = run_child(script, ["--side", side, "--budget", budget, "--model", args.model, "--seed",
-                                        str(args.seed)], env=EXACT_RSS)
-            runs[side].append(result)
-            print(f"round {r + 1} {side}: train {result['train_seconds']:.0f} s, {result['peak_mb']:.0f} MB, "
-                  f"accuracy {result['accuracy']:.3f}, {result['trainable']:,} trainable", flush=True)
+    runs = alternating_runs(script, [side for side, _ in SIDES], args.rounds,
+                            ["--budget", budget, "--model", args.model, "--seed", str(args.seed)],
+                            lambda x: f"train {x['train_seconds']:.0f} s, {x['peak_mb']:.0f} MB, "
+                                      f"accuracy {x['accuracy']:.3f}, {x['trainable']:,} trainable")
     full = {k: statistics.median(x[k] for x in runs["ours"]) for k in ("train_seconds", "peak_mb")}
     lines = ["| LoRA on | blocks | trainable params | training s | x all | peak MB | x all | eval s | accuracy |",
              "|---|---|---|---|---|---|---|---|---|"]
