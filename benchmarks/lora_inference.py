@@ -42,7 +42,8 @@ def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
     from vs_peft_trainer import BUDGETS, SETTINGS, _data
 
     _, test_rows = _data(BUDGETS["full"], seed)
-    model = adapters.adapt(model_name, adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"]),
+    model = adapters.adapt(model_name, adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"],
+                                                             fused=side != "peft"),
                            head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
                            max_length=SETTINGS["max_length"], seed=seed)
     generator = torch.Generator().manual_seed(seed)
@@ -51,9 +52,6 @@ def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
         for layer in layers:
             weight = layer.lora_B["default"].weight
             weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
-    if side == "peft":  # drop the lean forward: peft's class method runs again
-        for layer in layers:
-            vars(layer).pop("forward", None)
     if side in ("peft", "lean-8192"):
         batching.INFERENCE_TOKENS = {"cpu": 8192, "gpu": 8192}
     started = time.perf_counter()
