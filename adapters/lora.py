@@ -61,9 +61,10 @@ class LoRA(AdapterSpec):
     dora: bool = False
     """Weight-decomposed LoRA (Liu et al. 2024)."""
     layers: list[int] | None = None
-    """Adapt only these transformer blocks (0 = the first), e.g. the top
-    half. Nothing below the lowest adapted block requires a gradient, so autograd keeps no activation
-    there: the classic "freeze the early layers", cheaper in time and memory. None: every block."""
+    """Adapt only these transformer blocks (0 = the first, -1 = the last, as ``Bottleneck(layers=)``),
+    e.g. ``list(range(-20, 0))`` for the top 20. Nothing below the lowest adapted block requires a
+    gradient, so backward stops there and autograd keeps no activation below it: the classic "freeze
+    the early layers", cheaper in time and memory. None: every block."""
     shared_dropout: bool = True
     """Layers that read the same input (q/k/v, gate/up) share one dropout mask, so autograd keeps one
     dropped-out copy of the input instead of one per layer (see the module docstring)."""
@@ -90,9 +91,9 @@ class LoRA(AdapterSpec):
                 raise ConfigError(f"LoRA {name}={getattr(self, name)!r} must be True or False")
         if self.layers is not None:
             if (not isinstance(self.layers, (list, tuple)) or not self.layers
-                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
-                raise ConfigError(f"LoRA layers={self.layers!r} must be a non-empty list of block indices (0, 1, ...), "
-                                  f"e.g. list(range(15, 30)) for the top half of a 30-block model, or None for all")
+                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)):
+                raise ConfigError(f"LoRA layers={self.layers!r} must be a non-empty list of block indices (0, 1, ...; "
+                                  f"-1 the last), e.g. list(range(-15, 0)) for the top 15 blocks, or None for all")
             self.layers = sorted(set(self.layers))
 
     def attach(self, model) -> None:
@@ -149,6 +150,20 @@ class LoRA(AdapterSpec):
         return PeftModel.from_pretrained(network, str(folder / ADAPTER_DIR)).merge_and_unload()
 
 
+def block_indices(layers: list[int], blocks: int | None) -> set[int]:
+    """``layers`` as block numbers 0..blocks-1 (negative ones counted from the top)."""
+    if blocks is None:
+        if any(i < 0 for i in layers):
+            raise ConfigError(f"LoRA layers={layers}: counting from the top needs the model's number of blocks, "
+                              f"which its config does not give (num_hidden_layers); name blocks from 0")
+        return set(layers)
+    bad = [i for i in layers if not -blocks <= i < blocks]
+    if bad:
+        raise ConfigError(f"LoRA layers={layers} name block(s) {bad}, but the model has {blocks} blocks "
+                          f"(0-{blocks - 1}, or -{blocks} to -1 from the top)")
+    return {i % blocks for i in layers}
+
+
 def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     """Wrap ``model`` in a ``peft.PeftModel`` with LoRA layers on the selected targets."""
     from peft import LoraConfig, get_peft_model
@@ -156,13 +171,10 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     targets = check_targets(model, lora.targets)
     target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets}) if lora.targets == "all-linear" else lora.targets
     if lora.layers is not None:
-        blocks = getattr(model.config, "num_hidden_layers", None)
-        if blocks is not None and max(lora.layers) >= blocks:
-            raise ConfigError(f"LoRA layers={lora.layers} name block {max(lora.layers)}, but the model has {blocks} "
-                              f"blocks (0-{blocks - 1})")
+        layers = block_indices(lora.layers, getattr(model.config, "num_hidden_layers", None))
         # the selected modules by full name: peft's layers_to_transform cannot find the blocks of a
         # headless backbone, whose block names ("layers.3...") have no parent prefix
-        chosen = [n for n in targets if (m := BLOCK_INDEX.search(n)) and int(m.group(1)) in lora.layers]
+        chosen = [n for n in targets if (m := BLOCK_INDEX.search(n)) and int(m.group(1)) in layers]
         target_modules = "|".join(re.escape(n) for n in chosen)
     config = LoraConfig(
         r=lora.r,

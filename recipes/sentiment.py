@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--targets", default="all-linear", help="LoRA: 'all-linear' or comma-separated module names")
+    p.add_argument("--top-layers", type=int, help="LoRA only on the top N blocks: backward stops below them "
+                                                   "(LoRA(layers=list(range(-N, 0))))")
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="bottleneck placement")
     p.add_argument("--reduction", type=int, default=16, help="bottleneck width = hidden / reduction")
     p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
@@ -99,7 +101,8 @@ def main(argv=None) -> dict:
     adapter = None
     if args.adapter == "lora":
         targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-        adapter = adapters.LoRA(r=args.r, alpha=args.alpha, dropout=0.05, targets=targets)
+        layers = list(range(-args.top_layers, 0)) if args.top_layers else None
+        adapter = adapters.LoRA(r=args.r, alpha=args.alpha, dropout=0.05, targets=targets, layers=layers)
     elif args.adapter == "bottleneck":
         adapter = adapters.Bottleneck(placement=args.placement, reduction=args.reduction)
     prompt = args.prompt.replace("\\n", "\n") if args.prompt else None
@@ -128,7 +131,7 @@ def main(argv=None) -> dict:
               "majority_baseline": majority, "train_rows": len(train_rows), "test_rows": len(test_rows),
               "train_seconds": metrics["train_seconds"], "total_seconds": time.perf_counter() - started,
               "model": args.model, "quantization": args.quantization, "adapter": args.adapter,
-              "prompt": prompt, "label_words": words, "zero_shot_accuracy": zero_shot}
+              "prompt": prompt, "label_words": words, "zero_shot_accuracy": zero_shot, "top_layers": args.top_layers}
     Path(args.output, "results.json").write_text(json.dumps(result, indent=2))
     print(f"\naccuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | majority baseline "
           f"{majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")

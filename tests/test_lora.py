@@ -75,7 +75,16 @@ def test_lora_on_the_top_blocks_only(tiny_llama, toy_data, tmp_path):
     assert torch.allclose(model.logits(texts), again.logits(texts), atol=1e-6)
 
 
-@pytest.mark.parametrize("layers", [[], [-1], ["1"], [True], 3])
+def test_lora_layers_counted_from_the_top(tiny_llama):
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, layers=[-1]),
+                           head=adapters.Classification(labels=["neg", "pos"]))
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in model.named_parameters() if "lora_" in n}
+    assert adapted == {"1"}  # the last of 2 blocks
+    with pytest.raises(adapters.ConfigError, match="has 2 blocks"):
+        adapters.adapt(tiny_llama, adapter=adapters.LoRA(layers=[-3]), head=adapters.Classification(labels=["a", "b"]))
+
+
+@pytest.mark.parametrize("layers", [[], ["1"], [True], 3])
 def test_bad_lora_layers(layers):
     with pytest.raises(adapters.ConfigError, match="layers"):
         adapters.LoRA(layers=layers)
