@@ -1,11 +1,14 @@
-"""Sentiment recipe: fresh vs rotten Rotten Tomatoes snippets, on a 4-bit LLM with LoRA.
+"""Sentiment recipe: fresh vs rotten Rotten Tomatoes snippets, on a small LLM with LoRA.
 
     python recipes/sentiment.py                       # the default job (`make run`)
+    python recipes/sentiment.py --budget full         # 8,000 training rows (about 35 min on 2 CPU cores)
+    python recipes/sentiment.py --quantization nf4    # QLoRA: the base in 4 bits
     python recipes/sentiment.py --model minilm-l6 --quantization int8
     python recipes/sentiment.py --data reviews.csv --text-column review --label-column stars
 
-Phases: data (packaged snippets, split by movie so no movie is on both sides) -> adapt ->
-train -> evaluate against the majority baseline -> save -> reload and predict.
+Phases: data (packaged snippets, split by movie so no movie is on both sides) -> adapt (for a
+decoder: each snippet inside a task prompt, the head started from the LM's scores of " negative" and
+" positive") -> train -> evaluate against the majority baseline -> save -> reload and predict.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ import adapters  # noqa: E402
 from _data import balance, majority_accuracy  # noqa: E402
 from adapters.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
 
+# The task prompt and label words of the packaged task (measured in recipes/results/levers.md):
+# the last token of "...\nSentiment:" is where a decoder predicts " positive" / " negative"
+REVIEW_PROMPT = "Review: {text}\nSentiment:"
+# rows of the packaged data per budget: the default job (`make run`, about 10 minutes on 2 CPU
+# cores) and the full one (about 35 minutes); --train-size overrides
+BUDGETS = {"default": 2000, "full": 8000}
 EXAMPLES = ["a moving, funny film", "a tedious mess that never finds its footing",
             "the performances are wonderful", "I walked out halfway through"]
 
@@ -46,6 +55,23 @@ def user_rows(args) -> tuple[list[dict], list[dict] | None]:
     return norm(train), norm(test) if test else None
 
 
+def task_prompt(args, labels: list[str]) -> tuple[str | None, list[str] | None]:
+    """The prompt and label words asked for; by default, for a decoder on the packaged data, the
+    review prompt and the labels' own words (" negative", " positive")."""
+    packaged = not args.data
+    decoder = None
+    if packaged and (args.prompt is None or args.label_words is None):
+        from transformers import AutoConfig
+
+        from adapters.base import is_decoder_config, resolve_source
+
+        decoder = is_decoder_config(AutoConfig.from_pretrained(resolve_source(args.model)))
+    prompt = args.prompt if args.prompt is not None else (REVIEW_PROMPT if decoder else None)
+    prompt = prompt.replace("\\n", "\n") if prompt else None  # '\n' typed on a command line
+    use_words = args.label_words if args.label_words is not None else bool(decoder)
+    return prompt, [f" {label}" for label in labels] if use_words else None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="packaged name, local folder or hub id")
@@ -58,8 +84,12 @@ def parse_args(argv=None):
                                                    "(LoRA(layers=list(range(-N, 0))))")
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="bottleneck placement")
     p.add_argument("--reduction", type=int, default=16, help="bottleneck width = hidden / reduction")
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "int8", "none"])
-    p.add_argument("--train-size", type=int, default=2400)
+    p.add_argument("--quantization", default="none", choices=["nf4", "fp4", "int8", "none"],
+                   help="the frozen base's weights (default: unquantized, fp32 on CPU; nf4 for QLoRA): for a "
+                        "135M model on a CPU 4-bit saves no time and costs accuracy (levers.md)")
+    p.add_argument("--budget", default="default", choices=sorted(BUDGETS),
+                   help=f"training rows of the packaged data: {BUDGETS}")
+    p.add_argument("--train-size", type=int, help="training rows (default: from --budget)")
     p.add_argument("--eval-size", type=int, default=1000)
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -73,11 +103,13 @@ def parse_args(argv=None):
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--group-column", help="column whose values must not straddle the train/test split")
-    p.add_argument("--prompt", help="a template around each text, with {text} where it goes, e.g. "
-                                    "'Review: {text}\\nSentiment:' (Classification(prompt=...))")
-    p.add_argument("--label-words", action="store_true",
-                   help="start the head as the base's next-token scores of ' <label>' for each label, and report "
-                        "that zero-shot accuracy before training (Classification(label_words=...))")
+    p.add_argument("--prompt", help="a template around each text, with {text} where it goes (decoders; default "
+                                    f"on the packaged data: {REVIEW_PROMPT!r}; '' for none)")
+    p.add_argument("--label-words", action=argparse.BooleanOptionalAction,
+                   help="start the head as the base's next-token scores of ' <label>' for each label "
+                        "(Classification(label_words=...); default: on for a decoder on the packaged data)")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="with label words: evaluate the untrained model first (the zero-shot accuracy)")
     return p.parse_args(argv)
 
 
@@ -90,7 +122,8 @@ def main(argv=None) -> dict:
         rows, test_rows = rotten_tomatoes(), None
     if test_rows is None:
         rows, test_rows = group_split(rows, "group", 0.2, args.seed)
-    train_rows, test_rows = sample(rows, args.train_size, args.seed), sample(test_rows, args.eval_size, args.seed)
+    train_size = args.train_size or BUDGETS[args.budget]
+    train_rows, test_rows = sample(rows, train_size, args.seed), sample(test_rows, args.eval_size, args.seed)
     labels = sorted({r["label"] for r in train_rows})
     print(f"data: {len(train_rows)} train / {len(test_rows)} test rows "
           f"({len({r['group'] for r in train_rows})} / {len({r['group'] for r in test_rows})} groups, none shared)")
@@ -105,15 +138,14 @@ def main(argv=None) -> dict:
         adapter = adapters.LoRA(r=args.r, alpha=args.alpha, dropout=0.05, targets=targets, layers=layers)
     elif args.adapter == "bottleneck":
         adapter = adapters.Bottleneck(placement=args.placement, reduction=args.reduction)
-    prompt = args.prompt.replace("\\n", "\n") if args.prompt else None
-    words = [f" {label}" for label in labels] if args.label_words else None
+    prompt, words = task_prompt(args, labels)
     head = adapters.Classification(labels=labels, prompt=prompt, label_words=words)
     model = adapters.adapt(args.model, adapter=adapter, head=head,
                            quantization=None if args.quantization == "none" else args.quantization,
                            max_length=args.max_length, seed=args.seed)
     print(model.summary())
     zero_shot = None
-    if words:  # the head is the base's own classifier: how good before any training?
+    if words and args.zero_shot:  # the head is the base's own classifier: how good before any training?
         zero_shot = adapters.evaluate(model, test_rows)["accuracy"]
         print(f"zero-shot accuracy (label words, before training): {zero_shot:.4f}")
     config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
