@@ -110,7 +110,12 @@ def parse_args(argv=None):
                         "(Classification(label_words=...); default: on for a decoder on the packaged data)")
     p.add_argument("--zero-shot", action="store_true",
                    help="with label words: evaluate the untrained model first (the zero-shot accuracy)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.top_layers is not None and (args.adapter != "lora" or args.top_layers < 1):
+        p.error("--top-layers N takes N >= 1 and applies to --adapter lora")
+    if args.zero_shot and args.label_words is False:
+        p.error("--zero-shot scores the label-word head before training; it cannot go with --no-label-words")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -139,6 +144,8 @@ def main(argv=None) -> dict:
     elif args.adapter == "bottleneck":
         adapter = adapters.Bottleneck(placement=args.placement, reduction=args.reduction)
     prompt, words = task_prompt(args, labels)
+    if args.zero_shot and not words:
+        raise SystemExit("--zero-shot needs label words (--label-words): without them the head is random")
     head = adapters.Classification(labels=labels, prompt=prompt, label_words=words)
     model = adapters.adapt(args.model, adapter=adapter, head=head,
                            quantization=None if args.quantization == "none" else args.quantization,

@@ -52,8 +52,10 @@ def test_sentiment_task_prompt_defaults(tiny_llama, tiny_bert):
 
 def test_sentiment_budgets():
     assert sentiment.parse_args([]).budget == "default" and sentiment.BUDGETS["full"] > sentiment.BUDGETS["default"]
-    with pytest.raises(SystemExit):
-        sentiment.parse_args(["--budget", "huge"])
+    for bad in (["--budget", "huge"], ["--top-layers", "0"], ["--adapter", "bottleneck", "--top-layers", "4"],
+                ["--zero-shot", "--no-label-words"]):
+        with pytest.raises(SystemExit):
+            sentiment.parse_args(bad)
 
 
 def test_group_split_keeps_groups_apart():
