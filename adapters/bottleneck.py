@@ -39,7 +39,7 @@ from torch import nn
 from .adapter_spec import AdapterSpec
 from .errors import ConfigError, TargetModulesError
 from .files import check_state, cpu_state, load_tensors
-from .targets import linear_module_names, matches
+from .targets import block_indices, linear_module_names, matches
 
 PLACEMENTS = ("pfeiffer", "houlsby")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -210,10 +210,7 @@ def placement_targets(model: nn.Module, spec: Bottleneck, hidden: int) -> list[s
     stack_name, stack = find_block_stack(model)
     indices = range(len(stack))
     if spec.layers is not None:
-        bad = [i for i in spec.layers if not -len(stack) <= i < len(stack)]
-        if bad:
-            raise ConfigError(f"layers={spec.layers}: {bad} out of range for {len(stack)} blocks")
-        indices = sorted({i % len(stack) for i in spec.layers})
+        indices = block_indices(spec.layers, len(stack), "Bottleneck")
     parts = ("attention", "feed_forward") if spec.placement == "houlsby" else ("feed_forward",)
     targets = []
     for i in indices:

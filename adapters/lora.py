@@ -35,7 +35,7 @@ from .adapter_spec import AdapterSpec
 from .errors import ConfigError
 from .files import check_state, load_tensors
 from .lora_fused import fuse_lora, share_dropout
-from .targets import BLOCK_INDEX, check_targets, linear_module_names, matches  # noqa: F401 (re-exported)
+from .targets import BLOCK_INDEX, block_indices, check_targets, linear_module_names, matches  # noqa: F401 (re-exported)
 
 ADAPTER_DIR = "adapter"  # in an artifact: a standard peft adapter folder
 
@@ -150,20 +150,6 @@ class LoRA(AdapterSpec):
         return PeftModel.from_pretrained(network, str(folder / ADAPTER_DIR)).merge_and_unload()
 
 
-def block_indices(layers: list[int], blocks: int | None) -> set[int]:
-    """``layers`` as block numbers 0..blocks-1 (negative ones counted from the top)."""
-    if blocks is None:
-        if any(i < 0 for i in layers):
-            raise ConfigError(f"LoRA layers={layers}: counting from the top needs the model's number of blocks, "
-                              f"which its config does not give (num_hidden_layers); name blocks from 0")
-        return set(layers)
-    bad = [i for i in layers if not -blocks <= i < blocks]
-    if bad:
-        raise ConfigError(f"LoRA layers={layers} name block(s) {bad}, but the model has {blocks} blocks "
-                          f"(0-{blocks - 1}, or -{blocks} to -1 from the top)")
-    return {i % blocks for i in layers}
-
-
 def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     """Wrap ``model`` in a ``peft.PeftModel`` with LoRA layers on the selected targets."""
     from peft import LoraConfig, get_peft_model
@@ -171,7 +157,7 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
     targets = check_targets(model, lora.targets)
     target_modules = sorted({n.rsplit(".", 1)[-1] for n in targets}) if lora.targets == "all-linear" else lora.targets
     if lora.layers is not None:
-        layers = block_indices(lora.layers, getattr(model.config, "num_hidden_layers", None))
+        layers = block_indices(lora.layers, getattr(model.config, "num_hidden_layers", None), "LoRA")
         # the selected modules by full name: peft's layers_to_transform cannot find the blocks of a
         # headless backbone, whose block names ("layers.3...") have no parent prefix
         chosen = [n for n in targets if (m := BLOCK_INDEX.search(n)) and int(m.group(1)) in layers]

@@ -11,7 +11,7 @@ import re
 
 from torch import nn
 
-from .errors import TargetModulesError
+from .errors import ConfigError, TargetModulesError
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -46,3 +46,18 @@ def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
             f"LoRA targets {targets!r} match no linear layer of the base model. Its linear layers are named "
             f"{leaves} (e.g. {names[:3]}); pass some of these names, a regex over full names, or 'all-linear'.")
     return matched
+
+
+def block_indices(layers: list[int], blocks: int | None, owner: str) -> list[int]:
+    """An adapter's ``layers`` as sorted block numbers 0..blocks-1, negative ones counted from the top
+    (-1 = the last block); ``owner`` names the adapter in the error."""
+    if blocks is None:
+        if any(i < 0 for i in layers):
+            raise ConfigError(f"{owner} layers={layers}: counting from the top needs the model's number of blocks, "
+                              f"which its config does not give (num_hidden_layers); name blocks from 0")
+        return sorted(set(layers))
+    bad = [i for i in layers if not -blocks <= i < blocks]
+    if bad:
+        raise ConfigError(f"{owner} layers={layers}: {bad} out of range, the model has {blocks} blocks "
+                          f"(0-{blocks - 1}, or -{blocks} to -1 from the top)")
+    return sorted({i % blocks for i in layers})
