@@ -6,7 +6,9 @@ rows into model inputs; each head spec picks its own (``HeadSpec.encode``):
 
 * text heads (classification, multi-label, regression): ``text`` -> tokens, ``label`` -> target;
   with ``long_text="windows"``, ``text`` -> overlapping windows of tokens, all kept;
-* multiple choice: ``text`` (the context) paired with each of the row's ``choices``;
+* multiple choice: ``text`` (the context) paired with each of the row's ``choices``; scored by the
+  base's likelihood, the choice follows the (prompted) context and the collator says which positions
+  predict its tokens;
 * token classification: ``text`` is a list of words, tokenized as pre-split words; each word's
   tag goes to its first sub-token, the other sub-tokens get ``IGNORE``;
 * causal LM: ``prompt + response + eos`` (or chat ``messages`` through the chat template), the
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .batching import pack
+from .batching import pack, packing_pays
 from .errors import DataError
 
 IGNORE = -100  # label of positions that take no part in a loss (padding, later sub-tokens, prompts)
@@ -154,8 +156,9 @@ def encode_texts(data, tokenizer, head, text_column: str, label_column: str | No
     text as overlapping windows of ``max_length`` tokens (nothing dropped)."""
     labels = _targets(head, _column(data, label_column, what), what) if label_column else None
     texts = _texts(_column(data, text_column, what), text_column, what)
+    prompt_cut = 0
     if getattr(head, "prompt", None) is not None:
-        texts = head.prompted(texts)
+        texts, prompt_cut = fit_prompt(tokenizer, head.prompt, texts, max_length)
     if getattr(head, "long_text", "truncate") == "windows":
         # the tokenizer's stride is the overlap between consecutive windows
         overlap = head.window_overlap if head.window_overlap is not None else max_length // 4
@@ -171,10 +174,37 @@ def encode_texts(data, tokenizer, head, text_column: str, label_column: str | No
     else:
         encoded = tokenizer(texts, truncation=True, max_length=max_length)
         out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        cut = _truncated(encoded)
+        cut = max(_truncated(encoded), prompt_cut)
     if labels is not None:
         out["labels"] = labels
     return out, cut
+
+
+def fit_prompt(tokenizer, template: str, texts: list[str], max_length: int) -> tuple[list[str], int]:
+    """``texts`` inside ``template`` (``{text}`` marks the place), each cut so the whole fits in
+    ``max_length`` tokens, and how many were cut. Truncation must cut the text, not the template: a
+    decoder reads the task from the words after ``{text}`` (its cue, "Sentiment:"), and plain
+    truncation drops exactly those from a long text. A text that fits is left exactly as the
+    template puts it (tokenized whole, as without this step)."""
+    prompted = [template.replace("{text}", t) for t in texts]
+    lengths = [len(ids) for ids in tokenizer(prompted)["input_ids"]]
+    cut = 0
+    for i, (text, length) in enumerate(zip(texts, lengths)):
+        if length <= max_length:
+            continue
+        cut += 1
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        keep = len(ids) - (length - max_length)
+        while keep > 0:  # a cut can re-tokenize differently at the seams: shorten until it fits
+            prompted[i] = template.replace("{text}", tokenizer.decode(ids[:keep]))
+            over = len(tokenizer(prompted[i])["input_ids"]) - max_length
+            if over <= 0:
+                break
+            keep -= over
+        if keep <= 0:
+            raise DataError(f"the prompt {template!r} alone takes about {length - len(ids)} tokens, which leaves no "
+                            f"room for the text in max_length={max_length}; raise max_length or shorten the prompt")
+    return prompted, cut
 
 
 def encode_choices(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
@@ -188,12 +218,40 @@ def encode_choices(data, tokenizer, head, text_column: str, label_column: str | 
         if not isinstance(row, (list, tuple)) or len(row) != k or not all(isinstance(c, str) for c in row):
             raise DataError(f"{what} row {i}: column {head.choices_column!r} must hold {k} candidate "
                             f"texts, got {row!r}")
-    flat = tokenizer([t for t in texts for _ in range(k)], [c for row in choices for c in row],
-                     truncation=True, max_length=max_length)
-    out = {key: [flat[key][i * k:(i + 1) * k] for i in range(len(texts))] for key in _token_columns(flat)}
-    cut = len({i // k for i, e in enumerate(flat.encodings or []) if e.overflowing})
+    if head.scoring == "likelihood":
+        out, cut = _encode_scored_choices(tokenizer, head, texts, choices, max_length)
+    else:
+        if head.prompt is not None:
+            texts = head.prompted(texts)
+        flat = tokenizer([t for t in texts for _ in range(k)], [c for row in choices for c in row],
+                         truncation=True, max_length=max_length)
+        out = {key: [flat[key][i * k:(i + 1) * k] for i in range(len(texts))] for key in _token_columns(flat)}
+        cut = len({i // k for i, e in enumerate(flat.encodings or []) if e.overflowing})
     if labels is not None:
         out["labels"] = labels
+    return out, cut
+
+
+def _encode_scored_choices(tokenizer, head, texts: list[str], choices: list[list[str]],
+                           max_length: int) -> tuple[dict[str, list], int]:
+    """Each choice right after its (prompted) context, one space between, as the base would write it;
+    ``choice_start`` says where the choice's tokens begin (the collator turns it into the positions
+    that predict them). The context is cut to leave room for the row's longest choice."""
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "choice_start": []}
+    cut = 0
+    for text, row in zip(texts, choices):
+        ends = [tokenizer(c if c.startswith(" ") else " " + c, add_special_tokens=False)["input_ids"] for c in row]
+        room = max(1, max_length // 2)  # a choice longer than half the room is cut
+        long_choice = any(len(e) > room for e in ends)
+        ends = [ids[:room] for ids in ends]
+        context, was_cut = fit_prompt(tokenizer, head.prompt or "{text}", [text], max_length - max(map(len, ends)))
+        cut += bool(was_cut or long_choice)
+        start = tokenizer(context[0])["input_ids"]
+        if not start:
+            raise DataError(f"an empty context ({text!r}): a choice's first token needs a token before it to be scored")
+        out["input_ids"].append([start + e for e in ends])
+        out["attention_mask"].append([[1] * (len(start) + len(e)) for e in ends])
+        out["choice_start"].append([len(start)] * len(ends))
     return out, cut
 
 
@@ -297,7 +355,9 @@ class Collator:
         self.tokenizer = tokenizer
         self.aligned_labels = getattr(head, "sequence_labels", False)
         self.windows = getattr(head, "long_text", "truncate") == "windows"
-        self.pack = pack  # padding-free rows for decoders (batching.pack); the caller checks batching.packable
+        # padding-free rows for decoders (batching.pack) where that pays (batching.packing_pays); the caller
+        # checks batching.packable
+        self.pack = pack
 
     def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
         longest = max(len(s) for s in sequences)
@@ -310,7 +370,9 @@ class Collator:
         first = rows[0]["input_ids"]
         pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
         keys = [key for key in pads if key in rows[0]]
-        if self.pack:
+        if "choice_start" in rows[0]:  # choices scored by the base's likelihood
+            return self._scored_choices(rows, pad_id)
+        if self.pack and packing_pays([len(r["input_ids"]) for r in rows]):
             batch = pack([r["input_ids"] for r in rows], pad_id)
         elif self.windows:  # a variable number of windows per row: flatten, and say whose each window is
             batch = {key: self._pad([seq for r in rows for seq in r[key]], pads[key]) for key in keys}
@@ -324,4 +386,26 @@ class Collator:
         if "labels" in rows[0]:
             labels = [r["labels"] for r in rows]
             batch["labels"] = self._pad(labels, IGNORE) if self.aligned_labels else torch.tensor(labels)
+        return batch
+
+    def _scored_choices(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+        """(batch, choices, length) tokens, plus for every sequence the positions that predict its
+        choice's tokens (``choice_index``) and those tokens (``choice_targets``, ``IGNORE`` as filler),
+        counted in the padded sequence, so the head gathers them with fixed shapes."""
+        sequences = [seq for r in rows for seq in r["input_ids"]]
+        starts = [s for r in rows for s in r["choice_start"]]
+        longest, left = max(map(len, sequences)), self.tokenizer.padding_side == "left"
+        width = max(len(seq) - s for seq, s in zip(sequences, starts))
+        index, targets = [], []
+        for seq, start in zip(sequences, starts):
+            shift, n = (longest - len(seq) if left else 0), len(seq) - start
+            index.append([shift + start - 1 + t for t in range(n)] + [0] * (width - n))
+            targets.append(seq[start:] + [IGNORE] * (width - n))
+        k = len(rows[0]["input_ids"])
+        batch = {"input_ids": self._pad(sequences, pad_id).view(len(rows), k, -1),
+                 "attention_mask": self._pad([[1] * len(s) for s in sequences], 0).view(len(rows), k, -1),
+                 "choice_index": torch.tensor(index).view(len(rows), k, -1),
+                 "choice_targets": torch.tensor(targets).view(len(rows), k, -1)}
+        if "labels" in rows[0]:
+            batch["labels"] = torch.tensor([r["labels"] for r in rows])
         return batch

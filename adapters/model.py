@@ -92,25 +92,31 @@ class AdaptedModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 window_doc: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None):
+                segments: torch.Tensor | None = None, choice_index: torch.Tensor | None = None,
+                choice_targets: torch.Tensor | None = None):
         """Logits for the head (and ``loss`` with ``labels``). Multiple-choice inputs are
         (batch, choices, length): every (context, choice) sequence is scored, then regrouped.
         With ``window_doc`` the rows are windows of longer texts (``window_doc[i]`` = the text of
         window i): their logits are pooled per text. ``token_type_ids`` (BERT's segment ids of
         text pairs) are passed on when given. Packed rows (``batching.pack``) come with
-        ``position_ids`` and ``segments`` instead of an attention mask: one logit row per segment."""
+        ``position_ids`` and ``segments`` instead of an attention mask: one logit row per segment.
+        Choices scored by the base's likelihood come with ``choice_index`` and ``choice_targets``
+        (which positions predict which choice tokens; see ``Collator``)."""
         if segments is not None:
             out = self.backbone(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
             logits = self.head(out.last_hidden_state, None, segments)
             return {"logits": logits, **({"loss": self.head_spec.loss(logits, labels)} if labels is not None else {})}
         choices = input_ids.shape[1] if input_ids.dim() == 3 else None
+        scored = {}
         if choices:
             input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
             token_type_ids = token_type_ids.flatten(0, 1) if token_type_ids is not None else None
+            if choice_index is not None:
+                scored = {"choice_index": choice_index.flatten(0, 1), "choice_targets": choice_targets.flatten(0, 1)}
         if window_doc is not None and input_ids.shape[0] > self.head_spec.window_batch:
             logits = self._windows_in_groups(input_ids, attention_mask, token_type_ids)
         else:
-            logits = self._sequence_logits(input_ids, attention_mask, token_type_ids)
+            logits = self._sequence_logits(input_ids, attention_mask, token_type_ids, scored)
         if choices:
             logits = logits.view(-1, choices)
         if window_doc is not None:
@@ -120,15 +126,15 @@ class AdaptedModel(nn.Module):
             result["loss"] = self.head_spec.loss(logits, labels)
         return result
 
-    def _sequence_logits(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        """Backbone -> head for a batch of sequences."""
+    def _sequence_logits(self, input_ids, attention_mask, token_type_ids=None, head_inputs=None) -> torch.Tensor:
+        """Backbone -> head for a batch of sequences (``head_inputs``: what the head reads besides the states)."""
         extra = self._positions(attention_mask)
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra, **self._no_cache)
         if self.head_spec.lm_logits:
             return out.logits
-        return self.head(out.last_hidden_state, attention_mask)
+        return self.head(out.last_hidden_state, attention_mask, **(head_inputs or {}))
 
     def _windows_in_groups(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         """The windows of a batch's long texts, ``window_batch`` at a time. With gradients, each group

@@ -21,6 +21,7 @@ Classification         pool -> linear(num_labels)          cross-entropy (weight
 MultiLabel             pool -> linear(num_labels)          BCE with logits
 Regression             pool -> linear(num_outputs)         MSE
 MultipleChoice         pool each (context, choice) -> 1    cross-entropy over choices
+  scoring=likelihood   the base's log-prob of the choice   cross-entropy over choices
 TokenClassification    linear(num_labels) on every token   cross-entropy on first sub-tokens
 CausalLM               the base's own LM head, frozen      next-token loss on the response
 =====================  ==================================  ==============================
@@ -33,11 +34,11 @@ and pooling), ``sequence.py`` (classification, multi-label, regression), ``choic
 from ..data import IGNORE
 from .causal import CausalLM
 from .choice import MultipleChoice
-from .layers import POOLINGS, SequenceHead, TokenHead, pool, pool_segments, pool_windows
+from .layers import POOLINGS, ChoiceLikelihood, SequenceHead, TokenHead, pool, pool_segments, pool_windows
 from .sequence import Classification, MultiLabel, Regression
 from .spec import HeadSpec, LongTextHead
 from .tokens import TokenClassification
 
-__all__ = ["IGNORE", "POOLINGS", "CausalLM", "Classification", "HeadSpec", "LongTextHead", "MultiLabel",
+__all__ = ["IGNORE", "POOLINGS", "CausalLM", "ChoiceLikelihood", "Classification", "HeadSpec", "LongTextHead", "MultiLabel",
            "MultipleChoice", "Regression", "SequenceHead", "TokenClassification", "TokenHead", "pool",
            "pool_segments", "pool_windows"]

@@ -1,5 +1,15 @@
 """``MultipleChoice``: a context and N candidate texts; each (context, choice) pair is scored, the
-scores compete in one softmax."""
+scores compete in one softmax.
+
+Two ways to score a pair. ``scoring="head"``: a new linear layer reads the pooled pair, as BERT's
+SWAG/RACE heads do; it starts random, so the model learns the task from the training rows alone.
+``scoring="likelihood"``: the score is the mean log-probability the base itself gives the choice's
+tokens after the context, with its own (tied) output embedding, as language-model evaluations
+score multiple choice (GPT-3's few-shot paper, Brown et al. 2020; EleutherAI's lm-evaluation-harness).
+A decoder then starts as its zero-shot chooser, and training (cross-entropy over the choices'
+scores) moves the adapter from there; no new weights are added. Scoring computes the vocabulary
+logits at the choice's positions only, not at every position.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import encode_choices
+from ..data import IGNORE, encode_choices
 from ..errors import ConfigError, DataError
-from .layers import SequenceHead
+from .layers import ChoiceLikelihood, SequenceHead
 from .spec import HeadSpec, _check_common
+
+
+SCORINGS = ("head", "likelihood")
+CHOICE_TOKENS = 8  # choice tokens per sequence in the memory estimate's example batch
 
 
 @dataclass
@@ -22,20 +36,34 @@ class MultipleChoice(HeadSpec):
 
     Data: the text column holds the context, ``choices_column`` a list of ``num_choices``
     candidate texts, the label column the index of the right one. Each (context, candidate) pair
-    is encoded as one sequence and scored by a shared linear layer; the scores are compared with
-    a softmax over the candidates.
+    is encoded as one sequence and scored (``scoring``, see the module docstring); the scores are
+    compared with a softmax over the candidates.
     """
 
     num_choices: int
     choices_column: str = "choices"
     pooling: str = "auto"
     dropout: float = 0.1
+    scoring: str = "head"
+    """``"head"``: a new linear layer on the pooled pair. ``"likelihood"``: the base's own mean
+    log-probability of the choice after the context (a decoder with tied embeddings; no new weights)."""
+    prompt: str | None = None
+    """A template around the context with ``{text}`` where it goes, e.g. ``"{text}\nThe licence is"``;
+    with ``"likelihood"`` the choice follows it after one space. Long contexts are cut, never the
+    template or the choice."""
     kind: str = field(default="multiple_choice", init=False)
 
     def __post_init__(self):
         _check_common(self)
         if not isinstance(self.num_choices, int) or self.num_choices < 2:
             raise ConfigError(f"num_choices={self.num_choices!r} must be an integer >= 2")
+        if self.scoring not in SCORINGS:
+            raise ConfigError(f"scoring={self.scoring!r} must be one of {SCORINGS}")
+        if self.prompt is not None and (not isinstance(self.prompt, str) or self.prompt.count("{text}") != 1):
+            raise ConfigError(f"prompt={self.prompt!r} must be text holding {{text}} once, where the context goes")
+
+    def prompted(self, texts: list[str]) -> list[str]:
+        return texts if self.prompt is None else [self.prompt.replace("{text}", t) for t in texts]
 
     def encode(self, data, tokenizer, text_column, label_column, max_length, what):
         return encode_choices(data, tokenizer, self, text_column, label_column, max_length, what)
@@ -45,11 +73,34 @@ class MultipleChoice(HeadSpec):
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         shape = (batch_size, self.num_choices, seq_len)
-        return {"input_ids": torch.empty(shape, dtype=torch.long), "attention_mask": torch.empty(shape, dtype=torch.long),
-                "labels": torch.empty(batch_size, dtype=torch.long)}
+        batch = {"input_ids": torch.empty(shape, dtype=torch.long), "attention_mask": torch.empty(shape, dtype=torch.long),
+                 "labels": torch.empty(batch_size, dtype=torch.long)}
+        if self.scoring == "likelihood":
+            scored = (batch_size, self.num_choices, min(CHOICE_TOKENS, seq_len - 1))
+            batch.update(choice_index=torch.zeros(scored, dtype=torch.long),
+                         choice_targets=torch.full(scored, IGNORE, dtype=torch.long))
+        return batch
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
+        if self.scoring == "likelihood":
+            if not is_decoder:
+                raise ConfigError("scoring='likelihood' needs a decoder (an encoder has no next-token scores); "
+                                  "use scoring='head'")
+            return ChoiceLikelihood()
         return SequenceHead(hidden_size, 1, self.resolved_pooling(is_decoder), self.dropout)
+
+    def initialize(self, head: nn.Module, backbone, tokenizer) -> None:
+        """With ``"likelihood"``: the head scores with the base's output embedding (tied to its input one)."""
+        if self.scoring != "likelihood":
+            return
+        if not getattr(backbone.config, "tie_word_embeddings", False):
+            raise ConfigError("scoring='likelihood' needs a base whose output embeddings are its input embeddings "
+                              "(tie_word_embeddings); this one has a separate LM head: use scoring='head'")
+        head.use_embedding(backbone.get_input_embeddings())
+
+    def describe(self) -> str:
+        how = "the base's likelihood" if self.scoring == "likelihood" else "a new linear head"
+        return f"MultipleChoice ({self.num_choices} choices, scored by {how})"
 
     def target(self, value) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < self.num_choices:

@@ -96,3 +96,32 @@ class TokenHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.score(self.dropout(hidden.to(self.score.weight.dtype)))
+
+
+class ChoiceLikelihood(nn.Module):
+    """A choice's score: the mean log-probability of its tokens under the base's own next-token
+    scores (hidden state @ output embedding). No weights of its own: it borrows the base's embedding
+    (``use_embedding``), kept out of this module's parameters so it is neither saved with the head
+    nor trained."""
+
+    pooling = "choice tokens"
+
+    def __init__(self):
+        super().__init__()
+        self._embedding: list[nn.Module] = []  # a list hides the module from nn.Module's registry
+
+    def use_embedding(self, embedding: nn.Module) -> None:
+        self._embedding[:] = [embedding]
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, choice_index: torch.Tensor,
+                choice_targets: torch.Tensor) -> torch.Tensor:
+        """(sequences, length, dim) states -> (sequences, 1) scores. ``choice_index[i, k]`` is the position
+        whose state predicts ``choice_targets[i, k]``, the choice's k-th token (``IGNORE``: filler)."""
+        if not self._embedding:
+            raise ConfigError("ChoiceLikelihood has no output embedding: MultipleChoice.initialize sets it")
+        weight = self._embedding[0].weight
+        states = hidden.gather(1, choice_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        log_probs = torch.log_softmax((states.to(weight.dtype) @ weight.T).float(), dim=-1)
+        real = choice_targets >= 0
+        picked = log_probs.gather(-1, choice_targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * real
+        return (picked.sum(-1) / real.sum(-1).clamp(min=1)).unsqueeze(-1)
