@@ -28,10 +28,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
-from _data import balance, majority_accuracy  # noqa: E402
+from _data import balance, decoder_and_tied, majority_accuracy  # noqa: E402
 from adapters.sources import group_split, load_rows, sample  # noqa: E402
 
 NOTICE_CATEGORIES = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
+# identify: the notice, then a cue the licence's name completes; each candidate name is scored by the base's
+# own likelihood after it (MultipleChoice(scoring="likelihood"))
+IDENTIFY_PROMPT = "{text}\nThe license of this notice:"
 # LexGLUE-shaped datasets (hub or local files of the same shape): their column mapping
 KNOWN_DATASETS = {
     "ledgar": {"text": "text", "label": "label"},  # one label per contract provision
@@ -181,8 +184,15 @@ def parse_args(argv=None):
     p.add_argument("--long-text", default="windows", choices=["windows", "truncate"], help="category-full only")
     p.add_argument("--window-pooling", default="mean", choices=["mean", "max"],
                    help="category-full: how the windows' logits of one licence are pooled")
-    p.add_argument("--prompt", help="category tasks: a template around each text with {text}, e.g. "
-                                    "'Licence text: {text}\nLicence category:'")
+    p.add_argument("--prompt", help="a template around each text with {text}, e.g. 'Licence text: {text}\nLicence "
+                                    "category:' (category tasks: none by default; identify with likelihood scoring: "
+                                    "IDENTIFY_PROMPT by default, '' for none)")
+    p.add_argument("--scoring", choices=["head", "likelihood"],
+                   help="identify: score each licence name with a new linear head, or with the base's own likelihood "
+                        "of the name after the notice (default for a decoder whose output embeddings are its input "
+                        "embeddings, as SmolLM2's)")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="identify with likelihood scoring: evaluate the untrained base first (its zero-shot accuracy)")
     p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
@@ -192,7 +202,13 @@ def parse_args(argv=None):
     p.add_argument("--group-column")
     p.add_argument("--export", help="write the task's rows (text, label, group[, choices]) to this JSONL file and stop: "
                                     "the input of recipes/configs/legal_*.yaml")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.zero_shot and (args.task != "identify" or args.data or args.scoring == "head"):
+        p.error("--zero-shot reports the base's own likelihood of each licence name before training: it goes with "
+                "--task identify on the packaged data and likelihood scoring")
+    if args.scoring and (args.task != "identify" or args.data):
+        p.error("--scoring is for --task identify (its licence names); the category tasks have a classification head")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -205,6 +221,7 @@ def main(argv=None) -> dict:
         return export_rows(rows, args)
     train_rows, test_rows, majority = split_rows(rows, args)
     model, head = build_model(args, train_rows, test_rows)
+    zero_shot = zero_shot_accuracy(model, head, test_rows) if args.zero_shot else None
     epochs = args.epochs or (2 if args.task == "category" and not args.data else 1)
     config = adapters.TrainConfig(epochs=epochs, lr=args.lr, head_lr=args.head_lr, layer_lr_decay=args.layer_lr_decay,
                                   batch_size=args.batch_size,
@@ -215,6 +232,8 @@ def main(argv=None) -> dict:
     result = {"task": args.task, "accuracy": metrics.get("eval_accuracy", metrics.get("eval_exact_match")),
               "majority_baseline": majority,
               "train_rows": len(train_rows), "test_rows": len(test_rows), "train_seconds": metrics["train_seconds"]}
+    if zero_shot is not None:
+        result["zero_shot_accuracy"] = zero_shot
     result.update(report(model, head, metrics, test_rows, output))
     result["total_seconds"] = time.perf_counter() - started
     (output / "results.json").write_text(json.dumps(result, indent=2))
@@ -262,10 +281,31 @@ def split_rows(rows: list[dict], args) -> tuple[list[dict], list[dict], float]:
     return train_rows, test_rows, majority
 
 
+def identify_head(args) -> adapters.MultipleChoice:
+    """Four licence names per notice, scored by the base's likelihood where it can (a decoder with tied
+    embeddings) unless ``--scoring`` says otherwise; the prompt goes with likelihood scoring by default."""
+    scoring = args.scoring
+    if scoring is None:
+        decoder, tied = decoder_and_tied(args.model)
+        scoring = "likelihood" if decoder and tied else "head"
+    prompt = args.prompt if args.prompt is not None else (IDENTIFY_PROMPT if scoring == "likelihood" else None)
+    return adapters.MultipleChoice(num_choices=4, scoring=scoring, prompt=prompt.replace("\\n", "\n") if prompt else None)
+
+
+def zero_shot_accuracy(model, head, test_rows: list[dict]) -> float:
+    """The untrained model's accuracy: with likelihood scoring, how well the base picks on its own."""
+    if getattr(head, "scoring", None) != "likelihood":
+        raise SystemExit("--zero-shot scores the base's own likelihood of each licence name: it needs --task identify "
+                         "with likelihood scoring (a random head has no zero-shot accuracy to report)")
+    accuracy = adapters.evaluate(model, test_rows)["accuracy"]
+    print(f"zero-shot accuracy (the base's likelihood, before training): {accuracy:.4f}")
+    return accuracy
+
+
 def build_model(args, train_rows: list[dict], test_rows: list[dict]):
     """The head the rows call for (choices, several labels, or one), on the chosen base and adapter."""
     if args.task == "identify" and not args.data:
-        head = adapters.MultipleChoice(num_choices=4)
+        head = identify_head(args)
     elif isinstance(train_rows[0]["label"], list):  # e.g. unfair_tos: several labels per text
         head = adapters.MultiLabel(labels=sorted({x for r in train_rows + test_rows for x in r["label"]}))
     else:
@@ -273,7 +313,8 @@ def build_model(args, train_rows: list[dict], test_rows: list[dict]):
         full = args.task == "category-full"
         head = adapters.Classification(labels=labels, class_weights=inverse_frequency_weights(train_rows, labels),
                                        long_text=args.long_text if full else "truncate",
-                                       window_pooling=args.window_pooling, prompt=args.prompt)
+                                       window_pooling=args.window_pooling,
+                                       prompt=args.prompt.replace("\\n", "\n") if args.prompt else None)
     adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
     model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,
                            quantization=None if args.quantization == "none" else args.quantization)

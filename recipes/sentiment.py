@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
-from _data import balance, majority_accuracy  # noqa: E402
+from _data import balance, decoder_and_tied, majority_accuracy  # noqa: E402
 from adapters.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
 
 # The task prompt and label words of the packaged task (measured in recipes/results/levers.md):
@@ -61,13 +61,7 @@ def task_prompt(args, labels: list[str]) -> tuple[str | None, list[str] | None]:
     the labels' own words (" negative", " positive")."""
     decoder = tied = False
     if not args.data and (args.prompt is None or args.label_words is None):
-        from transformers import AutoConfig
-
-        from adapters.base import is_decoder_config, resolve_source
-
-        config = AutoConfig.from_pretrained(resolve_source(args.model))
-        decoder = is_decoder_config(config)
-        tied = bool(getattr(config, "tie_word_embeddings", False))
+        decoder, tied = decoder_and_tied(args.model)
     prompt = args.prompt if args.prompt is not None else (REVIEW_PROMPT if decoder else None)
     prompt = prompt.replace("\\n", "\n") if prompt else None  # '\n' typed on a command line
     use_words = args.label_words if args.label_words is not None else decoder and tied

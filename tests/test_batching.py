@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.batching import LengthGroupedSampler, pack
+from adapters.batching import LengthGroupedSampler, pack, packing_pays
 from adapters.data import Collator, encode_rows
 from adapters.heads import pool, pool_segments
 
@@ -61,6 +61,18 @@ def test_pack_positions_segments_and_row_bound():
     assert rows["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 14]]
     assert rows["segments"].tolist() == [[0, 0, 0, 1], [2, 2, -1, -1], [3, 3, 3, 3]]
     assert rows["position_ids"][1].tolist() == [0, 1, 0, 1]  # filler restarts: a segment of its own
+
+
+def test_batches_are_packed_only_where_padding_would_cost_much(tiny_llama):
+    assert packing_pays([10, 40, 12, 9])  # padded: 160 tokens for 71 real ones
+    assert not packing_pays([256, 256, 250, 256])  # little padding: packing's quadratic attention costs more
+    head = adapters.Classification(labels=["neg", "pos"])
+    model = adapters.adapt(tiny_llama, adapter=None, head=head, quantization=None)
+    collate = Collator(model.tokenizer, head, pack=True)
+    even = collate([{"input_ids": [5] * 20, "attention_mask": [1] * 20, "labels": 0}] * 4)
+    mixed = collate([{"input_ids": [5] * n, "attention_mask": [1] * n, "labels": 0} for n in (20, 3, 4, 2)])
+    assert "attention_mask" in even and "segments" not in even
+    assert "segments" in mixed and mixed["input_ids"].numel() == 29
 
 
 @pytest.mark.parametrize("method", ["last", "first", "mean"])

@@ -1,5 +1,6 @@
 """The legal recipe's data building, on a small sample of ScanCode-shaped files."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -137,3 +138,31 @@ def test_export_feeds_the_yaml_configs(root, tmp_path, monkeypatch):
     config = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "legal_identify.yaml"
     run = load_run_config(config, [f"data.train={out}"])
     assert run.head.kind == "multiple_choice" and run.head.num_choices == 4
+
+
+def test_identify_scores_names_by_likelihood_where_the_base_allows(tiny_llama, tied_llama):
+    head = legal.identify_head(legal.parse_args(["--task", "identify", "--model", tied_llama]))
+    assert head.scoring == "likelihood" and head.prompt == legal.IDENTIFY_PROMPT
+    untied = legal.identify_head(legal.parse_args(["--task", "identify", "--model", tiny_llama]))
+    assert untied.scoring == "head" and untied.prompt is None  # no tied output embedding to score with
+    bare = legal.identify_head(legal.parse_args(["--task", "identify", "--model", tied_llama, "--prompt", ""]))
+    assert bare.scoring == "likelihood" and bare.prompt is None
+    cue = legal.identify_head(legal.parse_args(["--task", "identify", "--model", tied_llama, "--prompt", "{text}\\nIt is"]))
+    assert cue.prompt == "{text}\nIt is"  # '\n' as typed on a command line
+
+
+@pytest.mark.parametrize("argv", [["--task", "category", "--zero-shot"], ["--task", "identify", "--scoring", "head",
+                                                                         "--zero-shot"],
+                                  ["--task", "category-full", "--scoring", "likelihood"]])
+def test_identify_only_flags_are_refused_elsewhere(argv):
+    with pytest.raises(SystemExit):
+        legal.parse_args(argv)
+
+
+def test_identify_end_to_end_reports_the_zero_shot_accuracy(root, tied_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr(legal, "data_root", lambda: root)
+    result = legal.main(["--task", "identify", "--model", tied_llama, "--zero-shot", "--quantization", "none",
+                         "--epochs", "1", "--batch-size", "4", "--output", str(tmp_path / "art")])
+    assert 0 <= result["zero_shot_accuracy"] <= 1 and 0 <= result["accuracy"] <= 1 and result["train_rows"] > 0
+    saved = json.loads((tmp_path / "art" / "results.json").read_text())
+    assert saved["zero_shot_accuracy"] == result["zero_shot_accuracy"]

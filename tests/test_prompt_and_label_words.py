@@ -6,24 +6,7 @@ import torch
 
 import adapters
 
-from .conftest import save_tiny
-
 LABELS = ["neg", "pos"]
-
-
-@pytest.fixture(scope="module")
-def tied_llama(tmp_path_factory):
-    """The tiny Llama with tied input and output embeddings, as SmolLM2 has."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .conftest import _tokenizer
-
-    _, vocab = _tokenizer(bert=False)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                         eos_token_id=3, bos_token_id=None, tie_word_embeddings=True)
-    return save_tiny(LlamaForCausalLM(config), tmp_path_factory.mktemp("tied-llama"), bert=False)
 
 
 def test_the_prompt_wraps_every_text(tiny_llama):
