@@ -187,12 +187,17 @@ def parse_args(argv=None):
     p.add_argument("--prompt", help="a template around each text with {text}, e.g. 'Licence text: {text}\nLicence "
                                     "category:' (category tasks: none by default; identify with likelihood scoring: "
                                     "IDENTIFY_PROMPT by default, '' for none)")
+    p.add_argument("--label-words", help="category tasks: one word per category in the labels' sorted order, comma-"
+                                         "separated, e.g. 'proprietary,copyleft,lesser,permissive': the head starts "
+                                         "as the base's next-token scores of these words (Classification(label_words=); "
+                                         "distinct first tokens, a base with tied embeddings)")
     p.add_argument("--scoring", choices=["head", "likelihood"],
                    help="identify: score each licence name with a new linear head, or with the base's own likelihood "
                         "of the name after the notice (default for a decoder whose output embeddings are its input "
                         "embeddings, as SmolLM2's)")
     p.add_argument("--zero-shot", action="store_true",
-                   help="identify with likelihood scoring: evaluate the untrained base first (its zero-shot accuracy)")
+                   help="identify with likelihood scoring, or --label-words: evaluate the untrained model first (the "
+                        "base's zero-shot accuracy)")
     p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
@@ -203,9 +208,12 @@ def parse_args(argv=None):
     p.add_argument("--export", help="write the task's rows (text, label, group[, choices]) to this JSONL file and stop: "
                                     "the input of recipes/configs/legal_*.yaml")
     args = p.parse_args(argv)
-    if args.zero_shot and (args.task != "identify" or args.data or args.scoring == "head"):
-        p.error("--zero-shot reports the base's own likelihood of each licence name before training: it goes with "
-                "--task identify on the packaged data and likelihood scoring")
+    scored_names = args.task == "identify" and not args.data and args.scoring != "head"
+    if args.zero_shot and not (scored_names or args.label_words):
+        p.error("--zero-shot evaluates the untrained model, which is a classifier only where the base itself scores: "
+                "--task identify with likelihood scoring, or a category task with --label-words")
+    if args.label_words and args.task == "identify":
+        p.error("--label-words is for the category tasks (a classification head); identify scores licence names")
     if args.scoring and (args.task != "identify" or args.data):
         p.error("--scoring is for --task identify (its licence names); the category tasks have a classification head")
     return args
@@ -292,13 +300,25 @@ def identify_head(args) -> adapters.MultipleChoice:
     return adapters.MultipleChoice(num_choices=4, scoring=scoring, prompt=prompt.replace("\\n", "\n") if prompt else None)
 
 
+def label_words(args, labels: list[str]) -> list[str] | None:
+    """``--label-words`` as the head takes them: one per label, each with the space a word has before it."""
+    if not args.label_words:
+        return None
+    words = [w.strip() for w in args.label_words.split(",")]
+    if len(words) != len(labels) or not all(words):
+        raise SystemExit(f"--label-words needs {len(labels)} comma-separated words, one per category in this order: "
+                         f"{labels}; got {args.label_words!r}")
+    return [" " + w for w in words]
+
+
 def zero_shot_accuracy(model, head, test_rows: list[dict]) -> float:
-    """The untrained model's accuracy: with likelihood scoring, how well the base picks on its own."""
-    if getattr(head, "scoring", None) != "likelihood":
-        raise SystemExit("--zero-shot scores the base's own likelihood of each licence name: it needs --task identify "
-                         "with likelihood scoring (a random head has no zero-shot accuracy to report)")
+    """The untrained model's accuracy: how well the base picks on its own, through the likelihood of each
+    licence name or the next-token scores of the label words."""
+    if getattr(head, "scoring", None) != "likelihood" and getattr(head, "label_words", None) is None:
+        raise SystemExit("--zero-shot needs a head the base scores itself (likelihood scoring or label words); this "
+                         "base gets a random head, which has no zero-shot accuracy to report")
     accuracy = adapters.evaluate(model, test_rows)["accuracy"]
-    print(f"zero-shot accuracy (the base's likelihood, before training): {accuracy:.4f}")
+    print(f"zero-shot accuracy (the base's own scores, before training): {accuracy:.4f}")
     return accuracy
 
 
@@ -314,7 +334,8 @@ def build_model(args, train_rows: list[dict], test_rows: list[dict]):
         head = adapters.Classification(labels=labels, class_weights=inverse_frequency_weights(train_rows, labels),
                                        long_text=args.long_text if full else "truncate",
                                        window_pooling=args.window_pooling,
-                                       prompt=args.prompt.replace("\\n", "\n") if args.prompt else None)
+                                       prompt=args.prompt.replace("\\n", "\n") if args.prompt else None,
+                                       label_words=label_words(args, labels))
     adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
     model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,
                            quantization=None if args.quantization == "none" else args.quantization)

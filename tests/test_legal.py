@@ -166,3 +166,14 @@ def test_identify_end_to_end_reports_the_zero_shot_accuracy(root, tied_llama, tm
     assert 0 <= result["zero_shot_accuracy"] <= 1 and 0 <= result["accuracy"] <= 1 and result["train_rows"] > 0
     saved = json.loads((tmp_path / "art" / "results.json").read_text())
     assert saved["zero_shot_accuracy"] == result["zero_shot_accuracy"]
+
+
+def test_label_words_come_one_per_category_in_order():
+    labels = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
+    args = legal.parse_args(["--task", "category", "--label-words", "proprietary, copyleft,lesser,permissive"])
+    assert legal.label_words(args, labels) == [" proprietary", " copyleft", " lesser", " permissive"]
+    assert legal.label_words(legal.parse_args(["--task", "category"]), labels) is None
+    with pytest.raises(SystemExit, match="4 comma-separated words"):
+        legal.label_words(legal.parse_args(["--task", "category", "--label-words", "a,b"]), labels)
+    with pytest.raises(SystemExit):
+        legal.parse_args(["--task", "identify", "--label-words", "a,b,c,d"])
