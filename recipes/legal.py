@@ -34,7 +34,7 @@ from adapters.sources import group_split, load_rows, sample  # noqa: E402
 NOTICE_CATEGORIES = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
 # identify: the notice, then a cue the licence's name completes; each candidate name is scored by the base's
 # own likelihood after it (MultipleChoice(scoring="likelihood"))
-IDENTIFY_PROMPT = "{text}\nThe license of this notice:"
+IDENTIFY_PROMPT = "{text}\nLicense:"
 # LexGLUE-shaped datasets (hub or local files of the same shape): their column mapping
 KNOWN_DATASETS = {
     "ledgar": {"text": "text", "label": "label"},  # one label per contract provision
