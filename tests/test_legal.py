@@ -138,6 +138,7 @@ def test_export_feeds_the_yaml_configs(root, tmp_path, monkeypatch):
     config = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "legal_identify.yaml"
     run = load_run_config(config, [f"data.train={out}"])
     assert run.head.kind == "multiple_choice" and run.head.num_choices == 4
+    assert run.head.scoring == "likelihood" and run.head.prompt == legal.IDENTIFY_PROMPT
 
 
 def test_identify_scores_names_by_likelihood_where_the_base_allows(tiny_llama, tied_llama):
