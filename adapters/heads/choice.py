@@ -23,8 +23,7 @@ from torch import nn
 from ..data import IGNORE, encode_choices
 from ..errors import ConfigError, DataError
 from .layers import ChoiceLikelihood, SequenceHead
-from .spec import HeadSpec, _check_common
-
+from .spec import HeadSpec, _check_common, check_template, prompted
 
 SCORINGS = ("head", "likelihood")
 CHOICE_TOKENS = 8  # choice tokens per sequence in the memory estimate's example batch
@@ -59,11 +58,10 @@ class MultipleChoice(HeadSpec):
             raise ConfigError(f"num_choices={self.num_choices!r} must be an integer >= 2")
         if self.scoring not in SCORINGS:
             raise ConfigError(f"scoring={self.scoring!r} must be one of {SCORINGS}")
-        if self.prompt is not None and (not isinstance(self.prompt, str) or self.prompt.count("{text}") != 1):
-            raise ConfigError(f"prompt={self.prompt!r} must be text holding {{text}} once, where the context goes")
+        check_template(self.prompt)
 
     def prompted(self, texts: list[str]) -> list[str]:
-        return texts if self.prompt is None else [self.prompt.replace("{text}", t) for t in texts]
+        return prompted(self.prompt, texts)
 
     def encode(self, data, tokenizer, text_column, label_column, max_length, what):
         return encode_choices(data, tokenizer, self, text_column, label_column, max_length, what)

@@ -166,13 +166,21 @@ class LongTextHead(HeadSpec):
         return self.long_text == "truncate"
 
     def check_prompt(self) -> None:
-        if self.prompt is None:
-            return
-        if not isinstance(self.prompt, str) or self.prompt.count("{text}") != 1:
-            raise ConfigError(f"prompt={self.prompt!r} must be text holding {{text}} once, where the input goes")
-        if self.long_text != "truncate":
+        check_template(self.prompt)
+        if self.prompt is not None and self.long_text != "truncate":
             raise ConfigError("prompt= and long_text='windows' do not combine: each window would need the prompt")
 
     def prompted(self, texts: list[str]) -> list[str]:
         """``texts`` inside the prompt template (unchanged without one)."""
-        return texts if self.prompt is None else [self.prompt.replace("{text}", t) for t in texts]
+        return prompted(self.prompt, texts)
+
+
+def check_template(prompt: str | None) -> None:
+    """A head's ``prompt``: None, or text holding ``{text}`` exactly once."""
+    if prompt is not None and (not isinstance(prompt, str) or prompt.count("{text}") != 1):
+        raise ConfigError(f"prompt={prompt!r} must be text holding {{text}} once, where the input goes")
+
+
+def prompted(prompt: str | None, texts: list[str]) -> list[str]:
+    """``texts`` inside the ``prompt`` template (unchanged without one)."""
+    return texts if prompt is None else [prompt.replace("{text}", t) for t in texts]
