@@ -32,6 +32,8 @@ random batches of 16 process 1.85x the real tokens. Three remedies, each exact i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import Sampler
 
@@ -129,20 +131,36 @@ def packing_pays(lengths: list[int]) -> bool:
     return len(lengths) * max(lengths) > (1 + PACK_ABOVE_PADDING) * real
 
 
+def balanced_rows(lengths: list[int], row_tokens: int = PACKED_ROW_TOKENS) -> list[list[int]]:
+    """Which sequences go in which packed row: as few rows as ``row_tokens`` allows, each sequence
+    (longest first) into the emptiest row (LPT scheduling), so the rows come out of similar length and
+    the filler that evens them is small (filling rows one after the other can leave the last nearly
+    empty: its filler is computed like real tokens). A longer sequence gets a row of its own."""
+    rows: list[list[int]] = [[] for _ in range(max(1, math.ceil(sum(lengths) / row_tokens)))]
+    sizes = [0] * len(rows)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(len(rows)), key=sizes.__getitem__)
+        if sizes[r] and sizes[r] + lengths[i] > row_tokens:
+            rows.append([])
+            sizes.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        sizes[r] += lengths[i]
+    return [sorted(row) for row in rows if row]
+
+
 def pack(sequences: list[list[int]], pad_id: int, row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, torch.Tensor]:
-    """Concatenate ``sequences`` into rows of at most ``row_tokens`` tokens (one row when they fit).
+    """Concatenate ``sequences`` into rows of at most ``row_tokens`` tokens (one row when they fit;
+    several of similar length otherwise, see ``balanced_rows``).
 
     Returns ``input_ids``, ``position_ids`` (0.. within each sequence) and ``segments`` (the
     sequence each token belongs to; -1 for the filler that pads the rows to one length, whose
     positions restart at 0 too, so it forms a segment of its own that nothing attends to)."""
-    rows: list[list[int]] = [[]]
-    owners: list[list[int]] = [[]]
-    for index, seq in enumerate(sequences):
-        if rows[-1] and len(rows[-1]) + len(seq) > max(row_tokens, len(seq)):
-            rows.append([])
-            owners.append([])
-        rows[-1] += seq
-        owners[-1] += [index] * len(seq)
+    rows: list[list[int]] = []
+    owners: list[list[int]] = []
+    for members in balanced_rows([len(seq) for seq in sequences], row_tokens):
+        rows.append([token for i in members for token in sequences[i]])
+        owners.append([i for i in members for _ in sequences[i]])
     width = max(len(r) for r in rows)
     input_ids, positions, segments = [], [], []
     for row, owner in zip(rows, owners):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.batching import LengthGroupedSampler, pack, packing_pays
+from adapters.batching import LengthGroupedSampler, balanced_rows, pack, packing_pays
 from adapters.data import Collator, encode_rows
 from adapters.heads import pool, pool_segments
 
@@ -57,10 +57,23 @@ def test_pack_positions_segments_and_row_bound():
     assert one["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
     assert one["position_ids"].tolist() == [[0, 1, 2, 0, 0, 1, 0, 1, 2, 3]]
     assert one["segments"].tolist() == [[0, 0, 0, 1, 2, 2, 3, 3, 3, 3]]
-    rows = pack(sequences, pad_id=0, row_tokens=5)
-    assert rows["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 14]]
-    assert rows["segments"].tolist() == [[0, 0, 0, 1], [2, 2, -1, -1], [3, 3, 3, 3]]
-    assert rows["position_ids"][1].tolist() == [0, 1, 0, 1]  # filler restarts: a segment of its own
+    even = pack(sequences, pad_id=0, row_tokens=5)  # 10 tokens in 2 rows of 5: balanced, no filler
+    assert even["input_ids"].tolist() == [[8, 11, 12, 13, 14], [5, 6, 7, 9, 10]]
+    assert even["segments"].tolist() == [[1, 3, 3, 3, 3], [0, 0, 0, 2, 2]]
+    rows = pack(sequences, pad_id=0, row_tokens=4)
+    assert rows["input_ids"].tolist() == [[11, 12, 13, 14], [5, 6, 7, 0], [8, 9, 10, 0]]
+    assert rows["segments"].tolist() == [[3, 3, 3, 3], [0, 0, 0, -1], [1, 2, 2, -1]]
+    assert rows["position_ids"][2].tolist() == [0, 0, 1, 0]  # filler restarts: a segment of its own
+    long = pack([[1] * 6, [2]], pad_id=0, row_tokens=4)  # longer than a row: a row of its own
+    assert long["segments"].tolist() == [[0] * 6, [1, -1, -1, -1, -1, -1]]
+
+
+def test_packed_rows_come_out_of_similar_length():
+    lengths = [100, 90, 80, 70, 60, 60, 50, 40, 40, 30, 20, 10] * 2
+    rows = balanced_rows(lengths, row_tokens=1024)
+    sizes = [sum(lengths[i] for i in row) for row in rows]
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # every sequence once
+    assert len(rows) == 2 and max(sizes) <= 1024 and max(sizes) - min(sizes) <= 10
 
 
 def test_batches_are_packed_only_where_padding_would_cost_much(tiny_llama):
