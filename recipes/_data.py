@@ -16,6 +16,11 @@ def majority_accuracy(train: list[dict], test: list[dict], label_key: str = "lab
     return sum(r[label_key] == top for r in test) / len(test)
 
 
+def typed_text(text: str | None) -> str | None:
+    """A template typed on a command line, its ``\\n`` read as a line break; empty -> None (none)."""
+    return text.replace("\\n", "\n") if text else None
+
+
 def decoder_and_tied(model: str) -> tuple[bool, bool]:
     """Whether ``model`` is a decoder, and whether its output embeddings are its input embeddings
     (what label words and likelihood scoring need), read from its config alone: a recipe picks its

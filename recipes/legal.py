@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
-from _data import balance, decoder_and_tied, majority_accuracy  # noqa: E402
+from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # noqa: E402
 from adapters.sources import group_split, load_rows, sample  # noqa: E402
 
 NOTICE_CATEGORIES = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
@@ -299,7 +299,7 @@ def identify_head(args) -> adapters.MultipleChoice:
         decoder, tied = decoder_and_tied(args.model)
         scoring = "likelihood" if decoder and tied else "head"
     prompt = args.prompt if args.prompt is not None else (IDENTIFY_PROMPT if scoring == "likelihood" else None)
-    return adapters.MultipleChoice(num_choices=4, scoring=scoring, prompt=prompt.replace("\\n", "\n") if prompt else None)
+    return adapters.MultipleChoice(num_choices=4, scoring=scoring, prompt=typed_text(prompt))
 
 
 def label_words(args, labels: list[str]) -> list[str] | None:
@@ -336,7 +336,7 @@ def build_model(args, train_rows: list[dict], test_rows: list[dict]):
         head = adapters.Classification(labels=labels, class_weights=inverse_frequency_weights(train_rows, labels),
                                        long_text=args.long_text if full else "truncate",
                                        window_pooling=args.window_pooling,
-                                       prompt=args.prompt.replace("\\n", "\n") if args.prompt else None,
+                                       prompt=typed_text(args.prompt),
                                        label_words=label_words(args, labels))
     adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
     model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
-from _data import balance, decoder_and_tied, majority_accuracy  # noqa: E402
+from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # noqa: E402
 from adapters.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
 
 # The task prompt and label words of the packaged task (measured in recipes/results/levers.md):
@@ -63,7 +63,7 @@ def task_prompt(args, labels: list[str]) -> tuple[str | None, list[str] | None]:
     if not args.data and (args.prompt is None or args.label_words is None):
         decoder, tied = decoder_and_tied(args.model)
     prompt = args.prompt if args.prompt is not None else (REVIEW_PROMPT if decoder else None)
-    prompt = prompt.replace("\\n", "\n") if prompt else None  # '\n' typed on a command line
+    prompt = typed_text(prompt)  # '\n' typed on a command line
     use_words = args.label_words if args.label_words is not None else decoder and tied
     return prompt, [f" {label}" for label in labels] if use_words else None
 

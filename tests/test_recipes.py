@@ -35,21 +35,12 @@ def test_sentiment_recipe_on_a_users_csv(tiny_llama, tmp_path):
     assert adapters.load(out).head_spec.labels == ["neg", "pos"]
 
 
-def test_sentiment_task_prompt_defaults(tiny_llama, tiny_bert, tmp_path):
+def test_sentiment_task_prompt_defaults(tiny_llama, tied_llama, tiny_bert):
     """On the packaged data a decoder gets the review prompt, and label words when its embeddings are
     tied (as label words need); an encoder, a user's file or an explicit choice gets what was asked."""
-    import torch
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    from .conftest import save_tiny
-
     labels = ["negative", "positive"]
     words = [" negative", " positive"]
-    torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(tiny_llama)
-    config.tie_word_embeddings = True
-    tied = save_tiny(LlamaForCausalLM(config), tmp_path / "tied", bert=False)
-    assert sentiment.task_prompt(sentiment.parse_args(["--model", tied]), labels) == (sentiment.REVIEW_PROMPT, words)
+    assert sentiment.task_prompt(sentiment.parse_args(["--model", tied_llama]), labels) == (sentiment.REVIEW_PROMPT, words)
     # untied (the tiny test Llama): the prompt, no label words
     assert sentiment.task_prompt(sentiment.parse_args(["--model", tiny_llama]), labels) == (sentiment.REVIEW_PROMPT, None)
     assert sentiment.task_prompt(sentiment.parse_args(["--model", tiny_bert]), labels) == (None, None)

@@ -23,7 +23,7 @@ from torch import nn
 from ..data import IGNORE, encode_choices
 from ..errors import ConfigError, DataError
 from .layers import ChoiceLikelihood, SequenceHead
-from .spec import HeadSpec, _check_common, check_template, prompted
+from .spec import HeadSpec, _check_common, check_template, prompted, tied_input_embedding
 
 SCORINGS = ("head", "likelihood")
 CHOICE_TOKENS = 8  # choice tokens per sequence in the memory estimate's example batch
@@ -91,10 +91,7 @@ class MultipleChoice(HeadSpec):
         """With ``"likelihood"``: the head scores with the base's output embedding (tied to its input one)."""
         if self.scoring != "likelihood":
             return
-        if not getattr(backbone.config, "tie_word_embeddings", False):
-            raise ConfigError("scoring='likelihood' needs a base whose output embeddings are its input embeddings "
-                              "(tie_word_embeddings); this one has a separate LM head: use scoring='head'")
-        head.use_embedding(backbone.get_input_embeddings())
+        head.use_embedding(tied_input_embedding(backbone, "scoring='likelihood'", fix=": use scoring='head'"))
 
     def describe(self) -> str:
         how = "the base's likelihood" if self.scoring == "likelihood" else "a new linear head"

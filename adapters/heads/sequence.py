@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..metrics import classification_metrics, multilabel_metrics, regression_metrics
 from .layers import SequenceHead
-from .spec import LongTextHead, _check_common, _check_labels, _label_index
+from .spec import LongTextHead, _check_common, _check_labels, _label_index, tied_input_embedding
 
 
 @dataclass
@@ -73,13 +73,11 @@ class Classification(LongTextHead):
         """With ``label_words``: each label's row is the output embedding of its word's first token."""
         if self.label_words is None or tokenizer is None:
             return
-        if not getattr(backbone.config, "tie_word_embeddings", False):
-            raise ConfigError("label_words needs a base whose output embeddings are its input embeddings "
-                              "(tie_word_embeddings); this one has a separate LM head")
+        embedding = tied_input_embedding(backbone, "label_words")
         ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in self.label_words]
         if any(not i for i in ids) or len({i[0] for i in ids}) != len(ids):
             raise ConfigError(f"label_words {self.label_words} must start with distinct tokens; got token ids {ids}")
-        rows = backbone.get_input_embeddings().weight[[i[0] for i in ids]]
+        rows = embedding.weight[[i[0] for i in ids]]
         with torch.no_grad():
             head.score.weight.copy_(rows.float())
             if head.score.bias is not None:

@@ -184,3 +184,12 @@ def check_template(prompt: str | None) -> None:
 def prompted(prompt: str | None, texts: list[str]) -> list[str]:
     """``texts`` inside the ``prompt`` template (unchanged without one)."""
     return texts if prompt is None else [prompt.replace("{text}", t) for t in texts]
+
+
+def tied_input_embedding(backbone, what: str, fix: str = ""):
+    """The base's input embedding, which ``what`` uses as its output embedding: only where the two are
+    one matrix (``tie_word_embeddings``); a separate LM head is not loaded with a headless base."""
+    if not getattr(backbone.config, "tie_word_embeddings", False):
+        raise ConfigError(f"{what} needs a base whose output embeddings are its input embeddings "
+                          f"(tie_word_embeddings); this one has a separate LM head{fix}")
+    return backbone.get_input_embeddings()
