@@ -30,6 +30,11 @@ def eval_loader(model, data, text_column: str, label_column: str, rows: int | No
     ``rows`` rows under several, whose shards must be of one size."""
     encoded = encode_dataset(data, model.tokenizer, model.head_spec, text_column, label_column,
                              model.max_length, "eval dataset")
+    return inference_loader(model, encoded, rows, processes)
+
+
+def inference_loader(model, encoded, rows: int | None = None, processes: int = 1) -> DataLoader:
+    """Batches of already encoded rows for a pass without gradients (evaluation, the linear probe)."""
     lengths = [row_length(ids) for ids in encoded["input_ids"]]
     collate = Collator(model.tokenizer, model.head_spec)
     if processes > 1:  # Accelerate shards a sampler with a fixed batch size evenly across processes

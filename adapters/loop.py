@@ -5,7 +5,8 @@ in order (the layout of torchtune's recipes and litgpt's ``fit``):
 
 * **setup**: encode the data, choose the batch size (``auto_batch_size``), create the Accelerator
   (processes, gradient accumulation, fp16 scaler, trackers), check the output folder, build the
-  loaders, the optimizer and the schedule, and restore a checkpoint when resuming;
+  loaders, the optimizer and the schedule, and restore a checkpoint when resuming, or else fit the
+  head on the frozen features first (``linear_probe``, LP-FT; ``probe.py``);
 * **epoch_batches**: one epoch's batches, in the seeded order; a run resumed mid-epoch gets the
   same order minus the batches already done;
 * **train_step**: forward (under our bf16 autocast), the non-finite loss guard, backward, clipping,
@@ -58,8 +59,9 @@ from .checkpoint import (
 from .data import encode_dataset
 from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from .evaluation import evaluate_loader
-from .loaders import eval_loader, eval_rows, train_loader
+from .loaders import eval_loader, eval_rows, inference_loader, train_loader
 from .optim import build_optimizer, lr_schedule
+from .probe import check_probe, fit_head
 from .tracking import trackers_for
 from .train_config import TrainConfig
 
@@ -76,6 +78,8 @@ class TrainingLoop:
             raise ConfigError("the model has no trainable parameters")
         if (config.early_stopping_metric or config.load_best) and eval_data is None:
             raise ConfigError("early stopping and load_best need eval data: pass eval_data to train()")
+        if config.linear_probe:
+            check_probe(model)
         check_output_dir(config.output_dir, config.resume, config.overwrite)  # before any slow work
         self.model = self.unwrapped = model
         self.train_data, self.eval_data, self.config = train_data, eval_data, config
@@ -87,6 +91,7 @@ class TrainingLoop:
         self.counts = {"examples": 0, "tokens": 0, "processed": 0}
         self.compute_metrics, self.callbacks = compute_metrics, list(callbacks or ())
         self.should_stop = False  # a callback may set it: stop after this step
+        self.probe: dict[str, float] = {}
 
     def run(self) -> dict[str, float]:
         self.setup()
@@ -120,6 +125,8 @@ class TrainingLoop:
             trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
             self.state = load_checkpoint(self.accelerator, self.resume_from, trainable)
             self.accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        elif self.config.linear_probe:  # a resumed run's head comes from its checkpoint
+            self.probe_head()
         if self.trackers:  # metrics.jsonl is appended to: a resumed run's log goes on where it stopped
             self.accelerator.init_trackers("qadapters", config=_set_fields(self.config))
         self.accelerator.print(
@@ -197,6 +204,19 @@ class TrainingLoop:
             config.scheduler, int(config.warmup_ratio * self.total_steps), self.total_steps,
             accelerator.num_processes)))
         accelerator.register_save_state_pre_hook(keep_trainable_only(accelerator.unwrap_model))
+
+    def probe_head(self) -> None:
+        """LP-FT's first stage: the head fitted on the frozen features of the training rows (``probe.py``)."""
+        started = time.perf_counter()
+        rows = eval_rows(self.unwrapped.head_spec, self.config.eval_batch_size, self.config.batch_size,
+                         self.accelerator.num_processes)
+        loader = self.accelerator.prepare(inference_loader(self.unwrapped, self.encoded, rows,
+                                                           self.accelerator.num_processes))
+        self.probe = fit_head(self.model, loader, self.accelerator)
+        self.probe["probe_seconds"] = time.perf_counter() - started
+        self.accelerator.print(f"linear probe on {self.probe['probe_rows']} rows: head loss "
+                               f"{self.probe['probe_loss_before']:.4f} -> {self.probe['probe_loss_after']:.4f} "
+                               f"({self.probe['probe_seconds']:.0f} s)")
 
     # --- the epochs -------------------------------------------------------------------------------
 
@@ -408,6 +428,7 @@ class TrainingLoop:
         }
         if self.auto_batch is not None:
             result.update(batch_size=self.config.batch_size, grad_accum=self.config.grad_accum)
+        result.update(self.probe)
         if state.skipped_steps:
             result["skipped_steps"] = state.skipped_steps
         if self.encoded.truncated_rows:

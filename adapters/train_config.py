@@ -82,6 +82,11 @@ class TrainConfig:
     ``"comet_ml"``, ``"aim"``, ``"clearml"``, ``"dvclive"``, ``"swanlab"``, ``"trackio"``); each must be
     installed. None: TensorBoard when installed and there is an ``output_dir``; ``[]``: none.
     ``metrics.jsonl`` is always written into ``output_dir``."""
+    linear_probe: bool = False
+    """LP-FT: before training, fit the head's linear layer on the frozen model's features of the training
+    rows (one pass without gradients, then L-BFGS; see ``probe.py``), so training starts from a fitted
+    head instead of a random one. For pooled heads (classification, multi-label, regression,
+    multiple choice with ``scoring="head"``)."""
     auto_batch_size: bool = False
     """Use the largest per-device batch that fits the device's free memory (memory estimate, then one
     real step that backs off on out-of-memory), with gradient accumulation keeping the effective

@@ -201,6 +201,10 @@ def parse_args(argv=None):
                    help="identify with likelihood scoring, or --label-words: evaluate the untrained model first (the "
                         "base's zero-shot accuracy)")
     p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="LP-FT: fit the head on the frozen model's features before training (TrainConfig.linear_probe)")
+    p.add_argument("--pooling", default="auto", choices=["auto", "last", "first", "mean"],
+                   help="how a text's token states become one vector (auto: the last token for a decoder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
     p.add_argument("--data", help="your own CSV/JSONL/Parquet file or a hub dataset (e.g. LexGLUE's ledgar)")
@@ -234,6 +238,7 @@ def main(argv=None) -> dict:
     zero_shot = zero_shot_accuracy(model, head, test_rows) if args.zero_shot else None
     epochs = args.epochs or (2 if args.task == "category" and not args.data else 1)
     config = adapters.TrainConfig(epochs=epochs, lr=args.lr, head_lr=args.head_lr, layer_lr_decay=args.layer_lr_decay,
+                                  linear_probe=args.linear_probe,
                                   batch_size=args.batch_size,
                                   grad_accum=args.grad_accum, auto_batch_size=args.auto_batch_size,
                                   seed=args.seed, output_dir=str(output) + "-logs", overwrite=True)
@@ -244,6 +249,7 @@ def main(argv=None) -> dict:
               "train_rows": len(train_rows), "test_rows": len(test_rows), "train_seconds": metrics["train_seconds"]}
     if zero_shot is not None:
         result["zero_shot_accuracy"] = zero_shot
+    result.update({k: v for k, v in metrics.items() if k.startswith("probe_")})
     result.update(report(model, head, metrics, test_rows, output))
     result["total_seconds"] = time.perf_counter() - started
     (output / "results.json").write_text(json.dumps(result, indent=2))
@@ -335,7 +341,7 @@ def build_model(args, train_rows: list[dict], test_rows: list[dict]):
         full = args.task == "category-full"
         head = adapters.Classification(labels=labels, class_weights=inverse_frequency_weights(train_rows, labels),
                                        long_text=args.long_text if full else "truncate",
-                                       window_pooling=args.window_pooling,
+                                       window_pooling=args.window_pooling, pooling=args.pooling,
                                        prompt=typed_text(args.prompt),
                                        label_words=label_words(args, labels))
     adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]

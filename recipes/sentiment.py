@@ -91,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
+    p.add_argument("--linear-probe", action="store_true",
+                   help="LP-FT: fit the head on the frozen model's features before training (TrainConfig.linear_probe)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -152,7 +154,8 @@ def main(argv=None) -> dict:
         zero_shot = adapters.evaluate(model, test_rows)["accuracy"]
         print(f"zero-shot accuracy (label words, before training): {zero_shot:.4f}")
     config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
-                                  layer_lr_decay=args.layer_lr_decay, batch_size=args.batch_size, seed=args.seed,
+                                  layer_lr_decay=args.layer_lr_decay, linear_probe=args.linear_probe,
+                                  batch_size=args.batch_size, seed=args.seed,
                                   output_dir=args.output + "-logs",
                                   overwrite=True)  # a re-run of the recipe starts its logs afresh
     metrics = adapters.train(model, train_rows, test_rows, config)
@@ -166,7 +169,8 @@ def main(argv=None) -> dict:
               "majority_baseline": majority, "train_rows": len(train_rows), "test_rows": len(test_rows),
               "train_seconds": metrics["train_seconds"], "total_seconds": time.perf_counter() - started,
               "model": args.model, "quantization": args.quantization, "adapter": args.adapter,
-              "prompt": prompt, "label_words": words, "zero_shot_accuracy": zero_shot, "top_layers": args.top_layers}
+              "prompt": prompt, "label_words": words, "zero_shot_accuracy": zero_shot, "top_layers": args.top_layers,
+              **{k: v for k, v in metrics.items() if k.startswith("probe_")}}
     Path(args.output, "results.json").write_text(json.dumps(result, indent=2))
     print(f"\naccuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | majority baseline "
           f"{majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")

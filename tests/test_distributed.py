@@ -12,10 +12,11 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(model: str, adapter: str, processes: int, batch_size: int, out: Path) -> None:
+def _run(model: str, adapter: str, processes: int, batch_size: int, out: Path, *extra: str) -> None:
     out.mkdir()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    cmd = launcher + [str(WORKER), "--model", model, "--adapter", adapter, "--batch-size", str(batch_size), "--out", str(out)]
+    cmd = launcher + [str(WORKER), "--model", model, "--adapter", adapter, "--batch-size", str(batch_size), "--out", str(out),
+                      *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -50,3 +51,19 @@ def test_two_processes_match_one(tiny_llama, tmp_path, adapter):
     log = (tmp_path / "ddp" / "logs" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in log if "train_loss" in line]
     assert steps == sorted(set(steps))  # one writer: no step logged twice
+
+
+@pytest.mark.slow
+def test_the_linear_probe_sees_every_row_once_under_two_processes(tiny_llama, tmp_path):
+    """Each process reads its shard; all fit the same head on the gathered features of all 64 rows."""
+    _run(tiny_llama, "lora", 2, 4, tmp_path / "ddp", "--linear-probe")
+    _run(tiny_llama, "lora", 1, 8, tmp_path / "single", "--linear-probe")
+    metrics = [json.loads((tmp_path / "ddp" / f"metrics{r}.json").read_text()) for r in (0, 1)]
+    one = json.loads((tmp_path / "single" / "metrics0.json").read_text())
+    assert metrics[0]["probe_rows"] == metrics[1]["probe_rows"] == one["probe_rows"] == 64
+    assert metrics[0]["probe_loss_after"] == metrics[1]["probe_loss_after"]
+    # the same rows, batched differently: the same fit up to float summation order
+    assert metrics[0]["probe_loss_before"] == pytest.approx(one["probe_loss_before"], rel=1e-5)
+    assert metrics[0]["probe_loss_after"] == pytest.approx(one["probe_loss_after"], rel=1e-3)
+    ddp = [load_file(tmp_path / "ddp" / f"rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(ddp[0][name], ddp[1][name]) for name in ddp[0])  # one model on both ranks
