@@ -212,7 +212,7 @@ class TrainingLoop:
                          self.accelerator.num_processes)
         loader = self.accelerator.prepare(inference_loader(self.unwrapped, self.encoded, rows,
                                                            self.accelerator.num_processes))
-        self.probe = fit_head(self.model, loader, self.accelerator)
+        self.probe = fit_head(self.model, loader, self.accelerator, self.config.progress)
         self.probe["probe_seconds"] = time.perf_counter() - started
         self.accelerator.print(f"linear probe on {self.probe['probe_rows']} rows: head loss "
                                f"{self.probe['probe_loss_before']:.4f} -> {self.probe['probe_loss_after']:.4f} "

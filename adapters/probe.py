@@ -36,10 +36,10 @@ def check_probe(model) -> None:
                           f"Leave linear_probe off for it")
 
 
-def fit_head(model, loader, accelerator) -> dict[str, float]:
+def fit_head(model, loader, accelerator, progress: bool = False) -> dict[str, float]:
     """Fit ``model.head.score`` on the frozen features of ``loader``'s rows; the loss before and after."""
     unwrapped = accelerator.unwrap_model(model)
-    batches = _features(model, unwrapped.head.score, loader)
+    batches = _features(model, unwrapped.head.score, loader, progress and accelerator.is_local_main_process)
     if accelerator.num_processes > 1:  # every process fits the same head on all the rows
         from accelerate.utils import gather_object
 
@@ -47,14 +47,16 @@ def fit_head(model, loader, accelerator) -> dict[str, float]:
     return _fit(unwrapped.head.score, unwrapped.head_spec, batches)
 
 
-def _features(model, score: torch.nn.Linear, loader) -> list[dict]:
+def _features(model, score: torch.nn.Linear, loader, progress: bool) -> list[dict]:
     """Per batch: the rows ``score`` read, and what turns its outputs into the loss (labels, windows, choices)."""
+    from tqdm.auto import tqdm
+
     seen: list[torch.Tensor] = []
     hook = score.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().cpu()))
     batches = []
     try:
         with eval_mode(model), torch.no_grad():  # not inference_mode: the fit backpropagates through these
-            for batch in loader:
+            for batch in tqdm(loader, desc="linear probe", disable=not progress):
                 model(**{k: v for k, v in batch.items() if k != "labels"})
                 input_ids = batch["input_ids"]
                 batches.append({"features": torch.cat(seen), "labels": batch["labels"].cpu(),

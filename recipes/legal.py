@@ -220,6 +220,8 @@ def parse_args(argv=None):
                 "--task identify with likelihood scoring, or a category task with --label-words")
     if args.label_words and args.task == "identify":
         p.error("--label-words is for the category tasks (a classification head); identify scores licence names")
+    if args.linear_probe and scored_names:
+        p.error("--linear-probe fits a linear head; identify's likelihood scoring has none (add --scoring head)")
     if args.scoring and (args.task != "identify" or args.data):
         p.error("--scoring is for --task identify (its licence names); the category tasks have a classification head")
     return args

@@ -123,6 +123,10 @@ def test_recipe_end_to_end_on_a_users_file(tiny_llama, tmp_path):
                          "--output", str(tmp_path / "art")])
     assert result["accuracy"] >= 0.7 and 0 <= result["macro_f1"] <= 1
     assert (tmp_path / "art" / "confusion_matrix.png").exists() and (tmp_path / "art" / "results.json").exists()
+    probed = legal.main(["--data", str(path), "--model", tiny_llama, "--epochs", "1", "--batch-size", "8", "--linear-probe",
+                         "--pooling", "mean", "--output", str(tmp_path / "probed")])
+    saved = json.loads((tmp_path / "probed" / "results.json").read_text())
+    assert saved["probe_rows"] == probed["train_rows"] and saved["probe_loss_after"] < saved["probe_loss_before"]
 
 
 def test_export_feeds_the_yaml_configs(root, tmp_path, monkeypatch):
@@ -154,8 +158,9 @@ def test_identify_scores_names_by_likelihood_where_the_base_allows(tiny_llama, t
 
 @pytest.mark.parametrize("argv", [["--task", "category", "--zero-shot"], ["--task", "identify", "--scoring", "head",
                                                                          "--zero-shot"],
-                                  ["--task", "category-full", "--scoring", "likelihood"]])
-def test_identify_only_flags_are_refused_elsewhere(argv):
+                                  ["--task", "category-full", "--scoring", "likelihood"],
+                                  ["--task", "identify", "--linear-probe"]])
+def test_flags_are_refused_where_they_do_not_apply(argv):
     with pytest.raises(SystemExit):
         legal.parse_args(argv)
 
