@@ -77,9 +77,8 @@ def _fit(score: torch.nn.Linear, spec, batches: list[dict]) -> dict[str, float]:
         if score.bias is not None else None
     total = sum(len(b["labels"]) for b in batches)
 
-    def loss_of(w, b) -> torch.Tensor:
-        loss = sum(_batch_loss(spec, batch, w, b, mean, std) * len(batch["labels"]) for batch in batches) / total
-        return loss
+    def loss_of(w, b) -> torch.Tensor:  # the mean loss per row over all batches
+        return sum(_batch_loss(spec, batch, w, b, mean, std) * len(batch["labels"]) for batch in batches) / total
 
     with torch.no_grad():
         before = float(loss_of(weight, bias))

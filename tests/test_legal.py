@@ -183,3 +183,22 @@ def test_label_words_come_one_per_category_in_order():
         legal.label_words(legal.parse_args(["--task", "category", "--label-words", "a,b"]), labels)
     with pytest.raises(SystemExit):
         legal.parse_args(["--task", "identify", "--label-words", "a,b,c,d"])
+
+
+def test_category_full_defaults_to_its_measured_budget_and_flags_win():
+    full = legal.parse_args(["--task", "category-full"])
+    assert (full.train_size, full.eval_size, full.max_length, full.pooling, full.linear_probe, full.long_text) == (
+        1000, 300, 256, "mean", True, "truncate")
+    notices = legal.parse_args(["--task", "category"])
+    assert (notices.train_size, notices.max_length, notices.pooling, notices.linear_probe) == (2000, 128, "auto", False)
+    mine = legal.parse_args(["--task", "category-full", "--no-linear-probe", "--pooling", "last", "--max-length", "64"])
+    assert (mine.linear_probe, mine.pooling, mine.max_length, mine.train_size) == (False, "last", 64, 1000)
+
+
+def test_the_category_full_config_runs_what_the_recipe_measured():
+    from adapters.config import load_run_config
+
+    run = load_run_config(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "legal_category_full.yaml")
+    measured = legal.FULL_TEXT_DEFAULTS
+    assert (run.head.pooling, run.train.linear_probe, run.model.max_length, run.head.long_text) == (
+        measured["pooling"], measured["linear_probe"], measured["max_length"], "truncate")
