@@ -85,8 +85,8 @@ class TrainConfig:
     linear_probe: bool = False
     """LP-FT: before training, fit the head's linear layer on the frozen model's features of the training
     rows (one pass without gradients, then L-BFGS; see ``probe.py``), so training starts from a fitted
-    head instead of a random one. For pooled heads (classification, multi-label, regression,
-    multiple choice with ``scoring="head"``)."""
+    head instead of a random one (or one initialised from label words, which the fit replaces). For
+    pooled heads (classification, multi-label, regression, multiple choice with ``scoring="head"``)."""
     auto_batch_size: bool = False
     """Use the largest per-device batch that fits the device's free memory (memory estimate, then one
     real step that backs off on out-of-memory), with gradient accumulation keeping the effective

@@ -223,6 +223,8 @@ def parse_args(argv=None):
                 "--task identify with likelihood scoring, or a category task with --label-words")
     if args.label_words and args.task == "identify":
         p.error("--label-words is for the category tasks (a classification head); identify scores licence names")
+    if args.pooling and args.task == "identify" and not args.data:
+        p.error("--pooling is for the category tasks; identify scores each (notice, name) pair")
     if args.linear_probe and scored_names:
         p.error("--linear-probe fits a linear head; identify's likelihood scoring has none (add --scoring head)")
     if args.scoring and (args.task != "identify" or args.data):

@@ -159,7 +159,7 @@ def test_identify_scores_names_by_likelihood_where_the_base_allows(tiny_llama, t
 @pytest.mark.parametrize("argv", [["--task", "category", "--zero-shot"], ["--task", "identify", "--scoring", "head",
                                                                          "--zero-shot"],
                                   ["--task", "category-full", "--scoring", "likelihood"],
-                                  ["--task", "identify", "--linear-probe"]])
+                                  ["--task", "identify", "--linear-probe"], ["--task", "identify", "--pooling", "mean"]])
 def test_flags_are_refused_where_they_do_not_apply(argv):
     with pytest.raises(SystemExit):
         legal.parse_args(argv)
