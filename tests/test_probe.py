@@ -65,7 +65,7 @@ def test_the_probe_fits_the_models_own_loss_to_its_minimum(tiny_llama, tiny_bert
         weight = model.head.score.weight
         for batch in loader:
             (model(**batch)["loss"] * len(batch["labels"]) / result["probe_rows"]).backward()
-        std = torch.cat([b for b in _features(model, loader)]).std(0)
+        std = torch.cat(_features(model, loader)).std(0)
         # the penalty is on the standardized weights (w * std): its gradient in w is 2 * l2 * w * std^2
         gradient = weight.grad + 2 * PROBE_L2 * weight.detach() * std ** 2
         assert gradient.abs().max() < 1e-3, kind
