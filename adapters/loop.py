@@ -208,11 +208,13 @@ class TrainingLoop:
     def probe_head(self) -> None:
         """LP-FT's first stage: the head fitted on the frozen features of the training rows (``probe.py``)."""
         started = time.perf_counter()
-        rows = eval_rows(self.unwrapped.head_spec, self.config.eval_batch_size, self.config.batch_size,
-                         self.accelerator.num_processes)
-        loader = self.accelerator.prepare(inference_loader(self.unwrapped, self.encoded, rows,
-                                                           self.accelerator.num_processes))
-        self.probe = fit_head(self.model, loader, self.accelerator, self.config.progress)
+        accelerator = self.accelerator
+        # each process reads its own slice of the rows, unprepared: a prepared loader would even out the
+        # shards by repeating rows, which the fit would then count twice
+        shard = self.encoded.shard(accelerator.num_processes, accelerator.process_index, contiguous=True) \
+            if accelerator.num_processes > 1 else self.encoded
+        loader = inference_loader(self.unwrapped, shard, self.config.eval_batch_size)
+        self.probe = fit_head(self.unwrapped, loader, accelerator, self.config.progress)
         self.probe["probe_seconds"] = time.perf_counter() - started
         self.accelerator.print(f"linear probe on {self.probe['probe_rows']} rows: head loss "
                                f"{self.probe['probe_loss_before']:.4f} -> {self.probe['probe_loss_after']:.4f} "

@@ -37,27 +37,29 @@ def check_probe(model) -> None:
 
 
 def fit_head(model, loader, accelerator, progress: bool = False) -> dict[str, float]:
-    """Fit ``model.head.score`` on the frozen features of ``loader``'s rows; the loss before and after."""
-    unwrapped = accelerator.unwrap_model(model)
-    batches = _features(model, unwrapped.head.score, loader, progress and accelerator.is_local_main_process)
-    if accelerator.num_processes > 1:  # every process fits the same head on all the rows
+    """Fit ``model.head.score`` on the frozen features of ``loader``'s rows; the loss before and after.
+
+    ``model`` is the unwrapped ``AdaptedModel`` and ``loader`` this process's own rows, unprepared: under
+    several processes each reads its share and all fit the same head on the rows of all of them."""
+    batches = _features(model, loader, accelerator.device, progress and accelerator.is_local_main_process)
+    if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         batches = gather_object(batches)
-    return _fit(unwrapped.head.score, unwrapped.head_spec, batches)
+    return _fit(model.head.score, model.head_spec, batches)
 
 
-def _features(model, score: torch.nn.Linear, loader, progress: bool) -> list[dict]:
-    """Per batch: the rows ``score`` read, and what turns its outputs into the loss (labels, windows, choices)."""
+def _features(model, loader, device, progress: bool) -> list[dict]:
+    """Per batch: the rows ``head.score`` read, and what turns its outputs into the loss (labels, windows, choices)."""
     from tqdm.auto import tqdm
 
     seen: list[torch.Tensor] = []
-    hook = score.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().cpu()))
+    hook = model.head.score.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().cpu()))
     batches = []
     try:
         with eval_mode(model), torch.no_grad():  # not inference_mode: the fit backpropagates through these
             for batch in tqdm(loader, desc="linear probe", disable=not progress):
-                model(**{k: v for k, v in batch.items() if k != "labels"})
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
                 input_ids = batch["input_ids"]
                 batches.append({"features": torch.cat(seen), "labels": batch["labels"].cpu(),
                                 "choices": input_ids.shape[1] if input_ids.dim() == 3 else None,

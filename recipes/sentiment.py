@@ -170,7 +170,8 @@ def main(argv=None) -> dict:
               "train_seconds": metrics["train_seconds"], "total_seconds": time.perf_counter() - started,
               "model": args.model, "quantization": args.quantization, "adapter": args.adapter,
               "prompt": prompt, "label_words": words, "zero_shot_accuracy": zero_shot, "top_layers": args.top_layers,
-              **{k: v for k, v in metrics.items() if k.startswith("probe_")}}
+              **{k: v for k, v in metrics.items() if k.startswith("probe_")},
+              "options": vars(args)}  # the run's every option: what produced these numbers
     Path(args.output, "results.json").write_text(json.dumps(result, indent=2))
     print(f"\naccuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | majority baseline "
           f"{majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")

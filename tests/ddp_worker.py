@@ -23,12 +23,13 @@ def main():
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--linear-probe", action="store_true")
+    p.add_argument("--train-rows", type=int, default=64)
     args = p.parse_args()
     # dropout 0: the only randomness left is the data order, shared by all runs through the seed
     adapter = adapters.LoRA(r=4, dropout=0.0) if args.adapter == "lora" else adapters.Bottleneck(reduction=4)
     model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=["neg", "pos"], dropout=0.0),
                            quantization="nf4")
-    metrics = adapters.train(model, toy_sentiment(64), toy_sentiment(27, seed=1), adapters.TrainConfig(
+    metrics = adapters.train(model, toy_sentiment(args.train_rows), toy_sentiment(27, seed=1), adapters.TrainConfig(
         epochs=2, lr=1e-2, batch_size=args.batch_size, seed=3, progress=False, log_every=1, save_every=4, keep_last=2,
         output_dir=str(Path(args.out) / "logs"), linear_probe=args.linear_probe))
     out = Path(args.out)

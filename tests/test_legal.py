@@ -122,11 +122,15 @@ def test_recipe_end_to_end_on_a_users_file(tiny_llama, tmp_path):
     result = legal.main(["--data", str(path), "--model", tiny_llama, "--epochs", "3", "--lr", "5e-3", "--batch-size", "8",
                          "--output", str(tmp_path / "art")])
     assert result["accuracy"] >= 0.7 and 0 <= result["macro_f1"] <= 1
+    # the per-class F1s come from training's final evaluation (no second pass): they average to its macro-F1
+    f1 = list(result["per_class_f1"].values())
+    assert len(f1) == 2 and sum(f1) / 2 == pytest.approx(result["macro_f1"], abs=1e-4)
     assert (tmp_path / "art" / "confusion_matrix.png").exists() and (tmp_path / "art" / "results.json").exists()
     probed = legal.main(["--data", str(path), "--model", tiny_llama, "--epochs", "1", "--batch-size", "8", "--linear-probe",
                          "--pooling", "mean", "--output", str(tmp_path / "probed")])
     saved = json.loads((tmp_path / "probed" / "results.json").read_text())
     assert saved["probe_rows"] == probed["train_rows"] and saved["probe_loss_after"] < saved["probe_loss_before"]
+    assert saved["options"]["linear_probe"] is True and saved["options"]["pooling"] == "mean"  # what made the numbers
 
 
 def test_export_feeds_the_yaml_configs(root, tmp_path, monkeypatch):
@@ -185,20 +189,29 @@ def test_label_words_come_one_per_category_in_order():
         legal.parse_args(["--task", "identify", "--label-words", "a,b,c,d"])
 
 
-def test_category_full_defaults_to_its_measured_budget_and_flags_win():
+def test_each_task_defaults_to_its_measured_budget_and_flags_win():
     full = legal.parse_args(["--task", "category-full"])
-    assert (full.train_size, full.eval_size, full.max_length, full.pooling, full.linear_probe, full.long_text) == (
-        1000, 300, 256, "mean", True, "truncate")
+    assert (full.train_size, full.eval_size, full.max_length, full.pooling, full.linear_probe, full.long_text,
+            full.epochs) == (1000, 300, 256, "mean", True, "truncate", 1)
     notices = legal.parse_args(["--task", "category"])
-    assert (notices.train_size, notices.max_length, notices.pooling, notices.linear_probe) == (2000, 128, "auto", False)
+    assert (notices.train_size, notices.max_length, notices.pooling, notices.linear_probe, notices.epochs) == (
+        2000, 128, "mean", True, 2)
+    names = legal.parse_args(["--task", "identify"])  # its head scores names: no pooled vector, nothing to probe
+    assert (names.pooling, names.linear_probe, names.epochs) == ("auto", False, 1)
+    own = legal.parse_args(["--task", "category", "--data", "ledgar.jsonl"])  # a user's data: the plain defaults
+    assert (own.pooling, own.linear_probe, own.epochs) == ("auto", False, 1)
     mine = legal.parse_args(["--task", "category-full", "--no-linear-probe", "--pooling", "last", "--max-length", "64"])
     assert (mine.linear_probe, mine.pooling, mine.max_length, mine.train_size) == (False, "last", 64, 1000)
 
 
-def test_the_category_full_config_runs_what_the_recipe_measured():
+@pytest.mark.parametrize("task, config", [("category", "legal_category.yaml"),
+                                          ("category-full", "legal_category_full.yaml")])
+def test_the_yaml_configs_run_what_the_recipe_measured(task, config):
     from adapters.config import load_run_config
 
-    run = load_run_config(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "legal_category_full.yaml")
-    measured = legal.FULL_TEXT_DEFAULTS
-    assert (run.head.pooling, run.train.linear_probe, run.model.max_length, run.head.long_text) == (
-        measured["pooling"], measured["linear_probe"], measured["max_length"], "truncate")
+    run = load_run_config(Path(__file__).resolve().parents[1] / "recipes" / "configs" / config)
+    measured = legal.TASK_DEFAULTS[task]
+    assert (run.head.pooling, run.train.linear_probe, run.model.max_length, run.train.epochs, run.data.train_size,
+            run.data.eval_size) == (measured["pooling"], measured["linear_probe"], measured["max_length"],
+                                    measured["epochs"], measured["train_size"], measured["eval_size"])
+    assert run.model.quantization is None and run.train.lr == 5e-4 and run.train.head_lr == 2e-3  # the recipe's
