@@ -25,17 +25,17 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
 #   command; we never use the name ourselves.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from .bottleneck import Bottleneck  # noqa: E402
-from .callbacks import Callback  # noqa: E402
-from .errors import (  # noqa: E402
+from adapters.methods.bottleneck import Bottleneck  # noqa: E402
+from adapters.training.callbacks import Callback  # noqa: E402
+from adapters.errors import (  # noqa: E402
     AdaptersError, CheckpointError, ConfigError, DataError, NonFiniteLossError, TargetModulesError, TrainingError,
     TrainingInterrupted, UnknownModelError)
-from .heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification  # noqa: E402
-from .lora import LoRA  # noqa: E402
-from .memory import MemoryEstimate, estimate_memory  # noqa: E402
-from .model import AdaptedModel, adapt, load  # noqa: E402
-from .packaged import PACKAGED_MODELS  # noqa: E402
-from .train import TrainConfig, evaluate, train  # noqa: E402
+from adapters.heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification  # noqa: E402
+from adapters.methods.lora import LoRA  # noqa: E402
+from adapters.memory.estimate import MemoryEstimate, estimate_memory  # noqa: E402
+from adapters.model import AdaptedModel, adapt, load  # noqa: E402
+from adapters.backbone.packaged import PACKAGED_MODELS  # noqa: E402
+from adapters.training.run import TrainConfig, evaluate, train  # noqa: E402
 
 __all__ = [
     "adapt", "train", "evaluate", "load", "estimate_memory", "MemoryEstimate",

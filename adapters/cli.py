@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AdaptersError, CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
+from adapters.errors import AdaptersError, CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 
 EXAMPLES = {
     "train": "qadapters train recipes/configs/sentiment.yaml train.epochs=2 adapter.r=16",
@@ -40,7 +40,7 @@ EXAMPLES = {
 
 
 def _split_rows(run):
-    from .sources import group_split, load_rows, sample
+    from adapters.data.sources import group_split, load_rows, sample
 
     data = run.data
     rows = load_rows(data.train)
@@ -55,7 +55,7 @@ def _split_rows(run):
 
 
 def _estimate(run, device: str | None, processes: int, fsdp: bool):
-    from .memory import estimate_memory
+    from adapters.memory.estimate import estimate_memory
 
     m, t = run.model, run.train
     return estimate_memory(m.name, adapter=run.adapter, head=run.head, quantization=m.quantization,
@@ -66,7 +66,7 @@ def _estimate(run, device: str | None, processes: int, fsdp: bool):
 
 
 def cmd_estimate(args) -> int:
-    from .config import load_run_config
+    from adapters.config.run_file import load_run_config
 
     estimate = _estimate(load_run_config(args.config, args.overrides), args.device, args.processes, args.fsdp)
     print(json.dumps(estimate.to_dict(), indent=2) if args.json else estimate.table())
@@ -74,11 +74,11 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import adapt, train
-    from .artifact import ARTIFACT_FILES, check_destination, save_artifact
-    from .checkpoint import check_output_dir
-    from .config import load_run_config, to_yaml
-    from .data import check_rows
+    from adapters import adapt, train
+    from adapters.artifacts.format import ARTIFACT_FILES, check_destination, save_artifact
+    from adapters.training.checkpoint import check_output_dir
+    from adapters.config.run_file import load_run_config, to_yaml
+    from adapters.data.encoding import check_rows
 
     run = load_run_config(args.config, args.overrides)
     if args.estimate_only:
@@ -105,9 +105,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluate, load
-    from .artifact import read_spec
-    from .sources import load_rows
+    from adapters import evaluate, load
+    from adapters.artifacts.format import read_spec
+    from adapters.data.sources import load_rows
 
     columns = read_spec(args.artifact).get("columns") or {}  # the columns it was trained on, by default
     text_column = args.text_column or columns.get("text", "text")
@@ -148,7 +148,7 @@ def _batches(lines, size: int, source: Path, text_column: str):
 def cmd_predict(args) -> int:
     from tqdm.auto import tqdm
 
-    from . import load
+    from adapters import load
 
     if bool(args.texts) == bool(args.input):
         raise AdaptersError("give texts to predict, or --input FILE.jsonl (with --output), not both")
@@ -183,21 +183,21 @@ def cmd_predict(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge_artifact
+    from adapters.artifacts.merge import merge_artifact
 
     merge_artifact(args.artifact, args.out, overwrite=args.overwrite)
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export_for_pipeline
+    from adapters.artifacts.export import export_for_pipeline
 
     export_for_pipeline(args.artifact, args.out, overwrite=args.overwrite)
     return 0
 
 
 def cmd_serve(args) -> int:
-    from .serve import Limits, serve
+    from adapters.serving.server import Limits, serve
 
     for name in ("max_batch", "max_texts", "max_chars", "port"):
         if getattr(args, name) < 1:
@@ -208,7 +208,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .artifact import read_spec
+    from adapters.artifacts.format import read_spec
 
     spec = read_spec(args.artifact)
     try:

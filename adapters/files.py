@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointError, ConfigError
+from adapters.errors import CheckpointError, ConfigError
 
 
 def _umask() -> int:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter_spec import AdapterSpec
-from .artifact import (
+from adapters.methods.spec import AdapterSpec
+from adapters.artifacts.format import (
     HEAD_FILE,
     adapter_spec_of,
     check_base,
@@ -33,13 +33,13 @@ from .artifact import (
     resolve_base,
     save_artifact,
 )
-from .base import BaseInfo, dtype_name, eval_mode, load_backbone
-from .batching import inference_batches, row_length
-from .data import Collator, encode_rows
-from .errors import ConfigError
-from .files import check_state
-from .heads import HeadSpec, pool_windows
-from .registry import ADAPTERS
+from adapters.backbone.loading import BaseInfo, dtype_name, eval_mode, load_backbone
+from adapters.data.batching import inference_batches, row_length
+from adapters.data.encoding import Collator, encode_rows
+from adapters.errors import ConfigError
+from adapters.files import check_state
+from adapters.heads import HeadSpec, pool_windows
+from adapters.registry import ADAPTERS
 
 
 class AdaptedModel(nn.Module):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adapter_spec import AdapterSpec
-from .bottleneck import Bottleneck
-from .errors import ConfigError
-from .heads import CausalLM, Classification, HeadSpec, MultiLabel, MultipleChoice, Regression, TokenClassification
-from .lora import LoRA
+from adapters.methods.spec import AdapterSpec
+from adapters.methods.bottleneck import Bottleneck
+from adapters.errors import ConfigError
+from adapters.heads import CausalLM, Classification, HeadSpec, MultiLabel, MultipleChoice, Regression, TokenClassification
+from adapters.methods.lora import LoRA
 
 
 def _by_kind(*classes: type) -> dict[str, type]:

@@ -38,7 +38,7 @@ def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
     import torch
 
     import adapters
-    from adapters import batching
+    from adapters.data import batching
     from vs_peft_trainer import BUDGETS, SETTINGS, _data
 
     _, test_rows = _data(BUDGETS["full"], seed)

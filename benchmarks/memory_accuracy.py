@@ -56,9 +56,9 @@ def measure(cell: dict) -> dict:
     import torch
 
     import adapters
-    from adapters.base import resolve_mixed_precision
-    from adapters.optim import build_optimizer
-    from adapters.train_config import TrainConfig
+    from adapters.backbone.loading import resolve_mixed_precision
+    from adapters.training.optim import build_optimizer
+    from adapters.config.training import TrainConfig
 
     adapter, head = cell_objects(cell)
     gpu = torch.cuda.is_available()

@@ -48,7 +48,7 @@ LEGAL_BUDGETS = {"quick": {"train": 160, "eval": 200, "epochs": 1}, "full": {"tr
 def task_data(task: str, budget: dict, seed: int) -> tuple[list[dict], list[dict], object, int]:
     """(train rows, held-out rows, head, max length) of ``task``."""
     import adapters
-    from adapters.sources import group_split, rotten_tomatoes, sample
+    from adapters.data.sources import group_split, rotten_tomatoes, sample
 
     if task == "sentiment":
         train_rows, test_rows = group_split(rotten_tomatoes(), "group", 0.2, seed)

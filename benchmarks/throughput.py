@@ -48,7 +48,7 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 def long_texts(rows: int, seq_len: int, tokenizer) -> list[dict]:
     """``rows`` texts of at least ``seq_len`` tokens each (snippets joined), labelled by the first snippet."""
-    from adapters.sources import rotten_tomatoes
+    from adapters.data.sources import rotten_tomatoes
 
     snippets = rotten_tomatoes()
     out, i = [], 0
@@ -99,7 +99,7 @@ def run_baseline(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig,
                               DataCollatorWithPadding, Trainer, TrainingArguments)
 
-    from adapters.packaged import PACKAGED_MODELS, resolve_packaged
+    from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
 
     path = str(resolve_packaged(model_name)) if model_name in PACKAGED_MODELS else model_name
     tokenizer = AutoTokenizer.from_pretrained(path)

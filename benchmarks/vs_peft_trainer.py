@@ -36,7 +36,7 @@ BUDGETS = {"quick": {"train": 96, "eval": 200, "repeats": 2}, "full": {"train": 
 
 
 def _data(budget: dict, seed: int):
-    from adapters.sources import group_split, rotten_tomatoes, sample
+    from adapters.data.sources import group_split, rotten_tomatoes, sample
 
     train, test = group_split(rotten_tomatoes(), "group", 0.2, seed)
     return sample(train, budget["train"], seed), sample(test, budget["eval"], seed)
@@ -62,7 +62,7 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
     if "lora_top" in overrides:  # the top fraction of the blocks
         from transformers import AutoConfig
 
-        from adapters.base import resolve_source
+        from adapters.backbone.loading import resolve_source
 
         blocks = AutoConfig.from_pretrained(resolve_source(model_name)).num_hidden_layers
         keep = max(1, round(blocks * overrides.pop("lora_top")))
@@ -97,7 +97,7 @@ def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "rand
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig,
                               DataCollatorWithPadding, Trainer, TrainingArguments)
 
-    from adapters.packaged import PACKAGED_MODELS, resolve_packaged
+    from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
 
     path = str(resolve_packaged(model_name)) if model_name in PACKAGED_MODELS else model_name
     train_rows, test_rows = _data(budget, seed)

@@ -27,7 +27,7 @@ def decoder_and_tied(model: str) -> tuple[bool, bool]:
     defaults before loading anything."""
     from transformers import AutoConfig
 
-    from adapters.base import is_decoder_config, resolve_source
+    from adapters.backbone.loading import is_decoder_config, resolve_source
 
     config = AutoConfig.from_pretrained(resolve_source(model))
     return is_decoder_config(config), bool(getattr(config, "tie_word_embeddings", False))

@@ -29,7 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
 from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # noqa: E402
-from adapters.sources import group_split, load_rows, sample  # noqa: E402
+from adapters.data.sources import group_split, load_rows, sample  # noqa: E402
 
 NOTICE_CATEGORIES = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
 # identify: the notice, then a cue the licence's name completes; each candidate name is scored by the base's
@@ -391,7 +391,7 @@ class ConfusionRecorder:
         self.labels, self.matrix = labels, None
 
     def __call__(self, prediction) -> dict[str, float]:
-        from adapters.metrics import confusion_matrix
+        from adapters.heads.metrics import confusion_matrix
 
         self.matrix = confusion_matrix(prediction.predictions.argmax(-1), prediction.label_ids, len(self.labels))
         return {}
@@ -400,7 +400,7 @@ class ConfusionRecorder:
 def report(model, head, metrics: dict, confusion: ConfusionRecorder | None, test_rows: list[dict], output: Path) -> dict:
     """Per-class F1 and a confusion matrix (classification), F1s (multi-label), and a few examples."""
     if isinstance(head, adapters.Classification):
-        from adapters.metrics import per_class_f1
+        from adapters.heads.metrics import per_class_f1
 
         cm = confusion.matrix
         f1 = per_class_f1(cm)

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import adapters  # noqa: E402
 from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # noqa: E402
-from adapters.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
+from adapters.data.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
 
 # The task prompt and label words of the packaged task (measured in recipes/results/levers.md):
 # the last token of "...\nSentiment:" is where a decoder predicts " positive" / " negative"

@@ -193,7 +193,7 @@ def test_a_base_with_one_changed_layer_is_refused(tiny_llama, tmp_path):
 def test_a_merged_artifact_is_self_contained(tiny_llama, tmp_path):
     import shutil
 
-    from adapters.merge import merge_artifact
+    from adapters.artifacts.merge import merge_artifact
 
     model = _trained(tiny_llama)
     model.save_pretrained(tmp_path / "art")

@@ -13,9 +13,9 @@ import yaml
 
 import adapters
 from adapters.cli import main as cli
-from adapters.config import load_run_config
-from adapters.merge import merge_artifact
-from adapters.sources import load_rows
+from adapters.config.run_file import load_run_config
+from adapters.artifacts.merge import merge_artifact
+from adapters.data.sources import load_rows
 
 
 LABELS = ["neg", "pos"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.base import is_decoder_config, load_backbone
+from adapters.backbone.loading import is_decoder_config, load_backbone
 
 
 @pytest.mark.parametrize("quantization,layer", [("nf4", bnb.nn.Linear4bit), ("fp4", bnb.nn.Linear4bit),
@@ -73,7 +73,7 @@ def test_is_decoder_config():
 
 
 def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
-    from adapters.base import quantization_config
+    from adapters.backbone.loading import quantization_config
 
     assert quantization_config("nf4", torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")

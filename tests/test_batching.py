@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import adapters
-from adapters.batching import LengthGroupedSampler, balanced_rows, pack, packing_pays
-from adapters.data import Collator, encode_rows
+from adapters.data.batching import LengthGroupedSampler, balanced_rows, pack, packing_pays
+from adapters.data.encoding import Collator, encode_rows
 from adapters.heads import pool, pool_segments
 
 from .conftest import toy_sentiment

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.bottleneck import BottleneckAdapter
+from adapters.methods.bottleneck import BottleneckAdapter
 
 from .conftest import save_tiny
 
@@ -105,7 +105,7 @@ def test_targets_escape_hatch_and_its_errors(tiny_llama):
 
 
 def test_architecture_without_blocks_is_a_clear_error(tmp_path):
-    from adapters.bottleneck import BottleneckLayers, find_block_stack
+    from adapters.methods.bottleneck import BottleneckLayers, find_block_stack
 
     flat = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     with pytest.raises(adapters.TargetModulesError, match="targets="):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import adapters
-from adapters.checkpoint import complete_checkpoints
+from adapters.training.checkpoint import complete_checkpoints
 
 from .conftest import toy_sentiment
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.data import Collator, encode_rows, fit_prompt
+from adapters.data.encoding import Collator, encode_rows, fit_prompt
 
 from .test_task_heads import choice_rows
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import adapters
-from adapters.config import load_run_config
+from adapters.config.run_file import load_run_config
 
 from .conftest import toy_sentiment
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 import adapters
-from adapters.config import build, load_run_config
+from adapters.config.run_file import build, load_run_config
 
 
 def _write(tmp_path, config: dict):

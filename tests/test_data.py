@@ -2,7 +2,7 @@
 
 import torch
 
-from adapters.data import IGNORE, Collator
+from adapters.data.encoding import IGNORE, Collator
 
 
 class _Tokenizer:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import adapters
-from adapters.export import export_for_pipeline
+from adapters.artifacts.export import export_for_pipeline
 
 from .conftest import toy_sentiment
 

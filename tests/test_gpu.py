@@ -168,8 +168,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 
 
 def test_auto_batch_size_fits_and_backs_off_on_out_of_memory(base, monkeypatch):
-    from adapters import batch_size as batch_size_module
-    from adapters.data import encode_dataset
+    from adapters.training import batch_size as batch_size_module
+    from adapters.data.encoding import encode_dataset
 
     model = _adapt(base, adapters.LoRA(r=8))
     rows = toy_sentiment(64)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import adapters
-from adapters.callbacks import Callback
+from adapters.training.callbacks import Callback
 
 from .conftest import toy_sentiment
 
@@ -79,7 +79,7 @@ def test_report_to_names_trackers_that_exist_and_are_installed(tiny_llama, tmp_p
     with pytest.raises(adapters.ConfigError, match="name trackers among"):
         adapters.TrainConfig(report_to=["neptune"])
     assert adapters.TrainConfig(report_to="tensorboard").report_to == ["tensorboard"]
-    from adapters.tracking import trackers_for
+    from adapters.training.tracking import trackers_for
 
     assert trackers_for(str(tmp_path), [])[0].name == "jsonl" and len(trackers_for(str(tmp_path), [])) == 1
     import accelerate.utils

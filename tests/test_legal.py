@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import legal  # noqa: E402
 
-from adapters.sources import group_split  # noqa: E402
+from adapters.data.sources import group_split  # noqa: E402
 
 LICENCES = {  # key: (name, category)
     "mit": ("MIT License", "Permissive"), "bsd-new": ("BSD-3-Clause", "Permissive"),
@@ -136,7 +136,7 @@ def test_recipe_end_to_end_on_a_users_file(tiny_llama, tmp_path):
 def test_export_feeds_the_yaml_configs(root, tmp_path, monkeypatch):
     import json
 
-    from adapters.config import load_run_config
+    from adapters.config.run_file import load_run_config
 
     monkeypatch.setattr(legal, "data_root", lambda: root)
     out = tmp_path / "identify.jsonl"
@@ -207,7 +207,7 @@ def test_each_task_defaults_to_its_measured_budget_and_flags_win():
 @pytest.mark.parametrize("task, config", [("category", "legal_category.yaml"),
                                           ("category-full", "legal_category_full.yaml")])
 def test_the_yaml_configs_run_what_the_recipe_measured(task, config):
-    from adapters.config import load_run_config
+    from adapters.config.run_file import load_run_config
 
     run = load_run_config(Path(__file__).resolve().parents[1] / "recipes" / "configs" / config)
     measured = legal.TASK_DEFAULTS[task]

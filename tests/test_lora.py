@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.lora import check_targets
+from adapters.methods.lora import check_targets
 
 
 def test_lora_maps_onto_peft_config(tiny_llama):
@@ -27,7 +27,7 @@ def test_lora_on_4bit_layers_uses_peft_bnb_layer(tiny_llama):
 
 
 def test_regex_targets(tiny_bert):
-    names = check_targets(adapters.base.load_backbone(tiny_bert, quantization=None)[0], r".*attention\.self\.(query|value)")
+    names = check_targets(adapters.backbone.loading.load_backbone(tiny_bert, quantization=None)[0], r".*attention\.self\.(query|value)")
     assert len(names) == 4
 
 

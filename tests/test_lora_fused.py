@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.lora_fused import _lean_adapters, fuse_lora
+from adapters.methods.lora_fused import _lean_adapters, fuse_lora
 
 IDS = torch.randint(4, 20, (3, 10), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones_like(IDS)

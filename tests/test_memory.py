@@ -1,4 +1,4 @@
-"""Memory estimate (adapters.memory) and auto batch size (adapters.batch_size)."""
+"""Memory estimate (adapters.memory.estimate) and auto batch size (adapters.training.batch_size)."""
 
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 
 import adapters
 from adapters.errors import ConfigError, UnknownModelError
-from adapters.memory import estimate_memory, quantized_linear_bytes
+from adapters.memory.estimate import estimate_memory, quantized_linear_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -75,7 +75,7 @@ def test_quantized_bytes_match_bitsandbytes(tiny_llama):
     """The per-layer formula against the tensors a real 4-bit / 8-bit load holds."""
     from transformers import AutoConfig
 
-    from adapters.lora import linear_module_names
+    from adapters.methods.lora import linear_module_names
 
     for quantization in ("nf4", "int8"):
         model = adapters.adapt(tiny_llama, head=HEAD, quantization=quantization)
@@ -186,7 +186,7 @@ def test_bad_input():
 
 
 def test_auto_batch_size_keeps_the_effective_batch(tiny_llama, toy_data, monkeypatch):
-    from adapters import batch_size as auto
+    from adapters.training import batch_size as auto
 
     train_rows, eval_rows = toy_data
     # pretend the device has room for ~4.2 rows of the data beyond the weights
@@ -203,7 +203,7 @@ def test_auto_batch_size_keeps_the_effective_batch(tiny_llama, toy_data, monkeyp
 
 
 def test_auto_batch_size_backs_off_on_out_of_memory(tiny_llama, toy_data, monkeypatch):
-    from adapters import batch_size as auto
+    from adapters.training import batch_size as auto
 
     train_rows, _ = toy_data
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=HEAD, quantization="nf4", max_length=32)
@@ -216,14 +216,14 @@ def test_auto_batch_size_backs_off_on_out_of_memory(tiny_llama, toy_data, monkey
         real_step(model, rows, collator)
 
     monkeypatch.setattr(auto, "_real_step", step)
-    encoded = adapters.data.encode_dataset(train_rows, model.tokenizer, model.head_spec, "text", "label", 32, "train")
+    encoded = adapters.data.encoding.encode_dataset(train_rows, model.tokenizer, model.head_spec, "text", "label", 32, "train")
     b, accum, _ = auto.choose_batch_size(model, encoded, adapters.TrainConfig(batch_size=4, grad_accum=3))
     assert (b, accum) == (2, 6) and tried == [12, 6, 4, 3, 2]
     assert all(p.grad is None for p in model.trainable_parameters())  # the probe leaves nothing behind
 
 
 def test_auto_batch_size_that_cannot_fit(tiny_llama, toy_data, monkeypatch):
-    from adapters import batch_size as auto
+    from adapters.training import batch_size as auto
 
     train_rows, _ = toy_data
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=HEAD, quantization="nf4", max_length=32)

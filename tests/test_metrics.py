@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from adapters.metrics import classification_metrics, confusion_matrix, per_class_f1
+from adapters.heads.metrics import classification_metrics, confusion_matrix, per_class_f1
 
 
 def test_metrics_on_a_known_case():
@@ -16,7 +16,7 @@ def test_metrics_on_a_known_case():
 
 
 def test_spearman_gives_ties_their_average_rank():
-    from adapters.metrics import _ranks, regression_metrics
+    from adapters.heads.metrics import _ranks, regression_metrics
 
     assert _ranks(np.array([10.0, 20.0, 20.0, 5.0])).tolist() == [1.0, 2.5, 2.5, 0.0]
     # scipy.stats.spearmanr([1, 2, 2, 3], [1, 2, 3, 4]) = 0.9486832980505138

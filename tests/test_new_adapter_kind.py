@@ -14,7 +14,7 @@ import torch
 
 import adapters
 from adapters import registry
-from adapters.adapter_spec import AdapterSpec
+from adapters.methods.spec import AdapterSpec
 from adapters.files import check_state, load_tensors
 
 from .conftest import toy_sentiment
@@ -79,7 +79,7 @@ def test_a_third_kind_trains_saves_and_reloads(registered, tiny_llama, tmp_path)
 def test_a_third_kind_is_reachable_from_yaml(registered, tmp_path):
     import yaml
 
-    from adapters.config import load_run_config
+    from adapters.config.run_file import load_run_config
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": "minilm-l6"}, "adapter": {"kind": "ia3", "targets": ["query"]},

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.optim import build_optimizer, lr_schedule
+from adapters.training.optim import build_optimizer, lr_schedule
 
 
 def test_linear_warmup_then_linear_decay_to_zero():

@@ -6,10 +6,10 @@ import torch
 from accelerate import Accelerator
 
 import adapters
-from adapters.data import encode_dataset
+from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError
-from adapters.loaders import inference_loader
-from adapters.probe import PROBE_L2, fit_head
+from adapters.training.loaders import inference_loader
+from adapters.training.probe import PROBE_L2, fit_head
 
 from .conftest import toy_sentiment
 from .test_task_heads import choice_rows, multilabel_rows, regression_rows, tag_rows

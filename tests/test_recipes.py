@@ -61,7 +61,7 @@ def test_sentiment_budgets():
 
 
 def test_group_split_keeps_groups_apart():
-    from adapters.sources import group_split
+    from adapters.data.sources import group_split
 
     rows = [{"group": i // 3, "label": "a"} for i in range(60)]
     train, test = group_split(rows, "group", 0.2, seed=1)

@@ -155,7 +155,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(artifacts):
 
 
 def test_artifact_names(tmp_path):
-    from adapters.serve import parse_artifacts
+    from adapters.serving.server import parse_artifacts
 
     assert parse_artifacts(["runs/a", "b=runs/x"]) == {"a": tmp_path.__class__("runs/a"), "b": tmp_path.__class__("runs/x")}
     with pytest.raises(adapters.ConfigError, match="used twice"):

@@ -112,7 +112,7 @@ def test_predictions_have_the_heads_shape(tiny_llama):
 
 
 def test_token_labels_go_to_first_subtokens_only(tiny_bert):
-    from adapters.data import encode_rows
+    from adapters.data.encoding import encode_rows
 
     model = adapters.adapt(tiny_bert, adapter=None, head=adapters.TokenClassification(labels=["O", "B-POS"]))
     columns, cut = encode_rows([{"text": ["good", "film"], "label": ["B-POS", "O"]}], model.tokenizer,
@@ -175,7 +175,7 @@ def test_causal_lm_learns_to_answer_a_prompt(tiny_llama, tmp_path, quantization)
 
 
 def test_causal_lm_loss_counts_response_tokens_only(tiny_llama):
-    from adapters.data import encode_rows
+    from adapters.data.encoding import encode_rows
 
     model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
     columns, _ = encode_rows([{"text": "the film", "label": "good fun"}], model.tokenizer, model.head_spec,
@@ -190,7 +190,7 @@ def test_causal_lm_needs_a_decoder(tiny_bert):
 
 
 def test_causal_lm_chat_messages_use_the_chat_template(tiny_llama):
-    from adapters.data import encode_rows
+    from adapters.data.encoding import encode_rows
 
     model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
     model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the {% endif %}"

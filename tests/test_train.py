@@ -121,7 +121,7 @@ def test_adamw_8bit_runs_on_cpu(tiny_llama, toy_data):
     after = dict(model.named_parameters())
     moved = [n for n, t in before.items() if not torch.equal(t, after[n])]
     assert any("lora_B" in n for n in moved) and any(n.startswith("head.") for n in moved)
-    from adapters.optim import build_optimizer
+    from adapters.training.optim import build_optimizer
 
     assert isinstance(build_optimizer(model, adapters.TrainConfig(optimizer="adamw_8bit")), bnb.optim.AdamW8bit)
 

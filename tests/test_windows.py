@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.data import encode_rows
+from adapters.data.encoding import encode_rows
 
 from .conftest import FILLER, NEGATIVE, POSITIVE
 
@@ -89,7 +89,7 @@ def test_window_settings_are_checked(tiny_llama):
 
 def test_windows_in_groups_give_the_same_logits_and_gradients(tiny_llama):
     """window_batch bounds memory (groups, checkpointed in training) without changing the result."""
-    from adapters.data import Collator
+    from adapters.data.encoding import Collator
 
     rows = long_rows(3, filler=60)  # 5 windows each: 15 windows in the batch, groups of 4
     results = []

@@ -31,13 +31,13 @@ and pooling), ``sequence.py`` (classification, multi-label, regression), ``choic
 ``tokens.py``, ``causal.py``; the kinds are listed once, in ``registry.HEADS``.
 """
 
-from ..data import IGNORE
-from .causal import CausalLM
-from .choice import MultipleChoice
-from .layers import POOLINGS, ChoiceLikelihood, SequenceHead, TokenHead, pool, pool_segments, pool_windows
-from .sequence import Classification, MultiLabel, Regression
-from .spec import HeadSpec, LongTextHead
-from .tokens import TokenClassification
+from adapters.data.encoding import IGNORE
+from adapters.heads.causal import CausalLM
+from adapters.heads.choice import MultipleChoice
+from adapters.heads.layers import POOLINGS, ChoiceLikelihood, SequenceHead, TokenHead, pool, pool_segments, pool_windows
+from adapters.heads.sequence import Classification, MultiLabel, Regression
+from adapters.heads.spec import HeadSpec, LongTextHead
+from adapters.heads.tokens import TokenClassification
 
 __all__ = ["IGNORE", "POOLINGS", "CausalLM", "ChoiceLikelihood", "Classification", "HeadSpec", "LongTextHead", "MultiLabel",
            "MultipleChoice", "Regression", "SequenceHead", "TokenClassification", "TokenHead", "pool",

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, encode_causal
-from ..errors import ConfigError, DataError
-from .spec import HeadSpec
+from adapters.data.encoding import IGNORE, encode_causal
+from adapters.errors import ConfigError, DataError
+from adapters.heads.spec import HeadSpec
 
 
 @dataclass

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, encode_choices
-from ..errors import ConfigError, DataError
-from .layers import ChoiceLikelihood, SequenceHead
-from .spec import HeadSpec, _check_common, check_template, prompted, tied_input_embedding
+from adapters.data.encoding import IGNORE, encode_choices
+from adapters.errors import ConfigError, DataError
+from adapters.heads.layers import ChoiceLikelihood, SequenceHead
+from adapters.heads.spec import HeadSpec, _check_common, check_template, prompted, tied_input_embedding
 
 SCORINGS = ("head", "likelihood")
 CHOICE_TOKENS = 8  # choice tokens per sequence in the memory estimate's example batch

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError
-from ..metrics import classification_metrics, multilabel_metrics, regression_metrics
-from .layers import SequenceHead
-from .spec import LongTextHead, _check_common, _check_labels, _label_index, tied_input_embedding
+from adapters.errors import ConfigError, DataError
+from adapters.heads.metrics import classification_metrics, multilabel_metrics, regression_metrics
+from adapters.heads.layers import SequenceHead
+from adapters.heads.spec import LongTextHead, _check_common, _check_labels, _label_index, tied_input_embedding
 
 
 @dataclass

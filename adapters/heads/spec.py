@@ -14,9 +14,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from ..data import encode_texts
-from ..errors import ConfigError, DataError
-from .layers import POOLINGS
+from adapters.data.encoding import encode_texts
+from adapters.errors import ConfigError, DataError
+from adapters.heads.layers import POOLINGS
 
 LONG_TEXT = ("truncate", "windows")
 WINDOW_POOLINGS = ("mean", "max")

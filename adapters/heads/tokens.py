@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IGNORE, encode_words
-from ..errors import DataError
-from ..metrics import token_metrics
-from .layers import TokenHead
-from .spec import HeadSpec, _check_common, _check_labels, _label_index
+from adapters.data.encoding import IGNORE, encode_words
+from adapters.errors import DataError
+from adapters.heads.metrics import token_metrics
+from adapters.heads.layers import TokenHead
+from adapters.heads.spec import HeadSpec, _check_common, _check_labels, _label_index
 
 
 @dataclass

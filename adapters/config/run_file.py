@@ -18,11 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from .adapter_spec import AdapterSpec
-from .errors import ConfigError
-from .heads import HeadSpec
-from .registry import ADAPTERS, HEADS
-from .train_config import TrainConfig
+from adapters.methods.spec import AdapterSpec
+from adapters.errors import ConfigError
+from adapters.heads import HeadSpec
+from adapters.registry import ADAPTERS, HEADS
+from adapters.config.training import TrainConfig
 
 
 
@@ -41,7 +41,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training and evaluation rows (see ``adapters.sources.load_rows``)."""
+    """Training and evaluation rows (see ``adapters.data.sources.load_rows``)."""
 
     train: str
     """A packaged dataset (``rotten-tomatoes``), a CSV/TSV/JSONL/Parquet file, or a hub dataset."""

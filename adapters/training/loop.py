@@ -40,10 +40,10 @@ from typing import Iterator
 
 import torch
 
-from .base import cpu_only, resolve_mixed_precision
-from .batch_size import choose_batch_size
-from .callbacks import call
-from .checkpoint import (
+from adapters.backbone.loading import cpu_only, resolve_mixed_precision
+from adapters.training.batch_size import choose_batch_size
+from adapters.training.callbacks import call
+from adapters.training.checkpoint import (
     RUN_FILE,
     TrainState,
     check_output_dir,
@@ -56,14 +56,14 @@ from .checkpoint import (
     save_checkpoint,
     step_checkpoint,
 )
-from .data import encode_dataset
-from .errors import ConfigError, NonFiniteLossError, TrainingInterrupted
-from .evaluation import evaluate_loader
-from .loaders import eval_loader, eval_rows, inference_loader, train_loader
-from .optim import build_optimizer, lr_schedule
-from .probe import check_probe, fit_head
-from .tracking import trackers_for
-from .train_config import TrainConfig
+from adapters.data.encoding import encode_dataset
+from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from adapters.training.evaluation import evaluate_loader
+from adapters.training.loaders import eval_loader, eval_rows, inference_loader, train_loader
+from adapters.training.optim import build_optimizer, lr_schedule
+from adapters.training.probe import check_probe, fit_head
+from adapters.training.tracking import trackers_for
+from adapters.config.training import TrainConfig
 
 
 class TrainingLoop:

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from .evaluation import evaluate
-from .loop import TrainingLoop
-from .train_config import TrainConfig
+from adapters.training.evaluation import evaluate
+from adapters.training.loop import TrainingLoop
+from adapters.config.training import TrainConfig
 
 __all__ = ["TrainConfig", "evaluate", "train"]
 

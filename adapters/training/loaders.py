@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from .batching import LengthGroupedSampler, by_length, inference_batches, packable, row_length
-from .data import Collator, encode_dataset
-from .errors import ConfigError
-from .train_config import TrainConfig
+from adapters.data.batching import LengthGroupedSampler, by_length, inference_batches, packable, row_length
+from adapters.data.encoding import Collator, encode_dataset
+from adapters.errors import ConfigError
+from adapters.config.training import TrainConfig
 
 
 def eval_rows(head_spec, rows: int | None, train_batch_size: int, processes: int) -> int | None:

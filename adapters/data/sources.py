@@ -12,7 +12,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from .errors import DataError
+from adapters.errors import DataError
 
 
 def rotten_tomatoes() -> list[dict]:

@@ -45,13 +45,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .base import DTYPES, QUANTIZATIONS, BaseInfo, dtype_name, is_decoder_config, resolve_mixed_precision, resolve_source
-from .bottleneck import find_block_stack
-from .errors import ConfigError
-from .heads import Classification, HeadSpec
-from .model import AdaptedModel
-from .targets import linear_module_names
-from .train_config import MIXED_PRECISION, OPTIMIZERS
+from adapters.backbone.loading import DTYPES, QUANTIZATIONS, BaseInfo, dtype_name, is_decoder_config, resolve_mixed_precision, resolve_source
+from adapters.methods.bottleneck import find_block_stack
+from adapters.errors import ConfigError
+from adapters.heads import Classification, HeadSpec
+from adapters.model import AdaptedModel
+from adapters.methods.targets import linear_module_names
+from adapters.config.training import MIXED_PRECISION, OPTIMIZERS
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors (min_8bit_size)

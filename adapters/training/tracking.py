@@ -8,8 +8,8 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
 
-from .errors import ConfigError
-from .train_config import TRACKERS  # noqa: F401 (the names report_to accepts)
+from adapters.errors import ConfigError
+from adapters.config.training import TRACKERS  # noqa: F401 (the names report_to accepts)
 
 
 class JSONLTracker(GeneralTracker):

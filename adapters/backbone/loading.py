@@ -26,8 +26,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnknownModelError
-from .packaged import PACKAGED_MODELS, resolve_packaged
+from adapters.errors import ConfigError, UnknownModelError
+from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", None)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,

@@ -28,13 +28,13 @@ from typing import Iterable
 
 import torch
 
-from .base import base_fingerprint, process_state, weights_folder
-from .bottleneck import BOTTLENECK_FILE
-from .card import model_card
-from .errors import CheckpointError, ConfigError
-from .files import atomic_folder, cpu_state, load_tensors, weights_digest
-from .lora import ADAPTER_DIR
-from .registry import adapter_from_dict, head_from_dict
+from adapters.backbone.loading import base_fingerprint, process_state, weights_folder
+from adapters.methods.bottleneck import BOTTLENECK_FILE
+from adapters.artifacts.card import model_card
+from adapters.errors import CheckpointError, ConfigError
+from adapters.files import atomic_folder, cpu_state, load_tensors, weights_digest
+from adapters.methods.lora import ADAPTER_DIR
+from adapters.registry import adapter_from_dict, head_from_dict
 
 FORMAT_VERSION = 1
 SPEC_FILE = "qadapters.json"

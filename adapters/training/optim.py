@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from .errors import ConfigError
-from .targets import BLOCK_INDEX
-from .train_config import TrainConfig
+from adapters.errors import ConfigError
+from adapters.methods.targets import BLOCK_INDEX
+from adapters.config.training import TrainConfig
 
 
 def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:

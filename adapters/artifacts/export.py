@@ -23,11 +23,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .artifact import adapter_spec_of, check_base, check_quantization, head_spec_of, read_head, read_spec, resolve_base
-from .base import load_backbone
-from .errors import ConfigError
-from .files import atomic_folder, check_state, earlier_output
-from .packaged import drop_quantizer_marks
+from adapters.artifacts.format import adapter_spec_of, check_base, check_quantization, head_spec_of, read_head, read_spec, resolve_base
+from adapters.backbone.loading import load_backbone
+from adapters.errors import ConfigError
+from adapters.files import atomic_folder, check_state, earlier_output
+from adapters.backbone.packaged import drop_quantizer_marks
 
 MARK = "qadapters-export.json"  # says the folder is an export (what --overwrite may replace)
 

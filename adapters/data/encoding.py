@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .batching import pack, packing_pays
-from .errors import DataError
+from adapters.data.batching import pack, packing_pays
+from adapters.errors import DataError
 
 IGNORE = -100  # label of positions that take no part in a loss (padding, later sub-tokens, prompts)
 logger = logging.getLogger("adapters")

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_spec import AdapterSpec
-from .errors import ConfigError, TargetModulesError
-from .files import check_state, cpu_state, load_tensors
-from .targets import block_indices, linear_module_names, matches
+from adapters.methods.spec import AdapterSpec
+from adapters.errors import ConfigError, TargetModulesError
+from adapters.files import check_state, cpu_state, load_tensors
+from adapters.methods.targets import block_indices, linear_module_names, matches
 
 PLACEMENTS = ("pfeiffer", "houlsby")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .artifact import (HEAD_FILE, SPEC_FILE, adapter_spec_of, check_base, check_quantization, head_spec_of,
+from adapters.artifacts.format import (HEAD_FILE, SPEC_FILE, adapter_spec_of, check_base, check_quantization, head_spec_of,
                        is_artifact, read_head, read_spec, resolve_base)
-from .base import dtype_name, load_backbone
-from .card import model_card
-from .errors import ConfigError
-from .files import atomic_folder, check_state, earlier_output, weights_digest
-from .packaged import drop_quantizer_marks
+from adapters.backbone.loading import dtype_name, load_backbone
+from adapters.artifacts.card import model_card
+from adapters.errors import ConfigError
+from adapters.files import atomic_folder, check_state, earlier_output, weights_digest
+from adapters.backbone.packaged import drop_quantizer_marks
 
 
 def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:

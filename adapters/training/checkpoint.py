@@ -21,7 +21,7 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError
+from adapters.errors import CheckpointError, ConfigError
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d+)$")

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import eval_mode
-from .errors import ConfigError
-from .heads.layers import SequenceHead, pool_windows
+from adapters.backbone.loading import eval_mode
+from adapters.errors import ConfigError
+from adapters.heads.layers import SequenceHead, pool_windows
 
 #: L2 penalty on the standardized weights (sum of squares): keeps separable classes from running the
 #: logits off to infinity while hardly biasing a fit on hundreds of rows

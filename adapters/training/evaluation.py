@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import cpu_only, eval_mode
-from .data import IGNORE
-from .loaders import eval_loader, eval_rows
-from .train_config import TrainConfig
+from adapters.backbone.loading import cpu_only, eval_mode
+from adapters.data.encoding import IGNORE
+from adapters.training.loaders import eval_loader, eval_rows
+from adapters.config.training import TrainConfig
 
 
 def evaluate(model, data, config: TrainConfig | None = None, accelerator=None, *, text_column: str | None = None,
@@ -64,7 +64,7 @@ def _user_metrics(compute_metrics, columns: list[torch.Tensor], own: dict) -> di
     """``compute_metrics(EvalPrediction(predictions, label_ids))``, checked: a dict of numbers."""
     from transformers import EvalPrediction
 
-    from .errors import ConfigError
+    from adapters.errors import ConfigError
 
     found = compute_metrics(EvalPrediction(predictions=columns[0].numpy(), label_ids=columns[1].numpy()))
     if not isinstance(found, dict) or not all(isinstance(v, (int, float)) for v in found.values()):

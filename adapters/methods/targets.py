@@ -11,7 +11,7 @@ import re
 
 from torch import nn
 
-from .errors import ConfigError, TargetModulesError
+from adapters.errors import ConfigError, TargetModulesError
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

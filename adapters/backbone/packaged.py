@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UnknownModelError
-from .files import atomic_folder
+from adapters.errors import UnknownModelError
+from adapters.files import atomic_folder
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .artifact import (HEAD_FILE, adapter_spec_of, check_base, check_quantization, head_spec_of, read_head,
+from adapters.artifacts.format import (HEAD_FILE, adapter_spec_of, check_base, check_quantization, head_spec_of, read_head,
                        read_spec, resolve_base)
-from .errors import AdaptersError, ConfigError
+from adapters.errors import AdaptersError, ConfigError
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _group_key(spec: dict, path: Path) -> tuple:
 
 def load_served(artifacts: dict[str, Path], device: str | None = None) -> dict[str, Served]:
     """Load every artifact once, sharing a base between artifacts trained on the same one."""
-    from .model import AdaptedModel
+    from adapters.model import AdaptedModel
 
     groups: list[BaseGroup] = []
     served: dict[str, Served] = {}
@@ -125,7 +125,7 @@ def load_served(artifacts: dict[str, Path], device: str | None = None) -> dict[s
 
 def _join(group: BaseGroup, name: str, path: Path, spec: dict, adapter) -> Served:
     """Add artifact ``path`` to ``group``'s base: its adapter beside the others, its own head."""
-    from .files import check_state
+    from adapters.files import check_state
 
     model = group.model
     check_quantization(spec, path)

@@ -14,10 +14,10 @@ import logging
 
 import torch
 
-from .batching import by_length, longest_sequence
-from .data import Collator
-from .errors import ConfigError
-from .memory import estimate_memory
+from adapters.data.batching import by_length, longest_sequence
+from adapters.data.encoding import Collator
+from adapters.errors import ConfigError
+from adapters.memory.estimate import estimate_memory
 
 logger = logging.getLogger("adapters")
 SAFETY = 0.9  # the estimate is within ~15%: keep some room for the allocator's fragmentation
