@@ -5,10 +5,11 @@ labels are given); ``predict`` maps raw inputs to the head's predictions (the he
 ``save_pretrained`` writes an artifact (the format is ``artifact.py``'s) and ``from_pretrained``
 (``adapters.load``) rebuilds the model from one.
 
-Names: ``backbone`` is the frozen transformers network (LoRA layers live inside it, put there by
-peft, whose wrapper is kept as ``peft_model``); ``adapter_layers`` holds adapter modules hooked onto
-it from outside (bottleneck adapters); ``head`` is the task head; ``base`` says what the backbone
-is (source, quantization, compute dtype, tokenizer).
+Names: ``backbone`` is the frozen transformers network (an adapter kind may put its layers inside it);
+``adapter_layers`` holds the modules an adapter kind keeps outside it (registered, so they move, count
+and save with the model); ``adapter_state`` is the kind's own bookkeeping (e.g. peft's wrapper), which
+nothing but the kind reads; ``head`` is the task head; ``base`` says what the backbone is (source,
+quantization, compute dtype, tokenizer: ``BackboneInfo``).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class AdaptedModel(nn.Module):
         self.backbone = backbone  # the frozen transformers network; LoRA layers live inside it
         self.base = base
         self.adapter = adapter
-        self.adapter_layers: nn.Module | None = None  # adapter modules hooked on from outside (bottleneck)
-        self.peft_model = None  # peft's wrapper of the backbone (LoRA): saving, loading and merging go through it
+        self.adapter_layers: nn.Module | None = None  # modules an adapter kind keeps outside the backbone
+        self.adapter_state: dict[str, Any] = {}  # the adapter kind's own objects; only the kind reads them
         if adapter is not None:
             adapter.attach(self)
         self.head_spec = head_spec
@@ -69,12 +70,6 @@ class AdaptedModel(nn.Module):
         # no KV cache: nothing here generates, the cache would hold every layer's keys and values, and
         # with it transformers does not detect packed rows
         self._no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "peft_model":  # not a submodule: it wraps the backbone, whose parameters are registered once
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
 
     @property
     def tokenizer(self):

@@ -105,7 +105,8 @@ def test_targets_escape_hatch_and_its_errors(tiny_llama):
 
 
 def test_architecture_without_blocks_is_a_clear_error(tmp_path):
-    from adapters.methods.bottleneck import BottleneckLayers, find_block_stack
+    from adapters.methods.bottleneck import BottleneckLayers
+    from adapters.methods.targets import find_block_stack
 
     flat = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     with pytest.raises(adapters.TargetModulesError, match="targets="):

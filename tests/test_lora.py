@@ -10,7 +10,7 @@ from adapters.methods.lora import check_targets
 def test_lora_maps_onto_peft_config(tiny_llama):
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, alpha=8, dropout=0.1, rslora=True, dora=True),
                            head=adapters.Classification(labels=["a", "b"]), quantization=None)
-    config = model.peft_model.peft_config["default"]
+    config = model.adapter_state["peft"].peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_rslora, config.use_dora) == (4, 8, 0.1, True, True)
     assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -20,7 +20,7 @@ def test_lora_on_4bit_layers_uses_peft_bnb_layer(tiny_llama):
 
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, targets=["q_proj", "v_proj"]),
                            head=adapters.Classification(labels=["a", "b"]), quantization="nf4")
-    wrapped = [n for n, m in model.peft_model.named_modules() if isinstance(m, LoraLinear4bit)]
+    wrapped = [n for n, m in model.adapter_state["peft"].named_modules() if isinstance(m, LoraLinear4bit)]
     assert len(wrapped) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in wrapped)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)

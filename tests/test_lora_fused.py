@@ -57,7 +57,7 @@ def test_lean_forward_equals_peft_forward(tiny_llama, quantization):
 
 
 def _base_logits(model):
-    with model.peft_model.disable_adapter(), torch.inference_mode():
+    with model.adapter_state["peft"].disable_adapter(), torch.inference_mode():
         return model(input_ids=IDS, attention_mask=MASK)["logits"]
 
 
@@ -65,7 +65,7 @@ def test_layers_reading_one_input_share_one_low_rank_product(tiny_llama):
     """q/k/v (and o: same parent, same width) are one group; the stacked product is computed once for
     the group and freed with its input."""
     model = _adapted(tiny_llama, None)
-    attention = model.peft_model.base_model.model.layers[0].self_attn
+    attention = model.adapter_state["peft"].base_model.model.layers[0].self_attn
     q, k, v, o = (getattr(attention, f"{p}_proj") for p in "qkvo")
     x = torch.randn(2, 5, 64)
     calls = []
@@ -145,7 +145,7 @@ def test_dora_and_merged_layers_fall_back_to_peft(tiny_llama):
     assert torch.allclose(_lean_logits(model), _peft_logits(model), atol=1e-5)
     model = _adapted(tiny_llama, None)
     expected = _peft_logits(model)
-    model.peft_model.base_model.merge_adapter()
+    model.adapter_state["peft"].base_model.merge_adapter()
     with torch.no_grad():
         assert _lean_adapters(_lora_layers(model)[0], torch.randn(1, 64), (), {}) is None
     assert torch.allclose(_lean_logits(model), expected, atol=1e-4)
@@ -155,7 +155,7 @@ def test_several_adapters_switched_as_the_server_does(tiny_llama, tmp_path):
     first = _adapted(tiny_llama, None)
     second = _adapted(tiny_llama, None)
     with torch.no_grad():
-        for p in second.peft_model.parameters():
+        for p in second.adapter_state["peft"].parameters():
             if p.requires_grad:
                 p.mul_(-1.5)
     second.save_pretrained(tmp_path / "second")
@@ -173,7 +173,7 @@ def test_a_deep_copy_uses_its_own_layers(tiny_llama):
     model = _adapted(tiny_llama, None)
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        for p in twin.peft_model.parameters():
+        for p in twin.adapter_state["peft"].parameters():
             if p.requires_grad:
                 p.mul_(2)
     layer = _lora_layers(twin)[0]
@@ -184,7 +184,7 @@ def test_a_deep_copy_uses_its_own_layers(tiny_llama):
 
 def test_installing_twice_changes_nothing(tiny_llama):
     model = _adapted(tiny_llama, None)
-    assert fuse_lora(model.peft_model) == 0
+    assert fuse_lora(model.adapter_state["peft"]) == 0
 
 
 def test_fused_false_keeps_peft_forward(tiny_llama):

@@ -32,15 +32,15 @@ class IA3(AdapterSpec):
         from peft import IA3Config, get_peft_model
 
         config = IA3Config(target_modules=self.targets, feedforward_modules=self.feedforward)
-        model.peft_model = get_peft_model(model.backbone, config)
+        model.adapter_state["peft"] = get_peft_model(model.backbone, config)
 
     def trained_state(self, model) -> dict:
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(model.peft_model)
+        return get_peft_model_state_dict(model.adapter_state["peft"])
 
     def save(self, model, folder: Path) -> None:
-        model.peft_model.save_pretrained(folder / "adapter")
+        model.adapter_state["peft"].save_pretrained(folder / "adapter")
 
     def load(self, model, folder: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -48,7 +48,7 @@ class IA3(AdapterSpec):
         file = folder / "adapter" / "adapter_model.safetensors"
         tensors = load_tensors(file)
         check_state(tensors, self.trained_state(model), file)
-        set_peft_model_state_dict(model.peft_model, tensors)
+        set_peft_model_state_dict(model.adapter_state["peft"], tensors)
 
     def describe(self) -> str:
         return "IA3"

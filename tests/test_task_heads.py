@@ -163,7 +163,7 @@ PROMPT, ANSWER = "the plot of the film was", "superb and moving"
 def test_causal_lm_learns_to_answer_a_prompt(tiny_llama, tmp_path, quantization):
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=8, dropout=0.0), head=adapters.CausalLM(max_new_tokens=3),
                            quantization=quantization)
-    assert "lm_head" not in str(model.peft_model.peft_config["default"].target_modules)  # the LM head stays frozen
+    assert "lm_head" not in str(model.adapter_state["peft"].peft_config["default"].target_modules)  # the LM head stays frozen
     assert model.predict(PROMPT) != ANSWER
     rows = [{"text": PROMPT, "label": ANSWER}] * 16
     before = adapters.evaluate(model, rows[:4])

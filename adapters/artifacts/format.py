@@ -29,12 +29,10 @@ from typing import Iterable
 import torch
 
 from adapters.backbone.loading import base_fingerprint, process_state, weights_folder
-from adapters.methods.bottleneck import BOTTLENECK_FILE
 from adapters.artifacts.card import model_card
 from adapters.errors import CheckpointError, ConfigError
 from adapters.files import atomic_folder, cpu_state, load_tensors, weights_digest
-from adapters.methods.lora import ADAPTER_DIR
-from adapters.registry import adapter_from_dict, head_from_dict
+from adapters.registry import ADAPTERS, adapter_from_dict, head_from_dict
 
 FORMAT_VERSION = 1
 SPEC_FILE = "qadapters.json"
@@ -63,7 +61,9 @@ def is_artifact(path) -> bool:
 
 
 # what every artifact folder may hold that the library wrote (the spec's "files" says exactly, since v0.2)
-ARTIFACT_FILES = (SPEC_FILE, HEAD_FILE, "README.md", ADAPTER_DIR, BOTTLENECK_FILE, "config.yaml")
+# (each adapter kind names its own files)
+ARTIFACT_FILES = (SPEC_FILE, HEAD_FILE, "README.md", "config.yaml",
+                  *dict.fromkeys(f for kind in ADAPTERS.values() for f in kind.files))
 
 
 def written_files(path: Path) -> list[str]:

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from adapters.backbone.loading import DTYPES, QUANTIZATIONS, BaseInfo, dtype_name, is_decoder_config, resolve_mixed_precision, resolve_source
-from adapters.methods.bottleneck import find_block_stack
+from adapters.methods.targets import find_block_stack
 from adapters.errors import ConfigError
 from adapters.heads import Classification, HeadSpec
 from adapters.model import AdaptedModel

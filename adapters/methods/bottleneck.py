@@ -30,6 +30,7 @@ Where the rule finds nothing, ``targets=`` names the modules by hand.
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from torch import nn
 from adapters.methods.spec import AdapterSpec
 from adapters.errors import ConfigError, TargetModulesError
 from adapters.files import check_state, cpu_state, load_tensors
-from adapters.methods.targets import block_indices, linear_module_names, matches
+from adapters.methods.targets import block_indices, find_block_stack, is_linear, linear_module_names, matches
 
 PLACEMENTS = ("pfeiffer", "houlsby")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -67,6 +68,7 @@ class Bottleneck(AdapterSpec):
     """Escape hatch: module names (matched on their last components) or one regex over full names, whose
     outputs get an adapter instead of those the placement rule finds."""
     kind: str = field(default="bottleneck", init=False)
+    files: ClassVar[tuple[str, ...]] = (BOTTLENECK_FILE,)
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -108,6 +110,10 @@ class Bottleneck(AdapterSpec):
         tensors = load_tensors(file)
         check_state(tensors, self.trained_state(model), file)
         model.adapter_layers.load_state_dict({k: v.to(model.device) for k, v in tensors.items()})
+
+    def module_path(self, parameter_name: str) -> str:
+        # BottleneckLayers' ModuleDict keys spell the hooked module's path with "__" (keys cannot hold dots)
+        return parameter_name.replace("__", ".")
 
     def describe(self) -> str:
         return f"Bottleneck {self.placement}"
@@ -160,27 +166,6 @@ def _out_features(module: nn.Module) -> int | None:
     return None
 
 
-def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of identical transformer blocks (the one holding the most linear layers)."""
-    best, best_count = None, 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(b) for b in module}) == 1:
-            count = sum(_is_linear(m) for m in module.modules())
-            if count > best_count:
-                best, best_count = (name, module), count
-    if best is None:
-        raise TargetModulesError(
-            "found no stack of transformer blocks (an nn.ModuleList of identical blocks holding linear layers); "
-            "name the modules to adapt with Bottleneck(targets=[...])")
-    return best
-
-
 def output_projections(block: nn.Module, hidden: int) -> dict[str, str | None]:
     """Names (relative to ``block``) of its attention and feed-forward output projections."""
     found: dict[str, str | None] = {"attention": None, "feed_forward": None}
@@ -188,11 +173,11 @@ def output_projections(block: nn.Module, hidden: int) -> dict[str, str | None]:
         # a layer wrapped by peft (LoRA served beside bottleneck adapters on one base) is the projection
         # itself; its own parts (base_layer, lora_A, lora_B) are not
         base_layer = getattr(module, "base_layer", None)
-        if base_layer is not None and _is_linear(base_layer):
+        if base_layer is not None and is_linear(base_layer):
             module = base_layer
         elif ".lora_" in f".{name}" or name.endswith("base_layer") or ".base_layer." in name:
             continue
-        if not _is_linear(module) or _out_features(module) != hidden:
+        if not is_linear(module) or _out_features(module) != hidden:
             continue
         part = "attention" if _ATTENTION_NAME.search(name) else "feed_forward"
         found[part] = name

@@ -26,6 +26,7 @@ is ``lora_fused.py``'s: one stacked ``A`` matmul per input group and one ``addmm
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class LoRA(AdapterSpec):
     """The lean forward of ``lora_fused.py`` (one stacked ``A`` matmul per group of layers that read one
     input, the update by one ``addmm``; outputs and gradients equal peft's). False: peft's own forward."""
     kind: str = field(default="lora", init=False)
+    files: ClassVar[tuple[str, ...]] = (ADAPTER_DIR,)
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r < 1:
@@ -97,17 +99,17 @@ class LoRA(AdapterSpec):
             self.layers = sorted(set(self.layers))
 
     def attach(self, model) -> None:
-        """peft's LoRA layers into ``model.backbone`` (in place); peft's wrapper kept as ``model.peft_model``."""
-        model.peft_model = apply_lora(model.backbone, self, model.base.location)
+        """peft's LoRA layers into ``model.backbone`` (in place); peft's wrapper kept in ``model.adapter_state["peft"]``."""
+        model.adapter_state["peft"] = apply_lora(model.backbone, self, model.base.location)
 
     def trained_state(self, model) -> dict:
         from peft import get_peft_model_state_dict
 
         # peft's own export: keys without the adapter name, as in its adapter files
-        return get_peft_model_state_dict(model.peft_model)
+        return get_peft_model_state_dict(model.adapter_state["peft"])
 
     def save(self, model, folder: Path) -> None:
-        model.peft_model.save_pretrained(folder / ADAPTER_DIR)
+        model.adapter_state["peft"].save_pretrained(folder / ADAPTER_DIR)
 
     def load(self, model, folder: Path) -> None:
         from peft import set_peft_model_state_dict
@@ -115,7 +117,7 @@ class LoRA(AdapterSpec):
         file = folder / ADAPTER_DIR / "adapter_model.safetensors"
         tensors = load_tensors(file)
         check_state(tensors, self.trained_state(model), file)
-        set_peft_model_state_dict(model.peft_model, tensors)
+        set_peft_model_state_dict(model.adapter_state["peft"], tensors)
 
     def describe(self) -> str:
         return f"LoRA r={self.r}" + (" DoRA" if self.dora else "")
@@ -124,22 +126,22 @@ class LoRA(AdapterSpec):
         return None
 
     def handle(self, model):
-        return model.peft_model.active_adapter
+        return model.adapter_state["peft"].active_adapter
 
     def can_join(self, model) -> bool:
-        return model.peft_model is not None  # another named adapter in the same peft model
+        return model.adapter_state.get("peft") is not None  # another named adapter in the same peft model
 
     def join(self, model, folder: Path, name: str):
-        model.peft_model.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+        model.adapter_state["peft"].load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
         if self.fused:
-            fuse_lora(model.peft_model)  # layers the new adapter added, if any
+            fuse_lora(model.adapter_state["peft"])  # layers the new adapter added, if any
         return name
 
     def switch(self, model, handle, on: bool) -> None:
-        layers = model.peft_model.base_model
+        layers = model.adapter_state["peft"].base_model
         if on:
             layers.enable_adapter_layers()
-            model.peft_model.set_adapter(handle)
+            model.adapter_state["peft"].set_adapter(handle)
         else:
             layers.disable_adapter_layers()
 

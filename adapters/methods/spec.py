@@ -1,6 +1,7 @@
 """What an adapter kind is: a settings dataclass that knows how to attach, save, load and describe itself.
 
-Every kind (``LoRA`` in ``lora.py``, ``Bottleneck`` in ``bottleneck.py``) subclasses ``AdapterSpec``
+Every kind (``LoRA`` in ``lora.py``, ``Bottleneck`` in ``bottleneck.py``) subclasses ``AdapterSpec``, an
+abstract base class: a kind that misses one of the abstract methods cannot be built (``TypeError``),
 and is listed once in ``registry.ADAPTERS``; nothing else in the library asks which kind it holds.
 An ``AdaptedModel`` calls ``attach`` once, on its frozen backbone; the artifact code calls ``save`` /
 ``load``; the memory estimate builds the same model on the meta device through the same ``attach``.
@@ -12,34 +13,48 @@ walks through it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, ClassVar
 
 from torch import nn
 
 
-class AdapterSpec:
+class AdapterSpec(ABC):
     """The interface of an adapter kind's settings (subclasses are dataclasses with a ``kind`` field)."""
 
     kind: str
+    files: ClassVar[tuple[str, ...]] = ()
+    """The entries ``save`` writes into an artifact folder (re-saving replaces exactly these)."""
 
+    @abstractmethod
     def attach(self, model) -> None:
         """Add this adapter to ``model.backbone`` (frozen): wrap it, or set ``model.adapter_layers`` to a
         module holding new layers hooked into it. Only the new parameters require gradients."""
         raise NotImplementedError
 
+    @abstractmethod
     def trained_state(self, model) -> dict:
         """The adapter's trained tensors in ``model``, by the names ``save`` writes them under."""
         raise NotImplementedError
 
+    @abstractmethod
     def save(self, model, folder: Path) -> None:
         """Write the adapter's trained tensors (and whatever else its format needs) into artifact ``folder``."""
         raise NotImplementedError
 
+    @abstractmethod
     def load(self, model, folder: Path) -> None:
         """Read what ``save`` wrote into ``model`` (built with this spec); a ``CheckpointError`` when the
         files are missing, corrupt or do not fit."""
         raise NotImplementedError
+
+    def module_path(self, parameter_name: str) -> str:
+        """The dotted module path a trained parameter's name (in ``AdaptedModel.named_parameters``) stands
+        for, so that per-block settings (``layer_lr_decay``) find its block; names are paths already
+        unless the kind spells them otherwise."""
+        return parameter_name
 
     def describe(self) -> str:
         """One short line for tables and logs, e.g. ``"LoRA r=8"``."""
@@ -55,7 +70,7 @@ class AdapterSpec:
 
     # --- serving several artifacts on one base (``serve.py``) ------------------------------------------
 
-    def handle(self, model):
+    def handle(self, model) -> Any:
         """What ``switch`` needs to turn on or off this adapter as ``attach`` put it in ``model``."""
         return None
 

@@ -61,3 +61,25 @@ def block_indices(layers: list[int], blocks: int | None, owner: str) -> list[int
         raise ConfigError(f"{owner} layers={layers}: {bad} out of range, the model has {blocks} blocks "
                           f"(0-{blocks - 1}, or -{blocks} to -1 from the top)")
     return sorted({i % blocks for i in layers})
+
+def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of identical transformer blocks (the one holding the most linear layers)."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(b) for b in module}) == 1:
+            count = sum(is_linear(m) for m in module.modules())
+            if count > best_count:
+                best, best_count = (name, module), count
+    if best is None:
+        raise TargetModulesError(
+            "found no stack of transformer blocks (an nn.ModuleList of identical blocks holding linear layers); "
+            "name the modules to adapt with Bottleneck(targets=[...])")
+    return best
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer: ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's, weight stored as (in, out))."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+

@@ -48,7 +48,7 @@ def parameter_groups(model, config: TrainConfig) -> list[dict]:
         return groups + [{"params": [p for _, p in adapter], "lr": config.lr}]
     blocks: dict[int, list] = {}
     for name, p in adapter:
-        found = BLOCK_INDEX.search(name.replace("__", "."))  # bottleneck keys spell the module path with "__"
+        found = BLOCK_INDEX.search(model.adapter.module_path(name) if model.adapter else name)
         blocks.setdefault(int(found.group(1)) if found else -1, []).append(p)
     count = getattr(model.backbone.config, "num_hidden_layers", None) or max(blocks) + 1
     # outside any block (-1): the lowest rate, as for the first block
