@@ -39,7 +39,7 @@ from adapters.data.batching import inference_batches, row_length
 from adapters.data.encoding import Collator, encode_rows
 from adapters.errors import ConfigError
 from adapters.files import check_state
-from adapters.heads import HeadSpec, pool_windows
+from adapters.heads import HeadSpec
 from adapters.registry import ADAPTERS
 
 
@@ -85,44 +85,22 @@ class AdaptedModel(nn.Module):
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                window_doc: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                segments: torch.Tensor | None = None, choice_index: torch.Tensor | None = None,
-                choice_targets: torch.Tensor | None = None):
-        """Logits for the head (and ``loss`` with ``labels``). Multiple-choice inputs are
-        (batch, choices, length): every (context, choice) sequence is scored, then regrouped.
-        With ``window_doc`` the rows are windows of longer texts (``window_doc[i]`` = the text of
-        window i): their logits are pooled per text. ``token_type_ids`` (BERT's segment ids of
-        text pairs) are passed on when given. Packed rows (``batching.pack``) come with
-        ``position_ids`` and ``segments`` instead of an attention mask: one logit row per segment.
-        Choices scored by the base's likelihood come with ``choice_index`` and ``choice_targets``
-        (which positions predict which choice tokens; see ``Collator``)."""
-        if segments is not None:
-            out = self.backbone(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
-            logits = self.head(out.last_hidden_state, None, segments)
-            return {"logits": logits, **({"loss": self.head_spec.loss(logits, labels)} if labels is not None else {})}
-        choices = input_ids.shape[1] if input_ids.dim() == 3 else None
-        scored = {}
-        if choices:
-            input_ids, attention_mask = input_ids.flatten(0, 1), attention_mask.flatten(0, 1)
-            token_type_ids = token_type_ids.flatten(0, 1) if token_type_ids is not None else None
-            if choice_index is not None:
-                scored = {"choice_index": choice_index.flatten(0, 1), "choice_targets": choice_targets.flatten(0, 1)}
-        if window_doc is not None and input_ids.shape[0] > self.head_spec.window_batch:
-            logits = self._windows_in_groups(input_ids, attention_mask, token_type_ids)
-        else:
-            logits = self._sequence_logits(input_ids, attention_mask, token_type_ids, scored)
-        if choices:
-            logits = logits.view(-1, choices)
-        if window_doc is not None:
-            logits = pool_windows(logits, window_doc, self.head_spec.window_pooling)
+                labels: torch.Tensor | None = None, **head_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits for the head (and ``loss`` with ``labels``) of a batch the head's ``collate`` laid out:
+        ``head_inputs`` are what that layout adds (``token_type_ids`` of text pairs, ``window_doc`` of long
+        texts' windows, ``position_ids`` and ``segments`` of packed rows, the choices' scored positions).
+        How the batch runs through the backbone and the head is the head spec's ``logits``."""
+        logits = self.head_spec.logits(self, {"input_ids": input_ids, "attention_mask": attention_mask, **head_inputs})
         result = {"logits": logits}
         if labels is not None:
             result["loss"] = self.head_spec.loss(logits, labels)
         return result
 
-    def _sequence_logits(self, input_ids, attention_mask, token_type_ids=None, head_inputs=None) -> torch.Tensor:
-        """Backbone -> head for a batch of sequences (``head_inputs``: what the head reads besides the states)."""
+    def sequence_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        token_type_ids: torch.Tensor | None = None,
+                        head_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Backbone -> head for a batch of padded sequences (``head_inputs``: what the head module reads
+        besides the states)."""
         extra = self._positions(attention_mask)
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids
@@ -131,21 +109,11 @@ class AdaptedModel(nn.Module):
             return out.logits
         return self.head(out.last_hidden_state, attention_mask, **(head_inputs or {}))
 
-    def _windows_in_groups(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
-        """The windows of a batch's long texts, ``window_batch`` at a time. With gradients, each group
-        is checkpointed: only its inputs and logits are kept, and it is recomputed (same dropout
-        masks: the RNG state is replayed) when backward reaches it."""
-        from torch.utils.checkpoint import checkpoint
-
-        size, parts = self.head_spec.window_batch, []
-        for start in range(0, input_ids.shape[0], size):
-            group = (input_ids[start:start + size], attention_mask[start:start + size],
-                     None if token_type_ids is None else token_type_ids[start:start + size])
-            if torch.is_grad_enabled() and self.training:
-                parts.append(checkpoint(self._sequence_logits, *group, use_reentrant=False))
-            else:
-                parts.append(self._sequence_logits(*group))
-        return torch.cat(parts)
+    def packed_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      segments: torch.Tensor) -> torch.Tensor:
+        """Backbone -> head for packed rows (``batching.pack``): one logit row per segment."""
+        out = self.backbone(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
+        return self.head(out.last_hidden_state, None, segments)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -205,7 +173,7 @@ class AdaptedModel(nn.Module):
                 batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in chunk]).items()}
                 for i, row in zip(chunk, self(**batch)["logits"].float().cpu()):
                     out[i] = row
-        if self.head_spec.sequence_labels:
+        if self.head_spec.labels_per_token:
             return out
         return torch.stack(out)
 

@@ -109,7 +109,7 @@ def check_rows(data, head, text_column: str, label_column: str | None, what: str
     ``head``), so a bad file fails before a model is loaded."""
     data = as_dataset(data, what)
     chat = head.lm_logits and text_column not in data.column_names and \
-        getattr(head, "messages_column", None) in data.column_names
+        head.messages_column in data.column_names
     if not chat:
         _column(data, text_column, what)
         if label_column is not None:
@@ -157,9 +157,9 @@ def encode_texts(data, tokenizer, head, text_column: str, label_column: str | No
     labels = _targets(head, _column(data, label_column, what), what) if label_column else None
     texts = _texts(_column(data, text_column, what), text_column, what)
     prompt_cut = 0
-    if getattr(head, "prompt", None) is not None:
+    if head.prompt is not None:
         texts, prompt_cut = fit_prompt(tokenizer, head.prompt, texts, max_length)
-    if getattr(head, "long_text", "truncate") == "windows":
+    if head.reads_windows():
         # the tokenizer's stride is the overlap between consecutive windows
         overlap = head.window_overlap if head.window_overlap is not None else max_length // 4
         if overlap >= max_length - 2:
@@ -345,67 +345,44 @@ def encode_dataset(data, tokenizer, head, text_column: str, label_column: str | 
 
 
 class Collator:
-    """Pad a list of encoded rows to the longest sequence of the batch, on the tokenizer's side.
+    """Encoded rows -> one padded batch, on the tokenizer's padding side.
 
-    Multiple-choice rows (a list of sequences each) become (batch, choices, length) tensors;
-    per-token labels are padded with ``IGNORE`` on the same side as the tokens.
+    The layout of a batch is the head's (``HeadSpec.collate``: windows, choices, per-token labels); this
+    class gives it the padding (``pad``, ``sequences``, ``nested``). Plain rows of decoders can instead be
+    packed without padding (``pack=True``, where ``batching.packing_pays``; the caller checks
+    ``batching.packable``). Without a head, rows are one sequence each with one label each.
     """
 
     def __init__(self, tokenizer, head=None, pack: bool = False):
         self.tokenizer = tokenizer
-        self.aligned_labels = getattr(head, "sequence_labels", False)
-        self.windows = getattr(head, "long_text", "truncate") == "windows"
-        # padding-free rows for decoders (batching.pack) where that pays (batching.packing_pays); the caller
-        # checks batching.packable
+        self.head = head
         self.pack = pack
 
-    def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
+    def pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
+        """``sequences`` padded with ``value`` to the longest, on the tokenizer's side."""
         longest = max(len(s) for s in sequences)
         left = self.tokenizer.padding_side == "left"
         return torch.tensor([[value] * (longest - len(s)) + s if left else s + [value] * (longest - len(s))
                              for s in sequences])
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pad_id = self.tokenizer.pad_token_id
-        first = rows[0]["input_ids"]
-        pads = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0}
-        keys = [key for key in pads if key in rows[0]]
-        if "choice_start" in rows[0]:  # choices scored by the base's likelihood
-            return self._scored_choices(rows, pad_id)
-        if self.pack and packing_pays([len(r["input_ids"]) for r in rows]):
-            batch = pack([r["input_ids"] for r in rows], pad_id)
-        elif self.windows:  # a variable number of windows per row: flatten, and say whose each window is
-            batch = {key: self._pad([seq for r in rows for seq in r[key]], pads[key]) for key in keys}
-            batch["window_doc"] = torch.tensor([i for i, r in enumerate(rows) for _ in r["input_ids"]])
-        elif first and isinstance(first[0], list):  # multiple choice: flatten, pad together, reshape
-            k = len(first)
-            batch = {key: self._pad([seq for r in rows for seq in r[key]], pads[key]).view(len(rows), k, -1)
-                     for key in keys}
-        else:
-            batch = {key: self._pad([r[key] for r in rows], pads[key]) for key in keys}
-        if "labels" in rows[0]:
-            labels = [r["labels"] for r in rows]
-            batch["labels"] = self._pad(labels, IGNORE) if self.aligned_labels else torch.tensor(labels)
-        return batch
+    def _pads(self) -> dict[str, int]:
+        return {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
 
-    def _scored_choices(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-        """(batch, choices, length) tokens, plus for every sequence the positions that predict its
-        choice's tokens (``choice_index``) and those tokens (``choice_targets``, ``IGNORE`` as filler),
-        counted in the padded sequence, so the head gathers them with fixed shapes."""
-        sequences = [seq for r in rows for seq in r["input_ids"]]
-        starts = [s for r in rows for s in r["choice_start"]]
-        longest, left = max(map(len, sequences)), self.tokenizer.padding_side == "left"
-        width = max(len(seq) - s for seq, s in zip(sequences, starts))
-        index, targets = [], []
-        for seq, start in zip(sequences, starts):
-            shift, n = (longest - len(seq) if left else 0), len(seq) - start
-            index.append([shift + start - 1 + t for t in range(n)] + [0] * (width - n))
-            targets.append(seq[start:] + [IGNORE] * (width - n))
-        k = len(rows[0]["input_ids"])
-        batch = {"input_ids": self._pad(sequences, pad_id).view(len(rows), k, -1),
-                 "attention_mask": self._pad([[1] * len(s) for s in sequences], 0).view(len(rows), k, -1),
-                 "choice_index": torch.tensor(index).view(len(rows), k, -1),
-                 "choice_targets": torch.tensor(targets).view(len(rows), k, -1)}
-        if "labels" in rows[0]:
-            batch["labels"] = torch.tensor([r["labels"] for r in rows])
-        return batch
+    def sequences(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Token columns of rows holding one sequence each, padded: (rows, length)."""
+        return {key: self.pad([r[key] for r in rows], pad) for key, pad in self._pads().items() if key in rows[0]}
+
+    def nested(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Token columns of rows holding a list of sequences each, flattened in order and padded together:
+        (sum of the rows' sequences, length)."""
+        return {key: self.pad([seq for r in rows for seq in r[key]], pad)
+                for key, pad in self._pads().items() if key in rows[0]}
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.pack and packing_pays([len(r["input_ids"]) for r in rows]):
+            batch = pack([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
+            return {**batch, **({"labels": torch.tensor([r["labels"] for r in rows])} if "labels" in rows[0] else {})}
+        if self.head is not None:
+            return self.head.collate(rows, self)
+        return {**self.sequences(rows), **({"labels": torch.tensor([r["labels"] for r in rows])}
+                                          if "labels" in rows[0] else {})}

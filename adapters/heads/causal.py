@@ -28,7 +28,7 @@ class CausalLM(HeadSpec):
     max_new_tokens: int = 64
     """Default length of generated answers in ``predict`` (any ``generate`` kwarg can be passed there)."""
     kind: str = field(default="causal_lm", init=False)
-    sequence_labels: ClassVar[bool] = True
+    labels_per_token: ClassVar[bool] = True
     lm_logits: ClassVar[bool] = True
 
     def __post_init__(self):

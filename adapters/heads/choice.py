@@ -79,6 +79,44 @@ class MultipleChoice(HeadSpec):
                          choice_targets=torch.full(scored, IGNORE, dtype=torch.long))
         return batch
 
+    def collate(self, rows: list[dict], collator) -> dict[str, torch.Tensor]:
+        """(batch, choices, length) tokens: every (context, choice) sequence, padded together."""
+        k = len(rows[0]["input_ids"])
+        if "choice_start" in rows[0]:  # scored by the base's likelihood
+            batch = self._scored_choices(rows, collator)
+        else:
+            batch = {key: value.view(len(rows), k, -1) for key, value in collator.nested(rows).items()}
+        if "labels" in rows[0]:
+            batch["labels"] = torch.tensor([r["labels"] for r in rows])
+        return batch
+
+    @staticmethod
+    def _scored_choices(rows: list[dict], collator) -> dict[str, torch.Tensor]:
+        """Tokens and masks, plus for every sequence the positions that predict its choice's tokens
+        (``choice_index``) and those tokens (``choice_targets``, ``IGNORE`` as filler), counted in the
+        padded sequence, so the head gathers them with fixed shapes."""
+        sequences = [seq for r in rows for seq in r["input_ids"]]
+        starts = [s for r in rows for s in r["choice_start"]]
+        longest, left = max(map(len, sequences)), collator.tokenizer.padding_side == "left"
+        width = max(len(seq) - s for seq, s in zip(sequences, starts))
+        index, targets = [], []
+        for seq, start in zip(sequences, starts):
+            shift, n = (longest - len(seq) if left else 0), len(seq) - start
+            index.append([shift + start - 1 + t for t in range(n)] + [0] * (width - n))
+            targets.append(seq[start:] + [IGNORE] * (width - n))
+        k = len(rows[0]["input_ids"])
+        return {"input_ids": collator.pad(sequences, collator.tokenizer.pad_token_id).view(len(rows), k, -1),
+                "attention_mask": collator.pad([[1] * len(s) for s in sequences], 0).view(len(rows), k, -1),
+                "choice_index": torch.tensor(index).view(len(rows), k, -1),
+                "choice_targets": torch.tensor(targets).view(len(rows), k, -1)}
+
+    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every (context, choice) sequence scored as one row, then regrouped: (batch, choices)."""
+        flat = {key: value.flatten(0, 1) for key, value in batch.items()}
+        scored = {key: flat[key] for key in ("choice_index", "choice_targets") if key in flat}
+        logits = model.sequence_logits(flat["input_ids"], flat["attention_mask"], flat.get("token_type_ids"), scored)
+        return logits.view(-1, batch["input_ids"].shape[1])
+
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
         if self.scoring == "likelihood":
             if not is_decoder:

@@ -1,22 +1,31 @@
 """``HeadSpec``: what every head kind provides, and the checks its settings share.
 
-A spec says how to encode data rows for its head (``encode``), read a target (``target``), its loss,
-what to gather per example at evaluation (``eval_outputs``) and the metrics computed from it, and
-how to turn raw inputs into predictions (``input_rows``, ``predict``, ``decode``). The model, the
-loaders, the memory estimate and the artifact code ask the spec; none of them switches on its kind.
+A spec says how to encode data rows for its head (``encode``), read a target (``target``), lay rows out
+as a batch (``collate``) and run a batch through the model (``logits``: windows, choices and packed rows
+are the head's business), its loss, what to gather per example at evaluation (``eval_outputs``) and the
+metrics computed from it, and how to turn raw inputs into predictions (``input_rows``, ``predict``,
+``decode``). The model, the loaders, the memory estimate and the artifact code ask the spec; none of
+them switches on its kind. ``HeadSpec`` is an abstract base class: a kind that misses one of its
+abstract methods cannot be built.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from adapters.data.encoding import encode_texts
+from adapters.data.encoding import IGNORE, encode_texts
 from adapters.errors import ConfigError, DataError
-from adapters.heads.layers import POOLINGS
+from adapters.heads.layers import POOLINGS, pool_windows
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from adapters.data.encoding import Collator
 
 LONG_TEXT = ("truncate", "windows")
 WINDOW_POOLINGS = ("mean", "max")
@@ -64,11 +73,11 @@ def _label_index(labels: list[str], value) -> int:
                         f"labels or fix the data") from None
 
 
-class HeadSpec:
+class HeadSpec(ABC):
     """What every head spec provides (see the module docstring). Defaults fit the whole-text heads."""
 
     kind: ClassVar[str]
-    sequence_labels: ClassVar[bool] = False
+    labels_per_token: ClassVar[bool] = False
     """Labels are per token, aligned with input_ids."""
     problem_type: ClassVar[str | None] = None
     """What transformers' ``AutoModelForSequenceClassification`` calls this head's task, where it has one
@@ -76,6 +85,37 @@ class HeadSpec:
     lm_logits: ClassVar[bool] = False
     """The outputs are the base's own vocabulary-wide LM logits: the base is loaded with its LM head,
     and evaluation batches are kept small."""
+
+    prompt: str | None = None
+    """A template around every input text (``{text}`` marks the place); None: texts as they are."""
+    messages_column: str | None = None
+    """The data column holding chat message lists, for heads that read chats."""
+
+    # --- the head itself --------------------------------------------------------------------------
+
+    @abstractmethod
+    def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
+        """The new head module, on the backbone's last hidden states (``hidden_size`` wide)."""
+
+    @abstractmethod
+    def target(self, value: Any) -> Any:
+        """One data row's label as the head trains on it (a ``DataError`` naming the fix when it is not one)."""
+
+    @abstractmethod
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch (fp32)."""
+
+    @abstractmethod
+    def metrics(self, *outputs: torch.Tensor) -> dict[str, float]:
+        """Evaluation metrics from what ``eval_outputs`` gathered over the whole evaluation set."""
+
+    def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
+        """Predictions from the head's outputs (``predict``'s default path)."""
+        raise NotImplementedError(f"{type(self).__name__} predicts through its own predict()")
+
+    def reads_windows(self) -> bool:
+        """Whether a long text is read as several windows (rows then hold a list of sequences each)."""
+        return False
 
     def resolved_pooling(self, is_decoder: bool) -> str:
         pooling = getattr(self, "pooling", "auto")
@@ -89,6 +129,24 @@ class HeadSpec:
     def packable(self) -> bool:
         """One pooled vector per plain row, so rows can be packed without padding (``batching.pack``)."""
         return False
+
+    # --- batches ----------------------------------------------------------------------------------
+
+    def collate(self, rows: list[dict], collator: Collator) -> dict[str, torch.Tensor]:
+        """Encoded rows -> one batch (default: one sequence and one label per row)."""
+        batch = collator.sequences(rows)
+        if "labels" in rows[0]:
+            labels = [r["labels"] for r in rows]
+            # per-token labels are padded with IGNORE on the tokens' side
+            batch["labels"] = collator.pad(labels, IGNORE) if self.labels_per_token else torch.tensor(labels)
+        return batch
+
+    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's outputs for a collated ``batch`` (labels excluded) through ``model``
+        (an ``AdaptedModel``): packed rows (``batching.pack``) give one row per segment."""
+        if "segments" in batch:
+            return model.packed_logits(batch["input_ids"], batch["position_ids"], batch["segments"])
+        return model.sequence_logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
     # --- data -------------------------------------------------------------------------------------
 
@@ -164,6 +222,45 @@ class LongTextHead(HeadSpec):
 
     def packable(self) -> bool:
         return self.long_text == "truncate"
+
+    def reads_windows(self) -> bool:
+        return self.long_text == "windows"
+
+    def collate(self, rows: list[dict], collator: Collator) -> dict[str, torch.Tensor]:
+        if not self.reads_windows():
+            return super().collate(rows, collator)
+        # a variable number of windows per text: flattened, each saying whose it is
+        batch = collator.nested(rows)
+        batch["window_doc"] = torch.tensor([i for i, r in enumerate(rows) for _ in r["input_ids"]])
+        if "labels" in rows[0]:
+            batch["labels"] = torch.tensor([r["labels"] for r in rows])
+        return batch
+
+    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "window_doc" not in batch:
+            return super().logits(model, batch)
+        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        if ids.shape[0] > self.window_batch:
+            logits = self._windows_in_groups(model, ids, mask, types)
+        else:
+            logits = model.sequence_logits(ids, mask, types)
+        return pool_windows(logits, batch["window_doc"], self.window_pooling)
+
+    def _windows_in_groups(self, model, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        """The windows of a batch's long texts, ``window_batch`` at a time. With gradients, each group
+        is checkpointed: only its inputs and logits are kept, and it is recomputed (same dropout
+        masks: the RNG state is replayed) when backward reaches it."""
+        from torch.utils.checkpoint import checkpoint
+
+        size, parts = self.window_batch, []
+        for start in range(0, input_ids.shape[0], size):
+            group = (input_ids[start:start + size], attention_mask[start:start + size],
+                     None if token_type_ids is None else token_type_ids[start:start + size])
+            if torch.is_grad_enabled() and model.training:
+                parts.append(checkpoint(model.sequence_logits, *group, use_reentrant=False))
+            else:
+                parts.append(model.sequence_logits(*group))
+        return torch.cat(parts)
 
     def check_prompt(self) -> None:
         check_template(self.prompt)

@@ -26,7 +26,7 @@ class TokenClassification(HeadSpec):
     labels: list[str]
     dropout: float = 0.1
     kind: str = field(default="token_classification", init=False)
-    sequence_labels: ClassVar[bool] = True
+    labels_per_token: ClassVar[bool] = True
 
     def __post_init__(self):
         self.labels = _check_labels(self.labels)

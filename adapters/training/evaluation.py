@@ -50,10 +50,10 @@ def evaluate_loader(model, loader, accelerator, compute_metrics=None) -> dict[st
             outputs = spec.eval_outputs(logits, batch["labels"])
             # per-token outputs differ in length between processes: pad before gathering
             outputs = tuple(accelerator.pad_across_processes(t, dim=1, pad_index=IGNORE) if t.dim() > 1 and
-                            spec.sequence_labels else t for t in outputs)
+                            spec.labels_per_token else t for t in outputs)
             outputs = accelerator.gather_for_metrics(outputs)
             gathered.append([t.cpu() for t in outputs])
-    columns = _concatenate(gathered, spec.sequence_labels)
+    columns = _concatenate(gathered, spec.labels_per_token)
     metrics = spec.metrics(*columns)
     if compute_metrics is not None:
         metrics.update(_user_metrics(compute_metrics, columns, metrics))
@@ -75,11 +75,11 @@ def _user_metrics(compute_metrics, columns: list[torch.Tensor], own: dict) -> di
     return {k: float(v) for k, v in found.items()}
 
 
-def _concatenate(gathered: list[list[torch.Tensor]], sequence_labels: bool) -> list[torch.Tensor]:
+def _concatenate(gathered: list[list[torch.Tensor]], labels_per_token: bool) -> list[torch.Tensor]:
     """Per-batch outputs -> one tensor per output; per-token ones padded to one length first."""
     columns = []
     for parts in zip(*gathered):
-        if parts[0].dim() > 1 and sequence_labels:
+        if parts[0].dim() > 1 and labels_per_token:
             longest = max(p.shape[1] for p in parts)
             parts = [F.pad(p, (0, longest - p.shape[1]), value=IGNORE) for p in parts]
         columns.append(torch.cat(parts))
