@@ -26,15 +26,15 @@ from adapters.errors import AdaptersError, CheckpointError, ConfigError, DataErr
 EXAMPLES = {
     "train": "qadapters train recipes/configs/sentiment.yaml train.epochs=2 adapter.r=16",
     "eval": "qadapters eval runs/sentiment --data reviews.csv --text-column review --label-column stars",
-    "predict": "qadapters predict runs/sentiment \"a moving, funny film\" \"a tedious mess\"\n"
-               "  qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl",
+    "predict": 'qadapters predict runs/sentiment "a moving, funny film" "a tedious mess"\n'
+    "  qadapters predict runs/sentiment --input texts.jsonl --output predictions.jsonl",
     "merge": "qadapters merge runs/sentiment runs/sentiment-merged",
     "info": "qadapters info runs/sentiment",
     "export": "qadapters export runs/sentiment runs/sentiment-export\n"
-              "  python -c \"from transformers import pipeline; print(pipeline('text-classification', "
-              "model='runs/sentiment-export')('a moving film'))\"",
+    "  python -c \"from transformers import pipeline; print(pipeline('text-classification', "
+    "model='runs/sentiment-export')('a moving film'))\"",
     "serve": "qadapters serve sentiment=runs/sentiment licence=runs/licence --port 8000\n"
-             "  curl -s localhost:8000/v1/models/sentiment/predict -d '{\"texts\": [\"a moving film\"]}'",
+    '  curl -s localhost:8000/v1/models/sentiment/predict -d \'{"texts": ["a moving film"]}\'',
     "estimate": "qadapters estimate recipes/configs/sentiment.yaml train.batch_size=32 --device cuda",
 }
 
@@ -48,8 +48,9 @@ def _split_rows(run):
         eval_rows = load_rows(data.eval)
     else:
         if data.group_column and rows and data.group_column not in rows[0]:
-            raise AdaptersError(f"data.group_column={data.group_column!r} is not a column of {data.train}; "
-                                f"columns: {sorted(rows[0])}")
+            raise AdaptersError(
+                f"data.group_column={data.group_column!r} is not a column of {data.train}; columns: {sorted(rows[0])}"
+            )
         rows, eval_rows = group_split(rows, data.group_column, data.eval_fraction, data.seed)
     return sample(rows, data.train_size, data.seed), sample(eval_rows, data.eval_size, data.seed)
 
@@ -58,11 +59,23 @@ def _estimate(run, device: str | None, processes: int, fsdp: bool):
     from adapters.memory.estimate import estimate_memory
 
     m, t = run.model, run.train
-    return estimate_memory(m.name, adapter=run.adapter, head=run.head, quantization=m.quantization,
-                           batch_size=t.batch_size, seq_len=m.max_length or 512,
-                           gradient_checkpointing=t.gradient_checkpointing, optimizer=t.optimizer,
-                           mixed_precision=t.mixed_precision, processes=processes, fsdp=fsdp, device=device,
-                           dtype=m.dtype, double_quant=m.double_quant, trust_remote_code=m.trust_remote_code)
+    return estimate_memory(
+        m.name,
+        adapter=run.adapter,
+        head=run.head,
+        quantization=m.quantization,
+        batch_size=t.batch_size,
+        seq_len=m.max_length or 512,
+        gradient_checkpointing=t.gradient_checkpointing,
+        optimizer=t.optimizer,
+        mixed_precision=t.mixed_precision,
+        processes=processes,
+        fsdp=fsdp,
+        device=device,
+        dtype=m.dtype,
+        double_quant=m.double_quant,
+        trust_remote_code=m.trust_remote_code,
+    )
 
 
 def cmd_estimate(args) -> int:
@@ -76,9 +89,9 @@ def cmd_estimate(args) -> int:
 def cmd_train(args) -> int:
     from adapters import adapt, train
     from adapters.artifacts.format import ARTIFACT_FILES, check_destination, save_artifact
-    from adapters.training.checkpoint import check_output_dir
     from adapters.config.run_file import load_run_config, to_yaml
     from adapters.data.encoding import check_rows
+    from adapters.training.checkpoint import check_output_dir
 
     run = load_run_config(args.config, args.overrides)
     if args.estimate_only:
@@ -93,9 +106,18 @@ def cmd_train(args) -> int:
     check_destination(Path(run.output), False, ARTIFACT_FILES)
     check_output_dir(t.output_dir, t.resume, t.overwrite)
     m = run.model
-    model = adapt(m.name, adapter=run.adapter, head=run.head, quantization=m.quantization, dtype=m.dtype,
-                  max_length=m.max_length, padding_side=m.padding_side, double_quant=m.double_quant,
-                  trust_remote_code=m.trust_remote_code, seed=run.data.seed)
+    model = adapt(
+        m.name,
+        adapter=run.adapter,
+        head=run.head,
+        quantization=m.quantization,
+        dtype=m.dtype,
+        max_length=m.max_length,
+        padding_side=m.padding_side,
+        double_quant=m.double_quant,
+        trust_remote_code=m.trust_remote_code,
+        seed=run.data.seed,
+    )
     print(model.summary())
     metrics = train(model, train_rows, eval_rows, run.train)
     save_artifact(model, run.output, text_files={"config.yaml": to_yaml(run)})
@@ -115,8 +137,9 @@ def cmd_eval(args) -> int:
     rows = load_rows(args.data)  # before the model: a bad file fails at once
     for flag, column in (("--text-column", text_column), ("--label-column", label_column)):
         if column not in rows[0]:
-            raise DataError(f"{args.data} has no column {column!r} (its columns: {sorted(rows[0])}); name the "
-                            f"column with {flag}")
+            raise DataError(
+                f"{args.data} has no column {column!r} (its columns: {sorted(rows[0])}); name the column with {flag}"
+            )
     model = load(args.artifact)
     metrics = evaluate(model, rows, text_column=text_column, label_column=label_column, batch_size=args.batch_size)
     print(json.dumps(metrics, indent=2))
@@ -132,11 +155,15 @@ def _batches(lines, size: int, source: Path, text_column: str):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"--input {source} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
-                            f"each line must hold one JSON object") from None
+            raise DataError(
+                f"--input {source} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                f"each line must hold one JSON object"
+            ) from None
         if not isinstance(row, dict) or text_column not in row:
-            raise DataError(f"--input {source} line {number} has no {text_column!r} field; pass --text-column to "
-                            f"name the field that holds the input")
+            raise DataError(
+                f"--input {source} line {number} has no {text_column!r} field; pass --text-column to "
+                f"name the field that holds the input"
+            )
         batch.append(row)
         if len(batch) == size:
             yield batch
@@ -160,22 +187,30 @@ def cmd_predict(args) -> int:
         raise ConfigError(f"--output {args.output} exists; choose a new file (predictions never overwrite a file)")
     model = load(args.artifact)
     if args.texts:
-        for text, prediction in zip(args.texts, model.predict(args.texts, probabilities=args.probabilities)):
+        predictions = model.predict(args.texts, probabilities=args.probabilities)
+        for text, prediction in zip(args.texts, predictions, strict=False):
             print(json.dumps({"input": text, "prediction": prediction}))
         return 0
     out = open(args.output, "x") if args.output else sys.stdout
     try:
-        with source.open(encoding="utf-8") as lines, tqdm(desc="predict", unit="rows", disable=args.output is None) as bar:
+        with (
+            source.open(encoding="utf-8") as lines,
+            tqdm(desc="predict", unit="rows", disable=args.output is None) as bar,
+        ):
             # streaming: the file is never held in memory
             for batch in _batches(lines, args.batch_size, source, args.text_column):
                 inputs = [row[args.text_column] for row in batch]
-                for row, prediction in zip(batch, model.predict(inputs, probabilities=args.probabilities,
-                                                                batch_size=args.batch_size)):
+                for row, prediction in zip(
+                    batch,
+                    model.predict(inputs, probabilities=args.probabilities, batch_size=args.batch_size),
+                    strict=False,
+                ):
                     out.write(json.dumps({**row, "prediction": prediction}) + "\n")
                 bar.update(len(batch))
     except UnicodeDecodeError as err:
-        raise DataError(f"--input {source} is not UTF-8 text (byte {err.object[err.start]:#04x}); re-save it as "
-                        f"UTF-8") from None
+        raise DataError(
+            f"--input {source} is not UTF-8 text (byte {err.object[err.start]:#04x}); re-save it as UTF-8"
+        ) from None
     finally:
         if out is not sys.stdout:
             out.close()
@@ -224,8 +259,9 @@ def cmd_info(args) -> int:
             ("versions", json.dumps(spec.get("versions", {}))),
         ]
     except (KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{args.artifact}/qadapters.json lacks or garbles an entry ({err}); the artifact is "
-                              f"corrupt") from None
+        raise CheckpointError(
+            f"{args.artifact}/qadapters.json lacks or garbles an entry ({err}); the artifact is corrupt"
+        ) from None
     if spec.get("merged_from"):
         rows.insert(3, ("merged from", spec["merged_from"]))
     width = max(len(k) for k, _ in rows)
@@ -234,19 +270,27 @@ def cmd_info(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="qadapters", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    main = argparse.ArgumentParser(
+        prog="qadapters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = main.add_subparsers(dest="command", required=True)
 
     def command(name: str, help: str):
-        return sub.add_parser(name, help=help, description=f"{help}\n\nexample:\n  {EXAMPLES[name]}",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help,
+            description=f"{help}\n\nexample:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     p = command("train", "train an adapter and head from a YAML config, then save the artifact")
     p.add_argument("config", help="YAML file with sections model, adapter, head, data, train, output")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
-    p.add_argument("--estimate-only", action="store_true",
-                   help="print the memory this run needs per device (from the config alone) and stop")
+    p.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="print the memory this run needs per device (from the config alone) and stop",
+    )
     p.set_defaults(run=cmd_train)
 
     p = command("estimate", "memory per device that a training config needs, from the model's config alone")
@@ -263,8 +307,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, packaged dataset or hub dataset")
     p.add_argument("--text-column", help="column of the inputs (default: the one the artifact was trained on)")
     p.add_argument("--label-column", help="column of the labels (default: the one the artifact was trained on)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per batch (default: batches of up to 8,192 padded tokens, sorted by length)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="rows per batch (default: batches of up to 8,192 padded tokens, sorted by length)",
+    )
     p.set_defaults(run=cmd_eval)
 
     p = command("predict", "predict texts given on the command line or streamed from a JSONL file")

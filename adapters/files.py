@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -29,7 +29,7 @@ def _umask() -> int:
 def _share_like_umask(folder: Path) -> None:
     """Give ``folder`` and everything in it the permissions a plain ``mkdir``/``open`` would have."""
     mask = _umask()
-    for root, dirs, files in os.walk(folder):
+    for root, _dirs, files in os.walk(folder):
         os.chmod(root, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
@@ -71,8 +71,9 @@ def atomic_folder(path, replaces: Iterable[str] = ()) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def earlier_output(out: Path, overwrite: bool, kind: str, target: str,
-                   written: Callable[[Path], list[str] | None]) -> list[str]:
+def earlier_output(
+    out: Path, overwrite: bool, kind: str, target: str, written: Callable[[Path], list[str] | None]
+) -> list[str]:
     """The entries of folder ``out`` that writing ``kind`` (``"a merge"``) there may replace: none for a new or
     empty folder; with ``overwrite``, the files an earlier ``kind`` lists as its own (``written(out)``, None when
     ``out`` is not one). Anything else is refused: the library replaces only what it wrote."""
@@ -81,12 +82,16 @@ def earlier_output(out: Path, overwrite: bool, kind: str, target: str,
     if not out.is_dir() or not any(out.iterdir()):
         return []
     if not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
-                          f"earlier {kind.split(' ', 1)[1]} written there)")
+        raise ConfigError(
+            f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
+            f"earlier {kind.split(' ', 1)[1]} written there)"
+        )
     files = written(out)
     if files is None:
-        raise ConfigError(f"{out} is not {kind} written by this qadapters, so overwrite cannot tell its files from "
-                          f"yours; choose another folder")
+        raise ConfigError(
+            f"{out} is not {kind} written by this qadapters, so overwrite cannot tell its files from "
+            f"yours; choose another folder"
+        )
     return files
 
 
@@ -111,8 +116,10 @@ def check_state(loaded: dict, expected: dict, file: Path) -> None:
         raise CheckpointError(f"{file} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for key, tensor in expected.items():
         if tuple(loaded[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{file}: tensor {key} has shape {tuple(loaded[key].shape)}, the model expects "
-                                  f"{tuple(tensor.shape)}; the artifact was saved from a different configuration")
+            raise CheckpointError(
+                f"{file}: tensor {key} has shape {tuple(loaded[key].shape)}, the model expects "
+                f"{tuple(tensor.shape)}; the artifact was saved from a different configuration"
+            )
 
 
 def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

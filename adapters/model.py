@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.methods.spec import AdapterSpec
 from adapters.artifacts.format import (
     HEAD_FILE,
     adapter_spec_of,
@@ -40,14 +39,22 @@ from adapters.data.encoding import Collator, encode_rows
 from adapters.errors import ConfigError
 from adapters.files import check_state
 from adapters.heads import HeadSpec
+from adapters.methods.spec import AdapterSpec
 from adapters.registry import ADAPTERS
 
 
 class AdaptedModel(nn.Module):
     """A backbone with an adapter and a head; only adapter and head parameters train."""
 
-    def __init__(self, backbone: nn.Module, base: BaseInfo, adapter: AdapterSpec | None, head_spec: HeadSpec,
-                 max_length: int, dtype_arg: str | None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        base: BaseInfo,
+        adapter: AdapterSpec | None,
+        head_spec: HeadSpec,
+        max_length: int,
+        dtype_arg: str | None,
+    ):
         super().__init__()
         self.backbone = backbone  # the frozen transformers network; LoRA layers live inside it
         self.base = base
@@ -84,8 +91,13 @@ class AdaptedModel(nn.Module):
             return {}
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **head_inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **head_inputs: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """Logits for the head (and ``loss`` with ``labels``) of a batch the head's ``collate`` laid out:
         ``head_inputs`` are what that layout adds (``token_type_ids`` of text pairs, ``window_doc`` of long
         texts' windows, ``position_ids`` and ``segments`` of packed rows, the choices' scored positions).
@@ -96,9 +108,13 @@ class AdaptedModel(nn.Module):
             result["loss"] = self.head_spec.loss(logits, labels)
         return result
 
-    def sequence_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        token_type_ids: torch.Tensor | None = None,
-                        head_inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def sequence_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        head_inputs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Backbone -> head for a batch of padded sequences (``head_inputs``: what the head module reads
         besides the states)."""
         extra = self._positions(attention_mask)
@@ -109,8 +125,9 @@ class AdaptedModel(nn.Module):
             return out.logits
         return self.head(out.last_hidden_state, attention_mask, **(head_inputs or {}))
 
-    def packed_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      segments: torch.Tensor) -> torch.Tensor:
+    def packed_logits(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor
+    ) -> torch.Tensor:
         """Backbone -> head for packed rows (``batching.pack``): one logit row per segment."""
         out = self.backbone(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
         return self.head(out.last_hidden_state, None, segments)
@@ -138,7 +155,10 @@ class AdaptedModel(nn.Module):
             ("compute dtype", dtype_name(self.base.compute_dtype)),
             ("device", str(self.device)),
             ("adapter", f"{adapter} {self.adapter.to_dict() if self.adapter else ''}".strip()),
-            ("head", self.head_spec.describe() + (f", pooling={self.head.pooling}" if hasattr(self.head, "pooling") else "")),
+            (
+                "head",
+                self.head_spec.describe() + (f", pooling={self.head.pooling}" if hasattr(self.head, "pooling") else ""),
+            ),
             ("trainable params", f"{counts['trainable']:,} ({100 * counts['trainable'] / counts['total']:.3f}%)"),
             ("total params", f"{counts['total']:,}"),
         ]
@@ -150,7 +170,7 @@ class AdaptedModel(nn.Module):
         lists: whatever the head reads) as encoded rows, one dict per input."""
         rows = self.head_spec.input_rows(inputs)
         columns, _ = encode_rows(rows, self.tokenizer, self.head_spec, "text", None, self.max_length, "inputs")
-        return [dict(zip(columns, v)) for v in zip(*columns.values())]
+        return [dict(zip(columns, v, strict=False)) for v in zip(*columns.values(), strict=False)]
 
     def encode(self, inputs: list) -> dict[str, torch.Tensor]:
         """Model inputs for unlabeled ``inputs`` (see ``_encoded_rows``), padded, on the model's device."""
@@ -171,7 +191,7 @@ class AdaptedModel(nn.Module):
         with eval_mode(self):
             for chunk in batches:
                 batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in chunk]).items()}
-                for i, row in zip(chunk, self(**batch)["logits"].float().cpu()):
+                for i, row in zip(chunk, self(**batch)["logits"].float().cpu(), strict=False):
                     out[i] = row
         if self.head_spec.labels_per_token:
             return out
@@ -200,16 +220,20 @@ class AdaptedModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list, batch_size: int = 32, **generate_kwargs) -> list[str]:
         """The continuation of each prompt (or chat message list), greedy by default (CausalLM heads)."""
-        kwargs = {"max_new_tokens": self.head_spec.max_new_tokens, "do_sample": False,
-                  "pad_token_id": self.tokenizer.pad_token_id, **generate_kwargs}
+        kwargs = {
+            "max_new_tokens": self.head_spec.max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            **generate_kwargs,
+        }
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"  # generation appends on the right
         try:
             with eval_mode(self):
                 texts = []
                 for i in range(0, len(prompts), batch_size):
-                    batch = self.encode(prompts[i:i + batch_size])
+                    batch = self.encode(prompts[i : i + batch_size])
                     generated = self.backbone.generate(**batch, **kwargs)
-                    new = generated[:, batch["input_ids"].shape[1]:]
+                    new = generated[:, batch["input_ids"].shape[1] :]
                     texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         finally:
             self.tokenizer.padding_side = side
@@ -220,14 +244,21 @@ class AdaptedModel(nn.Module):
         return save_artifact(self, path, overwrite=overwrite)
 
     @classmethod
-    def from_pretrained(cls, path, base: str | None = None, device: str | torch.device | None = None,
-                        dtype: str | None = None, trust_remote_code: bool = False,
-                        attn_implementation: str | None = None) -> "AdaptedModel":
+    def from_pretrained(
+        cls,
+        path,
+        base: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+    ) -> AdaptedModel:
         """Rebuild a saved adapted model: same base, quantization, adapter and head, trained weights.
 
         ``base`` overrides where the base model is read from (default: the name stored at save
         time); ``device``/``dtype``/``attn_implementation`` as in ``adapt``; ``trust_remote_code`` must be
-        given again for a base with custom code (it is recorded, never trusted from a file). Files are checked (present, readable, names and
+        given again for a base with custom code (it is recorded, never trusted from a file). Files are checked
+        (present, readable, names and
         shapes that fit, the same base weights) and a misfit raises a ``CheckpointError`` saying which.
         """
         path = Path(path)
@@ -239,13 +270,24 @@ class AdaptedModel(nn.Module):
         location = resolve_base(spec, path, base)
         recorded = spec.get("load_options") or {}
         if recorded.get("trust_remote_code") and not trust_remote_code:
-            raise ConfigError(f"{path} was trained on a base with custom code; loading it runs that code: pass "
-                              f"trust_remote_code=True if you trust {spec['base']['name']!r}")
-        model = adapt(location, adapter=adapter, head=head, quantization=spec["quantization"],
-                      dtype=dtype or spec.get("dtype"), device=device, max_length=spec["max_length"],
-                      padding_side=spec.get("padding_side"), seed=None, trust_remote_code=trust_remote_code,
-                      revision=recorded.get("revision") if base is None else None,
-                      attn_implementation=attn_implementation or recorded.get("attn_implementation"))
+            raise ConfigError(
+                f"{path} was trained on a base with custom code; loading it runs that code: pass "
+                f"trust_remote_code=True if you trust {spec['base']['name']!r}"
+            )
+        model = adapt(
+            location,
+            adapter=adapter,
+            head=head,
+            quantization=spec["quantization"],
+            dtype=dtype or spec.get("dtype"),
+            device=device,
+            max_length=spec["max_length"],
+            padding_side=spec.get("padding_side"),
+            seed=None,
+            trust_remote_code=trust_remote_code,
+            revision=recorded.get("revision") if base is None else None,
+            attn_implementation=attn_implementation or recorded.get("attn_implementation"),
+        )
         check_base(spec, model.backbone, model.base.location, path)
         if adapter is not None:
             adapter.load(model, path)
@@ -285,9 +327,18 @@ def adapt(
     branch, tag or commit) go to ``from_pretrained``; both are recorded in saved artifacts.
     """
     _check_specs(adapter, head, max_length)
-    network, base = load_backbone(model, quantization, dtype, device, double_quant, trust_remote_code, padding_side,
-                                  with_lm_head=head.lm_logits, revision=revision,
-                                  attn_implementation=attn_implementation)
+    network, base = load_backbone(
+        model,
+        quantization,
+        dtype,
+        device,
+        double_quant,
+        trust_remote_code,
+        padding_side,
+        with_lm_head=head.lm_logits,
+        revision=revision,
+        attn_implementation=attn_implementation,
+    )
     limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)
     if max_length is None:
         max_length = min(limit, 512)
@@ -300,8 +351,15 @@ def adapt(
         adapted = AdaptedModel(network, base, adapter, head, max_length, dtype_name(dtype))
     adapted.head.to(next(network.parameters()).device)
     # how the base was read, for the artifact: a reload reads it the same way
-    adapted.load_options = {k: v for k, v in (("revision", revision), ("attn_implementation", attn_implementation),
-                                             ("trust_remote_code", trust_remote_code)) if v}
+    adapted.load_options = {
+        k: v
+        for k, v in (
+            ("revision", revision),
+            ("attn_implementation", attn_implementation),
+            ("trust_remote_code", trust_remote_code),
+        )
+        if v
+    }
     return adapted
 
 
@@ -318,8 +376,20 @@ def _check_specs(adapter, head, max_length) -> None:
         raise ConfigError(f"max_length={max_length} must be at least 2 tokens")
 
 
-def load(path, base: str | None = None, device: str | torch.device | None = None, dtype: str | None = None,
-         trust_remote_code: bool = False, attn_implementation: str | None = None):
+def load(
+    path,
+    base: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
     """``AdaptedModel.from_pretrained``: rebuild a saved adapted model (see there)."""
-    return AdaptedModel.from_pretrained(path, base=base, device=device, dtype=dtype,
-                                        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    return AdaptedModel.from_pretrained(
+        path,
+        base=base,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation,
+    )

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.methods.spec import AdapterSpec
-from adapters.methods.bottleneck import Bottleneck
 from adapters.errors import ConfigError
-from adapters.heads import CausalLM, Classification, HeadSpec, MultiLabel, MultipleChoice, Regression, TokenClassification
+from adapters.heads import (
+    CausalLM,
+    Classification,
+    HeadSpec,
+    MultiLabel,
+    MultipleChoice,
+    Regression,
+    TokenClassification,
+)
+from adapters.methods.bottleneck import Bottleneck
 from adapters.methods.lora import LoRA
+from adapters.methods.spec import AdapterSpec
 
 
 def _by_kind(*classes: type) -> dict[str, type]:
@@ -20,8 +28,9 @@ def _by_kind(*classes: type) -> dict[str, type]:
 
 
 ADAPTERS: dict[str, type[AdapterSpec]] = _by_kind(LoRA, Bottleneck)
-HEADS: dict[str, type[HeadSpec]] = _by_kind(Classification, MultiLabel, Regression, MultipleChoice,
-                                            TokenClassification, CausalLM)
+HEADS: dict[str, type[HeadSpec]] = _by_kind(
+    Classification, MultiLabel, Regression, MultipleChoice, TokenClassification, CausalLM
+)
 
 
 def adapter_from_dict(data: dict | None) -> AdapterSpec | None:
@@ -38,5 +47,7 @@ def _from_dict(data: dict, kinds: dict[str, type], what: str) -> Any:
     data = dict(data)
     kind = data.pop("kind", None)
     if kind not in kinds:
-        raise ConfigError(f"unknown {what} kind {kind!r}; known: {sorted(kinds)} (was it written by a newer qadapters?)")
+        raise ConfigError(
+            f"unknown {what} kind {kind!r}; known: {sorted(kinds)} (was it written by a newer qadapters?)"
+        )
     return kinds[kind](**data)

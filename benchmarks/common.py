@@ -19,10 +19,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     """What the numbers were measured on."""
     import accelerate
-    import adapters  # noqa: F401 - first: it quiets a bitsandbytes import-time warning
     import bitsandbytes
     import peft
     import transformers
+
+    import adapters  # noqa: F401 - first: it quiets a bitsandbytes import-time warning
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -34,10 +35,15 @@ def machine() -> dict:
         pass
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu, "cores": os.cpu_count(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "accelerate": accelerate.__version__, "bitsandbytes": bitsandbytes.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
     }
 
 
@@ -66,14 +72,15 @@ def run_child(script: str, args: list[str], timeout: int = 3600, env: dict | Non
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def alternating_runs(script: str, sides: list[str], rounds: int, args: list[str], describe,
-                     env: dict | None = EXACT_RSS) -> dict[str, list[dict]]:
+def alternating_runs(
+    script: str, sides: list[str], rounds: int, args: list[str], describe, env: dict | None = EXACT_RSS
+) -> dict[str, list[dict]]:
     """Every side of ``script`` (its ``--side`` option) in a fresh process, ``rounds`` times, the order
     reversed every other round so that no side always runs first; ``args``: the script's other
     arguments; ``describe(result)``: the progress line of one run. Returns the results by side."""
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(rounds):
-        for side in (sides if r % 2 == 0 else sides[::-1]):
+        for side in sides if r % 2 == 0 else sides[::-1]:
             result = run_child(script, ["--side", side, *args], env=env)
             runs[side].append(result)
             print(f"round {r + 1} {side}: {describe(result)}", flush=True)
@@ -90,8 +97,10 @@ def write_results(name: str, payload: dict, table: str, out: Path = RESULTS) -> 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     stamp = payload["machine"]
-    header = (f"Measured {stamp['date']} on {stamp['cpu']} ({stamp['cores']} cores)"
-              f"{', GPU ' + stamp['gpu'] if stamp['gpu'] else ', no GPU'}; torch {stamp['torch']}, "
-              f"transformers {stamp['transformers']}, peft {stamp['peft']}, bitsandbytes {stamp['bitsandbytes']}.\n\n")
+    header = (
+        f"Measured {stamp['date']} on {stamp['cpu']} ({stamp['cores']} cores)"
+        f"{', GPU ' + stamp['gpu'] if stamp['gpu'] else ', no GPU'}; torch {stamp['torch']}, "
+        f"transformers {stamp['transformers']}, peft {stamp['peft']}, bitsandbytes {stamp['bitsandbytes']}.\n\n"
+    )
     (out / f"{name}.md").write_text(header + table + "\n")
     return out / f"{name}.md"

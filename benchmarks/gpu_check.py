@@ -38,13 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# seconds per part: what each took on an H200 (memory: 10 cells at about 21 s each), with room; the total --budget caps them all
+# seconds per part: what each took on an H200 (memory: 10 cells at about 21 s each), with room;
+# the total --budget caps them all
 TIMEOUTS = {"correctness": 180, "memory": 240, "throughput": 200, "recipe": 150}
 
 
 def device_info() -> dict:
     import torch
-
     from common import machine
 
     info = machine()
@@ -53,8 +53,12 @@ def device_info() -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}")
         try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["driver"] = None
     return info
@@ -63,9 +67,15 @@ def device_info() -> dict:
 def run_part(command: list[str], timeout: float, env: dict | None = None) -> dict:
     """Run one part in its own process (own session, so a timeout kills its children too)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=max(timeout, 1))
         status = "passed" if proc.returncode == 0 else "failed"
@@ -79,9 +89,23 @@ def run_part(command: list[str], timeout: float, env: dict | None = None) -> dic
 def correctness(ctx) -> dict:
     junit = ctx.work / "junit.xml"
     select = ["-k", ctx.tests] if ctx.tests else []
-    result = run_part([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={junit}", *select], ctx.timeout("correctness"),
-                      {"QADAPTERS_GPU_DRY_RUN": "1"} if ctx.dry_run else None)
+    result = run_part(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "tests/test_gpu.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            *select,
+        ],
+        ctx.timeout("correctness"),
+        {"QADAPTERS_GPU_DRY_RUN": "1"} if ctx.dry_run else None,
+    )
     if junit.exists():
         cases = ET.parse(junit).getroot().iter("testcase")
         tests = {"passed": [], "failed": [], "skipped": []}
@@ -101,8 +125,16 @@ def correctness(ctx) -> dict:
 
 
 def memory(ctx) -> dict:
-    cmd = [sys.executable, "benchmarks/memory_accuracy.py", "--grid", "gpu", "--out", str(ctx.out),
-           "--name", "memory_accuracy-gpu" + ctx.suffix]
+    cmd = [
+        sys.executable,
+        "benchmarks/memory_accuracy.py",
+        "--grid",
+        "gpu",
+        "--out",
+        str(ctx.out),
+        "--name",
+        "memory_accuracy-gpu" + ctx.suffix,
+    ]
     if ctx.memory_cells:
         cmd += ["--limit", str(ctx.memory_cells)]
     if ctx.dry_run:
@@ -112,8 +144,22 @@ def memory(ctx) -> dict:
     if result["status"] == "passed" and path.exists():
         data = json.loads(path.read_text())
         result["summary"] = data["summary"]
-        result["rows"] = [{k: r[k] for k in ("quantization", "method", "batch", "seq_len", "checkpointing",
-                                             "estimate_mib", "measured_mib", "error")} for r in data["rows"]]
+        result["rows"] = [
+            {
+                k: r[k]
+                for k in (
+                    "quantization",
+                    "method",
+                    "batch",
+                    "seq_len",
+                    "checkpointing",
+                    "estimate_mib",
+                    "measured_mib",
+                    "error",
+                )
+            }
+            for r in data["rows"]
+        ]
     return result
 
 
@@ -159,12 +205,20 @@ class Context:
 
 def report(results: dict) -> str:
     d = results["device"]
-    lines = [f"GPU check on **{d.get('gpu') or 'CPU (dry run)'}**"
-             + (f" ({d.get('gpu_memory_gib')} GiB, compute capability {d.get('capability')}), driver {d.get('driver')}, "
-                f"CUDA {d.get('cuda')}" if d.get("gpu") else "")
-             + f"; torch {d['torch']}, transformers {d['transformers']}, peft {d['peft']}, bitsandbytes "
-               f"{d['bitsandbytes']}, accelerate {d['accelerate']}; {d['date']}.", "",
-             "| part | status | seconds | result |", "|---|---|---|---|"]
+    lines = [
+        f"GPU check on **{d.get('gpu') or 'CPU (dry run)'}**"
+        + (
+            f" ({d.get('gpu_memory_gib')} GiB, compute capability {d.get('capability')}), driver {d.get('driver')}, "
+            f"CUDA {d.get('cuda')}"
+            if d.get("gpu")
+            else ""
+        )
+        + f"; torch {d['torch']}, transformers {d['transformers']}, peft {d['peft']}, bitsandbytes "
+        f"{d['bitsandbytes']}, accelerate {d['accelerate']}; {d['date']}.",
+        "",
+        "| part | status | seconds | result |",
+        "|---|---|---|---|",
+    ]
     for name in PARTS:
         part = results["parts"].get(name)
         if part is None:
@@ -173,19 +227,34 @@ def report(results: dict) -> str:
         lines.append(f"| {name} | {part['status']} | {part['seconds']} | {_headline(name, part)} |")
     mem = results["parts"].get("memory", {}).get("rows")
     if mem:
-        lines += ["", "Memory estimate vs `torch.cuda.max_memory_allocated` (two training steps):", "",
-                  "| quantization | method | batch | length | checkpointing | estimate MiB | measured MiB | error |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['quantization']} | {r['method']} | {r['batch']} | {r['seq_len']} | {r['checkpointing']} | "
-                  f"{r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | {100 * r['error']:+.1f}% |" for r in mem]
+        lines += [
+            "",
+            "Memory estimate vs `torch.cuda.max_memory_allocated` (two training steps):",
+            "",
+            "| quantization | method | batch | length | checkpointing | estimate MiB | measured MiB | error |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['quantization']} | {r['method']} | {r['batch']} | {r['seq_len']} | {r['checkpointing']} | "
+            f"{r['estimate_mib']:.0f} | {r['measured_mib']:.0f} | {100 * r['error']:+.1f}% |"
+            for r in mem
+        ]
     thr = results["parts"].get("throughput", {}).get("summary")
     if thr:
-        lines += ["", f"Throughput, batch {thr['batch']} x {thr['seq_len']} tokens (medians of {thr['repeats']}):", "", "| side | tokens/s | s/step | peak MB | MFU |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Throughput, batch {thr['batch']} x {thr['seq_len']} tokens (medians of {thr['repeats']}):",
+            "",
+            "| side | tokens/s | s/step | peak MB | MFU |",
+            "|---|---|---|---|---|",
+        ]
         for side in ("ours", "baseline"):
             s = thr[side]
             mfu = f"{100 * s['mfu']:.2f}%" if s.get("mfu") is not None else "n/a"
-            lines.append(f"| {side} | {s['tokens_per_second']:,.0f} | {s['seconds_per_step']:.4f} | {s['peak_mb']:,.0f} | {mfu} |")
+            lines.append(
+                f"| {side} | {s['tokens_per_second']:,.0f} | {s['seconds_per_step']:.4f} "
+                f"| {s['peak_mb']:,.0f} | {mfu} |"
+            )
     failed = results["parts"].get("correctness", {}).get("tests", {}).get("failed")
     if failed:
         lines += ["", "Failed tests:", ""] + [f"- `{f['test']}`: {f['message']}" for f in failed]
@@ -198,15 +267,23 @@ def _headline(name: str, part: dict) -> str:
         return f"{len(t['passed'])} passed, {len(t['failed'])} failed, {len(t['skipped'])} skipped"
     s = part.get("summary")
     if not s:
-        return part["output_tail"].strip().splitlines()[-1][:200].replace("|", "/") if part["output_tail"].strip() else ""
+        return (
+            part["output_tail"].strip().splitlines()[-1][:200].replace("|", "/") if part["output_tail"].strip() else ""
+        )
     if name == "memory":
-        return (f"{s['within_goal']}/{s['cells']} cells within {100 * s['goal']:.0f}%, max abs error "
-                f"{100 * s['max_abs_error']:.1f}%, mean {100 * s['mean_abs_error']:.1f}%")
+        return (
+            f"{s['within_goal']}/{s['cells']} cells within {100 * s['goal']:.0f}%, max abs error "
+            f"{100 * s['max_abs_error']:.1f}%, mean {100 * s['mean_abs_error']:.1f}%"
+        )
     if name == "throughput":
-        return (f"ours {s['ours']['tokens_per_second']:,.0f} vs baseline {s['baseline']['tokens_per_second']:,.0f} "
-                f"tokens/s (x{s['speedup']:.2f}); peak memory x{s['memory_ratio']:.2f}")
-    return (f"accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, train {s['train_seconds']:.0f} s, "
-            f"total {s['total_seconds']:.0f} s")
+        return (
+            f"ours {s['ours']['tokens_per_second']:,.0f} vs baseline {s['baseline']['tokens_per_second']:,.0f} "
+            f"tokens/s (x{s['speedup']:.2f}); peak memory x{s['memory_ratio']:.2f}"
+        )
+    return (
+        f"accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, train {s['train_seconds']:.0f} s, "
+        f"total {s['total_seconds']:.0f} s"
+    )
 
 
 def main(argv=None) -> int:
@@ -246,8 +323,11 @@ def main(argv=None) -> int:
             else:
                 print(f"[gpu-check] {part}: up to {ctx.timeout(part):.0f} s", flush=True)
                 results["parts"][part] = PARTS[part](ctx)
-                print(f"[gpu-check] {part}: {results['parts'][part]['status']} in "
-                      f"{results['parts'][part]['seconds']} s: {_headline(part, results['parts'][part])}", flush=True)
+                print(
+                    f"[gpu-check] {part}: {results['parts'][part]['status']} in "
+                    f"{results['parts'][part]['seconds']} s: {_headline(part, results['parts'][part])}",
+                    flush=True,
+                )
             (Path(args.out) / f"{name}.json").write_text(json.dumps(results, indent=2, default=str))
             (Path(args.out) / f"{name}.md").write_text(report(results))
     print(report(results))

@@ -29,23 +29,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SIDES = {"peft": "peft's LoRA forward, batches of <= 8,192 tokens", "lean-8192": "lean path, batches of <= 8,192 tokens",
-         "lean": "lean path, batches of <= 2,048 tokens (defaults)"}
+SIDES = {
+    "peft": "peft's LoRA forward, batches of <= 8,192 tokens",
+    "lean-8192": "lean path, batches of <= 8,192 tokens",
+    "lean": "lean path, batches of <= 2,048 tokens (defaults)",
+}
 ROWS = {"quick": 40, "full": 500}
 
 
 def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
     import torch
+    from vs_peft_trainer import BUDGETS, SETTINGS, _data
 
     import adapters
     from adapters.data import batching
-    from vs_peft_trainer import BUDGETS, SETTINGS, _data
 
     _, test_rows = _data(BUDGETS["full"], seed)
-    model = adapters.adapt(model_name, adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"],
-                                                             fused=side != "peft"),
-                           head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
-                           max_length=SETTINGS["max_length"], seed=seed)
+    model = adapters.adapt(
+        model_name,
+        adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"], fused=side != "peft"),
+        head=adapters.Classification(labels=["negative", "positive"]),
+        quantization="nf4",
+        max_length=SETTINGS["max_length"],
+        seed=seed,
+    )
     generator = torch.Generator().manual_seed(seed)
     layers = [m for m in model.modules() if hasattr(m, "lora_B")]
     with torch.no_grad():
@@ -56,8 +63,13 @@ def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
         batching.INFERENCE_TOKENS = {"cpu": 8192, "gpu": 8192}
     started = time.perf_counter()
     metrics = adapters.evaluate(model, test_rows[:rows])
-    return {"side": side, "eval_seconds": time.perf_counter() - started, "loss": metrics["loss"],
-            "accuracy": metrics["accuracy"], "rows": metrics["count"]}
+    return {
+        "side": side,
+        "eval_seconds": time.perf_counter() - started,
+        "loss": metrics["loss"],
+        "accuracy": metrics["accuracy"],
+        "rows": metrics["count"],
+    }
 
 
 def main(argv=None) -> dict:
@@ -75,9 +87,13 @@ def main(argv=None) -> dict:
         return {}
     from common import RESULTS, alternating_runs, machine, write_results
 
-    runs = alternating_runs(__file__, list(SIDES), args.rounds,
-                            ["--model", args.model, "--seed", str(args.seed)] + (["--quick"] if args.quick else []),
-                            lambda x: f"eval {x['eval_seconds']:.1f} s, loss {x['loss']:.5f}")
+    runs = alternating_runs(
+        __file__,
+        list(SIDES),
+        args.rounds,
+        ["--model", args.model, "--seed", str(args.seed)] + (["--quick"] if args.quick else []),
+        lambda x: f"eval {x['eval_seconds']:.1f} s, loss {x['loss']:.5f}",
+    )
     losses = [x["loss"] for side in SIDES for x in runs[side]]
     same = max(losses) - min(losses) < 1e-4
     base = statistics.median(x["eval_seconds"] for x in runs["peft"])
@@ -89,10 +105,12 @@ def main(argv=None) -> dict:
         f"\n\n`{args.model}` in NF4, LoRA r=8 on all linear layers (B seeded random), `adapters.evaluate` on "
         f"{rows} held-out rows of the vs_peft_trainer job, {args.rounds} round(s) in alternating order, each run in "
         f"a fresh process (MALLOC_MMAP_THRESHOLD_=65536, as vs_peft_trainer). Same loss on every side: "
-        f"{'yes' if same else 'NO'} (spread {max(losses) - min(losses):.1e}).")
+        f"{'yes' if same else 'NO'} (spread {max(losses) - min(losses):.1e})."
+    )
     payload = {"machine": machine(), "model": args.model, "rows": rows, "runs": runs, "same_loss": same}
-    write_results("lora_inference" + ("-quick" if args.quick else ""), payload, text,
-                  Path(args.out) if args.out else RESULTS)
+    write_results(
+        "lora_inference" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS
+    )
     print(text)
     return payload
 

@@ -35,8 +35,12 @@ MIB = 2**20
 def cell_objects(cell: dict):
     import adapters
 
-    adapter = {"lora": adapters.LoRA(r=8), "dora": adapters.LoRA(r=8, dora=True),
-               "bottleneck": adapters.Bottleneck(placement="pfeiffer"), "head": None}[cell["method"]]
+    adapter = {
+        "lora": adapters.LoRA(r=8),
+        "dora": adapters.LoRA(r=8, dora=True),
+        "bottleneck": adapters.Bottleneck(placement="pfeiffer"),
+        "head": None,
+    }[cell["method"]]
     return adapter, adapters.Classification(labels=["a", "b"])
 
 
@@ -44,10 +48,17 @@ def estimate(cell: dict, device: str) -> dict:
     from adapters import estimate_memory
 
     adapter, head = cell_objects(cell)
-    est = estimate_memory(cell["model"], adapter=adapter, head=head, quantization=cell["quantization"],
-                          batch_size=cell["batch"], seq_len=cell["seq_len"],
-                          gradient_checkpointing=cell["checkpointing"], optimizer=cell.get("optimizer", "adamw"),
-                          device=device)
+    est = estimate_memory(
+        cell["model"],
+        adapter=adapter,
+        head=head,
+        quantization=cell["quantization"],
+        batch_size=cell["batch"],
+        seq_len=cell["seq_len"],
+        gradient_checkpointing=cell["checkpointing"],
+        optimizer=cell.get("optimizer", "adamw"),
+        device=device,
+    )
     return est.to_dict()
 
 
@@ -57,16 +68,17 @@ def measure(cell: dict) -> dict:
 
     import adapters
     from adapters.backbone.loading import resolve_mixed_precision
-    from adapters.training.optim import build_optimizer
     from adapters.config.training import TrainConfig
+    from adapters.training.optim import build_optimizer
 
     adapter, head = cell_objects(cell)
     gpu = torch.cuda.is_available()
     b, s = cell["batch"], cell["seq_len"]
 
     def run():
-        model = adapters.adapt(cell["model"], adapter=adapter, head=head, quantization=cell["quantization"],
-                               max_length=s)
+        model = adapters.adapt(
+            cell["model"], adapter=adapter, head=head, quantization=cell["quantization"], max_length=s
+        )
         # unquantized weights are read by mmap from safetensors: pages of a file, not allocations,
         # so the allocator never sees them; copy them into allocated memory, as a GPU load would
         for t in [*model.parameters(), *model.buffers()]:
@@ -121,27 +133,44 @@ def measure(cell: dict) -> dict:
 
 def grid(quick: bool, kind: str = "cpu") -> list[dict]:
     def cell(**kw):
-        base = {"model": "smollm2-135m", "quantization": "nf4", "method": "lora", "batch": 4, "seq_len": 128,
-                "checkpointing": False}
+        base = {
+            "model": "smollm2-135m",
+            "quantization": "nf4",
+            "method": "lora",
+            "batch": 4,
+            "seq_len": 128,
+            "checkpointing": False,
+        }
         return {**base, **kw}
 
     if kind == "gpu":  # nf4/int8, LoRA/bottleneck, 128-2048 tokens, with and without checkpointing
-        return [cell(batch=8), cell(batch=8, seq_len=512), cell(seq_len=2048), cell(seq_len=2048, checkpointing=True),
-                cell(batch=16, seq_len=1024, checkpointing=True), cell(method="bottleneck", batch=8, seq_len=512),
-                cell(method="bottleneck", seq_len=2048, checkpointing=True), cell(quantization="int8", batch=8, seq_len=512),
-                cell(quantization="int8", seq_len=1024, checkpointing=True),
-                cell(quantization="int8", method="bottleneck", batch=8, seq_len=256)]
+        return [
+            cell(batch=8),
+            cell(batch=8, seq_len=512),
+            cell(seq_len=2048),
+            cell(seq_len=2048, checkpointing=True),
+            cell(batch=16, seq_len=1024, checkpointing=True),
+            cell(method="bottleneck", batch=8, seq_len=512),
+            cell(method="bottleneck", seq_len=2048, checkpointing=True),
+            cell(quantization="int8", batch=8, seq_len=512),
+            cell(quantization="int8", seq_len=1024, checkpointing=True),
+            cell(quantization="int8", method="bottleneck", batch=8, seq_len=256),
+        ]
     if quick:
-        return [cell(), cell(quantization=None), cell(method="bottleneck", batch=8),
-                cell(checkpointing=True, batch=8)]
+        return [cell(), cell(quantization=None), cell(method="bottleneck", batch=8), cell(checkpointing=True, batch=8)]
     cells = []
     for quantization in ("nf4", "int8", None):
         for method in ("lora", "bottleneck", "head"):
             cells.append(cell(quantization=quantization, method=method))
     cells += [cell(batch=b, seq_len=s, checkpointing=c) for b, s in ((2, 512), (8, 256)) for c in (False, True)]
-    cells += [cell(method="dora"), cell(optimizer="adamw_8bit"), cell(checkpointing=True),
-              cell(model="minilm-l6", batch=16), cell(model="minilm-l6", quantization=None, batch=16),
-              cell(model="minilm-l6", method="bottleneck", batch=16, seq_len=256)]
+    cells += [
+        cell(method="dora"),
+        cell(optimizer="adamw_8bit"),
+        cell(checkpointing=True),
+        cell(model="minilm-l6", batch=16),
+        cell(model="minilm-l6", quantization=None, batch=16),
+        cell(model="minilm-l6", method="bottleneck", batch=16, seq_len=256),
+    ]
     return cells
 
 
@@ -149,7 +178,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", help="run every cell on this model instead (a packaged name or a folder)")
-    p.add_argument("--grid", choices=["cpu", "gpu"], default="cpu", help="the cells: CPU-sized or GPU-sized (8-16 x 128-2048)")
+    p.add_argument(
+        "--grid", choices=["cpu", "gpu"], default="cpu", help="the cells: CPU-sized or GPU-sized (8-16 x 128-2048)"
+    )
     p.add_argument("--max-seq-len", type=int, help="clamp every cell's length (a dry run on a tiny model)")
     p.add_argument("--name", help="result file name (default: memory_accuracy[-quick|-gpu])")
     p.add_argument("--limit", type=int, help="only the first N cells (a dry run)")
@@ -165,7 +196,7 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     cells = [{**c, "model": args.model} if args.model else c for c in grid(args.quick, args.grid)]
-    cells = cells[:args.limit] if args.limit else cells
+    cells = cells[: args.limit] if args.limit else cells
     if args.max_seq_len:
         cells = [{**c, "seq_len": min(c["seq_len"], args.max_seq_len)} for c in cells]
     for cell in tqdm(cells, desc="cells"):
@@ -176,30 +207,86 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"measuring {cell} failed:\n{proc.stderr[-3000:]}")
         got = json.loads(lines[-1][7:])
         error = est["tensors"] / got["peak_bytes"] - 1
-        rows.append({**cell, "quantization": cell["quantization"] or "none", "estimate_mib": est["tensors"] / MIB,
-                     "measured_mib": got["peak_bytes"] / MIB, "error": error,
-                     "estimate_parts_mib": {k: est[k] / MIB for k in ("base_quantized", "base_unquantized", "trainable",
-                                                                       "gradients", "optimizer", "activations", "transient")},
-                     "measured_before_training_mib": (got.get("bytes_before_training") or 0) / MIB})
-        tqdm.write(f"{cell['model']:>13} {rows[-1]['quantization']:>5} {cell['method']:>10} b={cell['batch']:<2} "
-                   f"s={cell['seq_len']:<4} ckpt={int(cell['checkpointing'])} {cell.get('optimizer', 'adamw'):>10}: "
-                   f"estimate {rows[-1]['estimate_mib']:8.1f} MiB, measured {rows[-1]['measured_mib']:8.1f} MiB, "
-                   f"error {100 * error:+.1f}%")
+        rows.append(
+            {
+                **cell,
+                "quantization": cell["quantization"] or "none",
+                "estimate_mib": est["tensors"] / MIB,
+                "measured_mib": got["peak_bytes"] / MIB,
+                "error": error,
+                "estimate_parts_mib": {
+                    k: est[k] / MIB
+                    for k in (
+                        "base_quantized",
+                        "base_unquantized",
+                        "trainable",
+                        "gradients",
+                        "optimizer",
+                        "activations",
+                        "transient",
+                    )
+                },
+                "measured_before_training_mib": (got.get("bytes_before_training") or 0) / MIB,
+            }
+        )
+        tqdm.write(
+            f"{cell['model']:>13} {rows[-1]['quantization']:>5} {cell['method']:>10} b={cell['batch']:<2} "
+            f"s={cell['seq_len']:<4} ckpt={int(cell['checkpointing'])} {cell.get('optimizer', 'adamw'):>10}: "
+            f"estimate {rows[-1]['estimate_mib']:8.1f} MiB, measured {rows[-1]['measured_mib']:8.1f} MiB, "
+            f"error {100 * error:+.1f}%"
+        )
     errors = [abs(r["error"]) for r in rows]
     goal = 0.10 if device == "cuda" else 0.15
-    summary = {"cells": len(rows), "max_abs_error": max(errors), "mean_abs_error": sum(errors) / len(errors),
-               "within_goal": sum(e <= goal for e in errors), "goal": goal, "measured_by": got["how"]}
-    header = ["model", "quantization", "method", "batch", "seq_len", "checkpointing", "optimizer",
-              "estimate MiB", "measured MiB", "error"]
-    table = [[r["model"], r["quantization"], r["method"], r["batch"], r["seq_len"], r["checkpointing"],
-              r.get("optimizer", "adamw"), f"{r['estimate_mib']:.1f}", f"{r['measured_mib']:.1f}",
-              f"{100 * r['error']:+.1f}%"] for r in rows]
-    notes = (f"Estimate (`tensors`: everything but the CUDA context) vs measured peak over two training steps, "
-             f"measured by {got['how']}. {summary['within_goal']} of {len(rows)} cells within "
-             f"{100 * goal:.0f}%; max |error| {100 * summary['max_abs_error']:.1f}%, mean {100 * summary['mean_abs_error']:.1f}%.")
+    summary = {
+        "cells": len(rows),
+        "max_abs_error": max(errors),
+        "mean_abs_error": sum(errors) / len(errors),
+        "within_goal": sum(e <= goal for e in errors),
+        "goal": goal,
+        "measured_by": got["how"],
+    }
+    header = [
+        "model",
+        "quantization",
+        "method",
+        "batch",
+        "seq_len",
+        "checkpointing",
+        "optimizer",
+        "estimate MiB",
+        "measured MiB",
+        "error",
+    ]
+    table = [
+        [
+            r["model"],
+            r["quantization"],
+            r["method"],
+            r["batch"],
+            r["seq_len"],
+            r["checkpointing"],
+            r.get("optimizer", "adamw"),
+            f"{r['estimate_mib']:.1f}",
+            f"{r['measured_mib']:.1f}",
+            f"{100 * r['error']:+.1f}%",
+        ]
+        for r in rows
+    ]
+    notes = (
+        f"Estimate (`tensors`: everything but the CUDA context) vs measured peak over two training steps, "
+        f"measured by {got['how']}. {summary['within_goal']} of {len(rows)} cells within "
+        f"{100 * goal:.0f}%; max |error| {100 * summary['max_abs_error']:.1f}%, "
+        f"mean {100 * summary['mean_abs_error']:.1f}%."
+    )
     result = {"machine": machine(), "summary": summary, "rows": rows}
-    text = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(str(x) for x in row) + " |" for row in table]) + "\n\n" + notes
+    text = (
+        "\n".join(
+            ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(x) for x in row) + " |" for row in table]
+        )
+        + "\n\n"
+        + notes
+    )
     name = args.name or "memory_accuracy" + ("-quick" if args.quick else "-gpu" if args.grid == "gpu" else "")
     path = write_results(name, result, text, Path(args.out))
     _plot(result, path.with_suffix(".png"))

@@ -25,9 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # lengths run at batch "at_batch"; batches run at length "at_length"
-GRIDS = {"quick": {"lengths": [64, 128, 256], "at_batch": 4, "batches": [4], "at_length": 64, "steps": 2},
-         "full": {"lengths": [64, 128, 256, 512, 1024], "at_batch": 2, "batches": [1, 2, 4, 8, 16], "at_length": 128,
-                  "steps": 2}}
+GRIDS = {
+    "quick": {"lengths": [64, 128, 256], "at_batch": 4, "batches": [4], "at_length": 64, "steps": 2},
+    "full": {
+        "lengths": [64, 128, 256, 512, 1024],
+        "at_batch": 2,
+        "batches": [1, 2, 4, 8, 16],
+        "at_length": 128,
+        "steps": 2,
+    },
+}
 
 
 def settings(grid: dict) -> list[tuple[int, int]]:
@@ -42,22 +49,29 @@ ADAPTERS = ("QLoRA nf4", "bottleneck Pfeiffer nf4")
 def run_one(args) -> dict:
     """One setting in this process: a few real training steps on fixed-length random tokens."""
     import torch
-
-    import adapters
     from common import peak_memory_mb
 
+    import adapters
+
     adapter = adapters.LoRA(r=8) if args.adapter == "QLoRA nf4" else adapters.Bottleneck(placement="pfeiffer")
-    model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=["a", "b"]),
-                           quantization="nf4", max_length=max(args.length, 16))
+    model = adapters.adapt(
+        args.model,
+        adapter=adapter,
+        head=adapters.Classification(labels=["a", "b"]),
+        quantization="nf4",
+        max_length=max(args.length, 16),
+    )
     if args.checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     vocab = model.backbone.get_input_embeddings().weight.shape[0]
-    batch = {"input_ids": torch.randint(0, vocab, (args.batch, args.length), generator=generator).to(model.device),
-             "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long, device=model.device),
-             "labels": torch.randint(0, 2, (args.batch,), generator=generator).to(model.device)}
+    batch = {
+        "input_ids": torch.randint(0, vocab, (args.batch, args.length), generator=generator).to(model.device),
+        "attention_mask": torch.ones(args.batch, args.length, dtype=torch.long, device=model.device),
+        "labels": torch.randint(0, 2, (args.batch,), generator=generator).to(model.device),
+    }
     model(**batch)["loss"].backward()  # a warm-up step, not timed
     optimizer.step()
     optimizer.zero_grad()
@@ -67,9 +81,15 @@ def run_one(args) -> dict:
         optimizer.step()
         optimizer.zero_grad()
     seconds = (time.perf_counter() - started) / args.steps
-    return {"adapter": args.adapter, "length": args.length, "batch": args.batch, "checkpointing": args.checkpointing,
-            "seconds_per_step": seconds, "tokens_per_second": args.batch * args.length / seconds,
-            "peak_mb": peak_memory_mb()}
+    return {
+        "adapter": args.adapter,
+        "length": args.length,
+        "batch": args.batch,
+        "checkpointing": args.checkpointing,
+        "seconds_per_step": seconds,
+        "tokens_per_second": args.batch * args.length / seconds,
+        "peak_mb": peak_memory_mb(),
+    }
 
 
 def plot(rows: list[dict], grid: dict, path: Path) -> None:
@@ -78,14 +98,19 @@ def plot(rows: list[dict], grid: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweeps = [("length", "batch", grid["at_batch"], "sequence length"), ("batch", "length", grid["at_length"], "batch size")]
+    sweeps = [
+        ("length", "batch", grid["at_batch"], "sequence length"),
+        ("batch", "length", grid["at_length"], "batch size"),
+    ]
     sweeps = [s for s in sweeps if len({r[s[0]] for r in rows if r[s[1]] == s[2]}) > 1]  # only sweeps that vary
     fig, axes = plt.subplots(len(sweeps), 2, figsize=(12, 4.5 * len(sweeps)), squeeze=False)
-    for (x, fixed, at, xlabel), (left, right) in zip(sweeps, axes):
+    for (x, fixed, at, xlabel), (left, right) in zip(sweeps, axes, strict=False):
         for adapter in ADAPTERS:
             for ckpt in (False, True):
-                sel = sorted((r for r in rows if r["adapter"] == adapter and r["checkpointing"] == ckpt
-                              and r[fixed] == at), key=lambda r: r[x])
+                sel = sorted(
+                    (r for r in rows if r["adapter"] == adapter and r["checkpointing"] == ckpt and r[fixed] == at),
+                    key=lambda r: r[x],
+                )
                 label = f"{adapter}{' + checkpointing' if ckpt else ''}"
                 left.plot([r[x] for r in sel], [r["tokens_per_second"] for r in sel], marker="o", label=label)
                 right.plot([r[x] for r in sel], [r["peak_mb"] for r in sel], marker="o", label=label)
@@ -119,26 +144,67 @@ def main(argv=None) -> None:
     from common import RESULTS, machine, run_child, write_results
 
     grid = dict(GRIDS["quick" if args.quick else "full"])
-    grid.update({k: v for k, v in (("lengths", args.lengths), ("batches", args.batches), ("at_batch", args.at_batch),
-                                   ("at_length", args.at_length)) if v})
+    grid.update(
+        {
+            k: v
+            for k, v in (
+                ("lengths", args.lengths),
+                ("batches", args.batches),
+                ("at_batch", args.at_batch),
+                ("at_length", args.at_length),
+            )
+            if v
+        }
+    )
     rows = []
     for adapter in ADAPTERS:
         for length, batch in settings(grid):
             for ckpt in (False, True):
                 extra = ["--checkpointing"] if ckpt else []
-                rows.append(run_child(__file__, ["--adapter", adapter, "--length", str(length), "--batch", str(batch),
-                                                 "--steps", str(grid["steps"]), "--model", args.model, *extra]))
+                rows.append(
+                    run_child(
+                        __file__,
+                        [
+                            "--adapter",
+                            adapter,
+                            "--length",
+                            str(length),
+                            "--batch",
+                            str(batch),
+                            "--steps",
+                            str(grid["steps"]),
+                            "--model",
+                            args.model,
+                            *extra,
+                        ],
+                    )
+                )
                 r = rows[-1]
-                print(f"{adapter:<24} len {length:>5} batch {batch:>3} ckpt {ckpt!s:<5} "
-                      f"{r['tokens_per_second']:8.0f} tok/s  {r['peak_mb']:7.0f} MB", flush=True)
-    lines = ["| adapter | length | batch | checkpointing | s/step | tokens/s | peak MB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['adapter']} | {r['length']} | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
-              f"{r['seconds_per_step']:.2f} | {r['tokens_per_second']:.0f} | {r['peak_mb']:.0f} |" for r in rows]
-    text = "\n".join(lines) + (f"\n\nModel `{args.model}` in NF4; {grid['steps']} timed steps after one warm-up step, "
-                               f"random tokens of exactly the given length, AdamW.")
+                print(
+                    f"{adapter:<24} len {length:>5} batch {batch:>3} ckpt {ckpt!s:<5} "
+                    f"{r['tokens_per_second']:8.0f} tok/s  {r['peak_mb']:7.0f} MB",
+                    flush=True,
+                )
+    lines = [
+        "| adapter | length | batch | checkpointing | s/step | tokens/s | peak MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['adapter']} | {r['length']} | {r['batch']} | {'yes' if r['checkpointing'] else 'no'} | "
+        f"{r['seconds_per_step']:.2f} | {r['tokens_per_second']:.0f} | {r['peak_mb']:.0f} |"
+        for r in rows
+    ]
+    text = "\n".join(lines) + (
+        f"\n\nModel `{args.model}` in NF4; {grid['steps']} timed steps after one warm-up step, "
+        f"random tokens of exactly the given length, AdamW."
+    )
     name = "scaling" + ("-quick" if args.quick else "")
-    path = write_results(name, {"machine": machine(), "model": args.model, "grid": grid, "results": rows}, text,
-                         Path(args.out) if args.out else RESULTS)
+    path = write_results(
+        name,
+        {"machine": machine(), "model": args.model, "grid": grid, "results": rows},
+        text,
+        Path(args.out) if args.out else RESULTS,
+    )
     plot(rows, grid, path.with_suffix(".png"))
     print(text)
 

@@ -27,8 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TEXTS = ["a moving, funny and beautifully acted film", "a tedious mess", "not bad at all, though the plot drags",
-         "one of the best films of the year", "the dialogue is flat and the pacing slow", "charming"]
+TEXTS = [
+    "a moving, funny and beautifully acted film",
+    "a tedious mess",
+    "not bad at all, though the plot drags",
+    "one of the best films of the year",
+    "the dialogue is flat and the pacing slow",
+    "charming",
+]
 
 
 def make_artifacts(model: str, out: Path, count: int) -> list[Path]:
@@ -36,8 +42,9 @@ def make_artifacts(model: str, out: Path, count: int) -> list[Path]:
 
     paths = []
     for i in range(count):
-        m = adapters.adapt(model, adapter=adapters.LoRA(r=8), seed=i,
-                           head=adapters.Classification(labels=["negative", "positive"]))
+        m = adapters.adapt(
+            model, adapter=adapters.LoRA(r=8), seed=i, head=adapters.Classification(labels=["negative", "positive"])
+        )
         m.save_pretrained(out / f"task{i}")
         paths.append(out / f"task{i}")
     return paths
@@ -52,8 +59,9 @@ def _free_port() -> int:
 def _post(port: int, name: str, texts: list[str]) -> float:
     started = time.perf_counter()
     body = json.dumps({"texts": texts, "probabilities": True}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/{name}/predict", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models/{name}/predict", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=300) as answer:
         assert answer.status == 200
         json.loads(answer.read())
@@ -64,9 +72,23 @@ class Server:
     def __init__(self, artifacts: list[Path], max_batch: int = 32):
         self.port = _free_port()
         args = [f"task{i}={p}" for i, p in enumerate(artifacts)]
-        self.process = subprocess.Popen([sys.executable, "-m", "adapters", "serve", *args, "--port", str(self.port),
-                                         "--max-batch", str(max_batch), "--max-wait-ms", "10"],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "adapters",
+                "serve",
+                *args,
+                "--port",
+                str(self.port),
+                "--max-batch",
+                str(max_batch),
+                "--max-wait-ms",
+                "10",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 600
         while time.time() < deadline:
             try:
@@ -74,7 +96,7 @@ class Server:
                     break
             except OSError:
                 if self.process.poll() is not None:
-                    raise RuntimeError("the server exited while starting")
+                    raise RuntimeError("the server exited while starting") from None
                 time.sleep(0.5)
         for i in range(len(artifacts)):  # warm: every artifact answers once
             _post(self.port, f"task{i}", TEXTS[:2])
@@ -114,21 +136,34 @@ def load_test(port: int, requests: int, concurrency: int) -> dict:
         t.join()
     wall = time.perf_counter() - started
     ordered = sorted(latencies)
-    return {"concurrency": concurrency, "requests": requests, "seconds": wall, "requests_per_second": requests / wall,
-            "p50_ms": 1000 * ordered[len(ordered) // 2], "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "seconds": wall,
+        "requests_per_second": requests / wall,
+        "p50_ms": 1000 * ordered[len(ordered) // 2],
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
 
 
 def table(summary: dict) -> str:
     lines = ["| concurrency | requests/s | x one at a time | p50 ms | p99 ms |", "|---|---|---|---|---|"]
     base = summary["throughput"]["1"]["requests_per_second"]
     for c, row in summary["throughput"].items():
-        lines.append(f"| {c} | {row['requests_per_second']:.2f} | {row['requests_per_second'] / base:.2f} | "
-                     f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} |")
+        lines.append(
+            f"| {c} | {row['requests_per_second']:.2f} | {row['requests_per_second'] / base:.2f} | "
+            f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} |"
+        )
     m = summary["memory"]
-    lines += ["", "| served | resident MB | x one artifact |", "|---|---|---|",
-              f"| 1 artifact | {m['one_mb']:.0f} | 1.00 |",
-              f"| {m['count']} artifacts, one process, one base | {m['shared_mb']:.0f} | {m['shared_mb'] / m['one_mb']:.2f} |",
-              f"| {m['count']} artifacts, {m['count']} processes | {m['count'] * m['one_mb']:.0f} | {m['count']:.2f} |"]
+    lines += [
+        "",
+        "| served | resident MB | x one artifact |",
+        "|---|---|---|",
+        f"| 1 artifact | {m['one_mb']:.0f} | 1.00 |",
+        f"| {m['count']} artifacts, one process, one base | {m['shared_mb']:.0f} "
+        f"| {m['shared_mb'] / m['one_mb']:.2f} |",
+        f"| {m['count']} artifacts, {m['count']} processes | {m['count'] * m['one_mb']:.0f} | {m['count']:.2f} |",
+    ]
     return "\n".join(lines)
 
 
@@ -145,8 +180,10 @@ def plot(summary: dict, path: Path) -> None:
     left.set_ylabel("requests / s")
     left.set_title("throughput (one text per request)")
     m = summary["memory"]
-    right.bar(["1 artifact", f"{m['count']} on one base", f"{m['count']} processes"],
-              [m["one_mb"], m["shared_mb"], m["count"] * m["one_mb"]])
+    right.bar(
+        ["1 artifact", f"{m['count']} on one base", f"{m['count']} processes"],
+        [m["one_mb"], m["shared_mb"], m["count"] * m["one_mb"]],
+    )
     right.set_ylabel("resident MB")
     right.set_title("memory")
     fig.tight_layout()
@@ -170,34 +207,56 @@ def main(argv=None) -> dict:
         artifacts = make_artifacts(args.model, Path(tmp), 3)
         for r in range(rounds):
             order = [("one", artifacts[:1]), ("shared", artifacts)]
-            for kind, served in (order if r % 2 == 0 else order[::-1]):  # alternate which starts first
+            for kind, served in order if r % 2 == 0 else order[::-1]:  # alternate which starts first
                 server = Server(served)
                 try:
                     runs[f"{kind}_mb"].append(server.rss_mb())
                     if kind == "one":
                         for c in levels:
                             runs["throughput"][str(c)].append(load_test(server.port, requests, c))
-                            print(f"round {r + 1}: concurrency {c}: "
-                                  f"{runs['throughput'][str(c)][-1]['requests_per_second']:.2f} requests/s", flush=True)
+                            print(
+                                f"round {r + 1}: concurrency {c}: "
+                                f"{runs['throughput'][str(c)][-1]['requests_per_second']:.2f} requests/s",
+                                flush=True,
+                            )
                 finally:
                     server.close()
-            print(f"round {r + 1}: RSS one artifact {runs['one_mb'][-1]:.0f} MB, three on one base "
-                  f"{runs['shared_mb'][-1]:.0f} MB", flush=True)
-    summary = {"throughput": {c: {k: statistics.median(x[k] for x in rows) for k in rows[0]}
-                              for c, rows in runs["throughput"].items()},
-               "memory": {"count": 3, "one_mb": statistics.median(runs["one_mb"]),
-                          "shared_mb": statistics.median(runs["shared_mb"])}}
+            print(
+                f"round {r + 1}: RSS one artifact {runs['one_mb'][-1]:.0f} MB, three on one base "
+                f"{runs['shared_mb'][-1]:.0f} MB",
+                flush=True,
+            )
+    summary = {
+        "throughput": {
+            c: {k: statistics.median(x[k] for x in rows) for k in rows[0]} for c, rows in runs["throughput"].items()
+        },
+        "memory": {
+            "count": 3,
+            "one_mb": statistics.median(runs["one_mb"]),
+            "shared_mb": statistics.median(runs["shared_mb"]),
+        },
+    }
     one = summary["throughput"]["1"]["requests_per_second"]
-    summary["ratios"] = {"throughput_16_vs_1": summary["throughput"]["16"]["requests_per_second"] / one,
-                         "memory_3_shared_vs_1": summary["memory"]["shared_mb"] / summary["memory"]["one_mb"]}
-    payload = {"machine": machine(), "model": args.model, "rounds": rounds, "requests": requests, "runs": runs,
-               "summary": summary}
+    summary["ratios"] = {
+        "throughput_16_vs_1": summary["throughput"]["16"]["requests_per_second"] / one,
+        "memory_3_shared_vs_1": summary["memory"]["shared_mb"] / summary["memory"]["one_mb"],
+    }
+    payload = {
+        "machine": machine(),
+        "model": args.model,
+        "rounds": rounds,
+        "requests": requests,
+        "runs": runs,
+        "summary": summary,
+    }
     name = "serve" + ("-quick" if args.quick else "")
     out = Path(args.out) if args.out else RESULTS
-    text = table(summary) + (f"\n\nModel `{args.model}` (nf4, LoRA r=8, classification heads), server `qadapters serve` "
-                             f"on localhost, `--max-batch 32 --max-wait-ms 10`; {requests} single-text requests per "
-                             f"concurrency level, {rounds} round(s), medians. RSS read after one warm-up request per "
-                             f"artifact.")
+    text = table(summary) + (
+        f"\n\nModel `{args.model}` (nf4, LoRA r=8, classification heads), server `qadapters serve` "
+        f"on localhost, `--max-batch 32 --max-wait-ms 10`; {requests} single-text requests per "
+        f"concurrency level, {rounds} round(s), medians. RSS read after one warm-up request per "
+        f"artifact."
+    )
     write_results(name, payload, text, out)
     plot(summary, out / f"{name}.png")
     print(text)

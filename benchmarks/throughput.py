@@ -33,8 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 LR = 2e-4
 # dense bf16 peak (TFLOP/s) by the GPU's name, from the vendors' datasheets
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
-                    "RTX 4090": 165.0, "RTX 3090": 71.0, "V100": 125.0, "T4": 65.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
 
 
 def peak_tflops(device_name: str | None) -> float | None:
@@ -80,15 +90,23 @@ def _peak_mb() -> float:
 def run_ours(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
     import adapters
 
-    model = adapters.adapt(model_name, adapter=adapters.LoRA(**LORA),
-                           head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
-                           max_length=seq_len)
+    model = adapters.adapt(
+        model_name,
+        adapter=adapters.LoRA(**LORA),
+        head=adapters.Classification(labels=["negative", "positive"]),
+        quantization="nf4",
+        max_length=seq_len,
+    )
     data = long_texts(rows, seq_len, model.tokenizer)
     started = time.perf_counter()
     metrics = adapters.train(model, data, None, adapters.TrainConfig(epochs=1, lr=LR, batch_size=batch, progress=False))
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "steps": metrics["steps"], "tokens": rows * seq_len,
-            "flops_per_token": flops_per_token(model.backbone.config, seq_len)}
+    return {
+        "seconds": seconds,
+        "steps": metrics["steps"],
+        "tokens": rows * seq_len,
+        "flops_per_token": flops_per_token(model.backbone.config, seq_len),
+    }
 
 
 def run_baseline(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
@@ -96,8 +114,14 @@ def run_baseline(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig,
-                              DataCollatorWithPadding, Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
 
@@ -108,26 +132,56 @@ def run_baseline(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
     data = long_texts(rows, seq_len, tokenizer)
     labels = {"negative": 0, "positive": 1}
     ds = Dataset.from_list([{"text": r["text"], "label": labels[r["label"]]} for r in data]).map(
-        lambda b: tokenizer(b["text"], truncation=True, max_length=seq_len), batched=True, remove_columns=["text"])
+        lambda b: tokenizer(b["text"], truncation=True, max_length=seq_len), batched=True, remove_columns=["text"]
+    )
     cuda = torch.cuda.is_available()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+    )
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=2, quantization_config=bnb, device_map={"": 0 if cuda else "cpu"},
-        dtype=torch.bfloat16 if cuda else torch.float32)
+        path,
+        num_labels=2,
+        quantization_config=bnb,
+        device_map={"": 0 if cuda else "cpu"},
+        dtype=torch.bfloat16 if cuda else torch.float32,
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="SEQ_CLS"))
-    args = TrainingArguments(output_dir="/tmp/throughput-baseline", per_device_train_batch_size=batch,
-                             learning_rate=LR, num_train_epochs=1, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=not cuda, disable_tqdm=True, seed=0)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            task_type="SEQ_CLS",
+        ),
+    )
+    args = TrainingArguments(
+        output_dir="/tmp/throughput-baseline",
+        per_device_train_batch_size=batch,
+        learning_rate=LR,
+        num_train_epochs=1,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=not cuda,
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithPadding(tokenizer))
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "steps": result.global_step, "tokens": rows * seq_len,
-            "flops_per_token": flops_per_token(model.get_base_model().config, seq_len)}
+    return {
+        "seconds": seconds,
+        "steps": result.global_step,
+        "tokens": rows * seq_len,
+        "flops_per_token": flops_per_token(model.get_base_model().config, seq_len),
+    }
 
 
 def summarise(runs: dict, device_name: str | None) -> dict:
@@ -136,10 +190,12 @@ def summarise(runs: dict, device_name: str | None) -> dict:
     summary = {"flops_per_token": per_token, "peak_tflops": peak}
     for side, results in runs.items():
         tps = statistics.median(r["tokens"] / r["seconds"] for r in results)
-        summary[side] = {"tokens_per_second": tps,
-                         "seconds_per_step": statistics.median(r["seconds"] / r["steps"] for r in results),
-                         "peak_mb": statistics.median(r["peak_mb"] for r in results),
-                         "mfu": tps * per_token / (peak * 1e12) if peak else None}
+        summary[side] = {
+            "tokens_per_second": tps,
+            "seconds_per_step": statistics.median(r["seconds"] / r["steps"] for r in results),
+            "peak_mb": statistics.median(r["peak_mb"] for r in results),
+            "mfu": tps * per_token / (peak * 1e12) if peak else None,
+        }
     summary["speedup"] = summary["ours"]["tokens_per_second"] / summary["baseline"]["tokens_per_second"]
     summary["memory_ratio"] = summary["ours"]["peak_mb"] / summary["baseline"]["peak_mb"]
     return summary
@@ -152,14 +208,16 @@ def table(summary: dict, args) -> str:
     lines = ["| side | tokens/s | s/step | peak memory (MB) | MFU |", "|---|---|---|---|---|"]
     for side in ("ours", "baseline"):
         s = summary[side]
-        lines.append(f"| {side} | {s['tokens_per_second']:,.0f} | {s['seconds_per_step']:.4f} | {s['peak_mb']:,.0f} | "
-                     f"{mfu(s)} |")
+        lines.append(
+            f"| {side} | {s['tokens_per_second']:,.0f} | {s['seconds_per_step']:.4f} | {s['peak_mb']:,.0f} | {mfu(s)} |"
+        )
     return "\n".join(lines) + (
         f"\n\nRatios ours/baseline: tokens/s x{summary['speedup']:.2f}, peak memory x{summary['memory_ratio']:.2f}. "
         f"`{args.model}` NF4, LoRA r=8 all-linear, batch {args.batch} x {args.seq_len} tokens (no padding), "
         f"{args.steps} steps, {args.repeats} repetitions alternating in fresh processes (medians). "
         f"FLOPs per token 4N + 12Lsd = {summary['flops_per_token'] / 1e9:.2f} GFLOP; peak "
-        f"{summary['peak_tflops'] or 'unknown'} TFLOP/s dense bf16.")
+        f"{summary['peak_tflops'] or 'unknown'} TFLOP/s dense bf16."
+    )
 
 
 def main(argv=None) -> dict:
@@ -181,18 +239,30 @@ def main(argv=None) -> dict:
     from common import RESULTS, machine, run_child, write_results
 
     runs = {"ours": [], "baseline": []}
-    child = ["--model", args.model, "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    child = [
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+    ]
     for i in range(args.repeats):
         for side in ("ours", "baseline") if i % 2 == 0 else ("baseline", "ours"):
             runs[side].append(run_child(__file__, ["--side", side, *child], timeout=1800))
             r = runs[side][-1]
-            print(f"repeat {i + 1} {side}: {r['tokens'] / r['seconds']:,.0f} tokens/s, {r['peak_mb']:,.0f} MB", flush=True)
+            print(
+                f"repeat {i + 1} {side}: {r['tokens'] / r['seconds']:,.0f} tokens/s, {r['peak_mb']:,.0f} MB", flush=True
+            )
     stamp = machine()
     summary = summarise(runs, stamp["gpu"])
     text = table(summary, args)
     payload = {"machine": stamp, "settings": vars(args), "runs": runs, "summary": summary}
-    write_results("throughput" + (f"-{args.name}" if args.name else ""), payload, text,
-                  Path(args.out) if args.out else RESULTS)
+    write_results(
+        "throughput" + (f"-{args.name}" if args.name else ""), payload, text, Path(args.out) if args.out else RESULTS
+    )
     print(text)
     return payload
 

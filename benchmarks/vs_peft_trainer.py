@@ -14,7 +14,8 @@ epoch and seed, each side at its own defaults. The three run in the same invocat
 order, each in a fresh subprocess; we report medians and paired ratios of training wall time,
 evaluation and predict wall time, peak memory, held-out accuracy and the share of real (unpadded)
 tokens in what the model computed. The ablation runs ours with its levers switched off one more at
-a time: the fused LoRA forward, then the shared dropout copy, then packing, then length grouping. On CPU every side runs with glibc's mmap threshold
+a time: the fused LoRA forward, then the shared dropout copy, then packing, then length grouping. On CPU every
+side runs with glibc's mmap threshold
 at 64 KiB (``common.EXACT_RSS``) so that peak RSS counts live memory, not heap holes that depend
 on the order of batch shapes; that slows all sides alike. Writes results/vs_peft_trainer[-quick].{json,md}.
 """
@@ -46,10 +47,16 @@ def _data(budget: dict, seed: int):
 # each ablation side switches off one more lever: the fused forward, shared dropout, packing, length grouping
 UNFUSED = {"lora": {"fused": False}}
 UNSHARED = {"lora": {"shared_dropout": False, "fused": False}}
-OURS = {"ours": {}, "ours-unfused": UNFUSED, "ours-unshared": UNSHARED, "ours-grouped": {**UNSHARED, "packing": False},
-        "ours-plain": {**UNSHARED, "packing": False, "group_by_length": False},
-        # LoRA on the top blocks only (LoRA(layers=...)): benchmarks/lora_layers.py
-        "ours-top-half": {"lora_top": 0.5}, "ours-top-quarter": {"lora_top": 0.25}}
+OURS = {
+    "ours": {},
+    "ours-unfused": UNFUSED,
+    "ours-unshared": UNSHARED,
+    "ours-grouped": {**UNSHARED, "packing": False},
+    "ours-plain": {**UNSHARED, "packing": False, "group_by_length": False},
+    # LoRA on the top blocks only (LoRA(layers=...)): benchmarks/lora_layers.py
+    "ours-top-half": {"lora_top": 0.5},
+    "ours-top-quarter": {"lora_top": 0.25},
+}
 BASELINES = {"baseline": "random", "baseline-grouped": "group_by_length"}
 
 
@@ -67,14 +74,29 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
         blocks = AutoConfig.from_pretrained(resolve_source(model_name)).num_hidden_layers
         keep = max(1, round(blocks * overrides.pop("lora_top")))
         lora["layers"] = list(range(blocks - keep, blocks))
-    model = adapters.adapt(model_name, adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"],
-                                                             dropout=SETTINGS["dropout"], **lora),
-                           head=adapters.Classification(labels=["negative", "positive"]), quantization="nf4",
-                           max_length=SETTINGS["max_length"], seed=seed)
+    model = adapters.adapt(
+        model_name,
+        adapter=adapters.LoRA(r=SETTINGS["r"], alpha=SETTINGS["alpha"], dropout=SETTINGS["dropout"], **lora),
+        head=adapters.Classification(labels=["negative", "positive"]),
+        quantization="nf4",
+        max_length=SETTINGS["max_length"],
+        seed=seed,
+    )
     started = time.perf_counter()
-    metrics = adapters.train(model, train_rows, None, adapters.TrainConfig(
-        epochs=1, lr=SETTINGS["lr"], batch_size=SETTINGS["batch_size"], warmup_ratio=SETTINGS["warmup_ratio"],
-        seed=seed, progress=False, **overrides))
+    metrics = adapters.train(
+        model,
+        train_rows,
+        None,
+        adapters.TrainConfig(
+            epochs=1,
+            lr=SETTINGS["lr"],
+            batch_size=SETTINGS["batch_size"],
+            warmup_ratio=SETTINGS["warmup_ratio"],
+            seed=seed,
+            progress=False,
+            **overrides,
+        ),
+    )
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
     accuracy = adapters.evaluate(model, test_rows)["accuracy"]
@@ -82,10 +104,17 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
     started = time.perf_counter()
     model.predict([r["text"] for r in test_rows])
     predict_seconds = time.perf_counter() - started
-    return {"train_seconds": train_seconds, "seconds_per_step": train_seconds / metrics["steps"],
-            "steps": metrics["steps"], "eval_seconds": eval_seconds, "predict_seconds": predict_seconds,
-            "accuracy": accuracy, "real_token_fraction": metrics["train_real_token_fraction"],
-            "trainable": model.parameter_counts()["trainable"], "lora_layers": lora.get("layers")}
+    return {
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / metrics["steps"],
+        "steps": metrics["steps"],
+        "eval_seconds": eval_seconds,
+        "predict_seconds": predict_seconds,
+        "accuracy": accuracy,
+        "real_token_fraction": metrics["train_real_token_fraction"],
+        "trainable": model.parameter_counts()["trainable"],
+        "lora_layers": lora.get("layers"),
+    }
 
 
 def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "random") -> dict:
@@ -94,8 +123,14 @@ def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "rand
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig,
-                              DataCollatorWithPadding, Trainer, TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
 
@@ -108,31 +143,61 @@ def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "rand
 
     def encode(rows):
         ds = Dataset.from_list([{"text": r["text"], "label": labels[r["label"]]} for r in rows])
-        return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=SETTINGS["max_length"]),
-                      batched=True, remove_columns=["text"])
+        return ds.map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=SETTINGS["max_length"]),
+            batched=True,
+            remove_columns=["text"],
+        )
 
     cuda = torch.cuda.is_available()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
+    )
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=2, quantization_config=bnb, device_map={"": 0 if cuda else "cpu"},
-        dtype=torch.bfloat16 if cuda else torch.float32)
+        path,
+        num_labels=2,
+        quantization_config=bnb,
+        device_map={"": 0 if cuda else "cpu"},
+        dtype=torch.bfloat16 if cuda else torch.float32,
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"],
-                                             lora_dropout=SETTINGS["dropout"], target_modules="all-linear",
-                                             task_type="SEQ_CLS"))
-    args = TrainingArguments(output_dir="/tmp/vs_peft_trainer", per_device_train_batch_size=SETTINGS["batch_size"],
-                             per_device_eval_batch_size=2 * SETTINGS["batch_size"], learning_rate=SETTINGS["lr"],
-                             num_train_epochs=1, lr_scheduler_type="linear",
-                             # the same whole number of warmup steps as ours: int(ratio x steps)
-                             warmup_steps=int(SETTINGS["warmup_ratio"] * -(-len(train_rows) // SETTINGS["batch_size"])),
-                             weight_decay=0.0, max_grad_norm=1.0, seed=seed, report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=not cuda, disable_tqdm=True,
-                             train_sampling_strategy=sampling)
-    trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
-                      data_collator=DataCollatorWithPadding(tokenizer))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=SETTINGS["r"],
+            lora_alpha=SETTINGS["alpha"],
+            lora_dropout=SETTINGS["dropout"],
+            target_modules="all-linear",
+            task_type="SEQ_CLS",
+        ),
+    )
+    args = TrainingArguments(
+        output_dir="/tmp/vs_peft_trainer",
+        per_device_train_batch_size=SETTINGS["batch_size"],
+        per_device_eval_batch_size=2 * SETTINGS["batch_size"],
+        learning_rate=SETTINGS["lr"],
+        num_train_epochs=1,
+        lr_scheduler_type="linear",
+        # the same whole number of warmup steps as ours: int(ratio x steps)
+        warmup_steps=int(SETTINGS["warmup_ratio"] * -(-len(train_rows) // SETTINGS["batch_size"])),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=seed,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=not cuda,
+        disable_tqdm=True,
+        train_sampling_strategy=sampling,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=encode(train_rows), data_collator=DataCollatorWithPadding(tokenizer)
+    )
     started = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -144,9 +209,15 @@ def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "rand
     for batch in trainer.get_train_dataloader():
         real += int(batch["attention_mask"].sum())
         processed += batch["attention_mask"].numel()
-    return {"train_seconds": train_seconds, "seconds_per_step": train_seconds / result.global_step,
-            "steps": result.global_step, "eval_seconds": eval_seconds, "predict_seconds": eval_seconds,
-            "accuracy": accuracy, "real_token_fraction": real / processed}
+    return {
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / result.global_step,
+        "steps": result.global_step,
+        "eval_seconds": eval_seconds,
+        "predict_seconds": eval_seconds,
+        "accuracy": accuracy,
+        "real_token_fraction": real / processed,
+    }
 
 
 def run_side(side: str, model_name: str, budget: dict, seed: int) -> dict:
@@ -155,24 +226,36 @@ def run_side(side: str, model_name: str, budget: dict, seed: int) -> dict:
     return run_baseline(model_name, budget, seed, BASELINES[side])
 
 
-QUANTITIES = [("train_seconds", "training wall time (s)"), ("eval_seconds", "evaluation wall time (s)"),
-              ("predict_seconds", "predict wall time (s)"), ("peak_mb", "peak memory (MB)"),
-              ("accuracy", "held-out accuracy"), ("real_token_fraction", "real / processed tokens")]
+QUANTITIES = [
+    ("train_seconds", "training wall time (s)"),
+    ("eval_seconds", "evaluation wall time (s)"),
+    ("predict_seconds", "predict wall time (s)"),
+    ("peak_mb", "peak memory (MB)"),
+    ("accuracy", "held-out accuracy"),
+    ("real_token_fraction", "real / processed tokens"),
+]
 
 
 def compare(runs: dict, side: str, baseline: str) -> tuple[list[str], dict]:
     """Table rows and numbers for ``side`` against ``baseline``: medians and the median of paired ratios."""
     lines, summary = [], {}
     for key, label in QUANTITIES:
-        pairs = [(o[key], b[key]) for o, b in zip(runs[side], runs[baseline]) if b.get(key) and key in o]
+        pairs = [(o[key], b[key]) for o, b in zip(runs[side], runs[baseline], strict=False) if b.get(key) and key in o]
         if not pairs:  # not measured in these runs (runs transcribed from a log lack some quantities)
             continue
         ratios = [o / b for o, b in pairs]
-        summary[key] = {side: statistics.median(o for o, _ in pairs), baseline: statistics.median(b for _, b in pairs),
-                        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        summary[key] = {
+            side: statistics.median(o for o, _ in pairs),
+            baseline: statistics.median(b for _, b in pairs),
+            "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
         s = summary[key]
-        lines.append(f"| {label} | {s[side]:.4g} | {s[baseline]:.4g} | {s['ratio_median']:.3f} | "
-                     f"{s['ratio_min']:.3f} - {s['ratio_max']:.3f} |")
+        lines.append(
+            f"| {label} | {s[side]:.4g} | {s[baseline]:.4g} | {s['ratio_median']:.3f} | "
+            f"{s['ratio_min']:.3f} - {s['ratio_max']:.3f} |"
+        )
     return lines, summary
 
 
@@ -184,8 +267,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, help="repetitions of the main sides (default: 2 quick, 3 full)")
     p.add_argument("--ablation-repeats", type=int, default=1, help="repetitions of ours with levers off")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
-    p.add_argument("--reuse", help="a results JSON of this script: its runs are taken in plan order instead of "
-                                   "running them again; only the missing ones run (to finish a stopped run)")
+    p.add_argument(
+        "--reuse",
+        help="a results JSON of this script: its runs are taken in plan order instead of "
+        "running them again; only the missing ones run (to finish a stopped run)",
+    )
     p.add_argument("--side", choices=[*OURS, *BASELINES], help=argparse.SUPPRESS)  # internal: one run
     p.add_argument("--budget", default="full", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -211,12 +297,19 @@ def main(argv=None) -> None:
                 runs[side].append(done[side].pop(0))
                 reused += 1
                 continue
-            runs[side].append(run_child(__file__, ["--side", side, "--budget", budget, "--model", args.model,
-                                                   "--seed", str(args.seed)], env=EXACT_RSS))
+            runs[side].append(
+                run_child(
+                    __file__,
+                    ["--side", side, "--budget", budget, "--model", args.model, "--seed", str(args.seed)],
+                    env=EXACT_RSS,
+                )
+            )
             r = runs[side][-1]
-            print(f"round {i + 1} {side}: train {r['train_seconds']:.0f} s, eval {r['eval_seconds']:.1f} s, "
-                  f"{r['peak_mb']:.0f} MB, accuracy {r['accuracy']:.3f}, real tokens {r['real_token_fraction']:.2f}",
-                  flush=True)
+            print(
+                f"round {i + 1} {side}: train {r['train_seconds']:.0f} s, eval {r['eval_seconds']:.1f} s, "
+                f"{r['peak_mb']:.0f} MB, accuracy {r['accuracy']:.3f}, real tokens {r['real_token_fraction']:.2f}",
+                flush=True,
+            )
     for side, left in done.items():  # reused runs beyond the plan are kept too
         if side in runs:
             runs[side].extend(left)
@@ -225,43 +318,69 @@ def main(argv=None) -> None:
     sections, summary = [], {}
     for side, baseline in [("ours", "baseline"), ("ours", "baseline-grouped")]:
         lines, summary[f"{side}/{baseline}"] = compare(runs, side, baseline)
-        sections.append(f"**{side} vs {baseline}**\n\n" + "\n".join(
-            [header[0].format(a=side, b=baseline), header[1], *lines]))
-    ablation = ["| configuration | training wall time (s) | peak memory (MB) | accuracy | real / processed tokens |",
-                "|---|---|---|---|---|"]
-    for side, label in [("baseline", "PEFT + Trainer, defaults"), ("baseline-grouped", "PEFT + Trainer, group_by_length"),
-                        ("ours-plain", "ours, random batches, per-layer dropout copies (no lever)"),
-                        ("ours-grouped", "ours, length-grouped batches, per-layer dropout copies"),
-                        ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
-                        ("ours-unfused", "ours, packed batches, one dropout copy per input, peft's LoRA forward"),
-                        ("ours", "ours, defaults (+ fused LoRA forward: stacked A per input group, one addmm)")]:
+        sections.append(
+            f"**{side} vs {baseline}**\n\n" + "\n".join([header[0].format(a=side, b=baseline), header[1], *lines])
+        )
+    ablation = [
+        "| configuration | training wall time (s) | peak memory (MB) | accuracy | real / processed tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for side, label in [
+        ("baseline", "PEFT + Trainer, defaults"),
+        ("baseline-grouped", "PEFT + Trainer, group_by_length"),
+        ("ours-plain", "ours, random batches, per-layer dropout copies (no lever)"),
+        ("ours-grouped", "ours, length-grouped batches, per-layer dropout copies"),
+        ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
+        ("ours-unfused", "ours, packed batches, one dropout copy per input, peft's LoRA forward"),
+        ("ours", "ours, defaults (+ fused LoRA forward: stacked A per input group, one addmm)"),
+    ]:
         if runs[side]:
             med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES if k in runs[side][0]}
-            ablation.append(f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "
-                            f"{med['train_seconds']:.0f} | {med['peak_mb']:.0f} | {med['accuracy']:.3f} | "
-                            f"{med['real_token_fraction']:.2f} |")
+            ablation.append(
+                f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "
+                f"{med['train_seconds']:.0f} | {med['peak_mb']:.0f} | {med['accuracy']:.3f} | "
+                f"{med['real_token_fraction']:.2f} |"
+            )
     b = BUDGETS[budget]
-    text = "\n\n".join(sections) + "\n\n**Ablation** (medians)\n\n" + "\n".join(ablation) + (
-        f"\n\nAll sides: `{args.model}` in NF4 (double quantization, float32 compute on CPU), LoRA r={SETTINGS['r']} "
-        f"alpha={SETTINGS['alpha']} dropout={SETTINGS['dropout']} on all linear layers, a new 2-label head trained in "
-        f"full, lr {SETTINGS['lr']} for adapter and head, linear schedule with {SETTINGS['warmup_ratio']} warmup, "
-        f"batch {SETTINGS['batch_size']}, max length {SETTINGS['max_length']}, 1 epoch of {b['train']} rows, "
-        f"{b['eval']} held-out rows, seed {args.seed}; {repeats} rounds of the three main sides in alternating order "
-        f"and {args.ablation_repeats} of the ablation, each run in a fresh process (on CPU with "
-        f"MALLOC_MMAP_THRESHOLD_=65536, so peak RSS counts live memory). Each side at its own defaults. Training "
-        f"time: the whole `train` call (ours includes tokenizing; the baseline's `trainer.train()` does not); "
-        f"evaluation: tokenizing and scoring the held-out rows (ours `adapters.evaluate`, baseline "
-        f"`trainer.predict`); predict: ours `model.predict` on the texts (the baseline's is its `trainer.predict`). "
-        f"Baseline: AutoModelForSequenceClassification + prepare_model_for_kbit_training (no gradient "
-        f"checkpointing) + get_peft_model(task_type=SEQ_CLS) + Trainer (eval batch 32); -grouped adds "
-        f"`train_sampling_strategy=\"group_by_length\"`.")
+    text = (
+        "\n\n".join(sections)
+        + "\n\n**Ablation** (medians)\n\n"
+        + "\n".join(ablation)
+        + (
+            f"\n\nAll sides: `{args.model}` in NF4 (double quantization, float32 compute on CPU), LoRA "
+            f"r={SETTINGS['r']} alpha={SETTINGS['alpha']} dropout={SETTINGS['dropout']} on all linear layers, "
+            f"a new 2-label head trained in full, lr {SETTINGS['lr']} for adapter and head, linear schedule with "
+            f"{SETTINGS['warmup_ratio']} warmup, batch {SETTINGS['batch_size']}, max length {SETTINGS['max_length']}, "
+            f"1 epoch of {b['train']} rows, "
+            f"{b['eval']} held-out rows, seed {args.seed}; {repeats} rounds of the three main sides in alternating "
+            f"order and {args.ablation_repeats} of the ablation, each run in a fresh process (on CPU with "
+            f"MALLOC_MMAP_THRESHOLD_=65536, so peak RSS counts live memory). Each side at its own defaults. Training "
+            f"time: the whole `train` call (ours includes tokenizing; the baseline's `trainer.train()` does not); "
+            f"evaluation: tokenizing and scoring the held-out rows (ours `adapters.evaluate`, baseline "
+            f"`trainer.predict`); predict: ours `model.predict` on the texts (the baseline's is its "
+            f"`trainer.predict`). Baseline: AutoModelForSequenceClassification + "
+            f"prepare_model_for_kbit_training (no gradient checkpointing) + get_peft_model(task_type=SEQ_CLS) + "
+            f"Trainer (eval batch 32); -grouped adds "
+            f'`train_sampling_strategy="group_by_length"`.'
+        )
+    )
     if reused:
-        text += (f" {reused} of the runs were taken from an earlier results file of this script (`--reuse`), not "
-                 f"run again in this invocation.")
-    payload = {"machine": machine(), "model": args.model, "budget": b, "settings": SETTINGS, "runs": runs,
-               "summary": summary, "reused_runs": reused}
-    write_results("vs_peft_trainer" + ("-quick" if args.quick else ""), payload, text,
-                  Path(args.out) if args.out else RESULTS)
+        text += (
+            f" {reused} of the runs were taken from an earlier results file of this script (`--reuse`), not "
+            f"run again in this invocation."
+        )
+    payload = {
+        "machine": machine(),
+        "model": args.model,
+        "budget": b,
+        "settings": SETTINGS,
+        "runs": runs,
+        "summary": summary,
+        "reused_runs": reused,
+    }
+    write_results(
+        "vs_peft_trainer" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS
+    )
     print(text)
 
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import adapters  # noqa: E402
 from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # noqa: E402
+
+import adapters  # noqa: E402
 from adapters.data.sources import group_split, load_rows, sample  # noqa: E402
 
 NOTICE_CATEGORIES = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
@@ -61,8 +62,11 @@ def read_licences(root: Path) -> dict[str, dict]:
     for path in sorted((root / "licenses").glob("*.LICENSE")):
         meta, text = _front_matter(path)
         if meta.get("key") and meta.get("category"):
-            licences[meta["key"]] = {"name": meta.get("short_name") or meta.get("name") or meta["key"],
-                                     "category": meta["category"], "text": text}
+            licences[meta["key"]] = {
+                "name": meta.get("short_name") or meta.get("name") or meta["key"],
+                "category": meta["category"],
+                "text": text,
+            }
     return licences
 
 
@@ -89,7 +93,9 @@ def cap_per_licence(notices: list[dict], cap: int | None, seed: int = 0) -> list
     for i, r in enumerate(notices):
         by_key.setdefault(r["key"], []).append(i)
     rng = random.Random(seed)
-    keep = {i for key in sorted(by_key) for i in (rng.sample(by_key[key], cap) if len(by_key[key]) > cap else by_key[key])}
+    keep = {
+        i for key in sorted(by_key) for i in (rng.sample(by_key[key], cap) if len(by_key[key]) > cap else by_key[key])
+    }
     return [r for i, r in enumerate(notices) if i in keep]
 
 
@@ -107,8 +113,11 @@ def category_full_task(licences: dict, min_examples: int = 50) -> list[dict]:
     """Full licence texts -> category, over the categories with at least ``min_examples`` texts."""
     counts = Counter(v["category"] for v in licences.values())
     keep = {c for c, n in counts.items() if n >= min_examples}
-    return [{"text": v["text"], "label": v["category"], "group": k} for k, v in licences.items()
-            if v["category"] in keep and v["text"]]
+    return [
+        {"text": v["text"], "label": v["category"], "group": k}
+        for k, v in licences.items()
+        if v["category"] in keep and v["text"]
+    ]
 
 
 def identify_task(licences: dict, notices: list[dict], choices: int = 4, seed: int = 0) -> list[dict]:
@@ -120,27 +129,45 @@ def identify_task(licences: dict, notices: list[dict], choices: int = 4, seed: i
         by_category.setdefault(v["category"], []).append(key)
     rows = []
     for r in notices:
-        pool = [k for k in by_category[licences[r["key"]]["category"]] if k != r["key"]
-                and licences[k]["name"] != licences[r["key"]]["name"]]
+        pool = [
+            k
+            for k in by_category[licences[r["key"]]["category"]]
+            if k != r["key"] and licences[k]["name"] != licences[r["key"]]["name"]
+        ]
         if len(pool) < choices - 1:
             continue
         keys = rng.sample(pool, choices - 1)
         answer = rng.randrange(choices)
         keys.insert(answer, r["key"])
-        rows.append({"text": r["text"], "choices": [licences[k]["name"] for k in keys], "label": answer,
-                     "group": r["key"], "choice_keys": keys})
+        rows.append(
+            {
+                "text": r["text"],
+                "choices": [licences[k]["name"] for k in keys],
+                "label": answer,
+                "group": r["key"],
+                "choice_keys": keys,
+            }
+        )
     return rows
 
 
 def user_rows(args) -> list[dict]:
     mapping = KNOWN_DATASETS.get(Path(args.data).stem.split("-")[0], {})
-    text_col, label_col = args.text_column or mapping.get("text", "text"), args.label_column or mapping.get("label", "label")
+    text_col, label_col = (
+        args.text_column or mapping.get("text", "text"),
+        args.label_column or mapping.get("label", "label"),
+    )
     rows = load_rows(args.data)
     if text_col not in rows[0] or label_col not in rows[0]:
         raise SystemExit(f"--data {args.data}: needs columns {text_col!r} and {label_col!r}; it has {sorted(rows[0])}")
-    return [{"text": r[text_col],
-             "label": [str(x) for x in r[label_col]] if isinstance(r[label_col], list) else str(r[label_col]),
-             "group": r.get(args.group_column, i) if args.group_column else i} for i, r in enumerate(rows)]
+    return [
+        {
+            "text": r[text_col],
+            "label": [str(x) for x in r[label_col]] if isinstance(r[label_col], list) else str(r[label_col]),
+            "group": r.get(args.group_column, i) if args.group_column else i,
+        }
+        for i, r in enumerate(rows)
+    ]
 
 
 def confusion_png(cm, labels: list[str], path: Path) -> None:
@@ -168,9 +195,13 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--adapter", default="lora", choices=["lora", "bottleneck", "none"])
     p.add_argument("--r", type=int, default=8)
-    p.add_argument("--quantization", default="none", choices=["nf4", "fp4", "int8", "none"],
-                   help="the base's weights: unquantized by default (on a CPU a 135M model gains no time from 4 bits: "
-                        "category 2,004 s vs 2,305 s in NF4 at the same accuracy); nf4 for QLoRA")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["nf4", "fp4", "int8", "none"],
+        help="the base's weights: unquantized by default (on a CPU a 135M model gains no time from 4 bits: "
+        "category 2,004 s vs 2,305 s in NF4 at the same accuracy); nf4 for QLoRA",
+    )
     p.add_argument("--train-size", type=int, help="default: 2000 (category-full: 1000)")
     p.add_argument("--eval-size", type=int, help="default: 600 (category-full: 300)")
     p.add_argument("--epochs", type=float, help="default: 2 for --task category, else 1")
@@ -178,49 +209,87 @@ def parse_args(argv=None):
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (see --grad-accum)")
     p.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step")
-    p.add_argument("--auto-batch-size", action="store_true",
-                   help="largest per-step batch that fits in memory; --grad-accum keeps batch-size x grad-accum")
+    p.add_argument(
+        "--auto-batch-size",
+        action="store_true",
+        help="largest per-step batch that fits in memory; --grad-accum keeps batch-size x grad-accum",
+    )
     p.add_argument("--max-length", type=int, help="default: 128 (category-full: 256)")
-    p.add_argument("--per-licence", type=int, default=60,
-                   help="at most this many notices of one licence (category, identify); 0 keeps all")
-    p.add_argument("--long-text", default="truncate", choices=["windows", "truncate"],
-                   help="category-full: the first max-length tokens of a text (truncate), or all of it as windows")
-    p.add_argument("--window-pooling", default="mean", choices=["mean", "max"],
-                   help="category-full: how the windows' logits of one licence are pooled")
-    p.add_argument("--prompt", help="a template around each text with {text}, e.g. 'Licence text: {text}\nLicence "
-                                    "category:' (category tasks: none by default; identify with likelihood scoring: "
-                                    "IDENTIFY_PROMPT by default, '' for none)")
-    p.add_argument("--label-words", help="category tasks: one word per category in the labels' sorted order, comma-"
-                                         "separated, e.g. 'proprietary,copyleft,lesser,permissive': the head starts "
-                                         "as the base's next-token scores of these words (Classification(label_words=); "
-                                         "distinct first tokens, a base with tied embeddings)")
-    p.add_argument("--scoring", choices=["head", "likelihood"],
-                   help="identify: score each licence name with a new linear head, or with the base's own likelihood "
-                        "of the name after the notice (default for a decoder whose output embeddings are its input "
-                        "embeddings, as SmolLM2's)")
-    p.add_argument("--zero-shot", action="store_true",
-                   help="identify with likelihood scoring, or --label-words: evaluate the untrained model first (the "
-                        "base's zero-shot accuracy)")
+    p.add_argument(
+        "--per-licence",
+        type=int,
+        default=60,
+        help="at most this many notices of one licence (category, identify); 0 keeps all",
+    )
+    p.add_argument(
+        "--long-text",
+        default="truncate",
+        choices=["windows", "truncate"],
+        help="category-full: the first max-length tokens of a text (truncate), or all of it as windows",
+    )
+    p.add_argument(
+        "--window-pooling",
+        default="mean",
+        choices=["mean", "max"],
+        help="category-full: how the windows' logits of one licence are pooled",
+    )
+    p.add_argument(
+        "--prompt",
+        help="a template around each text with {text}, e.g. 'Licence text: {text}\nLicence "
+        "category:' (category tasks: none by default; identify with likelihood scoring: "
+        "IDENTIFY_PROMPT by default, '' for none)",
+    )
+    p.add_argument(
+        "--label-words",
+        help="category tasks: one word per category in the labels' sorted order, comma-"
+        "separated, e.g. 'proprietary,copyleft,lesser,permissive': the head starts "
+        "as the base's next-token scores of these words (Classification(label_words=); "
+        "distinct first tokens, a base with tied embeddings)",
+    )
+    p.add_argument(
+        "--scoring",
+        choices=["head", "likelihood"],
+        help="identify: score each licence name with a new linear head, or with the base's own likelihood "
+        "of the name after the notice (default for a decoder whose output embeddings are its input "
+        "embeddings, as SmolLM2's)",
+    )
+    p.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="identify with likelihood scoring, or --label-words: evaluate the untrained model first (the "
+        "base's zero-shot accuracy)",
+    )
     p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
-    p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction,
-                   help="LP-FT: fit the head on the frozen model's features before training (TrainConfig.linear_probe; "
-                        "default: on for the category tasks)")
-    p.add_argument("--pooling", choices=["auto", "last", "first", "mean"],
-                   help="how a text's token states become one vector (auto: the last token for a decoder; default: "
-                        "mean for the category tasks, auto elsewhere)")
+    p.add_argument(
+        "--linear-probe",
+        action=argparse.BooleanOptionalAction,
+        help="LP-FT: fit the head on the frozen model's features before training (TrainConfig.linear_probe; "
+        "default: on for the category tasks)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=["auto", "last", "first", "mean"],
+        help="how a text's token states become one vector (auto: the last token for a decoder; default: "
+        "mean for the category tasks, auto elsewhere)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
     p.add_argument("--data", help="your own CSV/JSONL/Parquet file or a hub dataset (e.g. LexGLUE's ledgar)")
     p.add_argument("--text-column")
     p.add_argument("--label-column")
     p.add_argument("--group-column")
-    p.add_argument("--export", help="write the task's rows (text, label, group[, choices]) to this JSONL file and stop: "
-                                    "the input of recipes/configs/legal_*.yaml")
+    p.add_argument(
+        "--export",
+        help="write the task's rows (text, label, group[, choices]) to this JSONL file and stop: "
+        "the input of recipes/configs/legal_*.yaml",
+    )
     args = p.parse_args(argv)
     scored_names = args.task == "identify" and not args.data and args.scoring != "head"
     if args.zero_shot and not (scored_names or args.label_words):
-        p.error("--zero-shot evaluates the untrained model, which is a classifier only where the base itself scores: "
-                "--task identify with likelihood scoring, or a category task with --label-words")
+        p.error(
+            "--zero-shot evaluates the untrained model, which is a classifier only where the base itself scores: "
+            "--task identify with likelihood scoring, or a category task with --label-words"
+        )
     if args.label_words and args.task == "identify":
         p.error("--label-words is for the category tasks (a classification head); identify scores licence names")
     if args.pooling and args.task == "identify" and not args.data:
@@ -237,12 +306,24 @@ def parse_args(argv=None):
 # in 37 minutes on 2 CPU cores (last-token pooling and a random head: 81.8% / 0.753 / 0.475).
 # category-full: the first 256 tokens of 1,000 licences, the same pooling and probe: 66.7% / macro-F1 0.517 in 45
 # minutes (last-token pooling: 42.0% / 0.279).
-DEFAULTS = {"train_size": 2000, "eval_size": 600, "max_length": 128, "pooling": "auto", "linear_probe": False,
-            "epochs": 1}
+DEFAULTS = {
+    "train_size": 2000,
+    "eval_size": 600,
+    "max_length": 128,
+    "pooling": "auto",
+    "linear_probe": False,
+    "epochs": 1,
+}
 TASK_DEFAULTS = {
     "category": {**DEFAULTS, "pooling": "mean", "linear_probe": True, "epochs": 2},
-    "category-full": {**DEFAULTS, "train_size": 1000, "eval_size": 300, "max_length": 256, "pooling": "mean",
-                      "linear_probe": True},
+    "category-full": {
+        **DEFAULTS,
+        "train_size": 1000,
+        "eval_size": 300,
+        "max_length": 256,
+        "pooling": "mean",
+        "linear_probe": True,
+    },
 }
 
 
@@ -267,17 +348,30 @@ def main(argv=None) -> dict:
     train_rows, test_rows, majority = split_rows(rows, args)
     model, head = build_model(args, train_rows, test_rows)
     zero_shot = zero_shot_accuracy(model, head, test_rows) if args.zero_shot else None
-    config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr, layer_lr_decay=args.layer_lr_decay,
-                                  linear_probe=args.linear_probe,
-                                  batch_size=args.batch_size,
-                                  grad_accum=args.grad_accum, auto_batch_size=args.auto_batch_size,
-                                  seed=args.seed, output_dir=str(output) + "-logs", overwrite=True)
+    config = adapters.TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        layer_lr_decay=args.layer_lr_decay,
+        linear_probe=args.linear_probe,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        auto_batch_size=args.auto_batch_size,
+        seed=args.seed,
+        output_dir=str(output) + "-logs",
+        overwrite=True,
+    )
     confusion = ConfusionRecorder(head.labels) if isinstance(head, adapters.Classification) else None
     metrics = adapters.train(model, train_rows, test_rows, config, compute_metrics=confusion)
     model.save_pretrained(output)
-    result = {"task": args.task, "accuracy": metrics.get("eval_accuracy", metrics.get("eval_exact_match")),
-              "majority_baseline": majority,
-              "train_rows": len(train_rows), "test_rows": len(test_rows), "train_seconds": metrics["train_seconds"]}
+    result = {
+        "task": args.task,
+        "accuracy": metrics.get("eval_accuracy", metrics.get("eval_exact_match")),
+        "majority_baseline": majority,
+        "train_rows": len(train_rows),
+        "test_rows": len(test_rows),
+        "train_seconds": metrics["train_seconds"],
+    }
     if zero_shot is not None:
         result["zero_shot_accuracy"] = zero_shot
     result.update({k: v for k, v in metrics.items() if k.startswith("probe_")})
@@ -285,9 +379,12 @@ def main(argv=None) -> dict:
     result["total_seconds"] = time.perf_counter() - started
     result["options"] = vars(args)  # the run's every option, defaults filled in: what produced these numbers
     (output / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"\naccuracy {result['accuracy']:.4f}"
-          + (f" | macro-F1 {result['macro_f1']:.4f}" if "macro_f1" in result else "")
-          + f" | majority baseline {majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")
+    print(
+        f"\naccuracy {result['accuracy']:.4f}"
+        + (f" | macro-F1 {result['macro_f1']:.4f}" if "macro_f1" in result else "")
+        + f" | majority baseline {majority:.4f} | train {result['train_seconds']:.0f} s"
+        + f" | total {result['total_seconds']:.0f} s"
+    )
     return result
 
 
@@ -297,9 +394,11 @@ def task_rows(args) -> list[dict]:
         return user_rows(args)
     licences = read_licences(data_root())
     notices = cap_per_licence(read_notices(data_root(), licences), args.per_licence or None, args.seed)
-    return {"category": lambda: category_task(licences, notices),
-            "category-full": lambda: category_full_task(licences),
-            "identify": lambda: identify_task(licences, notices, seed=args.seed)}[args.task]()
+    return {
+        "category": lambda: category_task(licences, notices),
+        "category-full": lambda: category_full_task(licences),
+        "identify": lambda: identify_task(licences, notices, seed=args.seed),
+    }[args.task]()
 
 
 def export_rows(rows: list[dict], args) -> dict:
@@ -319,8 +418,10 @@ def split_rows(rows: list[dict], args) -> tuple[list[dict], list[dict], float]:
     train_rows, test_rows = sample(train_rows, args.train_size, args.seed), sample(test_rows, args.eval_size, args.seed)
     shared = {r["group"] for r in train_rows} & {r["group"] for r in test_rows}
     assert not shared, f"licences on both sides of the split: {sorted(shared)[:5]}"
-    print(f"task {args.task}: {len(rows)} rows; {len(train_rows)} train / {len(test_rows)} test "
-          f"({len({r['group'] for r in train_rows})} / {len({r['group'] for r in test_rows})} licences, none shared)")
+    print(
+        f"task {args.task}: {len(rows)} rows; {len(train_rows)} train / {len(test_rows)} test "
+        f"({len({r['group'] for r in train_rows})} / {len({r['group'] for r in test_rows})} licences, none shared)"
+    )
     multi = isinstance(train_rows[0]["label"], list)
     if not multi:
         print(f"train balance: {balance(train_rows)}")
@@ -346,8 +447,10 @@ def label_words(args, labels: list[str]) -> list[str] | None:
         return None
     words = [w.strip() for w in args.label_words.split(",")]
     if len(words) != len(labels) or not all(words):
-        raise SystemExit(f"--label-words needs {len(labels)} comma-separated words, one per category in this order: "
-                         f"{labels}; got {args.label_words!r}")
+        raise SystemExit(
+            f"--label-words needs {len(labels)} comma-separated words, one per category in this order: "
+            f"{labels}; got {args.label_words!r}"
+        )
     return [" " + w for w in words]
 
 
@@ -355,8 +458,10 @@ def zero_shot_accuracy(model, head, test_rows: list[dict]) -> float:
     """The untrained model's accuracy: how well the base picks on its own, through the likelihood of each
     licence name or the next-token scores of the label words."""
     if getattr(head, "scoring", None) != "likelihood" and getattr(head, "label_words", None) is None:
-        raise SystemExit("--zero-shot needs a head the base scores itself (likelihood scoring or label words); this "
-                         "base gets a random head, which has no zero-shot accuracy to report")
+        raise SystemExit(
+            "--zero-shot needs a head the base scores itself (likelihood scoring or label words); this "
+            "base gets a random head, which has no zero-shot accuracy to report"
+        )
     accuracy = adapters.evaluate(model, test_rows)["accuracy"]
     print(f"zero-shot accuracy (the base's own scores, before training): {accuracy:.4f}")
     return accuracy
@@ -371,14 +476,24 @@ def build_model(args, train_rows: list[dict], test_rows: list[dict]):
     else:
         labels = sorted({r["label"] for r in train_rows} | {r["label"] for r in test_rows})
         full = args.task == "category-full"
-        head = adapters.Classification(labels=labels, class_weights=inverse_frequency_weights(train_rows, labels),
-                                       long_text=args.long_text if full else "truncate",
-                                       window_pooling=args.window_pooling, pooling=args.pooling,
-                                       prompt=typed_text(args.prompt),
-                                       label_words=label_words(args, labels))
+        head = adapters.Classification(
+            labels=labels,
+            class_weights=inverse_frequency_weights(train_rows, labels),
+            long_text=args.long_text if full else "truncate",
+            window_pooling=args.window_pooling,
+            pooling=args.pooling,
+            prompt=typed_text(args.prompt),
+            label_words=label_words(args, labels),
+        )
     adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
-    model = adapters.adapt(args.model, adapter=adapter, head=head, max_length=args.max_length, seed=args.seed,
-                           quantization=None if args.quantization == "none" else args.quantization)
+    model = adapters.adapt(
+        args.model,
+        adapter=adapter,
+        head=head,
+        max_length=args.max_length,
+        seed=args.seed,
+        quantization=None if args.quantization == "none" else args.quantization,
+    )
     print(model.summary())
     return model, head
 
@@ -397,19 +512,22 @@ class ConfusionRecorder:
         return {}
 
 
-def report(model, head, metrics: dict, confusion: ConfusionRecorder | None, test_rows: list[dict], output: Path) -> dict:
+def report(
+    model, head, metrics: dict, confusion: ConfusionRecorder | None, test_rows: list[dict], output: Path
+) -> dict:
     """Per-class F1 and a confusion matrix (classification), F1s (multi-label), and a few examples."""
     if isinstance(head, adapters.Classification):
         from adapters.heads.metrics import per_class_f1
 
         cm = confusion.matrix
         f1 = per_class_f1(cm)
-        result = {"macro_f1": metrics["eval_macro_f1"], "per_class_f1": dict(zip(head.labels, f1.round(4).tolist()))}
+        per_class = dict(zip(head.labels, f1.round(4).tolist(), strict=True))
+        result = {"macro_f1": metrics["eval_macro_f1"], "per_class_f1": per_class}
         confusion_png(cm, head.labels, output / "confusion_matrix.png")
         print("per-class F1: " + ", ".join(f"{k} {v:.3f}" for k, v in result["per_class_f1"].items()))
         print(f"confusion matrix saved to {output / 'confusion_matrix.png'}")
         examples = test_rows[:3]
-        for r, p in zip(examples, model.predict([r["text"] for r in examples])):
+        for r, p in zip(examples, model.predict([r["text"] for r in examples]), strict=False):
             print(f"  predicted {p!r:<20} true {r['label']!r:<20} {r['text'][:70]!r}")
         return result
     if isinstance(head, adapters.MultiLabel):

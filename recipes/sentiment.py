@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import adapters  # noqa: E402
 from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # noqa: E402
+
+import adapters  # noqa: E402
 from adapters.data.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
 
 # The task prompt and label words of the packaged task (measured in recipes/results/levers.md):
@@ -30,8 +31,12 @@ REVIEW_PROMPT = "Review: {text}\nSentiment:"
 # rows of the packaged data per budget: the default job (`make run`, about 10 minutes on 2 CPU
 # cores) and the full one (29 minutes); --train-size overrides
 BUDGETS = {"default": 2000, "full": 8000}
-EXAMPLES = ["a moving, funny film", "a tedious mess that never finds its footing",
-            "the performances are wonderful", "I walked out halfway through"]
+EXAMPLES = [
+    "a moving, funny film",
+    "a tedious mess that never finds its footing",
+    "the performances are wonderful",
+    "I walked out halfway through",
+]
 
 
 def user_rows(args) -> tuple[list[dict], list[dict] | None]:
@@ -50,8 +55,15 @@ def user_rows(args) -> tuple[list[dict], list[dict] | None]:
         missing = [c for c in (args.text_column, args.label_column, args.group_column) if c and c not in rows[0]]
         if missing:
             raise SystemExit(f"--data {args.data}: no column {missing[0]!r}; columns are {sorted(rows[0])}")
-        return [{"text": r[args.text_column], "label": str(r[args.label_column]),
-                 "group": r[args.group_column] if args.group_column else i} for i, r in enumerate(rows)]
+        return [
+            {
+                "text": r[args.text_column],
+                "label": str(r[args.label_column]),
+                "group": r[args.group_column] if args.group_column else i,
+            }
+            for i, r in enumerate(rows)
+        ]
+
     return norm(train), norm(test) if test else None
 
 
@@ -71,28 +83,43 @@ def task_prompt(args, labels: list[str]) -> tuple[str | None, list[str] | None]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="packaged name, local folder or hub id")
-    p.add_argument("--adapter", default="lora", choices=["lora", "bottleneck", "none"],
-                   help="'lora', 'bottleneck' (see --placement) or 'none' (head only)")
+    p.add_argument(
+        "--adapter",
+        default="lora",
+        choices=["lora", "bottleneck", "none"],
+        help="'lora', 'bottleneck' (see --placement) or 'none' (head only)",
+    )
     p.add_argument("--r", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--targets", default="all-linear", help="LoRA: 'all-linear' or comma-separated module names")
-    p.add_argument("--top-layers", type=int, help="LoRA only on the top N blocks: backward stops below them "
-                                                   "(LoRA(layers=list(range(-N, 0))))")
+    p.add_argument(
+        "--top-layers",
+        type=int,
+        help="LoRA only on the top N blocks: backward stops below them (LoRA(layers=list(range(-N, 0))))",
+    )
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="bottleneck placement")
     p.add_argument("--reduction", type=int, default=16, help="bottleneck width = hidden / reduction")
-    p.add_argument("--quantization", default="none", choices=["nf4", "fp4", "int8", "none"],
-                   help="the frozen base's weights (default: unquantized, fp32 on CPU; nf4 for QLoRA): for a "
-                        "135M model on a CPU 4-bit saves no time and costs accuracy (levers.md)")
-    p.add_argument("--budget", default="default", choices=sorted(BUDGETS),
-                   help=f"training rows of the packaged data: {BUDGETS}")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["nf4", "fp4", "int8", "none"],
+        help="the frozen base's weights (default: unquantized, fp32 on CPU; nf4 for QLoRA): for a "
+        "135M model on a CPU 4-bit saves no time and costs accuracy (levers.md)",
+    )
+    p.add_argument(
+        "--budget", default="default", choices=sorted(BUDGETS), help=f"training rows of the packaged data: {BUDGETS}"
+    )
     p.add_argument("--train-size", type=int, help="training rows (default: from --budget)")
     p.add_argument("--eval-size", type=int, default=1000)
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--head-lr", type=float, default=2e-3)
     p.add_argument("--layer-lr-decay", type=float, help="layer-wise learning-rate decay, e.g. 0.9 (TrainConfig)")
-    p.add_argument("--linear-probe", action="store_true",
-                   help="LP-FT: fit the head on the frozen model's features before training (TrainConfig.linear_probe)")
+    p.add_argument(
+        "--linear-probe",
+        action="store_true",
+        help="LP-FT: fit the head on the frozen model's features before training (TrainConfig.linear_probe)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -101,13 +128,22 @@ def parse_args(argv=None):
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--group-column", help="column whose values must not straddle the train/test split")
-    p.add_argument("--prompt", help="a template around each text, with {text} where it goes (decoders; default "
-                                    f"on the packaged data: {REVIEW_PROMPT!r}; '' for none)")
-    p.add_argument("--label-words", action=argparse.BooleanOptionalAction,
-                   help="start the head as the base's next-token scores of ' <label>' for each label "
-                        "(Classification(label_words=...); default: on for a decoder on the packaged data)")
-    p.add_argument("--zero-shot", action="store_true",
-                   help="with label words: evaluate the untrained model first (the zero-shot accuracy)")
+    p.add_argument(
+        "--prompt",
+        help="a template around each text, with {text} where it goes (decoders; default "
+        f"on the packaged data: {REVIEW_PROMPT!r}; '' for none)",
+    )
+    p.add_argument(
+        "--label-words",
+        action=argparse.BooleanOptionalAction,
+        help="start the head as the base's next-token scores of ' <label>' for each label "
+        "(Classification(label_words=...); default: on for a decoder on the packaged data)",
+    )
+    p.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="with label words: evaluate the untrained model first (the zero-shot accuracy)",
+    )
     args = p.parse_args(argv)
     if args.top_layers is not None and (args.adapter != "lora" or args.top_layers < 1):
         p.error("--top-layers N takes N >= 1 and applies to --adapter lora")
@@ -128,8 +164,10 @@ def main(argv=None) -> dict:
     train_size = args.train_size or BUDGETS[args.budget]
     train_rows, test_rows = sample(rows, train_size, args.seed), sample(test_rows, args.eval_size, args.seed)
     labels = sorted({r["label"] for r in train_rows})
-    print(f"data: {len(train_rows)} train / {len(test_rows)} test rows "
-          f"({len({r['group'] for r in train_rows})} / {len({r['group'] for r in test_rows})} groups, none shared)")
+    print(
+        f"data: {len(train_rows)} train / {len(test_rows)} test rows "
+        f"({len({r['group'] for r in train_rows})} / {len({r['group'] for r in test_rows})} groups, none shared)"
+    )
     print(f"train balance: {balance(train_rows)}")
     majority = majority_accuracy(train_rows, test_rows)
     print(f"majority-class baseline on test: {majority:.4f}")
@@ -145,36 +183,60 @@ def main(argv=None) -> dict:
     if args.zero_shot and not words:
         raise SystemExit("--zero-shot needs label words (--label-words): without them the head is random")
     head = adapters.Classification(labels=labels, prompt=prompt, label_words=words)
-    model = adapters.adapt(args.model, adapter=adapter, head=head,
-                           quantization=None if args.quantization == "none" else args.quantization,
-                           max_length=args.max_length, seed=args.seed)
+    model = adapters.adapt(
+        args.model,
+        adapter=adapter,
+        head=head,
+        quantization=None if args.quantization == "none" else args.quantization,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
     print(model.summary())
     zero_shot = None
     if words and args.zero_shot:  # the head is the base's own classifier: how good before any training?
         zero_shot = adapters.evaluate(model, test_rows)["accuracy"]
         print(f"zero-shot accuracy (label words, before training): {zero_shot:.4f}")
-    config = adapters.TrainConfig(epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
-                                  layer_lr_decay=args.layer_lr_decay, linear_probe=args.linear_probe,
-                                  batch_size=args.batch_size, seed=args.seed,
-                                  output_dir=args.output + "-logs",
-                                  overwrite=True)  # a re-run of the recipe starts its logs afresh
+    config = adapters.TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        layer_lr_decay=args.layer_lr_decay,
+        linear_probe=args.linear_probe,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        output_dir=args.output + "-logs",
+        overwrite=True,
+    )  # a re-run of the recipe starts its logs afresh
     metrics = adapters.train(model, train_rows, test_rows, config)
     model.save_pretrained(args.output)
 
     again = adapters.load(args.output)
     print(f"\nsaved to {args.output}; reloaded predictions:")
-    for text, (label, probs) in zip(EXAMPLES, again.predict(EXAMPLES, probabilities=True)):
+    for text, (label, probs) in zip(EXAMPLES, again.predict(EXAMPLES, probabilities=True), strict=False):
         print(f"  {label:>8} ({probs[label]:.2f})  {text}")
-    result = {"accuracy": metrics["eval_accuracy"], "macro_f1": metrics["eval_macro_f1"],
-              "majority_baseline": majority, "train_rows": len(train_rows), "test_rows": len(test_rows),
-              "train_seconds": metrics["train_seconds"], "total_seconds": time.perf_counter() - started,
-              "model": args.model, "quantization": args.quantization, "adapter": args.adapter,
-              "prompt": prompt, "label_words": words, "zero_shot_accuracy": zero_shot, "top_layers": args.top_layers,
-              **{k: v for k, v in metrics.items() if k.startswith("probe_")},
-              "options": vars(args)}  # the run's every option: what produced these numbers
+    result = {
+        "accuracy": metrics["eval_accuracy"],
+        "macro_f1": metrics["eval_macro_f1"],
+        "majority_baseline": majority,
+        "train_rows": len(train_rows),
+        "test_rows": len(test_rows),
+        "train_seconds": metrics["train_seconds"],
+        "total_seconds": time.perf_counter() - started,
+        "model": args.model,
+        "quantization": args.quantization,
+        "adapter": args.adapter,
+        "prompt": prompt,
+        "label_words": words,
+        "zero_shot_accuracy": zero_shot,
+        "top_layers": args.top_layers,
+        **{k: v for k, v in metrics.items() if k.startswith("probe_")},
+        "options": vars(args),
+    }  # the run's every option: what produced these numbers
     Path(args.output, "results.json").write_text(json.dumps(result, indent=2))
-    print(f"\naccuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | majority baseline "
-          f"{majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s")
+    print(
+        f"\naccuracy {result['accuracy']:.4f} | macro-F1 {result['macro_f1']:.4f} | majority baseline "
+        f"{majority:.4f} | train {result['train_seconds']:.0f} s | total {result['total_seconds']:.0f} s"
+    )
     return result
 
 

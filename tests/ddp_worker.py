@@ -13,7 +13,7 @@ from accelerate import PartialState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import adapters  # noqa: E402
-from tests.conftest import toy_sentiment  # noqa: E402
+from tests.helpers import toy_sentiment  # noqa: E402
 
 
 def main():
@@ -27,11 +27,29 @@ def main():
     args = p.parse_args()
     # dropout 0: the only randomness left is the data order, shared by all runs through the seed
     adapter = adapters.LoRA(r=4, dropout=0.0) if args.adapter == "lora" else adapters.Bottleneck(reduction=4)
-    model = adapters.adapt(args.model, adapter=adapter, head=adapters.Classification(labels=["neg", "pos"], dropout=0.0),
-                           quantization="nf4")
-    metrics = adapters.train(model, toy_sentiment(args.train_rows), toy_sentiment(27, seed=1), adapters.TrainConfig(
-        epochs=2, lr=1e-2, batch_size=args.batch_size, seed=3, progress=False, log_every=1, save_every=4, keep_last=2,
-        output_dir=str(Path(args.out) / "logs"), linear_probe=args.linear_probe))
+    model = adapters.adapt(
+        args.model,
+        adapter=adapter,
+        head=adapters.Classification(labels=["neg", "pos"], dropout=0.0),
+        quantization="nf4",
+    )
+    metrics = adapters.train(
+        model,
+        toy_sentiment(args.train_rows),
+        toy_sentiment(27, seed=1),
+        adapters.TrainConfig(
+            epochs=2,
+            lr=1e-2,
+            batch_size=args.batch_size,
+            seed=3,
+            progress=False,
+            log_every=1,
+            save_every=4,
+            keep_last=2,
+            output_dir=str(Path(args.out) / "logs"),
+            linear_probe=args.linear_probe,
+        ),
+    )
     out = Path(args.out)
     state = PartialState()  # already set up by the library (with cpu=True on CPUs)
     trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -13,8 +13,12 @@ TEXTS = ["good fun film", "a dull and tedious mess", "the acting was not very go
 
 
 def _trained(path, quantization="nf4", adapter=True, data=None):
-    model = adapters.adapt(path, adapter=adapters.LoRA(r=4) if adapter else None,
-                           head=adapters.Classification(labels=["neg", "pos"]), quantization=quantization)
+    model = adapters.adapt(
+        path,
+        adapter=adapters.LoRA(r=4) if adapter else None,
+        head=adapters.Classification(labels=["neg", "pos"]),
+        quantization=quantization,
+    )
     if data:
         adapters.train(model, data, None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8, progress=False))
     return model
@@ -37,7 +41,9 @@ def test_artifact_holds_only_trainable_tensors_as_safetensors(tiny_llama, tmp_pa
     files = sorted(p.relative_to(tmp_path / "art").as_posix() for p in (tmp_path / "art").rglob("*") if p.is_file())
     assert "qadapters.json" in files and "head.safetensors" in files and "adapter/adapter_model.safetensors" in files
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
-    saved = len(load_file(tmp_path / "art" / "adapter" / "adapter_model.safetensors")) + len(load_file(tmp_path / "art" / "head.safetensors"))
+    saved = len(load_file(tmp_path / "art" / "adapter" / "adapter_model.safetensors")) + len(
+        load_file(tmp_path / "art" / "head.safetensors")
+    )
     assert saved == len(model.trainable_parameters())
     spec = json.loads((tmp_path / "art" / "qadapters.json").read_text())
     assert spec["head"]["labels"] == ["neg", "pos"] and spec["quantization"] == "nf4" and spec["adapter"]["r"] == 4
@@ -89,7 +95,7 @@ def test_mismatched_shapes(tiny_llama, tmp_path):
 
 
 def test_different_base_is_refused(tiny_llama, tmp_path):
-    from .conftest import build_tiny
+    from .helpers import build_tiny
 
     model = _trained(tiny_llama)
     model.save_pretrained(tmp_path / "art")
@@ -144,7 +150,11 @@ def test_resaving_keeps_the_users_files(tiny_llama, tmp_path):
     assert names == ["README.md", "bottleneck.safetensors", "head.safetensors", "notes.md", "qadapters.json", "reports"]
     assert (art / "notes.md").read_text() == "my notes" and (art / "reports" / "eval.json").exists()
     assert json.loads((art / "qadapters.json").read_text())["files"] == [
-        "README.md", "bottleneck.safetensors", "head.safetensors", "qadapters.json"]
+        "README.md",
+        "bottleneck.safetensors",
+        "head.safetensors",
+        "qadapters.json",
+    ]
     assert isinstance(adapters.load(art).adapter, adapters.Bottleneck)
 
 

@@ -12,11 +12,10 @@ import pytest
 import yaml
 
 import adapters
+from adapters.artifacts.merge import merge_artifact
 from adapters.cli import main as cli
 from adapters.config.run_file import load_run_config
-from adapters.artifacts.merge import merge_artifact
 from adapters.data.sources import load_rows
-
 
 LABELS = ["neg", "pos"]
 GOOD = {"text": "good fun film", "label": "pos"}
@@ -42,8 +41,11 @@ def _config(tmp_path, kwargs):
 
 
 def _yaml(tmp_path, edit):
-    config = {"model": {"name": "minilm-l6"}, "head": {"kind": "classification", "labels": LABELS},
-              "data": {"train": "rotten-tomatoes"}}
+    config = {
+        "model": {"name": "minilm-l6"},
+        "head": {"kind": "classification", "labels": LABELS},
+        "data": {"train": "rotten-tomatoes"},
+    }
     text = edit(config)
     path = tmp_path / "run.yaml"
     path.write_text(text if isinstance(text, str) else yaml.safe_dump(config))
@@ -78,30 +80,83 @@ def _json(path, edit):
 
 CASES = [
     # files a user points at
-    ("latin-1 csv", _file, ("reviews.csv", "text,label\nsoirée ratée,neg\n".encode("latin-1")), adapters.DataError,
-     r"not UTF-8 .*iconv"),
+    (
+        "latin-1 csv",
+        _file,
+        ("reviews.csv", "text,label\nsoirée ratée,neg\n".encode("latin-1")),
+        adapters.DataError,
+        r"not UTF-8 .*iconv",
+    ),
     ("empty csv", _file, ("reviews.csv", ""), adapters.DataError, r"reviews.csv is empty"),
-    ("header-only csv", _file, ("reviews.csv", "text,label\n"), adapters.DataError, r"has a header \(text, label\) but no rows"),
-    ("ragged csv", _file, ("reviews.csv", 'text,label\n"good",pos,extra,more\n"a\n'), adapters.DataError, r"not valid CSV"),
-    ("bad jsonl line", _file, ("rows.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", label}\n'),
-     adapters.DataError, r"rows.jsonl line 2 is not valid JSON"),
+    (
+        "header-only csv",
+        _file,
+        ("reviews.csv", "text,label\n"),
+        adapters.DataError,
+        r"has a header \(text, label\) but no rows",
+    ),
+    (
+        "ragged csv",
+        _file,
+        ("reviews.csv", 'text,label\n"good",pos,extra,more\n"a\n'),
+        adapters.DataError,
+        r"not valid CSV",
+    ),
+    (
+        "bad jsonl line",
+        _file,
+        ("rows.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", label}\n'),
+        adapters.DataError,
+        r"rows.jsonl line 2 is not valid JSON",
+    ),
     ("jsonl of lists", _file, ("rows.jsonl", '["a", "pos"]\n'), adapters.DataError, r"line 1 holds a JSON list"),
     ("unknown file type", _file, ("rows.xlsx", "x"), adapters.DataError, r"unsupported file type '.xlsx'"),
     ("missing file", _file, ("missing.csv", None), adapters.DataError, r"does not exist"),
     # rows that reach train / evaluate
     ("no rows", _rows, [], adapters.DataError, r"train dataset is empty"),
-    ("nan text", _rows, [GOOD, {"text": float("nan"), "label": "neg"}], adapters.DataError,
-     r"row 1: column 'text' is empty \(NaN"),
-    ("mixed label types", _rows, [GOOD] * 3 + [{"text": "bad", "label": 1}], adapters.DataError,
-     r"row 3: column 'label' holds number .* but row 0 holds text"),
-    ("unknown label", _rows, [GOOD, {"text": "meh", "label": "neutral"}], adapters.DataError,
-     r"row 1: label 'neutral' is not one of the head's labels"),
+    (
+        "nan text",
+        _rows,
+        [GOOD, {"text": float("nan"), "label": "neg"}],
+        adapters.DataError,
+        r"row 1: column 'text' is empty \(NaN",
+    ),
+    (
+        "mixed label types",
+        _rows,
+        [GOOD] * 3 + [{"text": "bad", "label": 1}],
+        adapters.DataError,
+        r"row 3: column 'label' holds number .* but row 0 holds text",
+    ),
+    (
+        "unknown label",
+        _rows,
+        [GOOD, {"text": "meh", "label": "neutral"}],
+        adapters.DataError,
+        r"row 1: label 'neutral' is not one of the head's labels",
+    ),
     ("label id out of range", _rows, [{"text": "x", "label": 2}], adapters.DataError, r"label id 2 is out of range"),
-    ("missing text column", _rows, [{"review": "x", "label": "pos"}], adapters.DataError,
-     r"no column 'text'.*--text-column"),
-    ("text that is a number", _rows, [{"text": 5, "label": "pos"}], adapters.DataError, r"row 0: column 'text' holds int"),
-    ("columns of unequal length", _rows, {"text": ["a", "b"], "label": ["pos"]}, adapters.DataError,
-     r"columns differ in length"),
+    (
+        "missing text column",
+        _rows,
+        [{"review": "x", "label": "pos"}],
+        adapters.DataError,
+        r"no column 'text'.*--text-column",
+    ),
+    (
+        "text that is a number",
+        _rows,
+        [{"text": 5, "label": "pos"}],
+        adapters.DataError,
+        r"row 0: column 'text' holds int",
+    ),
+    (
+        "columns of unequal length",
+        _rows,
+        {"text": ["a", "b"], "label": ["pos"]},
+        adapters.DataError,
+        r"columns differ in length",
+    ),
     ("rows that are not dicts", _rows, [("good", "pos")], adapters.DataError, r"list of dicts, got rows of tuple"),
     ("eval rows without labels", _eval_rows, [{"text": "x"}], adapters.DataError, r"no column 'label'"),
     # configs
@@ -112,61 +167,156 @@ CASES = [
     ("unknown optimizer", _config, {"optimizer": "sgd"}, adapters.ConfigError, r"optimizer='sgd' must be one of"),
     ("resume without output_dir", _config, {"resume": "auto"}, adapters.ConfigError, r"need an output_dir"),
     ("yaml unknown key", _yaml, lambda c: c.update(train={"lrr": 1}), adapters.ConfigError, r"unknown key train.lrr"),
-    ("yaml unknown adapter", _yaml, lambda c: c.update(adapter={"kind": "prefix"}), adapters.ConfigError,
-     r"adapter.kind='prefix' must be one of"),
+    (
+        "yaml unknown adapter",
+        _yaml,
+        lambda c: c.update(adapter={"kind": "prefix"}),
+        adapters.ConfigError,
+        r"adapter.kind='prefix' must be one of",
+    ),
     ("yaml without head", _yaml, lambda c: c.pop("head"), adapters.ConfigError, r"needs a head section"),
     ("yaml not yaml", _yaml, lambda c: "model: [unclosed\n", adapters.ConfigError, r"not valid YAML"),
-    ("yaml head labels a string", _yaml, lambda c: c["head"].update(labels="neg"), adapters.ConfigError,
-     r"labels"),
+    ("yaml head labels a string", _yaml, lambda c: c["head"].update(labels="neg"), adapters.ConfigError, r"labels"),
     # artifacts damaged, edited or moved
-    ("artifact without spec", _artifact, lambda a: (a / "qadapters.json").unlink(), adapters.CheckpointError,
-     r"has no qadapters.json"),
-    ("artifact spec not json", _artifact, lambda a: (a / "qadapters.json").write_text("{"), adapters.CheckpointError,
-     r"qadapters.json is corrupt"),
-    ("artifact head missing", _artifact, lambda a: (a / "head.safetensors").unlink(), adapters.CheckpointError,
-     r"head.safetensors is missing"),
-    ("artifact head truncated", _artifact, lambda a: (a / "head.safetensors").write_bytes(b"\x00" * 9),
-     adapters.CheckpointError, r"corrupt or not a safetensors file"),
-    ("artifact adapter file missing", _artifact, lambda a: (a / "adapter" / "adapter_model.safetensors").unlink(),
-     adapters.CheckpointError, r"adapter_model.safetensors is missing"),
-    ("artifact head kind unknown", _artifact, lambda a: _json(a / "qadapters.json", lambda s: s["head"].update(kind="x")),
-     adapters.CheckpointError, r"garbles its 'head' entry"),
-    ("artifact labels edited", _artifact,
-     lambda a: _json(a / "qadapters.json", lambda s: s["head"].update(labels=["a", "b", "c"])),
-     adapters.CheckpointError, r"head.safetensors: tensor score.weight has shape \(2, 64\), the model expects \(3, 64\)"),
-    ("artifact quantization edited", _artifact,
-     lambda a: _json(a / "qadapters.json", lambda s: s.update(quantization="int8")), adapters.CheckpointError,
-     r"says quantization='int8' but its tensors were trained on a 'nf4' base"),
-    ("artifact format from the future", _artifact,
-     lambda a: _json(a / "qadapters.json", lambda s: s.update(format_version=9)), adapters.CheckpointError,
-     r"artifact format 9"),
-    ("artifact base moved away", _artifact,
-     lambda a: _json(a / "qadapters.json", lambda s: s["base"].update(path="../nowhere")), adapters.CheckpointError,
-     r"not there; pass base="),
-    ("merge with a damaged head", _artifact,
-     lambda a: (_json(a / "qadapters.json", lambda s: s["head"].update(labels=["a", "b", "c", "d"])),
-                lambda: merge_artifact(a, a.parent / "merged"))[1], adapters.CheckpointError,
-     r"has shape \(2, 64\), the model expects \(4, 64\)"),
-    ("merge into a user's folder", _artifact,
-     lambda a: ((a.parent / "mine").mkdir(), (a.parent / "mine" / "notes.txt").write_text("x"),
-                lambda: merge_artifact(a, a.parent / "mine", overwrite=True))[2], adapters.ConfigError,
-     r"not a merge written by this qadapters"),
+    (
+        "artifact without spec",
+        _artifact,
+        lambda a: (a / "qadapters.json").unlink(),
+        adapters.CheckpointError,
+        r"has no qadapters.json",
+    ),
+    (
+        "artifact spec not json",
+        _artifact,
+        lambda a: (a / "qadapters.json").write_text("{"),
+        adapters.CheckpointError,
+        r"qadapters.json is corrupt",
+    ),
+    (
+        "artifact head missing",
+        _artifact,
+        lambda a: (a / "head.safetensors").unlink(),
+        adapters.CheckpointError,
+        r"head.safetensors is missing",
+    ),
+    (
+        "artifact head truncated",
+        _artifact,
+        lambda a: (a / "head.safetensors").write_bytes(b"\x00" * 9),
+        adapters.CheckpointError,
+        r"corrupt or not a safetensors file",
+    ),
+    (
+        "artifact adapter file missing",
+        _artifact,
+        lambda a: (a / "adapter" / "adapter_model.safetensors").unlink(),
+        adapters.CheckpointError,
+        r"adapter_model.safetensors is missing",
+    ),
+    (
+        "artifact head kind unknown",
+        _artifact,
+        lambda a: _json(a / "qadapters.json", lambda s: s["head"].update(kind="x")),
+        adapters.CheckpointError,
+        r"garbles its 'head' entry",
+    ),
+    (
+        "artifact labels edited",
+        _artifact,
+        lambda a: _json(a / "qadapters.json", lambda s: s["head"].update(labels=["a", "b", "c"])),
+        adapters.CheckpointError,
+        r"head.safetensors: tensor score.weight has shape \(2, 64\), the model expects \(3, 64\)",
+    ),
+    (
+        "artifact quantization edited",
+        _artifact,
+        lambda a: _json(a / "qadapters.json", lambda s: s.update(quantization="int8")),
+        adapters.CheckpointError,
+        r"says quantization='int8' but its tensors were trained on a 'nf4' base",
+    ),
+    (
+        "artifact format from the future",
+        _artifact,
+        lambda a: _json(a / "qadapters.json", lambda s: s.update(format_version=9)),
+        adapters.CheckpointError,
+        r"artifact format 9",
+    ),
+    (
+        "artifact base moved away",
+        _artifact,
+        lambda a: _json(a / "qadapters.json", lambda s: s["base"].update(path="../nowhere")),
+        adapters.CheckpointError,
+        r"not there; pass base=",
+    ),
+    (
+        "merge with a damaged head",
+        _artifact,
+        lambda a: (
+            _json(a / "qadapters.json", lambda s: s["head"].update(labels=["a", "b", "c", "d"])),
+            lambda: merge_artifact(a, a.parent / "merged"),
+        )[1],
+        adapters.CheckpointError,
+        r"has shape \(2, 64\), the model expects \(4, 64\)",
+    ),
+    (
+        "merge into a user's folder",
+        _artifact,
+        lambda a: (
+            (a.parent / "mine").mkdir(),
+            (a.parent / "mine" / "notes.txt").write_text("x"),
+            lambda: merge_artifact(a, a.parent / "mine", overwrite=True),
+        )[2],
+        adapters.ConfigError,
+        r"not a merge written by this qadapters",
+    ),
     # folders the library writes into
-    ("save into a file", _folder, lambda t, m: (t / "f").write_text("x") and m.save_pretrained(t / "f"),
-     adapters.ConfigError, r"is a file"),
-    ("save into a user's folder", _folder,
-     lambda t, m: ((t / "out").mkdir(), (t / "out" / "notes.txt").write_text("x"), m.save_pretrained(t / "out")),
-     adapters.ConfigError, r"not a qadapters artifact.*none of them is deleted"),
-    ("overwrite onto a user's file of the same name", _folder,
-     lambda t, m: ((t / "out").mkdir(), (t / "out" / "README.md").write_text("mine"),
-                   m.save_pretrained(t / "out", overwrite=True)), adapters.ConfigError, r"already holds \['README.md'\]"),
+    (
+        "save into a file",
+        _folder,
+        lambda t, m: (t / "f").write_text("x") and m.save_pretrained(t / "f"),
+        adapters.ConfigError,
+        r"is a file",
+    ),
+    (
+        "save into a user's folder",
+        _folder,
+        lambda t, m: ((t / "out").mkdir(), (t / "out" / "notes.txt").write_text("x"), m.save_pretrained(t / "out")),
+        adapters.ConfigError,
+        r"not a qadapters artifact.*none of them is deleted",
+    ),
+    (
+        "overwrite onto a user's file of the same name",
+        _folder,
+        lambda t, m: (
+            (t / "out").mkdir(),
+            (t / "out" / "README.md").write_text("mine"),
+            m.save_pretrained(t / "out", overwrite=True),
+        ),
+        adapters.ConfigError,
+        r"already holds \['README.md'\]",
+    ),
     # the command line
-    ("cli predict input missing", _cli, ["predict", "{art}", "--input", "{tmp}/nope.jsonl"], adapters.AdaptersError,
-     r"--input .*nope.jsonl does not exist"),
-    ("cli predict output exists", _cli, ["predict", "{art}", "--input", "{tmp}/good.jsonl", "--output",
-                                         "{tmp}/good.jsonl"], adapters.AdaptersError, r"--output .* exists"),
-    ("cli eval wrong column", _cli, ["eval", "{art}", "--data", "{tmp}/good.jsonl", "--text-column", "review"],
-     adapters.AdaptersError, r"no column 'review'.*--text-column"),
+    (
+        "cli predict input missing",
+        _cli,
+        ["predict", "{art}", "--input", "{tmp}/nope.jsonl"],
+        adapters.AdaptersError,
+        r"--input .*nope.jsonl does not exist",
+    ),
+    (
+        "cli predict output exists",
+        _cli,
+        ["predict", "{art}", "--input", "{tmp}/good.jsonl", "--output", "{tmp}/good.jsonl"],
+        adapters.AdaptersError,
+        r"--output .* exists",
+    ),
+    (
+        "cli eval wrong column",
+        _cli,
+        ["eval", "{art}", "--data", "{tmp}/good.jsonl", "--text-column", "review"],
+        adapters.AdaptersError,
+        r"no column 'review'.*--text-column",
+    ),
     ("cli info on no artifact", _cli, ["info", "{tmp}"], adapters.AdaptersError, r"has no qadapters.json"),
 ]
 
@@ -189,8 +339,13 @@ def test_the_table_is_long_enough():
 
 @pytest.mark.parametrize("name,runner,value,error,match", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_a_typed_error(name, runner, value, error, match, tmp_path, model, artifact, capsys):
-    extra = {_rows: {"model": model}, _eval_rows: {"model": model}, _folder: {"model": model},
-             _artifact: {"artifact": artifact}, _cli: {"capsys": capsys, "artifact": artifact}}.get(runner, {})
+    extra = {
+        _rows: {"model": model},
+        _eval_rows: {"model": model},
+        _folder: {"model": model},
+        _artifact: {"artifact": artifact},
+        _cli: {"capsys": capsys, "artifact": artifact},
+    }.get(runner, {})
     if runner is _file and value[1] is None:
         value = (value[0], None)
         with pytest.raises(error, match=match):

@@ -8,8 +8,10 @@ import adapters
 from adapters.backbone.loading import is_decoder_config, load_backbone
 
 
-@pytest.mark.parametrize("quantization,layer", [("nf4", bnb.nn.Linear4bit), ("fp4", bnb.nn.Linear4bit),
-                                                ("int8", bnb.nn.Linear8bitLt), (None, torch.nn.Linear)])
+@pytest.mark.parametrize(
+    "quantization,layer",
+    [("nf4", bnb.nn.Linear4bit), ("fp4", bnb.nn.Linear4bit), ("int8", bnb.nn.Linear8bitLt), (None, torch.nn.Linear)],
+)
 def test_quantization_modes_use_real_bnb_layers(tiny_model, quantization, layer):
     network, base = load_backbone(tiny_model, quantization=quantization)
     linears = [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
@@ -53,8 +55,14 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
         load_backbone(str(tmp_path), quantization=None)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"quantization": "int4"}, "quantization"), ({"dtype": "fp8"}, "dtype"),
-                                          ({"padding_side": "middle"}, "padding_side")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"quantization": "int4"}, "quantization"),
+        ({"dtype": "fp8"}, "dtype"),
+        ({"padding_side": "middle"}, "padding_side"),
+    ],
+)
 def test_bad_settings_are_config_errors(tiny_llama, kwargs, match):
     with pytest.raises(adapters.ConfigError, match=match):
         load_backbone(tiny_llama, **{"quantization": None, **kwargs})

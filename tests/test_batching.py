@@ -11,7 +11,7 @@ from adapters.data.batching import LengthGroupedSampler, balanced_rows, pack, pa
 from adapters.data.encoding import Collator, encode_rows
 from adapters.heads import pool, pool_segments
 
-from .conftest import toy_sentiment
+from .helpers import rows_of, toy_sentiment
 
 
 def _lengths(n, seed=0):
@@ -36,7 +36,7 @@ def test_grouped_batches_pad_far_less_and_start_with_the_longest():
     lengths = _lengths(1600)
     sampler = LengthGroupedSampler(lengths, 16, seed=0)
     order = list(sampler)
-    batches = [order[i:i + 16] for i in range(0, len(order), 16)]
+    batches = [order[i : i + 16] for i in range(0, len(order), 16)]
     assert batches == sampler.batches()  # the loader's cut matches the sampler's batches: a short one is last
 
     def padded(bs):
@@ -44,7 +44,7 @@ def test_grouped_batches_pad_far_less_and_start_with_the_longest():
 
     shuffled = list(range(1600))
     random.Random(0).shuffle(shuffled)
-    plain = [shuffled[i:i + 16] for i in range(0, 1600, 16)]
+    plain = [shuffled[i : i + 16] for i in range(0, 1600, 16)]
     real = sum(lengths)
     assert padded(batches) / real < 1.1 < 1.5 < padded(plain) / real
     assert max(lengths[i] for i in batches[0]) == max(lengths)
@@ -102,23 +102,33 @@ def test_segment_pooling_equals_padded_pooling(method):
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 @pytest.mark.parametrize("quantization", ["nf4", None])
 def test_packed_logits_and_gradients_equal_padded(tiny_llama, pooling, quantization):
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, dropout=0.0),
-                           head=adapters.Classification(labels=["neg", "pos"], pooling=pooling, dropout=0.0),
-                           quantization=quantization)
+    model = adapters.adapt(
+        tiny_llama,
+        adapter=adapters.LoRA(r=4, dropout=0.0),
+        head=adapters.Classification(labels=["neg", "pos"], pooling=pooling, dropout=0.0),
+        quantization=quantization,
+    )
     with torch.no_grad():  # move lora_B off zero, so the adapter takes part
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
     columns, _ = encode_rows(toy_sentiment(12), model.tokenizer, model.head_spec, "text", "label", 64, "rows")
-    rows = [dict(zip(columns, v)) for v in zip(*columns.values())]
+    rows = rows_of(columns)
     results = []
-    for batch in (Collator(model.tokenizer, model.head_spec)(rows), Collator(model.tokenizer, model.head_spec, pack=True)(rows),
-                  {**pack([r["input_ids"] for r in rows], model.tokenizer.pad_token_id, row_tokens=16),
-                   "labels": torch.tensor([r["labels"] for r in rows])}):
+    for batch in (
+        Collator(model.tokenizer, model.head_spec)(rows),
+        Collator(model.tokenizer, model.head_spec, pack=True)(rows),
+        {
+            **pack([r["input_ids"] for r in rows], model.tokenizer.pad_token_id, row_tokens=16),
+            "labels": torch.tensor([r["labels"] for r in rows]),
+        },
+    ):
         model.zero_grad(set_to_none=True)
         out = model(**batch)
         out["loss"].backward()
-        results.append((out["logits"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(
+            (out["logits"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
     (padded, grads), *packed = results
     for logits, packed_grads in packed:
         assert torch.allclose(logits, padded, atol=1e-5)
@@ -129,12 +139,20 @@ def test_packed_logits_and_gradients_equal_padded(tiny_llama, pooling, quantizat
 def test_training_packs_decoders_and_groups_encoders(tiny_llama, tiny_bert, toy_data):
     head = adapters.Classification(labels=["neg", "pos"])
     decoder = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=head)
-    metrics = adapters.train(decoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False))
+    metrics = adapters.train(
+        decoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False)
+    )
     assert metrics["train_real_token_fraction"] == 1.0  # packed: nothing but real tokens
     encoder = adapters.adapt(tiny_bert, adapter=adapters.LoRA(r=4), head=head)
-    grouped = adapters.train(encoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False))
-    plain = adapters.train(encoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False,
-                                                                            group_by_length=False))
+    grouped = adapters.train(
+        encoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False)
+    )
+    plain = adapters.train(
+        encoder,
+        toy_data[0],
+        None,
+        adapters.TrainConfig(max_steps=3, batch_size=8, progress=False, group_by_length=False),
+    )
     assert grouped["train_real_token_fraction"] > plain["train_real_token_fraction"]
     with pytest.raises(adapters.ConfigError, match="packing=True needs a decoder"):
         adapters.train(encoder, toy_data[0], None, adapters.TrainConfig(max_steps=1, packing=True, progress=False))

@@ -14,8 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 def test_methods_quick(tiny_llama, tmp_path):
     import methods
 
-    methods.main(["--quick", "--model", tiny_llama, "--methods", "head only", "QLoRA nf4", "bottleneck Pfeiffer nf4",
-                  "--name", "m", "--out", str(tmp_path)])
+    methods.main(
+        [
+            "--quick",
+            "--model",
+            tiny_llama,
+            "--methods",
+            "head only",
+            "QLoRA nf4",
+            "bottleneck Pfeiffer nf4",
+            "--name",
+            "m",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     payload = json.loads((tmp_path / "m.json").read_text())
     assert [r["method"] for r in payload["results"]] == ["head only", "QLoRA nf4", "bottleneck Pfeiffer nf4"]
     for r in payload["results"]:
@@ -39,8 +52,18 @@ def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
     vs_peft_trainer.main(["--quick", "--model", tiny_llama, "--repeats", "1", "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "vs_peft_trainer-quick.json").read_text())
     runs = payload["runs"]
-    assert all(len(runs[side]) == 1 for side in ("ours", "baseline", "baseline-grouped", "ours-unfused", "ours-unshared", "ours-grouped",
-                                                 "ours-plain"))
+    assert all(
+        len(runs[side]) == 1
+        for side in (
+            "ours",
+            "baseline",
+            "baseline-grouped",
+            "ours-unfused",
+            "ours-unshared",
+            "ours-grouped",
+            "ours-plain",
+        )
+    )
     assert runs["ours"][0]["steps"] == runs["baseline"][0]["steps"] == 6  # same budget
     for pair in ("ours/baseline", "ours/baseline-grouped"):
         for key in ("train_seconds", "eval_seconds", "predict_seconds", "peak_mb", "accuracy", "real_token_fraction"):
@@ -55,14 +78,31 @@ def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
 def test_scaling_quick(tiny_llama, tmp_path):
     import scaling
 
-    scaling.main(["--quick", "--model", tiny_llama, "--lengths", "16", "32", "--at-batch", "1", "--batches", "1",
-                  "--at-length", "16", "--out", str(tmp_path)])
+    scaling.main(
+        [
+            "--quick",
+            "--model",
+            tiny_llama,
+            "--lengths",
+            "16",
+            "32",
+            "--at-batch",
+            "1",
+            "--batches",
+            "1",
+            "--at-length",
+            "16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     payload = json.loads((tmp_path / "scaling-quick.json").read_text())
     rows = payload["results"]
     # the length sweep (16, 32 at batch 1) and the batch sweep (1 at length 16) share (16, 1): run once
     assert len(rows) == 2 * 2 * 2  # adapters x settings x checkpointing
     assert {(r["adapter"], r["length"], r["batch"], r["checkpointing"]) for r in rows} == {
-        (a, n, b, c) for a in scaling.ADAPTERS for n, b in ((16, 1), (32, 1)) for c in (False, True)}
+        (a, n, b, c) for a in scaling.ADAPTERS for n, b in ((16, 1), (32, 1)) for c in (False, True)
+    }
     assert all(r["tokens_per_second"] > 0 and r["peak_mb"] > 0 for r in rows)
     assert (tmp_path / "scaling-quick.png").stat().st_size > 10_000
 
@@ -85,8 +125,21 @@ def test_memory_accuracy_quick(tiny_llama, tmp_path):
 def test_methods_quick_on_the_legal_task(tiny_llama, tmp_path):
     import methods
 
-    methods.main(["--quick", "--task", "legal", "--model", tiny_llama, "--methods", "QLoRA nf4", "--name", "m",
-                  "--out", str(tmp_path)])
+    methods.main(
+        [
+            "--quick",
+            "--task",
+            "legal",
+            "--model",
+            tiny_llama,
+            "--methods",
+            "QLoRA nf4",
+            "--name",
+            "m",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     payload = json.loads((tmp_path / "m.json").read_text())
     assert payload["task"] == "legal" and payload["budget"]["train"] == 160
     row = payload["results"][0]
@@ -108,9 +161,8 @@ def test_gpu_check_dry_run(tmp_path):
 
 
 def test_gpu_check_skips_without_cuda(capsys):
-    import torch
-
     import gpu_check
+    import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import adapters
 from adapters.training.checkpoint import complete_checkpoints
 
-from .conftest import toy_sentiment
+from .helpers import toy_sentiment
 
 WORKER = Path(__file__).with_name("train_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -135,8 +135,12 @@ def test_nan_loss_stops_with_the_step_and_last_checkpoint(tiny_llama, tmp_path):
 def test_nan_loss_can_be_skipped(tiny_llama):
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
     _nan_at(model, 3)
-    metrics = adapters.train(model, toy_sentiment(24), None, adapters.TrainConfig(
-        max_steps=6, batch_size=4, skip_nonfinite=True, progress=False))
+    metrics = adapters.train(
+        model,
+        toy_sentiment(24),
+        None,
+        adapters.TrainConfig(max_steps=6, batch_size=4, skip_nonfinite=True, progress=False),
+    )
     assert metrics["skipped_steps"] == 1 and metrics["steps"] == 6
     assert all(torch.isfinite(p).all() for p in model.trainable_parameters())
 
@@ -146,9 +150,24 @@ def test_early_stopping_keeps_and_restores_the_best(tiny_llama, tmp_path):
     train_rows = toy_sentiment(64)
     # eval labels inverted: the better the model learns the training data, the worse it scores
     flipped = [{"text": r["text"], "label": "neg" if r["label"] == "pos" else "pos"} for r in toy_sentiment(16, seed=1)]
-    metrics = adapters.train(model, train_rows, flipped, adapters.TrainConfig(
-        max_steps=40, lr=2e-2, batch_size=8, eval_every=2, early_stopping_metric="eval_loss",
-        early_stopping_patience=2, load_best=True, keep_last=1, save_every=2, output_dir=str(tmp_path), progress=False))
+    metrics = adapters.train(
+        model,
+        train_rows,
+        flipped,
+        adapters.TrainConfig(
+            max_steps=40,
+            lr=2e-2,
+            batch_size=8,
+            eval_every=2,
+            early_stopping_metric="eval_loss",
+            early_stopping_patience=2,
+            load_best=True,
+            keep_last=1,
+            save_every=2,
+            output_dir=str(tmp_path),
+            progress=False,
+        ),
+    )
     assert metrics["stopped_early"] and metrics["steps"] < 40
     best = metrics["best_step"]
     assert metrics["steps"] == best + 4  # two evaluations without improvement
@@ -162,9 +181,15 @@ def test_early_stopping_keeps_and_restores_the_best(tiny_llama, tmp_path):
 
 def test_an_earlier_run_is_never_silently_overwritten(tiny_llama, tmp_path):
     def run(**kwargs):
-        model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
-        return adapters.train(model, toy_sentiment(16), None, adapters.TrainConfig(
-            max_steps=2, batch_size=4, output_dir=str(tmp_path), progress=False, **kwargs))
+        model = adapters.adapt(
+            tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"])
+        )
+        return adapters.train(
+            model,
+            toy_sentiment(16),
+            None,
+            adapters.TrainConfig(max_steps=2, batch_size=4, output_dir=str(tmp_path), progress=False, **kwargs),
+        )
 
     (tmp_path / "notes.txt").write_text("mine")
     run(save_every=1)
@@ -187,9 +212,19 @@ def test_a_checkpoint_of_another_adapter_is_refused_not_silently_skipped(tiny_ll
     otherwise be skipped in silence and the run would go on from fresh adapter weights."""
     data = toy_sentiment(32)
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["neg", "pos"]))
-    adapters.train(model, data, None, adapters.TrainConfig(max_steps=2, batch_size=8, save_every=1,
-                                                           output_dir=str(tmp_path), progress=False))
-    other = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(), head=adapters.Classification(labels=["neg", "pos"]))
+    adapters.train(
+        model,
+        data,
+        None,
+        adapters.TrainConfig(max_steps=2, batch_size=8, save_every=1, output_dir=str(tmp_path), progress=False),
+    )
+    other = adapters.adapt(
+        tiny_llama, adapter=adapters.Bottleneck(), head=adapters.Classification(labels=["neg", "pos"])
+    )
     with pytest.raises(adapters.CheckpointError, match="holds other trainable tensors than this model"):
-        adapters.train(other, data, None, adapters.TrainConfig(max_steps=4, batch_size=8, resume="auto",
-                                                               output_dir=str(tmp_path), progress=False))
+        adapters.train(
+            other,
+            data,
+            None,
+            adapters.TrainConfig(max_steps=4, batch_size=8, resume="auto", output_dir=str(tmp_path), progress=False),
+        )

@@ -7,7 +7,7 @@ import torch
 import adapters
 from adapters.data.encoding import Collator, encode_rows, fit_prompt
 
-from .test_task_heads import choice_rows
+from .helpers import choice_rows, rows_of
 
 PROMPT = "{text} but the film is"  # words of the tiny tokenizer's vocabulary
 
@@ -30,10 +30,12 @@ def test_scores_are_the_lms_mean_log_probabilities(tied_llama, padding_side):
     model = adapters.adapt(tied_llama, adapter=None, head=head, quantization=None, padding_side=padding_side)
     assert list(model.head.parameters()) == []  # no new weights: the base's embedding scores
     lm, tokenizer = AutoModelForCausalLM.from_pretrained(tied_llama), AutoTokenizer.from_pretrained(tied_llama)
-    inputs = [{"context": "good fun film", "choices": ["great", "a very dull mess", "bad"]},
-              {"context": "the plot was boring and the acting awful", "choices": ["dull", "superb story", "good"]}]
+    inputs = [
+        {"context": "good fun film", "choices": ["great", "a very dull mess", "bad"]},
+        {"context": "the plot was boring and the acting awful", "choices": ["dull", "superb story", "good"]},
+    ]
     scores = model.logits(inputs)  # the two rows differ in length: one of them is padded
-    for row, got in zip(inputs, scores):
+    for row, got in zip(inputs, scores, strict=False):
         want = [_mean_log_prob(lm, tokenizer, PROMPT.replace("{text}", row["context"]), c) for c in row["choices"]]
         assert torch.allclose(got, torch.tensor(want), atol=1e-4)
     index, probs = model.predict(inputs[0], probabilities=True)
@@ -47,13 +49,14 @@ def test_training_moves_the_adapter_and_reloads_exactly(tied_llama, tmp_path):
     probe = [{"context": r["text"], "choices": r["choices"]} for r in rows[:4]]
     before = model.logits(probe)
     columns, _ = encode_rows(rows[:8], model.tokenizer, head, "text", "label", 64, "rows")
-    batch = Collator(model.tokenizer, head)([dict(zip(columns, v)) for v in zip(*columns.values())])
+    batch = Collator(model.tokenizer, head)(rows_of(columns))
     model(**batch)["loss"].backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert lora_grads and all(g is not None for g in lora_grads) and any(g.abs().sum() > 0 for g in lora_grads)
     assert model.backbone.get_input_embeddings().weight.grad is None  # the borrowed embedding stays frozen
-    adapters.train(model, rows, rows[:6], adapters.TrainConfig(epochs=1, batch_size=8, lr=1e-2,
-                                                               output_dir=str(tmp_path / "logs")))
+    adapters.train(
+        model, rows, rows[:6], adapters.TrainConfig(epochs=1, batch_size=8, lr=1e-2, output_dir=str(tmp_path / "logs"))
+    )
     after = model.logits(probe)
     assert not torch.allclose(before, after)
     model.save_pretrained(tmp_path / "mc")
@@ -87,10 +90,17 @@ def test_likelihood_scoring_is_checked(tiny_llama, tiny_bert):
 
 def test_the_memory_estimate_runs_the_likelihood_head(tied_llama):
     head = adapters.MultipleChoice(num_choices=4, scoring="likelihood")
-    estimate = adapters.estimate_memory(tied_llama, adapter=adapters.LoRA(r=4), head=head, quantization=None,
-                                        batch_size=2, seq_len=32)
-    plain = adapters.estimate_memory(tied_llama, adapter=adapters.LoRA(r=4), head=adapters.MultipleChoice(num_choices=4),
-                                     quantization=None, batch_size=2, seq_len=32)
+    estimate = adapters.estimate_memory(
+        tied_llama, adapter=adapters.LoRA(r=4), head=head, quantization=None, batch_size=2, seq_len=32
+    )
+    plain = adapters.estimate_memory(
+        tied_llama,
+        adapter=adapters.LoRA(r=4),
+        head=adapters.MultipleChoice(num_choices=4),
+        quantization=None,
+        batch_size=2,
+        seq_len=32,
+    )
     assert estimate.total > 0 and estimate.activations > plain.activations  # vocabulary logits at the choice tokens
 
 
@@ -109,7 +119,8 @@ def test_a_prompt_keeps_its_cue_when_the_text_is_cut(tiny_llama):
 def test_a_cut_prompted_text_ends_with_the_cue_in_training_rows(tiny_llama):
     head = adapters.Classification(labels=["neg", "pos"], prompt="the film {text} was")
     model = adapters.adapt(tiny_llama, head=head, quantization=None)
-    columns, cut = encode_rows([{"text": " ".join(["dull"] * 50), "label": "neg"}], model.tokenizer, head,
-                               "text", "label", 16, "rows")
+    columns, cut = encode_rows(
+        [{"text": " ".join(["dull"] * 50), "label": "neg"}], model.tokenizer, head, "text", "label", 16, "rows"
+    )
     assert cut == 1 and len(columns["input_ids"][0]) == 16
     assert model.tokenizer.decode(columns["input_ids"][0]).split()[-1] == "was"

@@ -1,8 +1,8 @@
 """The command line driven as a user would: subprocesses, YAML files, exit codes."""
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +13,7 @@ import yaml
 import adapters
 from adapters.config.run_file import load_run_config
 
-from .conftest import toy_sentiment
+from .helpers import toy_sentiment
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -30,8 +30,9 @@ def in_process(capsys, *args, expect: int = 0):
 
 
 def qadapters(*args, expect: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "adapters", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    done = subprocess.run(
+        [sys.executable, "-m", "adapters", *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV
+    )
     assert done.returncode == expect, done.stdout[-2000:] + done.stderr[-3000:]
     return done
 
@@ -73,7 +74,9 @@ def test_train_eval_predict_info(config_file, tmp_path, capsys):
 
     lines = in_process(capsys, "predict", art, "good fun film", "bad dull mess").out.splitlines()
     assert [json.loads(x)["input"] for x in lines] == ["good fun film", "bad dull mess"]
-    inputs = _write_jsonl(tmp_path / "in.jsonl", [{"text": r["text"], "id": i} for i, r in enumerate(toy_sentiment(70))])
+    inputs = _write_jsonl(
+        tmp_path / "in.jsonl", [{"text": r["text"], "id": i} for i, r in enumerate(toy_sentiment(70))]
+    )
     in_process(capsys, "predict", art, "--input", inputs, "--output", tmp_path / "out.jsonl", "--batch-size", "16")
     out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["id"] for r in out] == list(range(70)) and all(r["prediction"] in ("neg", "pos") for r in out)
@@ -105,14 +108,17 @@ def test_bottleneck_cannot_be_merged(tiny_llama, tmp_path, capsys):
     assert err.startswith("error:") and "no weight matrix can absorb" in err and not (tmp_path / "merged").exists()
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda c: c["train"].update(lrr=1e-3), "unknown key train.lrr; allowed keys of train"),
-    (lambda c: c["train"].update(epochs="three"), "train.epochs='three' has the wrong type"),
-    (lambda c: c["adapter"].update(kind="prefix"), "adapter.kind='prefix' must be one of"),
-    (lambda c: c.update(optimiser={}), "unknown section 'optimiser'"),
-    (lambda c: c["data"].update(train="missing.csv"), "data file missing.csv does not exist"),
-    (lambda c: c["adapter"].update(r=0), "adapter: LoRA r=0"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda c: c["train"].update(lrr=1e-3), "unknown key train.lrr; allowed keys of train"),
+        (lambda c: c["train"].update(epochs="three"), "train.epochs='three' has the wrong type"),
+        (lambda c: c["adapter"].update(kind="prefix"), "adapter.kind='prefix' must be one of"),
+        (lambda c: c.update(optimiser={}), "unknown section 'optimiser'"),
+        (lambda c: c["data"].update(train="missing.csv"), "data file missing.csv does not exist"),
+        (lambda c: c["adapter"].update(r=0), "adapter: LoRA r=0"),
+    ],
+)
 def test_config_errors_name_the_key(config_file, edit, match, capsys):
     config = yaml.safe_load(config_file.read_text())
     edit(config)
@@ -157,10 +163,22 @@ def test_recipe_configs_are_valid():
 
 
 def test_estimate_and_estimate_only(config_file, tmp_path, capsys):
-    done = in_process(capsys, "estimate", config_file, "train.batch_size=4", "model.max_length=32", "--device", "cuda",
-                      "--processes", "2", "--json")
+    done = in_process(
+        capsys,
+        "estimate",
+        config_file,
+        "train.batch_size=4",
+        "model.max_length=32",
+        "--device",
+        "cuda",
+        "--processes",
+        "2",
+        "--json",
+    )
     data = json.loads(done.out)
-    assert data["settings"]["batch_size"] == 4 and data["settings"]["seq_len"] == 32 and data["settings"]["processes"] == 2
+    assert (
+        data["settings"]["batch_size"] == 4 and data["settings"]["seq_len"] == 32 and data["settings"]["processes"] == 2
+    )
     assert data["framework"] > 0 and data["total"] > data["tensors"] > data["activations"] > 0
     done = in_process(capsys, "train", config_file, "--estimate-only")
     assert "activations" in done.out and "total" in done.out
@@ -171,8 +189,12 @@ def test_estimate_and_estimate_only(config_file, tmp_path, capsys):
 def test_eval_reads_the_columns_the_artifact_was_trained_on(tiny_llama, tmp_path, capsys):
     rows = [{"review": r["text"], "sentiment": r["label"]} for r in toy_sentiment(24)]
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["neg", "pos"]))
-    adapters.train(model, rows, None, adapters.TrainConfig(max_steps=1, text_column="review", label_column="sentiment",
-                                                           progress=False))
+    adapters.train(
+        model,
+        rows,
+        None,
+        adapters.TrainConfig(max_steps=1, text_column="review", label_column="sentiment", progress=False),
+    )
     model.save_pretrained(tmp_path / "art")
     data = _write_jsonl(tmp_path / "rows.jsonl", rows)
     metrics = json.loads(in_process(capsys, "eval", tmp_path / "art", "--data", data).out)  # no column flags
@@ -180,13 +202,22 @@ def test_eval_reads_the_columns_the_artifact_was_trained_on(tiny_llama, tmp_path
     assert '"text": "review"' in in_process(capsys, "info", tmp_path / "art").out
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda c, t: c["head"].update(labels=["negative", "positive"]), "label 'pos' is not one of the head's labels"),
-    (lambda c, t: c["train"].update(label_column="stars"), "no column 'stars'"),
-    (lambda c, t: ((t / "art").mkdir(), (t / "art" / "notes.txt").write_text("mine")), "not a qadapters artifact"),
-    (lambda c, t: ((t / "logs").mkdir(), (t / "logs" / "run.json").write_text("{}"),
-                   c["train"].update(output_dir=str(t / "logs"))), r"earlier run.*train.overwrite=true"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda c, t: c["head"].update(labels=["negative", "positive"]), "label 'pos' is not one of the head's labels"),
+        (lambda c, t: c["train"].update(label_column="stars"), "no column 'stars'"),
+        (lambda c, t: ((t / "art").mkdir(), (t / "art" / "notes.txt").write_text("mine")), "not a qadapters artifact"),
+        (
+            lambda c, t: (
+                (t / "logs").mkdir(),
+                (t / "logs" / "run.json").write_text("{}"),
+                c["train"].update(output_dir=str(t / "logs")),
+            ),
+            r"earlier run.*train.overwrite=true",
+        ),
+    ],
+)
 def test_train_refuses_before_loading_the_model(config_file, tmp_path, capsys, monkeypatch, edit, match):
     """Bad rows and occupied folders are found before the (slow) model load, not after training."""
     import adapters.model

@@ -13,8 +13,11 @@ def _write(tmp_path, config: dict):
     return path
 
 
-BASE = {"model": {"name": "minilm-l6"}, "head": {"kind": "classification", "labels": ["a", "b"]},
-        "data": {"train": "rotten_tomatoes"}}
+BASE = {
+    "model": {"name": "minilm-l6"},
+    "head": {"kind": "classification", "labels": ["a", "b"]},
+    "data": {"train": "rotten_tomatoes"},
+}
 
 
 def test_exponent_without_a_dot_is_a_float(tmp_path):
@@ -40,8 +43,10 @@ def test_adapter_kind_defaults_to_lora_and_none_means_head_only(tmp_path):
 
 
 def test_overrides_are_parsed_as_yaml_scalars(tmp_path):
-    run = load_run_config(_write(tmp_path, BASE), ["train.lr=5e-4", "adapter.r=16", "train.packing=false",
-                                                   "adapter.targets=[q_proj, v_proj]"])
+    run = load_run_config(
+        _write(tmp_path, BASE),
+        ["train.lr=5e-4", "adapter.r=16", "train.packing=false", "adapter.targets=[q_proj, v_proj]"],
+    )
     assert run.train.lr == 5e-4 and run.adapter.r == 16 and run.train.packing is False
     assert run.adapter.targets == ["q_proj", "v_proj"]
 
@@ -51,5 +56,11 @@ def test_every_adapter_and_head_kind_is_reachable_from_yaml(tmp_path):
 
     for kind in ADAPTERS:
         assert load_run_config(_write(tmp_path, {**BASE, "adapter": {"kind": kind}})).adapter.kind == kind
-    assert set(HEADS) == {"classification", "multi_label", "regression", "multiple_choice", "token_classification",
-                          "causal_lm"}
+    assert set(HEADS) == {
+        "classification",
+        "multi_label",
+        "regression",
+        "multiple_choice",
+        "token_classification",
+        "causal_lm",
+    }

@@ -15,10 +15,21 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 def _run(model: str, adapter: str, processes: int, batch_size: int, out: Path, *extra: str) -> None:
     out.mkdir()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    cmd = launcher + [str(WORKER), "--model", model, "--adapter", adapter, "--batch-size", str(batch_size), "--out", str(out),
-                      *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    cmd = launcher + [
+        str(WORKER),
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--batch-size",
+        str(batch_size),
+        "--out",
+        str(out),
+        *extra,
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"training on {processes} process(es)" in done.stdout
 

@@ -15,8 +15,7 @@ import torch
 
 import adapters
 
-from .conftest import toy_sentiment
-from .test_task_heads import choice_rows, multilabel_rows, regression_rows, tag_rows
+from .helpers import choice_rows, multilabel_rows, regression_rows, tag_rows, toy_sentiment
 
 CUDA = torch.cuda.is_available()
 DRY_RUN = os.environ.get("QADAPTERS_GPU_DRY_RUN") == "1"
@@ -31,8 +30,15 @@ def base(tiny_llama) -> str:
 
 
 def _adapt(base, adapter=None, head=None, quantization="nf4", **kw):
-    return adapters.adapt(base, adapter=adapter, head=head or adapters.Classification(labels=["neg", "pos"]),
-                          quantization=quantization, device=DEVICE, max_length=64, **kw)
+    return adapters.adapt(
+        base,
+        adapter=adapter,
+        head=head or adapters.Classification(labels=["neg", "pos"]),
+        quantization=quantization,
+        device=DEVICE,
+        max_length=64,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "fp4", "int8"])
@@ -75,17 +81,31 @@ def test_training_lowers_the_loss_for_every_head(base, kind, adapter):
     model = _adapt(base, spec, make_head())
     rows = make_rows(32)
     before = adapters.evaluate(model, rows)["loss"]
-    adapters.train(model, rows, None, adapters.TrainConfig(epochs=6, lr=2e-3, head_lr=1e-2, batch_size=16,
-                                                           warmup_ratio=0.0, progress=False))
+    adapters.train(
+        model,
+        rows,
+        None,
+        adapters.TrainConfig(epochs=6, lr=2e-3, head_lr=1e-2, batch_size=16, warmup_ratio=0.0, progress=False),
+    )
     after = adapters.evaluate(model, rows)["loss"]
     assert after < 0.9 * before, (before, after)
 
 
 def _trained(base, device=DEVICE, steps=8):
-    model = adapters.adapt(base, adapter=adapters.LoRA(r=8), head=adapters.Classification(labels=["neg", "pos"]),
-                           quantization="nf4", device=device, max_length=64)
-    adapters.train(model, toy_sentiment(64), None, adapters.TrainConfig(max_steps=steps, lr=5e-3, head_lr=2e-2,
-                                                                        batch_size=16, progress=False))
+    model = adapters.adapt(
+        base,
+        adapter=adapters.LoRA(r=8),
+        head=adapters.Classification(labels=["neg", "pos"]),
+        quantization="nf4",
+        device=device,
+        max_length=64,
+    )
+    adapters.train(
+        model,
+        toy_sentiment(64),
+        None,
+        adapters.TrainConfig(max_steps=steps, lr=5e-3, head_lr=2e-2, batch_size=16, progress=False),
+    )
     return model
 
 
@@ -120,8 +140,9 @@ def test_cpu_artifact_predicts_the_same_labels_on_the_device_and_back(base, tmp_
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
 def test_8bit_optimizers(base, optimizer):
     model = _adapt(base, adapters.LoRA(r=8))
-    config = adapters.TrainConfig(max_steps=6, lr=5e-3, head_lr=2e-2, batch_size=16, optimizer=optimizer,
-                                  warmup_ratio=0.0, progress=False)
+    config = adapters.TrainConfig(
+        max_steps=6, lr=5e-3, head_lr=2e-2, batch_size=16, optimizer=optimizer, warmup_ratio=0.0, progress=False
+    )
     if optimizer == "paged_adamw_8bit" and not CUDA:
         with pytest.raises(adapters.ConfigError, match="needs a GPU"):
             adapters.train(model, toy_sentiment(32), None, config)
@@ -168,8 +189,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 
 
 def test_auto_batch_size_fits_and_backs_off_on_out_of_memory(base, monkeypatch):
-    from adapters.training import batch_size as batch_size_module
     from adapters.data.encoding import encode_dataset
+    from adapters.training import batch_size as batch_size_module
 
     model = _adapt(base, adapters.LoRA(r=8))
     rows = toy_sentiment(64)
@@ -188,6 +209,10 @@ def test_auto_batch_size_fits_and_backs_off_on_out_of_memory(base, monkeypatch):
     monkeypatch.setattr(batch_size_module, "_real_step", failing)
     b, accum, _ = batch_size_module.choose_batch_size(model, encoded, config)
     assert (b, accum) == (4, 8)
-    metrics = adapters.train(model, rows, None, adapters.TrainConfig(max_steps=2, batch_size=16, grad_accum=2,
-                                                                     auto_batch_size=True, progress=False))
+    metrics = adapters.train(
+        model,
+        rows,
+        None,
+        adapters.TrainConfig(max_steps=2, batch_size=16, grad_accum=2, auto_batch_size=True, progress=False),
+    )
     assert metrics["batch_size"] == 4 and metrics["grad_accum"] == 8

@@ -34,10 +34,17 @@ def test_label_ids_from_names_and_ints():
         spec.label_id(2)
 
 
-@pytest.mark.parametrize("kwargs", [{"labels": ["only"]}, {"labels": ["a", "a"]}, {"labels": "ab"},
-                                    {"labels": ["a", "b"], "pooling": "max"},
-                                    {"labels": ["a", "b"], "class_weights": [1.0]},
-                                    {"labels": ["a", "b"], "label_smoothing": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"labels": ["only"]},
+        {"labels": ["a", "a"]},
+        {"labels": "ab"},
+        {"labels": ["a", "b"], "pooling": "max"},
+        {"labels": ["a", "b"], "class_weights": [1.0]},
+        {"labels": ["a", "b"], "label_smoothing": 1.5},
+    ],
+)
 def test_bad_head_specs(kwargs):
     with pytest.raises(adapters.ConfigError):
         adapters.Classification(**kwargs)
@@ -51,8 +58,10 @@ def test_class_weights_and_label_smoothing_change_the_loss():
     assert torch.isclose(weighted, plain)  # only class 0 present: its weight normalises away
     assert not torch.isclose(smoothed, plain)
     mixed = torch.tensor([0, 1])
-    assert not torch.isclose(adapters.Classification(labels=["a", "b"], class_weights=[1.0, 5.0]).loss(logits, mixed),
-                             adapters.Classification(labels=["a", "b"]).loss(logits, mixed))
+    assert not torch.isclose(
+        adapters.Classification(labels=["a", "b"], class_weights=[1.0, 5.0]).loss(logits, mixed),
+        adapters.Classification(labels=["a", "b"]).loss(logits, mixed),
+    )
 
 
 def test_spec_round_trips_through_dict():

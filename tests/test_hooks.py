@@ -8,7 +8,7 @@ import pytest
 import adapters
 from adapters.training.callbacks import Callback
 
-from .conftest import toy_sentiment
+from .helpers import toy_sentiment
 
 LABELS = ["neg", "pos"]
 
@@ -27,8 +27,13 @@ def test_compute_metrics_adds_to_the_heads_metrics(tiny_llama):
 
     model = _model(tiny_llama)
     rows, held_out = toy_sentiment(24), toy_sentiment(16, seed=1)
-    result = adapters.train(model, rows, held_out, adapters.TrainConfig(max_steps=2, batch_size=8, progress=False),
-                            compute_metrics=balanced_accuracy)
+    result = adapters.train(
+        model,
+        rows,
+        held_out,
+        adapters.TrainConfig(max_steps=2, batch_size=8, progress=False),
+        compute_metrics=balanced_accuracy,
+    )
     assert seen[-1].predictions.shape == (16, 2) and seen[-1].label_ids.shape == (16,)
     assert 0 <= result["eval_balanced_accuracy"] <= 1 and "eval_accuracy" in result
     again = adapters.evaluate(model, held_out, compute_metrics=balanced_accuracy)
@@ -62,17 +67,20 @@ def test_callbacks_see_each_phase_and_can_stop_training(tiny_llama, tmp_path):
             self.events.append(("end", result["steps"]))
 
     recorder = Recorder()
-    config = adapters.TrainConfig(max_steps=20, batch_size=8, log_every=2, eval_every=2, save_every=2,
-                                  output_dir=str(tmp_path), progress=False)
-    result = adapters.train(_model(tiny_llama), toy_sentiment(48), toy_sentiment(8, seed=1), config,
-                            callbacks=[recorder])
+    config = adapters.TrainConfig(
+        max_steps=20, batch_size=8, log_every=2, eval_every=2, save_every=2, output_dir=str(tmp_path), progress=False
+    )
+    result = adapters.train(
+        _model(tiny_llama), toy_sentiment(48), toy_sentiment(8, seed=1), config, callbacks=[recorder]
+    )
     kinds = [e[0] for e in recorder.events]
     assert kinds[0] == "begin" and kinds[-1] == "end" and result["steps"] == 4  # stopped by the callback
     assert [e[1] for e in recorder.events if e[0] == "save"] == [2, 4]
     assert [e[1:] for e in recorder.events if e[0] == "evaluate"] == [(2, True), (4, True)]
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in x]
-    assert [(e[1], e[2]) for e in recorder.events if e[0] == "log"] == [(r["step"], round(r["train_loss"], 6))
-                                                                          for r in logged]
+    assert [(e[1], e[2]) for e in recorder.events if e[0] == "log"] == [
+        (r["step"], round(r["train_loss"], 6)) for r in logged
+    ]
 
 
 def test_report_to_names_trackers_that_exist_and_are_installed(tiny_llama, tmp_path):
@@ -86,19 +94,25 @@ def test_report_to_names_trackers_that_exist_and_are_installed(tiny_llama, tmp_p
 
     if not accelerate.utils.is_wandb_available():
         with pytest.raises(adapters.ConfigError, match="'wandb' is not installed"):
-            adapters.train(_model(tiny_llama), toy_sentiment(8), None,
-                           adapters.TrainConfig(max_steps=1, report_to=["wandb"], progress=False))
+            adapters.train(
+                _model(tiny_llama),
+                toy_sentiment(8),
+                None,
+                adapters.TrainConfig(max_steps=1, report_to=["wandb"], progress=False),
+            )
 
 
 def test_attention_implementation_is_used_and_recorded(tiny_llama, tmp_path):
     import torch
 
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS),
-                           attn_implementation="eager")
+    model = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS), attn_implementation="eager"
+    )
     assert model.backbone.config._attn_implementation == "eager"
     model.save_pretrained(tmp_path / "art")
     assert json.loads((tmp_path / "art" / "qadapters.json").read_text())["load_options"] == {
-        "attn_implementation": "eager"}
+        "attn_implementation": "eager"
+    }
     again = adapters.load(tmp_path / "art")
     assert again.backbone.config._attn_implementation == "eager"
     texts = ["good fun film", "a dull mess"]
@@ -119,8 +133,9 @@ def test_custom_code_must_be_trusted_again_at_load(tiny_llama, tmp_path):
 def test_int8_says_its_input_cast_once(tiny_llama, caplog):
     import logging
 
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS),
-                           quantization="int8")
+    model = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS), quantization="int8"
+    )
     with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
         model.logits(["good fun film"] * 3)
         model.logits(["a dull mess"])

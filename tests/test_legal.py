@@ -12,10 +12,15 @@ import legal  # noqa: E402
 from adapters.data.sources import group_split  # noqa: E402
 
 LICENCES = {  # key: (name, category)
-    "mit": ("MIT License", "Permissive"), "bsd-new": ("BSD-3-Clause", "Permissive"),
-    "isc": ("ISC License", "Permissive"), "x11": ("X11 License", "Permissive"),
-    "gpl-2.0": ("GPL 2.0", "Copyleft"), "gpl-3.0": ("GPL 3.0", "Copyleft"), "agpl-3.0": ("AGPL 3.0", "Copyleft"),
-    "osl-3.0": ("OSL 3.0", "Copyleft"), "lgpl-2.1": ("LGPL 2.1", "Copyleft Limited"),
+    "mit": ("MIT License", "Permissive"),
+    "bsd-new": ("BSD-3-Clause", "Permissive"),
+    "isc": ("ISC License", "Permissive"),
+    "x11": ("X11 License", "Permissive"),
+    "gpl-2.0": ("GPL 2.0", "Copyleft"),
+    "gpl-3.0": ("GPL 3.0", "Copyleft"),
+    "agpl-3.0": ("AGPL 3.0", "Copyleft"),
+    "osl-3.0": ("OSL 3.0", "Copyleft"),
+    "lgpl-2.1": ("LGPL 2.1", "Copyleft Limited"),
     "acme-eula": ("ACME EULA", "Commercial"),
 }
 
@@ -26,16 +31,24 @@ def root(tmp_path):
     (tmp_path / "rules").mkdir()
     for key, (name, category) in LICENCES.items():
         (tmp_path / "licenses" / f"{key}.LICENSE").write_text(
-            f"---\nkey: {key}\nshort_name: {name}\ncategory: {category}\n---\n\nThe full text of {name}. " * 2)
+            f"---\nkey: {key}\nshort_name: {name}\ncategory: {category}\n---\n\nThe full text of {name}. " * 2
+        )
         for i in range(3):
             (tmp_path / "rules" / f"{key}_{i}.RULE").write_text(
                 f"---\nlicense_expression: {key}\nis_license_notice: yes\n---\n"
-                f"This file is licensed under the {name}, see the notice number {i} for details.\n")
+                f"This file is licensed under the {name}, see the notice number {i} for details.\n"
+            )
     # rules that must be left out: two licences, a tag (not a notice), too short
     (tmp_path / "rules" / "dual_1.RULE").write_text(
-        "---\nlicense_expression: mit OR gpl-2.0\nis_license_notice: yes\n---\nDual licensed under MIT or GPL 2.0 as you wish.\n")
-    (tmp_path / "rules" / "tag_1.RULE").write_text("---\nlicense_expression: mit\nis_license_tag: yes\n---\nlicense: MIT\n")
-    (tmp_path / "rules" / "short_1.RULE").write_text("---\nlicense_expression: mit\nis_license_notice: yes\n---\nMIT licensed\n")
+        "---\nlicense_expression: mit OR gpl-2.0\nis_license_notice: yes\n---\n"
+        "Dual licensed under MIT or GPL 2.0 as you wish.\n"
+    )
+    (tmp_path / "rules" / "tag_1.RULE").write_text(
+        "---\nlicense_expression: mit\nis_license_tag: yes\n---\nlicense: MIT\n"
+    )
+    (tmp_path / "rules" / "short_1.RULE").write_text(
+        "---\nlicense_expression: mit\nis_license_notice: yes\n---\nMIT licensed\n"
+    )
     return tmp_path
 
 
@@ -113,21 +126,50 @@ def test_recipe_end_to_end_on_a_users_file(tiny_llama, tmp_path):
     import json
     import random
 
-    from .conftest import NEGATIVE, POSITIVE
+    from .helpers import NEGATIVE, POSITIVE
 
     rng = random.Random(0)
     rows = [{"text": " ".join(rng.sample(POSITIVE if i % 2 else NEGATIVE, 2)), "label": i % 2} for i in range(60)]
     path = tmp_path / "ledgar.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = legal.main(["--data", str(path), "--model", tiny_llama, "--epochs", "3", "--lr", "5e-3", "--batch-size", "8",
-                         "--output", str(tmp_path / "art")])
+    result = legal.main(
+        [
+            "--data",
+            str(path),
+            "--model",
+            tiny_llama,
+            "--epochs",
+            "3",
+            "--lr",
+            "5e-3",
+            "--batch-size",
+            "8",
+            "--output",
+            str(tmp_path / "art"),
+        ]
+    )
     assert result["accuracy"] >= 0.7 and 0 <= result["macro_f1"] <= 1
     # the per-class F1s come from training's final evaluation (no second pass): they average to its macro-F1
     f1 = list(result["per_class_f1"].values())
     assert len(f1) == 2 and sum(f1) / 2 == pytest.approx(result["macro_f1"], abs=1e-4)
     assert (tmp_path / "art" / "confusion_matrix.png").exists() and (tmp_path / "art" / "results.json").exists()
-    probed = legal.main(["--data", str(path), "--model", tiny_llama, "--epochs", "1", "--batch-size", "8", "--linear-probe",
-                         "--pooling", "mean", "--output", str(tmp_path / "probed")])
+    probed = legal.main(
+        [
+            "--data",
+            str(path),
+            "--model",
+            tiny_llama,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--linear-probe",
+            "--pooling",
+            "mean",
+            "--output",
+            str(tmp_path / "probed"),
+        ]
+    )
     saved = json.loads((tmp_path / "probed" / "results.json").read_text())
     assert saved["probe_rows"] == probed["train_rows"] and saved["probe_loss_after"] < saved["probe_loss_before"]
     assert saved["options"]["linear_probe"] is True and saved["options"]["pooling"] == "mean"  # what made the numbers
@@ -156,14 +198,22 @@ def test_identify_scores_names_by_likelihood_where_the_base_allows(tiny_llama, t
     assert untied.scoring == "head" and untied.prompt is None  # no tied output embedding to score with
     bare = legal.identify_head(legal.parse_args(["--task", "identify", "--model", tied_llama, "--prompt", ""]))
     assert bare.scoring == "likelihood" and bare.prompt is None
-    cue = legal.identify_head(legal.parse_args(["--task", "identify", "--model", tied_llama, "--prompt", "{text}\\nIt is"]))
+    cue = legal.identify_head(
+        legal.parse_args(["--task", "identify", "--model", tied_llama, "--prompt", "{text}\\nIt is"])
+    )
     assert cue.prompt == "{text}\nIt is"  # '\n' as typed on a command line
 
 
-@pytest.mark.parametrize("argv", [["--task", "category", "--zero-shot"], ["--task", "identify", "--scoring", "head",
-                                                                         "--zero-shot"],
-                                  ["--task", "category-full", "--scoring", "likelihood"],
-                                  ["--task", "identify", "--linear-probe"], ["--task", "identify", "--pooling", "mean"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--task", "category", "--zero-shot"],
+        ["--task", "identify", "--scoring", "head", "--zero-shot"],
+        ["--task", "category-full", "--scoring", "likelihood"],
+        ["--task", "identify", "--linear-probe"],
+        ["--task", "identify", "--pooling", "mean"],
+    ],
+)
 def test_flags_are_refused_where_they_do_not_apply(argv):
     with pytest.raises(SystemExit):
         legal.parse_args(argv)
@@ -171,8 +221,23 @@ def test_flags_are_refused_where_they_do_not_apply(argv):
 
 def test_identify_end_to_end_reports_the_zero_shot_accuracy(root, tied_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(legal, "data_root", lambda: root)
-    result = legal.main(["--task", "identify", "--model", tied_llama, "--zero-shot", "--quantization", "none",
-                         "--epochs", "1", "--batch-size", "4", "--output", str(tmp_path / "art")])
+    result = legal.main(
+        [
+            "--task",
+            "identify",
+            "--model",
+            tied_llama,
+            "--zero-shot",
+            "--quantization",
+            "none",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--output",
+            str(tmp_path / "art"),
+        ]
+    )
     assert 0 <= result["zero_shot_accuracy"] <= 1 and 0 <= result["accuracy"] <= 1 and result["train_rows"] > 0
     saved = json.loads((tmp_path / "art" / "results.json").read_text())
     assert saved["zero_shot_accuracy"] == result["zero_shot_accuracy"]
@@ -191,11 +256,23 @@ def test_label_words_come_one_per_category_in_order():
 
 def test_each_task_defaults_to_its_measured_budget_and_flags_win():
     full = legal.parse_args(["--task", "category-full"])
-    assert (full.train_size, full.eval_size, full.max_length, full.pooling, full.linear_probe, full.long_text,
-            full.epochs) == (1000, 300, 256, "mean", True, "truncate", 1)
+    assert (
+        full.train_size,
+        full.eval_size,
+        full.max_length,
+        full.pooling,
+        full.linear_probe,
+        full.long_text,
+        full.epochs,
+    ) == (1000, 300, 256, "mean", True, "truncate", 1)
     notices = legal.parse_args(["--task", "category"])
     assert (notices.train_size, notices.max_length, notices.pooling, notices.linear_probe, notices.epochs) == (
-        2000, 128, "mean", True, 2)
+        2000,
+        128,
+        "mean",
+        True,
+        2,
+    )
     names = legal.parse_args(["--task", "identify"])  # its head scores names: no pooled vector, nothing to probe
     assert (names.pooling, names.linear_probe, names.epochs) == ("auto", False, 1)
     own = legal.parse_args(["--task", "category", "--data", "ledgar.jsonl"])  # a user's data: the plain defaults
@@ -204,14 +281,27 @@ def test_each_task_defaults_to_its_measured_budget_and_flags_win():
     assert (mine.linear_probe, mine.pooling, mine.max_length, mine.train_size) == (False, "last", 64, 1000)
 
 
-@pytest.mark.parametrize("task, config", [("category", "legal_category.yaml"),
-                                          ("category-full", "legal_category_full.yaml")])
+@pytest.mark.parametrize(
+    "task, config", [("category", "legal_category.yaml"), ("category-full", "legal_category_full.yaml")]
+)
 def test_the_yaml_configs_run_what_the_recipe_measured(task, config):
     from adapters.config.run_file import load_run_config
 
     run = load_run_config(Path(__file__).resolve().parents[1] / "recipes" / "configs" / config)
     measured = legal.TASK_DEFAULTS[task]
-    assert (run.head.pooling, run.train.linear_probe, run.model.max_length, run.train.epochs, run.data.train_size,
-            run.data.eval_size) == (measured["pooling"], measured["linear_probe"], measured["max_length"],
-                                    measured["epochs"], measured["train_size"], measured["eval_size"])
+    assert (
+        run.head.pooling,
+        run.train.linear_probe,
+        run.model.max_length,
+        run.train.epochs,
+        run.data.train_size,
+        run.data.eval_size,
+    ) == (
+        measured["pooling"],
+        measured["linear_probe"],
+        measured["max_length"],
+        measured["epochs"],
+        measured["train_size"],
+        measured["eval_size"],
+    )
     assert run.model.quantization is None and run.train.lr == 5e-4 and run.train.head_lr == 2e-3  # the recipe's

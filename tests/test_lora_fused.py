@@ -19,8 +19,12 @@ def _lora_layers(model):
 
 
 def _adapted(tiny_llama, quantization, **lora):
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, **lora), head=adapters.Classification(labels=["a", "b"]),
-                           quantization=quantization)
+    model = adapters.adapt(
+        tiny_llama,
+        adapter=adapters.LoRA(r=4, **lora),
+        head=adapters.Classification(labels=["a", "b"]),
+        quantization=quantization,
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # B = 0 at start would hide any error in the update
         for name, p in model.named_parameters():
@@ -37,7 +41,7 @@ def _peft_logits(model):
         with torch.inference_mode():
             return model(input_ids=IDS, attention_mask=MASK)["logits"]
     finally:
-        for m, forward in zip(layers, saved):
+        for m, forward in zip(layers, saved, strict=False):
             m.forward = forward
 
 
@@ -77,7 +81,7 @@ def test_layers_reading_one_input_share_one_low_rank_product(tiny_llama):
         finally:
             torch.Tensor.__matmul__ = original
         assert calls == [torch.Size([64, 16])]  # one matmul with the four stacked A (4 x r=4) for q, k, v
-        for layer, out in zip((q, k, v), outputs):
+        for layer, out in zip((q, k, v), outputs, strict=False):
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             scale = layer.scaling["default"]
             assert torch.allclose(out, layer.base_layer(x) + scale * (x @ a.t()) @ b.t(), atol=1e-5)
@@ -117,13 +121,22 @@ def _training_grads(model, peft_forward: bool, seed: int = 0):
         loss = model(input_ids=IDS, attention_mask=MASK, labels=torch.tensor([0, 1, 1]))["loss"]
         loss.backward()
     finally:
-        for m, forward in zip(layers, saved):
+        for m, forward in zip(layers, saved, strict=False):
             m.forward = forward
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("quantization,dropout,shared", [(None, 0.0, True), ("nf4", 0.0, True), (None, 0.1, True),
-                                                         ("nf4", 0.1, True), (None, 0.1, False), ("int8", 0.1, True)])
+@pytest.mark.parametrize(
+    "quantization,dropout,shared",
+    [
+        (None, 0.0, True),
+        ("nf4", 0.0, True),
+        (None, 0.1, True),
+        ("nf4", 0.1, True),
+        (None, 0.1, False),
+        ("int8", 0.1, True),
+    ],
+)
 def test_training_gradients_equal_peft(tiny_llama, quantization, dropout, shared):
     """Same loss and gradients as peft's forward, with dropout too: the masks are drawn in the same order
     (one per group with shared dropout, one per layer without)."""

@@ -18,8 +18,15 @@ HEAD = adapters.Classification(labels=["neg", "pos"])
 def llama(**kw):
     from transformers import LlamaConfig
 
-    base = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=1024)
+    base = dict(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     return LlamaConfig(**{**base, **kw})
 
 
@@ -50,7 +57,11 @@ def test_four_bit_below_eight_bit_below_unquantized():
 def test_checkpointing_lowers_activations_only():
     plain, ckpt = est(batch_size=8), est(batch_size=8, gradient_checkpointing=True)
     assert ckpt.activations < plain.activations / 2
-    assert (ckpt.base_quantized, ckpt.trainable, ckpt.optimizer) == (plain.base_quantized, plain.trainable, plain.optimizer)
+    assert (ckpt.base_quantized, ckpt.trainable, ckpt.optimizer) == (
+        plain.base_quantized,
+        plain.trainable,
+        plain.optimizer,
+    )
 
 
 def test_optimizer_and_processes():
@@ -107,10 +118,25 @@ def test_llama3_8b_shape_on_the_meta_device():
     """A Llama-3-8B-shaped config: nothing is allocated, and the figures match known ones."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
-    e = estimate_memory(config, adapter=adapters.LoRA(r=16), head=HEAD, quantization="nf4", batch_size=1,
-                        seq_len=512, gradient_checkpointing=True, device="cuda")
+    config = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    )
+    e = estimate_memory(
+        config,
+        adapter=adapters.LoRA(r=16),
+        head=HEAD,
+        quantization="nf4",
+        batch_size=1,
+        seq_len=512,
+        gradient_checkpointing=True,
+        device="cuda",
+    )
     gib = 2**30
     assert 6.9e9 < e.total_params < 7.6e9  # 8B minus the LM head a classifier does not load
     assert 3.2 * gib < e.base_quantized < 3.6 * gib  # ~0.52 bytes per weight for 6.98B linear weights
@@ -118,8 +144,7 @@ def test_llama3_8b_shape_on_the_meta_device():
     per_layer = 2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336)
     assert e.trainable_params == 16 * 32 * per_layer + 4096 * 2 + 2
     assert 5 * gib < e.total < 16 * gib  # QLoRA 8B fits a 16 GB GPU at batch 1 x 512 with checkpointing
-    bf16 = estimate_memory(config, adapter=None, head=HEAD, quantization=None, batch_size=1, seq_len=512,
-                           device="cuda")
+    bf16 = estimate_memory(config, adapter=None, head=HEAD, quantization=None, batch_size=1, seq_len=512, device="cuda")
     assert bf16.base_unquantized == 2 * (bf16.total_params - bf16.trainable_params)  # 7.5B bf16 weights, 14 GiB
 
 
@@ -137,10 +162,24 @@ def test_estimate_matches_a_measured_step(tiny_llama):
     """Estimate vs the CPU allocator's peak over two real training steps (benchmarks' measure)."""
     import memory_accuracy
 
-    for cell in ({"model": tiny_llama, "quantization": "nf4", "method": "lora", "batch": 8, "seq_len": 128,
-                  "checkpointing": False},
-                 {"model": tiny_llama, "quantization": None, "method": "bottleneck", "batch": 8, "seq_len": 128,
-                  "checkpointing": True}):
+    for cell in (
+        {
+            "model": tiny_llama,
+            "quantization": "nf4",
+            "method": "lora",
+            "batch": 8,
+            "seq_len": 128,
+            "checkpointing": False,
+        },
+        {
+            "model": tiny_llama,
+            "quantization": None,
+            "method": "bottleneck",
+            "batch": 8,
+            "seq_len": 128,
+            "checkpointing": True,
+        },
+    ):
         measured = memory_accuracy.measure(cell)["peak_bytes"]
         estimated = memory_accuracy.estimate(cell, "cpu")["tensors"]
         assert abs(estimated / measured - 1) < 0.15, (cell, estimated, measured)
@@ -151,24 +190,45 @@ def test_int8_inputs_count_under_checkpointing(tmp_path):
     does not drop them (found on an H200: the estimate was 60% low for int8 + checkpointing). A deep,
     narrow model at 512 tokens, where those inputs are most of the memory (without them: 36% low)."""
     import memory_accuracy
-    from .conftest import _tokenizer, save_tiny
     from transformers import LlamaForCausalLM
 
+    from .helpers import save_tiny, tokenizer_for
+
     torch.manual_seed(0)
-    config = llama(vocab_size=_tokenizer(bert=False)[1], intermediate_size=512, num_hidden_layers=8,
-                   max_position_embeddings=512, pad_token_id=0, eos_token_id=3, bos_token_id=None)
+    config = llama(
+        vocab_size=tokenizer_for(bert=False)[1],
+        intermediate_size=512,
+        num_hidden_layers=8,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=None,
+    )
     model = save_tiny(LlamaForCausalLM(config), tmp_path / "deep", bert=False)
-    cell = {"model": model, "quantization": "int8", "method": "lora", "batch": 4, "seq_len": 512,
-            "checkpointing": True}
+    cell = {"model": model, "quantization": "int8", "method": "lora", "batch": 4, "seq_len": 512, "checkpointing": True}
     measured = memory_accuracy.measure(cell)["peak_bytes"]
     estimated = memory_accuracy.estimate(cell, "cpu")["tensors"]
     assert abs(estimated / measured - 1) < 0.15, (estimated, measured)
 
 
 def test_config_dict():
-    as_dict = {"model_type": "llama", **{k: v for k, v in llama().to_dict().items() if k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "max_position_embeddings")}}
+    as_dict = {
+        "model_type": "llama",
+        **{
+            k: v
+            for k, v in llama().to_dict().items()
+            if k
+            in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "max_position_embeddings",
+            )
+        },
+    }
     assert est(model=as_dict).total == est().total
     with pytest.raises(ConfigError, match="model_type"):
         est(model={"model_type": "no-such-architecture"})
@@ -195,7 +255,9 @@ def test_auto_batch_size_keeps_the_effective_batch(tiny_llama, toy_data, monkeyp
     one = estimate_memory(model, batch_size=1, seq_len=longest)
     per_row = estimate_memory(model, batch_size=2, seq_len=longest).tensors - one.tensors
     resident = one.base_quantized + one.base_unquantized + one.trainable
-    monkeypatch.setattr(auto, "free_memory", lambda device: int((one.tensors - resident + 3.2 * per_row) / auto.CPU_SAFETY))
+    monkeypatch.setattr(
+        auto, "free_memory", lambda device: int((one.tensors - resident + 3.2 * per_row) / auto.CPU_SAFETY)
+    )
     config = adapters.TrainConfig(batch_size=8, grad_accum=2, max_steps=2, auto_batch_size=True, progress=False)
     metrics = adapters.train(model, train_rows, None, config)
     assert metrics["batch_size"] * metrics["grad_accum"] == 16
@@ -216,7 +278,9 @@ def test_auto_batch_size_backs_off_on_out_of_memory(tiny_llama, toy_data, monkey
         real_step(model, rows, collator)
 
     monkeypatch.setattr(auto, "_real_step", step)
-    encoded = adapters.data.encoding.encode_dataset(train_rows, model.tokenizer, model.head_spec, "text", "label", 32, "train")
+    encoded = adapters.data.encoding.encode_dataset(
+        train_rows, model.tokenizer, model.head_spec, "text", "label", 32, "train"
+    )
     b, accum, _ = auto.choose_batch_size(model, encoded, adapters.TrainConfig(batch_size=4, grad_accum=3))
     assert (b, accum) == (2, 6) and tried == [12, 6, 4, 3, 2]
     assert all(p.grad is None for p in model.trainable_parameters())  # the probe leaves nothing behind
@@ -232,13 +296,23 @@ def test_auto_batch_size_that_cannot_fit(tiny_llama, toy_data, monkeypatch):
         adapters.train(model, train_rows, None, adapters.TrainConfig(max_steps=1, auto_batch_size=True, progress=False))
 
 
-@pytest.mark.parametrize("head", [adapters.MultiLabel(labels=["a", "b", "c"]), adapters.Regression(),
-                                  adapters.MultipleChoice(num_choices=4), adapters.TokenClassification(labels=["O", "B"]),
-                                  adapters.CausalLM()], ids=lambda h: h.kind)
+@pytest.mark.parametrize(
+    "head",
+    [
+        adapters.MultiLabel(labels=["a", "b", "c"]),
+        adapters.Regression(),
+        adapters.MultipleChoice(num_choices=4),
+        adapters.TokenClassification(labels=["O", "B"]),
+        adapters.CausalLM(),
+    ],
+    ids=lambda h: h.kind,
+)
 def test_every_head_on_decoder_and_encoder(head):
     from transformers import BertConfig
 
-    bert = BertConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+    bert = BertConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+    )
     for config in (llama(num_hidden_layers=2), bert):
         if head.kind == "causal_lm" and config is bert:
             with pytest.raises(ConfigError, match="decoder"):

@@ -14,10 +14,10 @@ import torch
 
 import adapters
 from adapters import registry
-from adapters.methods.spec import AdapterSpec
 from adapters.files import check_state, load_tensors
+from adapters.methods.spec import AdapterSpec
 
-from .conftest import toy_sentiment
+from .helpers import toy_sentiment
 
 
 @dataclass
@@ -65,8 +65,9 @@ def test_a_third_kind_trains_saves_and_reloads(registered, tiny_llama, tmp_path)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("ia3_l" in n or n.startswith("head.") for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "ia3_l" in n}
-    adapters.train(model, toy_sentiment(32), None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8,
-                                                                         progress=False))
+    adapters.train(
+        model, toy_sentiment(32), None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8, progress=False)
+    )
     assert any(not torch.equal(t, dict(model.named_parameters())[n]) for n, t in before.items())
     model.save_pretrained(tmp_path / "art")
     again = adapters.load(tmp_path / "art")
@@ -82,8 +83,15 @@ def test_a_third_kind_is_reachable_from_yaml(registered, tmp_path):
     from adapters.config.run_file import load_run_config
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": {"name": "minilm-l6"}, "adapter": {"kind": "ia3", "targets": ["query"]},
-                                    "head": {"kind": "classification", "labels": ["a", "b"]},
-                                    "data": {"train": "rotten_tomatoes"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "minilm-l6"},
+                "adapter": {"kind": "ia3", "targets": ["query"]},
+                "head": {"kind": "classification", "labels": ["a", "b"]},
+                "data": {"train": "rotten_tomatoes"},
+            }
+        )
+    )
     run = load_run_config(path)
     assert isinstance(run.adapter, IA3) and run.adapter.targets == ["query"]

@@ -60,10 +60,15 @@ def test_layer_lr_decay_gives_lower_blocks_lower_rates(tiny_llama, adapter):
 
 def test_layer_lr_decay_trains(tiny_llama, toy_data):
     """One run with decay: it learns; the top block's adapter moves more than the bottom one's."""
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2, dropout=0.0), head=adapters.Classification(labels=["neg", "pos"]))
+    model = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=2, dropout=0.0), head=adapters.Classification(labels=["neg", "pos"])
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
-    adapters.train(model, toy_data[0], config=adapters.TrainConfig(
-        max_steps=6, batch_size=8, lr=1e-2, layer_lr_decay=0.1, progress=False))
+    adapters.train(
+        model,
+        toy_data[0],
+        config=adapters.TrainConfig(max_steps=6, batch_size=8, lr=1e-2, layer_lr_decay=0.1, progress=False),
+    )
     moved = {n: (p.detach() - before[n]).abs().mean().item() for n, p in model.named_parameters() if n in before}
     bottom = [v for n, v in moved.items() if "layers.0." in n]
     top = [v for n, v in moved.items() if "layers.1." in n]

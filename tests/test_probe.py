@@ -11,17 +11,23 @@ from adapters.errors import ConfigError
 from adapters.training.loaders import inference_loader
 from adapters.training.probe import PROBE_L2, fit_head
 
-from .conftest import toy_sentiment
-from .test_task_heads import choice_rows, multilabel_rows, regression_rows, tag_rows
-from .test_windows import long_rows
+from .helpers import choice_rows, long_rows, multilabel_rows, regression_rows, tag_rows, toy_sentiment
 
 HEADS = {
-    "classification": (lambda: adapters.Classification(labels=["neg", "pos"], class_weights=[2.0, 1.0],
-                                                       label_smoothing=0.1), lambda: toy_sentiment(24)),
-    "windows mean": (lambda: adapters.Classification(labels=["neg", "pos"], long_text="windows", window_overlap=4),
-                     lambda: long_rows(12, filler=30)),
-    "windows max": (lambda: adapters.Classification(labels=["neg", "pos"], long_text="windows", window_overlap=4,
-                                                    window_pooling="max"), lambda: long_rows(12, filler=30)),
+    "classification": (
+        lambda: adapters.Classification(labels=["neg", "pos"], class_weights=[2.0, 1.0], label_smoothing=0.1),
+        lambda: toy_sentiment(24),
+    ),
+    "windows mean": (
+        lambda: adapters.Classification(labels=["neg", "pos"], long_text="windows", window_overlap=4),
+        lambda: long_rows(12, filler=30),
+    ),
+    "windows max": (
+        lambda: adapters.Classification(
+            labels=["neg", "pos"], long_text="windows", window_overlap=4, window_pooling="max"
+        ),
+        lambda: long_rows(12, filler=30),
+    ),
     "multi-label": (lambda: adapters.MultiLabel(labels=["pos", "neg"]), lambda: multilabel_rows(24)),
     "regression": (lambda: adapters.Regression(), lambda: regression_rows(24)),
     "multiple choice": (lambda: adapters.MultipleChoice(num_choices=3), lambda: choice_rows(12)),
@@ -67,7 +73,7 @@ def test_the_probe_fits_the_models_own_loss_to_its_minimum(tiny_llama, tiny_bert
             (model(**batch)["loss"] * len(batch["labels"]) / result["probe_rows"]).backward()
         std = torch.cat(_features(model, loader)).std(0)
         # the penalty is on the standardized weights (w * std): its gradient in w is 2 * l2 * w * std^2
-        gradient = weight.grad + 2 * PROBE_L2 * weight.detach() * std ** 2
+        gradient = weight.grad + 2 * PROBE_L2 * weight.detach() * std**2
         assert gradient.abs().max() < 1e-3, kind
         assert model.head.score.bias.grad.abs().max() < 1e-3, kind
 
@@ -84,14 +90,25 @@ def _features(model, loader) -> list[torch.Tensor]:
 
 def test_training_with_a_probe_starts_from_the_fitted_head(tiny_llama):
     rows = toy_sentiment(48)
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
-                           max_length=16, seed=0)
-    result = adapters.train(model, rows, rows[:16], adapters.TrainConfig(epochs=1, batch_size=8, linear_probe=True,
-                                                                          progress=False))
+    model = adapters.adapt(
+        tiny_llama,
+        adapter=adapters.LoRA(r=4),
+        head=adapters.Classification(labels=["neg", "pos"]),
+        max_length=16,
+        seed=0,
+    )
+    result = adapters.train(
+        model, rows, rows[:16], adapters.TrainConfig(epochs=1, batch_size=8, linear_probe=True, progress=False)
+    )
     assert result["probe_rows"] == 48 and result["probe_loss_after"] < result["probe_loss_before"]
     assert result["probe_seconds"] > 0
-    plain = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
-                           max_length=16, seed=0)
+    plain = adapters.adapt(
+        tiny_llama,
+        adapter=adapters.LoRA(r=4),
+        head=adapters.Classification(labels=["neg", "pos"]),
+        max_length=16,
+        seed=0,
+    )
     baseline = adapters.train(plain, rows, rows[:16], adapters.TrainConfig(epochs=1, batch_size=8, progress=False))
     assert "probe_rows" not in baseline
     assert result["eval_loss"] < baseline["eval_loss"]  # a fitted head, then training, beats a random head's start
@@ -99,21 +116,27 @@ def test_training_with_a_probe_starts_from_the_fitted_head(tiny_llama):
 
 def test_a_resumed_run_does_not_probe_again(tiny_llama, tmp_path):
     rows = toy_sentiment(32)
-    config = dict(epochs=2, batch_size=8, linear_probe=True, progress=False, output_dir=str(tmp_path / "run"),
-                  save_every=2)
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
-                           max_length=16)
+    config = dict(
+        epochs=2, batch_size=8, linear_probe=True, progress=False, output_dir=str(tmp_path / "run"), save_every=2
+    )
+    model = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]), max_length=16
+    )
     adapters.train(model, rows, config=adapters.TrainConfig(max_steps=4, **config))
-    again = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
-                           max_length=16)
+    again = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]), max_length=16
+    )
     result = adapters.train(again, rows, config=adapters.TrainConfig(resume="auto", **config))
     assert "probe_rows" not in result and result["steps"] == 8
 
 
-@pytest.mark.parametrize("head, rows", [
-    (adapters.TokenClassification(labels=["O", "B-POS", "B-NEG"]), tag_rows(8)),
-    (adapters.MultipleChoice(num_choices=3, scoring="likelihood"), choice_rows(8)),
-])
+@pytest.mark.parametrize(
+    "head, rows",
+    [
+        (adapters.TokenClassification(labels=["O", "B-POS", "B-NEG"]), tag_rows(8)),
+        (adapters.MultipleChoice(num_choices=3, scoring="likelihood"), choice_rows(8)),
+    ],
+)
 def test_a_head_without_a_pooled_linear_layer_is_refused_before_training(tied_llama, head, rows, tmp_path):
     model = adapters.adapt(tied_llama, adapter=adapters.LoRA(r=4), head=head, max_length=16)
     with pytest.raises(ConfigError, match="linear_probe=True fits a linear head"):

@@ -34,7 +34,7 @@ def test_label_words_start_the_head_as_the_lms_zero_shot_scores(tied_llama):
     tokenizer = AutoTokenizer.from_pretrained(tied_llama)
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("bad", "good")]
     texts = ["a very moving story", "boring plot"]
-    for text, logits in zip(texts, model.logits(texts)):
+    for text, logits in zip(texts, model.logits(texts), strict=False):
         encoded = tokenizer(f"{text} is", return_tensors="pt")
         with torch.no_grad():
             next_token = lm(**encoded).logits[0, -1]

@@ -10,7 +10,7 @@ import pytest
 
 import adapters
 
-from .conftest import toy_sentiment
+from .helpers import toy_sentiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import sentiment  # noqa: E402
@@ -24,9 +24,26 @@ def test_sentiment_recipe_on_a_users_csv(tiny_llama, tmp_path):
         for i, r in enumerate(rows):
             writer.writerow({"review": r["text"], "stars": r["label"], "film": f"film{i // 4}"})
     out = tmp_path / "art"
-    argv = ["--model", tiny_llama, "--data", str(tmp_path / "reviews.csv"), "--text-column", "review",
-            "--label-column", "stars", "--group-column", "film", "--epochs", "3", "--lr", "5e-3",
-            "--batch-size", "8", "--output", str(out)]
+    argv = [
+        "--model",
+        tiny_llama,
+        "--data",
+        str(tmp_path / "reviews.csv"),
+        "--text-column",
+        "review",
+        "--label-column",
+        "stars",
+        "--group-column",
+        "film",
+        "--epochs",
+        "3",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "8",
+        "--output",
+        str(out),
+    ]
     first = sentiment.main(argv)
     result = sentiment.main(argv)  # running the recipe again replaces its artifact and logs
     assert result["accuracy"] == first["accuracy"]
@@ -40,22 +57,36 @@ def test_sentiment_task_prompt_defaults(tiny_llama, tied_llama, tiny_bert):
     tied (as label words need); an encoder, a user's file or an explicit choice gets what was asked."""
     labels = ["negative", "positive"]
     words = [" negative", " positive"]
-    assert sentiment.task_prompt(sentiment.parse_args(["--model", tied_llama]), labels) == (sentiment.REVIEW_PROMPT, words)
+    assert sentiment.task_prompt(sentiment.parse_args(["--model", tied_llama]), labels) == (
+        sentiment.REVIEW_PROMPT,
+        words,
+    )
     # untied (the tiny test Llama): the prompt, no label words
-    assert sentiment.task_prompt(sentiment.parse_args(["--model", tiny_llama]), labels) == (sentiment.REVIEW_PROMPT, None)
+    assert sentiment.task_prompt(sentiment.parse_args(["--model", tiny_llama]), labels) == (
+        sentiment.REVIEW_PROMPT,
+        None,
+    )
     assert sentiment.task_prompt(sentiment.parse_args(["--model", tiny_bert]), labels) == (None, None)
-    assert sentiment.task_prompt(sentiment.parse_args(["--model", tiny_llama, "--data", "x.csv"]), labels) == (None, None)
+    assert sentiment.task_prompt(sentiment.parse_args(["--model", tiny_llama, "--data", "x.csv"]), labels) == (
+        None,
+        None,
+    )
     off = sentiment.parse_args(["--model", tiny_llama, "--prompt", "", "--no-label-words"])
     assert sentiment.task_prompt(off, labels) == (None, None)
-    typed = sentiment.parse_args(["--model", tiny_llama, "--data", "x.csv", "--prompt", "Text: {text}\\nMood:",
-                                  "--label-words"])
+    typed = sentiment.parse_args(
+        ["--model", tiny_llama, "--data", "x.csv", "--prompt", "Text: {text}\\nMood:", "--label-words"]
+    )
     assert sentiment.task_prompt(typed, labels) == ("Text: {text}\nMood:", words)
 
 
 def test_sentiment_budgets():
     assert sentiment.parse_args([]).budget == "default" and sentiment.BUDGETS["full"] > sentiment.BUDGETS["default"]
-    for bad in (["--budget", "huge"], ["--top-layers", "0"], ["--adapter", "bottleneck", "--top-layers", "4"],
-                ["--zero-shot", "--no-label-words"]):
+    for bad in (
+        ["--budget", "huge"],
+        ["--top-layers", "0"],
+        ["--adapter", "bottleneck", "--top-layers", "4"],
+        ["--zero-shot", "--no-label-words"],
+    ):
         with pytest.raises(SystemExit):
             sentiment.parse_args(bad)
 
@@ -71,7 +102,9 @@ def test_group_split_keeps_groups_apart():
 
 @pytest.mark.slow
 def test_sentiment_recipe_on_the_packaged_llm(tmp_path):
-    result = sentiment.main(["--train-size", "96", "--eval-size", "64", "--zero-shot", "--output", str(tmp_path / "art")])
+    result = sentiment.main(
+        ["--train-size", "96", "--eval-size", "64", "--zero-shot", "--output", str(tmp_path / "art")]
+    )
     assert result["model"] == "smollm2-135m" and result["quantization"] == "none"
     assert result["prompt"] == sentiment.REVIEW_PROMPT and result["label_words"] == [" negative", " positive"]
     # the label-word head makes the untrained model a classifier already (77% on the 1,000 rows of
@@ -85,6 +118,22 @@ def test_sentiment_recipe_on_the_packaged_llm(tmp_path):
 
 @pytest.mark.slow
 def test_sentiment_recipe_on_the_packaged_encoder_in_int8(tmp_path):
-    result = sentiment.main(["--model", "minilm-l6", "--quantization", "int8", "--train-size", "512",
-                             "--eval-size", "256", "--epochs", "2", "--batch-size", "32", "--output", str(tmp_path / "art")])
+    result = sentiment.main(
+        [
+            "--model",
+            "minilm-l6",
+            "--quantization",
+            "int8",
+            "--train-size",
+            "512",
+            "--eval-size",
+            "256",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--output",
+            str(tmp_path / "art"),
+        ]
+    )
     assert result["accuracy"] > result["majority_baseline"]

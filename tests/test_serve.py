@@ -16,7 +16,7 @@ import pytest
 
 import adapters
 
-from .conftest import toy_sentiment
+from .helpers import toy_sentiment
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -32,8 +32,9 @@ def _free_port() -> int:
 
 def _call(port: int, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:
             return answer.status, json.loads(answer.read())
@@ -44,9 +45,22 @@ def _call(port: int, path: str, body=None, raw: bytes | None = None) -> tuple[in
 def _start(artifacts: dict, *options: str, wait: float = 120) -> tuple[int, subprocess.Popen]:
     """``qadapters serve NAME=PATH ... OPTIONS`` on a free port, once its /health answers."""
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "adapters", "serve", *[f"{n}={p}" for n, p in artifacts.items()],
-                                "--port", str(port), *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "adapters",
+            "serve",
+            *[f"{n}={p}" for n, p in artifacts.items()],
+            "--port",
+            str(port),
+            *options,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + wait
     while time.time() < deadline:
         try:
@@ -63,13 +77,18 @@ def _start(artifacts: dict, *options: str, wait: float = 120) -> tuple[int, subp
 @pytest.fixture(scope="module")
 def artifacts(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
-    kinds = {"lora": (adapters.LoRA(r=4), ["neg", "pos"]), "lora3": (adapters.LoRA(r=2, alpha=8), ["neg", "pos", "meh"]),
-             "bottleneck": (adapters.Bottleneck(bottleneck_dim=8), ["neg", "pos"]), "head": (None, ["neg", "pos"])}
+    kinds = {
+        "lora": (adapters.LoRA(r=4), ["neg", "pos"]),
+        "lora3": (adapters.LoRA(r=2, alpha=8), ["neg", "pos", "meh"]),
+        "bottleneck": (adapters.Bottleneck(bottleneck_dim=8), ["neg", "pos"]),
+        "head": (None, ["neg", "pos"]),
+    }
     rows = toy_sentiment(32)
     for i, (name, (adapter, labels)) in enumerate(kinds.items()):
         model = adapters.adapt(tiny_llama, adapter=adapter, head=adapters.Classification(labels=labels), seed=i)
-        adapters.train(model, rows, None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8, seed=i,
-                                                               progress=False))
+        adapters.train(
+            model, rows, None, adapters.TrainConfig(max_steps=3, lr=1e-2, batch_size=8, seed=i, progress=False)
+        )
         model.save_pretrained(root / name)
     return {name: root / name for name in kinds}
 
@@ -92,20 +111,22 @@ def test_each_artifact_answers_as_its_own_predict(server, artifacts):
         status, answer = _call(port, f"/v1/models/{name}/predict", {"texts": TEXTS})
         expected = adapters.load(path).predict(TEXTS, probabilities=True)
         assert status == 200 and answer["model"] == name
-        for got, (label, probs) in zip(answer["predictions"], expected):
+        for got, (label, probs) in zip(answer["predictions"], expected, strict=False):
             assert got["prediction"] == label
             assert got["probabilities"] == pytest.approx(probs, abs=1e-5)
 
 
 def test_bad_requests_get_json_errors_and_the_server_lives_on(server):
     port, process = server
-    cases = [("/v1/models/nope/predict", {"texts": ["x"]}, 404, "no model 'nope'"),
-             ("/v1/models/lora/predict", {"texts": []}, 422, "at least 1"),
-             ("/v1/models/lora/predict", {"text": ["x"]}, 422, "texts"),
-             ("/v1/models/lora/predict", {"texts": "not a list"}, 422, "list"),
-             ("/v1/models/lora/predict", {"texts": ["x"] * 300}, 413, "at most 256"),
-             ("/v1/models/lora/predict", {"texts": ["x" * 30_000]}, 413, "at most 20000"),
-             ("/v1/models/lora/predict", {"texts": [{"context": "x"}]}, 400, "")]
+    cases = [
+        ("/v1/models/nope/predict", {"texts": ["x"]}, 404, "no model 'nope'"),
+        ("/v1/models/lora/predict", {"texts": []}, 422, "at least 1"),
+        ("/v1/models/lora/predict", {"text": ["x"]}, 422, "texts"),
+        ("/v1/models/lora/predict", {"texts": "not a list"}, 422, "list"),
+        ("/v1/models/lora/predict", {"texts": ["x"] * 300}, 413, "at most 256"),
+        ("/v1/models/lora/predict", {"texts": ["x" * 30_000]}, 413, "at most 20000"),
+        ("/v1/models/lora/predict", {"texts": [{"context": "x"}]}, 400, ""),
+    ]
     for path, body, code, match in cases:
         status, answer = _call(port, path, body)
         assert status == code and match in json.dumps(answer), (path, body, answer)
@@ -121,7 +142,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_answer(server, artifa
 
     def ask(i):
         name = list(artifacts)[i % 4]
-        texts = TEXTS[i % 4:] + TEXTS[:i % 4]
+        texts = TEXTS[i % 4 :] + TEXTS[: i % 4]
         try:
             status, answer = _call(port, f"/v1/models/{name}/predict", {"texts": texts, "probabilities": False})
             results.append((name, texts, status, [p["prediction"] for p in answer["predictions"]]))
@@ -135,7 +156,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_answer(server, artifa
         t.join(120)
     assert not errors and len(results) == 24
     for name, texts, status, predictions in results:
-        order = {t: e for t, e in zip(TEXTS, expected[name])}
+        order = {t: e for t, e in zip(TEXTS, expected[name], strict=False)}
         assert status == 200 and predictions == [order[t] for t in texts]
 
 
@@ -157,7 +178,10 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(artifacts):
 def test_artifact_names(tmp_path):
     from adapters.serving.server import parse_artifacts
 
-    assert parse_artifacts(["runs/a", "b=runs/x"]) == {"a": tmp_path.__class__("runs/a"), "b": tmp_path.__class__("runs/x")}
+    assert parse_artifacts(["runs/a", "b=runs/x"]) == {
+        "a": tmp_path.__class__("runs/a"),
+        "b": tmp_path.__class__("runs/x"),
+    }
     with pytest.raises(adapters.ConfigError, match="used twice"):
         parse_artifacts(["runs/a", "a=runs/b"])
 
@@ -166,8 +190,9 @@ def test_artifact_names(tmp_path):
 def test_two_artifacts_on_the_packaged_encoder_share_it(tmp_path):
     paths = {}
     for i, labels in enumerate((["negative", "positive"], ["sport", "politics", "film"])):
-        model = adapters.adapt("minilm-l6", adapter=adapters.LoRA(r=4), seed=i,
-                               head=adapters.Classification(labels=labels))
+        model = adapters.adapt(
+            "minilm-l6", adapter=adapters.LoRA(r=4), seed=i, head=adapters.Classification(labels=labels)
+        )
         model.save_pretrained(tmp_path / f"a{i}")
         paths[f"a{i}"] = tmp_path / f"a{i}"
     port, process = _start(paths, wait=300)
@@ -177,7 +202,7 @@ def test_two_artifacts_on_the_packaged_encoder_share_it(tmp_path):
             status, answer = _call(port, f"/v1/models/{name}/predict", {"texts": TEXTS})
             expected = adapters.load(path).predict(TEXTS, probabilities=True)
             assert status == 200
-            for got, (label, probs) in zip(answer["predictions"], expected):
+            for got, (label, probs) in zip(answer["predictions"], expected, strict=False):
                 assert got["prediction"] == label and got["probabilities"] == pytest.approx(probs, abs=1e-5)
     finally:
         process.terminate()

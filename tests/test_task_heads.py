@@ -1,70 +1,22 @@
 """Every head beyond classification, on a tiny encoder and decoder, nf4 and unquantized:
 training lowers the loss on a small learnable task, the round trip is exact, bad rows fail clearly."""
 
-import random
-
 import pytest
 import torch
 
 import adapters
 
-from .conftest import FILLER, NEGATIVE, POSITIVE
-
-
-def _words(rng, n_pos, n_neg):
-    words = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, n_neg) + rng.sample(FILLER, rng.randint(1, 3))
-    rng.shuffle(words)
-    return words
-
-
-def _counted_rows(n, seed, label):
-    """Texts with 0-2 positive and 0-2 negative words; ``label(n_pos, n_neg)`` is the target."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        n_pos, n_neg = rng.randint(0, 2), rng.randint(0, 2)
-        rows.append({"text": " ".join(_words(rng, n_pos, n_neg)), "label": label(n_pos, n_neg)})
-    return rows
-
-
-def multilabel_rows(n, seed=0):
-    return _counted_rows(n, seed, lambda p, q: (["pos"] if p else []) + (["neg"] if q else []))
-
-
-def regression_rows(n, seed=0):
-    return _counted_rows(n, seed, lambda p, q: float(p - q))
-
-
-def choice_rows(n, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        positive = i % 2 == 0
-        context = " ".join(rng.sample(POSITIVE if positive else NEGATIVE, 2) + rng.sample(FILLER, 2))
-        right = rng.choice(POSITIVE if positive else NEGATIVE)
-        wrong = rng.sample(NEGATIVE if positive else POSITIVE, 2)
-        answer = rng.randrange(3)
-        choices = wrong[:answer] + [right] + wrong[answer:]
-        rows.append({"text": context, "choices": choices, "label": answer})
-    return rows
-
-
-def tag_rows(n, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = _words(rng, rng.randint(0, 2), rng.randint(0, 2))
-        tags = ["B-POS" if w in POSITIVE else "B-NEG" if w in NEGATIVE else "O" for w in words]
-        rows.append({"text": words, "label": tags})
-    return rows
-
+from .helpers import choice_rows, multilabel_rows, regression_rows, tag_rows
 
 TASKS = {
     "multi_label": (lambda: adapters.MultiLabel(labels=["pos", "neg"]), multilabel_rows, "micro_f1"),
     "regression": (lambda: adapters.Regression(), regression_rows, "pearson"),
     "multiple_choice": (lambda: adapters.MultipleChoice(num_choices=3), choice_rows, "accuracy"),
-    "token_classification": (lambda: adapters.TokenClassification(labels=["O", "B-POS", "B-NEG"]), tag_rows,
-                             "token_accuracy"),
+    "token_classification": (
+        lambda: adapters.TokenClassification(labels=["O", "B-POS", "B-NEG"]),
+        tag_rows,
+        "token_accuracy",
+    ),
 }
 
 
@@ -75,8 +27,12 @@ def test_training_lowers_the_loss_and_round_trips(tiny_model, task, quantization
     model = adapters.adapt(tiny_model, adapter=adapters.LoRA(r=8), head=make_head(), quantization=quantization)
     train_rows, eval_rows = make_rows(96), make_rows(24, seed=1)
     before = adapters.evaluate(model, train_rows)
-    metrics = adapters.train(model, train_rows, eval_rows, adapters.TrainConfig(
-        epochs=4, lr=5e-3, head_lr=2e-2, batch_size=16, progress=False))
+    metrics = adapters.train(
+        model,
+        train_rows,
+        eval_rows,
+        adapters.TrainConfig(epochs=4, lr=5e-3, head_lr=2e-2, batch_size=16, progress=False),
+    )
     after = adapters.evaluate(model, train_rows)
     assert after["loss"] < before["loss"] and metric in after
     assert metrics["eval_count"] == 24 and ("eval_" + metric) in metrics
@@ -89,7 +45,7 @@ def test_training_lowers_the_loss_and_round_trips(tiny_model, task, quantization
         inputs = [{"context": r["text"], "choices": r["choices"]} for r in eval_rows[:4]]
     ours, theirs = model.logits(inputs), again.logits(inputs)
     if isinstance(ours, list):
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, theirs, strict=False))
     else:
         assert torch.allclose(ours, theirs, atol=1e-5)
     assert again.predict(inputs) == model.predict(inputs)
@@ -115,41 +71,55 @@ def test_token_labels_go_to_first_subtokens_only(tiny_bert):
     from adapters.data.encoding import encode_rows
 
     model = adapters.adapt(tiny_bert, adapter=None, head=adapters.TokenClassification(labels=["O", "B-POS"]))
-    columns, cut = encode_rows([{"text": ["good", "film"], "label": ["B-POS", "O"]}], model.tokenizer,
-                               model.head_spec, "text", "label", 64, "data")
+    columns, cut = encode_rows(
+        [{"text": ["good", "film"], "label": ["B-POS", "O"]}],
+        model.tokenizer,
+        model.head_spec,
+        "text",
+        "label",
+        64,
+        "data",
+    )
     assert columns["labels"][0] == [-100, 1, 0, -100]  # [CLS] good film [SEP]
     assert cut == 0
-    _, cut = encode_rows([{"text": ["good"] * 10, "label": ["O"] * 10}], model.tokenizer, model.head_spec,
-                         "text", "label", 6, "data")
+    _, cut = encode_rows(
+        [{"text": ["good"] * 10, "label": ["O"] * 10}], model.tokenizer, model.head_spec, "text", "label", 6, "data"
+    )
     assert cut == 1  # reported, not silently dropped
 
 
-@pytest.mark.parametrize("head,row,match", [
-    (adapters.MultiLabel(labels=["a", "b"]), {"text": "x", "label": "a"}, "list of label names"),
-    (adapters.MultiLabel(labels=["a", "b"]), {"text": "x", "label": ["c"]}, "not one of"),
-    (adapters.Regression(), {"text": "x", "label": "high"}, "number"),
-    (adapters.Regression(num_outputs=2), {"text": "x", "label": 1.0}, "got 1 value"),
-    (adapters.Regression(), {"text": "x", "label": float("nan")}, "not finite"),
-    (adapters.MultipleChoice(num_choices=3), {"text": "x", "choices": ["a", "b"], "label": 0}, "3 candidate"),
-    (adapters.MultipleChoice(num_choices=3), {"text": "x", "choices": ["a", "b", "c"], "label": 3}, "index"),
-    (adapters.MultipleChoice(num_choices=3), {"text": "x", "label": 0}, "no column 'choices'"),
-    (adapters.TokenClassification(labels=["O", "B"]), {"text": ["a", "b"], "label": ["O"]}, "2 words but 1 tags"),
-    (adapters.TokenClassification(labels=["O", "B"]), {"text": "a b", "label": ["O", "O"]}, "list of words"),
-    (adapters.TokenClassification(labels=["O", "B"]), {"text": ["a"], "label": ["X"]}, "not one of"),
-])
+@pytest.mark.parametrize(
+    "head,row,match",
+    [
+        (adapters.MultiLabel(labels=["a", "b"]), {"text": "x", "label": "a"}, "list of label names"),
+        (adapters.MultiLabel(labels=["a", "b"]), {"text": "x", "label": ["c"]}, "not one of"),
+        (adapters.Regression(), {"text": "x", "label": "high"}, "number"),
+        (adapters.Regression(num_outputs=2), {"text": "x", "label": 1.0}, "got 1 value"),
+        (adapters.Regression(), {"text": "x", "label": float("nan")}, "not finite"),
+        (adapters.MultipleChoice(num_choices=3), {"text": "x", "choices": ["a", "b"], "label": 0}, "3 candidate"),
+        (adapters.MultipleChoice(num_choices=3), {"text": "x", "choices": ["a", "b", "c"], "label": 3}, "index"),
+        (adapters.MultipleChoice(num_choices=3), {"text": "x", "label": 0}, "no column 'choices'"),
+        (adapters.TokenClassification(labels=["O", "B"]), {"text": ["a", "b"], "label": ["O"]}, "2 words but 1 tags"),
+        (adapters.TokenClassification(labels=["O", "B"]), {"text": "a b", "label": ["O", "O"]}, "list of words"),
+        (adapters.TokenClassification(labels=["O", "B"]), {"text": ["a"], "label": ["X"]}, "not one of"),
+    ],
+)
 def test_bad_rows_are_clear_errors(tiny_llama, head, row, match):
     model = adapters.adapt(tiny_llama, adapter=None, head=head)
     with pytest.raises(adapters.DataError, match=match):
         adapters.train(model, [row], None, adapters.TrainConfig(max_steps=1, progress=False))
 
 
-@pytest.mark.parametrize("kwargs", [
-    (adapters.MultiLabel, {"labels": ["a", "b"], "threshold": 1.5}),
-    (adapters.Regression, {"num_outputs": 0}),
-    (adapters.MultipleChoice, {"num_choices": 1}),
-    (adapters.TokenClassification, {"labels": ["O"]}),
-    (adapters.CausalLM, {"max_new_tokens": 0}),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        (adapters.MultiLabel, {"labels": ["a", "b"], "threshold": 1.5}),
+        (adapters.Regression, {"num_outputs": 0}),
+        (adapters.MultipleChoice, {"num_choices": 1}),
+        (adapters.TokenClassification, {"labels": ["O"]}),
+        (adapters.CausalLM, {"max_new_tokens": 0}),
+    ],
+)
 def test_bad_head_settings(kwargs):
     cls, values = kwargs
     with pytest.raises(adapters.ConfigError):
@@ -161,13 +131,21 @@ PROMPT, ANSWER = "the plot of the film was", "superb and moving"
 
 @pytest.mark.parametrize("quantization", ["nf4", None])
 def test_causal_lm_learns_to_answer_a_prompt(tiny_llama, tmp_path, quantization):
-    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=8, dropout=0.0), head=adapters.CausalLM(max_new_tokens=3),
-                           quantization=quantization)
-    assert "lm_head" not in str(model.adapter_state["peft"].peft_config["default"].target_modules)  # the LM head stays frozen
+    model = adapters.adapt(
+        tiny_llama,
+        adapter=adapters.LoRA(r=8, dropout=0.0),
+        head=adapters.CausalLM(max_new_tokens=3),
+        quantization=quantization,
+    )
+    assert "lm_head" not in str(
+        model.adapter_state["peft"].peft_config["default"].target_modules
+    )  # the LM head stays frozen
     assert model.predict(PROMPT) != ANSWER
     rows = [{"text": PROMPT, "label": ANSWER}] * 16
     before = adapters.evaluate(model, rows[:4])
-    metrics = adapters.train(model, rows, rows[:4], adapters.TrainConfig(epochs=20, lr=1e-2, batch_size=8, progress=False))
+    metrics = adapters.train(
+        model, rows, rows[:4], adapters.TrainConfig(epochs=20, lr=1e-2, batch_size=8, progress=False)
+    )
     assert metrics["eval_loss"] < before["loss"] and metrics["eval_perplexity"] < before["perplexity"]
     assert model.predict(PROMPT) == ANSWER
     model.save_pretrained(tmp_path / "art")
@@ -178,8 +156,9 @@ def test_causal_lm_loss_counts_response_tokens_only(tiny_llama):
     from adapters.data.encoding import encode_rows
 
     model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
-    columns, _ = encode_rows([{"text": "the film", "label": "good fun"}], model.tokenizer, model.head_spec,
-                             "text", "label", 32, "data")
+    columns, _ = encode_rows(
+        [{"text": "the film", "label": "good fun"}], model.tokenizer, model.head_spec, "text", "label", 32, "data"
+    )
     ids, labels = columns["input_ids"][0], columns["labels"][0]
     assert labels[:2] == [-100, -100] and labels[2:] == ids[2:] and ids[-1] == model.tokenizer.eos_token_id
 
@@ -193,12 +172,21 @@ def test_causal_lm_chat_messages_use_the_chat_template(tiny_llama):
     from adapters.data.encoding import encode_rows
 
     model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
-    model.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the {% endif %}"
+    model.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the {% endif %}"
+    )
     rows = [{"messages": [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "fun"}]}]
     columns, _ = encode_rows(rows, model.tokenizer, model.head_spec, "text", "label", 32, "data")
     words = model.tokenizer.convert_ids_to_tokens(columns["input_ids"][0])
     assert words == ["good", "film", "the", "fun", "[SEP]"]  # prompt rendered by the template, then the answer
     assert columns["labels"][0][:3] == [-100] * 3
     with pytest.raises(adapters.DataError, match="assistant"):
-        encode_rows([{"messages": [{"role": "user", "content": "good"}]}], model.tokenizer, model.head_spec,
-                    "text", "label", 32, "data")
+        encode_rows(
+            [{"messages": [{"role": "user", "content": "good"}]}],
+            model.tokenizer,
+            model.head_spec,
+            "text",
+            "label",
+            32,
+            "data",
+        )

@@ -15,7 +15,7 @@ import accelerate  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import adapters  # noqa: E402
-from tests.conftest import toy_sentiment  # noqa: E402
+from tests.helpers import toy_sentiment  # noqa: E402
 
 
 def main():
@@ -40,8 +40,9 @@ def main():
 
         accelerate.Accelerator.save_state = save_state
 
-    model = adapters.adapt(args.model, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]),
-                           quantization="nf4")
+    model = adapters.adapt(
+        args.model, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]), quantization="nf4"
+    )
     forward = model.forward
 
     def slow_forward(**kwargs):
@@ -49,8 +50,18 @@ def main():
         return forward(**kwargs)
 
     model.forward = slow_forward
-    config = adapters.TrainConfig(max_steps=args.steps, lr=1e-2, batch_size=4, save_every=2, keep_last=2, log_every=1,
-                                  seed=5, output_dir=str(Path(args.out) / "run"), resume=args.resume, progress=False)
+    config = adapters.TrainConfig(
+        max_steps=args.steps,
+        lr=1e-2,
+        batch_size=4,
+        save_every=2,
+        keep_last=2,
+        log_every=1,
+        seed=5,
+        output_dir=str(Path(args.out) / "run"),
+        resume=args.resume,
+        progress=False,
+    )
     try:
         metrics = adapters.train(model, toy_sentiment(24), None, config)
     except adapters.TrainingInterrupted as err:

@@ -22,11 +22,12 @@ def model_card(spec: dict, path: str) -> str:
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     labels = head.get("labels")
     quant = spec["quantization"] or "none"
+    kind = "decoder" if spec["base"]["is_decoder"] else "encoder"
     return f"""# {path}
 
 An adapted model made with [qadapters](https://pypi.org/project/qadapters/) {spec["versions"]["qadapters"]}.
 
-- **Base model**: `{spec["base"]["name"]}` ({spec["base"]["model_type"]}, {"decoder" if spec["base"]["is_decoder"] else "encoder"}), frozen, quantization: {quant}
+- **Base model**: `{spec["base"]["name"]}` ({spec["base"]["model_type"]}, {kind}), frozen, quantization: {quant}
 - **Method**: {_method(spec)}
 - **Head**: {head["kind"]}{f" over {len(labels)} labels: {', '.join(labels)}" if labels else ""}
 - **Data**: {record.get("train_rows", "?")} training rows, {record.get("eval_rows", "?")} evaluation rows

@@ -23,11 +23,19 @@ from pathlib import Path
 
 from torch import nn
 
-from adapters.artifacts.format import adapter_spec_of, check_base, check_quantization, head_spec_of, read_head, read_spec, resolve_base
+from adapters.artifacts.format import (
+    adapter_spec_of,
+    check_base,
+    check_quantization,
+    head_spec_of,
+    read_head,
+    read_spec,
+    resolve_base,
+)
 from adapters.backbone.loading import load_backbone
+from adapters.backbone.packaged import drop_quantizer_marks
 from adapters.errors import ConfigError
 from adapters.files import atomic_folder, check_state, earlier_output
-from adapters.backbone.packaged import drop_quantizer_marks
 
 MARK = "qadapters-export.json"  # says the folder is an export (what --overwrite may replace)
 
@@ -37,15 +45,19 @@ def refusal(spec: dict, head, adapter) -> str | None:
     if head.problem_type is None:
         return f"a {type(head).__name__} head has no text-classification pipeline counterpart"
     if not spec["base"]["is_decoder"]:
-        return ("an encoder's AutoModelForSequenceClassification classifies BERT's pooler output (a dense layer and "
-                "tanh over [CLS]), which the adapted model's head does not read")
+        return (
+            "an encoder's AutoModelForSequenceClassification classifies BERT's pooler output (a dense layer and "
+            "tanh over [CLS]), which the adapted model's head does not read"
+        )
     if head.resolved_pooling(True) != "last":
         return f"pooling={head.pooling!r}: a decoder's sequence classifier reads the last token only"
     if head.long_text != "truncate":
         return "long_text='windows' pools several windows per text; the pipeline reads one"
     if head.bias:
-        return ("the head has a bias, and a decoder's sequence-classification layer (score) has none; train with "
-                "Classification(bias=False) to export")
+        return (
+            "the head has a bias, and a decoder's sequence-classification layer (score) has none; train with "
+            "Classification(bias=False) to export"
+        )
     if adapter is not None and adapter.merge_refusal():
         return f"{adapter.describe()} adapters: {adapter.merge_refusal()}"
     return None
@@ -60,14 +72,21 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Pa
     adapter, head = adapter_spec_of(spec, artifact), head_spec_of(spec, artifact)
     why = refusal(spec, head, adapter)
     if why:
-        raise ConfigError(f"{artifact} cannot be exported for transformers.pipeline: {why}. Use it with adapters.load "
-                          f"or qadapters serve")
+        raise ConfigError(
+            f"{artifact} cannot be exported for transformers.pipeline: {why}. Use it with adapters.load "
+            f"or qadapters serve"
+        )
     tensors = read_head(artifact)
     check_state(tensors, head.build(spec["base"]["hidden_size"], True).state_dict(), artifact / "head.safetensors")
     check_quantization(spec, artifact)
     replaces = earlier_output(out, overwrite, "an export", "the export", _exported_files)
-    network, base = load_backbone(resolve_base(spec, artifact), spec["quantization"], spec.get("dtype"), "cpu",
-                                  padding_side=spec.get("padding_side"))
+    network, base = load_backbone(
+        resolve_base(spec, artifact),
+        spec["quantization"],
+        spec.get("dtype"),
+        "cpu",
+        padding_side=spec.get("padding_side"),
+    )
     check_base(spec, network, base.location, artifact)
     if spec["quantization"] is not None:
         log(f"dequantizing the {spec['quantization']} base before merging (the adapter was trained on it)")
@@ -100,7 +119,9 @@ def _classifier(network: nn.Module, head, tokenizer, tensors: dict, auto) -> nn.
     getattr(classifier, classifier.base_model_prefix).load_state_dict(network.state_dict())
     extra = [m for n, m in classifier.named_children() if n != classifier.base_model_prefix]
     if len(extra) != 1 or not isinstance(extra[0], nn.Linear) or extra[0].bias is not None:
-        raise ConfigError(f"{type(classifier).__name__} does not end in one bias-free linear layer; cannot place the head")
+        raise ConfigError(
+            f"{type(classifier).__name__} does not end in one bias-free linear layer; cannot place the head"
+        )
     extra[0].weight.data.copy_(tensors["score.weight"])
     return classifier.eval()
 

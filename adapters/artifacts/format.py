@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from adapters.backbone.loading import base_fingerprint, process_state, weights_folder
 from adapters.artifacts.card import model_card
+from adapters.backbone.loading import base_fingerprint, process_state, weights_folder
 from adapters.errors import CheckpointError, ConfigError
 from adapters.files import atomic_folder, cpu_state, load_tensors, weights_digest
 from adapters.registry import ADAPTERS, adapter_from_dict, head_from_dict
@@ -52,8 +52,12 @@ def _versions() -> dict:
     import peft
     import transformers
 
-    return {"qadapters": library_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
+    return {
+        "qadapters": library_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def is_artifact(path) -> bool:
@@ -62,8 +66,13 @@ def is_artifact(path) -> bool:
 
 # what every artifact folder may hold that the library wrote (the spec's "files" says exactly, since v0.2)
 # (each adapter kind names its own files)
-ARTIFACT_FILES = (SPEC_FILE, HEAD_FILE, "README.md", "config.yaml",
-                  *dict.fromkeys(f for kind in ADAPTERS.values() for f in kind.files))
+ARTIFACT_FILES = (
+    SPEC_FILE,
+    HEAD_FILE,
+    "README.md",
+    "config.yaml",
+    *dict.fromkeys(f for kind in ADAPTERS.values() for f in kind.files),
+)
 
 
 def written_files(path: Path) -> list[str]:
@@ -80,8 +89,13 @@ def base_entry(base, network, artifact: Path) -> dict:
     """What the spec records about the base. A local folder is recorded relative to the artifact (no absolute
     path inside: a copied or moved artifact still finds a base moved along with it), with a digest of its
     tensors that loading and merging check."""
-    entry = {"name": base.source, "model_type": network.config.model_type, "hidden_size": base.hidden_size,
-             "is_decoder": base.is_decoder, **base_fingerprint(network)}
+    entry = {
+        "name": base.source,
+        "model_type": network.config.model_type,
+        "hidden_size": base.hidden_size,
+        "is_decoder": base.is_decoder,
+        **base_fingerprint(network),
+    }
     if os.path.isdir(base.source):
         entry["name"] = Path(base.source).resolve().name
         entry["path"] = os.path.relpath(Path(base.source).resolve(), artifact.resolve())
@@ -132,17 +146,22 @@ def check_destination(path: Path, overwrite: bool, writes: Iterable[str]) -> lis
     if is_artifact(path):
         return written_files(path)
     if not overwrite:
-        raise ConfigError(f"{path} is a non-empty folder that is not a qadapters artifact; choose another path, or "
-                          f"pass overwrite=True to write the artifact beside its files (none of them is deleted)")
+        raise ConfigError(
+            f"{path} is a non-empty folder that is not a qadapters artifact; choose another path, or "
+            f"pass overwrite=True to write the artifact beside its files (none of them is deleted)"
+        )
     clash = sorted({p.name for p in path.iterdir()} & set(writes))
     if clash:
-        raise ConfigError(f"{path} already holds {clash}, which are not a qadapters artifact's; the library never "
-                          f"replaces files it did not write. Move them, or choose another folder")
+        raise ConfigError(
+            f"{path} already holds {clash}, which are not a qadapters artifact's; the library never "
+            f"replaces files it did not write. Move them, or choose another folder"
+        )
     return []
 
 
-def save_artifact(model, path, overwrite: bool = False, extra: dict | None = None,
-                  text_files: dict[str, str] | None = None) -> Path:
+def save_artifact(
+    model, path, overwrite: bool = False, extra: dict | None = None, text_files: dict[str, str] | None = None
+) -> Path:
     """Write ``model``'s trainable tensors and spec to ``path`` atomically (``text_files``: more files to
     write beside them, e.g. the CLI's resolved ``config.yaml``).
 
@@ -185,8 +204,9 @@ def read_spec(path) -> dict:
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / SPEC_FILE} is corrupt ({err})") from None
     if spec.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has artifact format {spec.get('format_version')!r}; this qadapters reads "
-                              f"format {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has artifact format {spec.get('format_version')!r}; this qadapters reads format {FORMAT_VERSION}"
+        )
     return spec
 
 
@@ -204,8 +224,10 @@ def _spec_entry(spec: dict, key: str, build, path: Path):
     try:
         return build(spec[key])
     except (KeyError, TypeError, ConfigError) as err:
-        raise CheckpointError(f"{path / SPEC_FILE} lacks or garbles its {key!r} entry ({err}); the artifact is "
-                              f"corrupt or was written by a newer qadapters") from None
+        raise CheckpointError(
+            f"{path / SPEC_FILE} lacks or garbles its {key!r} entry ({err}); the artifact is "
+            f"corrupt or was written by a newer qadapters"
+        ) from None
 
 
 def read_head(path: Path) -> dict[str, torch.Tensor]:
@@ -222,9 +244,11 @@ def resolve_base(spec: dict, path: Path, base: str | None = None) -> str:
     if entry.get("path") is not None:
         found = (Path(path) / entry["path"]).resolve()
         if not found.is_dir():
-            raise CheckpointError(f"artifact {path} was trained on the local base {entry['name']!r}, recorded at "
-                                  f"{entry['path']} relative to the artifact, which is not there; pass base= (CLI: "
-                                  f"--base) with the folder of that model")
+            raise CheckpointError(
+                f"artifact {path} was trained on the local base {entry['name']!r}, recorded at "
+                f"{entry['path']} relative to the artifact, which is not there; pass base= (CLI: "
+                f"--base) with the folder of that model"
+            )
         return str(found)
     return entry["name"]
 
@@ -237,21 +261,27 @@ def check_base(spec: dict, network, base_location: str, path: Path) -> None:
     folder = weights_folder(base_location) if saved.get("weights_digest") else None
     digest = weights_digest(folder) if folder else None
     if digest:
-        changed = sorted(k for k in set(saved["weights_digest"]) | set(digest)
-                         if saved["weights_digest"].get(k) != digest.get(k))
+        changed = sorted(
+            k for k in set(saved["weights_digest"]) | set(digest) if saved["weights_digest"].get(k) != digest.get(k)
+        )
         if changed:
-            raise CheckpointError(f"artifact {path} was trained on a different base than {base_location!r}: "
-                                  f"{len(changed)} tensor(s) differ, e.g. {changed[:3]}; pass base= (CLI: --base) "
-                                  f"pointing at the original base weights")
+            raise CheckpointError(
+                f"artifact {path} was trained on a different base than {base_location!r}: "
+                f"{len(changed)} tensor(s) differ, e.g. {changed[:3]}; pass base= (CLI: --base) "
+                f"pointing at the original base weights"
+            )
         return
     now = base_fingerprint(network)
     same_shape = saved.get("embedding_shape") == now["embedding_shape"]
-    close = same_shape and torch.allclose(torch.tensor(saved["embedding_sample"]),
-                                          torch.tensor(now["embedding_sample"]), rtol=1e-2, atol=1e-3)
+    close = same_shape and torch.allclose(
+        torch.tensor(saved["embedding_sample"]), torch.tensor(now["embedding_sample"]), rtol=1e-2, atol=1e-3
+    )
     if not close:
-        raise CheckpointError(f"artifact {path} was trained on a different base model than {saved['name']!r} "
-                              f"resolves to now (embedding weights differ); pass base= pointing at the original "
-                              f"base weights")
+        raise CheckpointError(
+            f"artifact {path} was trained on a different base model than {saved['name']!r} "
+            f"resolves to now (embedding weights differ); pass base= pointing at the original "
+            f"base weights"
+        )
 
 
 def check_quantization(spec: dict, path: Path) -> None:
@@ -264,5 +294,7 @@ def check_quantization(spec: dict, path: Path) -> None:
     except Exception:  # noqa: BLE001 - a damaged head file is reported by read_head
         return
     if recorded is not None and recorded != str(spec["quantization"]):
-        raise CheckpointError(f"{path / SPEC_FILE} says quantization={spec['quantization']!r} but its tensors were "
-                              f"trained on a {recorded!r} base; the spec was edited. Restore quantization={recorded!r}")
+        raise CheckpointError(
+            f"{path / SPEC_FILE} says quantization={spec['quantization']!r} but its tensors were "
+            f"trained on a {recorded!r} base; the spec was edited. Restore quantization={recorded!r}"
+        )

@@ -18,13 +18,23 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from adapters.artifacts.format import (HEAD_FILE, SPEC_FILE, adapter_spec_of, check_base, check_quantization, head_spec_of,
-                       is_artifact, read_head, read_spec, resolve_base)
-from adapters.backbone.loading import dtype_name, load_backbone
 from adapters.artifacts.card import model_card
+from adapters.artifacts.format import (
+    HEAD_FILE,
+    SPEC_FILE,
+    adapter_spec_of,
+    check_base,
+    check_quantization,
+    head_spec_of,
+    is_artifact,
+    read_head,
+    read_spec,
+    resolve_base,
+)
+from adapters.backbone.loading import dtype_name, load_backbone
+from adapters.backbone.packaged import drop_quantizer_marks
 from adapters.errors import ConfigError
 from adapters.files import atomic_folder, check_state, earlier_output, weights_digest
-from adapters.backbone.packaged import drop_quantizer_marks
 
 
 def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
@@ -37,22 +47,34 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
     spec = read_spec(artifact)
     adapter, head = adapter_spec_of(spec, artifact), head_spec_of(spec, artifact)
     if adapter is None:
-        raise ConfigError(f"{artifact} has no adapter (head only): there is nothing to merge into the base weights; "
-                          f"use the artifact as it is with adapters.load")
+        raise ConfigError(
+            f"{artifact} has no adapter (head only): there is nothing to merge into the base weights; "
+            f"use the artifact as it is with adapters.load"
+        )
     refusal = adapter.merge_refusal()
     if refusal:  # before loading anything
-        raise ConfigError(f"{artifact} has {adapter.describe()} adapters, which cannot be merged into the base "
-                          f"weights: {refusal}. Use the artifact as it is with adapters.load")
+        raise ConfigError(
+            f"{artifact} has {adapter.describe()} adapters, which cannot be merged into the base "
+            f"weights: {refusal}. Use the artifact as it is with adapters.load"
+        )
     head_tensors = _checked_head(spec, head, artifact)
     check_quantization(spec, artifact)
     replaces = earlier_output(out, overwrite, "a merge", "the merged model", _merged_files)
     location = resolve_base(spec, artifact)
-    network, base = load_backbone(location, spec["quantization"], spec.get("dtype"), "cpu",
-                                  padding_side=spec.get("padding_side"), with_lm_head=head.lm_logits)
+    network, base = load_backbone(
+        location,
+        spec["quantization"],
+        spec.get("dtype"),
+        "cpu",
+        padding_side=spec.get("padding_side"),
+        with_lm_head=head.lm_logits,
+    )
     check_base(spec, network, base.location, artifact)
     if spec["quantization"] is not None:
-        log(f"dequantizing the {spec['quantization']} base to {dtype_name(base.compute_dtype)} "
-            f"before merging (the adapter was trained on the quantized weights)")
+        log(
+            f"dequantizing the {spec['quantization']} base to {dtype_name(base.compute_dtype)} "
+            f"before merging (the adapter was trained on the quantized weights)"
+        )
         network = network.dequantize(dtype=base.compute_dtype)
         drop_quantizer_marks(network)
     merged = adapter.merge(network, artifact)
@@ -63,8 +85,14 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
         save_file(head_tensors, str(tmp / HEAD_FILE), metadata={"quantization": "None", "base": out.name})
         # the merged weights are their own base, in the artifact's own folder: it travels as one piece
         own = {"name": out.name, "path": ".", "weights_digest": weights_digest(tmp)}
-        merged_spec = dict(spec, adapter=None, quantization=None, merged_from=artifact.name,
-                           base={**spec["base"], **own}, dtype=dtype_name(base.compute_dtype))
+        merged_spec = dict(
+            spec,
+            adapter=None,
+            quantization=None,
+            merged_from=artifact.name,
+            base={**spec["base"], **own},
+            dtype=dtype_name(base.compute_dtype),
+        )
         (tmp / "README.md").write_text(model_card(merged_spec, out.name))
         merged_spec["files"] = sorted([p.name for p in tmp.iterdir()] + [SPEC_FILE])
         (tmp / SPEC_FILE).write_text(json.dumps(merged_spec, indent=2, default=str))

@@ -19,19 +19,26 @@ chooses the settings:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from adapters.errors import ConfigError, UnknownModelError
 from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
+from adapters.errors import ConfigError, UnknownModelError
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", None)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -80,7 +87,8 @@ def resolve_source(name: str, trust_remote_code: bool = False, revision: str | N
         raise UnknownModelError(
             f"unknown model {name!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), not a local folder, "
             f"and not loadable as a hub id ({type(err).__name__}: {err}). Pass a packaged name, the path of a "
-            f"folder saved with save_pretrained, or a hub id while online.") from None
+            f"folder saved with save_pretrained, or a hub id while online."
+        ) from None
     return name
 
 
@@ -129,10 +137,15 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype, do
 
 def is_decoder_config(config) -> bool:
     """Decoder-only LLM (pool the last token) vs bidirectional encoder (pool first/mean)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if getattr(config, "is_encoder_decoder", False):
-        raise ConfigError(f"encoder-decoder models ({config.model_type}) are not supported; use an encoder or a decoder")
+        raise ConfigError(
+            f"encoder-decoder models ({config.model_type}) are not supported; use an encoder or a decoder"
+        )
     if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         return False
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -190,14 +203,24 @@ def load_backbone(
     decoder = is_decoder_config(config)
     if with_lm_head and not decoder:
         raise ConfigError(f"{name!r} is an encoder ({config.model_type}): a causal LM head needs a decoder")
-    network = _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device, hub, decoder,
-                           attn_implementation)
+    network = _load_frozen(
+        location, with_lm_head, quantization, compute_dtype, double_quant, device, hub, decoder, attn_implementation
+    )
     tokenizer = _load_tokenizer(name, location, hub, padding_side, decoder)
     return network, BaseInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
 
 
-def _load_frozen(location, with_lm_head, quantization, compute_dtype, double_quant, device, hub: dict, decoder,
-                 attn_implementation: str | None) -> nn.Module:
+def _load_frozen(
+    location,
+    with_lm_head,
+    quantization,
+    compute_dtype,
+    double_quant,
+    device,
+    hub: dict,
+    decoder,
+    attn_implementation: str | None,
+) -> nn.Module:
     from transformers import AutoModel, AutoModelForCausalLM
 
     model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
@@ -240,8 +263,10 @@ def _load_tokenizer(name, location, hub: dict, padding_side, decoder):
         tokenizer.padding_side = padding_side
     if not decoder and tokenizer.padding_side == "left":
         # absolute position embeddings (BERT) would see every token shifted by the padding
-        raise ConfigError(f"{name!r} is an encoder: it must be padded on the right (padding_side='right'); "
-                          f"left padding shifts its absolute positions")
+        raise ConfigError(
+            f"{name!r} is an encoder: it must be padded on the right (padding_side='right'); "
+            f"left padding shifts its absolute positions"
+        )
     return tokenizer
 
 

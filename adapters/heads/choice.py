@@ -71,12 +71,17 @@ class MultipleChoice(HeadSpec):
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         shape = (batch_size, self.num_choices, seq_len)
-        batch = {"input_ids": torch.empty(shape, dtype=torch.long), "attention_mask": torch.empty(shape, dtype=torch.long),
-                 "labels": torch.empty(batch_size, dtype=torch.long)}
+        batch = {
+            "input_ids": torch.empty(shape, dtype=torch.long),
+            "attention_mask": torch.empty(shape, dtype=torch.long),
+            "labels": torch.empty(batch_size, dtype=torch.long),
+        }
         if self.scoring == "likelihood":
             scored = (batch_size, self.num_choices, min(CHOICE_TOKENS, seq_len - 1))
-            batch.update(choice_index=torch.zeros(scored, dtype=torch.long),
-                         choice_targets=torch.full(scored, IGNORE, dtype=torch.long))
+            batch.update(
+                choice_index=torch.zeros(scored, dtype=torch.long),
+                choice_targets=torch.full(scored, IGNORE, dtype=torch.long),
+            )
         return batch
 
     def collate(self, rows: list[dict], collator) -> dict[str, torch.Tensor]:
@@ -98,17 +103,19 @@ class MultipleChoice(HeadSpec):
         sequences = [seq for r in rows for seq in r["input_ids"]]
         starts = [s for r in rows for s in r["choice_start"]]
         longest, left = max(map(len, sequences)), collator.tokenizer.padding_side == "left"
-        width = max(len(seq) - s for seq, s in zip(sequences, starts))
+        width = max(len(seq) - s for seq, s in zip(sequences, starts, strict=False))
         index, targets = [], []
-        for seq, start in zip(sequences, starts):
+        for seq, start in zip(sequences, starts, strict=False):
             shift, n = (longest - len(seq) if left else 0), len(seq) - start
             index.append([shift + start - 1 + t for t in range(n)] + [0] * (width - n))
             targets.append(seq[start:] + [IGNORE] * (width - n))
         k = len(rows[0]["input_ids"])
-        return {"input_ids": collator.pad(sequences, collator.tokenizer.pad_token_id).view(len(rows), k, -1),
-                "attention_mask": collator.pad([[1] * len(s) for s in sequences], 0).view(len(rows), k, -1),
-                "choice_index": torch.tensor(index).view(len(rows), k, -1),
-                "choice_targets": torch.tensor(targets).view(len(rows), k, -1)}
+        return {
+            "input_ids": collator.pad(sequences, collator.tokenizer.pad_token_id).view(len(rows), k, -1),
+            "attention_mask": collator.pad([[1] * len(s) for s in sequences], 0).view(len(rows), k, -1),
+            "choice_index": torch.tensor(index).view(len(rows), k, -1),
+            "choice_targets": torch.tensor(targets).view(len(rows), k, -1),
+        }
 
     def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every (context, choice) sequence scored as one row, then regrouped: (batch, choices)."""
@@ -120,8 +127,9 @@ class MultipleChoice(HeadSpec):
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
         if self.scoring == "likelihood":
             if not is_decoder:
-                raise ConfigError("scoring='likelihood' needs a decoder (an encoder has no next-token scores); "
-                                  "use scoring='head'")
+                raise ConfigError(
+                    "scoring='likelihood' needs a decoder (an encoder has no next-token scores); use scoring='head'"
+                )
             return ChoiceLikelihood()
         return SequenceHead(hidden_size, 1, self.resolved_pooling(is_decoder), self.dropout)
 
@@ -137,19 +145,23 @@ class MultipleChoice(HeadSpec):
 
     def target(self, value) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < self.num_choices:
-            raise DataError(f"a MultipleChoice target is the index of the right choice, 0..{self.num_choices - 1}; "
-                            f"got {value!r}")
+            raise DataError(
+                f"a MultipleChoice target is the index of the right choice, 0..{self.num_choices - 1}; got {value!r}"
+            )
         return int(value)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels)
 
     def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        return {"accuracy": float((logits.argmax(-1) == labels).float().mean()), "count": int(labels.numel()),
-                "loss": float(self.loss(logits, labels))}
+        return {
+            "accuracy": float((logits.argmax(-1) == labels).float().mean()),
+            "count": int(labels.numel()),
+            "loss": float(self.loss(logits, labels)),
+        }
 
     def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
         best = logits.argmax(-1).tolist()
         if not probabilities:
             return best
-        return [(b, p.tolist()) for b, p in zip(best, logits.float().softmax(-1))]
+        return [(b, p.tolist()) for b, p in zip(best, logits.float().softmax(-1), strict=False)]

@@ -23,8 +23,9 @@ def pool_windows(logits: torch.Tensor, document: torch.Tensor, method: str) -> t
     count = int(document.max()) + 1
     index = document.unsqueeze(-1).expand_as(logits)
     if method == "max":
-        return torch.full((count, logits.shape[-1]), float("-inf"), dtype=logits.dtype,
-                          device=logits.device).scatter_reduce(0, index, logits, "amax")
+        return torch.full(
+            (count, logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device
+        ).scatter_reduce(0, index, logits, "amax")
     sums = torch.zeros(count, logits.shape[-1], dtype=logits.dtype, device=logits.device).index_add(0, document, logits)
     return sums / torch.bincount(document, minlength=count).unsqueeze(-1).to(logits.dtype)
 
@@ -75,10 +76,14 @@ class SequenceHead(nn.Module):
         if bias:
             nn.init.zeros_(self.score.bias)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = pool(hidden, attention_mask, self.pooling) if segments is None else pool_segments(
-            hidden, segments, self.pooling)
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        pooled = (
+            pool(hidden, attention_mask, self.pooling)
+            if segments is None
+            else pool_segments(hidden, segments, self.pooling)
+        )
         return self.score(self.dropout(pooled.to(self.score.weight.dtype)))
 
 
@@ -113,8 +118,13 @@ class ChoiceLikelihood(nn.Module):
     def use_embedding(self, embedding: nn.Module) -> None:
         self._embedding[:] = [embedding]
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, choice_index: torch.Tensor,
-                choice_targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        choice_index: torch.Tensor,
+        choice_targets: torch.Tensor,
+    ) -> torch.Tensor:
         """(sequences, length, dim) states -> (sequences, 1) scores. ``choice_index[i, k]`` is the position
         whose state predicts ``choice_targets[i, k]``, the choice's k-th token (``IGNORE``: filler)."""
         if not self._embedding:

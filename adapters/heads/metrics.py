@@ -81,13 +81,15 @@ def regression_metrics(preds: np.ndarray, labels: np.ndarray) -> dict[str, float
 
 def token_metrics(pred_tags: list[list[str]], true_tags: list[list[str]]) -> dict[str, float]:
     """Token accuracy; with ``seqeval`` installed also entity-level precision, recall and F1."""
-    pairs = [(p, t) for ps, ts in zip(pred_tags, true_tags) for p, t in zip(ps, ts)]
+    pairs = [(p, t) for ps, ts in zip(pred_tags, true_tags, strict=False) for p, t in zip(ps, ts, strict=False)]
     out = {"token_accuracy": sum(p == t for p, t in pairs) / max(len(pairs), 1), "count": len(true_tags)}
     try:
         from seqeval.metrics import f1_score, precision_score, recall_score
     except ImportError:
         return out
-    out.update(entity_f1=float(f1_score(true_tags, pred_tags, zero_division=0)),
-               entity_precision=float(precision_score(true_tags, pred_tags, zero_division=0)),
-               entity_recall=float(recall_score(true_tags, pred_tags, zero_division=0)))
+    out.update(
+        entity_f1=float(f1_score(true_tags, pred_tags, zero_division=0)),
+        entity_precision=float(precision_score(true_tags, pred_tags, zero_division=0)),
+        entity_recall=float(recall_score(true_tags, pred_tags, zero_division=0)),
+    )
     return out

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import ConfigError, DataError
-from adapters.heads.metrics import classification_metrics, multilabel_metrics, regression_metrics
 from adapters.heads.layers import SequenceHead
+from adapters.heads.metrics import classification_metrics, multilabel_metrics, regression_metrics
 from adapters.heads.spec import LongTextHead, _check_common, _check_labels, _label_index, tied_input_embedding
 
 
@@ -50,15 +50,20 @@ class Classification(LongTextHead):
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label_smoothing={self.label_smoothing!r} must be in [0, 1)")
         self.check_prompt()
-        if self.label_words is not None and (not isinstance(self.label_words, list) or
-                                             len(self.label_words) != len(self.labels) or
-                                             not all(isinstance(w, str) and w for w in self.label_words)):
-            raise ConfigError(f"label_words needs one non-empty word per label ({len(self.labels)}), "
-                              f"got {self.label_words!r}")
+        if self.label_words is not None and (
+            not isinstance(self.label_words, list)
+            or len(self.label_words) != len(self.labels)
+            or not all(isinstance(w, str) and w for w in self.label_words)
+        ):
+            raise ConfigError(
+                f"label_words needs one non-empty word per label ({len(self.labels)}), got {self.label_words!r}"
+            )
         if self.class_weights is not None:
             if len(self.class_weights) != len(self.labels) or any(w < 0 for w in self.class_weights):
-                raise ConfigError(f"class_weights needs one non-negative weight per label ({len(self.labels)}), "
-                                  f"got {self.class_weights}")
+                raise ConfigError(
+                    f"class_weights needs one non-negative weight per label ({len(self.labels)}), "
+                    f"got {self.class_weights}"
+                )
             self.class_weights = [float(w) for w in self.class_weights]
 
     @property
@@ -66,8 +71,7 @@ class Classification(LongTextHead):
         return len(self.labels)
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
-        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout,
-                            self.bias)
+        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout, self.bias)
 
     def initialize(self, head: nn.Module, backbone, tokenizer) -> None:
         """With ``label_words``: each label's row is the output embedding of its word's first token."""
@@ -104,7 +108,9 @@ class Classification(LongTextHead):
         labels = [self.labels[i] for i in probs.argmax(-1).tolist()]
         if not probabilities:
             return labels
-        return [(label, dict(zip(self.labels, p.tolist()))) for label, p in zip(labels, probs)]
+        return [
+            (label, dict(zip(self.labels, p.tolist(), strict=True))) for label, p in zip(labels, probs, strict=True)
+        ]
 
 
 @dataclass
@@ -131,12 +137,13 @@ class MultiLabel(LongTextHead):
         return len(self.labels)
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
-        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout,
-                            self.bias)
+        return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout, self.bias)
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        return {**super().example_batch(batch_size, seq_len),
-                "labels": torch.empty(batch_size, self.num_labels, dtype=torch.float32)}
+        return {
+            **super().example_batch(batch_size, seq_len),
+            "labels": torch.empty(batch_size, self.num_labels, dtype=torch.float32),
+        }
 
     def target(self, value) -> list[float]:
         if isinstance(value, str) or not isinstance(value, (list, tuple, set, np.ndarray)):
@@ -160,7 +167,7 @@ class MultiLabel(LongTextHead):
         sets = [[self.labels[i] for i in range(self.num_labels) if p[i] >= self.threshold] for p in probs]
         if not probabilities:
             return sets
-        return [(s, dict(zip(self.labels, p.tolist()))) for s, p in zip(sets, probs)]
+        return [(s, dict(zip(self.labels, p.tolist(), strict=False))) for s, p in zip(sets, probs, strict=False)]
 
 
 @dataclass
@@ -179,12 +186,13 @@ class Regression(LongTextHead):
             raise ConfigError(f"num_outputs={self.num_outputs!r} must be a positive integer")
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
-        return SequenceHead(hidden_size, self.num_outputs, self.resolved_pooling(is_decoder), self.dropout,
-                            self.bias)
+        return SequenceHead(hidden_size, self.num_outputs, self.resolved_pooling(is_decoder), self.dropout, self.bias)
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        return {**super().example_batch(batch_size, seq_len),
-                "labels": torch.empty(batch_size, self.num_outputs, dtype=torch.float32)}
+        return {
+            **super().example_batch(batch_size, seq_len),
+            "labels": torch.empty(batch_size, self.num_outputs, dtype=torch.float32),
+        }
 
     def target(self, value) -> list[float]:
         values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]

@@ -64,13 +64,15 @@ def _label_index(labels: list[str], value) -> int:
     if isinstance(value, (int, np.integer)):
         if 0 <= value < len(labels):
             return int(value)
-        raise DataError(f"label id {value} is out of range: the head has {len(labels)} labels {labels} "
-                        f"(ids 0..{len(labels) - 1})")
+        raise DataError(
+            f"label id {value} is out of range: the head has {len(labels)} labels {labels} (ids 0..{len(labels) - 1})"
+        )
     try:
         return labels.index(str(value))
     except ValueError:
-        raise DataError(f"label {value!r} is not one of the head's labels {labels}; add it to the head's "
-                        f"labels or fix the data") from None
+        raise DataError(
+            f"label {value!r} is not one of the head's labels {labels}; add it to the head's labels or fix the data"
+        ) from None
 
 
 class HeadSpec(ABC):
@@ -150,8 +152,9 @@ class HeadSpec(ABC):
 
     # --- data -------------------------------------------------------------------------------------
 
-    def encode(self, data, tokenizer, text_column: str, label_column: str | None, max_length: int,
-               what: str) -> tuple[dict[str, list], int]:
+    def encode(
+        self, data, tokenizer, text_column: str, label_column: str | None, max_length: int, what: str
+    ) -> tuple[dict[str, list], int]:
         """Columns of model inputs (and ``labels`` with a ``label_column``) for a ``datasets.Dataset``,
         and the number of rows cut at ``max_length``; one of ``data.py``'s encoders."""
         return encode_texts(data, tokenizer, self, text_column, label_column, max_length, what)
@@ -164,28 +167,34 @@ class HeadSpec(ABC):
         """Whether ``predict`` was given one input (answered with one prediction) rather than a list."""
         return isinstance(inputs, (str, dict))
 
-    def initialize(self, head: "torch.nn.Module", backbone, tokenizer) -> None:
+    def initialize(self, head: torch.nn.Module, backbone, tokenizer) -> None:  # noqa: B027 - optional, no-op
         """Set the new head's first weights from the base (default: leave the random ones)."""
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         """Empty inputs and labels of the shapes a training batch has (the memory estimate runs them on
         the meta device)."""
         shape = (batch_size, seq_len)
-        return {"input_ids": torch.empty(shape, dtype=torch.long), "attention_mask": torch.empty(shape, dtype=torch.long),
-                "labels": torch.empty(batch_size, dtype=torch.long)}
+        return {
+            "input_ids": torch.empty(shape, dtype=torch.long),
+            "attention_mask": torch.empty(shape, dtype=torch.long),
+            "labels": torch.empty(batch_size, dtype=torch.long),
+        }
 
     # --- predictions ------------------------------------------------------------------------------
 
-    def predict(self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None,
-                **kwargs) -> list:
+    def predict(
+        self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None, **kwargs
+    ) -> list:
         """Predictions of ``model`` for a list of ``inputs`` (see ``AdaptedModel.predict``)."""
         self.refuse_keywords(kwargs)
         return self.decode(model.logits(inputs, batch_size), probabilities)
 
     def refuse_keywords(self, kwargs: dict) -> None:
         if kwargs:  # a typo (probabilites=True) must not pass in silence
-            raise ConfigError(f"predict() got unknown keyword(s) {sorted(kwargs)}: a {self.kind} head takes "
-                              f"`probabilities` and `batch_size` (generate() keywords are for CausalLM heads)")
+            raise ConfigError(
+                f"predict() got unknown keyword(s) {sorted(kwargs)}: a {self.kind} head takes "
+                f"`probabilities` and `batch_size` (generate() keywords are for CausalLM heads)"
+            )
 
     def eval_outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return logits.float(), labels
@@ -254,8 +263,11 @@ class LongTextHead(HeadSpec):
 
         size, parts = self.window_batch, []
         for start in range(0, input_ids.shape[0], size):
-            group = (input_ids[start:start + size], attention_mask[start:start + size],
-                     None if token_type_ids is None else token_type_ids[start:start + size])
+            group = (
+                input_ids[start : start + size],
+                attention_mask[start : start + size],
+                None if token_type_ids is None else token_type_ids[start : start + size],
+            )
             if torch.is_grad_enabled() and model.training:
                 parts.append(checkpoint(model.sequence_logits, *group, use_reentrant=False))
             else:
@@ -287,6 +299,8 @@ def tied_input_embedding(backbone, what: str, fix: str = ""):
     """The base's input embedding, which ``what`` uses as its output embedding: only where the two are
     one matrix (``tie_word_embeddings``); a separate LM head is not loaded with a headless base."""
     if not getattr(backbone.config, "tie_word_embeddings", False):
-        raise ConfigError(f"{what} needs a base whose output embeddings are its input embeddings "
-                          f"(tie_word_embeddings); this one has a separate LM head{fix}")
+        raise ConfigError(
+            f"{what} needs a base whose output embeddings are its input embeddings "
+            f"(tie_word_embeddings); this one has a separate LM head{fix}"
+        )
     return backbone.get_input_embeddings()

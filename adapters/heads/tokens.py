@@ -12,8 +12,8 @@ from torch import nn
 
 from adapters.data.encoding import IGNORE, encode_words
 from adapters.errors import DataError
-from adapters.heads.metrics import token_metrics
 from adapters.heads.layers import TokenHead
+from adapters.heads.metrics import token_metrics
 from adapters.heads.spec import HeadSpec, _check_common, _check_labels, _label_index
 
 
@@ -60,14 +60,20 @@ class TokenClassification(HeadSpec):
         return logits.argmax(-1), labels, nll.sum(-1), (labels != IGNORE).sum(-1)
 
     def metrics(self, preds: torch.Tensor, labels: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor) -> dict:
-        rows = [([self.labels[p] for p, t in zip(pr, la) if t != IGNORE], [self.labels[t] for t in la if t != IGNORE])
-                for pr, la in zip(preds.tolist(), labels.tolist())]
+        rows = [
+            (
+                [self.labels[p] for p, t in zip(pr, la, strict=False) if t != IGNORE],
+                [self.labels[t] for t in la if t != IGNORE],
+            )
+            for pr, la in zip(preds.tolist(), labels.tolist(), strict=False)
+        ]
         out = token_metrics([r[0] for r in rows], [r[1] for r in rows])
         out["loss"] = float(nll.sum() / tokens.sum().clamp(min=1))
         return out
 
-    def predict(self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None,
-                **kwargs) -> list[list[str]]:
+    def predict(
+        self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None, **kwargs
+    ) -> list[list[str]]:
         """One tag per word (inputs: word lists, or texts split on whitespace), read at each word's first
         sub-token; words cut by ``max_length`` get None: they were never seen."""
         self.refuse_keywords(kwargs)
@@ -75,13 +81,13 @@ class TokenClassification(HeadSpec):
         batch_size = batch_size or 256
         out = []
         for i in range(0, len(words), batch_size):
-            chunk = words[i:i + batch_size]
+            chunk = words[i : i + batch_size]
             encoded = model.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=model.max_length)
             logits = model.logits(chunk, batch_size)
             left = model.tokenizer.padding_side == "left"
             for j, row in enumerate(chunk):
                 word_ids = encoded.word_ids(j)
-                row_logits = logits[j][-len(word_ids):] if left else logits[j][:len(word_ids)]
+                row_logits = logits[j][-len(word_ids) :] if left else logits[j][: len(word_ids)]
                 out.append(self._tags(row, word_ids, row_logits))
         return out
 

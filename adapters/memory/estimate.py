@@ -45,13 +45,20 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from adapters.backbone.loading import DTYPES, QUANTIZATIONS, BaseInfo, dtype_name, is_decoder_config, resolve_mixed_precision, resolve_source
-from adapters.methods.targets import find_block_stack
+from adapters.backbone.loading import (
+    DTYPES,
+    QUANTIZATIONS,
+    BaseInfo,
+    dtype_name,
+    is_decoder_config,
+    resolve_mixed_precision,
+    resolve_source,
+)
+from adapters.config.training import MIXED_PRECISION, OPTIMIZERS
 from adapters.errors import ConfigError
 from adapters.heads import Classification, HeadSpec
+from adapters.methods.targets import find_block_stack, linear_module_names
 from adapters.model import AdaptedModel
-from adapters.methods.targets import linear_module_names
-from adapters.config.training import MIXED_PRECISION, OPTIMIZERS
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors (min_8bit_size)
@@ -82,8 +89,16 @@ class MemoryEstimate:
     total_params: int
     settings: dict = field(default_factory=dict)
 
-    PARTS = ("base_quantized", "base_unquantized", "trainable", "gradients", "optimizer", "activations",
-             "transient", "framework")
+    PARTS = (
+        "base_quantized",
+        "base_unquantized",
+        "trainable",
+        "gradients",
+        "optimizer",
+        "activations",
+        "transient",
+        "framework",
+    )
 
     @property
     def tensors(self) -> int:
@@ -99,13 +114,17 @@ class MemoryEstimate:
 
     def table(self) -> str:
         s = self.settings
-        lines = [f"memory estimate per device: {s.get('model')} | {s.get('quantization') or 'no quantization'} | "
-                 f"{s.get('adapter')} | batch {s.get('batch_size')} x {s.get('seq_len')} tokens"
-                 f"{' | checkpointing' if s.get('gradient_checkpointing') else ''} | {s.get('optimizer')}"
-                 f"{' | %d processes' % s['processes'] if s.get('processes', 1) > 1 else ''}"
-                 f"{' (FSDP)' if s.get('fsdp') else ''}"]
-        lines.append(f"trainable parameters {self.trainable_params:,} of {self.total_params:,} "
-                     f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%)")
+        lines = [
+            f"memory estimate per device: {s.get('model')} | {s.get('quantization') or 'no quantization'} | "
+            f"{s.get('adapter')} | batch {s.get('batch_size')} x {s.get('seq_len')} tokens"
+            f"{' | checkpointing' if s.get('gradient_checkpointing') else ''} | {s.get('optimizer')}"
+            + (f" | {s['processes']} processes" if s.get("processes", 1) > 1 else "")
+            + (" (FSDP)" if s.get("fsdp") else "")
+        ]
+        lines.append(
+            f"trainable parameters {self.trainable_params:,} of {self.total_params:,} "
+            f"({100 * self.trainable_params / max(self.total_params, 1):.3f}%)"
+        )
         width = max(len(p) for p in self.PARTS)
         for part in self.PARTS:
             lines.append(f"  {part.replace('_', ' '):<{width}}  {_human(getattr(self, part)):>10}")
@@ -149,7 +168,9 @@ def _config_of(model, trust_remote_code: bool):
         if kind not in CONFIG_MAPPING:
             raise ConfigError(f"config dict needs a known model_type, got {kind!r}")
         return CONFIG_MAPPING[kind](**{k: v for k, v in model.items() if k != "model_type"}), kind
-    return AutoConfig.from_pretrained(resolve_source(model, trust_remote_code), trust_remote_code=trust_remote_code), model
+    return AutoConfig.from_pretrained(
+        resolve_source(model, trust_remote_code), trust_remote_code=trust_remote_code
+    ), model
 
 
 @contextmanager
@@ -173,8 +194,9 @@ def _meta_model(config, name: str, head, adapter, activation_dtype: torch.dtype,
     decoder = is_decoder_config(config)
     cls = AutoModelForCausalLM if head.lm_logits else AutoModel
     with _meta_init():
-        net = cls.from_config(config, dtype=activation_dtype, trust_remote_code=trust_remote_code,
-                              attn_implementation="sdpa")
+        net = cls.from_config(
+            config, dtype=activation_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
         if not decoder and isinstance(getattr(net, "pooler", None), nn.Module):
             net.pooler = None  # as load_backbone: never used, never quantized or adapted
         for p in net.parameters():
@@ -270,13 +292,16 @@ class SavedTensorCounter:
         self.pack(torch.empty(out_shape, dtype=query.dtype, device="meta"))
         self.pack(torch.empty(query.shape[:-1], dtype=torch.float32, device="meta"))
         if self.padded:  # a padded batch's mask, converted to the query's dtype, is kept per layer
-            self.pack(torch.empty((query.shape[0], 1, query.shape[-2], key.shape[-2]), dtype=query.dtype, device="meta"))
+            self.pack(
+                torch.empty((query.shape[0], 1, query.shape[-2], key.shape[-2]), dtype=query.dtype, device="meta")
+            )
         # an output of the right shape that stays in the autograd graph and saves nothing itself
         return query.narrow(-1, 0, 1).expand(out_shape)
 
     def _hooks(self) -> list:
         handles = [self.model.backbone.register_forward_pre_hook(self._unmasked, with_kwargs=True)]
         for i, block in enumerate(self.blocks):
+
             def enter(module, args, kwargs, i=i):
                 self.current = i
                 hidden = args[0] if args else next(iter(kwargs.values()))
@@ -297,7 +322,7 @@ class SavedTensorCounter:
             handles.append(module.register_forward_pre_hook(keep_input))
         return handles
 
-    def run(self, inputs: dict) -> "SavedTensorCounter":
+    def run(self, inputs: dict) -> SavedTensorCounter:
         handles = self._hooks()
         self.model.train()
         self.sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -355,9 +380,18 @@ def estimate_memory(
     meta, quantizable = _meta_model(config, name, head, adapter, activation_dtype, trust_remote_code)
 
     weights = _weight_bytes(meta, quantizable, quantization, double_quant, compute_dtype, optimizer)
-    activations, transient, blocks = _activation_bytes(meta, quantizable, config, head, quantization, batch_size,
-                                                       seq_len, gradient_checkpointing, mixed_precision,
-                                                       activation_dtype)
+    activations, transient, blocks = _activation_bytes(
+        meta,
+        quantizable,
+        config,
+        head,
+        quantization,
+        batch_size,
+        seq_len,
+        gradient_checkpointing,
+        mixed_precision,
+        activation_dtype,
+    )
     transient += weights.pop("widest_weight")
     if fsdp and processes > 1:
         block_share = (weights["base_quantized"] + weights["base_unquantized"]) / max(blocks, 1)
@@ -366,21 +400,41 @@ def estimate_memory(
         transient += int(block_share)  # one block all-gathered at a time
     elif processes > 1:
         weights["gradients"] *= 2  # DDP's all-reduce buckets hold a copy of the gradients
-    settings = {"model": name, "quantization": quantization,
-                "adapter": adapter.describe() if adapter is not None else "head only", "head": head.kind,
-                "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
-                "optimizer": optimizer, "mixed_precision": mixed_precision, "processes": processes, "fsdp": fsdp,
-                "device": device, "compute_dtype": dtype_name(compute_dtype)}
+    settings = {
+        "model": name,
+        "quantization": quantization,
+        "adapter": adapter.describe() if adapter is not None else "head only",
+        "head": head.kind,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "gradient_checkpointing": gradient_checkpointing,
+        "optimizer": optimizer,
+        "mixed_precision": mixed_precision,
+        "processes": processes,
+        "fsdp": fsdp,
+        "device": device,
+        "compute_dtype": dtype_name(compute_dtype),
+    }
     counts = weights.pop("params")
-    return MemoryEstimate(**weights, activations=activations, transient=transient,
-                          framework=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
-                          trainable_params=counts[0], total_params=counts[1], settings=settings)
+    return MemoryEstimate(
+        **weights,
+        activations=activations,
+        transient=transient,
+        framework=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
+        trainable_params=counts[0],
+        total_params=counts[1],
+        settings=settings,
+    )
 
 
-def _check_arguments(head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype,
-                     device) -> None:
+def _check_arguments(
+    head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype, device
+) -> None:
     checks = [
-        (isinstance(head, HeadSpec), f"head must be a head spec such as adapters.Classification, got {type(head).__name__}"),
+        (
+            isinstance(head, HeadSpec),
+            f"head must be a head spec such as adapters.Classification, got {type(head).__name__}",
+        ),
         (quantization in QUANTIZATIONS, f"quantization={quantization!r} is not one of {QUANTIZATIONS}"),
         (isinstance(batch_size, int) and batch_size >= 1, f"batch_size={batch_size!r} must be a positive integer"),
         (isinstance(seq_len, int) and seq_len >= 1, f"seq_len={seq_len!r} must be a positive integer"),
@@ -411,13 +465,29 @@ def _weight_bytes(meta, quantizable, quantization, double_quant, compute_dtype, 
             widest_weight = max(widest_weight, p.numel() * compute_dtype.itemsize)
         else:
             base_u += p.numel() * compute_dtype.itemsize
-    return {"base_quantized": base_q, "base_unquantized": base_u, "trainable": 4 * trainable,
-            "gradients": 4 * trainable, "optimizer": optimizer_bytes, "widest_weight": widest_weight,
-            "params": (trainable, total_params)}
+    return {
+        "base_quantized": base_q,
+        "base_unquantized": base_u,
+        "trainable": 4 * trainable,
+        "gradients": 4 * trainable,
+        "optimizer": optimizer_bytes,
+        "widest_weight": widest_weight,
+        "params": (trainable, total_params),
+    }
 
 
-def _activation_bytes(meta, quantizable, config, head, quantization, batch_size, seq_len, gradient_checkpointing,
-                      mixed_precision, activation_dtype) -> tuple[int, int, int]:
+def _activation_bytes(
+    meta,
+    quantizable,
+    config,
+    head,
+    quantization,
+    batch_size,
+    seq_len,
+    gradient_checkpointing,
+    mixed_precision,
+    activation_dtype,
+) -> tuple[int, int, int]:
     """(bytes autograd keeps for backward, transient bytes at the peak, number of blocks) for one batch."""
     with torch.device("meta"):
         inputs = head.example_batch(batch_size, seq_len)

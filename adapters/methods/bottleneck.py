@@ -30,16 +30,16 @@ Where the rule finds nothing, ``targets=`` names the modules by hand.
 from __future__ import annotations
 
 import re
-from typing import ClassVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from adapters.methods.spec import AdapterSpec
 from adapters.errors import ConfigError, TargetModulesError
 from adapters.files import check_state, cpu_state, load_tensors
+from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import block_indices, find_block_stack, is_linear, linear_module_names, matches
 
 PLACEMENTS = ("pfeiffer", "houlsby")
@@ -189,8 +189,10 @@ def placement_targets(model: nn.Module, spec: Bottleneck, hidden: int) -> list[s
     if spec.targets is not None:
         names = [n for n, _ in model.named_modules() if n and matches(spec.targets, n)]
         if not names:
-            raise TargetModulesError(f"Bottleneck targets {spec.targets} match no module; linear layers are named "
-                                     f"like {linear_module_names(model)[:6]}")
+            raise TargetModulesError(
+                f"Bottleneck targets {spec.targets} match no module; linear layers are named "
+                f"like {linear_module_names(model)[:6]}"
+            )
         return names
     stack_name, stack = find_block_stack(model)
     indices = range(len(stack))
@@ -206,7 +208,8 @@ def placement_targets(model: nn.Module, spec: Bottleneck, hidden: int) -> list[s
                     f"block {stack_name}.{i} ({type(stack[i]).__name__}) has no {part.replace('_', '-')} output "
                     f"projection: looked for the last linear layer mapping to the hidden size ({hidden}) "
                     f"{'inside' if part == 'attention' else 'outside'} a child named like 'attn'/'attention'. "
-                    f"Name the modules with Bottleneck(targets=[...])")
+                    f"Name the modules with Bottleneck(targets=[...])"
+                )
             targets.append(f"{stack_name}.{i}.{found[part]}")
     return targets
 

@@ -26,16 +26,16 @@ is ``lora_fused.py``'s: one stacked ``A`` matmul per input group and one ``addmm
 from __future__ import annotations
 
 import re
-from typing import ClassVar
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from torch import nn
 
-from adapters.methods.spec import AdapterSpec
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
 from adapters.methods.lora_fused import fuse_lora, share_dropout
+from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets, linear_module_names, matches  # noqa: F401 (re-exported)
 
 ADAPTER_DIR = "adapter"  # in an artifact: a standard peft adapter folder
@@ -92,14 +92,20 @@ class LoRA(AdapterSpec):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoRA {name}={getattr(self, name)!r} must be True or False")
         if self.layers is not None:
-            if (not isinstance(self.layers, (list, tuple)) or not self.layers
-                    or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)):
-                raise ConfigError(f"LoRA layers={self.layers!r} must be a non-empty list of block indices (0, 1, ...; "
-                                  f"-1 the last), e.g. list(range(-15, 0)) for the top 15 blocks, or None for all")
+            if (
+                not isinstance(self.layers, (list, tuple))
+                or not self.layers
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers)
+            ):
+                raise ConfigError(
+                    f"LoRA layers={self.layers!r} must be a non-empty list of block indices (0, 1, ...; "
+                    f"-1 the last), e.g. list(range(-15, 0)) for the top 15 blocks, or None for all"
+                )
             self.layers = sorted(set(self.layers))
 
     def attach(self, model) -> None:
-        """peft's LoRA layers into ``model.backbone`` (in place); peft's wrapper kept in ``model.adapter_state["peft"]``."""
+        """peft's LoRA layers into ``model.backbone`` (in place); peft's wrapper kept in
+        ``model.adapter_state["peft"]``."""
         model.adapter_state["peft"] = apply_lora(model.backbone, self, model.base.location)
 
     def trained_state(self, model) -> dict:

@@ -41,8 +41,11 @@ def fuse_lora(peft_model: nn.Module) -> int:
     slot: dict = {}  # one per model: the last input (by identity) and the stacked ``A x`` computed from it
     changed = 0
     for parent in peft_model.modules():
-        layers = [m for m in parent.children() if isinstance(m, LoraLayer)
-                  and isinstance(m.get_base_layer(), nn.Linear) and "forward" not in vars(m)]
+        layers = [
+            m
+            for m in parent.children()
+            if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), nn.Linear) and "forward" not in vars(m)
+        ]
         groups: dict[int, list[nn.Module]] = {}
         for layer in layers:
             groups.setdefault(layer.in_features, []).append(layer)
@@ -92,7 +95,11 @@ def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         up = layer.lora_B[name].weight
         if up.dtype != flat.dtype:  # e.g. an fp32 adapter on a bf16 base output: peft casts the update
             update = (low @ up.t()).to(flat.dtype)
-            flat = flat.add_(update, alpha=layer.scaling[name]) if in_place else flat.add(update, alpha=layer.scaling[name])
+            flat = (
+                flat.add_(update, alpha=layer.scaling[name])
+                if in_place
+                else flat.add(update, alpha=layer.scaling[name])
+            )
         elif in_place:
             flat = flat.addmm_(low, up.t(), alpha=layer.scaling[name])
         else:
@@ -118,7 +125,7 @@ def _low_rank_input(layer, x: torch.Tensor, name: str, shared: bool = True) -> t
     stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
     product = x.reshape(-1, x.shape[-1]).to(stacked.dtype) @ stacked.t()
     offsets, start = {}, 0
-    for member, each in zip(members, weights):
+    for member, each in zip(members, weights, strict=False):
         offsets[id(member)] = (start, start + each.shape[0], each, each._version)
         start += each.shape[0]
     slot.clear()

@@ -20,8 +20,11 @@ def linear_module_names(model: nn.Module) -> list[str]:
 
     # the output embedding (an LM head) is never an adapter target: it is the frozen next-token head
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D)) and module is not output]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not output
+    ]
 
 
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
@@ -44,7 +47,8 @@ def check_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise TargetModulesError(
             f"LoRA targets {targets!r} match no linear layer of the base model. Its linear layers are named "
-            f"{leaves} (e.g. {names[:3]}); pass some of these names, a regex over full names, or 'all-linear'.")
+            f"{leaves} (e.g. {names[:3]}); pass some of these names, a regex over full names, or 'all-linear'."
+        )
     return matched
 
 
@@ -53,14 +57,19 @@ def block_indices(layers: list[int], blocks: int | None, owner: str) -> list[int
     (-1 = the last block); ``owner`` names the adapter in the error."""
     if blocks is None:
         if any(i < 0 for i in layers):
-            raise ConfigError(f"{owner} layers={layers}: counting from the top needs the model's number of blocks, "
-                              f"which its config does not give (num_hidden_layers); name blocks from 0")
+            raise ConfigError(
+                f"{owner} layers={layers}: counting from the top needs the model's number of blocks, "
+                f"which its config does not give (num_hidden_layers); name blocks from 0"
+            )
         return sorted(set(layers))
     bad = [i for i in layers if not -blocks <= i < blocks]
     if bad:
-        raise ConfigError(f"{owner} layers={layers}: {bad} out of range, the model has {blocks} blocks "
-                          f"(0-{blocks - 1}, or -{blocks} to -1 from the top)")
+        raise ConfigError(
+            f"{owner} layers={layers}: {bad} out of range, the model has {blocks} blocks "
+            f"(0-{blocks - 1}, or -{blocks} to -1 from the top)"
+        )
     return sorted({i % blocks for i in layers})
+
 
 def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of identical transformer blocks (the one holding the most linear layers)."""
@@ -73,7 +82,8 @@ def find_block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise TargetModulesError(
             "found no stack of transformer blocks (an nn.ModuleList of identical blocks holding linear layers); "
-            "name the modules to adapt with Bottleneck(targets=[...])")
+            "name the modules to adapt with Bottleneck(targets=[...])"
+        )
     return best
 
 
@@ -82,4 +92,3 @@ def is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, (nn.Linear, Conv1D))
-

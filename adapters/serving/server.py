@@ -21,19 +21,27 @@ error inside a model is a 500 JSON answer, never a dead server. uvicorn stops on
 requests in flight are answered.
 """
 
-
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from torch import nn
 
-from adapters.artifacts.format import (HEAD_FILE, adapter_spec_of, check_base, check_quantization, head_spec_of, read_head,
-                       read_spec, resolve_base)
+from adapters.artifacts.format import (
+    HEAD_FILE,
+    adapter_spec_of,
+    check_base,
+    check_quantization,
+    head_spec_of,
+    read_head,
+    read_spec,
+    resolve_base,
+)
 from adapters.errors import AdaptersError, ConfigError
 
 
@@ -56,9 +64,14 @@ class Served:
             return model.predict(inputs, probabilities=probabilities)
 
     def describe(self) -> dict:
-        return {"name": self.name, "base": self.spec["base"]["name"], "base_group": self.group.index,
-                "quantization": self.spec["quantization"], "adapter": self.adapter.describe() if self.adapter else None,
-                "head": self.head_spec.to_dict()}
+        return {
+            "name": self.name,
+            "base": self.spec["base"]["name"],
+            "base_group": self.group.index,
+            "quantization": self.spec["quantization"],
+            "adapter": self.adapter.describe() if self.adapter else None,
+            "head": self.head_spec.to_dict(),
+        }
 
 
 @dataclass
@@ -114,8 +127,17 @@ def load_served(artifacts: dict[str, Path], device: str | None = None) -> dict[s
             model = AdaptedModel.from_pretrained(path, device=device)
             group = BaseGroup(len(groups), key, model)
             groups.append(group)
-            member = Served(name, path, spec, group, model.head, model.head_spec, adapter, model.max_length,
-                            adapter.handle(model) if adapter is not None else None)
+            member = Served(
+                name,
+                path,
+                spec,
+                group,
+                model.head,
+                model.head_spec,
+                adapter,
+                model.max_length,
+                adapter.handle(model) if adapter is not None else None,
+            )
         else:
             member = _join(group, name, path, spec, adapter)
         group.members.append(member)
@@ -204,7 +226,7 @@ class Batcher:
             return
         start = 0
         for one in part:
-            loop.call_soon_threadsafe(_resolve, one[2], results[start:start + len(one[0])], None)
+            loop.call_soon_threadsafe(_resolve, one[2], results[start : start + len(one[0])], None)
             start += len(one[0])
 
 
@@ -277,15 +299,20 @@ def create_app(served: dict[str, Served], limits: Limits | None = None):
     return app
 
 
-def serve(artifacts: list[str], host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None,
-          device: str | None = None) -> None:
+def serve(
+    artifacts: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    limits: Limits | None = None,
+    device: str | None = None,
+) -> None:
     """Load ``artifacts`` (``PATH`` or ``NAME=PATH``) and serve them until SIGTERM/SIGINT."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
     paths = parse_artifacts(artifacts)
-    for name, path in paths.items():
+    for path in paths.values():
         read_spec(path)  # every artifact readable before any base loads
     served = load_served(paths, device)
     groups = len({s.group.index for s in served.values()})

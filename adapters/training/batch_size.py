@@ -3,7 +3,8 @@
 ``TrainConfig(auto_batch_size=True)``: the per-device examples per optimizer step that were asked
 for (``batch_size x grad_accum``) are split into ``b x (batch_size x grad_accum / b)`` with the
 largest divisor ``b`` whose memory estimate (``memory.estimate_memory``, for the longest
-sequence of the data) fits in 90% of the GPU's free memory (75% of the available RAM on CPU); then one real forward and backward
+sequence of the data) fits in 90% of the GPU's free memory (75% of the available RAM on CPU); then one real forward
+and backward
 pass at that size, on the longest rows, confirms it, and an out-of-memory error there backs off
 to the next smaller divisor. The effective batch, and so the optimisation, do not change.
 """
@@ -68,8 +69,15 @@ def choose_batch_size(model, encoded, config, processes: int = 1) -> tuple[int, 
     details = {"requested_per_device": wanted, "seq_len": seq_len, "free_bytes": free}
     collator = Collator(model.tokenizer, model.head_spec)
     for b in _divisors_descending(wanted):
-        est = estimate_memory(model, batch_size=b, seq_len=seq_len, gradient_checkpointing=config.gradient_checkpointing,
-                              optimizer=config.optimizer, mixed_precision=config.mixed_precision, processes=processes)
+        est = estimate_memory(
+            model,
+            batch_size=b,
+            seq_len=seq_len,
+            gradient_checkpointing=config.gradient_checkpointing,
+            optimizer=config.optimizer,
+            mixed_precision=config.mixed_precision,
+            processes=processes,
+        )
         if resident is None:  # the weights are loaded already: they are not in `free`
             resident = est.base_quantized + est.base_unquantized + est.trainable
         needed = est.tensors - resident
@@ -88,4 +96,5 @@ def choose_batch_size(model, encoded, config, processes: int = 1) -> tuple[int, 
         return b, wanted // b, details
     raise ConfigError(
         f"auto_batch_size: not even one sequence of {seq_len} tokens fits in the {free / 2**30:.2f} GiB free on "
-        f"{model.device}. Turn on gradient_checkpointing, lower max_length, or quantize the base (nf4).")
+        f"{model.device}. Turn on gradient_checkpointing, lower max_length, or quantize the base (nf4)."
+    )

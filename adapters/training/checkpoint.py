@@ -59,7 +59,7 @@ class TrainState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainState":
+    def from_dict(cls, data: dict) -> TrainState:
         """Read a saved state; keys this version does not know are ignored, missing ones keep their default."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -85,7 +85,7 @@ def keep_trainable_only(model_getter):
         for i, model in enumerate(models):
             trainable = {n for n, p in model_getter(model).named_parameters() if p.requires_grad}
             prefix = "module." if any(k.startswith("module.") for k in weights[i]) else ""
-            weights[i] = {k: v for k, v in weights[i].items() if k[len(prefix):] in trainable}
+            weights[i] = {k: v for k, v in weights[i].items() if k[len(prefix) :] in trainable}
 
     return hook
 
@@ -95,8 +95,9 @@ def step_checkpoint(output_dir, step: int) -> Path:
     return checkpoint_dir(output_dir) / f"step-{step:06d}"
 
 
-def save_checkpoint(accelerator, output_dir, state: TrainState, keep_last: int | None,
-                    protect: Path | None = None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir, state: TrainState, keep_last: int | None, protect: Path | None = None
+) -> Path:
     """Save the training state at ``state.step`` atomically; prune to ``keep_last`` (never ``protect``)."""
     root = checkpoint_dir(output_dir)
     final = step_checkpoint(output_dir, state.step)
@@ -130,8 +131,10 @@ def resolve_resume(resume, output_dir) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"cannot resume from {path}: no {STATE_FILE} there (not a complete checkpoint). "
-                              f"Complete ones: {[str(p) for p in complete_checkpoints(output_dir)] if output_dir else []}")
+        raise CheckpointError(
+            f"cannot resume from {path}: no {STATE_FILE} there (not a complete checkpoint). "
+            f"Complete ones: {[str(p) for p in complete_checkpoints(output_dir)] if output_dir else []}"
+        )
     return path
 
 
@@ -147,10 +150,12 @@ def load_checkpoint(accelerator, path: Path, trainable: set[str]) -> TrainState:
         state = TrainState.from_dict(json.loads((path / STATE_FILE).read_text()))
         saved = set(read_checkpoint_weights(path))
         if saved != trainable:
-            raise CheckpointError(f"checkpoint {path} holds other trainable tensors than this model (e.g. saved "
-                                  f"{sorted(saved - trainable)[:2]}, expected {sorted(trainable - saved)[:2]}): another "
-                                  f"adapter or head, or a checkpoint of another qadapters version; start afresh "
-                                  f"(overwrite=True)")
+            raise CheckpointError(
+                f"checkpoint {path} holds other trainable tensors than this model (e.g. saved "
+                f"{sorted(saved - trainable)[:2]}, expected {sorted(trainable - saved)[:2]}): another "
+                f"adapter or head, or a checkpoint of another qadapters version; start afresh "
+                f"(overwrite=True)"
+            )
         accelerator.load_state(str(path), strict=False)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or does not fit this model/optimizer ({err})") from None
@@ -180,9 +185,11 @@ def check_output_dir(output_dir, resume, overwrite: bool) -> bool:
     earlier = (out / RUN_FILE).exists() or bool(complete_checkpoints(out)) or (out / LOG_FILE).exists()
     if earlier and resume is None:
         if not overwrite:
-            raise ConfigError(f"{out} holds an earlier run (checkpoints or logs); continue it with resume='auto' "
-                              f"(YAML: train.resume=auto) or start afresh with overwrite=True (train.overwrite=true), "
-                              f"which deletes its checkpoints and logs and nothing else")
+            raise ConfigError(
+                f"{out} holds an earlier run (checkpoints or logs); continue it with resume='auto' "
+                f"(YAML: train.resume=auto) or start afresh with overwrite=True (train.overwrite=true), "
+                f"which deletes its checkpoints and logs and nothing else"
+            )
         return True
     return False
 

@@ -11,14 +11,22 @@ import torch
 import torch.nn.functional as F
 
 from adapters.backbone.loading import cpu_only, eval_mode
+from adapters.config.training import TrainConfig
 from adapters.data.encoding import IGNORE
 from adapters.training.loaders import eval_loader, eval_rows
-from adapters.config.training import TrainConfig
 
 
-def evaluate(model, data, config: TrainConfig | None = None, accelerator=None, *, text_column: str | None = None,
-             label_column: str | None = None, batch_size: int | None = None,
-             compute_metrics=None) -> dict[str, float]:
+def evaluate(
+    model,
+    data,
+    config: TrainConfig | None = None,
+    accelerator=None,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    batch_size: int | None = None,
+    compute_metrics=None,
+) -> dict[str, float]:
     """The head's metrics (and loss) of ``model`` on ``data``, every example counted once.
 
     Columns and the batch size (rows per batch; default: by a budget of padded tokens) come from the
@@ -49,8 +57,12 @@ def evaluate_loader(model, loader, accelerator, compute_metrics=None) -> dict[st
             logits = model(**{k: v for k, v in batch.items() if k != "labels"})["logits"]
             outputs = spec.eval_outputs(logits, batch["labels"])
             # per-token outputs differ in length between processes: pad before gathering
-            outputs = tuple(accelerator.pad_across_processes(t, dim=1, pad_index=IGNORE) if t.dim() > 1 and
-                            spec.labels_per_token else t for t in outputs)
+            outputs = tuple(
+                accelerator.pad_across_processes(t, dim=1, pad_index=IGNORE)
+                if t.dim() > 1 and spec.labels_per_token
+                else t
+                for t in outputs
+            )
             outputs = accelerator.gather_for_metrics(outputs)
             gathered.append([t.cpu() for t in outputs])
     columns = _concatenate(gathered, spec.labels_per_token)
@@ -78,7 +90,7 @@ def _user_metrics(compute_metrics, columns: list[torch.Tensor], own: dict) -> di
 def _concatenate(gathered: list[list[torch.Tensor]], labels_per_token: bool) -> list[torch.Tensor]:
     """Per-batch outputs -> one tensor per output; per-token ones padded to one length first."""
     columns = []
-    for parts in zip(*gathered):
+    for parts in zip(*gathered, strict=False):
         if parts[0].dim() > 1 and labels_per_token:
             longest = max(p.shape[1] for p in parts)
             parts = [F.pad(p, (0, longest - p.shape[1]), value=IGNORE) for p in parts]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
+from adapters.config.training import TrainConfig
 from adapters.data.batching import LengthGroupedSampler, by_length, inference_batches, packable, row_length
 from adapters.data.encoding import Collator, encode_dataset
 from adapters.errors import ConfigError
-from adapters.config.training import TrainConfig
 
 
 def eval_rows(head_spec, rows: int | None, train_batch_size: int, processes: int) -> int | None:
@@ -23,13 +23,15 @@ def eval_rows(head_spec, rows: int | None, train_batch_size: int, processes: int
     return rows
 
 
-def eval_loader(model, data, text_column: str, label_column: str, rows: int | None = None,
-                processes: int = 1) -> DataLoader:
+def eval_loader(
+    model, data, text_column: str, label_column: str, rows: int | None = None, processes: int = 1
+) -> DataLoader:
     """Evaluation batches of ``data`` for ``model`` (unprepared): encoded, sorted by length (metrics do
     not depend on the order), padded per batch; by token budget (``rows=None``) on one process, and of
     ``rows`` rows under several, whose shards must be of one size."""
-    encoded = encode_dataset(data, model.tokenizer, model.head_spec, text_column, label_column,
-                             model.max_length, "eval dataset")
+    encoded = encode_dataset(
+        data, model.tokenizer, model.head_spec, text_column, label_column, model.max_length, "eval dataset"
+    )
     return inference_loader(model, encoded, rows, processes)
 
 
@@ -48,15 +50,18 @@ def train_loader(model, encoded, config: TrainConfig, processes: int = 1) -> Dat
     is_decoder = model.base.is_decoder
     allowed = packable(model.head_spec, is_decoder)
     if config.packing and not allowed:
-        raise ConfigError(f"packing=True needs a decoder and a classification, multi-label or regression head on "
-                          f"plain rows; this is a {'decoder' if is_decoder else 'encoder'} with a "
-                          f"{model.head_spec.kind} head. Pass packing=None (automatic) or False")
+        raise ConfigError(
+            f"packing=True needs a decoder and a classification, multi-label or regression head on "
+            f"plain rows; this is a {'decoder' if is_decoder else 'encoder'} with a "
+            f"{model.head_spec.kind} head. Pass packing=None (automatic) or False"
+        )
     packed = allowed if config.packing is None else config.packing
     collate = Collator(model.tokenizer, model.head_spec, pack=packed)
     if config.group_by_length and not packed:
         # grouped in units of the global batch: Accelerate hands consecutive batches to the processes,
         # so N processes see the same rows per step as one process with an N times larger batch
-        sampler = LengthGroupedSampler([row_length(ids) for ids in encoded["input_ids"]],
-                                       config.batch_size * processes, config.seed)
+        sampler = LengthGroupedSampler(
+            [row_length(ids) for ids in encoded["input_ids"]], config.batch_size * processes, config.seed
+        )
         return DataLoader(encoded, batch_size=config.batch_size, sampler=sampler, collate_fn=collate)
     return DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate)

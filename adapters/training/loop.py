@@ -34,13 +34,16 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from adapters.backbone.loading import cpu_only, resolve_mixed_precision
+from adapters.config.training import TrainConfig
+from adapters.data.encoding import encode_dataset
+from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from adapters.training.batch_size import choose_batch_size
 from adapters.training.callbacks import call
 from adapters.training.checkpoint import (
@@ -56,21 +59,19 @@ from adapters.training.checkpoint import (
     save_checkpoint,
     step_checkpoint,
 )
-from adapters.data.encoding import encode_dataset
-from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from adapters.training.evaluation import evaluate_loader
 from adapters.training.loaders import eval_loader, eval_rows, inference_loader, train_loader
 from adapters.training.optim import build_optimizer, lr_schedule
 from adapters.training.probe import check_probe, fit_head
 from adapters.training.tracking import trackers_for
-from adapters.config.training import TrainConfig
 
 
 class TrainingLoop:
     """One training run of ``model`` (an unwrapped ``AdaptedModel``) on ``train_data``."""
 
-    def __init__(self, model, train_data, eval_data=None, config: TrainConfig | None = None,
-                 compute_metrics=None, callbacks=()):
+    def __init__(
+        self, model, train_data, eval_data=None, config: TrainConfig | None = None, compute_metrics=None, callbacks=()
+    ):
         config = config or TrainConfig()
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"config must be an adapters.TrainConfig, got {type(config).__name__}")
@@ -107,16 +108,23 @@ class TrainingLoop:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        self.encoded = encode_dataset(self.train_data, self.model.tokenizer, self.model.head_spec,
-                                      self.config.text_column, self.config.label_column, self.model.max_length,
-                                      "train dataset")
+        self.encoded = encode_dataset(
+            self.train_data,
+            self.model.tokenizer,
+            self.model.head_spec,
+            self.config.text_column,
+            self.config.label_column,
+            self.model.max_length,
+            "train dataset",
+        )
         if self.config.auto_batch_size:
             self._choose_batch_size()
         self._setup_accelerator()
         self.resume_from = resolve_resume(self.config.resume, self.config.output_dir)
         if self.resume_from is None:
-            prepare_output_dir(self.config.output_dir, self.config.resume, self.config.overwrite,
-                               self.accelerator.is_main_process)
+            prepare_output_dir(
+                self.config.output_dir, self.config.resume, self.config.overwrite, self.accelerator.is_main_process
+            )
         self.accelerator.wait_for_everyone()
         set_seed(self.config.seed)
         self._setup_data()
@@ -132,17 +140,22 @@ class TrainingLoop:
         self.accelerator.print(
             f"training on {self.accelerator.num_processes} process(es) ({self.accelerator.device}), "
             f"{len(self.encoded)} examples, effective batch "
-            f"{self.config.batch_size * self.accelerator.num_processes * self.config.grad_accum}, {self.total_steps} steps")
+            f"{self.config.batch_size * self.accelerator.num_processes * self.config.grad_accum}, "
+            f"{self.total_steps} steps"
+        )
 
     def _choose_batch_size(self) -> None:
-        batch_size, grad_accum, self.auto_batch = choose_batch_size(self.model, self.encoded, self.config,
-                                                                    int(os.environ.get("WORLD_SIZE", "1")))
+        batch_size, grad_accum, self.auto_batch = choose_batch_size(
+            self.model, self.encoded, self.config, int(os.environ.get("WORLD_SIZE", "1"))
+        )
         self.config = replace(self.config, batch_size=batch_size, grad_accum=grad_accum)
         found = self.auto_batch
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"auto_batch_size: {batch_size} per device x {grad_accum} accumulation steps (requested "
-                  f"{found['requested_per_device']} per device per step; sequences up to {found['seq_len']} tokens; "
-                  f"estimate {found['estimate_bytes'] / 2**30:.2f} GiB of {found['free_bytes'] / 2**30:.2f} GiB free)")
+            print(
+                f"auto_batch_size: {batch_size} per device x {grad_accum} accumulation steps (requested "
+                f"{found['requested_per_device']} per device per step; sequences up to {found['seq_len']} tokens; "
+                f"estimate {found['estimate_bytes'] / 2**30:.2f} GiB of {found['free_bytes'] / 2**30:.2f} GiB free)"
+            )
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -168,16 +181,19 @@ class TrainingLoop:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.accelerator.num_processes:
             raise ConfigError(
-                f"launched with WORLD_SIZE={launched} but Accelerate runs {self.accelerator.num_processes} process(es): "
+                f"launched with WORLD_SIZE={launched} but Accelerate runs "
+                f"{self.accelerator.num_processes} process(es): "
                 f"each would train alone. On CPUs, create Accelerate state with cpu=True (or let adapters create it: "
-                f"do not call PartialState()/Accelerator() before adapters.adapt)")
+                f"do not call PartialState()/Accelerator() before adapters.adapt)"
+            )
         if self.auto_batch is not None and self.accelerator.num_processes > 1:
             # every rank must step together: all take the smallest batch any of them can hold
             sizes = self.accelerator.gather(torch.tensor([config.batch_size], device=self.accelerator.device))
             smallest = int(sizes.min())
             if smallest != config.batch_size:
-                self.config = replace(config, batch_size=smallest,
-                                      grad_accum=config.batch_size * config.grad_accum // smallest)
+                self.config = replace(
+                    config, batch_size=smallest, grad_accum=config.batch_size * config.grad_accum // smallest
+                )
                 self.accelerator.gradient_accumulation_steps = self.config.grad_accum
 
     def _setup_data(self) -> None:
@@ -185,14 +201,17 @@ class TrainingLoop:
         self.eval_loader = None
         if self.eval_data is not None:
             rows = eval_rows(self.model.head_spec, self.config.eval_batch_size, self.config.batch_size, processes)
-            self.eval_loader = eval_loader(self.model, self.eval_data, self.config.text_column,
-                                           self.config.label_column, rows, processes)
+            self.eval_loader = eval_loader(
+                self.model, self.eval_data, self.config.text_column, self.config.label_column, rows, processes
+            )
         self.train_loader = train_loader(self.model, self.encoded, self.config, processes)
 
     def _setup_optimizer(self) -> None:
         config, accelerator = self.config, self.accelerator
         if config.gradient_checkpointing:
-            self.unwrapped.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.unwrapped.backbone.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         optimizer = build_optimizer(self.unwrapped, config)
         self.model, self.optimizer, self.train_loader = accelerator.prepare(self.model, optimizer, self.train_loader)
         if self.eval_loader is not None:
@@ -200,9 +219,17 @@ class TrainingLoop:
         # the prepared loader is this process's shard: 1/N of the data per epoch
         per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
         self.total_steps = config.max_steps or max(1, math.ceil(per_epoch * config.epochs))
-        self.scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(
-            config.scheduler, int(config.warmup_ratio * self.total_steps), self.total_steps,
-            accelerator.num_processes)))
+        self.scheduler = accelerator.prepare(
+            torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer,
+                lr_schedule(
+                    config.scheduler,
+                    int(config.warmup_ratio * self.total_steps),
+                    self.total_steps,
+                    accelerator.num_processes,
+                ),
+            )
+        )
         accelerator.register_save_state_pre_hook(keep_trainable_only(accelerator.unwrap_model))
 
     def probe_head(self) -> None:
@@ -211,14 +238,19 @@ class TrainingLoop:
         accelerator = self.accelerator
         # each process reads its own slice of the rows, unprepared: a prepared loader would even out the
         # shards by repeating rows, which the fit would then count twice
-        shard = self.encoded.shard(accelerator.num_processes, accelerator.process_index, contiguous=True) \
-            if accelerator.num_processes > 1 else self.encoded
+        shard = (
+            self.encoded.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+            if accelerator.num_processes > 1
+            else self.encoded
+        )
         loader = inference_loader(self.unwrapped, shard, self.config.eval_batch_size)
         self.probe = fit_head(self.unwrapped, loader, accelerator, self.config.progress)
         self.probe["probe_seconds"] = time.perf_counter() - started
-        self.accelerator.print(f"linear probe on {self.probe['probe_rows']} rows: head loss "
-                               f"{self.probe['probe_loss_before']:.4f} -> {self.probe['probe_loss_after']:.4f} "
-                               f"({self.probe['probe_seconds']:.0f} s)")
+        self.accelerator.print(
+            f"linear probe on {self.probe['probe_rows']} rows: head loss "
+            f"{self.probe['probe_loss_before']:.4f} -> {self.probe['probe_loss_after']:.4f} "
+            f"({self.probe['probe_seconds']:.0f} s)"
+        )
 
     # --- the epochs -------------------------------------------------------------------------------
 
@@ -226,8 +258,12 @@ class TrainingLoop:
         from tqdm.auto import tqdm
 
         state = self.state
-        self.progress = tqdm(total=self.total_steps, initial=state.step, desc="train",
-                             disable=not (self.config.progress and self.accelerator.is_local_main_process))
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc="train",
+            disable=not (self.config.progress and self.accelerator.is_local_main_process),
+        )
         self.model.train()
         self.started = time.perf_counter()
         while state.step < self.total_steps and not state.stopped_early:
@@ -294,7 +330,8 @@ class TrainingLoop:
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {self.state.step + 1}; the weights were not updated. "
                 f"Last good checkpoint: {where or 'none saved (set save_every)'}. Lower the learning "
-                f"rate, check the data, or pass skip_nonfinite=True to skip such steps")
+                f"rate, check the data, or pass skip_nonfinite=True to skip such steps"
+            )
         self.optimizer.zero_grad()
         self.state.skipped_steps += 1
 
@@ -316,7 +353,8 @@ class TrainingLoop:
             path = self.checkpoint()
             raise TrainingInterrupted(
                 f"interrupted at step {step}; checkpoint saved to {path}. Resume with the same call and "
-                f"TrainConfig(resume='auto', output_dir={config.output_dir!r})")
+                f"TrainConfig(resume='auto', output_dir={config.output_dir!r})"
+            )
         if config.save_every and step % config.save_every == 0:
             self.checkpoint()
         if self.eval_loader is not None and config.eval_every and step % config.eval_every == 0:
@@ -355,14 +393,14 @@ class TrainingLoop:
         if name is None:
             return False
         if name not in state.metrics:
-            raise ConfigError(f"early_stopping_metric={name!r} is not an eval metric; "
-                              f"choose one of {sorted(state.metrics)}")
+            raise ConfigError(
+                f"early_stopping_metric={name!r} is not an eval metric; choose one of {sorted(state.metrics)}"
+            )
         value = state.metrics[name]
         minimise = name.endswith("loss")
         if state.best is None or (value < state.best if minimise else value > state.best):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
-            self.best_weights = {n: p.detach().clone() for n, p in self.unwrapped.named_parameters()
-                                 if p.requires_grad}
+            self.best_weights = {n: p.detach().clone() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
             if config.output_dir is not None:
                 self.checkpoint(protect_best=True)
             return False
@@ -394,13 +432,17 @@ class TrainingLoop:
             if self.best_weights is None:  # best seen before a resume: read it from its checkpoint
                 self.best_weights = read_checkpoint_weights(Path(state.best_checkpoint))
             self.unwrapped.load_state_dict(self.best_weights, strict=False)
-            accelerator.print(f"restored the best weights (step {state.best_step}, {self.metric_name}={state.best:.4f})")
+            accelerator.print(
+                f"restored the best weights (step {state.best_step}, {self.metric_name}={state.best:.4f})"
+            )
         result = self._result()
         self.unwrapped.training_record = {
-            "metrics": result, "train_rows": len(self.encoded),
+            "metrics": result,
+            "train_rows": len(self.encoded),
             "trainable_parameters": self.unwrapped.parameter_counts()["trainable"],
             "eval_rows": len(self.eval_loader.dataset) if self.eval_loader is not None else 0,
-            "config": _set_fields(config)}
+            "config": _set_fields(config),
+        }
         if config.output_dir is not None and accelerator.is_main_process:
             Path(config.output_dir, RUN_FILE).write_text(json.dumps({"finished": True, **result}, indent=2))
         # not end_training(): it destroys the process group, which saving and evaluating still need
@@ -436,8 +478,13 @@ class TrainingLoop:
         if self.encoded.truncated_rows:
             result["train_truncated_rows"] = self.encoded.truncated_rows
         if self.metric_name is not None and state.best_step is not None:
-            result.update({"best_step": state.best_step, f"best_{self.metric_name}": state.best,
-                           "stopped_early": state.stopped_early})
+            result.update(
+                {
+                    "best_step": state.best_step,
+                    f"best_{self.metric_name}": state.best,
+                    "stopped_early": state.stopped_early,
+                }
+            )
         return result
 
 

@@ -13,9 +13,9 @@ import math
 
 import torch
 
+from adapters.config.training import TrainConfig
 from adapters.errors import ConfigError
 from adapters.methods.targets import BLOCK_INDEX
-from adapters.config.training import TrainConfig
 
 
 def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
@@ -30,8 +30,10 @@ def build_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
 
     if config.optimizer == "paged_adamw_8bit":
         if not torch.cuda.is_available():
-            raise ConfigError("optimizer='paged_adamw_8bit' pages optimizer state through CUDA unified memory and "
-                              "needs a GPU; use 'adamw' or 'adamw_8bit' on CPU")
+            raise ConfigError(
+                "optimizer='paged_adamw_8bit' pages optimizer state through CUDA unified memory and "
+                "needs a GPU; use 'adamw' or 'adamw_8bit' on CPU"
+            )
         return bnb.optim.PagedAdamW8bit(groups, lr=config.lr)
     return bnb.optim.AdamW8bit(groups, lr=config.lr)
 
@@ -52,8 +54,10 @@ def parameter_groups(model, config: TrainConfig) -> list[dict]:
         blocks.setdefault(int(found.group(1)) if found else -1, []).append(p)
     count = getattr(model.backbone.config, "num_hidden_layers", None) or max(blocks) + 1
     # outside any block (-1): the lowest rate, as for the first block
-    return groups + [{"params": params, "lr": config.lr * config.layer_lr_decay ** (count - 1 - max(block, 0)),
-                      "block": block} for block, params in sorted(blocks.items())]
+    return groups + [
+        {"params": params, "lr": config.lr * config.layer_lr_decay ** (count - 1 - max(block, 0)), "block": block}
+        for block, params in sorted(blocks.items())
+    ]
 
 
 def lr_schedule(shape: str, warmup: int, total: int, calls_per_step: int = 1):

@@ -31,9 +31,11 @@ def check_probe(model) -> None:
     """A probe needs a head whose output is a linear layer over one pooled vector per text (or choice)."""
     if not isinstance(model.head, SequenceHead):
         kind = model.head_spec.kind
-        raise ConfigError(f"linear_probe=True fits a linear head over pooled features (classification, multi-label, "
-                          f"regression, multiple choice with scoring='head'); this {kind} head has none to fit. "
-                          f"Leave linear_probe off for it")
+        raise ConfigError(
+            f"linear_probe=True fits a linear head over pooled features (classification, multi-label, "
+            f"regression, multiple choice with scoring='head'); this {kind} head has none to fit. "
+            f"Leave linear_probe off for it"
+        )
 
 
 def fit_head(model, loader, accelerator, progress: bool = False) -> dict[str, float]:
@@ -61,9 +63,14 @@ def _features(model, loader, device, progress: bool) -> list[dict]:
             for batch in tqdm(loader, desc="linear probe", disable=not progress):
                 model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
                 input_ids = batch["input_ids"]
-                batches.append({"features": torch.cat(seen), "labels": batch["labels"].cpu(),
-                                "choices": input_ids.shape[1] if input_ids.dim() == 3 else None,
-                                "window_doc": batch["window_doc"].cpu() if "window_doc" in batch else None})
+                batches.append(
+                    {
+                        "features": torch.cat(seen),
+                        "labels": batch["labels"].cpu(),
+                        "choices": input_ids.shape[1] if input_ids.dim() == 3 else None,
+                        "window_doc": batch["window_doc"].cpu() if "window_doc" in batch else None,
+                    }
+                )
                 seen.clear()
     finally:
         hook.remove()
@@ -75,8 +82,11 @@ def _fit(score: torch.nn.Linear, spec, batches: list[dict]) -> dict[str, float]:
     features = torch.cat([b["features"] for b in batches])
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
     weight = (score.weight.detach().float() * std).clone().requires_grad_(True)
-    bias = (score.bias.detach().float() + score.weight.detach().float() @ mean).clone().requires_grad_(True) \
-        if score.bias is not None else None
+    bias = (
+        (score.bias.detach().float() + score.weight.detach().float() @ mean).clone().requires_grad_(True)
+        if score.bias is not None
+        else None
+    )
     total = sum(len(b["labels"]) for b in batches)
 
     def loss_of(w, b) -> torch.Tensor:  # the mean loss per row over all batches

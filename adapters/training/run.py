@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+from adapters.config.training import TrainConfig
 from adapters.training.evaluation import evaluate
 from adapters.training.loop import TrainingLoop
-from adapters.config.training import TrainConfig
 
 __all__ = ["TrainConfig", "evaluate", "train"]
 
 
-def train(model, train_data, eval_data=None, config: TrainConfig | None = None, *, compute_metrics=None,
-          callbacks=()) -> dict[str, float]:
+def train(
+    model, train_data, eval_data=None, config: TrainConfig | None = None, *, compute_metrics=None, callbacks=()
+) -> dict[str, float]:
     """Train ``model``'s adapter and head on ``train_data``; evaluate on ``eval_data``.
 
     Returns the final metrics: ``train_loss``, ``eval_accuracy``, ``eval_macro_f1``, ``eval_loss``

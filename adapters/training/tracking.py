@@ -8,8 +8,8 @@ from pathlib import Path
 
 from accelerate.tracking import GeneralTracker
 
-from adapters.errors import ConfigError
 from adapters.config.training import TRACKERS  # noqa: F401 (the names report_to accepts)
+from adapters.errors import ConfigError
 
 
 class JSONLTracker(GeneralTracker):
@@ -58,7 +58,9 @@ def trackers_for(output_dir: str | None, report_to: list[str] | None = None) -> 
         return trackers
     for name in report_to:
         if not getattr(available, f"is_{name}_available")():
-            raise ConfigError(f"report_to={report_to}: {name!r} is not installed (pip install {name.replace('_', '-')})")
+            raise ConfigError(
+                f"report_to={report_to}: {name!r} is not installed (pip install {name.replace('_', '-')})"
+            )
         if name in NEEDS_FOLDER and output_dir is None:
             raise ConfigError(f"report_to={name!r} writes its logs into output_dir; set TrainConfig(output_dir=...)")
         trackers.append(name)

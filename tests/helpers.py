@@ -1,0 +1,156 @@
+"""What the tests build, in one place: tiny random models saved as HF folders (a 2-layer Llama and a
+2-layer BERT, hidden 64: one bitsandbytes 4-bit block per row) with a word-level tokenizer, and toy
+rows for every head kind. ``conftest.py`` turns the models into session fixtures; test modules import
+the rest from here (never from each other)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+WORDS = (
+    "good great fun moving wonderful superb bad awful boring dull tedious mess "
+    "a the film movie is was and but not very plot story acting"
+).split()
+
+
+POSITIVE, NEGATIVE = WORDS[:6], WORDS[6:12]
+
+
+FILLER = WORDS[12:]
+
+
+def tokenizer_for(bert: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bert:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+    kwargs = {"cls_token": "[CLS]", "sep_token": "[SEP]"} if bert else {"eos_token": "[SEP]"}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", **kwargs), len(vocab)
+
+
+def save_tiny(model, path, bert: bool) -> str:
+    """Save a randomly initialised model with the word-level tokenizer as an HF folder."""
+    tokenizer, _ = tokenizer_for(bert)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny(kind: str, path) -> str:
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    _, vocab_size = tokenizer_for(bert=kind == "bert")
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            eos_token_id=3,
+            bos_token_id=None,
+        )
+        model = LlamaForCausalLM(config)  # with its LM head: AutoModel loads the body alone
+    else:
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+        model = BertModel(config)
+    return save_tiny(model, path, bert=kind == "bert")
+
+
+def toy_sentiment(n: int, seed: int = 0) -> list[dict]:
+    """Short texts whose label is decided by the sentiment words they contain."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(POSITIVE if label == "pos" else NEGATIVE, 2) + rng.sample(FILLER, rng.randint(1, 5))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def _words(rng, n_pos, n_neg):
+    words = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, n_neg) + rng.sample(FILLER, rng.randint(1, 3))
+    rng.shuffle(words)
+    return words
+
+
+def _counted_rows(n, seed, label):
+    """Texts with 0-2 positive and 0-2 negative words; ``label(n_pos, n_neg)`` is the target."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        n_pos, n_neg = rng.randint(0, 2), rng.randint(0, 2)
+        rows.append({"text": " ".join(_words(rng, n_pos, n_neg)), "label": label(n_pos, n_neg)})
+    return rows
+
+
+def multilabel_rows(n, seed=0):
+    return _counted_rows(n, seed, lambda p, q: (["pos"] if p else []) + (["neg"] if q else []))
+
+
+def regression_rows(n, seed=0):
+    return _counted_rows(n, seed, lambda p, q: float(p - q))
+
+
+def choice_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        context = " ".join(rng.sample(POSITIVE if positive else NEGATIVE, 2) + rng.sample(FILLER, 2))
+        right = rng.choice(POSITIVE if positive else NEGATIVE)
+        wrong = rng.sample(NEGATIVE if positive else POSITIVE, 2)
+        answer = rng.randrange(3)
+        choices = wrong[:answer] + [right] + wrong[answer:]
+        rows.append({"text": context, "choices": choices, "label": answer})
+    return rows
+
+
+def tag_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = _words(rng, rng.randint(0, 2), rng.randint(0, 2))
+        tags = ["B-POS" if w in POSITIVE else "B-NEG" if w in NEGATIVE else "O" for w in words]
+        rows.append({"text": words, "label": tags})
+    return rows
+
+
+def long_rows(n, seed=0, filler=30):
+    """The sentiment word comes last, after ``filler`` words: past the first window."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = [rng.choice(FILLER) for _ in range(filler)] + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def rows_of(columns: dict[str, list]) -> list[dict]:
+    """Encoded columns (``encode_rows``) as one dict per row, what a collator takes."""
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
