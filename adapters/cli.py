@@ -186,7 +186,7 @@ def cmd_predict(args) -> int:
     if args.output and Path(args.output).exists():
         raise ConfigError(f"--output {args.output} exists; choose a new file (predictions never overwrite a file)")
     model = load(args.artifact)
-    if args.texts:
+    if source is None:
         predictions = model.predict(args.texts, probabilities=args.probabilities)
         for text, prediction in zip(args.texts, predictions, strict=False):
             print(json.dumps({"input": text, "prediction": prediction}))

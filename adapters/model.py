@@ -17,10 +17,11 @@ from __future__ import annotations
 import inspect
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from adapters.artifacts.format import (
     HEAD_FILE,
@@ -48,7 +49,7 @@ class AdaptedModel(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: PreTrainedModel,
         base: BaseInfo,
         adapter: AdapterSpec | None,
         head_spec: HeadSpec,
@@ -84,7 +85,7 @@ class AdaptedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.get_input_embeddings().weight.device
+        return cast(nn.Embedding, self.backbone.get_input_embeddings()).weight.device
 
     def _positions(self, attention_mask: torch.Tensor) -> dict:
         if not self._positions_from_mask:
@@ -141,7 +142,8 @@ class AdaptedModel(nn.Module):
         for p in self.parameters():
             n = p.numel()
             if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
-                n = int(getattr(p, "quant_state", None).shape.numel()) if getattr(p, "quant_state", None) else n * 2
+                state = getattr(p, "quant_state", None)
+                n = int(state.shape.numel()) if state is not None else n * 2
             total += n
             trainable += n if p.requires_grad else 0
         return {"trainable": trainable, "total": total}
@@ -221,7 +223,7 @@ class AdaptedModel(nn.Module):
     def generate(self, prompts: list, batch_size: int = 32, **generate_kwargs) -> list[str]:
         """The continuation of each prompt (or chat message list), greedy by default (CausalLM heads)."""
         kwargs = {
-            "max_new_tokens": self.head_spec.max_new_tokens,
+            **self.head_spec.generation_defaults(),
             "do_sample": False,
             "pad_token_id": self.tokenizer.pad_token_id,
             **generate_kwargs,
@@ -232,7 +234,7 @@ class AdaptedModel(nn.Module):
                 texts = []
                 for i in range(0, len(prompts), batch_size):
                     batch = self.encode(prompts[i : i + batch_size])
-                    generated = self.backbone.generate(**batch, **kwargs)
+                    generated = self.backbone.generate(**batch, **kwargs)  # type: ignore[operator]  # decoders have it
                     new = generated[:, batch["input_ids"].shape[1] :]
                     texts += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         finally:
@@ -326,7 +328,7 @@ def adapt(
     ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``) and ``revision`` (a hub
     branch, tag or commit) go to ``from_pretrained``; both are recorded in saved artifacts.
     """
-    _check_specs(adapter, head, max_length)
+    head = _check_specs(adapter, head, max_length)
     network, base = load_backbone(
         model,
         quantization,
@@ -363,7 +365,7 @@ def adapt(
     return adapted
 
 
-def _check_specs(adapter, head, max_length) -> None:
+def _check_specs(adapter: object, head: object, max_length: int | None) -> HeadSpec:
     """The arguments ``adapt`` can check before loading anything."""
     if head is None:
         raise ConfigError("adapt() needs a head, e.g. head=adapters.Classification(labels=['neg', 'pos'])")
@@ -374,6 +376,7 @@ def _check_specs(adapter, head, max_length) -> None:
         raise ConfigError(f"adapter must be one of {names} or None, got {type(adapter).__name__}")
     if max_length is not None and max_length < 2:
         raise ConfigError(f"max_length={max_length} must be at least 2 tokens")
+    return head
 
 
 def load(

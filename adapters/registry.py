@@ -6,6 +6,7 @@ these tables. A new kind is one module (an ``AdapterSpec`` or ``HeadSpec`` subcl
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from adapters.errors import ConfigError
@@ -23,8 +24,9 @@ from adapters.methods.lora import LoRA
 from adapters.methods.spec import AdapterSpec
 
 
-def _by_kind(*classes: type) -> dict[str, type]:
-    return {cls.__dataclass_fields__["kind"].default: cls for cls in classes}
+def _by_kind(*classes: type[Any]) -> dict[str, type[Any]]:
+    """Kind name -> class (the default of each dataclass's ``kind`` field)."""
+    return {str(next(f.default for f in dataclasses.fields(cls) if f.name == "kind")): cls for cls in classes}
 
 
 ADAPTERS: dict[str, type[AdapterSpec]] = _by_kind(LoRA, Bottleneck)
@@ -33,17 +35,18 @@ HEADS: dict[str, type[HeadSpec]] = _by_kind(
 )
 
 
-def adapter_from_dict(data: dict | None) -> AdapterSpec | None:
+def adapter_from_dict(data: dict[str, Any] | None) -> AdapterSpec | None:
     """``{"kind": "lora", "r": 8, ...}`` -> ``LoRA(r=8, ...)``; None (head only) stays None."""
     return None if data is None else _from_dict(data, ADAPTERS, "adapter")
 
 
-def head_from_dict(data: dict) -> HeadSpec:
+def head_from_dict(data: dict[str, Any]) -> HeadSpec:
     """``{"kind": "classification", "labels": [...]}`` -> ``Classification(labels=[...])``."""
-    return _from_dict(data, HEADS, "head")
+    head: HeadSpec = _from_dict(data, HEADS, "head")
+    return head
 
 
-def _from_dict(data: dict, kinds: dict[str, type], what: str) -> Any:
+def _from_dict(data: dict[str, Any], kinds: dict[str, type[Any]], what: str) -> Any:
     data = dict(data)
     kind = data.pop("kind", None)
     if kind not in kinds:

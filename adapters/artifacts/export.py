@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from adapters.artifacts.format import (
     adapter_spec_of,
@@ -104,7 +105,7 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Pa
     return out
 
 
-def _classifier(network: nn.Module, head, tokenizer, tensors: dict, auto) -> nn.Module:
+def _classifier(network: PreTrainedModel, head, tokenizer, tensors: dict, auto) -> PreTrainedModel:
     """The sequence classifier of ``network``'s architecture with its weights and the head as ``score``."""
     config = network.config
     config.num_labels = len(head.labels)

@@ -22,10 +22,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
 from adapters.errors import ConfigError, UnknownModelError
@@ -180,7 +181,7 @@ def load_backbone(
     with_lm_head: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
-) -> tuple[nn.Module, BaseInfo]:
+) -> tuple[PreTrainedModel, BaseInfo]:
     """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
     (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``). Returns the
     network and what it is. ``revision`` (a hub branch, tag or commit) and ``attn_implementation``
@@ -220,7 +221,7 @@ def _load_frozen(
     hub: dict,
     decoder,
     attn_implementation: str | None,
-) -> nn.Module:
+) -> PreTrainedModel:
     from transformers import AutoModel, AutoModelForCausalLM
 
     model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
@@ -283,13 +284,13 @@ def weights_folder(location: str) -> str | None:
         return None
 
 
-def base_fingerprint(model: nn.Module) -> dict:
+def base_fingerprint(model: PreTrainedModel) -> dict:
     """A few numbers that identify the base weights, to refuse an adapter saved on another base.
 
     Input embeddings are never quantized, so a sample of them identifies the checkpoint
     whatever the quantization; values are compared with a tolerance (bf16 vs fp32 loads).
     """
-    emb = model.get_input_embeddings().weight
+    emb = cast(nn.Embedding, model.get_input_embeddings()).weight
     flat = emb.detach().flatten()
     idx = (torch.arange(16) * (flat.numel() // 16)).to(flat.device)
     return {"embedding_shape": list(emb.shape), "embedding_sample": [float(v) for v in flat[idx].float().cpu()]}

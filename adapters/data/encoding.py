@@ -180,7 +180,7 @@ def encode_texts(
             texts, truncation=True, max_length=max_length, stride=overlap, return_overflowing_tokens=True
         )
         keys = _token_columns(encoded)
-        out = {key: [[] for _ in texts] for key in keys}
+        out: dict[str, list[list]] = {key: [[] for _ in texts] for key in keys}
         for window, row in enumerate(encoded["overflow_to_sample_mapping"]):
             for key in keys:
                 out[key][row].append(encoded[key][window])
@@ -325,9 +325,8 @@ def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> 
                 messages = messages[:-1]
             prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         return prompts, responses if label_column is not None else None
-    prompts = _texts(_column(data, text_column, what), text_column, what)
-    responses = _targets(head, _column(data, label_column, what), what) if label_column else None
-    return prompts, responses
+    texts = _texts(_column(data, text_column, what), text_column, what)
+    return texts, (_targets(head, _column(data, label_column, what), what) if label_column else None)
 
 
 def encode_causal(data, tokenizer, head, text_column, label_column, max_length, what):

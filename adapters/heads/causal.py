@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +76,12 @@ class CausalLM(HeadSpec):
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none")
         return nll.sum(-1), (shifted != IGNORE).sum(-1)
 
-    def metrics(self, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    def metrics(self, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
         loss = float(nll.sum() / tokens.sum().clamp(min=1))
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "count": int(nll.numel())}
+
+    def generation_defaults(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens}
 
     def describe(self) -> str:
         return "CausalLM (the base's LM head, frozen)"

@@ -14,6 +14,7 @@ logits at the choice's positions only, not at every position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -117,7 +118,7 @@ class MultipleChoice(HeadSpec):
             "choice_targets": torch.tensor(targets).view(len(rows), k, -1),
         }
 
-    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         """Every (context, choice) sequence scored as one row, then regrouped: (batch, choices)."""
         flat = {key: value.flatten(0, 1) for key, value in batch.items()}
         scored = {key: flat[key] for key in ("choice_index", "choice_targets") if key in flat}
@@ -137,7 +138,8 @@ class MultipleChoice(HeadSpec):
         """With ``"likelihood"``: the head scores with the base's output embedding (tied to its input one)."""
         if self.scoring != "likelihood":
             return
-        head.use_embedding(tied_input_embedding(backbone, "scoring='likelihood'", fix=": use scoring='head'"))
+        embedding = tied_input_embedding(backbone, "scoring='likelihood'", fix=": use scoring='head'")
+        cast(ChoiceLikelihood, head).use_embedding(embedding)
 
     def describe(self) -> str:
         how = "the base's likelihood" if self.scoring == "likelihood" else "a new linear head"
@@ -153,7 +155,7 @@ class MultipleChoice(HeadSpec):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels)
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
         return {
             "accuracy": float((logits.argmax(-1) == labels).float().mean()),
             "count": int(labels.numel()),

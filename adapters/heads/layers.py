@@ -30,8 +30,10 @@ def pool_windows(logits: torch.Tensor, document: torch.Tensor, method: str) -> t
     return sums / torch.bincount(document, minlength=count).unsqueeze(-1).to(logits.dtype)
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
-    """Reduce ``hidden`` (batch, seq, dim) to (batch, dim) over the tokens the mask keeps."""
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str) -> torch.Tensor:
+    """Reduce ``hidden`` (batch, seq, dim) to (batch, dim) over the tokens the mask keeps (all without one)."""
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
     mask = attention_mask.to(hidden.dtype)
     if method == "mean":
         return (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
@@ -113,9 +115,9 @@ class ChoiceLikelihood(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self._embedding: list[nn.Module] = []  # a list hides the module from nn.Module's registry
+        self._embedding: list[nn.Embedding] = []  # a list hides the module from nn.Module's registry
 
-    def use_embedding(self, embedding: nn.Module) -> None:
+    def use_embedding(self, embedding: nn.Embedding) -> None:
         self._embedding[:] = [embedding]
 
     def forward(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import torch
@@ -82,10 +82,11 @@ class Classification(LongTextHead):
         if any(not i for i in ids) or len({i[0] for i in ids}) != len(ids):
             raise ConfigError(f"label_words {self.label_words} must start with distinct tokens; got token ids {ids}")
         rows = embedding.weight[[i[0] for i in ids]]
+        score = cast(nn.Linear, head.score)
         with torch.no_grad():
-            head.score.weight.copy_(rows.float())
-            if head.score.bias is not None:
-                head.score.bias.zero_()
+            score.weight.copy_(rows.float())
+            if score.bias is not None:
+                score.bias.zero_()
 
     def label_id(self, value) -> int:
         return _label_index(self.labels, value)
@@ -98,7 +99,7 @@ class Classification(LongTextHead):
             weight = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
         return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.label_smoothing)
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
         out = classification_metrics(logits.argmax(-1).numpy(), labels.numpy(), self.num_labels)
         out["loss"] = float(self.loss(logits, labels))
         return out
@@ -156,7 +157,7 @@ class MultiLabel(LongTextHead):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
         preds = (logits.float().sigmoid() >= self.threshold).numpy()
         out = multilabel_metrics(preds, labels.numpy() > 0.5)
         out["loss"] = float(self.loss(logits, labels))
@@ -209,7 +210,7 @@ class Regression(LongTextHead):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(logits.float(), labels.float())
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
         out = regression_metrics(logits.float().numpy(), labels.float().numpy())
         out["loss"] = out["mse"]
         return out

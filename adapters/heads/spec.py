@@ -78,7 +78,7 @@ def _label_index(labels: list[str], value) -> int:
 class HeadSpec(ABC):
     """What every head spec provides (see the module docstring). Defaults fit the whole-text heads."""
 
-    kind: ClassVar[str]
+    kind: str
     labels_per_token: ClassVar[bool] = False
     """Labels are per token, aligned with input_ids."""
     problem_type: ClassVar[str | None] = None
@@ -108,12 +108,16 @@ class HeadSpec(ABC):
         """The training loss of a batch (fp32)."""
 
     @abstractmethod
-    def metrics(self, *outputs: torch.Tensor) -> dict[str, float]:
+    def metrics(self, *outputs: torch.Tensor) -> dict[str, float | int]:
         """Evaluation metrics from what ``eval_outputs`` gathered over the whole evaluation set."""
 
     def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
         """Predictions from the head's outputs (``predict``'s default path)."""
         raise NotImplementedError(f"{type(self).__name__} predicts through its own predict()")
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """``generate`` keywords this head sets (heads that generate text); others refuse generation."""
+        raise ConfigError(f"generate() needs a CausalLM head; this model has a {type(self).__name__} head")
 
     def reads_windows(self) -> bool:
         """Whether a long text is read as several windows (rows then hold a list of sequences each)."""
@@ -126,7 +130,7 @@ class HeadSpec(ABC):
         return "last" if is_decoder else "mean"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self)  # type: ignore[call-overload]  # every kind is a dataclass
 
     def packable(self) -> bool:
         """One pooled vector per plain row, so rows can be packed without padding (``batching.pack``)."""
@@ -143,7 +147,7 @@ class HeadSpec(ABC):
             batch["labels"] = collator.pad(labels, IGNORE) if self.labels_per_token else torch.tensor(labels)
         return batch
 
-    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         """The head's outputs for a collated ``batch`` (labels excluded) through ``model``
         (an ``AdaptedModel``): packed rows (``batching.pack``) give one row per segment."""
         if "segments" in batch:
@@ -245,7 +249,7 @@ class LongTextHead(HeadSpec):
             batch["labels"] = torch.tensor([r["labels"] for r in rows])
         return batch
 
-    def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
         if "window_doc" not in batch:
             return super().logits(model, batch)
         ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")

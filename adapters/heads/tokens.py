@@ -59,7 +59,7 @@ class TokenClassification(HeadSpec):
         nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
         return logits.argmax(-1), labels, nll.sum(-1), (labels != IGNORE).sum(-1)
 
-    def metrics(self, preds: torch.Tensor, labels: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor) -> dict:
+    def metrics(self, preds: torch.Tensor, labels: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor) -> dict:  # type: ignore[override]  # what eval_outputs gave
         rows = [
             (
                 [self.labels[p] for p, t in zip(pr, la, strict=False) if t != IGNORE],
@@ -92,7 +92,8 @@ class TokenClassification(HeadSpec):
         return out
 
     def _tags(self, words: list[str], word_ids: list, logits: torch.Tensor) -> list:
-        tags, previous = [None] * len(words), None
+        tags: list[str | None] = [None] * len(words)
+        previous = None
         for position, wid in enumerate(word_ids):
             if wid is not None and wid != previous:
                 tags[wid] = self.labels[int(logits[position].argmax())]

@@ -167,7 +167,7 @@ def _config_of(model, trust_remote_code: bool):
         kind = model.get("model_type")
         if kind not in CONFIG_MAPPING:
             raise ConfigError(f"config dict needs a known model_type, got {kind!r}")
-        return CONFIG_MAPPING[kind](**{k: v for k, v in model.items() if k != "model_type"}), kind
+        return CONFIG_MAPPING[str(kind)](**{k: v for k, v in model.items() if k != "model_type"}), kind
     return AutoConfig.from_pretrained(
         resolve_source(model, trust_remote_code), trust_remote_code=trust_remote_code
     ), model

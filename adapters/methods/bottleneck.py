@@ -30,6 +30,7 @@ Where the rule finds nothing, ``targets=`` names the modules by hand.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -162,7 +163,7 @@ def _out_features(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.out_features
     if hasattr(module, "nf"):  # transformers' Conv1D (GPT-2): weight is (in, out)
-        return module.nf
+        return int(module.nf)  # type: ignore[arg-type]
     return None
 
 
@@ -195,7 +196,7 @@ def placement_targets(model: nn.Module, spec: Bottleneck, hidden: int) -> list[s
             )
         return names
     stack_name, stack = find_block_stack(model)
-    indices = range(len(stack))
+    indices: Sequence[int] = range(len(stack))
     if spec.layers is not None:
         indices = block_indices(spec.layers, len(stack), "Bottleneck")
     parts = ("attention", "feed_forward") if spec.placement == "houlsby" else ("feed_forward",)

@@ -172,7 +172,7 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
         target_modules = "|".join(re.escape(n) for n in chosen)
     config = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, takes any number
         lora_dropout=lora.dropout,
         # "all-linear" as the leaf names of every linear layer: peft's own shorthand would also
         # skip a layer it takes for an output head, which a headless backbone does not have

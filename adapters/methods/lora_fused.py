@@ -46,9 +46,9 @@ def fuse_lora(peft_model: nn.Module) -> int:
             for m in parent.children()
             if isinstance(m, LoraLayer) and isinstance(m.get_base_layer(), nn.Linear) and "forward" not in vars(m)
         ]
-        groups: dict[int, list[nn.Module]] = {}
+        groups: dict[int, list] = {}
         for layer in layers:
-            groups.setdefault(layer.in_features, []).append(layer)
+            groups.setdefault(layer.in_features, []).append(layer)  # type: ignore[arg-type]  # nn.Linear's
         for group in groups.values():
             for layer in group:
                 # plain attributes, not submodules: a deepcopy of the model maps them to the copies

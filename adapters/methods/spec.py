@@ -16,9 +16,28 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import nn
+
+
+class Adaptable(Protocol):
+    """What an adapter kind may use of the model it is attached to (an ``AdaptedModel``; declared here
+    because the model layer is above this one)."""
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen pretrained network; a kind may put its layers inside it."""
+
+    adapter_layers: nn.Module | None
+    """Modules a kind keeps outside the backbone (registered, so they move and save with the model)."""
+    adapter_state: dict[str, Any]
+    """The kind's own bookkeeping (e.g. peft's wrapper); nothing but the kind reads it."""
+
+    @property
+    def base(self) -> Any:
+        """What the backbone is (``BackboneInfo``: source, location, quantization, compute dtype, tokenizer)."""
 
 
 class AdapterSpec(ABC):
@@ -29,23 +48,23 @@ class AdapterSpec(ABC):
     """The entries ``save`` writes into an artifact folder (re-saving replaces exactly these)."""
 
     @abstractmethod
-    def attach(self, model) -> None:
+    def attach(self, model: Adaptable) -> None:
         """Add this adapter to ``model.backbone`` (frozen): wrap it, or set ``model.adapter_layers`` to a
         module holding new layers hooked into it. Only the new parameters require gradients."""
         raise NotImplementedError
 
     @abstractmethod
-    def trained_state(self, model) -> dict:
+    def trained_state(self, model: Adaptable) -> dict[str, torch.Tensor]:
         """The adapter's trained tensors in ``model``, by the names ``save`` writes them under."""
         raise NotImplementedError
 
     @abstractmethod
-    def save(self, model, folder: Path) -> None:
+    def save(self, model: Adaptable, folder: Path) -> None:
         """Write the adapter's trained tensors (and whatever else its format needs) into artifact ``folder``."""
         raise NotImplementedError
 
     @abstractmethod
-    def load(self, model, folder: Path) -> None:
+    def load(self, model: Adaptable, folder: Path) -> None:
         """Read what ``save`` wrote into ``model`` (built with this spec); a ``CheckpointError`` when the
         files are missing, corrupt or do not fit."""
         raise NotImplementedError
@@ -70,23 +89,23 @@ class AdapterSpec(ABC):
 
     # --- serving several artifacts on one base (``serve.py``) ------------------------------------------
 
-    def handle(self, model) -> Any:
+    def handle(self, model: Adaptable) -> Any:
         """What ``switch`` needs to turn on or off this adapter as ``attach`` put it in ``model``."""
         return None
 
-    def can_join(self, model) -> bool:
+    def can_join(self, model: Adaptable) -> bool:
         """Whether another artifact of this kind can be added to ``model``'s (shared) backbone."""
         return False
 
-    def join(self, model, folder: Path, name: str):
+    def join(self, model: Adaptable, folder: Path, name: str) -> Any:
         """Add this kind's adapter saved in artifact ``folder`` to ``model``'s backbone, beside the adapters
         already there, switched off; return its handle."""
         raise NotImplementedError
 
-    def switch(self, model, handle, on: bool) -> None:
+    def switch(self, model: Adaptable, handle: Any, on: bool) -> None:
         """Turn the adapter ``handle`` on or off in ``model`` (all are turned off before one is turned on)."""
         raise NotImplementedError
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The settings as saved in ``qadapters.json`` and YAML configs (with ``kind``)."""
-        return asdict(self)
+        return asdict(self)  # type: ignore[call-overload, no-any-return]  # every kind is a dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from adapters.errors import ConfigError, TargetModulesError
 
@@ -19,7 +20,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
     from transformers.pytorch_utils import Conv1D
 
     # the output embedding (an LM head) is never an adapter target: it is the frozen next-token head
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = model.get_output_embeddings() if isinstance(model, PreTrainedModel) else None
     return [
         name
         for name, module in model.named_modules()

@@ -93,6 +93,6 @@ def _concatenate(gathered: list[list[torch.Tensor]], labels_per_token: bool) -> 
     for parts in zip(*gathered, strict=False):
         if parts[0].dim() > 1 and labels_per_token:
             longest = max(p.shape[1] for p in parts)
-            parts = [F.pad(p, (0, longest - p.shape[1]), value=IGNORE) for p in parts]
+            parts = tuple(F.pad(p, (0, longest - p.shape[1]), value=IGNORE) for p in parts)
         columns.append(torch.cat(parts))
     return columns

@@ -286,7 +286,7 @@ class TrainingLoop:
 
     def epoch_batches(self) -> Iterator[dict]:
         """This epoch's batches; resuming mid-epoch, the same order minus the batches already done."""
-        self.train_loader.set_epoch(self.state.epoch)
+        self.train_loader.set_epoch(self.state.epoch)  # type: ignore[attr-defined]  # Accelerate's loader
         if not self.state.batch_in_epoch:
             return iter(self.train_loader)
         # Starting an iterator draws from the global RNG; the run that saved this checkpoint drew it
@@ -430,7 +430,7 @@ class TrainingLoop:
             self.evaluate()
         if config.load_best and state.best_step is not None and state.best_step != state.step:
             if self.best_weights is None:  # best seen before a resume: read it from its checkpoint
-                self.best_weights = read_checkpoint_weights(Path(state.best_checkpoint))
+                self.best_weights = read_checkpoint_weights(Path(str(state.best_checkpoint)))
             self.unwrapped.load_state_dict(self.best_weights, strict=False)
             accelerator.print(
                 f"restored the best weights (step {state.best_step}, {self.metric_name}={state.best:.4f})"
@@ -440,7 +440,7 @@ class TrainingLoop:
             "metrics": result,
             "train_rows": len(self.encoded),
             "trainable_parameters": self.unwrapped.parameter_counts()["trainable"],
-            "eval_rows": len(self.eval_loader.dataset) if self.eval_loader is not None else 0,
+            "eval_rows": len(self.eval_loader.dataset) if self.eval_loader is not None else 0,  # type: ignore[arg-type]
             "config": _set_fields(config),
         }
         if config.output_dir is not None and accelerator.is_main_process:

@@ -90,7 +90,10 @@ def _fit(score: torch.nn.Linear, spec, batches: list[dict]) -> dict[str, float]:
     total = sum(len(b["labels"]) for b in batches)
 
     def loss_of(w, b) -> torch.Tensor:  # the mean loss per row over all batches
-        return sum(_batch_loss(spec, batch, w, b, mean, std) * len(batch["labels"]) for batch in batches) / total
+        summed = sum(
+            (_batch_loss(spec, batch, w, b, mean, std) * len(batch["labels"]) for batch in batches), torch.zeros(())
+        )
+        return summed / total
 
     with torch.no_grad():
         before = float(loss_of(weight, bias))
