@@ -85,7 +85,9 @@ def measure(cell: dict) -> dict:
             if type(t).__name__ not in ("Params4bit", "Int8Params"):
                 t.data = t.data.clone()
         if cell["checkpointing"]:  # as train() does
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from adapters.backbone.loading import enable_checkpointing
+
+            enable_checkpointing(model.backbone)
         optimizer = build_optimizer(model, TrainConfig(optimizer=cell.get("optimizer", "adamw")))
         generator = torch.Generator().manual_seed(0)
         vocab = model.backbone.config.vocab_size

@@ -62,7 +62,9 @@ def run_one(args) -> dict:
         max_length=max(args.length, 16),
     )
     if args.checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from adapters.backbone.loading import enable_checkpointing
+
+        enable_checkpointing(model.backbone)
     model.train()
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)

@@ -163,7 +163,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(base):
 
     def grads(checkpointing: bool):
         if checkpointing:
-            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from adapters.backbone.loading import enable_checkpointing
+
+            enable_checkpointing(model.backbone)
         model.train()
         model.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):

@@ -294,3 +294,13 @@ def base_fingerprint(model: PreTrainedModel) -> dict:
     flat = emb.detach().flatten()
     idx = (torch.arange(16) * (flat.numel() // 16)).to(flat.device)
     return {"embedding_shape": list(emb.shape), "embedding_sample": [float(v) for v in flat[idx].float().cpu()]}
+
+
+def enable_checkpointing(network: PreTrainedModel) -> None:
+    """Activation checkpointing in every block of ``network`` (non-reentrant: works with frozen inputs).
+    transformers renamed the switch (``gradient_checkpointing_enable`` warns since 5.x): the new name
+    where it exists, the old one on earlier 5.x releases."""
+    if hasattr(network, "activation_checkpointing_enable"):
+        network.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        network.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

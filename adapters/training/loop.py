@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.backbone.loading import cpu_only, resolve_mixed_precision
+from adapters.backbone.loading import cpu_only, enable_checkpointing, resolve_mixed_precision
 from adapters.config.training import TrainConfig
 from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -209,9 +209,7 @@ class TrainingLoop:
     def _setup_optimizer(self) -> None:
         config, accelerator = self.config, self.accelerator
         if config.gradient_checkpointing:
-            self.unwrapped.backbone.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(self.unwrapped.backbone)
         optimizer = build_optimizer(self.unwrapped, config)
         self.model, self.optimizer, self.train_loader = accelerator.prepare(self.model, optimizer, self.train_loader)
         if self.eval_loader is not None:
