@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from adapters.errors import AdaptersError, CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
+from adapters.errors import AdaptersError, ConfigError, DataError, TrainingError, TrainingInterrupted
 
 EXAMPLES = {
     "train": "qadapters train recipes/configs/sentiment.yaml train.epochs=2 adapter.r=16",
@@ -88,7 +88,7 @@ def cmd_estimate(args) -> int:
 
 def cmd_train(args) -> int:
     from adapters import adapt, train
-    from adapters.artifacts.format import ARTIFACT_FILES, check_destination, save_artifact
+    from adapters.artifacts.format import check_destination, save_artifact
     from adapters.config.run_file import load_run_config, to_yaml
     from adapters.data.encoding import check_rows
     from adapters.training.checkpoint import check_output_dir
@@ -103,7 +103,7 @@ def cmd_train(args) -> int:
     t = run.train
     check_rows(train_rows, run.head, t.text_column, t.label_column, f"{run.data.train} (training rows)")
     check_rows(eval_rows, run.head, t.text_column, t.label_column, "evaluation rows")
-    check_destination(Path(run.output), False, ARTIFACT_FILES)
+    check_destination(Path(run.output), False)
     check_output_dir(t.output_dir, t.resume, t.overwrite)
     m = run.model
     model = adapt(
@@ -131,7 +131,7 @@ def cmd_eval(args) -> int:
     from adapters.artifacts.format import read_spec
     from adapters.data.sources import load_rows
 
-    columns = read_spec(args.artifact).get("columns") or {}  # the columns it was trained on, by default
+    columns = read_spec(args.artifact).columns  # the columns it was trained on, by default
     text_column = args.text_column or columns.get("text", "text")
     label_column = args.label_column or columns.get("label", "label")
     rows = load_rows(args.data)  # before the model: a bad file fails at once
@@ -246,24 +246,19 @@ def cmd_info(args) -> int:
     from adapters.artifacts.format import read_spec
 
     spec = read_spec(args.artifact)
-    try:
-        training = spec.get("training") or {}
-        rows = [
-            ("base", f"{spec['base']['name']} ({spec['base']['model_type']})"),
-            ("quantization", spec["quantization"] or "none"),
-            ("adapter", json.dumps(spec["adapter"]) if spec["adapter"] else "none (head only)"),
-            ("head", json.dumps(spec["head"])),
-            ("columns", json.dumps(spec.get("columns", {"text": "text", "label": "label"}))),
-            ("trainable params", training.get("trainable_parameters", "?")),
-            ("training metrics", json.dumps(training.get("metrics", {}))),
-            ("versions", json.dumps(spec.get("versions", {}))),
-        ]
-    except (KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(
-            f"{args.artifact}/qadapters.json lacks or garbles an entry ({err}); the artifact is corrupt"
-        ) from None
-    if spec.get("merged_from"):
-        rows.insert(3, ("merged from", spec["merged_from"]))
+    training = spec.training if isinstance(spec.training, dict) else {}
+    rows = [
+        ("base", f"{spec.base.name} ({spec.base.model_type})"),
+        ("quantization", spec.quantization or "none"),
+        ("adapter", json.dumps(spec.adapter) if spec.adapter else "none (head only)"),
+        ("head", json.dumps(spec.head)),
+        ("columns", json.dumps(spec.columns)),
+        ("trainable params", training.get("trainable_parameters", "?")),
+        ("training metrics", json.dumps(training.get("metrics", {}))),
+        ("versions", json.dumps(spec.versions)),
+    ]
+    if spec.merged_from:
+        rows.insert(3, ("merged from", spec.merged_from))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0

@@ -71,28 +71,50 @@ def atomic_folder(path, replaces: Iterable[str] = ()) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def earlier_output(
-    out: Path, overwrite: bool, kind: str, target: str, written: Callable[[Path], list[str] | None]
+def writable_entries(
+    out: Path,
+    target: str,
+    earlier: Callable[[Path], list[str] | None],
+    *,
+    overwrite: bool,
+    replace_earlier: bool = False,
+    foreign: str = "refuse",
+    writes: Iterable[str] = (),
+    hint: str = "pass overwrite to replace it (only the files it wrote)",
 ) -> list[str]:
-    """The entries of folder ``out`` that writing ``kind`` (``"a merge"``) there may replace: none for a new or
-    empty folder; with ``overwrite``, the files an earlier ``kind`` lists as its own (``written(out)``, None when
-    ``out`` is not one). Anything else is refused: the library replaces only what it wrote."""
+    """The one rule for every folder the library writes (artifacts, merges, exports, training runs): which
+    entries of ``out`` writing ``target`` there may replace. The library replaces only what it wrote.
+
+    * ``out`` is a file: refused.
+    * missing or empty: nothing to replace.
+    * it holds an earlier ``target`` (``earlier(out)`` lists the entries that one wrote): those entries, with
+      ``overwrite`` (or always, with ``replace_earlier``); else refused, saying how (``hint``).
+    * any other non-empty folder (``foreign``): ``"refuse"``; ``"beside"`` (written beside the user's files);
+      ``"beside_with_overwrite"`` (the same, only with ``overwrite``). Beside means none of ``writes`` (the
+      names the write creates) may already be there.
+    """
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is a file; choose a folder for {target}")
+        raise ConfigError(f"{out} exists and is a file; choose a folder for the {target}")
     if not out.is_dir() or not any(out.iterdir()):
         return []
-    if not overwrite:
+    files = earlier(out)
+    if files is not None:
+        if overwrite or replace_earlier:
+            return files
+        raise ConfigError(f"{out} holds an earlier {target}; {hint}")
+    if foreign == "refuse" or (foreign == "beside_with_overwrite" and not overwrite):
+        beside = ", or pass overwrite to write beside its files (none of them is deleted)"
         raise ConfigError(
-            f"{out} exists and is not empty; choose another folder (or pass overwrite to replace an "
-            f"earlier {kind.split(' ', 1)[1]} written there)"
+            f"{out} is a non-empty folder that is not a qadapters {target}; choose another folder"
+            + (beside if foreign != "refuse" else "")
         )
-    files = written(out)
-    if files is None:
+    clash = sorted({p.name for p in out.iterdir()} & set(writes))
+    if clash:
         raise ConfigError(
-            f"{out} is not {kind} written by this qadapters, so overwrite cannot tell its files from "
-            f"yours; choose another folder"
+            f"{out} already holds {clash}, which are not a qadapters {target}'s; the library never "
+            f"replaces files it did not write. Move them, or choose another folder"
         )
-    return files
+    return []
 
 
 def load_tensors(file: Path) -> dict[str, torch.Tensor]:

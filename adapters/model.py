@@ -23,17 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from adapters.artifacts.format import (
-    HEAD_FILE,
-    adapter_spec_of,
-    check_base,
-    check_quantization,
-    head_spec_of,
-    read_head,
-    read_spec,
-    resolve_base,
-    save_artifact,
-)
+from adapters.artifacts.format import HEAD_FILE, open_artifact, save_artifact
 from adapters.backbone.loading import BaseInfo, dtype_name, eval_mode, load_backbone
 from adapters.data.batching import inference_batches, row_length
 from adapters.data.encoding import Collator, encode_rows
@@ -263,37 +253,32 @@ class AdaptedModel(nn.Module):
         (present, readable, names and
         shapes that fit, the same base weights) and a misfit raises a ``CheckpointError`` saying which.
         """
-        path = Path(path)
-        spec = read_spec(path)
-        # everything that can be checked is, before the slow part: the specs, the files, the base's place
-        adapter, head = adapter_spec_of(spec, path), head_spec_of(spec, path)
-        head_tensors = read_head(path)
-        check_quantization(spec, path)
-        location = resolve_base(spec, path, base)
-        recorded = spec.get("load_options") or {}
-        if recorded.get("trust_remote_code") and not trust_remote_code:
+        artifact = open_artifact(path)  # everything that needs no model is checked first
+        spec = artifact.spec
+        location = artifact.base_location(base)
+        if spec.load_options.get("trust_remote_code") and not trust_remote_code:
             raise ConfigError(
                 f"{path} was trained on a base with custom code; loading it runs that code: pass "
-                f"trust_remote_code=True if you trust {spec['base']['name']!r}"
+                f"trust_remote_code=True if you trust {spec.base.name!r}"
             )
         model = adapt(
             location,
-            adapter=adapter,
-            head=head,
-            quantization=spec["quantization"],
-            dtype=dtype or spec.get("dtype"),
+            adapter=artifact.adapter,
+            head=artifact.head,
+            quantization=spec.quantization,
+            dtype=dtype or spec.dtype,
             device=device,
-            max_length=spec["max_length"],
-            padding_side=spec.get("padding_side"),
+            max_length=spec.max_length,
+            padding_side=spec.padding_side,
             seed=None,
             trust_remote_code=trust_remote_code,
-            revision=recorded.get("revision") if base is None else None,
-            attn_implementation=attn_implementation or recorded.get("attn_implementation"),
+            revision=spec.load_options.get("revision") if base is None else None,
+            attn_implementation=attn_implementation or spec.load_options.get("attn_implementation"),
         )
-        check_base(spec, model.backbone, model.base.location, path)
-        if adapter is not None:
-            adapter.load(model, path)
-        model.load_head(head_tensors, path)
+        artifact.check_base(model.backbone, model.base.location)
+        if artifact.adapter is not None:
+            artifact.adapter.load(model, artifact.path)
+        model.load_head(artifact.head_tensors, artifact.path)
         model.eval()
         return model
 

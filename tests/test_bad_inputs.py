@@ -267,7 +267,7 @@ CASES = [
             lambda: merge_artifact(a, a.parent / "mine", overwrite=True),
         )[2],
         adapters.ConfigError,
-        r"not a merge written by this qadapters",
+        r"not a qadapters merge",
     ),
     # folders the library writes into
     (

@@ -8,6 +8,7 @@ loader and the memory estimate all take it through ``AdapterSpec``.
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ class IA3(AdapterSpec):
     targets: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
     feedforward: list[str] = field(default_factory=lambda: ["down_proj"])
     kind: str = field(default="ia3", init=False)
+    files: ClassVar[tuple[str, ...]] = ("adapter",)
 
     def attach(self, model) -> None:
         from peft import IA3Config, get_peft_model

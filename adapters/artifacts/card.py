@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adapters.artifacts.format import ArtifactSpec
 
 
-def _method(spec: dict) -> str:
-    adapter = spec["adapter"]
-    if adapter is None:
+def _method(spec: ArtifactSpec, path: str) -> str:
+    adapter = spec.adapter_spec(Path(path))
+    if adapter is None or spec.adapter is None:
         return "head only (frozen base)"
-    settings = ", ".join(f"{k}={v}" for k, v in adapter.items() if k != "kind")
-    name = {"lora": "LoRA (via peft)", "bottleneck": "bottleneck adapters"}.get(adapter["kind"], adapter["kind"])
-    return f"{name}: {settings}"
+    settings = ", ".join(f"{k}={v}" for k, v in spec.adapter.items() if k != "kind")
+    return f"{adapter.describe()} ({settings})"
 
 
-def model_card(spec: dict, path: str) -> str:
-    """Markdown describing the artifact described by ``spec`` (the content of qadapters.json)."""
-    head = spec["head"]
-    record = spec.get("training") or {}
+def model_card(spec: ArtifactSpec, path: str) -> str:
+    """Markdown describing the artifact described by ``spec``."""
+    head = spec.head
+    record = spec.training or {}
     metrics = record.get("metrics", {})
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     labels = head.get("labels")
-    quant = spec["quantization"] or "none"
-    kind = "decoder" if spec["base"]["is_decoder"] else "encoder"
+    quant = spec.quantization or "none"
+    kind = "decoder" if spec.base.is_decoder else "encoder"
     return f"""# {path}
 
-An adapted model made with [qadapters](https://pypi.org/project/qadapters/) {spec["versions"]["qadapters"]}.
+An adapted model made with [qadapters](https://pypi.org/project/qadapters/) {spec.versions.get("qadapters", "?")}.
 
-- **Base model**: `{spec["base"]["name"]}` ({spec["base"]["model_type"]}, {kind}), frozen, quantization: {quant}
-- **Method**: {_method(spec)}
+- **Base model**: `{spec.base.name}` ({spec.base.model_type}, {kind}), frozen, quantization: {quant}
+- **Method**: {_method(spec, path)}
 - **Head**: {head["kind"]}{f" over {len(labels)} labels: {', '.join(labels)}" if labels else ""}
 - **Data**: {record.get("train_rows", "?")} training rows, {record.get("eval_rows", "?")} evaluation rows
 - **Intended use**: the task above, on text like the training data; check the metrics on your own data first.
@@ -53,11 +57,11 @@ qadapters info {path}
 ```
 
 Only the trained tensors are stored here (safetensors); `adapters.load` rebuilds the base
-model `{spec["base"]["name"]}` with the same quantization and checks that it is the same base.
+model `{spec.base.name}` with the same quantization and checks that it is the same base.
 
 ## Versions
 
 ```json
-{json.dumps(spec["versions"], indent=2)}
+{json.dumps(spec.versions, indent=2)}
 ```
 """

@@ -20,32 +20,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
 
-from adapters.artifacts.format import (
-    adapter_spec_of,
-    check_base,
-    check_quantization,
-    head_spec_of,
-    read_head,
-    read_spec,
-    resolve_base,
-)
+from adapters.artifacts.format import ArtifactSpec, open_artifact
 from adapters.backbone.loading import load_backbone
 from adapters.backbone.packaged import drop_quantizer_marks
 from adapters.errors import ConfigError
-from adapters.files import atomic_folder, check_state, earlier_output
+from adapters.files import atomic_folder, writable_entries
 
 MARK = "qadapters-export.json"  # says the folder is an export (what --overwrite may replace)
 
 
-def refusal(spec: dict, head, adapter) -> str | None:
+def refusal(spec: ArtifactSpec, head: Any, adapter: Any) -> str | None:
     """Why the artifact cannot be a transformers sequence classifier (None: it can)."""
     if head.problem_type is None:
         return f"a {type(head).__name__} head has no text-classification pipeline counterpart"
-    if not spec["base"]["is_decoder"]:
+    if not spec.base.is_decoder:
         return (
             "an encoder's AutoModelForSequenceClassification classifies BERT's pooler output (a dense layer and "
             "tanh over [CLS]), which the adapted model's head does not read"
@@ -68,39 +61,32 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Pa
     """Write ``artifact`` as an ``AutoModelForSequenceClassification`` folder at ``out``; return ``out``."""
     from transformers import AutoModelForSequenceClassification
 
-    artifact, out = Path(artifact), Path(out)
-    spec = read_spec(artifact)
-    adapter, head = adapter_spec_of(spec, artifact), head_spec_of(spec, artifact)
+    opened = open_artifact(artifact)
+    spec, adapter, head = opened.spec, opened.adapter, opened.head
     why = refusal(spec, head, adapter)
     if why:
         raise ConfigError(
             f"{artifact} cannot be exported for transformers.pipeline: {why}. Use it with adapters.load "
             f"or qadapters serve"
         )
-    tensors = read_head(artifact)
-    check_state(tensors, head.build(spec["base"]["hidden_size"], True).state_dict(), artifact / "head.safetensors")
-    check_quantization(spec, artifact)
-    replaces = earlier_output(out, overwrite, "an export", "the export", _exported_files)
+    out = Path(out)
+    replaces = writable_entries(out, "export", _exported_files, overwrite=overwrite)
     network, base = load_backbone(
-        resolve_base(spec, artifact),
-        spec["quantization"],
-        spec.get("dtype"),
-        "cpu",
-        padding_side=spec.get("padding_side"),
+        opened.base_location(), spec.quantization, spec.dtype, "cpu", padding_side=spec.padding_side
     )
-    check_base(spec, network, base.location, artifact)
-    if spec["quantization"] is not None:
-        log(f"dequantizing the {spec['quantization']} base before merging (the adapter was trained on it)")
+    opened.check_base(network, base.location)
+    if spec.quantization is not None:
+        log(f"dequantizing the {spec.quantization} base before merging (the adapter was trained on it)")
         network = network.dequantize(dtype=base.compute_dtype)
         drop_quantizer_marks(network)
     if adapter is not None:
-        network = adapter.merge(network, artifact)
-    classifier = _classifier(network, head, base.tokenizer, tensors, AutoModelForSequenceClassification)
+        network = adapter.merge(network, opened.path)
+    classifier = _classifier(network, head, base.tokenizer, opened.head_tensors, AutoModelForSequenceClassification)
     with atomic_folder(out, replaces) as tmp:
         classifier.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         files = sorted([p.name for p in tmp.iterdir()] + [MARK])
-        (tmp / MARK).write_text(json.dumps({"exported_from": artifact.name, "files": files}, indent=2))
+        (tmp / MARK).write_text(json.dumps({"exported_from": opened.path.name, "files": files}, indent=2))
     log(f"exported to {out}: pipeline('text-classification', model={str(out)!r}, top_k=None)")
     return out
 

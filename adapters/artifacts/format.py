@@ -10,8 +10,12 @@ Layout of an artifact folder::
     bottleneck.safetensors  bottleneck adapters: their weights (their config is in qadapters.json)
     head.safetensors        the task head's weights
 
-This module is the format only: what is written where, and reading it back with checks. Each
-adapter kind writes and reads its own files (``AdapterSpec.save``/``load``).
+This module is the format only: what is written where, and reading it back with checks. The spec is a
+typed ``ArtifactSpec`` (with the base as a ``BaseRecord``), read and written here only; ``open_artifact``
+is the one reader that load, serve, merge and export start from: it checks everything that needs no
+model (the spec, the adapter and head settings, the head's tensors against the head, the quantization the
+tensors were trained on) before any of them loads a base. Each adapter kind writes and reads its own
+files (``AdapterSpec.save``/``load``; ``AdapterSpec.files`` names them).
 ``AdaptedModel.from_pretrained`` (``adapters.load``) rebuilds the model with ``adapt`` from the
 stored spec (same quantization, adapter and head), then loads the trained tensors after checking
 names and shapes, so a folder that is incomplete, corrupt or from another base fails with a
@@ -23,15 +27,19 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from adapters.artifacts.card import model_card
 from adapters.backbone.loading import base_fingerprint, process_state, weights_folder
 from adapters.errors import CheckpointError, ConfigError
-from adapters.files import atomic_folder, cpu_state, load_tensors, weights_digest
+from adapters.files import atomic_folder, check_state, cpu_state, load_tensors, weights_digest, writable_entries
+from adapters.heads import HeadSpec
+from adapters.methods.spec import AdapterSpec
 from adapters.registry import ADAPTERS, adapter_from_dict, head_from_dict
 
 FORMAT_VERSION = 1
@@ -75,92 +83,175 @@ ARTIFACT_FILES = (
 )
 
 
-def written_files(path: Path) -> list[str]:
-    """The entries of artifact folder ``path`` that the library wrote (what re-saving may replace)."""
+def written_files(path: Path) -> list[str] | None:
+    """The entries of folder ``path`` that the library wrote, if it is an artifact (what re-saving may
+    replace); None for any other folder."""
+    if not is_artifact(path):
+        return None
     try:
-        spec = json.loads((path / SPEC_FILE).read_text())
-    except (OSError, ValueError):
+        files = json.loads((path / SPEC_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
         return list(ARTIFACT_FILES)
-    files = spec.get("files") if isinstance(spec, dict) else None
     return list(files) if isinstance(files, list) else list(ARTIFACT_FILES)
 
 
-def base_entry(base, network, artifact: Path) -> dict:
-    """What the spec records about the base. A local folder is recorded relative to the artifact (no absolute
-    path inside: a copied or moved artifact still finds a base moved along with it), with a digest of its
-    tensors that loading and merging check."""
-    entry = {
-        "name": base.source,
-        "model_type": network.config.model_type,
-        "hidden_size": base.hidden_size,
-        "is_decoder": base.is_decoder,
-        **base_fingerprint(network),
-    }
-    if os.path.isdir(base.source):
-        entry["name"] = Path(base.source).resolve().name
-        entry["path"] = os.path.relpath(Path(base.source).resolve(), artifact.resolve())
-    folder = weights_folder(base.location)
-    digest = weights_digest(folder) if folder else None
-    if digest:
-        entry["weights_digest"] = digest
-    return entry
+@dataclass
+class BaseRecord:
+    """What an artifact records about the pretrained model it was trained on (the spec's ``base``)."""
+
+    name: str
+    """A packaged name or hub id; for a local folder, its folder name (``path`` says where it is)."""
+    model_type: str
+    hidden_size: int
+    is_decoder: bool
+    embedding_shape: list[int]
+    embedding_sample: list[float]
+    """A sample of the input embeddings (never quantized): identifies the weights at any quantization."""
+    path: str | None = None
+    """A local base's folder, relative to the artifact (a moved artifact finds a base moved with it)."""
+    weights_digest: dict[str, str] | None = None
+    """Every tensor's digest, where the base's files were on disk at save time."""
+
+    @classmethod
+    def of(cls, info: Any, network: Any, artifact: Path) -> BaseRecord:
+        """The record of the backbone ``network`` described by ``info`` (a ``BackboneInfo``), saved at ``artifact``."""
+        fingerprint = base_fingerprint(network)
+        record = cls(
+            info.source,
+            network.config.model_type,
+            info.hidden_size,
+            info.is_decoder,
+            fingerprint["embedding_shape"],
+            fingerprint["embedding_sample"],
+        )
+        if os.path.isdir(info.source):
+            record.name = Path(info.source).resolve().name
+            record.path = os.path.relpath(Path(info.source).resolve(), artifact.resolve())
+        folder = weights_folder(info.location)
+        record.weights_digest = (weights_digest(folder) if folder else None) or None
+        return record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("path", "weights_digest")}
 
 
-def artifact_spec(model, path: Path, extra: dict | None = None) -> dict:
+@dataclass
+class ArtifactSpec:
+    """``qadapters.json``: what an artifact holds and how to rebuild its model, typed. ``adapter`` and ``head``
+    are the settings' dicts as saved (``adapter_spec``/``head_spec`` build them); unknown keys of newer
+    writers are kept in ``extra`` and written back."""
+
+    base: BaseRecord
+    quantization: str | None
+    max_length: int
+    head: dict[str, Any]
+    adapter: dict[str, Any] | None = None
+    dtype: str | None = None
+    padding_side: str | None = None
+    columns: dict[str, str] = field(default_factory=lambda: {"text": "text", "label": "label"})
+    """The columns it was trained on: ``qadapters eval`` reads them by default."""
+    versions: dict[str, str] = field(default_factory=dict)
+    training: dict[str, Any] | None = None
+    load_options: dict[str, Any] = field(default_factory=dict)
+    """How the base was read (revision, attn_implementation, trust_remote_code): a reload reads it the same way."""
+    merged_from: str | None = None
+    """For a merged model: the artifact it was merged from."""
+    files: list[str] | None = None
+    """Every entry the library wrote into the folder (since v0.2; re-saving replaces exactly these)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path) -> ArtifactSpec:
+        """The spec of artifact ``path`` from its JSON; a ``CheckpointError`` naming what is missing or wrong."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path / SPEC_FILE} is not a JSON object; the artifact is corrupt")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has artifact format {data.get('format_version')!r}; this qadapters reads "
+                f"format {FORMAT_VERSION}"
+            )
+        known = {f.name for f in fields(cls)} - {"extra", "base"}
+        try:
+            base = BaseRecord(**data["base"])
+            kwargs = {k: v for k, v in data.items() if k in known}
+            return cls(base=base, **kwargs, extra={k: v for k, v in data.items() if k not in known | {"base"}})
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{path / SPEC_FILE} lacks or garbles an entry ({err}); the artifact is corrupt or was "
+                f"written by a newer qadapters"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "base")}
+        data = {"format_version": data.pop("format_version"), "base": self.base.to_dict(), **data, **self.extra}
+        return {k: v for k, v in data.items() if v is not None or k in ("adapter", "quantization", "dtype")}
+
+    def adapter_spec(self, path: Path) -> AdapterSpec | None:
+        """The adapter settings it records (None: head only)."""
+        return _built(self.adapter, adapter_from_dict, "adapter", path)
+
+    def head_spec(self, path: Path) -> HeadSpec:
+        """The head settings it records."""
+        head: HeadSpec = _built(self.head, head_from_dict, "head", path)
+        return head
+
+
+def _built(entry: Any, build: Callable[[Any], Any], key: str, path: Path) -> Any:
+    try:
+        return build(entry)
+    except (KeyError, TypeError, ConfigError) as err:
+        raise CheckpointError(
+            f"{path / SPEC_FILE} lacks or garbles its {key!r} entry ({err}); the artifact is corrupt "
+            f"or was written by a newer qadapters"
+        ) from None
+
+
+def artifact_spec(model: Any, path: Path, extra: dict[str, Any] | None = None) -> ArtifactSpec:
     """What ``qadapters.json`` records about ``model`` (an ``AdaptedModel``) saved at ``path``."""
-    base = model.base
     training = model.training_record
     if training and isinstance(training.get("config", {}).get("output_dir"), str):
         config = dict(training["config"])  # only where logs went: never an absolute path inside
         config["output_dir"] = Path(config["output_dir"]).name
         training = {**training, "config": config}
     columns = (training or {}).get("config", {})
-    return {
-        "format_version": FORMAT_VERSION,
-        "base": base_entry(base, model.backbone, Path(path)),
-        "quantization": base.quantization,
-        "dtype": model.dtype_arg,
-        "max_length": model.max_length,
-        "padding_side": base.tokenizer.padding_side,
-        "adapter": model.adapter.to_dict() if model.adapter else None,
-        "head": model.head_spec.to_dict(),
-        # the columns it was trained on: `qadapters eval` reads them by default
-        "columns": {"text": columns.get("text_column", "text"), "label": columns.get("label_column", "label")},
-        "versions": _versions(),
-        "training": training,
-        "load_options": getattr(model, "load_options", {}),
-        **(extra or {}),
-    }
+    return ArtifactSpec(
+        base=BaseRecord.of(model.base, model.backbone, Path(path)),
+        quantization=model.base.quantization,
+        dtype=model.dtype_arg,
+        max_length=model.max_length,
+        padding_side=model.base.tokenizer.padding_side,
+        adapter=model.adapter.to_dict() if model.adapter else None,
+        head=model.head_spec.to_dict(),
+        columns={"text": columns.get("text_column", "text"), "label": columns.get("label_column", "label")},
+        versions=_versions(),
+        training=training,
+        load_options=getattr(model, "load_options", {}),
+        extra=dict(extra or {}),
+    )
 
 
-def check_destination(path: Path, overwrite: bool, writes: Iterable[str]) -> list[str]:
-    """Refuse a destination whose files we would lose; return the entries a save there replaces.
-
-    An artifact folder: the files the library wrote there are replaced, the user's other files kept.
-    Any other non-empty folder: refused, unless ``overwrite``, and then only when none of its entries
-    has a name the save writes (they are kept, the artifact is written beside them)."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{path} exists and is a file; choose a folder path for the artifact")
-    if not path.is_dir() or not any(path.iterdir()):
-        return []
-    if is_artifact(path):
-        return written_files(path)
-    if not overwrite:
-        raise ConfigError(
-            f"{path} is a non-empty folder that is not a qadapters artifact; choose another path, or "
-            f"pass overwrite=True to write the artifact beside its files (none of them is deleted)"
-        )
-    clash = sorted({p.name for p in path.iterdir()} & set(writes))
-    if clash:
-        raise ConfigError(
-            f"{path} already holds {clash}, which are not a qadapters artifact's; the library never "
-            f"replaces files it did not write. Move them, or choose another folder"
-        )
-    return []
+def check_destination(path: Path, overwrite: bool, writes: Iterable[str] = ARTIFACT_FILES) -> list[str]:
+    """The entries a save at ``path`` replaces (``files.writable_entries``): an artifact folder's own files
+    (the user's other files kept); into any other non-empty folder only with ``overwrite``, beside its
+    files, when none of them has a name the save writes."""
+    return writable_entries(
+        path,
+        "artifact",
+        written_files,
+        overwrite=overwrite,
+        replace_earlier=True,
+        foreign="beside_with_overwrite",
+        writes=writes,
+    )
 
 
 def save_artifact(
-    model, path, overwrite: bool = False, extra: dict | None = None, text_files: dict[str, str] | None = None
+    model: Any,
+    path: str | Path,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+    text_files: dict[str, str] | None = None,
 ) -> Path:
     """Write ``model``'s trainable tensors and spec to ``path`` atomically (``text_files``: more files to
     write beside them, e.g. the CLI's resolved ``config.yaml``).
@@ -169,8 +260,6 @@ def save_artifact(
     non-empty folder is refused unless ``overwrite=True`` (see ``check_destination``), so a typo in the
     path never deletes the user's files. Under several processes only the main one writes.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     replaces = check_destination(path, overwrite, ARTIFACT_FILES + tuple(text_files or ()))
     state = process_state()
@@ -181,120 +270,128 @@ def save_artifact(
     with atomic_folder(path, replaces) as tmp:
         if model.adapter is not None:
             model.adapter.save(model, tmp)
-        # the tensors say which base and quantization they were trained on: an edited spec is caught
-        metadata = {"quantization": str(spec["quantization"]), "base": spec["base"]["name"]}
-        save_file(cpu_state(model.head), str(tmp / HEAD_FILE), metadata=metadata)
+        write_head(cpu_state(model.head), tmp, spec)
         for name, text in (text_files or {}).items():
             (tmp / name).write_text(text)
-        (tmp / "README.md").write_text(model_card(spec, path.name))
-        spec["files"] = sorted([p.name for p in tmp.iterdir()] + [SPEC_FILE])
-        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str))
+        write_spec(spec, tmp, path.name)
     state.wait_for_everyone()
     return path
 
 
-def read_spec(path) -> dict:
+def write_head(tensors: dict[str, torch.Tensor], folder: Path, spec: ArtifactSpec) -> None:
+    """The head's tensors, which say which base and quantization they were trained on (an edited spec is
+    caught: ``Artifact.check_quantization``)."""
+    from safetensors.torch import save_file
+
+    save_file(
+        tensors, str(folder / HEAD_FILE), metadata={"quantization": str(spec.quantization), "base": spec.base.name}
+    )
+
+
+def write_spec(spec: ArtifactSpec, folder: Path, name: str) -> None:
+    """The model card and ``qadapters.json`` into ``folder`` (last: the spec lists every file written)."""
+    (folder / "README.md").write_text(model_card(spec, name))
+    spec.files = sorted([p.name for p in folder.iterdir()] + [SPEC_FILE])
+    (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2, default=str))
+
+
+def read_spec(path: str | Path) -> ArtifactSpec:
+    """The spec of artifact folder ``path``; a ``CheckpointError`` when it is missing, corrupt or of
+    another format version."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder; pass the folder written by save_pretrained")
     if not (path / SPEC_FILE).is_file():
         raise CheckpointError(f"{path} has no {SPEC_FILE}: it is not a qadapters artifact (or it is incomplete)")
     try:
-        spec = json.loads((path / SPEC_FILE).read_text())
+        data = json.loads((path / SPEC_FILE).read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path / SPEC_FILE} is corrupt ({err})") from None
-    if spec.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has artifact format {spec.get('format_version')!r}; this qadapters reads format {FORMAT_VERSION}"
-        )
-    return spec
+    return ArtifactSpec.from_dict(data, path)
 
 
-def adapter_spec_of(spec: dict, path: Path):
-    """The adapter settings an artifact's spec records (None: head only)."""
-    return _spec_entry(spec, "adapter", adapter_from_dict, path)
+@dataclass
+class Artifact:
+    """An artifact folder, opened and checked as far as it can be without a model (``open_artifact``)."""
 
+    path: Path
+    spec: ArtifactSpec
+    adapter: AdapterSpec | None
+    head: HeadSpec
+    head_tensors: dict[str, torch.Tensor]
 
-def head_spec_of(spec: dict, path: Path):
-    """The head settings an artifact's spec records."""
-    return _spec_entry(spec, "head", head_from_dict, path)
+    def base_location(self, override: str | None = None) -> str:
+        """Where to read the base from: ``override`` when given; a local base recorded relative to the
+        artifact (a merged model: its own folder); else the recorded name (a packaged model or a hub id)."""
+        if override is not None:
+            return str(override)
+        record = self.spec.base
+        if record.path is not None:
+            found = (self.path / record.path).resolve()
+            if not found.is_dir():
+                raise CheckpointError(
+                    f"artifact {self.path} was trained on the local base {record.name!r}, recorded at "
+                    f"{record.path} relative to the artifact, which is not there; pass base= (CLI: --base) "
+                    f"with the folder of that model"
+                )
+            return str(found)
+        return record.name
 
-
-def _spec_entry(spec: dict, key: str, build, path: Path):
-    try:
-        return build(spec[key])
-    except (KeyError, TypeError, ConfigError) as err:
-        raise CheckpointError(
-            f"{path / SPEC_FILE} lacks or garbles its {key!r} entry ({err}); the artifact is "
-            f"corrupt or was written by a newer qadapters"
-        ) from None
-
-
-def read_head(path: Path) -> dict[str, torch.Tensor]:
-    """The head's tensors of artifact ``path``."""
-    return load_tensors(Path(path) / HEAD_FILE)
-
-
-def resolve_base(spec: dict, path: Path, base: str | None = None) -> str:
-    """Where to read the base from: ``base`` when given; a merged artifact's own folder; a local base
-    recorded relative to the artifact; else the recorded name (a packaged model or a hub id)."""
-    if base is not None:
-        return str(base)
-    entry = spec["base"]
-    if entry.get("path") is not None:
-        found = (Path(path) / entry["path"]).resolve()
-        if not found.is_dir():
-            raise CheckpointError(
-                f"artifact {path} was trained on the local base {entry['name']!r}, recorded at "
-                f"{entry['path']} relative to the artifact, which is not there; pass base= (CLI: "
-                f"--base) with the folder of that model"
+    def check_base(self, network: Any, location: str) -> None:
+        """Refuse a base whose weights differ from the one the artifact was trained on: every tensor's
+        digest where the artifact recorded them (and the base's files are on this machine), else a sample
+        of the input embeddings."""
+        record = self.spec.base
+        folder = weights_folder(location) if record.weights_digest else None
+        digest = weights_digest(folder) if folder else None
+        if record.weights_digest and digest:
+            changed = sorted(
+                k for k in set(record.weights_digest) | set(digest) if record.weights_digest.get(k) != digest.get(k)
             )
-        return str(found)
-    return entry["name"]
-
-
-def check_base(spec: dict, network, base_location: str, path: Path) -> None:
-    """Refuse a base whose weights differ from the one the artifact was trained on: every tensor's digest
-    where the artifact recorded them (and the base's files are on this machine), else a sample of the
-    input embeddings."""
-    saved = spec["base"]
-    folder = weights_folder(base_location) if saved.get("weights_digest") else None
-    digest = weights_digest(folder) if folder else None
-    if digest:
-        changed = sorted(
-            k for k in set(saved["weights_digest"]) | set(digest) if saved["weights_digest"].get(k) != digest.get(k)
+            if changed:
+                raise CheckpointError(
+                    f"artifact {self.path} was trained on a different base than {location!r}: "
+                    f"{len(changed)} tensor(s) differ, e.g. {changed[:3]}; pass base= (CLI: --base) "
+                    f"pointing at the original base weights"
+                )
+            return
+        now = base_fingerprint(network)
+        close = record.embedding_shape == now["embedding_shape"] and torch.allclose(
+            torch.tensor(record.embedding_sample), torch.tensor(now["embedding_sample"]), rtol=1e-2, atol=1e-3
         )
-        if changed:
+        if not close:
             raise CheckpointError(
-                f"artifact {path} was trained on a different base than {base_location!r}: "
-                f"{len(changed)} tensor(s) differ, e.g. {changed[:3]}; pass base= (CLI: --base) "
-                f"pointing at the original base weights"
+                f"artifact {self.path} was trained on a different base model than {record.name!r} "
+                f"resolves to now (embedding weights differ); pass base= pointing at the original "
+                f"base weights"
             )
-        return
-    now = base_fingerprint(network)
-    same_shape = saved.get("embedding_shape") == now["embedding_shape"]
-    close = same_shape and torch.allclose(
-        torch.tensor(saved["embedding_sample"]), torch.tensor(now["embedding_sample"]), rtol=1e-2, atol=1e-3
-    )
-    if not close:
-        raise CheckpointError(
-            f"artifact {path} was trained on a different base model than {saved['name']!r} "
-            f"resolves to now (embedding weights differ); pass base= pointing at the original "
-            f"base weights"
-        )
 
 
-def check_quantization(spec: dict, path: Path) -> None:
+def open_artifact(path: str | Path) -> Artifact:
+    """Artifact folder ``path``, checked before anything slow: its spec (present, readable, this format),
+    the adapter and head settings it records, the head's tensors against that head (names and shapes),
+    and the quantization its tensors were trained on against the spec's. Load, serve, merge and export
+    all start here; each then loads the base and calls ``Artifact.check_base``."""
+    path = Path(path)
+    spec = read_spec(path)
+    adapter, head = spec.adapter_spec(path), spec.head_spec(path)
+    tensors = load_tensors(path / HEAD_FILE)
+    check_state(tensors, head.build(spec.base.hidden_size, spec.base.is_decoder).state_dict(), path / HEAD_FILE)
+    _check_quantization(spec, path)
+    return Artifact(path, spec, adapter, head, tensors)
+
+
+def _check_quantization(spec: ArtifactSpec, path: Path) -> None:
     """The spec's quantization against the one the saved tensors record (artifacts since v0.2)."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(Path(path) / HEAD_FILE), "pt") as f:
+        with safe_open(str(path / HEAD_FILE), "pt") as f:
             recorded = (f.metadata() or {}).get("quantization")
-    except Exception:  # noqa: BLE001 - a damaged head file is reported by read_head
+    except Exception:  # noqa: BLE001 - a damaged head file is reported by load_tensors
         return
-    if recorded is not None and recorded != str(spec["quantization"]):
+    if recorded is not None and recorded != str(spec.quantization):
         raise CheckpointError(
-            f"{path / SPEC_FILE} says quantization={spec['quantization']!r} but its tensors were "
+            f"{path / SPEC_FILE} says quantization={spec.quantization!r} but its tensors were "
             f"trained on a {recorded!r} base; the spec was edited. Restore quantization={recorded!r}"
         )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
@@ -151,7 +152,7 @@ class LoRA(AdapterSpec):
         else:
             layers.disable_adapter_layers()
 
-    def merge(self, network: nn.Module, folder: Path) -> nn.Module:
+    def merge(self, network: PreTrainedModel, folder: Path) -> PreTrainedModel:
         """``W' = W + (alpha/r) B A`` for every adapted layer: peft's ``merge_and_unload``."""
         from peft import PeftModel
 

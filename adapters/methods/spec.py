@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 
 class Adaptable(Protocol):
@@ -83,7 +84,7 @@ class AdapterSpec(ABC):
         """Why this kind cannot be folded into the base weights (None: it can, through ``merge``)."""
         return "this adapter kind has no merge"
 
-    def merge(self, network: nn.Module, folder: Path) -> nn.Module:
+    def merge(self, network: PreTrainedModel, folder: Path) -> PreTrainedModel:
         """``network`` with the adapter saved in artifact ``folder`` folded into its weights."""
         raise NotImplementedError
 

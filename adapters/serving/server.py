@@ -32,16 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from adapters.artifacts.format import (
-    HEAD_FILE,
-    adapter_spec_of,
-    check_base,
-    check_quantization,
-    head_spec_of,
-    read_head,
-    read_spec,
-    resolve_base,
-)
+from adapters.artifacts.format import Artifact, ArtifactSpec, open_artifact
 from adapters.errors import AdaptersError, ConfigError
 
 
@@ -51,8 +42,8 @@ class Served:
 
     name: str
     path: Path
-    spec: dict
-    group: "BaseGroup"
+    spec: ArtifactSpec
+    group: "SharedBackbone"
     head: nn.Module
     head_spec: Any
     adapter: Any
@@ -66,16 +57,16 @@ class Served:
     def describe(self) -> dict:
         return {
             "name": self.name,
-            "base": self.spec["base"]["name"],
+            "base": self.spec.base.name,
             "base_group": self.group.index,
-            "quantization": self.spec["quantization"],
+            "quantization": self.spec.quantization,
             "adapter": self.adapter.describe() if self.adapter else None,
             "head": self.head_spec.to_dict(),
         }
 
 
 @dataclass
-class BaseGroup:
+class SharedBackbone:
     """One loaded base and the artifacts served on it."""
 
     index: int
@@ -105,60 +96,58 @@ class BaseGroup:
                 model.head, model.head_spec, model.max_length = saved
 
 
-def _group_key(spec: dict, path: Path) -> tuple:
-    """Artifacts with the same key can share one loaded base."""
-    where = resolve_base(spec, path)
+def _group_key(artifact: Artifact) -> tuple:
+    """Artifacts with the same key can share one loaded backbone."""
+    where = artifact.base_location()
     where = str(Path(where).resolve()) if Path(where).exists() else where
-    return where, spec["quantization"], spec.get("dtype"), head_spec_of(spec, path).lm_logits
+    spec = artifact.spec
+    return where, spec.quantization, spec.dtype, artifact.head.lm_logits
 
 
 def load_served(artifacts: dict[str, Path], device: str | None = None) -> dict[str, Served]:
-    """Load every artifact once, sharing a base between artifacts trained on the same one."""
+    """Load every artifact once, sharing a backbone between artifacts trained on the same one."""
     from adapters.model import AdaptedModel
 
-    groups: list[BaseGroup] = []
+    opened = {name: open_artifact(path) for name, path in artifacts.items()}  # all checked before any load
+    groups: list[SharedBackbone] = []
     served: dict[str, Served] = {}
-    for name, path in artifacts.items():
-        path = Path(path)
-        spec = read_spec(path)
-        adapter, key = adapter_spec_of(spec, path), _group_key(spec, path)
-        group = next((g for g in groups if g.accepts(key, adapter)), None)
+    for name, artifact in opened.items():
+        key = _group_key(artifact)
+        group = next((g for g in groups if g.accepts(key, artifact.adapter)), None)
         if group is None:
-            model = AdaptedModel.from_pretrained(path, device=device)
-            group = BaseGroup(len(groups), key, model)
+            model = AdaptedModel.from_pretrained(artifact.path, device=device)
+            group = SharedBackbone(len(groups), key, model)
             groups.append(group)
+            handle = artifact.adapter.handle(model) if artifact.adapter is not None else None
             member = Served(
                 name,
-                path,
-                spec,
+                artifact.path,
+                artifact.spec,
                 group,
                 model.head,
                 model.head_spec,
-                adapter,
+                artifact.adapter,
                 model.max_length,
-                adapter.handle(model) if adapter is not None else None,
+                handle,
             )
         else:
-            member = _join(group, name, path, spec, adapter)
+            member = _join(group, name, artifact)
         group.members.append(member)
         served[name] = member
     return served
 
 
-def _join(group: BaseGroup, name: str, path: Path, spec: dict, adapter) -> Served:
-    """Add artifact ``path`` to ``group``'s base: its adapter beside the others, its own head."""
-    from adapters.files import check_state
-
+def _join(group: SharedBackbone, name: str, artifact: Artifact) -> Served:
+    """Add ``artifact`` to ``group``'s backbone: its adapter beside the others, its own head."""
     model = group.model
-    check_quantization(spec, path)
-    check_base(spec, model.backbone, model.base.location, path)
-    head_spec = head_spec_of(spec, path)
-    head = head_spec.build(model.base.hidden_size, model.base.is_decoder).to(model.device)
-    tensors = read_head(path)
-    check_state(tensors, head.state_dict(), path / HEAD_FILE)
-    head.load_state_dict({k: v.to(model.device) for k, v in tensors.items()})
-    handle = adapter.join(model, path, f"served-{name}") if adapter is not None else None
-    return Served(name, path, spec, group, head.eval(), head_spec, adapter, spec["max_length"], handle)
+    artifact.check_base(model.backbone, model.base.location)
+    head = artifact.head.build(model.base.hidden_size, model.base.is_decoder).to(model.device)
+    head.load_state_dict({k: v.to(model.device) for k, v in artifact.head_tensors.items()})
+    adapter = artifact.adapter
+    handle = adapter.join(model, artifact.path, f"served-{name}") if adapter is not None else None
+    return Served(
+        name, artifact.path, artifact.spec, group, head.eval(), artifact.head, adapter, artifact.spec.max_length, handle
+    )
 
 
 def parse_artifacts(items: list[str]) -> dict[str, Path]:
@@ -312,8 +301,6 @@ def serve(
     except ImportError:
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
     paths = parse_artifacts(artifacts)
-    for path in paths.values():
-        read_spec(path)  # every artifact readable before any base loads
     served = load_served(paths, device)
     groups = len({s.group.index for s in served.values()})
     print(f"serving {len(served)} model(s) on {groups} base(s) at http://{host}:{port} (docs: /docs)", flush=True)

@@ -21,7 +21,8 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from adapters.errors import CheckpointError, ConfigError
+from adapters.errors import CheckpointError
+from adapters.files import writable_entries
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -179,19 +180,25 @@ def check_output_dir(output_dir, resume, overwrite: bool) -> bool:
     (``overwrite``). Cheap: callers run it before loading a model."""
     if output_dir is None:
         return False
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir {out} is a file; choose a folder for checkpoints and logs")
-    earlier = (out / RUN_FILE).exists() or bool(complete_checkpoints(out)) or (out / LOG_FILE).exists()
-    if earlier and resume is None:
-        if not overwrite:
-            raise ConfigError(
-                f"{out} holds an earlier run (checkpoints or logs); continue it with resume='auto' "
-                f"(YAML: train.resume=auto) or start afresh with overwrite=True (train.overwrite=true), "
-                f"which deletes its checkpoints and logs and nothing else"
-            )
-        return True
-    return False
+    earlier = writable_entries(
+        Path(output_dir),
+        "run (checkpoints and logs)",
+        _run_entries,
+        overwrite=overwrite,
+        replace_earlier=resume is not None,  # resuming keeps them
+        foreign="beside",  # checkpoints and logs go beside the user's files
+        writes=(RUN_FILE, LOG_FILE, checkpoint_dir(Path(output_dir)).name),
+        hint="continue it with resume='auto' (YAML: train.resume=auto) or start afresh with overwrite=True "
+        "(train.overwrite=true), which deletes its checkpoints and logs and nothing else",
+    )
+    return bool(earlier) and resume is None
+
+
+def _run_entries(out: Path) -> list[str] | None:
+    """What an earlier run wrote into ``out`` (None: no earlier run there)."""
+    if not ((out / RUN_FILE).exists() or complete_checkpoints(out) or (out / LOG_FILE).exists()):
+        return None
+    return [name for name in (RUN_FILE, LOG_FILE, checkpoint_dir(out).name) if (out / name).exists()]
 
 
 def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> None:
