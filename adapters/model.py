@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from adapters.artifacts.format import HEAD_FILE, open_artifact, save_artifact
-from adapters.backbone.loading import BaseInfo, dtype_name, eval_mode, load_backbone
+from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_backbone
 from adapters.data.batching import inference_batches, row_length
 from adapters.data.encoding import Collator, encode_rows
 from adapters.errors import ConfigError
@@ -40,7 +40,7 @@ class AdaptedModel(nn.Module):
     def __init__(
         self,
         backbone: PreTrainedModel,
-        base: BaseInfo,
+        base: BackboneInfo,
         adapter: AdapterSpec | None,
         head_spec: HeadSpec,
         max_length: int,

@@ -9,6 +9,8 @@ import random
 
 import torch
 
+import adapters
+
 WORDS = (
     "good great fun moving wonderful superb bad awful boring dull tedious mess "
     "a the film movie is was and but not very plot story acting"
@@ -154,3 +156,28 @@ def long_rows(n, seed=0, filler=30):
 def rows_of(columns: dict[str, list]) -> list[dict]:
     """Encoded columns (``encode_rows``) as one dict per row, what a collator takes."""
     return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+def causal_rows(n, seed=0):
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.sample(FILLER, 3)), "label": rng.choice(POSITIVE)} for _ in range(n)]
+
+
+# One example of every head kind: a head, rows to train it on, and unlabeled inputs to predict. The
+# contract battery (test_contract.py) runs each registered kind through it, so a new head kind must add
+# its example here.
+HEAD_EXAMPLES = {
+    "classification": (lambda: adapters.Classification(labels=["neg", "pos"]), toy_sentiment),
+    "multi_label": (lambda: adapters.MultiLabel(labels=["pos", "neg"]), multilabel_rows),
+    "regression": (lambda: adapters.Regression(), regression_rows),
+    "multiple_choice": (lambda: adapters.MultipleChoice(num_choices=3), choice_rows),
+    "token_classification": (lambda: adapters.TokenClassification(labels=["O", "B-POS", "B-NEG"]), tag_rows),
+    "causal_lm": (lambda: adapters.CausalLM(max_new_tokens=2), causal_rows),
+}
+
+
+def example_inputs(rows: list[dict]) -> list:
+    """What ``predict`` takes for these rows (the head's raw inputs, without labels)."""
+    if "choices" in rows[0]:
+        return [{"context": r["text"], "choices": r["choices"]} for r in rows]
+    return [r["text"] for r in rows]

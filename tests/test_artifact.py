@@ -163,7 +163,9 @@ def test_overwrite_writes_beside_the_users_files(tiny_llama, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "data.csv").write_text("text,label\n")
     model.save_pretrained(tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "data.csv").read_text() == "text,label\n" and adapters.load(tmp_path / "out")
+    assert (tmp_path / "out" / "data.csv").read_text() == "text,label\n"
+    again = adapters.load(tmp_path / "out")
+    torch.testing.assert_close(again.logits(["a b"]), model.logits(["a b"]), rtol=0, atol=1e-6)
 
 
 def test_an_artifact_and_its_local_base_travel_together(tiny_llama, tmp_path):

@@ -101,7 +101,10 @@ def test_the_memory_estimate_runs_the_likelihood_head(tied_llama):
         batch_size=2,
         seq_len=32,
     )
-    assert estimate.total > 0 and estimate.activations > plain.activations  # vocabulary logits at the choice tokens
+    # vocabulary logits at the choice tokens; no head weights of its own (it scores with the embedding)
+    assert estimate.activations > plain.activations
+    real = adapters.adapt(tied_llama, adapter=adapters.LoRA(r=4), head=head, quantization=None)
+    assert estimate.trainable_params == real.parameter_counts()["trainable"] < plain.trainable_params
 
 
 def test_a_prompt_keeps_its_cue_when_the_text_is_cut(tiny_llama):

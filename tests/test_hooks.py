@@ -49,21 +49,22 @@ def test_callbacks_see_each_phase_and_can_stop_training(tiny_llama, tmp_path):
         def __init__(self):
             self.events = []
 
-        def on_train_begin(self, loop):
-            self.events.append(("begin", loop.state.step))
+        def on_train_begin(self, config, state, control):
+            self.events.append(("begin", state.step))
 
-        def on_log(self, loop, logs):
-            self.events.append(("log", loop.state.step, round(logs["train_loss"], 6)))
+        def on_log(self, config, state, control, logs):
+            self.events.append(("log", state.step, round(logs["train_loss"], 6)))
 
-        def on_evaluate(self, loop, metrics):
-            self.events.append(("evaluate", loop.state.step, "eval_accuracy" in metrics))
-            if loop.state.step >= 4:
-                loop.should_stop = True
+        def on_evaluate(self, config, state, control, metrics):
+            self.events.append(("evaluate", state.step, "eval_accuracy" in metrics))
+            if state.step >= 4:
+                control.should_stop = True
 
-        def on_save(self, loop, path):
-            self.events.append(("save", loop.state.step, path.name))
+        def on_save(self, config, state, control, path):
+            self.events.append(("save", state.step, path.name))
 
-        def on_train_end(self, loop, result):
+        def on_train_end(self, config, state, control, result):
+            assert config.eval_every == 2  # the run's TrainConfig
             self.events.append(("end", result["steps"]))
 
     recorder = Recorder()
@@ -139,4 +140,5 @@ def test_int8_says_its_input_cast_once(tiny_llama, caplog):
     with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
         model.logits(["good fun film"] * 3)
         model.logits(["a dull mess"])
-    assert sum("inputs will be cast" in r.getMessage() for r in caplog.records) <= 1
+    # bitsandbytes says it on every int8 layer of every forward; the library lets it through once
+    assert sum("inputs will be cast" in r.getMessage() for r in caplog.records) == 1

@@ -75,13 +75,15 @@ def test_same_seed_same_weights(tiny_llama, toy_data):
         model = adapters.adapt(
             tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"])
         )
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         adapters.train(
             model, toy_data[0], None, adapters.TrainConfig(max_steps=4, lr=1e-2, batch_size=8, progress=False)
         )
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return start, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    a, b = run(), run()
+    (start, a), (_, b) = run(), run()
     assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(not torch.equal(a[n], start[n]) for n in a)  # every trained tensor moved: training ran
 
 
 def test_gradient_accumulation_and_integer_labels(tiny_llama):

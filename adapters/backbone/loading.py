@@ -43,7 +43,7 @@ DTYPES = {
 
 
 @dataclass
-class BaseInfo:
+class BackboneInfo:
     """What the rest of the library needs to know about a loaded, frozen backbone (the network itself
     is ``AdaptedModel.backbone``)."""
 
@@ -181,7 +181,7 @@ def load_backbone(
     with_lm_head: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
-) -> tuple[PreTrainedModel, BaseInfo]:
+) -> tuple[PreTrainedModel, BackboneInfo]:
     """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
     (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``). Returns the
     network and what it is. ``revision`` (a hub branch, tag or commit) and ``attn_implementation``
@@ -208,7 +208,7 @@ def load_backbone(
         location, with_lm_head, quantization, compute_dtype, double_quant, device, hub, decoder, attn_implementation
     )
     tokenizer = _load_tokenizer(name, location, hub, padding_side, decoder)
-    return network, BaseInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
+    return network, BackboneInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
 
 
 def _load_frozen(

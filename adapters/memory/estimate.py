@@ -48,7 +48,7 @@ from torch import nn
 from adapters.backbone.loading import (
     DTYPES,
     QUANTIZATIONS,
-    BaseInfo,
+    BackboneInfo,
     dtype_name,
     is_decoder_config,
     resolve_mixed_precision,
@@ -203,7 +203,7 @@ def _meta_model(config, name: str, head, adapter, activation_dtype: torch.dtype,
             p.requires_grad_(False)
         quantizable = _quantizable_linears(net)
         net.name_or_path = name  # what peft records as the base (it warns when it is missing)
-        base = BaseInfo(None, "meta", name, None, activation_dtype, decoder, config.hidden_size)
+        base = BackboneInfo(None, "meta", name, None, activation_dtype, decoder, config.hidden_size)
         model = AdaptedModel(net, base, adapter, head, max_length=0, dtype_arg=None)
     return model, quantizable
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ from adapters.config.training import TrainConfig
 from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from adapters.training.batch_size import choose_batch_size
-from adapters.training.callbacks import call
+from adapters.training.callbacks import Control, call
 from adapters.training.checkpoint import (
     RUN_FILE,
     TrainState,
@@ -91,16 +92,21 @@ class TrainingLoop:
         self.eval_seconds = 0.0  # kept out of the training time and throughput
         self.counts = {"examples": 0, "tokens": 0, "processed": 0}
         self.compute_metrics, self.callbacks = compute_metrics, list(callbacks or ())
-        self.should_stop = False  # a callback may set it: stop after this step
+        self.control = Control()  # what callbacks may ask: stop after this step
         self.probe: dict[str, float] = {}
+
+    def _callback(self, event: str, *args: Any) -> None:
+        """``event`` on every callback, on the main process, with the config, state and control."""
+        if self.accelerator.is_main_process:
+            call(self.callbacks, event, self.config, self.state, self.control, *args)
 
     def run(self) -> dict[str, float]:
         self.setup()
-        call(self.callbacks, "on_train_begin", self)
+        self._callback("on_train_begin")
         with _StopSignal() as self.stop_signal:
             self.fit()
         result = self.finish()
-        call(self.callbacks, "on_train_end", self, result)
+        self._callback("on_train_end", result)
         return result
 
     # --- setup ------------------------------------------------------------------------------------
@@ -357,7 +363,7 @@ class TrainingLoop:
             self.checkpoint()
         if self.eval_loader is not None and config.eval_every and step % config.eval_every == 0:
             state.stopped_early = self.evaluate()
-        if _any_rank(accelerator, self.should_stop):
+        if _any_rank(accelerator, self.control.should_stop):
             state.stopped_early = True
 
     def _log_loss(self) -> None:
@@ -368,7 +374,7 @@ class TrainingLoop:
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}")
         logs = {"train_loss": state.last_loss, "lr": self.scheduler.get_last_lr()[0], "epoch": state.epoch}
         accelerator.log(logs, step=state.step)
-        call(self.callbacks, "on_log", self, logs)
+        self._callback("on_log", logs)
 
     # --- evaluation and checkpoints ---------------------------------------------------------------
 
@@ -382,7 +388,7 @@ class TrainingLoop:
         self.eval_seconds += time.perf_counter() - started
         accelerator.log(state.metrics, step=state.step)
         accelerator.print(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in state.metrics.items()))
-        call(self.callbacks, "on_evaluate", self, state.metrics)
+        self._callback("on_evaluate", state.metrics)
         return self._early_stopping()
 
     def _early_stopping(self) -> bool:
@@ -414,7 +420,7 @@ class TrainingLoop:
         protect = Path(saved.best_checkpoint) if saved.best_checkpoint else None
         path = save_checkpoint(self.accelerator, output_dir, saved, self.config.keep_last, protect)
         state.best_checkpoint = saved.best_checkpoint
-        call(self.callbacks, "on_save", self, path)
+        self._callback("on_save", path)
         return path
 
     # --- the end ----------------------------------------------------------------------------------
