@@ -9,7 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # one thread per process: the tiny test models are all synchronisation and no arithmetic, so a second
-# OpenMP thread only adds waiting (measured: the fast suite 335 s with 2 threads, 88 s with 1, on 2 cores);
+# OpenMP thread only adds waiting (the README's Tests section has the measured difference);
 # subprocesses (torchrun, the CLI, benchmarks) inherit it
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -40,8 +40,8 @@ from torch.utils.data import Sampler
 MEGA_BATCHES = 50  # batches per sorted mega-batch: large enough to find similar lengths, small enough to mix
 PACKED_ROW_TOKENS = 1024  # sdpa builds a dense (tokens x tokens) mask per packed row: keep it bounded
 PACK_ABOVE_PADDING = 0.25  # pack a batch when padding it would add more than this share of its real tokens
-# padded tokens per inference batch. CPU: measured on SmolLM2-135M NF4 + LoRA, 500 held-out rows, 2-core
-# EPYC: 8192 -> 47 s, 4096 -> 43 s, 2048 -> 39-42 s, 1024 -> 42-46 s. GPUs want large batches.
+# padded tokens per inference batch: on CPU smaller batches were faster up to a point (the sweep is in
+# benchmarks/README.md, "lora_inference"); GPUs want large batches.
 INFERENCE_TOKENS = {"cpu": 2048, "gpu": 8192}
 INFERENCE_ROWS = 512
 
