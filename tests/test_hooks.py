@@ -131,8 +131,10 @@ def test_custom_code_must_be_trusted_again_at_load(tiny_llama, tmp_path):
     assert adapters.load(tmp_path / "art", trust_remote_code=True).head_spec.labels == LABELS
 
 
-def test_int8_says_its_input_cast_once(tiny_llama, caplog):
+def test_int8_says_its_input_cast_once(tiny_llama, caplog, monkeypatch):
     import logging
+
+    monkeypatch.setattr(adapters, "_said", set())  # as in a fresh process: other tests may have said it
 
     model = adapters.adapt(
         tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=LABELS), quantization="int8"
