@@ -123,6 +123,10 @@ class MultipleChoice(HeadSpec):
         flat = {key: value.flatten(0, 1) for key, value in batch.items()}
         scored = {key: flat[key] for key in ("choice_index", "choice_targets") if key in flat}
         logits = model.sequence_logits(flat["input_ids"], flat["attention_mask"], flat.get("token_type_ids"), scored)
+        return self.regroup(logits, batch)
+
+    def regroup(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """One score per (context, choice) sequence -> (batch, choices)."""
         return logits.view(-1, batch["input_ids"].shape[1])
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:

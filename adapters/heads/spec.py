@@ -154,6 +154,11 @@ class HeadSpec(ABC):
             return model.packed_logits(batch["input_ids"], batch["position_ids"], batch["segments"])
         return model.sequence_logits(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
+    def regroup(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-sequence outputs of a collated ``batch`` -> one output per example (default: the same);
+        ``logits`` and the linear probe (``training/probe.py``) both end here."""
+        return logits
+
     # --- data -------------------------------------------------------------------------------------
 
     def encode(
@@ -257,6 +262,12 @@ class LongTextHead(HeadSpec):
             logits = self._windows_in_groups(model, ids, mask, types)
         else:
             logits = model.sequence_logits(ids, mask, types)
+        return self.regroup(logits, batch)
+
+    def regroup(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """A long text's window logits pooled into one row per text."""
+        if "window_doc" not in batch:
+            return logits
         return pool_windows(logits, batch["window_doc"], self.window_pooling)
 
     def _windows_in_groups(self, model, input_ids, attention_mask, token_type_ids) -> torch.Tensor:

@@ -19,11 +19,12 @@ import torch
 
 from adapters.backbone.loading import eval_mode
 from adapters.errors import ConfigError
-from adapters.heads.layers import SequenceHead, pool_windows
+from adapters.heads.layers import SequenceHead
 
 #: L2 penalty on the standardized weights (sum of squares): keeps separable classes from running the
 #: logits off to infinity while hardly biasing a fit on hundreds of rows
 PROBE_L2 = 1e-2
+TOKENS = ("input_ids", "attention_mask", "token_type_ids", "labels")  # what the probe does not cache
 PROBE_ITERATIONS = 200
 
 
@@ -62,15 +63,10 @@ def _features(model, loader, device, progress: bool) -> list[dict]:
         with eval_mode(model), torch.no_grad():  # not inference_mode: the fit backpropagates through these
             for batch in tqdm(loader, desc="linear probe", disable=not progress):
                 model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
-                input_ids = batch["input_ids"]
-                batches.append(
-                    {
-                        "features": torch.cat(seen),
-                        "labels": batch["labels"].cpu(),
-                        "choices": input_ids.shape[1] if input_ids.dim() == 3 else None,
-                        "window_doc": batch["window_doc"].cpu() if "window_doc" in batch else None,
-                    }
-                )
+                # what the head's regroup reads besides the outputs: the batch's layout, not its tokens
+                layout = {k: v.cpu() for k, v in batch.items() if k not in TOKENS}
+                layout["input_ids"] = batch["input_ids"][..., :1].cpu()  # its shape says how rows group
+                batches.append({"features": torch.cat(seen), "labels": batch["labels"].cpu(), "layout": layout})
                 seen.clear()
     finally:
         hook.remove()
@@ -119,8 +115,4 @@ def _fit(score: torch.nn.Linear, spec, batches: list[dict]) -> dict[str, float]:
 def _batch_loss(spec, batch: dict, weight, bias, mean, std) -> torch.Tensor:
     """The head's loss of one cached batch, the way ``AdaptedModel.forward`` forms it."""
     logits = torch.nn.functional.linear((batch["features"] - mean) / std, weight, bias)
-    if batch["choices"]:
-        logits = logits.view(-1, batch["choices"])
-    if batch["window_doc"] is not None:
-        logits = pool_windows(logits, batch["window_doc"], spec.window_pooling)
-    return spec.loss(logits, batch["labels"])
+    return spec.loss(spec.regroup(logits, batch["layout"]), batch["labels"])
