@@ -36,7 +36,7 @@ def _share_like_umask(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(path, replaces: Iterable[str] = ()) -> Iterator[Path]:
+def atomic_folder(path: str | Path, replaces: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write into; once the block completes it becomes ``path``.
 
     When a folder is already at ``path``, its entries named in ``replaces`` (what the library wrote there
@@ -130,7 +130,7 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is corrupt or not a safetensors file ({err})") from None
 
 
-def check_state(loaded: dict, expected: dict, file: Path) -> None:
+def check_state(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], file: Path) -> None:
     """Refuse ``loaded`` tensors whose names or shapes differ from the model's ``expected`` ones."""
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
@@ -152,7 +152,7 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 SAMPLE_BYTES = 64  # read at the start, middle and end of every tensor
 
 
-def weights_digest(folder) -> dict[str, str] | None:
+def weights_digest(folder: str | Path) -> dict[str, str] | None:
     """A short digest of every tensor in the safetensors files of a model ``folder`` (None when it has none).
 
     Reads each file's header and 3 x 64 bytes of each tensor (start, middle, end), not the weights: a

@@ -59,8 +59,8 @@ class AdaptedModel(nn.Module):
         head_spec.initialize(self.head, backbone, base.tokenizer)
         self.max_length = max_length
         self.dtype_arg = dtype_arg  # what the user asked for (None = per device), saved as is
-        self.training_record: dict | None = None  # set by train(): metrics, data sizes, settings
-        self.load_options: dict = {}  # set by adapt(): revision, attn_implementation, trust_remote_code
+        self.training_record: dict[str, Any] | None = None  # set by train(): metrics, data sizes, settings
+        self.load_options: dict[str, Any] = {}  # set by adapt(): revision, attn_implementation, trust_remote_code
         # Decoders get positions counted from the first real token, so a left-padded text sees
         # the same positions as unpadded (what generate() does); encoders are right-padded.
         forward_args = inspect.signature(self.backbone.forward).parameters
@@ -70,14 +70,14 @@ class AdaptedModel(nn.Module):
         self._no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Any:
         return self.base.tokenizer
 
     @property
     def device(self) -> torch.device:
         return cast(nn.Embedding, self.backbone.get_input_embeddings()).weight.device
 
-    def _positions(self, attention_mask: torch.Tensor) -> dict:
+    def _positions(self, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self._positions_from_mask:
             return {}
         return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)}
@@ -113,15 +113,15 @@ class AdaptedModel(nn.Module):
             extra["token_type_ids"] = token_type_ids
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra, **self._no_cache)
         if self.head_spec.lm_logits:
-            return out.logits
-        return self.head(out.last_hidden_state, attention_mask, **(head_inputs or {}))
+            return cast(torch.Tensor, out.logits)
+        return cast(torch.Tensor, self.head(out.last_hidden_state, attention_mask, **(head_inputs or {})))
 
     def packed_logits(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor
     ) -> torch.Tensor:
         """Backbone -> head for packed rows (``batching.pack``): one logit row per segment."""
         out = self.backbone(input_ids=input_ids, position_ids=position_ids, **self._no_cache)
-        return self.head(out.last_hidden_state, None, segments)
+        return cast(torch.Tensor, self.head(out.last_hidden_state, None, segments))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -157,20 +157,20 @@ class AdaptedModel(nn.Module):
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
-    def _encoded_rows(self, inputs: list) -> list[dict]:
+    def _encoded_rows(self, inputs: list[Any]) -> list[dict[str, Any]]:
         """Unlabeled ``inputs`` (texts; word lists; {context, choices} dicts; prompts or chat message
         lists: whatever the head reads) as encoded rows, one dict per input."""
         rows = self.head_spec.input_rows(inputs)
         columns, _ = encode_rows(rows, self.tokenizer, self.head_spec, "text", None, self.max_length, "inputs")
         return [dict(zip(columns, v, strict=False)) for v in zip(*columns.values(), strict=False)]
 
-    def encode(self, inputs: list) -> dict[str, torch.Tensor]:
+    def encode(self, inputs: list[Any]) -> dict[str, torch.Tensor]:
         """Model inputs for unlabeled ``inputs`` (see ``_encoded_rows``), padded, on the model's device."""
         batch = Collator(self.tokenizer, self.head_spec)(self._encoded_rows(inputs))
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.inference_mode()
-    def logits(self, inputs: list, batch_size: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def logits(self, inputs: list[Any], batch_size: int | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Raw head outputs for ``inputs``, in eval mode, in the caller's order (a list of per-input
         tensors for per-token heads, whose lengths differ). Inputs run sorted by length, in batches of
         ``batch_size`` rows or, by default, of up to 8,192 padded tokens (``batching.py``)."""
@@ -179,7 +179,7 @@ class AdaptedModel(nn.Module):
             batch_size = 32  # logits span the vocabulary
         batches = inference_batches([row_length(r["input_ids"]) for r in rows], batch_size)
         collate = Collator(self.tokenizer, self.head_spec)
-        out: list = [None] * len(rows)
+        out: list[Any] = [None] * len(rows)
         with eval_mode(self):
             for chunk in batches:
                 batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in chunk]).items()}
@@ -189,7 +189,9 @@ class AdaptedModel(nn.Module):
             return out
         return torch.stack(out)
 
-    def predict(self, inputs, probabilities: bool = False, batch_size: int | None = None, **generate_kwargs) -> Any:
+    def predict(
+        self, inputs: Any, probabilities: bool = False, batch_size: int | None = None, **generate_kwargs: Any
+    ) -> Any:
         """Predictions for ``inputs`` (a list, or one input for one prediction):
 
         * Classification: label names (``probabilities=True``: ``(label, {label: p})`` pairs);
@@ -210,7 +212,7 @@ class AdaptedModel(nn.Module):
         return result[0] if single else result
 
     @torch.no_grad()
-    def generate(self, prompts: list, batch_size: int = 32, **generate_kwargs) -> list[str]:
+    def generate(self, prompts: list[Any], batch_size: int = 32, **generate_kwargs: Any) -> list[str]:
         """The continuation of each prompt (or chat message list), greedy by default (CausalLM heads)."""
         kwargs = {
             **self.head_spec.generation_defaults(),
@@ -231,14 +233,14 @@ class AdaptedModel(nn.Module):
             self.tokenizer.padding_side = side
         return texts
 
-    def save_pretrained(self, path, overwrite: bool = False) -> Path:
+    def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the trainable part (adapter + head) and the spec to ``path``; see ``artifact.py``."""
         return save_artifact(self, path, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(
         cls,
-        path,
+        path: str | Path,
         base: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | None = None,
@@ -282,7 +284,7 @@ class AdaptedModel(nn.Module):
         model.eval()
         return model
 
-    def load_head(self, tensors: dict, path: Path) -> None:
+    def load_head(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
         """The head's trained tensors (read from artifact ``path``), checked against this head."""
         check_state(tensors, self.head.state_dict(), Path(path) / HEAD_FILE)
         self.head.load_state_dict({k: v.to(self.device) for k, v in tensors.items()})
@@ -365,13 +367,13 @@ def _check_specs(adapter: object, head: object, max_length: int | None) -> HeadS
 
 
 def load(
-    path,
+    path: str | Path,
     base: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
-):
+) -> AdaptedModel:
     """``AdaptedModel.from_pretrained``: rebuild a saved adapted model (see there)."""
     return AdaptedModel.from_pretrained(
         path,

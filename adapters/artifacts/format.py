@@ -56,7 +56,7 @@ def library_version() -> str:
         return "0+unknown"
 
 
-def _versions() -> dict:
+def _versions() -> dict[str, str]:
     import peft
     import transformers
 
@@ -68,7 +68,7 @@ def _versions() -> dict:
     }
 
 
-def is_artifact(path) -> bool:
+def is_artifact(path: str | Path) -> bool:
     return (Path(path) / SPEC_FILE).is_file()
 
 
@@ -189,7 +189,8 @@ class ArtifactSpec:
 
     def adapter_spec(self, path: Path) -> AdapterSpec | None:
         """The adapter settings it records (None: head only)."""
-        return _built(self.adapter, adapter_from_dict, "adapter", path)
+        adapter: AdapterSpec | None = _built(self.adapter, adapter_from_dict, "adapter", path)
+        return adapter
 
     def head_spec(self, path: Path) -> HeadSpec:
         """The head settings it records."""

@@ -158,7 +158,7 @@ def cpu_only() -> bool:
     return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()))
 
 
-def process_state():
+def process_state() -> Any:
     """Accelerate's per-process state (rank, world size, device), created the same way everywhere."""
     from accelerate import PartialState
 

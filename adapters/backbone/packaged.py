@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters.errors import UnknownModelError
 from adapters.files import atomic_folder
@@ -79,7 +80,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def drop_quantizer_marks(model) -> None:
+def drop_quantizer_marks(model: Any) -> None:
     """Make a dequantized model (from GGUF or bitsandbytes) a plain one: ``save_pretrained`` refuses to
     write a model still marked as quantized, and the saved config must not ask for quantization."""
     model.hf_quantizer = None

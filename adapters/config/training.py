@@ -93,7 +93,7 @@ class TrainConfig:
     real step that backs off on out-of-memory), with gradient accumulation keeping the effective
     batch ``batch_size x grad_accum`` per device; see ``batch_size.py``."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._check_types()
         checks = [
             (self.epochs > 0, f"epochs={self.epochs} must be > 0"),

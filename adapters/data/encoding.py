@@ -278,7 +278,15 @@ def _encode_scored_choices(
     return out, cut
 
 
-def encode_words(data, tokenizer, head, text_column, label_column, max_length, what):
+def encode_words(
+    data: Any,
+    tokenizer: Any,
+    head: Any,
+    text_column: str,
+    label_column: str | None,
+    max_length: int,
+    what: str,
+) -> tuple[dict[str, list[Any]], int]:
     """Pre-split words per row; a tag per word goes to its first sub-token, the others get ``IGNORE``."""
     words = _column(data, text_column, what)
     for i, row in enumerate(words):
@@ -329,14 +337,22 @@ def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> 
     return texts, (_targets(head, _column(data, label_column, what), what) if label_column else None)
 
 
-def encode_causal(data, tokenizer, head, text_column, label_column, max_length, what):
+def encode_causal(
+    data: Any,
+    tokenizer: Any,
+    head: Any,
+    text_column: str,
+    label_column: str | None,
+    max_length: int,
+    what: str,
+) -> tuple[dict[str, list[Any]], int]:
     """Prompt then response (with EOS); the loss counts response tokens only. Too long: the prompt's
     start is cut, the part nearest the answer is kept."""
     prompts, responses = _prompt_response(data, tokenizer, head, text_column, label_column, what)
     # a chat template already holds its special tokens; a plain prompt gets the tokenizer's own
     templated = head.messages_column in data.column_names and text_column not in data.column_names
     prompt_ids = tokenizer(prompts, add_special_tokens=not templated)["input_ids"]
-    out = {"input_ids": [], "attention_mask": [], "labels": [] if responses is not None else None}
+    out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
     cut = 0
     for i, prompt in enumerate(prompt_ids):
         response = []
@@ -352,7 +368,7 @@ def encode_causal(data, tokenizer, head, text_column, label_column, max_length, 
         if responses is not None:
             n_prompt = len(ids) - min(len(response), len(ids))
             out["labels"].append([IGNORE] * n_prompt + ids[n_prompt:])
-    if out["labels"] is None:
+    if responses is None:
         del out["labels"]
     return out, cut
 

@@ -31,19 +31,19 @@ class CausalLM(HeadSpec):
     labels_per_token: ClassVar[bool] = True
     lm_logits: ClassVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
 
-    def encode(self, data, tokenizer, text_column, label_column, max_length, what):
+    def encode(self, data: Any, tokenizer: Any, text_column: Any, label_column: Any, max_length: Any, what: Any) -> Any:
         return encode_causal(data, tokenizer, self, text_column, label_column, max_length, what)
 
-    def input_rows(self, inputs: list) -> list[dict]:
+    def input_rows(self, inputs: list[Any]) -> list[dict[str, Any]]:
         if inputs and isinstance(inputs[0], list):  # chat message lists
             return [{self.messages_column: m} for m in inputs]
         return [{"text": x} for x in inputs]
 
-    def is_single(self, inputs) -> bool:
+    def is_single(self, inputs: Any) -> bool:
         return isinstance(inputs, (str, dict)) or _is_messages(inputs)
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -52,7 +52,12 @@ class CausalLM(HeadSpec):
         return batch
 
     def predict(
-        self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None, **generate_kwargs
+        self,
+        model: Any,
+        inputs: list[Any],
+        probabilities: bool = False,
+        batch_size: int | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         """The generated text for each prompt (or chat message list); keywords go to ``generate``."""
         return model.generate(inputs, batch_size or 32, **generate_kwargs)
@@ -62,7 +67,7 @@ class CausalLM(HeadSpec):
             raise ConfigError("CausalLM needs a decoder base (an encoder has no next-token head)")
         return nn.Module()  # no new weights: the logits come from the base's LM head
 
-    def target(self, value) -> str:
+    def target(self, value: Any) -> str:
         if not isinstance(value, str) or not value:
             raise DataError(f"a CausalLM response must be non-empty text, got {value!r}")
         return value
@@ -87,5 +92,5 @@ class CausalLM(HeadSpec):
         return "CausalLM (the base's LM head, frozen)"
 
 
-def _is_messages(x) -> bool:
+def _is_messages(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)

@@ -53,7 +53,7 @@ class MultipleChoice(HeadSpec):
     template or the choice."""
     kind: str = field(default="multiple_choice", init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_common(self)
         if not isinstance(self.num_choices, int) or self.num_choices < 2:
             raise ConfigError(f"num_choices={self.num_choices!r} must be an integer >= 2")
@@ -64,10 +64,10 @@ class MultipleChoice(HeadSpec):
     def prompted(self, texts: list[str]) -> list[str]:
         return prompted(self.prompt, texts)
 
-    def encode(self, data, tokenizer, text_column, label_column, max_length, what):
+    def encode(self, data: Any, tokenizer: Any, text_column: Any, label_column: Any, max_length: Any, what: Any) -> Any:
         return encode_choices(data, tokenizer, self, text_column, label_column, max_length, what)
 
-    def input_rows(self, inputs: list) -> list[dict]:
+    def input_rows(self, inputs: list[Any]) -> list[dict[str, Any]]:
         return [{"text": r["context"], self.choices_column: r["choices"]} for r in inputs]
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -85,7 +85,7 @@ class MultipleChoice(HeadSpec):
             )
         return batch
 
-    def collate(self, rows: list[dict], collator) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict[str, Any]], collator: Any) -> dict[str, torch.Tensor]:
         """(batch, choices, length) tokens: every (context, choice) sequence, padded together."""
         k = len(rows[0]["input_ids"])
         if "choice_start" in rows[0]:  # scored by the base's likelihood
@@ -97,7 +97,7 @@ class MultipleChoice(HeadSpec):
         return batch
 
     @staticmethod
-    def _scored_choices(rows: list[dict], collator) -> dict[str, torch.Tensor]:
+    def _scored_choices(rows: list[dict[str, Any]], collator: Any) -> dict[str, torch.Tensor]:
         """Tokens and masks, plus for every sequence the positions that predict its choice's tokens
         (``choice_index``) and those tokens (``choice_targets``, ``IGNORE`` as filler), counted in the
         padded sequence, so the head gathers them with fixed shapes."""
@@ -138,7 +138,7 @@ class MultipleChoice(HeadSpec):
             return ChoiceLikelihood()
         return SequenceHead(hidden_size, 1, self.resolved_pooling(is_decoder), self.dropout)
 
-    def initialize(self, head: nn.Module, backbone, tokenizer) -> None:
+    def initialize(self, head: nn.Module, backbone: Any, tokenizer: Any) -> None:
         """With ``"likelihood"``: the head scores with the base's output embedding (tied to its input one)."""
         if self.scoring != "likelihood":
             return
@@ -149,7 +149,7 @@ class MultipleChoice(HeadSpec):
         how = "the base's likelihood" if self.scoring == "likelihood" else "a new linear head"
         return f"MultipleChoice ({self.num_choices} choices, scored by {how})"
 
-    def target(self, value) -> int:
+    def target(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < self.num_choices:
             raise DataError(
                 f"a MultipleChoice target is the index of the right choice, 0..{self.num_choices - 1}; got {value!r}"
@@ -166,7 +166,7 @@ class MultipleChoice(HeadSpec):
             "loss": float(self.loss(logits, labels)),
         }
 
-    def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
+    def decode(self, logits: torch.Tensor, probabilities: bool) -> list[Any]:
         best = logits.argmax(-1).tolist()
         if not probabilities:
             return best

@@ -113,7 +113,7 @@ class ChoiceLikelihood(nn.Module):
 
     pooling = "choice tokens"
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self._embedding: list[nn.Embedding] = []  # a list hides the module from nn.Module's registry
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
-def confusion_matrix(preds, labels, num_labels: int) -> np.ndarray:
+def confusion_matrix(preds: Any, labels: Any, num_labels: int) -> np.ndarray:
     """``cm[true, predicted]`` counts."""
     cm = np.zeros((num_labels, num_labels), dtype=np.int64)
     np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
@@ -21,7 +23,7 @@ def per_class_f1(cm: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
-def classification_metrics(preds, labels, num_labels: int) -> dict[str, float]:
+def classification_metrics(preds: Any, labels: Any, num_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 (mean over classes present in the labels or predictions)."""
     cm = confusion_matrix(preds, labels, num_labels)
     f1 = per_class_f1(cm)

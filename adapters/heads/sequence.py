@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class Classification(LongTextHead):
     kind: str = field(default="classification", init=False)
     problem_type: ClassVar[str | None] = "single_label_classification"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.labels = _check_labels(self.labels)
         _check_common(self)
         if not 0 <= self.label_smoothing < 1:
@@ -73,7 +73,7 @@ class Classification(LongTextHead):
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
         return SequenceHead(hidden_size, self.num_labels, self.resolved_pooling(is_decoder), self.dropout, self.bias)
 
-    def initialize(self, head: nn.Module, backbone, tokenizer) -> None:
+    def initialize(self, head: nn.Module, backbone: Any, tokenizer: Any) -> None:
         """With ``label_words``: each label's row is the output embedding of its word's first token."""
         if self.label_words is None or tokenizer is None:
             return
@@ -88,7 +88,7 @@ class Classification(LongTextHead):
             if score.bias is not None:
                 score.bias.zero_()
 
-    def label_id(self, value) -> int:
+    def label_id(self, value: Any) -> int:
         return _label_index(self.labels, value)
 
     target = label_id
@@ -104,7 +104,7 @@ class Classification(LongTextHead):
         out["loss"] = float(self.loss(logits, labels))
         return out
 
-    def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
+    def decode(self, logits: torch.Tensor, probabilities: bool) -> list[Any]:
         probs = logits.float().softmax(-1)
         labels = [self.labels[i] for i in probs.argmax(-1).tolist()]
         if not probabilities:
@@ -126,7 +126,7 @@ class MultiLabel(LongTextHead):
     kind: str = field(default="multi_label", init=False)
     problem_type: ClassVar[str | None] = "multi_label_classification"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.labels = _check_labels(self.labels)
         _check_common(self)
         self.check_prompt()
@@ -146,7 +146,7 @@ class MultiLabel(LongTextHead):
             "labels": torch.empty(batch_size, self.num_labels, dtype=torch.float32),
         }
 
-    def target(self, value) -> list[float]:
+    def target(self, value: Any) -> list[float]:
         if isinstance(value, str) or not isinstance(value, (list, tuple, set, np.ndarray)):
             raise DataError(f"a MultiLabel target must be a list of label names (possibly empty), got {value!r}")
         hot = [0.0] * self.num_labels
@@ -163,7 +163,7 @@ class MultiLabel(LongTextHead):
         out["loss"] = float(self.loss(logits, labels))
         return out
 
-    def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
+    def decode(self, logits: torch.Tensor, probabilities: bool) -> list[Any]:
         probs = logits.float().sigmoid()
         sets = [[self.labels[i] for i in range(self.num_labels) if p[i] >= self.threshold] for p in probs]
         if not probabilities:
@@ -180,7 +180,7 @@ class Regression(LongTextHead):
     dropout: float = 0.1
     kind: str = field(default="regression", init=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_common(self)
         self.check_prompt()
         if not isinstance(self.num_outputs, int) or self.num_outputs < 1:
@@ -195,7 +195,7 @@ class Regression(LongTextHead):
             "labels": torch.empty(batch_size, self.num_outputs, dtype=torch.float32),
         }
 
-    def target(self, value) -> list[float]:
+    def target(self, value: Any) -> list[float]:
         values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
         try:
             values = [float(v) for v in values]
@@ -215,6 +215,6 @@ class Regression(LongTextHead):
         out["loss"] = out["mse"]
         return out
 
-    def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
+    def decode(self, logits: torch.Tensor, probabilities: bool) -> list[Any]:
         values = logits.float().tolist()
         return [v[0] for v in values] if self.num_outputs == 1 else values

@@ -31,7 +31,7 @@ LONG_TEXT = ("truncate", "windows")
 WINDOW_POOLINGS = ("mean", "max")
 
 
-def _check_labels(labels) -> list[str]:
+def _check_labels(labels: Any) -> list[str]:
     if isinstance(labels, str) or not labels or len(labels) < 2:
         raise ConfigError(f"the head needs a list of at least 2 label names, got {labels!r}")
     labels = [str(label) for label in labels]
@@ -40,7 +40,7 @@ def _check_labels(labels) -> list[str]:
     return labels
 
 
-def _check_common(spec) -> None:
+def _check_common(spec: Any) -> None:
     if getattr(spec, "long_text", "truncate") not in LONG_TEXT:
         raise ConfigError(f"long_text={spec.long_text!r} must be one of {LONG_TEXT}")
     window_batch = getattr(spec, "window_batch", 16)
@@ -57,7 +57,7 @@ def _check_common(spec) -> None:
         raise ConfigError(f"dropout={spec.dropout!r} must be in [0, 1)")
 
 
-def _label_index(labels: list[str], value) -> int:
+def _label_index(labels: list[str], value: Any) -> int:
     """A label given as its name or its id -> its id; anything else is a DataError."""
     if isinstance(value, bool):
         value = str(value)
@@ -111,7 +111,7 @@ class HeadSpec(ABC):
     def metrics(self, *outputs: torch.Tensor) -> dict[str, float | int]:
         """Evaluation metrics from what ``eval_outputs`` gathered over the whole evaluation set."""
 
-    def decode(self, logits: torch.Tensor, probabilities: bool) -> list:
+    def decode(self, logits: torch.Tensor, probabilities: bool) -> list[Any]:
         """Predictions from the head's outputs (``predict``'s default path)."""
         raise NotImplementedError(f"{type(self).__name__} predicts through its own predict()")
 
@@ -129,7 +129,7 @@ class HeadSpec(ABC):
             return pooling
         return "last" if is_decoder else "mean"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]  # every kind is a dataclass
 
     def packable(self) -> bool:
@@ -138,7 +138,7 @@ class HeadSpec(ABC):
 
     # --- batches ----------------------------------------------------------------------------------
 
-    def collate(self, rows: list[dict], collator: Collator) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict[str, Any]], collator: Collator) -> dict[str, torch.Tensor]:
         """Encoded rows -> one batch (default: one sequence and one label per row)."""
         batch = collator.sequences(rows)
         if "labels" in rows[0]:
@@ -162,21 +162,21 @@ class HeadSpec(ABC):
     # --- data -------------------------------------------------------------------------------------
 
     def encode(
-        self, data, tokenizer, text_column: str, label_column: str | None, max_length: int, what: str
-    ) -> tuple[dict[str, list], int]:
+        self, data: Any, tokenizer: Any, text_column: str, label_column: str | None, max_length: int, what: str
+    ) -> tuple[dict[str, list[Any]], int]:
         """Columns of model inputs (and ``labels`` with a ``label_column``) for a ``datasets.Dataset``,
         and the number of rows cut at ``max_length``; one of ``data.py``'s encoders."""
         return encode_texts(data, tokenizer, self, text_column, label_column, max_length, what)
 
-    def input_rows(self, inputs: list) -> list[dict]:
+    def input_rows(self, inputs: list[Any]) -> list[dict[str, Any]]:
         """Unlabeled ``predict`` inputs as data rows (the text under ``"text"``) for ``encode``."""
         return [{"text": x} for x in inputs]
 
-    def is_single(self, inputs) -> bool:
+    def is_single(self, inputs: Any) -> bool:
         """Whether ``predict`` was given one input (answered with one prediction) rather than a list."""
         return isinstance(inputs, (str, dict))
 
-    def initialize(self, head: torch.nn.Module, backbone, tokenizer) -> None:  # noqa: B027 - optional, no-op
+    def initialize(self, head: torch.nn.Module, backbone: Any, tokenizer: Any) -> None:  # noqa: B027 - optional, no-op
         """Set the new head's first weights from the base (default: leave the random ones)."""
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -192,13 +192,13 @@ class HeadSpec(ABC):
     # --- predictions ------------------------------------------------------------------------------
 
     def predict(
-        self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None, **kwargs
-    ) -> list:
+        self, model: Any, inputs: list[Any], probabilities: bool = False, batch_size: int | None = None, **kwargs: Any
+    ) -> list[Any]:
         """Predictions of ``model`` for a list of ``inputs`` (see ``AdaptedModel.predict``)."""
         self.refuse_keywords(kwargs)
         return self.decode(model.logits(inputs, batch_size), probabilities)
 
-    def refuse_keywords(self, kwargs: dict) -> None:
+    def refuse_keywords(self, kwargs: dict[str, Any]) -> None:
         if kwargs:  # a typo (probabilites=True) must not pass in silence
             raise ConfigError(
                 f"predict() got unknown keyword(s) {sorted(kwargs)}: a {self.kind} head takes "
@@ -244,7 +244,7 @@ class LongTextHead(HeadSpec):
     def reads_windows(self) -> bool:
         return self.long_text == "windows"
 
-    def collate(self, rows: list[dict], collator: Collator) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict[str, Any]], collator: Collator) -> dict[str, torch.Tensor]:
         if not self.reads_windows():
             return super().collate(rows, collator)
         # a variable number of windows per text: flattened, each saying whose it is
@@ -270,7 +270,7 @@ class LongTextHead(HeadSpec):
             return logits
         return pool_windows(logits, batch["window_doc"], self.window_pooling)
 
-    def _windows_in_groups(self, model, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+    def _windows_in_groups(self, model: Any, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> torch.Tensor:
         """The windows of a batch's long texts, ``window_batch`` at a time. With gradients, each group
         is checkpointed: only its inputs and logits are kept, and it is recomputed (same dropout
         masks: the RNG state is replayed) when backward reaches it."""
@@ -310,7 +310,7 @@ def prompted(prompt: str | None, texts: list[str]) -> list[str]:
     return texts if prompt is None else [prompt.replace("{text}", t) for t in texts]
 
 
-def tied_input_embedding(backbone, what: str, fix: str = ""):
+def tied_input_embedding(backbone: Any, what: str, fix: str = "") -> Any:
     """The base's input embedding, which ``what`` uses as its output embedding: only where the two are
     one matrix (``tie_word_embeddings``); a separate LM head is not loaded with a headless base."""
     if not getattr(backbone.config, "tie_word_embeddings", False):

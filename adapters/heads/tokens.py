@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class TokenClassification(HeadSpec):
     kind: str = field(default="token_classification", init=False)
     labels_per_token: ClassVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.labels = _check_labels(self.labels)
         _check_common(self)
 
@@ -36,7 +36,7 @@ class TokenClassification(HeadSpec):
     def num_labels(self) -> int:
         return len(self.labels)
 
-    def encode(self, data, tokenizer, text_column, label_column, max_length, what):
+    def encode(self, data: Any, tokenizer: Any, text_column: Any, label_column: Any, max_length: Any, what: Any) -> Any:
         return encode_words(data, tokenizer, self, text_column, label_column, max_length, what)
 
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -47,7 +47,7 @@ class TokenClassification(HeadSpec):
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
         return TokenHead(hidden_size, self.num_labels, self.dropout)
 
-    def target(self, value) -> list[int]:
+    def target(self, value: Any) -> list[int]:
         if isinstance(value, str) or not isinstance(value, (list, tuple, np.ndarray)):
             raise DataError(f"a TokenClassification target is a list of tags, one per word; got {value!r}")
         return [_label_index(self.labels, tag) for tag in value]
@@ -59,7 +59,9 @@ class TokenClassification(HeadSpec):
         nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
         return logits.argmax(-1), labels, nll.sum(-1), (labels != IGNORE).sum(-1)
 
-    def metrics(self, preds: torch.Tensor, labels: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor) -> dict:  # type: ignore[override]  # what eval_outputs gave
+    def metrics(  # type: ignore[override]  # what eval_outputs gave
+        self, preds: torch.Tensor, labels: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor
+    ) -> dict[str, Any]:
         rows = [
             (
                 [self.labels[p] for p, t in zip(pr, la, strict=False) if t != IGNORE],
@@ -72,7 +74,7 @@ class TokenClassification(HeadSpec):
         return out
 
     def predict(
-        self, model, inputs: list, probabilities: bool = False, batch_size: int | None = None, **kwargs
+        self, model: Any, inputs: list[Any], probabilities: bool = False, batch_size: int | None = None, **kwargs: Any
     ) -> list[list[str]]:
         """One tag per word (inputs: word lists, or texts split on whitespace), read at each word's first
         sub-token; words cut by ``max_length`` get None: they were never seen."""
@@ -91,7 +93,7 @@ class TokenClassification(HeadSpec):
                 out.append(self._tags(row, word_ids, row_logits))
         return out
 
-    def _tags(self, words: list[str], word_ids: list, logits: torch.Tensor) -> list:
+    def _tags(self, words: list[str], word_ids: list[Any], logits: torch.Tensor) -> list[Any]:
         tags: list[str | None] = [None] * len(words)
         previous = None
         for position, wid in enumerate(word_ids):

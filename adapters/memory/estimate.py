@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ from adapters.backbone.loading import (
 from adapters.config.training import MIXED_PRECISION, OPTIMIZERS
 from adapters.errors import ConfigError
 from adapters.heads import Classification, HeadSpec
+from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import find_block_stack, linear_module_names
 from adapters.model import AdaptedModel
 
@@ -87,7 +89,7 @@ class MemoryEstimate:
     """CUDA context and workspace (0 on CPU): real memory that the allocator does not count."""
     trainable_params: int
     total_params: int
-    settings: dict = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     PARTS = (
         "base_quantized",
@@ -109,7 +111,7 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(getattr(self, part) for part in self.PARTS)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tensors": self.tensors, "total": self.total}
 
     def table(self) -> str:
@@ -156,7 +158,7 @@ def quantized_linear_bytes(out_features: int, in_features: int, quantization: st
     return packed + constants + 4 * 16  # + the 16-value NF4/FP4 code
 
 
-def _config_of(model, trust_remote_code: bool):
+def _config_of(model: Any, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
@@ -174,7 +176,7 @@ def _config_of(model, trust_remote_code: bool):
 
 
 @contextmanager
-def _meta_init():
+def _meta_init() -> Any:
     """Build modules on the meta device, without transformers' random weight init (slow, useless)."""
     from transformers import modeling_utils
 
@@ -187,14 +189,16 @@ def _meta_init():
             yield
 
 
-def _meta_model(config, name: str, head, adapter, activation_dtype: torch.dtype, trust_remote_code: bool):
+def _meta_model(
+    config: Any, name: str, head: Any, adapter: Any, activation_dtype: torch.dtype, trust_remote_code: bool
+) -> Any:
     """The adapted model on the meta device, built by the same code paths as ``adapt``."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     decoder = is_decoder_config(config)
     cls = AutoModelForCausalLM if head.lm_logits else AutoModel
     with _meta_init():
-        net = cls.from_config(
+        net = cls.from_config(  # type: ignore[no-untyped-call]
             config, dtype=activation_dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
         )
         if not decoder and isinstance(getattr(net, "pooler", None), nn.Module):
@@ -232,7 +236,7 @@ class SavedTensorCounter:
     estimate, the inputs of every int8 linear of all 30 blocks).
     """
 
-    def __init__(self, model, padded: bool = True, saves_input: tuple = ()):
+    def __init__(self, model: Any, padded: bool = True, saves_input: tuple[Any, ...] = ()):
         self.model, self.padded, self.saves_input = model, padded, saves_input
         self.frozen = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
         _, self.blocks = find_block_stack(model.backbone)
@@ -267,7 +271,7 @@ class SavedTensorCounter:
             self.held_per_block[self.current] += base.untyped_storage().nbytes()
 
     @staticmethod
-    def _unmasked(module, args, kwargs):
+    def _unmasked(module: Any, args: Any, kwargs: Any) -> Any:
         # transformers inspects the mask's values to pick a causal-attention shortcut, which meta
         # tensors do not have; without it the model builds the causal mask itself (what a padded
         # batch's mask costs is counted in fused_attention)
@@ -278,7 +282,7 @@ class SavedTensorCounter:
             kwargs["use_cache"] = True
         return args, kwargs
 
-    def fused_attention(self, query, key, value, *args, **kwargs):
+    def fused_attention(self, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
         """Stands in for SDPA. On meta tensors SDPA falls back to its decomposed math form, which saves
         the full (batch, heads, length, length) probabilities; the fused kernels that really run (flash
         on CPU and GPU, memory-efficient) save their inputs, the output and one logsumexp per row.
@@ -298,23 +302,23 @@ class SavedTensorCounter:
         # an output of the right shape that stays in the autograd graph and saves nothing itself
         return query.narrow(-1, 0, 1).expand(out_shape)
 
-    def _hooks(self) -> list:
+    def _hooks(self) -> list[Any]:
         handles = [self.model.backbone.register_forward_pre_hook(self._unmasked, with_kwargs=True)]
         for i, block in enumerate(self.blocks):
 
-            def enter(module, args, kwargs, i=i):
+            def enter(module: Any, args: Any, kwargs: Any, i: Any = i) -> None:
                 self.current = i
                 hidden = args[0] if args else next(iter(kwargs.values()))
                 self.block_input = max(self.block_input, hidden.numel() * hidden.element_size())
 
-            def leave(module, args, output):
+            def leave(module: Any, args: Any, output: Any) -> None:
                 self.current = None
 
             handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
             handles.append(block.register_forward_hook(leave))
         for module in self.saves_input:
             # bitsandbytes' int8 matmul keeps its input for backward when that input needs a gradient
-            def keep_input(module, args):
+            def keep_input(module: Any, args: Any) -> None:
                 if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
                     self.hold(args[0])
                     self.pack(args[0])
@@ -322,7 +326,7 @@ class SavedTensorCounter:
             handles.append(module.register_forward_pre_hook(keep_input))
         return handles
 
-    def run(self, inputs: dict) -> SavedTensorCounter:
+    def run(self, inputs: dict[str, Any]) -> SavedTensorCounter:
         handles = self._hooks()
         self.model.train()
         self.sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -338,9 +342,9 @@ class SavedTensorCounter:
 
 
 def estimate_memory(
-    model,
-    adapter=None,
-    head=None,
+    model: Any,
+    adapter: AdapterSpec | None = None,
+    head: HeadSpec | None = None,
     quantization: str | None = "nf4",
     batch_size: int = 8,
     seq_len: int = 512,
@@ -428,7 +432,15 @@ def estimate_memory(
 
 
 def _check_arguments(
-    head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype, device
+    head: Any,
+    quantization: Any,
+    batch_size: Any,
+    seq_len: Any,
+    optimizer: Any,
+    mixed_precision: Any,
+    processes: Any,
+    dtype: Any,
+    device: Any,
 ) -> None:
     checks = [
         (
@@ -449,7 +461,9 @@ def _check_arguments(
             raise ConfigError(message)
 
 
-def _weight_bytes(meta, quantizable, quantization, double_quant, compute_dtype, optimizer) -> dict:
+def _weight_bytes(
+    meta: Any, quantizable: Any, quantization: Any, double_quant: Any, compute_dtype: Any, optimizer: Any
+) -> dict[str, Any]:
     """Bytes of the base weights (quantized or not), the trainable parameters (fp32), their gradients and
     optimizer states; the widest dequantized weight; the parameter counts."""
     base_q = base_u = trainable = total_params = optimizer_bytes = widest_weight = 0
@@ -477,16 +491,16 @@ def _weight_bytes(meta, quantizable, quantization, double_quant, compute_dtype, 
 
 
 def _activation_bytes(
-    meta,
-    quantizable,
-    config,
-    head,
-    quantization,
-    batch_size,
-    seq_len,
-    gradient_checkpointing,
-    mixed_precision,
-    activation_dtype,
+    meta: Any,
+    quantizable: Any,
+    config: Any,
+    head: Any,
+    quantization: Any,
+    batch_size: Any,
+    seq_len: Any,
+    gradient_checkpointing: Any,
+    mixed_precision: Any,
+    activation_dtype: Any,
 ) -> tuple[int, int, int]:
     """(bytes autograd keeps for backward, transient bytes at the peak, number of blocks) for one batch."""
     with torch.device("meta"):

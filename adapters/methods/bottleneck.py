@@ -33,7 +33,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ class Bottleneck(AdapterSpec):
     kind: str = field(default="bottleneck", init=False)
     files: ClassVar[tuple[str, ...]] = (BOTTLENECK_FILE,)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement={self.placement!r} must be one of {PLACEMENTS}")
         if not isinstance(self.reduction, int) or self.reduction < 1:
@@ -94,19 +94,19 @@ class Bottleneck(AdapterSpec):
     def width(self, hidden: int) -> int:
         return self.bottleneck_dim or max(1, hidden // self.reduction)
 
-    def attach(self, model) -> None:
+    def attach(self, model: Any) -> None:
         """New adapter modules (``model.adapter_layers``), hooked onto the backbone's output projections."""
         model.adapter_layers = BottleneckLayers(model.backbone, self, model.base.hidden_size)
 
-    def trained_state(self, model) -> dict:
+    def trained_state(self, model: Any) -> dict[str, Any]:
         return model.adapter_layers.state_dict()
 
-    def save(self, model, folder: Path) -> None:
+    def save(self, model: Any, folder: Path) -> None:
         from safetensors.torch import save_file
 
         save_file(cpu_state(model.adapter_layers), str(folder / BOTTLENECK_FILE))
 
-    def load(self, model, folder: Path) -> None:
+    def load(self, model: Any, folder: Path) -> None:
         file = folder / BOTTLENECK_FILE
         tensors = load_tensors(file)
         check_state(tensors, self.trained_state(model), file)
@@ -119,13 +119,13 @@ class Bottleneck(AdapterSpec):
     def describe(self) -> str:
         return f"Bottleneck {self.placement}"
 
-    def handle(self, model):
+    def handle(self, model: Any) -> Any:
         return model.adapter_layers
 
-    def can_join(self, model) -> bool:
+    def can_join(self, model: Any) -> bool:
         return True  # more adapter layers hooked onto the same projections, one set on at a time
 
-    def join(self, model, folder: Path, name: str):
+    def join(self, model: Any, folder: Path, name: str) -> Any:
         layers = BottleneckLayers(model.backbone, self, model.base.hidden_size).eval()
         file = folder / BOTTLENECK_FILE
         tensors = load_tensors(file)
@@ -134,7 +134,7 @@ class Bottleneck(AdapterSpec):
         layers.enabled = False
         return layers
 
-    def switch(self, model, handle, on: bool) -> None:
+    def switch(self, model: Any, handle: Any, on: bool) -> None:
         handle.enabled = on
 
     def merge_refusal(self) -> str | None:
@@ -232,8 +232,8 @@ class BottleneckLayers(nn.Module):
             self.adapters[name.replace(".", "__")] = adapter  # ModuleDict keys cannot hold dots
             self._handles.append(modules[name].register_forward_hook(self._hook(adapter)))
 
-    def _hook(self, adapter: BottleneckAdapter):
-        def apply(module, args, output):
+    def _hook(self, adapter: BottleneckAdapter) -> Any:
+        def apply(module: Any, args: Any, output: Any) -> Any:
             return adapter(output) if self.enabled else output
 
         return apply

@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -76,7 +76,7 @@ class LoRA(AdapterSpec):
     kind: str = field(default="lora", init=False)
     files: ClassVar[tuple[str, ...]] = (ADAPTER_DIR,)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"LoRA r={self.r!r} must be a positive integer (typical: 4-64)")
         if not self.alpha > 0:
@@ -104,21 +104,21 @@ class LoRA(AdapterSpec):
                 )
             self.layers = sorted(set(self.layers))
 
-    def attach(self, model) -> None:
+    def attach(self, model: Any) -> None:
         """peft's LoRA layers into ``model.backbone`` (in place); peft's wrapper kept in
         ``model.adapter_state["peft"]``."""
         model.adapter_state["peft"] = apply_lora(model.backbone, self, model.base.location)
 
-    def trained_state(self, model) -> dict:
+    def trained_state(self, model: Any) -> dict[str, Any]:
         from peft import get_peft_model_state_dict
 
         # peft's own export: keys without the adapter name, as in its adapter files
         return get_peft_model_state_dict(model.adapter_state["peft"])
 
-    def save(self, model, folder: Path) -> None:
+    def save(self, model: Any, folder: Path) -> None:
         model.adapter_state["peft"].save_pretrained(folder / ADAPTER_DIR)
 
-    def load(self, model, folder: Path) -> None:
+    def load(self, model: Any, folder: Path) -> None:
         from peft import set_peft_model_state_dict
 
         file = folder / ADAPTER_DIR / "adapter_model.safetensors"
@@ -132,19 +132,19 @@ class LoRA(AdapterSpec):
     def merge_refusal(self) -> str | None:
         return None
 
-    def handle(self, model):
+    def handle(self, model: Any) -> Any:
         return model.adapter_state["peft"].active_adapter
 
-    def can_join(self, model) -> bool:
+    def can_join(self, model: Any) -> bool:
         return model.adapter_state.get("peft") is not None  # another named adapter in the same peft model
 
-    def join(self, model, folder: Path, name: str):
+    def join(self, model: Any, folder: Path, name: str) -> Any:
         model.adapter_state["peft"].load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
         if self.fused:
             fuse_lora(model.adapter_state["peft"])  # layers the new adapter added, if any
         return name
 
-    def switch(self, model, handle, on: bool) -> None:
+    def switch(self, model: Any, handle: Any, on: bool) -> None:
         layers = model.adapter_state["peft"].base_model
         if on:
             layers.enable_adapter_layers()
@@ -159,7 +159,7 @@ class LoRA(AdapterSpec):
         return PeftModel.from_pretrained(network, str(folder / ADAPTER_DIR)).merge_and_unload()
 
 
-def apply_lora(model: nn.Module, lora: LoRA, base_name: str):
+def apply_lora(model: nn.Module, lora: LoRA, base_name: str) -> Any:
     """Wrap ``model`` in a ``peft.PeftModel`` with LoRA layers on the selected targets."""
     from peft import LoraConfig, get_peft_model
 

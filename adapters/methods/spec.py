@@ -109,4 +109,4 @@ class AdapterSpec(ABC):
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as saved in ``qadapters.json`` and YAML configs (with ``kind``)."""
-        return asdict(self)  # type: ignore[call-overload, no-any-return]  # every kind is a dataclass
+        return asdict(self)  # type: ignore[call-overload]  # every kind is a dataclass

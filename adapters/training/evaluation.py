@@ -7,6 +7,8 @@ predictions) and how to turn the gathered columns into metrics (``metrics``); Ac
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -17,15 +19,15 @@ from adapters.training.loaders import eval_loader, eval_rows
 
 
 def evaluate(
-    model,
-    data,
+    model: Any,
+    data: Any,
     config: TrainConfig | None = None,
-    accelerator=None,
+    accelerator: Any = None,
     *,
     text_column: str | None = None,
     label_column: str | None = None,
     batch_size: int | None = None,
-    compute_metrics=None,
+    compute_metrics: Any = None,
 ) -> dict[str, float]:
     """The head's metrics (and loss) of ``model`` on ``data``, every example counted once.
 
@@ -47,7 +49,7 @@ def evaluate(
     return evaluate_loader(model, accelerator.prepare(loader), accelerator, compute_metrics)
 
 
-def evaluate_loader(model, loader, accelerator, compute_metrics=None) -> dict[str, float]:
+def evaluate_loader(model: Any, loader: Any, accelerator: Any, compute_metrics: Any = None) -> dict[str, float]:
     """The head's metrics over ``loader``, every example counted once across processes (and the user's
     ``compute_metrics`` of the gathered outputs)."""
     spec = accelerator.unwrap_model(model).head_spec
@@ -72,7 +74,7 @@ def evaluate_loader(model, loader, accelerator, compute_metrics=None) -> dict[st
     return metrics
 
 
-def _user_metrics(compute_metrics, columns: list[torch.Tensor], own: dict) -> dict[str, float]:
+def _user_metrics(compute_metrics: Any, columns: list[torch.Tensor], own: dict[str, Any]) -> dict[str, float]:
     """``compute_metrics(EvalPrediction(predictions, label_ids))``, checked: a dict of numbers."""
     from transformers import EvalPrediction
 

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 from adapters.config.training import TrainConfig
+from adapters.model import AdaptedModel
 from adapters.training.evaluation import evaluate
 from adapters.training.loop import TrainingLoop
 
@@ -11,7 +15,13 @@ __all__ = ["TrainConfig", "evaluate", "train"]
 
 
 def train(
-    model, train_data, eval_data=None, config: TrainConfig | None = None, *, compute_metrics=None, callbacks=()
+    model: AdaptedModel,
+    train_data: Any,
+    eval_data: Any = None,
+    config: TrainConfig | None = None,
+    *,
+    compute_metrics: Callable[[Any], dict[str, float]] | None = None,
+    callbacks: Iterable[Any] = (),
 ) -> dict[str, float]:
     """Train ``model``'s adapter and head on ``train_data``; evaluate on ``eval_data``.
 
