@@ -48,7 +48,14 @@ from adapters.errors import (  # noqa: E402
     TrainingInterrupted,
     UnknownModelError,
 )
-from adapters.heads import CausalLM, Classification, MultiLabel, MultipleChoice, Regression, TokenClassification  # noqa: E402
+from adapters.heads import (  # noqa: E402
+    CausalLM,
+    Classification,
+    MultiLabel,
+    MultipleChoice,
+    Regression,
+    TokenClassification,
+)
 from adapters.memory.estimate import MemoryEstimate, estimate_memory  # noqa: E402
 from adapters.methods.bottleneck import Bottleneck  # noqa: E402
 from adapters.methods.lora import LoRA  # noqa: E402

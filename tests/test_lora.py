@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.methods.lora import check_targets
+from adapters.methods.targets import check_targets
 
 
 def test_lora_maps_onto_peft_config(tiny_llama):

@@ -86,7 +86,7 @@ def test_quantized_bytes_match_bitsandbytes(tiny_llama):
     """The per-layer formula against the tensors a real 4-bit / 8-bit load holds."""
     from transformers import AutoConfig
 
-    from adapters.methods.lora import linear_module_names
+    from adapters.methods.targets import linear_module_names
 
     for quantization in ("nf4", "int8"):
         model = adapters.adapt(tiny_llama, head=HEAD, quantization=quantization)

@@ -81,7 +81,7 @@ class CausalLM(HeadSpec):
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none")
         return nll.sum(-1), (shifted != IGNORE).sum(-1)
 
-    def metrics(self, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
+    def metrics(self, nll: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:  # type: ignore[override]
         loss = float(nll.sum() / tokens.sum().clamp(min=1))
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "count": int(nll.numel())}
 

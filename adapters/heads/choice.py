@@ -159,7 +159,7 @@ class MultipleChoice(HeadSpec):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels)
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]
         return {
             "accuracy": float((logits.argmax(-1) == labels).float().mean()),
             "count": int(labels.numel()),

@@ -99,7 +99,7 @@ class Classification(LongTextHead):
             weight = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
         return F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=self.label_smoothing)
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]
         out = classification_metrics(logits.argmax(-1).numpy(), labels.numpy(), self.num_labels)
         out["loss"] = float(self.loss(logits, labels))
         return out
@@ -157,7 +157,7 @@ class MultiLabel(LongTextHead):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]
         preds = (logits.float().sigmoid() >= self.threshold).numpy()
         out = multilabel_metrics(preds, labels.numpy() > 0.5)
         out["loss"] = float(self.loss(logits, labels))
@@ -210,7 +210,7 @@ class Regression(LongTextHead):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(logits.float(), labels.float())
 
-    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]  # what eval_outputs gave
+    def metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:  # type: ignore[override]
         out = regression_metrics(logits.float().numpy(), labels.float().numpy())
         out["loss"] = out["mse"]
         return out

@@ -59,7 +59,7 @@ class TokenClassification(HeadSpec):
         nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
         return logits.argmax(-1), labels, nll.sum(-1), (labels != IGNORE).sum(-1)
 
-    def metrics(  # type: ignore[override]  # what eval_outputs gave
+    def metrics(  # type: ignore[override]
         self, preds: torch.Tensor, labels: torch.Tensor, nll: torch.Tensor, tokens: torch.Tensor
     ) -> dict[str, Any]:
         rows = [

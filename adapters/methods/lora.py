@@ -37,7 +37,7 @@ from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
 from adapters.methods.lora_fused import fuse_lora, share_dropout
 from adapters.methods.spec import AdapterSpec
-from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets, linear_module_names, matches  # noqa: F401 (re-exported)
+from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets
 
 ADAPTER_DIR = "adapter"  # in an artifact: a standard peft adapter folder
 
