@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,8 @@ EXAMPLES = {
     "  python -c \"from transformers import pipeline; print(pipeline('text-classification', "
     "model='runs/sentiment-export')('a moving film'))\"",
     "serve": "qadapters serve sentiment=runs/sentiment licence=runs/licence --port 8000\n"
-    '  curl -s localhost:8000/v1/models/sentiment/predict -d \'{"texts": ["a moving film"]}\'',
+    "  curl -s localhost:8000/v1/models/sentiment/predict -H 'Content-Type: application/json' "
+    '-d \'{"texts": ["a moving film"]}\'',
     "estimate": "qadapters estimate recipes/configs/sentiment.yaml train.batch_size=32 --device cuda",
 }
 
@@ -237,8 +239,11 @@ def cmd_serve(args) -> int:
     for name in ("max_batch", "max_texts", "max_chars", "port"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
-    limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars)
-    serve(args.artifacts, args.host, args.port, limits, args.device)
+    if args.max_queue < 1 or args.timeout <= 0:
+        raise ConfigError(f"--max-queue={args.max_queue} and --timeout={args.timeout} must be positive")
+    limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars, args.max_queue, args.timeout)
+    api_key = args.api_key or os.environ.get("QADAPTERS_API_KEY") or None
+    serve(args.artifacts, args.host, args.port, limits, args.device, api_key=api_key, insecure=args.insecure)
     return 0
 
 
@@ -340,6 +345,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
     p.add_argument("--max-texts", type=int, default=256, help="inputs one request may hold")
     p.add_argument("--max-chars", type=int, default=20_000, help="characters one input may hold")
+    p.add_argument("--max-queue", type=int, default=1024, help="inputs waiting per model; past it: 503 + Retry-After")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its answer (then 504)")
+    p.add_argument(
+        "--api-key", help="a Bearer token every /v1/ request must send (default: $QADAPTERS_API_KEY; none: open)"
+    )
+    p.add_argument("--insecure", action="store_true", help="listen beyond this machine without an API key")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's device)")
     p.set_defaults(run=cmd_serve)
 

@@ -1,280 +1,130 @@
 """Serve adapted models over HTTP: many artifacts, one quantized base in memory.
 
-``qadapters serve sentiment=runs/sentiment licence=runs/licence`` loads each artifact once. Artifacts
-trained on the same base (same weights, quantization and dtype) share **one** copy of it, the way
-vLLM serves many LoRA adapters on one base: the first artifact of a group is loaded with
-``adapters.load``; each further LoRA artifact is added to the same peft model as another named
-adapter (``PeftModel.load_adapter``), each bottleneck artifact as another set of hooked adapter
-layers, and every artifact keeps its own (small) head. A request runs with its artifact's adapter
-switched on and the others off, under the group's lock, so one base answers for all of them.
+``qadapters serve sentiment=runs/sentiment licence=runs/licence`` loads each artifact once; artifacts
+trained on the same base share one loaded backbone (``backbones.py``), and requests are micro-batched
+per artifact behind a bounded queue (``batcher.py``).
 
-Requests are micro-batched per artifact (``Batcher``): the first request of a batch waits at most
-``max_wait_ms`` for others, up to ``max_batch`` inputs, and the batch runs in one call (sorted by
-length inside ``AdaptedModel.logits``). A batch that fails is retried request by request, so one bad
-request never fails another's.
-
-The HTTP layer is FastAPI on uvicorn (the ``serve`` extra: ``pip install qadapters[serve]``):
-``POST /v1/models/{name}/predict`` with ``{"texts": [...], "probabilities": true}``, ``GET /v1/models``,
-``GET /health``, and the OpenAPI docs at ``/docs``. Bad requests get a 4xx JSON error naming the
-problem (422 malformed or mistyped body, 404 unknown model, 413 too many or too long texts); an
-error inside a model is a 500 JSON answer, never a dead server. uvicorn stops on SIGTERM after the
-requests in flight are answered.
+The HTTP layer is FastAPI on uvicorn (the ``serve`` extra): ``POST /v1/models/{name}/predict`` with
+``{"texts": [...], "probabilities": true}`` (read as JSON whatever the content type says: ``curl -d``
+sends a form type), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus, ``metrics.py``)
+and the OpenAPI docs at ``/docs``. For deployments, as text-embeddings-inference and vLLM do:
+``api_key`` makes every ``/v1/`` endpoint ask for ``Authorization: Bearer KEY`` (401 without it), and
+``serve`` refuses to listen beyond this machine without one unless told ``insecure``; a full queue
+answers 503 with ``Retry-After``, a request past ``timeout_s`` 504. Bad requests get a 4xx JSON error
+naming the problem (422 malformed or mistyped body, 404 unknown model, 413 too many or too long texts,
+400 inputs the head cannot read); an error inside a model is a 500 JSON answer, never a dead server.
+uvicorn stops on SIGTERM after the requests in flight are answered.
 """
 
+# no `from __future__ import annotations` here: FastAPI reads the request model from the endpoints'
+# annotations at run time, and the model class is local to create_app
 import asyncio
-import threading
+import secrets
 import time
-from collections.abc import Iterator
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
 from typing import Any
 
-from torch import nn
-
-from adapters.artifacts.format import Artifact, ArtifactSpec, open_artifact
 from adapters.errors import AdaptersError, ConfigError
+from adapters.serving.backbones import Served, load_served, parse_artifacts
+from adapters.serving.batcher import Batcher, Limits, QueueFull
+from adapters.serving.metrics import ServerMetrics
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+RETRY_AFTER_S = 1  # what a 503 tells the client to wait: a batch takes well under a second to clear
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 
 
-@dataclass
-class Served:
-    """One artifact as served: its name, its head and its adapter within a group's shared base."""
-
-    name: str
-    path: Path
-    spec: ArtifactSpec
-    group: "SharedBackbone"
-    head: nn.Module
-    head_spec: Any
-    adapter: Any
-    max_length: int
-    handle: Any = None  # how its adapter is switched on and off (``AdapterSpec.switch``)
-
-    def predict(self, inputs: list, probabilities: bool) -> list:
-        with self.group.selected(self) as model:
-            return model.predict(inputs, probabilities=probabilities)
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "base": self.spec.base.name,
-            "base_group": self.group.index,
-            "quantization": self.spec.quantization,
-            "adapter": self.adapter.describe() if self.adapter else None,
-            "head": self.head_spec.to_dict(),
-        }
-
-
-@dataclass
-class SharedBackbone:
-    """One loaded base and the artifacts served on it."""
-
-    index: int
-    key: tuple
-    model: Any  # the AdaptedModel of the group's first artifact: its backbone is the shared base
-    members: list[Served] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def accepts(self, key: tuple, adapter) -> bool:
-        return key == self.key and (adapter is None or adapter.can_join(self.model))
-
-    @contextmanager
-    def selected(self, member: Served) -> Iterator[Any]:
-        """The shared model computing as ``member``: every adapter off, then its own on; its head."""
-        model = self.model
-        with self.lock:
-            saved = model.head, model.head_spec, model.max_length
-            for other in self.members:
-                if other.adapter is not None:
-                    other.adapter.switch(model, other.handle, False)
-            if member.adapter is not None:
-                member.adapter.switch(model, member.handle, True)
-            model.head, model.head_spec, model.max_length = member.head, member.head_spec, member.max_length
-            try:
-                yield model
-            finally:
-                model.head, model.head_spec, model.max_length = saved
-
-
-def _group_key(artifact: Artifact) -> tuple:
-    """Artifacts with the same key can share one loaded backbone."""
-    where = artifact.base_location()
-    where = str(Path(where).resolve()) if Path(where).exists() else where
-    spec = artifact.spec
-    return where, spec.quantization, spec.dtype, artifact.head.lm_logits
-
-
-def load_served(artifacts: dict[str, Path], device: str | None = None) -> dict[str, Served]:
-    """Load every artifact once, sharing a backbone between artifacts trained on the same one."""
-    from adapters.model import AdaptedModel
-
-    opened = {name: open_artifact(path) for name, path in artifacts.items()}  # all checked before any load
-    groups: list[SharedBackbone] = []
-    served: dict[str, Served] = {}
-    for name, artifact in opened.items():
-        key = _group_key(artifact)
-        group = next((g for g in groups if g.accepts(key, artifact.adapter)), None)
-        if group is None:
-            model = AdaptedModel.from_pretrained(artifact.path, device=device)
-            group = SharedBackbone(len(groups), key, model)
-            groups.append(group)
-            handle = artifact.adapter.handle(model) if artifact.adapter is not None else None
-            member = Served(
-                name,
-                artifact.path,
-                artifact.spec,
-                group,
-                model.head,
-                model.head_spec,
-                artifact.adapter,
-                model.max_length,
-                handle,
-            )
-        else:
-            member = _join(group, name, artifact)
-        group.members.append(member)
-        served[name] = member
-    return served
-
-
-def _join(group: SharedBackbone, name: str, artifact: Artifact) -> Served:
-    """Add ``artifact`` to ``group``'s backbone: its adapter beside the others, its own head."""
-    model = group.model
-    artifact.check_base(model.backbone, model.base.location)
-    head = artifact.head.build(model.base.hidden_size, model.base.is_decoder).to(model.device)
-    head.load_state_dict({k: v.to(model.device) for k, v in artifact.head_tensors.items()})
-    adapter = artifact.adapter
-    handle = adapter.join(model, artifact.path, f"served-{name}") if adapter is not None else None
-    return Served(
-        name, artifact.path, artifact.spec, group, head.eval(), artifact.head, adapter, artifact.spec.max_length, handle
-    )
-
-
-def parse_artifacts(items: list[str]) -> dict[str, Path]:
-    """``["runs/a", "b=runs/x"]`` -> ``{"a": runs/a, "b": runs/x}``; names must be distinct."""
-    out: dict[str, Path] = {}
-    for item in items:
-        name, _, where = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-        if not name or name in out:
-            raise ConfigError(f"artifact name {name!r} (from {item!r}) is empty or used twice; name them NAME=PATH")
-        out[name] = Path(where)
-    return out
-
-
-@dataclass
-class Limits:
-    max_batch: int = 32
-    """Inputs run together in one batch at most."""
-    max_wait_ms: float = 5.0
-    """How long the first request of a batch waits for others."""
-    max_texts: int = 256
-    """Inputs one request may hold."""
-    max_chars: int = 20_000
-    """Characters one input may hold."""
-
-
-class Batcher:
-    """Micro-batches of one artifact's requests: a short wait, a maximum size, one call per batch."""
-
-    def __init__(self, served: Served, limits: Limits):
-        self.served, self.limits = served, limits
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.task: asyncio.Task | None = None
-
-    async def predict(self, inputs: list, probabilities: bool) -> list:
-        future = asyncio.get_running_loop().create_future()
-        await self.queue.put((inputs, probabilities, future))
-        return await future
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = time.monotonic() + self.limits.max_wait_ms / 1000
-            while sum(len(b[0]) for b in batch) < self.limits.max_batch:
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic())))
-                except asyncio.TimeoutError:
-                    break
-            for probabilities in (False, True):
-                part = [b for b in batch if b[1] is probabilities]
-                if part:
-                    await loop.run_in_executor(None, self._answer, part, probabilities, loop)
-
-    def _answer(self, part: list, probabilities: bool, loop) -> None:
-        """Run one batch (in a worker thread); a failing batch is retried request by request."""
-        inputs = [x for b in part for x in b[0]]
-        try:
-            results = self.served.predict(inputs, probabilities)
-        except Exception:  # noqa: BLE001 - find which request it was, answer the others
-            for one in part:
-                try:
-                    loop.call_soon_threadsafe(_resolve, one[2], self.served.predict(one[0], probabilities), None)
-                except Exception as err:  # noqa: BLE001
-                    loop.call_soon_threadsafe(_resolve, one[2], None, err)
-            return
-        start = 0
-        for one in part:
-            loop.call_soon_threadsafe(_resolve, one[2], results[start : start + len(one[0])], None)
-            start += len(one[0])
-
-
-def _resolve(future: asyncio.Future, value, error) -> None:
-    if not future.done():
-        future.set_exception(error) if error is not None else future.set_result(value)
-
-
-def _as_json(prediction) -> dict:
+def _as_json(prediction: Any) -> dict[str, Any]:
     """A head's prediction as a JSON object: ``(value, probabilities)`` pairs are split."""
     if isinstance(prediction, tuple) and len(prediction) == 2:
         return {"prediction": prediction[0], "probabilities": prediction[1]}
     return {"prediction": prediction}
 
 
-def create_app(served: dict[str, Served], limits: Limits | None = None):
-    """The FastAPI application serving ``served``."""
+class JsonBodies:
+    """ASGI middleware: a POST body is JSON whatever its content type says. ``curl -d '{...}'`` sends
+    ``application/x-www-form-urlencoded``, which FastAPI would answer with 422; this API takes no forms."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(
+        self, scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def create_app(served: dict[str, Served], limits: Limits | None = None, api_key: str | None = None) -> Any:
+    """The FastAPI application serving ``served`` (``api_key``: the Bearer token ``/v1/`` asks for)."""
     try:
-        from fastapi import FastAPI, HTTPException, Request
-        from fastapi.responses import JSONResponse
+        from fastapi import Depends, FastAPI, HTTPException, Request
+        from fastapi.responses import JSONResponse, Response
+        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
         from pydantic import BaseModel, Field
     except ImportError:
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
 
     limits = limits or Limits()
-    batchers = {name: Batcher(s, limits) for name, s in served.items()}
+    metrics = ServerMetrics(lambda name: batchers[name].waiting, list(served))
+    batchers = {name: Batcher(s, limits, metrics.batch_observer(name)) for name, s in served.items()}
 
     @asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app: Any) -> AsyncIterator[None]:
         for b in batchers.values():
             b.task = asyncio.create_task(b.run())
         yield
         for b in batchers.values():
-            b.task.cancel()
+            if b.task is not None:
+                b.task.cancel()
 
     app = FastAPI(title="qadapters", summary="adapted models, one quantized base", lifespan=lifespan)
+    app.add_middleware(JsonBodies)
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
+
+    async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if api_key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(
+                401, "missing or wrong API key: send Authorization: Bearer KEY", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     class PredictRequest(BaseModel):
-        texts: list[str | dict | list[str]] = Field(min_length=1, description="the inputs (texts for most heads)")
+        texts: list[str | dict[str, Any] | list[str]] = Field(
+            min_length=1, description="the inputs (texts for most heads)"
+        )
         probabilities: bool = Field(True, description="also return each label's probability where the head has them")
 
     @app.exception_handler(AdaptersError)
-    async def adapters_error(request: Request, err: AdaptersError):
+    async def adapters_error(request: Request, err: AdaptersError) -> JSONResponse:
         return JSONResponse(status_code=400, content={"detail": str(err)})
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception):
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse(status_code=500, content={"detail": f"{type(err).__name__}: {err}"})
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health() -> dict[str, Any]:
         return {"status": "ok", "models": len(served)}
 
-    @app.get("/v1/models")
-    async def models() -> dict:
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict[str, Any]:
         return {"models": [s.describe() for s in served.values()]}
 
-    @app.post("/v1/models/{name}/predict")
-    async def predict(name: str, request: PredictRequest) -> dict:
+    @app.post("/v1/models/{name}/predict", dependencies=[Depends(authorized)])
+    async def predict(name: str, request: PredictRequest) -> dict[str, Any]:
         if name not in batchers:
             raise HTTPException(404, f"no model {name!r}; served: {sorted(batchers)}")
         if len(request.texts) > limits.max_texts:
@@ -282,10 +132,35 @@ def create_app(served: dict[str, Served], limits: Limits | None = None):
         longest = max(len(str(t)) for t in request.texts)
         if longest > limits.max_chars:
             raise HTTPException(413, f"an input of {longest} characters; at most {limits.max_chars}")
-        predictions = await batchers[name].predict(list(request.texts), request.probabilities)
+        start, status = time.monotonic(), 200
+        try:
+            predictions = await batchers[name].predict(list(request.texts), request.probabilities)
+        except QueueFull as err:
+            status = 503
+            raise HTTPException(503, f"{err}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except TimeoutError:
+            status = 504
+            raise HTTPException(504, f"no answer within {limits.timeout_s:g} s; the server is busy") from None
+        except AdaptersError:
+            status = 400
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            metrics.answered(name, status, time.monotonic() - start)
         return {"model": name, "predictions": [_as_json(p) for p in predictions]}
 
     return app
+
+
+def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond this machine without an API key, unless ``insecure`` says it is meant."""
+    if host not in LOCAL_HOSTS and api_key is None and not insecure:
+        raise ConfigError(
+            f"--host {host} listens beyond this machine: give --api-key (or QADAPTERS_API_KEY) so only "
+            f"clients with the key are answered, or --insecure if that is what you mean"
+        )
 
 
 def serve(
@@ -294,14 +169,17 @@ def serve(
     port: int = 8000,
     limits: Limits | None = None,
     device: str | None = None,
+    api_key: str | None = None,
+    insecure: bool = False,
 ) -> None:
     """Load ``artifacts`` (``PATH`` or ``NAME=PATH``) and serve them until SIGTERM/SIGINT."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
+    check_exposure(host, api_key, insecure)  # before any model loads
     paths = parse_artifacts(artifacts)
     served = load_served(paths, device)
     groups = len({s.group.index for s in served.values()})
     print(f"serving {len(served)} model(s) on {groups} base(s) at http://{host}:{port} (docs: /docs)", flush=True)
-    uvicorn.run(create_app(served, limits), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(served, limits, api_key), host=host, port=port, log_level="info")

@@ -1,0 +1,146 @@
+"""Artifacts on shared backbones. Each artifact is loaded once; artifacts trained on the same base (same
+weights, quantization and dtype) share **one** loaded copy of it, the way vLLM serves many LoRA adapters
+on one base. The first artifact of a group is loaded with ``adapters.load``; each further one joins
+through its adapter kind (``AdapterSpec.join``: another named peft adapter, another set of hooked
+bottleneck layers) and keeps its own small head. A request runs with its artifact's adapter switched
+on and the others off (``AdapterSpec.switch``), under the group's lock, so one backbone answers for
+all of them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from adapters.artifacts.format import Artifact, ArtifactSpec, open_artifact
+from adapters.errors import ConfigError
+
+
+@dataclass
+class Served:
+    """One artifact as served: its name, its head and its adapter within a group's shared base."""
+
+    name: str
+    path: Path
+    spec: ArtifactSpec
+    group: SharedBackbone
+    head: nn.Module
+    head_spec: Any
+    adapter: Any
+    max_length: int
+    handle: Any = None  # how its adapter is switched on and off (``AdapterSpec.switch``)
+
+    def predict(self, inputs: list, probabilities: bool) -> list:
+        with self.group.selected(self) as model:
+            return model.predict(inputs, probabilities=probabilities)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "base": self.spec.base.name,
+            "base_group": self.group.index,
+            "quantization": self.spec.quantization,
+            "adapter": self.adapter.describe() if self.adapter else None,
+            "head": self.head_spec.to_dict(),
+        }
+
+
+@dataclass
+class SharedBackbone:
+    """One loaded base and the artifacts served on it."""
+
+    index: int
+    key: tuple
+    model: Any  # the AdaptedModel of the group's first artifact: its backbone is the shared base
+    members: list[Served] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def accepts(self, key: tuple, adapter) -> bool:
+        return key == self.key and (adapter is None or adapter.can_join(self.model))
+
+    @contextmanager
+    def selected(self, member: Served) -> Iterator[Any]:
+        """The shared model computing as ``member``: every adapter off, then its own on; its head."""
+        model = self.model
+        with self.lock:
+            saved = model.head, model.head_spec, model.max_length
+            for other in self.members:
+                if other.adapter is not None:
+                    other.adapter.switch(model, other.handle, False)
+            if member.adapter is not None:
+                member.adapter.switch(model, member.handle, True)
+            model.head, model.head_spec, model.max_length = member.head, member.head_spec, member.max_length
+            try:
+                yield model
+            finally:
+                model.head, model.head_spec, model.max_length = saved
+
+
+def _group_key(artifact: Artifact) -> tuple:
+    """Artifacts with the same key can share one loaded backbone."""
+    where = artifact.base_location()
+    where = str(Path(where).resolve()) if Path(where).exists() else where
+    spec = artifact.spec
+    return where, spec.quantization, spec.dtype, artifact.head.lm_logits
+
+
+def load_served(artifacts: dict[str, Path], device: str | None = None) -> dict[str, Served]:
+    """Load every artifact once, sharing a backbone between artifacts trained on the same one."""
+    from adapters.model import AdaptedModel
+
+    opened = {name: open_artifact(path) for name, path in artifacts.items()}  # all checked before any load
+    groups: list[SharedBackbone] = []
+    served: dict[str, Served] = {}
+    for name, artifact in opened.items():
+        key = _group_key(artifact)
+        group = next((g for g in groups if g.accepts(key, artifact.adapter)), None)
+        if group is None:
+            model = AdaptedModel.from_pretrained(artifact.path, device=device)
+            group = SharedBackbone(len(groups), key, model)
+            groups.append(group)
+            handle = artifact.adapter.handle(model) if artifact.adapter is not None else None
+            member = Served(
+                name,
+                artifact.path,
+                artifact.spec,
+                group,
+                model.head,
+                model.head_spec,
+                artifact.adapter,
+                model.max_length,
+                handle,
+            )
+        else:
+            member = _join(group, name, artifact)
+        group.members.append(member)
+        served[name] = member
+    return served
+
+
+def _join(group: SharedBackbone, name: str, artifact: Artifact) -> Served:
+    """Add ``artifact`` to ``group``'s backbone: its adapter beside the others, its own head."""
+    model = group.model
+    artifact.check_base(model.backbone, model.base.location)
+    head = artifact.head.build(model.base.hidden_size, model.base.is_decoder).to(model.device)
+    head.load_state_dict({k: v.to(model.device) for k, v in artifact.head_tensors.items()})
+    adapter = artifact.adapter
+    handle = adapter.join(model, artifact.path, f"served-{name}") if adapter is not None else None
+    return Served(
+        name, artifact.path, artifact.spec, group, head.eval(), artifact.head, adapter, artifact.spec.max_length, handle
+    )
+
+
+def parse_artifacts(items: list[str]) -> dict[str, Path]:
+    """``["runs/a", "b=runs/x"]`` -> ``{"a": runs/a, "b": runs/x}``; names must be distinct."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, _, where = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        if not name or name in out:
+            raise ConfigError(f"artifact name {name!r} (from {item!r}) is empty or used twice; name them NAME=PATH")
+        out[name] = Path(where)
+    return out
