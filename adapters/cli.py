@@ -20,7 +20,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
 
 from adapters.errors import AdaptersError, ConfigError, DataError, TrainingError, TrainingInterrupted
 
@@ -131,9 +134,11 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from adapters import evaluate, load
     from adapters.artifacts.format import read_spec
+    from adapters.data.encoding import check_rows
     from adapters.data.sources import load_rows
 
-    columns = read_spec(args.artifact).columns  # the columns it was trained on, by default
+    spec = read_spec(args.artifact)
+    columns = spec.columns  # the columns it was trained on, by default
     text_column = args.text_column or columns.get("text", "text")
     label_column = args.label_column or columns.get("label", "label")
     rows = load_rows(args.data)  # before the model: a bad file fails at once
@@ -142,81 +147,111 @@ def cmd_eval(args) -> int:
             raise DataError(
                 f"{args.data} has no column {column!r} (its columns: {sorted(rows[0])}); name the column with {flag}"
             )
+    # every row's text and label against the head, before the model loads
+    check_rows(rows, spec.head_spec(Path(args.artifact)), text_column, label_column, args.data)
     model = load(args.artifact)
     metrics = evaluate(model, rows, text_column=text_column, label_column=label_column, batch_size=args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _batches(lines, size: int, source: Path, text_column: str):
-    """Rows of a JSONL file in batches of ``size``; a bad line is a DataError naming it."""
-    batch = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"--input {source} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
-                f"each line must hold one JSON object"
-            ) from None
-        if not isinstance(row, dict) or text_column not in row:
-            raise DataError(
-                f"--input {source} line {number} has no {text_column!r} field; pass --text-column to "
-                f"name the field that holds the input"
-            )
-        batch.append(row)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _input_rows(source: Path, text_column: str, head: Any) -> list[dict[str, Any]]:
+    """The rows of ``--input`` (CSV, TSV, JSONL or Parquet, as ``eval`` reads them), checked against the
+    head before any model loads: the text column present, no empty text, each named by its file line."""
+    from adapters.data.encoding import check_rows
+    from adapters.data.sources import load_rows
+
+    if not source.is_file():
+        raise DataError(f"--input {source} does not exist")
+    rows = load_rows(str(source))
+    if text_column not in rows[0]:
+        raise DataError(
+            f"--input {source} has no {text_column!r} field (its fields: {sorted(rows[0])}); pass --text-column "
+            f"to name the field that holds the input"
+        )
+    check_rows(rows, head, text_column, None, f"--input {source}")
+    return rows
 
 
 def cmd_predict(args) -> int:
     from tqdm.auto import tqdm
 
     from adapters import load
+    from adapters.artifacts.format import read_spec
 
     if bool(args.texts) == bool(args.input):
-        raise AdaptersError("give texts to predict, or --input FILE.jsonl (with --output), not both")
-    source = Path(args.input) if args.input else None
-    # everything that can be checked is checked before the model loads
-    if source is not None and not source.is_file():
-        raise DataError(f"--input {source} does not exist")
-    if args.output and Path(args.output).exists():
-        raise ConfigError(f"--output {args.output} exists; choose a new file (predictions never overwrite a file)")
+        raise AdaptersError("give texts to predict, or --input FILE (with --output), not both")
+    # everything that can be checked is checked before the model loads: the input's rows, the output's place
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists():
+        raise ConfigError(f"--output {output} exists; choose a new file (predictions never overwrite a file)")
+    head = read_spec(args.artifact).head_spec(Path(args.artifact))
+    generate = _generation_settings(args, head)
+    rows = _input_rows(Path(args.input), args.text_column, head) if args.input else None
     model = load(args.artifact)
-    if source is None:
-        predictions = model.predict(args.texts, probabilities=args.probabilities)
-        for text, prediction in zip(args.texts, predictions, strict=False):
+    if rows is None:
+        predictions = model.predict(args.texts, probabilities=args.probabilities, **generate)
+        for text, prediction in zip(args.texts, predictions, strict=True):
             print(json.dumps({"input": text, "prediction": prediction}))
         return 0
-    out = open(args.output, "x") if args.output else sys.stdout
-    try:
-        with (
-            source.open(encoding="utf-8") as lines,
-            tqdm(desc="predict", unit="rows", disable=args.output is None) as bar,
-        ):
-            # streaming: the file is never held in memory
-            for batch in _batches(lines, args.batch_size, source, args.text_column):
-                inputs = [row[args.text_column] for row in batch]
-                for row, prediction in zip(
-                    batch,
-                    model.predict(inputs, probabilities=args.probabilities, batch_size=args.batch_size),
-                    strict=False,
-                ):
-                    out.write(json.dumps({**row, "prediction": prediction}) + "\n")
-                bar.update(len(batch))
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"--input {source} is not UTF-8 text (byte {err.object[err.start]:#04x}); re-save it as UTF-8"
-        ) from None
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    with _output(output) as out, tqdm(desc="predict", unit="rows", disable=output is None) as bar:
+        for start in range(0, len(rows), args.batch_size):
+            batch = rows[start : start + args.batch_size]
+            inputs = [row[args.text_column] for row in batch]
+            predictions = model.predict(
+                inputs, probabilities=args.probabilities, batch_size=args.batch_size, **generate
+            )
+            for row, prediction in zip(batch, predictions, strict=True):
+                out.write(json.dumps({**row, "prediction": prediction}, default=str) + "\n")
+            bar.update(len(batch))
     return 0
+
+
+def _generation_settings(args: Any, head: Any) -> dict[str, Any]:
+    """``generate`` keywords from --max-new-tokens, --temperature, --top-p, --seed (sampling when a
+    temperature or top-p is given); refused, before the model loads, for a head that does not generate."""
+    import torch
+
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    settings = {k: v for k, v in given.items() if v is not None}
+    if not settings and args.seed is None:
+        return {}
+    if not head.lm_logits:
+        flags = [f"--{k.replace('_', '-')}" for k in settings] + (["--seed"] if args.seed is not None else [])
+        raise ConfigError(
+            f"{', '.join(flags)}: generation settings, but this artifact's head ({head.kind}) does not generate text"
+        )
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    if args.temperature is not None and args.temperature <= 0:
+        raise ConfigError(f"--temperature={args.temperature} must be positive (leave it out for greedy decoding)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p={args.top_p} must be in (0, 1]")
+    if args.temperature is not None or args.top_p is not None:
+        settings["do_sample"] = True
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # sampling draws from torch's global generator
+    return settings
+
+
+@contextmanager
+def _output(path: Path | None) -> Iterator[TextIO]:
+    """Standard output, or ``path`` written whole or not at all: the lines go to a sibling file of ours,
+    renamed into place at the end; a run that fails leaves nothing behind."""
+    if path is None:
+        yield sys.stdout
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("x", encoding="utf-8") as out:
+            yield out
+        if path.exists():  # appeared while predicting: never replace a file we did not write
+            raise ConfigError(f"--output {path} appeared while predicting; the predictions are in {partial}")
+        os.replace(partial, path)
+    except BaseException:
+        if not path.exists() or not os.path.samefile(partial, path):
+            partial.unlink(missing_ok=True)
+        raise
 
 
 def cmd_merge(args) -> int:
@@ -315,12 +350,18 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_eval)
 
-    p = command("predict", "predict texts given on the command line or streamed from a JSONL file")
+    p = command("predict", "predict texts given on the command line or read from a CSV, JSONL or Parquet file")
     p.add_argument("artifact")
     p.add_argument("texts", nargs="*", help="texts to predict")
-    p.add_argument("--input", help="JSONL file of rows with a text field")
-    p.add_argument("--output", help="JSONL file to write (rows + prediction); standard output when absent")
+    p.add_argument("--input", help="CSV, TSV, JSONL or Parquet file of rows with a text field")
+    p.add_argument(
+        "--output", help="JSONL file to write (rows + prediction), whole or not at all; standard output when absent"
+    )
     p.add_argument("--text-column", default="text", help="field of --input rows holding the input")
+    p.add_argument("--max-new-tokens", type=int, help="generative heads: tokens to generate at most")
+    p.add_argument("--temperature", type=float, help="generative heads: sample at this temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, help="generative heads: sample from the smallest set of this probability")
+    p.add_argument("--seed", type=int, help="generative heads: the random seed of sampling")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--probabilities", action="store_true", help="also return probabilities")
     p.set_defaults(run=cmd_predict)

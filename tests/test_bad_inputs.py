@@ -119,21 +119,21 @@ CASES = [
         _rows,
         [GOOD, {"text": float("nan"), "label": "neg"}],
         adapters.DataError,
-        r"row 1: column 'text' is empty \(NaN",
+        r"row 2: column 'text' is empty \(NaN",
     ),
     (
         "mixed label types",
         _rows,
         [GOOD] * 3 + [{"text": "bad", "label": 1}],
         adapters.DataError,
-        r"row 3: column 'label' holds number .* but row 0 holds text",
+        r"row 4: column 'label' holds number .* but train dataset row 1 holds text",
     ),
     (
         "unknown label",
         _rows,
         [GOOD, {"text": "meh", "label": "neutral"}],
         adapters.DataError,
-        r"row 1: label 'neutral' is not one of the head's labels",
+        r"row 2: label 'neutral' is not one of the head's labels",
     ),
     ("label id out of range", _rows, [{"text": "x", "label": 2}], adapters.DataError, r"label id 2 is out of range"),
     (
@@ -148,7 +148,7 @@ CASES = [
         _rows,
         [{"text": 5, "label": "pos"}],
         adapters.DataError,
-        r"row 0: column 'text' holds int",
+        r"row 1: column 'text' holds int",
     ),
     (
         "columns of unequal length",

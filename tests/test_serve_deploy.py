@@ -44,7 +44,11 @@ def _client(model: StandIn, **kwargs) -> TestClient:
 def test_a_body_is_json_whatever_its_content_type_says():
     with _client(StandIn()) as client:
         body = '{"texts": ["a moving film"]}'
-        for headers in ({}, {"Content-Type": "application/x-www-form-urlencoded"}, {"Content-Type": "application/json"}):
+        for headers in (
+            {},
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            {"Content-Type": "application/json"},
+        ):
             answer = client.post("/v1/models/m/predict", content=body, headers=headers)
             assert answer.status_code == 200, (headers, answer.text)
             assert answer.json()["predictions"][0]["prediction"] == "pos"

@@ -127,7 +127,7 @@ def test_encoders_refuse_left_padding(tiny_bert):
     "data,match",
     [
         ([], "empty"),
-        ([{"text": "good", "label": "neutral"}], "row 0: label 'neutral' is not one of"),
+        ([{"text": "good", "label": "neutral"}], "row 1: label 'neutral' is not one of"),
         ([{"text": "good", "label": 5}], "out of range"),
         ([{"review": "good", "label": "pos"}], "no column 'text'"),
         ([{"text": 3, "label": "pos"}], "not text"),

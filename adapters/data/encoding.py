@@ -29,6 +29,31 @@ import torch
 from adapters.data.batching import pack, packing_pays
 from adapters.errors import DataError
 
+
+class Where(str):
+    """What a set of rows is called in messages (``"evaluation rows"``), and where each row came from:
+    ``row(i)`` is the file's own 1-based line for rows read from a file (``sources.Rows``), else the
+    1-based row number."""
+
+    origins: list[str] | None = None
+
+    @classmethod
+    def of(cls, what: str, data: Any) -> Where:
+        where = cls(what)
+        where.origins = getattr(data, "origins", None) or getattr(what, "origins", None)
+        return where
+
+    def row(self, i: int) -> str:
+        if self.origins is not None and i < len(self.origins):
+            return self.origins[i]
+        return f"{self} row {i + 1}"
+
+
+def _at(what: str, i: int) -> str:
+    """Row ``i`` (0-based) of ``what``, as a user finds it: a file line or a 1-based row number."""
+    return what.row(i) if isinstance(what, Where) else f"{what} row {i + 1}"
+
+
 IGNORE = -100  # label of positions that take no part in a loss (padding, later sub-tokens, prompts)
 logger = logging.getLogger("adapters")
 
@@ -51,9 +76,11 @@ def as_dataset(data: Any, what: str = "dataset"):
                 raise DataError(
                     f"{what} must be a datasets.Dataset or a list of dicts, got rows of {type(rows[0]).__name__}"
                 )
-        _check_column_types(rows, what)
+        origins = getattr(data, "origins", None)
+        _check_column_types(rows, Where.of(what, data))
         try:
             data = datasets.Dataset.from_list(rows)
+            data.origins = origins  # where each row came from, for messages (sources.Rows)
         except (TypeError, ValueError, ArithmeticError) as err:  # pyarrow's errors derive from these
             raise DataError(
                 f"{what}: its rows cannot form a table ({type(err).__name__}: {err}); give every row "
@@ -90,14 +117,14 @@ def _check_column_types(rows: list[dict], what: str) -> None:
             found = _value_type(value)
             if found == "NaN":
                 raise DataError(
-                    f"{what} row {i}: column {column!r} is empty (NaN, not finite); fill it in or drop the row"
+                    f"{_at(what, i)}: column {column!r} is empty (NaN, not finite); fill it in or drop the row"
                 )
             if found is None:
                 continue
             seen = first.setdefault(column, (found, i))
             if seen[0] != found:
                 raise DataError(
-                    f"{what} row {i}: column {column!r} holds {found} ({value!r:.40}) but row {seen[1]} "
+                    f"{_at(what, i)}: column {column!r} holds {found} ({value!r:.40}) but {_at(what, seen[1])} "
                     f"holds {seen[0]}; use one kind per column (e.g. all label names or all label ids)"
                 )
 
@@ -117,9 +144,12 @@ def check_rows(data, head, text_column: str, label_column: str | None, what: str
     """The checks encoding would make that need no tokenizer (columns present, every target valid for
     ``head``), so a bad file fails before a model is loaded."""
     data = as_dataset(data, what)
+    what = Where.of(what, data)
     chat = head.lm_logits and text_column not in data.column_names and head.messages_column in data.column_names
     if not chat:
-        _column(data, text_column, what)
+        for i, text in enumerate(_column(data, text_column, what)):
+            if isinstance(text, str) and not text.strip():
+                raise DataError(f"{_at(what, i)}: column {text_column!r} is empty; fill it in or drop the row")
         if label_column is not None:
             _targets(head, _column(data, label_column, what), what)
 
@@ -127,7 +157,9 @@ def check_rows(data, head, text_column: str, label_column: str | None, what: str
 def _texts(values: list, column: str, what: str) -> list[str]:
     for i, text in enumerate(values):
         if not isinstance(text, str):
-            raise DataError(f"{what} row {i}: column {column!r} holds {type(text).__name__}, not text")
+            raise DataError(f"{_at(what, i)}: column {column!r} holds {type(text).__name__}, not text")
+        if not text.strip():
+            raise DataError(f"{_at(what, i)}: column {column!r} is empty; fill it in or drop the row")
     return values
 
 
@@ -137,7 +169,7 @@ def _targets(head, values: list, what: str) -> list:
         try:
             out.append(head.target(value))
         except DataError as err:
-            raise DataError(f"{what} row {i}: {err}") from None
+            raise DataError(f"{_at(what, i)}: {err}") from None
     return out
 
 
@@ -152,7 +184,8 @@ def encode_rows(
     number of rows truncated to ``max_length``. Without ``label_column`` no targets are read. How a
     row is encoded is the head's choice (``HeadSpec.encode``: texts, text windows, choices, words,
     prompt and response)."""
-    return head.encode(as_dataset(data, what), tokenizer, text_column, label_column, max_length, what)
+    data = as_dataset(data, what)
+    return head.encode(data, tokenizer, text_column, label_column, max_length, Where.of(what, data))
 
 
 def _token_columns(encoded) -> list[str]:
@@ -234,7 +267,7 @@ def encode_choices(
     for i, row in enumerate(choices):
         if not isinstance(row, (list, tuple)) or len(row) != k or not all(isinstance(c, str) for c in row):
             raise DataError(
-                f"{what} row {i}: column {head.choices_column!r} must hold {k} candidate texts, got {row!r}"
+                f"{_at(what, i)}: column {head.choices_column!r} must hold {k} candidate texts, got {row!r}"
             )
     if head.scoring == "likelihood":
         out, cut = _encode_scored_choices(tokenizer, head, texts, choices, max_length)
@@ -292,14 +325,14 @@ def encode_words(
     for i, row in enumerate(words):
         if isinstance(row, str) or not isinstance(row, (list, tuple)) or not all(isinstance(w, str) for w in row):
             raise DataError(
-                f"{what} row {i}: column {text_column!r} must hold a list of words for token "
+                f"{_at(what, i)}: column {text_column!r} must hold a list of words for token "
                 f"classification, got {row!r:.80}"
             )
     tags = _targets(head, _column(data, label_column, what), what) if label_column else None
     if tags is not None:
         for i, (w, t) in enumerate(zip(words, tags, strict=False)):
             if len(w) != len(t):
-                raise DataError(f"{what} row {i}: {len(w)} words but {len(t)} tags; they must line up one to one")
+                raise DataError(f"{_at(what, i)}: {len(w)} words but {len(t)} tags; they must line up one to one")
     encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
     out = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
     cut = 0
@@ -324,11 +357,11 @@ def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> 
         for i, messages in enumerate(_column(data, head.messages_column, what)):
             if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
                 raise DataError(
-                    f"{what} row {i}: {head.messages_column!r} must be a list of {{'role', 'content'}} dicts"
+                    f"{_at(what, i)}: {head.messages_column!r} must be a list of {{'role', 'content'}} dicts"
                 )
             if label_column is not None:
                 if messages[-1]["role"] != "assistant":
-                    raise DataError(f"{what} row {i}: the last message must be the assistant's answer to learn")
+                    raise DataError(f"{_at(what, i)}: the last message must be the assistant's answer to learn")
                 responses.append(messages[-1]["content"])
                 messages = messages[:-1]
             prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))

