@@ -346,7 +346,7 @@ def parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=None,
-        help="rows per batch (default: batches of up to 8,192 padded tokens, sorted by length)",
+        help="rows per batch (default: batches of up to 2,048 padded tokens on CPU, 8,192 on GPUs, sorted by length)",
     )
     p.set_defaults(run=cmd_eval)
 

@@ -66,9 +66,9 @@ def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
     return {
         "side": side,
         "eval_seconds": time.perf_counter() - started,
-        "loss": metrics["loss"],
-        "accuracy": metrics["accuracy"],
-        "rows": metrics["count"],
+        "loss": metrics["eval_loss"],
+        "accuracy": metrics["eval_accuracy"],
+        "rows": metrics["eval_count"],
     }
 
 

@@ -99,7 +99,7 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
     )
     train_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    accuracy = adapters.evaluate(model, test_rows)["accuracy"]
+    accuracy = adapters.evaluate(model, test_rows)["eval_accuracy"]
     eval_seconds = time.perf_counter() - started
     started = time.perf_counter()
     model.predict([r["text"] for r in test_rows])

@@ -462,7 +462,7 @@ def zero_shot_accuracy(model, head, test_rows: list[dict]) -> float:
             "--zero-shot needs a head the base scores itself (likelihood scoring or label words); this "
             "base gets a random head, which has no zero-shot accuracy to report"
         )
-    accuracy = adapters.evaluate(model, test_rows)["accuracy"]
+    accuracy = adapters.evaluate(model, test_rows)["eval_accuracy"]
     print(f"zero-shot accuracy (the base's own scores, before training): {accuracy:.4f}")
     return accuracy
 

@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
     print(model.summary())
     zero_shot = None
     if words and args.zero_shot:  # the head is the base's own classifier: how good before any training?
-        zero_shot = adapters.evaluate(model, test_rows)["accuracy"]
+        zero_shot = adapters.evaluate(model, test_rows)["eval_accuracy"]
         print(f"zero-shot accuracy (label words, before training): {zero_shot:.4f}")
     config = adapters.TrainConfig(
         epochs=args.epochs,

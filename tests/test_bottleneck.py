@@ -178,7 +178,7 @@ def test_trains_on_encoder_and_decoder(tiny_model):
         toy_sentiment(32, seed=1),
         adapters.TrainConfig(epochs=5, lr=5e-3, head_lr=2e-2, batch_size=16, progress=False),
     )
-    assert metrics["eval_accuracy"] >= 0.75 and metrics["eval_loss"] < untrained["loss"]
+    assert metrics["eval_accuracy"] >= 0.75 and metrics["eval_loss"] < untrained["eval_loss"]
 
 
 def test_layers_restrict_the_blocks(tiny_llama):

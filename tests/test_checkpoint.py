@@ -176,7 +176,7 @@ def test_early_stopping_keeps_and_restores_the_best(tiny_llama, tmp_path):
     saved = load_file(best_dir / "model.safetensors")
     current = dict(model.named_parameters())
     assert all(torch.equal(v, current[k]) for k, v in saved.items())  # the model ends with the best weights
-    assert adapters.evaluate(model, flipped)["loss"] == pytest.approx(metrics["best_eval_loss"], abs=1e-6)
+    assert adapters.evaluate(model, flipped)["eval_loss"] == pytest.approx(metrics["best_eval_loss"], abs=1e-6)
 
 
 def test_an_earlier_run_is_never_silently_overwritten(tiny_llama, tmp_path):

@@ -69,8 +69,8 @@ def test_train_eval_predict_info(config_file, tmp_path, capsys):
     metrics = json.loads(in_process(capsys, "eval", art, "--data", tmp_path / "train.jsonl").out)
     rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     in_python = adapters.evaluate(adapters.load(art), rows)  # the command computes what the API computes
-    assert metrics["count"] == 64 and metrics["accuracy"] == pytest.approx(in_python["accuracy"])
-    assert metrics["loss"] == pytest.approx(in_python["loss"], rel=1e-5)
+    assert metrics["eval_count"] == 64 and metrics["eval_accuracy"] == pytest.approx(in_python["eval_accuracy"])
+    assert metrics["eval_loss"] == pytest.approx(in_python["eval_loss"], rel=1e-5)
 
     lines = in_process(capsys, "predict", art, "good fun film", "bad dull mess").out.splitlines()
     assert [json.loads(x)["input"] for x in lines] == ["good fun film", "bad dull mess"]
@@ -198,7 +198,7 @@ def test_eval_reads_the_columns_the_artifact_was_trained_on(tiny_llama, tmp_path
     model.save_pretrained(tmp_path / "art")
     data = _write_jsonl(tmp_path / "rows.jsonl", rows)
     metrics = json.loads(in_process(capsys, "eval", tmp_path / "art", "--data", data).out)  # no column flags
-    assert metrics["count"] == 24
+    assert metrics["eval_count"] == 24
     assert '"text": "review"' in in_process(capsys, "info", tmp_path / "art").out
 
 
@@ -228,3 +228,28 @@ def test_train_refuses_before_loading_the_model(config_file, tmp_path, capsys, m
     monkeypatch.setattr(adapters.model, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
     err = in_process(capsys, "train", config_file, expect=2).err
     assert re.search(match, err), err
+
+
+def test_help_texts_and_readme_agree_with_the_code():
+    """Numbers a user reads in `--help` and in the README are the ones the code uses."""
+    from pathlib import Path
+
+    from adapters.cli import parser
+    from adapters.data.batching import INFERENCE_TOKENS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    cpu, gpu = f"{INFERENCE_TOKENS['cpu']:,}", f"{INFERENCE_TOKENS['gpu']:,}"
+    helps = {name: sub.format_help() for name, sub in _subparsers(parser()).items()}
+    assert f"{cpu} padded tokens on CPU, {gpu} on GPUs" in " ".join(helps["eval"].split())
+    assert f"batches of up to {cpu} padded tokens" in " ".join(readme.split())
+    serve = " ".join(helps["serve"].split())
+    assert "Content-Type: application/json" in serve  # the example a user copies answers 200
+    for flag in ("--api-key", "--insecure", "--max-queue", "--timeout"):
+        assert flag in serve and flag in readme
+
+
+def _subparsers(main_parser):
+    import argparse
+
+    (action,) = [a for a in main_parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices

@@ -80,14 +80,14 @@ def test_training_lowers_the_loss_for_every_head(base, kind, adapter):
     spec = adapters.LoRA(r=8) if adapter == "lora" else adapters.Bottleneck(placement="pfeiffer")
     model = _adapt(base, spec, make_head())
     rows = make_rows(32)
-    before = adapters.evaluate(model, rows)["loss"]
+    before = adapters.evaluate(model, rows)["eval_loss"]
     adapters.train(
         model,
         rows,
         None,
         adapters.TrainConfig(epochs=6, lr=2e-3, head_lr=1e-2, batch_size=16, warmup_ratio=0.0, progress=False),
     )
-    after = adapters.evaluate(model, rows)["loss"]
+    after = adapters.evaluate(model, rows)["eval_loss"]
     assert after < 0.9 * before, (before, after)
 
 
@@ -149,11 +149,11 @@ def test_8bit_optimizers(base, optimizer):
         return
     rows = toy_sentiment(32)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    loss_before = adapters.evaluate(model, rows)["loss"]
+    loss_before = adapters.evaluate(model, rows)["eval_loss"]
     adapters.train(model, rows, None, config)
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
     assert len(moved) == len(before)  # every trainable tensor took a step
-    assert adapters.evaluate(model, rows)["loss"] < loss_before
+    assert adapters.evaluate(model, rows)["eval_loss"] < loss_before
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(base):

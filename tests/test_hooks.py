@@ -37,7 +37,7 @@ def test_compute_metrics_adds_to_the_heads_metrics(tiny_llama):
     assert seen[-1].predictions.shape == (16, 2) and seen[-1].label_ids.shape == (16,)
     assert 0 <= result["eval_balanced_accuracy"] <= 1 and "eval_accuracy" in result
     again = adapters.evaluate(model, held_out, compute_metrics=balanced_accuracy)
-    assert again["balanced_accuracy"] == pytest.approx(result["eval_balanced_accuracy"])
+    assert again["eval_balanced_accuracy"] == pytest.approx(result["eval_balanced_accuracy"])
     with pytest.raises(adapters.ConfigError, match="computes already"):
         adapters.evaluate(model, held_out, compute_metrics=lambda p: {"accuracy": 1.0})
     with pytest.raises(adapters.ConfigError, match="dict of numbers"):
@@ -144,3 +144,23 @@ def test_int8_says_its_input_cast_once(tiny_llama, caplog, monkeypatch):
         model.logits(["a dull mess"])
     # bitsandbytes says it on every int8 layer of every forward; the library lets it through once
     assert sum("inputs will be cast" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_logs_name_the_base_rate_the_heads_rate_and_fractional_epochs(tiny_llama, tmp_path):
+    config = adapters.TrainConfig(
+        max_steps=3,
+        batch_size=8,
+        lr=5e-4,
+        head_lr=5e-3,
+        warmup_ratio=0.0,
+        scheduler="constant",
+        log_every=1,
+        output_dir=str(tmp_path),
+        progress=False,
+    )
+    result = adapters.train(_model(tiny_llama), toy_sentiment(48), None, config)  # 6 batches per epoch
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train_loss"' in x]
+    assert [r["lr"] for r in logged] == pytest.approx([5e-4] * 3)  # the base rate, not the head's
+    assert [r["head_lr"] for r in logged] == pytest.approx([5e-3] * 3)
+    assert [r["epoch"] for r in logged] == pytest.approx([1 / 6, 2 / 6, 3 / 6], abs=1e-4)
+    assert result["epochs"] == pytest.approx(0.5)  # stopped mid-epoch: not 0

@@ -59,7 +59,7 @@ def test_training_learns_encoder_and_decoder(tiny_model, tmp_path):
         adapters.TrainConfig(epochs=4, lr=1e-2, head_lr=3e-2, batch_size=16, output_dir=str(tmp_path), progress=False),
     )
     # held-out texts are new word combinations: well above chance (0.5), not memorised
-    assert metrics["eval_accuracy"] >= 0.75 and metrics["eval_loss"] < untrained["loss"]
+    assert metrics["eval_accuracy"] >= 0.75 and metrics["eval_loss"] < untrained["eval_loss"]
     assert metrics["eval_count"] == len(eval_rows) and metrics["steps"] == 32 and metrics["world_size"] == 1
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert (
@@ -67,7 +67,7 @@ def test_training_learns_encoder_and_decoder(tiny_model, tmp_path):
         and any("train_loss" in r for r in records)
         and any("eval_accuracy" in r for r in records)
     )
-    assert adapters.evaluate(model, eval_rows)["accuracy"] == metrics["eval_accuracy"]
+    assert adapters.evaluate(model, eval_rows)["eval_accuracy"] == metrics["eval_accuracy"]
 
 
 def test_same_seed_same_weights(tiny_llama, toy_data):
@@ -230,7 +230,7 @@ def test_final_metrics_describe_the_final_weights(tiny_llama, toy_data):
         model, toy_data[0], toy_data[1], adapters.TrainConfig(max_steps=4, lr=1e-2, batch_size=16, progress=False)
     )
     assert metrics["steps"] == 4
-    assert metrics["eval_loss"] == pytest.approx(adapters.evaluate(model, toy_data[1])["loss"], abs=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(adapters.evaluate(model, toy_data[1])["eval_loss"], abs=1e-6)
 
 
 def test_predict_refuses_keywords_the_head_cannot_use(tiny_llama):

@@ -28,8 +28,11 @@ def evaluate(
     label_column: str | None = None,
     batch_size: int | None = None,
     compute_metrics: Any = None,
+    metric_key_prefix: str = "eval",
 ) -> dict[str, float]:
-    """The head's metrics (and loss) of ``model`` on ``data``, every example counted once.
+    """The head's metrics (and loss) of ``model`` on ``data``, every example counted once, named as
+    ``train`` names its evaluations (``eval_accuracy``, ``eval_loss``; ``metric_key_prefix``, as the
+    Trainer's ``evaluate`` has it: ``"test"`` gives ``test_accuracy``, ``""`` the bare names).
 
     Columns and the batch size (rows per batch; default: by a budget of padded tokens) come from the
     keywords, else from ``config`` (a ``TrainConfig``, as ``train`` uses), else the defaults.
@@ -46,7 +49,13 @@ def evaluate(
     spec = accelerator.unwrap_model(model).head_spec
     batch_size = eval_rows(spec, batch_size, config.batch_size if config else TrainConfig.batch_size, processes)
     loader = eval_loader(accelerator.unwrap_model(model), data, text_column, label_column, batch_size, processes)
-    return evaluate_loader(model, accelerator.prepare(loader), accelerator, compute_metrics)
+    metrics = evaluate_loader(model, accelerator.prepare(loader), accelerator, compute_metrics)
+    return prefixed(metrics, metric_key_prefix)
+
+
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """``{"accuracy": ...}`` -> ``{"eval_accuracy": ...}`` (no prefix: unchanged)."""
+    return {f"{prefix}_{k}" if prefix else k: v for k, v in metrics.items()}
 
 
 def evaluate_loader(model: Any, loader: Any, accelerator: Any, compute_metrics: Any = None) -> dict[str, float]:

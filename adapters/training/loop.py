@@ -60,7 +60,7 @@ from adapters.training.checkpoint import (
     save_checkpoint,
     step_checkpoint,
 )
-from adapters.training.evaluation import evaluate_loader
+from adapters.training.evaluation import evaluate_loader, prefixed
 from adapters.training.loaders import eval_loader, eval_rows, inference_loader, train_loader
 from adapters.training.optim import build_optimizer, lr_schedule
 from adapters.training.probe import check_probe, fit_head
@@ -356,8 +356,9 @@ class TrainingLoop:
                 raise TrainingInterrupted(f"interrupted at step {step}; no output_dir, so nothing was saved")
             path = self.checkpoint()
             raise TrainingInterrupted(
-                f"interrupted at step {step}; checkpoint saved to {path}. Resume with the same call and "
-                f"TrainConfig(resume='auto', output_dir={config.output_dir!r})"
+                f"interrupted at step {step}; checkpoint saved to {path}. Resume with the same run and "
+                f"resume='auto' (TrainConfig(resume='auto', output_dir={config.output_dir!r}); on the command "
+                f"line: qadapters train CONFIG train.resume=auto)"
             )
         if config.save_every and step % config.save_every == 0:
             self.checkpoint()
@@ -372,9 +373,27 @@ class TrainingLoop:
         state.last_loss = float(accelerator.reduce(mean, "mean"))
         state.running, state.running_count = 0.0, 0
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}")
-        logs = {"train_loss": state.last_loss, "lr": self.scheduler.get_last_lr()[0], "epoch": state.epoch}
+        # the scheduler's groups: the head's first, then the adapter's (per block with layer_lr_decay); the
+        # logged rate is the base rate (config.lr, scheduled), the head's is named as such
+        rates = self.scheduler.get_last_lr()
+        logs = {
+            "train_loss": state.last_loss,
+            "lr": self._base_rate(rates),
+            "head_lr": rates[0],
+            "epoch": self.epochs_done(),
+        }
         accelerator.log(logs, step=state.step)
         self._callback("on_log", logs)
+
+    def _base_rate(self, rates: list[float]) -> float:
+        """The scheduled ``config.lr`` now: the head's rate scaled back when the head has its own rate."""
+        config = self.config
+        return rates[0] * config.lr / (config.head_lr or config.lr)
+
+    def epochs_done(self) -> float:
+        """Epochs trained so far, fractional: a run that stops mid-epoch says how far it got."""
+        batches = len(self.train_loader)
+        return round(self.state.epoch + (self.state.batch_in_epoch / batches if batches else 0.0), 4)
 
     # --- evaluation and checkpoints ---------------------------------------------------------------
 
@@ -383,7 +402,7 @@ class TrainingLoop:
         state, accelerator = self.state, self.accelerator
         started = time.perf_counter()
         metrics = evaluate_loader(self.model, self.eval_loader, accelerator, self.compute_metrics)
-        state.metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        state.metrics = prefixed(metrics, "eval")
         state.metrics_step = state.step
         self.eval_seconds += time.perf_counter() - started
         accelerator.log(state.metrics, step=state.step)
@@ -466,7 +485,7 @@ class TrainingLoop:
             "train_loss": state.last_loss if state.last_loss is not None else float("nan"),
             **state.metrics,
             "steps": state.step,
-            "epochs": state.epoch,
+            "epochs": self.epochs_done(),
             "world_size": processes,
             "train_seconds": seconds,
             "train_examples_per_second": self.counts["examples"] * processes / seconds,
