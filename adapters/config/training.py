@@ -166,5 +166,15 @@ class TrainConfig:
             unknown = [n for n in self.report_to if n not in TRACKERS]
             if not isinstance(self.report_to, list) or unknown:
                 raise ConfigError(f"TrainConfig(report_to={self.report_to!r}): name trackers among {list(TRACKERS)}")
+            _check_installed(self.report_to)  # here, before any model loads, not when training starts
         if self.packing not in (None, True, False):
             raise ConfigError(f"TrainConfig(packing={self.packing!r}): must be True, False or None (automatic)")
+
+
+def _check_installed(trackers: list[str]) -> None:
+    """Every tracker of ``report_to`` importable (Accelerate's own availability checks)."""
+    import accelerate.utils as available
+
+    for name in trackers:
+        if not getattr(available, f"is_{name}_available")():
+            raise ConfigError(f"report_to={trackers}: {name!r} is not installed (pip install {name.replace('_', '-')})")

@@ -18,14 +18,23 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from adapters.errors import CheckpointError
+from adapters.errors import CheckpointError, ConfigError
 from adapters.files import writable_entries
 
 STATE_FILE = "trainer_state.json"
+LOCK_FILE = ".qadapters-train.lock"  # held by the run writing into an output_dir
 _NAME = re.compile(r"^step-(\d+)$")
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read back (damaged, truncated), as opposed to one that is
+    whole but does not fit the model."""
 
 
 @dataclass
@@ -159,8 +168,27 @@ def load_checkpoint(accelerator, path: Path, trainable: set[str]) -> TrainState:
             )
         accelerator.load_state(str(path), strict=False)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or does not fit this model/optimizer ({err})") from None
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or does not fit this model/optimizer ({err})") from None
     return state
+
+
+def load_newest_good(
+    accelerator: Any, resume: Any, found: Path, output_dir: Any, trainable: set[str]
+) -> tuple[TrainState, Path]:
+    """Load ``found`` (what ``resolve_resume`` chose); with ``resume="auto"``, a corrupt newest checkpoint
+    falls back to the one before it, and so on, each fallback said on the main process. A checkpoint
+    that is whole but does not fit the model is not skipped: that is a real mismatch."""
+    candidates = [found]
+    if resume == "auto":
+        candidates = [p for p in reversed(complete_checkpoints(output_dir)) if p.name <= found.name]
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint(accelerator, path, trainable), path
+        except CorruptCheckpoint as err:
+            if i == len(candidates) - 1:
+                raise
+            accelerator.print(f"warning: {err}; resuming from the checkpoint before it, {candidates[i + 1]}")
+    raise AssertionError("unreachable: the last candidate raises")
 
 
 def read_checkpoint_weights(path: Path) -> dict:
@@ -198,7 +226,7 @@ def _run_entries(out: Path) -> list[str] | None:
     """What an earlier run wrote into ``out`` (None: no earlier run there)."""
     if not ((out / RUN_FILE).exists() or complete_checkpoints(out) or (out / LOG_FILE).exists()):
         return None
-    return [name for name in (RUN_FILE, LOG_FILE, checkpoint_dir(out).name) if (out / name).exists()]
+    return [name for name in (RUN_FILE, LOG_FILE, checkpoint_dir(out).name, LOCK_FILE) if (out / name).exists()]
 
 
 def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> None:
@@ -209,3 +237,27 @@ def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> No
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
         for name in (RUN_FILE, LOG_FILE):
             (out / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def output_lock(output_dir: Any, is_main: bool) -> Iterator[None]:
+    """Hold ``output_dir``'s lock for a run: a second training into the same folder at the same time is
+    refused at once (``ConfigError``), not interleaved with the first. The main process holds it."""
+    if output_dir is None or not is_main:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(Path(output_dir) / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(
+            f"another training is writing into {output_dir} now (it holds {LOCK_FILE}); wait for it to end, "
+            f"or choose another output_dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from adapters.backbone.loading import cpu_only, enable_checkpointing, resolve_mixed_precision
+from adapters.backbone.loading import cpu_only, enable_checkpointing, process_state, resolve_mixed_precision
 from adapters.config.training import TrainConfig
 from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -53,7 +53,8 @@ from adapters.training.checkpoint import (
     check_output_dir,
     complete_checkpoints,
     keep_trainable_only,
-    load_checkpoint,
+    load_newest_good,
+    output_lock,
     prepare_output_dir,
     read_checkpoint_weights,
     resolve_resume,
@@ -101,6 +102,10 @@ class TrainingLoop:
             call(self.callbacks, event, self.config, self.state, self.control, *args)
 
     def run(self) -> dict[str, float]:
+        with output_lock(self.config.output_dir, process_state().is_main_process):
+            return self._run()
+
+    def _run(self) -> dict[str, float]:
         self.setup()
         self._callback("on_train_begin")
         with _StopSignal() as self.stop_signal:
@@ -137,7 +142,9 @@ class TrainingLoop:
         self._setup_optimizer()
         if self.resume_from is not None:
             trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
-            self.state = load_checkpoint(self.accelerator, self.resume_from, trainable)
+            self.state, self.resume_from = load_newest_good(
+                self.accelerator, self.config.resume, self.resume_from, self.config.output_dir, trainable
+            )
             self.accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
         elif self.config.linear_probe:  # a resumed run's head comes from its checkpoint
             self.probe_head()
