@@ -128,9 +128,11 @@ def build(cls, values, where: str):
 
 
 def _kind_section(values, where: str, kinds: dict, default: str | None = None):
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of settings (with a kind), got {type(values).__name__}")
     values = dict(values or {})
     kind = values.pop("kind", default)
-    if kind not in kinds:
+    if not isinstance(kind, str | None) or kind not in kinds:
         raise ConfigError(f"{where}.kind={kind!r} must be one of {sorted(kinds)}")
     cls = kinds[kind]
     if cls is None:

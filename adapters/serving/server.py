@@ -31,6 +31,15 @@ from adapters.serving.batcher import Batcher, Limits, QueueFull
 from adapters.serving.metrics import ServerMetrics
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+ERRORS = {
+    400: "inputs the model's head cannot read",
+    401: "a missing or wrong API key (servers started with --api-key)",
+    404: "no model of that name is served",
+    413: "too many inputs in one request, or an input too long",
+    500: "an error inside the model (the server lives on)",
+    503: "the model's queue is full: retry after Retry-After seconds",
+    504: "no answer within the request timeout",
+}
 RETRY_AFTER_S = 1  # what a 503 tells the client to wait: a batch takes well under a second to clear
 
 Scope = MutableMapping[str, Any]
@@ -96,6 +105,15 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
                 401, "missing or wrong API key: send Authorization: Bearer KEY", headers={"WWW-Authenticate": "Bearer"}
             )
 
+    class ErrorAnswer(BaseModel):
+        detail: Any = Field(description="what was wrong, and how to fix it")
+
+    def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+        """The error answers an endpoint gives, in its OpenAPI schema (clients and fuzzers read them)."""
+        return {code: {"model": ErrorAnswer, "description": ERRORS[code]} for code in codes}
+
+    guard = [Depends(authorized)] if api_key is not None else []  # the schema says auth only where it is asked
+
     class PredictRequest(BaseModel):
         texts: list[str | dict[str, Any] | list[str]] = Field(
             min_length=1, description="the inputs (texts for most heads)"
@@ -114,16 +132,20 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "models": len(served)}
 
-    @app.get("/metrics", response_class=Response)
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
+    )
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models", dependencies=guard, responses=documented(401, 500))
     async def models() -> dict[str, Any]:
         return {"models": [s.describe() for s in served.values()]}
 
-    @app.post("/v1/models/{name}/predict", dependencies=[Depends(authorized)])
+    @app.post("/v1/models/{name}/predict", dependencies=guard, responses=documented(400, 401, 404, 413, 500, 503, 504))
     async def predict(name: str, request: PredictRequest) -> dict[str, Any]:
         if name not in batchers:
             raise HTTPException(404, f"no model {name!r}; served: {sorted(batchers)}")
