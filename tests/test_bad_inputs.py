@@ -63,8 +63,15 @@ def _folder(tmp_path, act, model=None):
     return act(tmp_path, model)
 
 
+def _file_rows(tmp_path, spec, model=None):
+    """A file read as the library reads it, then trained on: errors name the file's own lines."""
+    return _rows(tmp_path, _file(tmp_path, spec), model)
+
+
 def _cli(tmp_path, args, capsys=None, artifact=None):
     (tmp_path / "good.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "empty.csv").write_text("text\n")
+    (tmp_path / "neutral.csv").write_text("text,label\ngood,pos\nmeh,neutral\n")
     args = [str(a).format(tmp=tmp_path, art=artifact) for a in args]
     code = cli(args)
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -318,6 +325,64 @@ CASES = [
         r"no column 'review'.*--text-column",
     ),
     ("cli info on no artifact", _cli, ["info", "{tmp}"], adapters.AdaptersError, r"has no qadapters.json"),
+    # files whose rows are bad, named by the file's own 1-based line
+    (
+        "empty text in a csv",
+        _file_rows,
+        ("reviews.csv", "text,label\ngood fun,pos\n,neg\n"),
+        adapters.DataError,
+        r"reviews.csv line 3: column 'text' is empty",
+    ),
+    (
+        "blank text in a jsonl",
+        _file_rows,
+        ("rows.jsonl", '{"text": "good", "label": "pos"}\n\n{"text": "  ", "label": "neg"}\n'),
+        adapters.DataError,
+        r"rows.jsonl line 3: column 'text' is empty",
+    ),
+    (
+        "unknown label on a csv line",
+        _file_rows,
+        ("reviews.csv", "text,label\ngood,pos\nmeh,neutral\n"),
+        adapters.DataError,
+        r"reviews.csv line 3: label 'neutral' is not one of",
+    ),
+    ("blank text in rows", _rows, [GOOD, {"text": " ", "label": "neg"}], adapters.DataError, r"row 2: .*is empty"),
+    (
+        "tracker not installed",
+        _config,
+        {"report_to": ["clearml"]},
+        adapters.ConfigError,
+        r"'clearml' is not installed",
+    ),
+    (
+        "cli predict csv with no rows",
+        _cli,
+        ["predict", "{art}", "--input", "{tmp}/empty.csv", "--output", "{tmp}/o.jsonl"],
+        adapters.AdaptersError,
+        r"has a header \(text\) but no rows",
+    ),
+    (
+        "cli eval unknown label",
+        _cli,
+        ["eval", "{art}", "--data", "{tmp}/neutral.csv"],
+        adapters.AdaptersError,
+        r"neutral.csv line 3: label 'neutral'",
+    ),
+    (
+        "cli generation flags on a classifier",
+        _cli,
+        ["predict", "{art}", "text", "--temperature", "0.7"],
+        adapters.AdaptersError,
+        r"--temperature: generation settings.*does not generate",
+    ),
+    (
+        "cli serve beyond this machine without a key",
+        _cli,
+        ["serve", "{art}", "--host", "0.0.0.0"],
+        adapters.AdaptersError,
+        r"--api-key.*--insecure",
+    ),
 ]
 
 
@@ -341,6 +406,7 @@ def test_the_table_is_long_enough():
 def test_bad_input_is_a_typed_error(name, runner, value, error, match, tmp_path, model, artifact, capsys):
     extra = {
         _rows: {"model": model},
+        _file_rows: {"model": model},
         _eval_rows: {"model": model},
         _folder: {"model": model},
         _artifact: {"artifact": artifact},

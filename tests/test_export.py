@@ -61,6 +61,12 @@ def test_the_pipeline_gives_the_adapted_models_probabilities(tiny_llama, tmp_pat
             lambda t, b: adapters.adapt(t, head=adapters.MultipleChoice(num_choices=2)),
             "MultipleChoice head has no text-classification pipeline",
         ),
+        (  # the pipeline would read the bare text where the model read it inside its prompt
+            lambda t, b: adapters.adapt(
+                t, head=adapters.Classification(labels=["a", "b"], bias=False, prompt="Review: {text}\nIt is")
+            ),
+            r"inside its prompt 'Review: \{text\}\\nIt is'.*predictions would differ",
+        ),
     ],
 )
 def test_what_does_not_map_is_refused_with_the_reason(tiny_llama, tiny_bert, tmp_path, make, match):

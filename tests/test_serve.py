@@ -207,3 +207,23 @@ def test_two_artifacts_on_the_packaged_encoder_share_it(tmp_path):
     finally:
         process.terminate()
         process.wait(60)
+
+
+def test_the_readme_serving_example_answers_with_and_without_a_json_header(server):
+    """The README's curl line, run as written (its port and model name swapped for this server's), then
+    without its Content-Type header, as a user who drops it would."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    port, _ = server
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"^```bash\nqadapters serve sentiment=.*?^```", readme, flags=re.M | re.S).group(0)
+    line = next(x for x in block.replace("\\\n", " ").splitlines() if x.startswith("curl "))
+    line = line.replace("localhost:8000", f"127.0.0.1:{port}").replace("/sentiment/", "/lora/")
+    for command in (line, line.replace("-H 'Content-Type: application/json'", "")):
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+        answer = json.loads(done.stdout)
+        assert answer["model"] == "lora" and len(answer["predictions"]) == 2, command

@@ -45,6 +45,11 @@ def refusal(spec: ArtifactSpec, head: Any, adapter: Any) -> str | None:
         )
     if head.resolved_pooling(True) != "last":
         return f"pooling={head.pooling!r}: a decoder's sequence classifier reads the last token only"
+    if head.prompt is not None:
+        return (
+            f"the head reads every text inside its prompt {head.prompt!r}, and transformers' "
+            f"text-classification pipeline reads the text as given: its predictions would differ"
+        )
     if head.long_text != "truncate":
         return "long_text='windows' pools several windows per text; the pipeline reads one"
     if head.bias:
