@@ -3,12 +3,19 @@ several artifacts on one base against one process per artifact.
 
     python benchmarks/serve.py                 # packaged SmolLM2-135M, nf4, 3 LoRA artifacts (about 6 min on 2 cores)
     python benchmarks/serve.py --quick --model PATH
+    python benchmarks/serve.py --overload      # twice the measured capacity against a bounded queue
 
 For each round (fresh server processes; rounds alternate the settings): a server of one artifact
 answers a fixed number of single-text requests at each concurrency (1, 4, 16 clients), and the
 resident memory (RSS) of a server of 1 artifact and of 3 artifacts on one base is read after a
 warm-up request to each. N separate processes would hold N x the one-artifact memory. Medians over
 the rounds. Writes results/serve[-quick].{json,md,png}.
+
+``--overload``: one server with a bounded queue (``--max-queue``) first measures its capacity (requests/s
+at 16 clients), then receives single-text requests at twice that rate, on a fixed schedule (open loop,
+as real traffic arrives) for ``--seconds``. Admitted requests must be answered with bounded latency and
+every other one refused at once with 503 + Retry-After; any other failure is counted. Writes
+results/serve-overload[-quick].{json,md}.
 """
 
 from __future__ import annotations
@@ -68,8 +75,102 @@ def _post(port: int, name: str, texts: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def _post_status(port: int, name: str, texts: list[str]) -> tuple[int, float, str | None]:
+    """(HTTP status, seconds, Retry-After) of one request; errors are answers too."""
+    import urllib.error
+
+    started = time.perf_counter()
+    body = json.dumps({"texts": texts}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models/{name}/predict", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            answer.read()
+            return answer.status, time.perf_counter() - started, None
+    except urllib.error.HTTPError as err:
+        return err.code, time.perf_counter() - started, err.headers.get("Retry-After")
+    except OSError:
+        return -1, time.perf_counter() - started, None  # refused or reset: a failure
+
+
+def overload_test(port: int, rate: float, seconds: float) -> dict:
+    """Requests arriving at ``rate`` per second for ``seconds`` (each on its own thread, on schedule)."""
+    answers: list[tuple[int, float, str | None]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        answer = _post_status(port, "task0", [TEXTS[i % len(TEXTS)]])
+        with lock:
+            answers.append(answer)
+
+    threads, started = [], time.perf_counter()
+    for i in range(int(rate * seconds)):
+        time.sleep(max(0.0, started + i / rate - time.perf_counter()))
+        thread = threading.Thread(target=one, args=(i,))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    admitted = sorted(s for code, s, _ in answers if code == 200)
+    refused = [a for a in answers if a[0] == 503]
+    return {
+        "rate": rate,
+        "sent": len(answers),
+        "admitted": len(admitted),
+        "refused_503": len(refused),
+        "refused_with_retry_after": sum(r[2] is not None for r in refused),
+        "other_failures": sum(code not in (200, 503) for code, _, _ in answers),
+        "admitted_p50_ms": 1000 * admitted[len(admitted) // 2] if admitted else None,
+        "admitted_p99_ms": 1000 * admitted[min(len(admitted) - 1, int(0.99 * len(admitted)))] if admitted else None,
+        "admitted_max_ms": 1000 * admitted[-1] if admitted else None,
+        "refused_p99_ms": 1000 * sorted(r[1] for r in refused)[int(0.99 * (len(refused) - 1))] if refused else None,
+        "admitted_per_second": len(admitted) / (time.perf_counter() - started),
+    }
+
+
+def overload_main(args) -> dict:
+    from common import RESULTS, machine, write_results
+
+    seconds, requests = (8.0, 16) if args.quick else (args.seconds, args.requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        (artifact,) = make_artifacts(args.model, Path(tmp), 1)
+        server = Server([artifact], extra=["--max-queue", str(args.max_queue), "--timeout", "60"])
+        try:
+            capacity = load_test(server.port, requests, 16)["requests_per_second"]
+            print(f"capacity at 16 clients: {capacity:.2f} requests/s; sending {2 * capacity:.2f}/s", flush=True)
+            result = overload_test(server.port, 2 * capacity, seconds)
+        finally:
+            server.close()
+    result["capacity"] = capacity
+    payload = {"machine": machine(), "model": args.model, "max_queue": args.max_queue, "seconds": seconds, **result}
+    text = "\n".join(
+        [
+            "| quantity | value |",
+            "|---|---|",
+            f"| capacity (16 clients, requests/s) | {capacity:.2f} |",
+            f"| offered load (requests/s) | {result['rate']:.2f} (2x) |",
+            f"| sent / admitted / refused 503 / other failures | {result['sent']} / {result['admitted']} / "
+            f"{result['refused_503']} / {result['other_failures']} |",
+            f"| admitted answered per second | {result['admitted_per_second']:.2f} |",
+            f"| admitted latency p50 / p99 / max (ms) | {result['admitted_p50_ms']:.0f} / "
+            f"{result['admitted_p99_ms']:.0f} / {result['admitted_max_ms']:.0f} |",
+            f"| refused: with Retry-After, p99 time to refusal (ms) | {result['refused_with_retry_after']} of "
+            f"{result['refused_503']}, {result['refused_p99_ms'] or 0:.0f} |",
+        ]
+    ) + (
+        f"\n\nModel `{args.model}` (nf4, LoRA r=8, a classification head), `qadapters serve --max-queue "
+        f"{args.max_queue} --timeout 60 --max-batch 32 --max-wait-ms 10` on localhost; single-text requests "
+        f"arriving on a fixed schedule at twice the capacity measured just before, for {seconds:g} s."
+    )
+    name = "serve-overload" + ("-quick" if args.quick else "")
+    write_results(name, payload, text, Path(args.out) if args.out else RESULTS)
+    print(text)
+    return payload
+
+
 class Server:
-    def __init__(self, artifacts: list[Path], max_batch: int = 32):
+    def __init__(self, artifacts: list[Path], max_batch: int = 32, extra: list[str] | None = None):
         self.port = _free_port()
         args = [f"task{i}={p}" for i, p in enumerate(artifacts)]
         self.process = subprocess.Popen(
@@ -85,6 +186,7 @@ class Server:
                 str(max_batch),
                 "--max-wait-ms",
                 "10",
+                *(extra or []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -197,7 +299,12 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
+    p.add_argument("--overload", action="store_true", help="twice the capacity against a bounded queue instead")
+    p.add_argument("--max-queue", type=int, default=32, help="with --overload: the server's --max-queue")
+    p.add_argument("--seconds", type=float, default=30.0, help="with --overload: how long the load lasts")
     args = p.parse_args(argv)
+    if args.overload:
+        return overload_main(args)
     from common import RESULTS, machine, write_results
 
     rounds, requests = (1, 16) if args.quick else (args.rounds, args.requests)

@@ -191,3 +191,13 @@ def test_lora_inference_quick(tiny_llama, tmp_path):
     assert payload["same_loss"]  # the lean path computes peft's numbers
     assert all(r[0]["rows"] == 40 and r[0]["eval_seconds"] > 0 for r in payload["runs"].values())
     assert "| lean path" in (tmp_path / "lora_inference-quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_serve_overload_quick(tiny_llama, tmp_path):
+    import serve
+
+    payload = serve.main(["--overload", "--quick", "--model", tiny_llama, "--max-queue", "4", "--out", str(tmp_path)])
+    assert payload["sent"] == payload["admitted"] + payload["refused_503"] + payload["other_failures"]
+    assert payload["other_failures"] == 0 and payload["refused_with_retry_after"] == payload["refused_503"]
+    assert "| offered load" in (tmp_path / "serve-overload-quick.md").read_text()

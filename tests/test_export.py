@@ -13,15 +13,18 @@ from .helpers import toy_sentiment
 TEXTS = ["good fun film", "a dull and tedious mess", "the acting was not very good", "wonderful"]
 
 
-@pytest.mark.parametrize("quantization,adapter", [("nf4", "lora"), (None, "lora"), ("nf4", None)])
-def test_the_pipeline_gives_the_adapted_models_probabilities(tiny_llama, tmp_path, quantization, adapter):
+@pytest.mark.parametrize(
+    "quantization,adapter,prompt",
+    [("nf4", "lora", None), (None, "lora", None), ("nf4", None, None), (None, "lora", "review : {text} . it was")],
+)
+def test_the_pipeline_gives_the_adapted_models_probabilities(tiny_llama, tmp_path, quantization, adapter, prompt):
     from transformers import pipeline
 
     model = adapters.adapt(
         tiny_llama,
         adapter=adapters.LoRA(r=4) if adapter else None,
         quantization=quantization,
-        head=adapters.Classification(labels=["neg", "pos"], bias=False),
+        head=adapters.Classification(labels=["neg", "pos"], bias=False, prompt=prompt),
     )
     adapters.train(
         model, toy_sentiment(48), None, adapters.TrainConfig(max_steps=4, lr=1e-2, batch_size=8, progress=False)
@@ -60,12 +63,6 @@ def test_the_pipeline_gives_the_adapted_models_probabilities(tiny_llama, tmp_pat
         (
             lambda t, b: adapters.adapt(t, head=adapters.MultipleChoice(num_choices=2)),
             "MultipleChoice head has no text-classification pipeline",
-        ),
-        (  # the pipeline would read the bare text where the model read it inside its prompt
-            lambda t, b: adapters.adapt(
-                t, head=adapters.Classification(labels=["a", "b"], bias=False, prompt="Review: {text}\nIt is")
-            ),
-            r"inside its prompt 'Review: \{text\}\\nIt is'.*predictions would differ",
         ),
     ],
 )

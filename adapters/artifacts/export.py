@@ -9,7 +9,12 @@ becomes ``score.weight``, and the labels become ``id2label``, so
 
     pipeline("text-classification", model="runs/sentiment-export", top_k=None)
 
-gives the adapted model's labels and probabilities. Where it does not map, ``export`` refuses and says
+gives the adapted model's labels and probabilities. A head's ``prompt`` travels in the exported
+tokenizer, so the pipeline reads every text inside it as the model did: the part before ``{text}`` as a
+``Prepend`` normalizer, the part after it as token ids the post-processor appends. The export checks on
+probe texts that this tokenizes exactly as the whole prompted text does, and refuses the prompt otherwise
+(exact for texts that fit ``max_length``: the library cuts a longer text inside its prompt, the pipeline
+does not cut). Where it does not map, ``export`` refuses and says
 why before loading anything: an encoder's sequence classifier reads BERT's pooler (a dense layer and
 tanh over [CLS]) that our heads do not use; mean or first-token pooling, windows over long texts, a
 head with a bias, multiple choice or per-token heads, and bottleneck adapters (no weight absorbs
@@ -45,11 +50,6 @@ def refusal(spec: ArtifactSpec, head: Any, adapter: Any) -> str | None:
         )
     if head.resolved_pooling(True) != "last":
         return f"pooling={head.pooling!r}: a decoder's sequence classifier reads the last token only"
-    if head.prompt is not None:
-        return (
-            f"the head reads every text inside its prompt {head.prompt!r}, and transformers' "
-            f"text-classification pipeline reads the text as given: its predictions would differ"
-        )
     if head.long_text != "truncate":
         return "long_text='windows' pools several windows per text; the pipeline reads one"
     if head.bias:
@@ -86,6 +86,8 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Pa
         drop_quantizer_marks(network)
     if adapter is not None:
         network = adapter.merge(network, opened.path)
+    if head.prompt is not None:
+        carry_prompt(base.tokenizer, head.prompt)
     classifier = _classifier(network, head, base.tokenizer, opened.head_tensors, AutoModelForSequenceClassification)
     with atomic_folder(out, replaces) as tmp:
         classifier.save_pretrained(tmp)
@@ -121,3 +123,39 @@ def _classifier(network: PreTrainedModel, head, tokenizer, tensors: dict, auto) 
 def _exported_files(out: Path) -> list[str] | None:
     """The files an earlier export at ``out`` wrote (None: ``out`` is not an export)."""
     return json.loads((out / MARK).read_text()).get("files", []) if (out / MARK).is_file() else None
+
+
+# texts the carried prompt must tokenize exactly as the prompted text does: words, punctuation, spacing,
+# digits, non-ASCII letters, a lone character
+PROBES = ("a moving, funny film!", "Dull.", "  spaces  around ", "ünïcode çafé 42", "x", "New line\nhere", "'quoted'")
+
+
+def carry_prompt(tokenizer: Any, prompt: str) -> None:
+    """Make ``tokenizer`` read every text inside ``prompt`` (``{text}`` marks the place), as the head did:
+    a ``Prepend`` normalizer before the text, the tokens after it appended by the post-processor; refused
+    (``ConfigError``) unless the probe texts then tokenize exactly as the prompted texts do."""
+    from tokenizers import normalizers, processors
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(f"the head's prompt {prompt!r} can travel only in a fast tokenizer; this base has a slow one")
+    before, after = prompt.split("{text}")
+    expected = [tokenizer(prompt.replace("{text}", text))["input_ids"] for text in PROBES]
+    end = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []  # before the normalizer changes
+    if before:
+        kept = [backend.normalizer] if backend.normalizer else []
+        backend.normalizer = normalizers.Sequence([*kept, normalizers.Prepend(before)])
+    if end:
+        suffix = {"id": "[PROMPT_END]", "ids": end, "tokens": tokenizer.convert_ids_to_tokens(end)}
+        template = processors.TemplateProcessing(single="$A [PROMPT_END]", special_tokens=[suffix])
+        # the prompt's end first, then the base's own special tokens (BOS, EOS) around it all
+        current = backend.post_processor
+        backend.post_processor = processors.Sequence([template, current]) if current else template
+    got = [tokenizer(text)["input_ids"] for text in PROBES]
+    differ = [text for text, a, b in zip(PROBES, expected, got, strict=True) if a != b]
+    if differ:
+        raise ConfigError(
+            f"the head's prompt {prompt!r} cannot travel in this tokenizer: with it {differ[0]!r} tokenizes "
+            f"otherwise than inside the prompt, so transformers' pipeline would predict differently. Serve the "
+            f"artifact (qadapters serve) or use adapters.load instead"
+        )
