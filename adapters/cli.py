@@ -243,15 +243,14 @@ def _output(path: Path | None) -> Iterator[TextIO]:
         return
     partial = path.with_name(f".{path.name}.partial")
     try:
-        with partial.open("x", encoding="utf-8") as out:
+        with partial.open("w", encoding="utf-8") as out:  # the name is ours: a killed run's is replaced
             yield out
-        if path.exists():  # appeared while predicting: never replace a file we did not write
-            raise ConfigError(f"--output {path} appeared while predicting; the predictions are in {partial}")
-        os.replace(partial, path)
     except BaseException:
-        if not path.exists() or not os.path.samefile(partial, path):
-            partial.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)  # ours, and incomplete
         raise
+    if path.exists():  # appeared while predicting: never replace a file we did not write
+        raise ConfigError(f"--output {path} appeared while predicting; the predictions are in {partial}")
+    os.replace(partial, path)
 
 
 def cmd_merge(args) -> int:

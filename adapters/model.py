@@ -2,7 +2,7 @@
 
 ``adapt`` builds one; ``AdaptedModel.forward`` runs backbone -> head (and the loss when
 labels are given); ``predict`` maps raw inputs to the head's predictions (the head spec says how).
-``save_pretrained`` writes an artifact (the format is ``artifact.py``'s) and ``from_pretrained``
+``save_pretrained`` writes an artifact (the format is ``artifacts/format.py``'s) and ``from_pretrained``
 (``adapters.load``) rebuilds the model from one.
 
 Names: ``backbone`` is the frozen transformers network (an adapter kind may put its layers inside it);
@@ -173,7 +173,8 @@ class AdaptedModel(nn.Module):
     def logits(self, inputs: list[Any], batch_size: int | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Raw head outputs for ``inputs``, in eval mode, in the caller's order (a list of per-input
         tensors for per-token heads, whose lengths differ). Inputs run sorted by length, in batches of
-        ``batch_size`` rows or, by default, of up to 8,192 padded tokens (``batching.py``)."""
+        ``batch_size`` rows or, by default, of padded tokens up to a budget (``data/batching.py``: 2,048 on
+        CPU, 8,192 on GPUs)."""
         rows = self._encoded_rows(inputs)
         if batch_size is None and self.head_spec.lm_logits:
             batch_size = 32  # logits span the vocabulary
@@ -234,7 +235,7 @@ class AdaptedModel(nn.Module):
         return texts
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the trainable part (adapter + head) and the spec to ``path``; see ``artifact.py``."""
+        """Write the trainable part (adapter + head) and the spec to ``path``; see ``artifacts/format.py``."""
         return save_artifact(self, path, overwrite=overwrite)
 
     @classmethod

@@ -73,11 +73,11 @@ class TrainConfig:
     load_best: bool = False
     """End with the weights of the best evaluation (by ``early_stopping_metric``, default ``eval_loss``)."""
     group_by_length: bool = True
-    """Batches of rows of similar length (seeded, every row once per epoch; see ``batching.py``): far less
+    """Batches of rows of similar length (seeded, every row once per epoch; see ``data/batching.py``): far less
     padding for the same optimisation. Not used with packing, whose batches have no padding at all."""
     packing: bool | None = None
     """Padding-free batches for decoders with a pooling head (rows concatenated, positions restarting,
-    pooled per row; see ``batching.py``). None: on where the model and head allow it."""
+    pooled per row; see ``data/batching.py``). None: on where the model and head allow it."""
     report_to: list[str] | None = None
     """Experiment trackers to log to through Accelerate (``"tensorboard"``, ``"wandb"``, ``"mlflow"``,
     ``"comet_ml"``, ``"aim"``, ``"clearml"``, ``"dvclive"``, ``"swanlab"``, ``"trackio"``); each must be
@@ -85,7 +85,7 @@ class TrainConfig:
     ``metrics.jsonl`` is always written into ``output_dir``."""
     linear_probe: bool = False
     """LP-FT: before training, fit the head's linear layer on the frozen model's features of the training
-    rows (one pass without gradients, then L-BFGS; see ``probe.py``), so training starts from a fitted
+    rows (one pass without gradients, then L-BFGS; see ``training/probe.py``), so training starts from a fitted
     head instead of a random one (or one initialised from label words, which the fit replaces). For
     pooled heads (classification, multi-label, regression, multiple choice with ``scoring="head"``)."""
     auto_batch_size: bool = False

@@ -165,7 +165,7 @@ class HeadSpec(ABC):
         self, data: Any, tokenizer: Any, text_column: str, label_column: str | None, max_length: int, what: str
     ) -> tuple[dict[str, list[Any]], int]:
         """Columns of model inputs (and ``labels`` with a ``label_column``) for a ``datasets.Dataset``,
-        and the number of rows cut at ``max_length``; one of ``data.py``'s encoders."""
+        and the number of rows cut at ``max_length``; one of ``data/encoding.py``'s encoders."""
         return encode_texts(data, tokenizer, self, text_column, label_column, max_length, what)
 
     def input_rows(self, inputs: list[Any]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ the estimate is the sum of
   a byte per weight, one absmax per block of 64 weights, 4 bytes, or 1 byte plus a second-level
   fp32 absmax per 256 blocks with double quantization; LLM.int8 (Dettmers et al. 2022): one byte
   per weight plus an fp32 scale per output row); everything else (embeddings, norms, biases, an
-  LM head) stays unquantized, in the compute dtype (``base.py`` does not upcast it to fp32);
+  LM head) stays unquantized, in the compute dtype (``backbone/loading.py`` does not upcast it to fp32);
 * **trainable parameters** (adapter + head, fp32), their **gradients** and the **optimizer
   states** (AdamW: 8 bytes per parameter; bitsandbytes 8-bit AdamW: 2 bytes for tensors of at
   least 4,096 values, 8 below that);

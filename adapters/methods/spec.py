@@ -88,7 +88,7 @@ class AdapterSpec(ABC):
         """``network`` with the adapter saved in artifact ``folder`` folded into its weights."""
         raise NotImplementedError
 
-    # --- serving several artifacts on one base (``serve.py``) ------------------------------------------
+    # --- serving several artifacts on one base (``serving/backbones.py``) ------------------------------------------
 
     def handle(self, model: Adaptable) -> Any:
         """What ``switch`` needs to turn on or off this adapter as ``attach`` put it in ``model``."""

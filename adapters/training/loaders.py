@@ -2,7 +2,7 @@
 
 Training batches are packed (no padding at all) where the model and head allow it, else
 length-grouped or plainly shuffled and padded per batch; evaluation batches are sorted by length,
-by token budget on one process and of a fixed row count under several (``batching.py``).
+by token budget on one process and of a fixed row count under several (``data/batching.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """``train`` and ``evaluate``: the one-call entries to the loop (``loop.py``) and to held-out metrics
-(``evaluation.py``), with ``TrainConfig`` (``train_config.py``) saying how."""
+(``evaluation.py``), with ``TrainConfig`` (``config/training.py``) saying how."""
 
 from __future__ import annotations
 
