@@ -126,6 +126,10 @@ def test_bad_requests_get_json_errors_and_the_server_lives_on(server):
         ("/v1/models/lora/predict", {"texts": ["x"] * 300}, 413, "at most 256"),
         ("/v1/models/lora/predict", {"texts": ["x" * 30_000]}, 413, "at most 20000"),
         ("/v1/models/lora/predict", {"texts": [{"context": "x"}]}, 400, ""),
+        # a field the API does not know is named, never dropped; generation settings on a classifier are refused
+        ("/v1/models/lora/predict", {"texts": ["x"], "max_new_token": 5}, 422, "max_new_token"),
+        ("/v1/models/lora/predict", {"texts": ["x"], "max_new_tokens": 5}, 400, "max_new_tokens"),
+        ("/v1/models/lora/predict", {"texts": ["x"], "temperature": -1}, 422, "temperature"),
     ]
     for path, body, code, match in cases:
         status, answer = _call(port, path, body)

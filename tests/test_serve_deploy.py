@@ -21,13 +21,15 @@ from adapters.serving.server import check_exposure, create_app  # noqa: E402
 class StandIn:
     """What the server asks of a served model: a name, predict, describe. ``delay`` seconds per batch."""
 
+    head_spec = type("Head", (), {"lm_logits": False})()
+
     def __init__(self, name: str = "m", delay: float = 0.0):
         self.name, self.delay = name, delay
         self.batches: list[int] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def predict(self, inputs: list, probabilities: bool) -> list:
+    def predict(self, inputs: list, probabilities: bool, **settings) -> list:
         self.gate.wait(10)
         time.sleep(self.delay)
         self.batches.append(len(inputs))

@@ -190,3 +190,37 @@ def test_causal_lm_chat_messages_use_the_chat_template(tiny_llama):
             32,
             "data",
         )
+
+
+def test_causal_lm_evaluation_scores_the_generated_answers(tiny_llama):
+    from adapters.heads.metrics import generation_metrics
+
+    assert generation_metrics(["The Apache-2.0 licence.", "mit"], ["apache-2.0 licence", "gpl"]) == {
+        "exact_match": 0.5,
+        "token_f1": 0.5,
+        "rougeL": 0.5,
+    }
+    model = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=4, dropout=0.0), head=adapters.CausalLM(max_new_tokens=3)
+    )
+    rows = [{"text": PROMPT, "label": ANSWER}] * 16
+    adapters.train(model, rows, None, adapters.TrainConfig(epochs=20, lr=1e-2, batch_size=8, progress=False))
+    metrics = adapters.evaluate(model, rows[:4])
+    assert model.predict(PROMPT) == ANSWER
+    assert metrics["eval_exact_match"] == metrics["eval_token_f1"] == metrics["eval_rougeL"] == 1.0
+    assert "eval_exact_match" not in adapters.evaluate(model, rows[:4], generate=False)
+
+
+def test_generation_settings_are_checked_with_typed_errors(tiny_llama):
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM(max_new_tokens=2))
+    with pytest.raises(adapters.ConfigError, match=r"unknown generation setting\(s\) \['temprature'\]"):
+        model.predict("good film", temprature=0.5)
+    with pytest.raises(adapters.ConfigError, match=r"temperature=-1.0: it must be a positive number"):
+        model.predict("good film", do_sample=True, temperature=-1.0)
+    with pytest.raises(adapters.ConfigError, match=r"top_p=1.5: it must be in \(0, 1\]"):
+        model.predict("good film", do_sample=True, top_p=1.5)
+    with pytest.raises(adapters.ConfigError, match="has no label probabilities"):
+        model.predict("good film", probabilities=True)
+    with pytest.raises(adapters.DataError, match="row 1: column 'text' is empty"):
+        model.predict("   ")
+    assert isinstance(model.predict("good film", max_new_tokens=1), str)

@@ -351,6 +351,18 @@ def encode_words(
     return out, cut
 
 
+def prompts_and_responses(
+    data: Any, tokenizer: Any, head: Any, text_column: str, label_column: str
+) -> tuple[list[str] | None, list[str]]:
+    """For generation metrics: the rows' plain prompts (None for chat rows, which generate from their
+    messages) and their reference responses (a chat's last, the assistant's, message)."""
+    what = Where("evaluation rows")
+    _, responses = _prompt_response(data, tokenizer, head, text_column, label_column, what)
+    if head.messages_column in data.column_names and text_column not in data.column_names:
+        return None, responses or []
+    return _texts(_column(data, text_column, what), text_column, what), responses or []
+
+
 def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> tuple[list[str], list[str] | None]:
     if head.messages_column in data.column_names and (text_column not in data.column_names):
         prompts, responses = [], []

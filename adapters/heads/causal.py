@@ -12,6 +12,7 @@ from torch import nn
 
 from adapters.data.encoding import IGNORE, encode_causal
 from adapters.errors import ConfigError, DataError
+from adapters.heads.metrics import generation_metrics
 from adapters.heads.spec import HeadSpec
 
 
@@ -59,7 +60,11 @@ class CausalLM(HeadSpec):
         batch_size: int | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """The generated text for each prompt (or chat message list); keywords go to ``generate``."""
+        """The generated text for each prompt (or chat message list); keywords go to ``generate``, checked
+        first (an unknown or invalid setting is a ``ConfigError``, not transformers' own error)."""
+        if probabilities:
+            raise ConfigError("probabilities=True: a CausalLM head generates text, it has no label probabilities")
+        check_generation(model, {**self.generation_defaults(), **generate_kwargs})
         return model.generate(inputs, batch_size or 32, **generate_kwargs)
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
@@ -88,9 +93,83 @@ class CausalLM(HeadSpec):
     def generation_defaults(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens}
 
+    def generated_metrics(self, model: Any, data: Any, text_column: str, label_column: str) -> dict[str, float]:
+        """Greedy answers to the rows' prompts against their reference responses: exact match, token F1,
+        ROUGE-L (``metrics.generation_metrics``)."""
+        from adapters.data.encoding import as_dataset, prompts_and_responses
+
+        rows = as_dataset(data, "evaluation rows")
+        prompts, references = prompts_and_responses(rows, model.tokenizer, self, text_column, label_column)
+        inputs = [m for m in rows[self.messages_column]] if prompts is None else prompts
+        generated = model.generate(_without_answers(inputs) if prompts is None else inputs)
+        return generation_metrics(generated, references)
+
     def describe(self) -> str:
         return "CausalLM (the base's LM head, frozen)"
 
 
 def _is_messages(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(m, dict) for m in x)
+
+
+def _without_answers(conversations: list[Any]) -> list[Any]:
+    """Chat rows for generation: each conversation up to (not including) its last, the assistant's, message."""
+    return [m[:-1] for m in conversations]
+
+
+def _positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# what the sampling code would reject (or silently misuse) only once generation has started
+_RANGES = (
+    ("max_new_tokens", _positive_int, "a positive integer"),
+    ("num_beams", _positive_int, "a positive integer"),
+    ("temperature", lambda x: _number(x) and x > 0, "a positive number (leave it out, or do_sample=False, for greedy)"),
+    ("top_p", lambda x: _number(x) and 0 < x <= 1, "in (0, 1]"),
+    ("top_k", lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0, "a non-negative integer"),
+    ("repetition_penalty", lambda x: _number(x) and x > 0, "a positive number"),
+)
+
+
+def check_generation(model: Any, settings: dict[str, Any]) -> None:
+    """``generate`` settings a ``GenerationConfig`` accepts, checked before any generation: an unknown
+    key or an invalid value is a ``ConfigError`` naming it."""
+    import warnings
+
+    from transformers import GenerationConfig
+
+    base = getattr(model.backbone, "generation_config", None) or GenerationConfig()  # type: ignore[no-untyped-call]
+    known = set(base.to_dict()) | {
+        "pad_token_id",
+        "eos_token_id",
+        "bos_token_id",
+        "streamer",
+        "logits_processor",
+        "stopping_criteria",
+        "prefix_allowed_tokens_fn",
+        "synced_gpus",
+        "assistant_model",
+        "negative_prompt_ids",
+        "negative_prompt_attention_mask",
+    }
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown generation setting(s) {unknown}; the settings are GenerationConfig's "
+            f"(max_new_tokens, do_sample, temperature, top_p, top_k, num_beams, ...)"
+        )
+    for name, valid, rule in _RANGES:
+        if name in settings and settings[name] is not None and not valid(settings[name]):
+            raise ConfigError(f"generation setting {name}={settings[name]!r}: it must be {rule}")
+    config = GenerationConfig(**{**base.to_dict(), **settings})  # type: ignore[no-untyped-call]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # transformers warns about some invalid combinations: refuse them
+            config.validate(strict=True)
+    except (ValueError, UserWarning) as err:
+        raise ConfigError(f"generation settings {settings}: {err}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -95,3 +96,44 @@ def token_metrics(pred_tags: list[list[str]], true_tags: list[list[str]]) -> dic
         entity_recall=float(recall_score(true_tags, pred_tags, zero_division=0)),
     )
     return out
+
+
+def _words(text: str) -> list[str]:
+    """Lower-cased words without punctuation, as SQuAD's answer normalization compares them."""
+    import re
+    import string
+
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence of two word lists (ROUGE-L's core)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        previous = 0
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], previous + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def generation_metrics(generated: list[str], references: list[str]) -> dict[str, float]:
+    """What a user of a generative task reads: exact match and token F1 (SQuAD's normalization: case,
+    punctuation and articles ignored) and ROUGE-L F1 (longest common word subsequence), means over rows."""
+    exact = f1 = rouge = 0.0
+    for text, reference in zip(generated, references, strict=True):
+        got, want = _words(text), _words(reference)
+        exact += float(got == want)
+        common = sum((Counter(got) & Counter(want)).values())
+        if got and want and common:
+            precision, recall = common / len(got), common / len(want)
+            f1 += 2 * precision * recall / (precision + recall)
+        elif not got and not want:
+            f1 += 1.0
+        lcs = _lcs(got, want)
+        if got and want and lcs:
+            rouge += 2 * lcs / (len(got) + len(want))
+        elif not got and not want:
+            rouge += 1.0
+    n = max(len(references), 1)
+    return {"exact_match": exact / n, "token_f1": f1 / n, "rougeL": rouge / n}

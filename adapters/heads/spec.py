@@ -115,6 +115,11 @@ class HeadSpec(ABC):
         """Predictions from the head's outputs (``predict``'s default path)."""
         raise NotImplementedError(f"{type(self).__name__} predicts through its own predict()")
 
+    def generated_metrics(self, model: Any, data: Any, text_column: str, label_column: str) -> dict[str, float]:
+        """Metrics of what the model produces for ``data``'s rows against their labels, for heads whose
+        outputs are not scored by ``metrics`` alone (generated text); none by default."""
+        return {}
+
     def generation_defaults(self) -> dict[str, Any]:
         """``generate`` keywords this head sets (heads that generate text); others refuse generation."""
         raise ConfigError(f"generate() needs a CausalLM head; this model has a {type(self).__name__} head")

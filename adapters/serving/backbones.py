@@ -35,9 +35,10 @@ class Served:
     max_length: int
     handle: Any = None  # how its adapter is switched on and off (``AdapterSpec.switch``)
 
-    def predict(self, inputs: list, probabilities: bool) -> list:
+    def predict(self, inputs: list, probabilities: bool, **settings: Any) -> list:
+        """Predictions of this artifact (``settings``: generation settings, for heads that generate)."""
         with self.group.selected(self) as model:
-            return model.predict(inputs, probabilities=probabilities)
+            return model.predict(inputs, probabilities=probabilities, **settings)
 
     def describe(self) -> dict:
         return {

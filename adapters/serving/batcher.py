@@ -46,6 +46,11 @@ class _Request:
     inputs: list[Any]
     probabilities: bool
     future: asyncio.Future[list[Any]]
+    settings: dict[str, Any]
+
+    def key(self) -> tuple[Any, ...]:
+        """Requests batch together only when they ask for the same kind of answer."""
+        return (self.probabilities, tuple(sorted(self.settings.items())))
 
 
 class Batcher:
@@ -58,14 +63,14 @@ class Batcher:
         self.waiting = 0  # inputs queued and not yet taken into a batch
         self.task: asyncio.Task[None] | None = None
 
-    async def predict(self, inputs: list[Any], probabilities: bool) -> list[Any]:
+    async def predict(self, inputs: list[Any], probabilities: bool, **settings: Any) -> list[Any]:
         """The predictions for ``inputs``; ``QueueFull`` at once when the queue has no room for them,
         ``TimeoutError`` after ``timeout_s``."""
         if self.waiting + len(inputs) > self.limits.max_queue:
             raise QueueFull(
                 f"{self.waiting} inputs are waiting for {self.served.name!r} (at most {self.limits.max_queue})"
             )
-        request = _Request(inputs, probabilities, asyncio.get_running_loop().create_future())
+        request = _Request(inputs, probabilities, asyncio.get_running_loop().create_future(), settings)
         self.waiting += len(inputs)
         await self.queue.put(request)
         try:
@@ -90,23 +95,22 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             batch = [r for r in batch if not r.future.done()]  # timed out while waiting: nobody reads it
-            for probabilities in (False, True):
-                part = [r for r in batch if r.probabilities is probabilities]
-                if part:
-                    self.on_batch(sum(len(r.inputs) for r in part))
-                    await loop.run_in_executor(None, self._answer, part, probabilities, loop)
+            for key in dict.fromkeys(r.key() for r in batch):  # in arrival order
+                part = [r for r in batch if r.key() == key]
+                self.on_batch(sum(len(r.inputs) for r in part))
+                await loop.run_in_executor(None, self._answer, part, loop)
 
-    def _answer(self, part: list[_Request], probabilities: bool, loop: asyncio.AbstractEventLoop) -> None:
+    def _answer(self, part: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
         """Run one batch (in a worker thread); a failing batch is retried request by request."""
         inputs = [x for r in part for x in r.inputs]
+        probabilities, settings = part[0].probabilities, part[0].settings
         try:
-            results = self.served.predict(inputs, probabilities)
+            results = self.served.predict(inputs, probabilities, **settings)
         except Exception:  # noqa: BLE001 - find which request it was, answer the others
             for one in part:
                 try:
-                    loop.call_soon_threadsafe(
-                        _resolve, one.future, self.served.predict(one.inputs, probabilities), None
-                    )
+                    answer = self.served.predict(one.inputs, probabilities, **settings)
+                    loop.call_soon_threadsafe(_resolve, one.future, answer, None)
                 except Exception as err:  # noqa: BLE001
                     loop.call_soon_threadsafe(_resolve, one.future, None, err)
             return

@@ -75,7 +75,7 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
         from fastapi import Depends, FastAPI, HTTPException, Request
         from fastapi.responses import JSONResponse, Response
         from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-        from pydantic import BaseModel, Field
+        from pydantic import BaseModel, ConfigDict, Field
     except ImportError:
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
 
@@ -115,10 +115,25 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     guard = [Depends(authorized)] if api_key is not None else []  # the schema says auth only where it is asked
 
     class PredictRequest(BaseModel):
-        texts: list[str | dict[str, Any] | list[str]] = Field(
-            min_length=1, description="the inputs (texts for most heads)"
+        # a field this API does not know is refused (422 naming it), never dropped in silence
+        model_config = ConfigDict(extra="forbid")
+
+        texts: list[str | dict[str, Any] | list[Any]] = Field(
+            min_length=1, description="the inputs (texts for most heads; prompts or chat message lists for CausalLM)"
         )
-        probabilities: bool = Field(True, description="also return each label's probability where the head has them")
+        probabilities: bool | None = Field(
+            None, description="also return each label's probability (default: yes where the head has them)"
+        )
+        max_new_tokens: int | None = Field(None, ge=1, description="CausalLM: tokens to generate at most")
+        temperature: float | None = Field(None, gt=0, description="CausalLM: sample at this temperature")
+        top_p: float | None = Field(None, gt=0, le=1, description="CausalLM: nucleus sampling")
+
+        def settings(self) -> dict[str, Any]:
+            given = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
+            chosen = {k: v for k, v in given.items() if v is not None}
+            if "temperature" in chosen or "top_p" in chosen:
+                chosen["do_sample"] = True
+            return chosen
 
     @app.exception_handler(AdaptersError)
     async def adapters_error(request: Request, err: AdaptersError) -> JSONResponse:
@@ -156,7 +171,9 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
             raise HTTPException(413, f"an input of {longest} characters; at most {limits.max_chars}")
         start, status = time.monotonic(), 200
         try:
-            predictions = await batchers[name].predict(list(request.texts), request.probabilities)
+            generates = served[name].head_spec.lm_logits
+            probabilities = request.probabilities if request.probabilities is not None else not generates
+            predictions = await batchers[name].predict(list(request.texts), probabilities, **request.settings())
         except QueueFull as err:
             status = 503
             raise HTTPException(503, f"{err}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}) from None

@@ -29,6 +29,7 @@ def evaluate(
     batch_size: int | None = None,
     compute_metrics: Any = None,
     metric_key_prefix: str = "eval",
+    generate: bool = True,
 ) -> dict[str, float]:
     """The head's metrics (and loss) of ``model`` on ``data``, every example counted once, named as
     ``train`` names its evaluations (``eval_accuracy``, ``eval_loss``; ``metric_key_prefix``, as the
@@ -36,7 +37,9 @@ def evaluate(
 
     Columns and the batch size (rows per batch; default: by a budget of padded tokens) come from the
     keywords, else from ``config`` (a ``TrainConfig``, as ``train`` uses), else the defaults.
-    ``compute_metrics``: more metrics from the gathered outputs (see ``callbacks.py``)."""
+    ``compute_metrics``: more metrics from the gathered outputs (see ``callbacks.py``). For a head that
+    generates text (``CausalLM``), ``generate`` also scores its greedy answers against the references:
+    exact match, token F1 and ROUGE-L (each process generates for every row; off: loss and perplexity only)."""
     from accelerate import Accelerator
 
     text_column = text_column or (config.text_column if config else "text")
@@ -50,6 +53,8 @@ def evaluate(
     batch_size = eval_rows(spec, batch_size, config.batch_size if config else TrainConfig.batch_size, processes)
     loader = eval_loader(accelerator.unwrap_model(model), data, text_column, label_column, batch_size, processes)
     metrics = evaluate_loader(model, accelerator.prepare(loader), accelerator, compute_metrics)
+    if generate:
+        metrics.update(spec.generated_metrics(accelerator.unwrap_model(model), data, text_column, label_column))
     return prefixed(metrics, metric_key_prefix)
 
 
