@@ -64,7 +64,7 @@ class CausalLM(HeadSpec):
         first (an unknown or invalid setting is a ``ConfigError``, not transformers' own error)."""
         if probabilities:
             raise ConfigError("probabilities=True: a CausalLM head generates text, it has no label probabilities")
-        check_generation(model, {**self.generation_defaults(), **generate_kwargs})
+        self.check_generation(model, generate_kwargs)
         return model.generate(inputs, batch_size or 32, **generate_kwargs)
 
     def build(self, hidden_size: int, is_decoder: bool) -> nn.Module:
@@ -92,6 +92,9 @@ class CausalLM(HeadSpec):
 
     def generation_defaults(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens}
+
+    def check_generation(self, model: Any, settings: dict[str, Any]) -> None:
+        check_generation(model, {**self.generation_defaults(), **settings})
 
     def generated_metrics(self, model: Any, data: Any, text_column: str, label_column: str) -> dict[str, float]:
         """Greedy answers to the rows' prompts against their reference responses: exact match, token F1,

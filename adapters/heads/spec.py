@@ -124,6 +124,10 @@ class HeadSpec(ABC):
         """``generate`` keywords this head sets (heads that generate text); others refuse generation."""
         raise ConfigError(f"generate() needs a CausalLM head; this model has a {type(self).__name__} head")
 
+    def check_generation(self, model: Any, settings: dict[str, Any]) -> None:
+        """Refuse (``ConfigError``) generation settings that ``model`` would fail on, before generating."""
+        self.generation_defaults()  # a head that does not generate refuses here
+
     def reads_windows(self) -> bool:
         """Whether a long text is read as several windows (rows then hold a list of sequences each)."""
         return False

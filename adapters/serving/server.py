@@ -158,7 +158,15 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
 
     @app.get("/v1/models", dependencies=guard, responses=documented(401, 500))
     async def models() -> dict[str, Any]:
-        return {"models": [s.describe() for s in served.values()]}
+        """Every served artifact: ``models`` (ours) and ``data`` (OpenAI's list format, with each kind)."""
+        created = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "qadapters", "kind": s.head_spec.kind}
+            for name, s in served.items()
+        ]
+        return {"object": "list", "data": data, "models": [s.describe() for s in served.values()]}
+
+    add_openai_routes(app, served, batchers, guard)
 
     @app.post("/v1/models/{name}/predict", dependencies=guard, responses=documented(400, 401, 404, 413, 500, 503, 504))
     async def predict(name: str, request: PredictRequest) -> dict[str, Any]:
@@ -191,6 +199,41 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
         return {"model": name, "predictions": [_as_json(p) for p in predictions]}
 
     return app
+
+
+def add_openai_routes(app: Any, served: dict[str, Served], batchers: dict[str, Batcher], guard: list[Any]) -> None:
+    """``/v1/chat/completions`` and ``/v1/completions`` (``openai_api.py``)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from adapters.serving import openai_api as oai
+
+    schema = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}, "required": True}}
+
+    async def run(request: Request, kind: str) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse(status_code=400, content=oai.OpenAIError(400, "the body is not valid JSON").body())
+        fields, field = (oai.CHAT_FIELDS, "messages") if kind == "chat" else (oai.COMPLETION_FIELDS, "prompt")
+        try:
+            member, parsed = oai.parse(body, fields, field, served)
+            prompt = oai.chat_prompt(body) if kind == "chat" else oai.text_prompt(body)
+            oai.checked(parsed["settings"], member)
+            if parsed["stream"]:
+                return StreamingResponse(oai.sse(kind, member, prompt, parsed), media_type="text/event-stream")
+            text = await oai.complete(member, batchers[member.name], prompt, parsed)
+        except oai.OpenAIError as err:
+            return JSONResponse(status_code=err.status, content=err.body())
+        return oai.answer(kind, member, prompt, text, parsed)
+
+    @app.post("/v1/chat/completions", dependencies=guard, openapi_extra=schema)
+    async def chat_completions(request: Request) -> Any:
+        return await run(request, "chat")
+
+    @app.post("/v1/completions", dependencies=guard, openapi_extra=schema)
+    async def completions(request: Request) -> Any:
+        return await run(request, "text")
 
 
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:

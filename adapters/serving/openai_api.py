@@ -1,0 +1,262 @@
+"""OpenAI-compatible endpoints for the served artifacts whose head generates text (``CausalLM``), so the
+clients users already have (the ``openai`` package, anything that speaks its API) talk to an adapter:
+
+* ``POST /v1/chat/completions``: ``model`` names a served artifact, ``messages`` a chat (rendered with
+  the base's chat template); ``POST /v1/completions``: a ``prompt``.
+* the usual settings: ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (1 only);
+  ``stream: true`` answers with server-sent events, one chunk per piece of text as it is generated,
+  ending in ``data: [DONE]``; ``usage`` counts the prompt's and the completion's tokens.
+* As OpenAI's API does, an argument it does not know is a 400 naming it; asking a classification
+  artifact for a completion is a 400 saying so.
+
+Requests without streaming or a seed go through the artifact's ``Batcher`` (batched with requests of
+the same settings, behind the bounded queue); streamed or seeded ones run on their own, under the shared
+backbone's lock (a seed must not leak into another request's sampling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from adapters.errors import ConfigError
+from adapters.serving.backbones import Served
+from adapters.serving.batcher import Batcher
+
+CHAT_FIELDS = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "n",
+    "stream",
+    "user",
+}
+COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
+
+
+class OpenAIError(Exception):
+    """A request OpenAI's API would refuse: answered with its status and ``{"error": {...}}`` body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": None}}
+
+
+def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Served]) -> tuple[Served, dict[str, Any]]:
+    """The artifact asked for and the request's settings, checked as OpenAI checks them (400s)."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
+    name = body.get("model")
+    if name not in served:
+        raise OpenAIError(404, f"The model {name!r} does not exist; served: {sorted(served)}", "model")
+    if not served[name].head_spec.lm_logits:
+        raise OpenAIError(
+            400,
+            f"{name!r} is a {served[name].head_spec.kind} model: it classifies, it does not complete text; "
+            f"use POST /v1/models/{name}/predict",
+            "model",
+        )
+    if input_field not in body:
+        raise OpenAIError(400, f"Missing required parameter: {input_field!r}", input_field)
+    if body.get("n", 1) != 1:
+        raise OpenAIError(400, "n: only one choice per request is generated here (n=1)", "n")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise OpenAIError(400, "stop must be a string or a list of non-empty strings", "stop")
+    request = {"stop": stop or [], "stream": bool(body.get("stream", False)), "seed": body.get("seed")}
+    if request["seed"] is not None and not (isinstance(request["seed"], int) and not isinstance(request["seed"], bool)):
+        raise OpenAIError(400, "seed must be an integer", "seed")
+    settings = {
+        "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+    }
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if settings.get("temperature") == 0:  # OpenAI's greedy
+        del settings["temperature"]
+    if "temperature" in settings or "top_p" in settings:
+        settings["do_sample"] = True
+    return served[name], {**request, "settings": settings}
+
+
+def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop sequence, and whether one was found."""
+    ends = [text.index(s) for s in stop if s in text]
+    return (text[: min(ends)], True) if ends else (text, False)
+
+
+def _usage(member: Served, prompt: Any, completion: str) -> dict[str, int]:
+    model = member.group.model
+    prompt_tokens = int(model.encode([prompt])["attention_mask"].sum())
+    completion_tokens = len(model.tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _finish(member: Served, completion: str, stopped: bool, settings: dict[str, Any]) -> str:
+    if stopped:
+        return "stop"
+    limit = settings.get("max_new_tokens", member.head_spec.generation_defaults()["max_new_tokens"])
+    tokens = len(member.group.model.tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return "length" if tokens >= limit else "stop"
+
+
+async def complete(member: Served, batcher: Batcher, prompt: Any, request: dict[str, Any]) -> str:
+    """The whole completion of ``prompt`` (a text or a chat message list)."""
+    if request["seed"] is None:
+        (text,) = await batcher.predict([prompt], False, **request["settings"])
+        return str(text)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, _seeded, member, prompt, request)
+
+
+def _seeded(member: Served, prompt: Any, request: dict[str, Any]) -> str:
+    import torch
+
+    with member.group.selected(member) as model:  # the seed and the sampling under one lock
+        torch.manual_seed(request["seed"])
+        return str(model.predict([prompt], **request["settings"])[0])
+
+
+def stream(member: Served, prompt: Any, request: dict[str, Any]) -> Iterator[str]:
+    """The completion's text as it is generated (a worker thread generates; this yields its pieces)."""
+    import threading
+
+    import torch
+    from transformers import TextIteratorStreamer
+
+    model = member.group.model
+    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with member.group.selected(member) as selected:
+                if request["seed"] is not None:
+                    torch.manual_seed(request["seed"])
+                selected.predict([prompt], **request["settings"], streamer=streamer)
+        except BaseException as err:  # noqa: BLE001 - reported to the stream's reader
+            failure.append(err)
+            streamer.end()
+
+    threading.Thread(target=run, daemon=True).start()
+    for piece in streamer:
+        if piece:
+            yield piece
+    if failure:
+        raise failure[0]
+
+
+def chunk(kind: str, name: str, ident: str, piece: str | None, finish: str | None, role: bool = False) -> str:
+    """One server-sent event of a streamed chat or text completion."""
+    if kind == "chat":
+        delta = {**({"role": "assistant"} if role else {}), **({"content": piece} if piece is not None else {})}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        obj = "chat.completion.chunk"
+    else:
+        choice = {"index": 0, "text": piece or "", "finish_reason": finish}
+        obj = "text_completion"
+    body = {"id": ident, "object": obj, "created": int(time.time()), "model": name, "choices": [choice]}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def sse(kind: str, member: Served, prompt: Any, request: dict[str, Any]) -> AsyncIterator[str]:
+    """The stream of a completion as server-sent events, stop sequences applied, ending in ``[DONE]``."""
+    ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    pieces = stream(member, prompt, request)
+    loop = asyncio.get_running_loop()
+    yield chunk(kind, member.name, ident, None if kind == "chat" else "", None, role=kind == "chat")
+    text, sent, stopped = "", 0, False
+    while True:
+        piece = await loop.run_in_executor(None, next, pieces, None)
+        if piece is None:
+            break
+        text += piece
+        kept, stopped = _cut(text, request["stop"])
+        # hold back what could still be the start of a stop sequence
+        hold = max((len(s) - 1 for s in request["stop"]), default=0)
+        ready = len(kept) if stopped else max(sent, len(kept) - hold)
+        if ready > sent:
+            yield chunk(kind, member.name, ident, kept[sent:ready], None)
+            sent = ready
+        if stopped:
+            break
+    if not stopped and sent < len(text):
+        yield chunk(kind, member.name, ident, text[sent:], None)
+    final = _cut(text, request["stop"])[0]
+    yield chunk(
+        kind, member.name, ident, None if kind == "chat" else "", _finish(member, final, stopped, request["settings"])
+    )
+    yield "data: [DONE]\n\n"
+
+
+def answer(kind: str, member: Served, prompt: Any, text: str, request: dict[str, Any]) -> dict[str, Any]:
+    """A whole (not streamed) chat or text completion, with its usage."""
+    text, stopped = _cut(text, request["stop"])
+    finish = _finish(member, text, stopped, request["settings"])
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    return {
+        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": member.name,
+        "choices": [choice],
+        "usage": _usage(member, prompt, text),
+    }
+
+
+def chat_prompt(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body["messages"]
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
+        raise OpenAIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def text_prompt(body: dict[str, Any]) -> str:
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise OpenAIError(400, "prompt must be one non-empty string", "prompt")
+    return prompt
+
+
+def checked(settings: dict[str, Any], member: Served) -> None:
+    """Generation settings refused before anything runs, as a 400."""
+    try:
+        member.head_spec.check_generation(member.group.model, settings)
+    except ConfigError as err:
+        raise OpenAIError(400, str(err)) from None
