@@ -13,6 +13,7 @@ import adapters
 from .helpers import toy_sentiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+import legal_assistant  # noqa: E402
 import sentiment  # noqa: E402
 
 
@@ -137,3 +138,40 @@ def test_sentiment_recipe_on_the_packaged_encoder_in_int8(tmp_path):
         ]
     )
     assert result["accuracy"] > result["majority_baseline"]
+
+
+@pytest.mark.slow
+def test_legal_assistant_recipe_quick(tiny_llama, tmp_path):
+    """The assistant recipe end to end on a tiny chat model: held-out licences only, the table's metrics
+    for the zero-shot base and the fine-tuned model, examples, a reload that answers the same."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the {% endif %}"
+    )
+    tokenizer.save_pretrained(base)
+    result = legal_assistant.main(["--quick", "--model", str(base), "--output", str(tmp_path / "out")])
+    assert result["train_licences"] and result["test_licences"] and result["test_rows"] == 6
+    for side in ("zero_shot", "fine_tuned"):
+        assert {"spdx_exact_match", "category_accuracy", "token_f1", "rougeL", "loss"} <= set(result[side])
+    assert len(result["good_examples"]) == 5 and (tmp_path / "out" / "results.json").exists()
+
+
+def test_assistant_answers_are_parsed_and_scored():
+
+    row = {
+        "spdx": "MIT",
+        "category": "Permissive",
+        "messages": [{}, {}, {"content": legal_assistant.answer_of("MIT", "MIT License", "Permissive")}],
+    }
+    assert legal_assistant.parse(row["messages"][-1]["content"]) == ("MIT", "Permissive")
+    perfect = legal_assistant.scores([row["messages"][-1]["content"]], [row])
+    assert perfect["spdx_exact_match"] == perfect["category_accuracy"] == perfect["exact_match"] == 1.0
+    wrong = legal_assistant.scores(["Apache-2.0 (Apache). Category: Copyleft: share alike."], [row])
+    assert wrong["spdx_exact_match"] == wrong["category_accuracy"] == 0.0 and 0 < wrong["token_f1"] < 1
