@@ -1,7 +1,7 @@
 """Legal assistant recipe: a chat model that says which licence a notice is, its category, and what that
 category asks of a user, fine-tuned on ScanCode's licence knowledge base (``licensedcode-data``, offline).
 
-    python recipes/legal_assistant.py                 # SmolLM2-135M-Instruct + LoRA, about 20 minutes on 2 cores
+    python recipes/legal_assistant.py                 # SmolLM2-135M-Instruct + LoRA, under 30 minutes on 2 cores
     python recipes/legal_assistant.py --quick --model PATH   # a tiny run (tests)
 
 Each example is a chat: an explicit system message (so the base's chat template adds no default one of
@@ -112,14 +112,14 @@ def parse_args(argv=None):
         "--model", default="smollm2-135m", help="a decoder with a chat template (packaged, folder or hub id)"
     )
     p.add_argument("--quick", action="store_true", help="a few rows and steps (tests)")
-    p.add_argument("--train-size", type=int, default=800)
-    p.add_argument("--eval-size", type=int, default=150)
+    p.add_argument("--train-size", type=int, default=480)
+    p.add_argument("--eval-size", type=int, default=120)
     p.add_argument("--per-licence", type=int, default=6, help="notices of one licence at most")
-    p.add_argument("--epochs", type=float, default=2)
+    p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--max-length", type=int, default=320)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/legal-assistant")

@@ -148,7 +148,6 @@ def test_legal_assistant_recipe_quick(tiny_llama, tmp_path):
 
     from transformers import AutoTokenizer
 
-
     base = tmp_path / "base"
     shutil.copytree(tiny_llama, base)
     tokenizer = AutoTokenizer.from_pretrained(base)

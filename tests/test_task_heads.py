@@ -224,3 +224,29 @@ def test_generation_settings_are_checked_with_typed_errors(tiny_llama):
     with pytest.raises(adapters.DataError, match="row 1: column 'text' is empty"):
         model.predict("   ")
     assert isinstance(model.predict("good film", max_new_tokens=1), str)
+
+
+def test_chats_get_the_explicit_system_prompt_and_a_default_one_is_said(tiny_llama, caplog):
+    import logging
+
+    from adapters.data import encoding
+    from adapters.data.encoding import encode_rows
+
+    template = (
+        "{% if messages[0]['role'] != 'system' %}you are helpful {% endif %}"
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the {% endif %}"
+    )
+    rows = [{"messages": [{"role": "user", "content": "good film"}, {"role": "assistant", "content": "fun"}]}] * 3
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
+    model.tokenizer.chat_template = template
+    encoding._said_system.clear()
+    with caplog.at_level(logging.WARNING, logger="adapters.data.encoding"):
+        columns, _ = encode_rows(rows, model.tokenizer, model.head_spec, "text", "label", 6, "chats")
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "adds its own default system prompt (3 tokens)" in said and "CausalLM(system_prompt=" in said
+    assert "was cut in 3 row(s) longer than max_length=6 (chats row 1, chats row 2, chats row 3)" in said
+    explicit = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM(system_prompt="film"))
+    explicit.tokenizer.chat_template = template
+    columns, _ = encode_rows(rows[:1], explicit.tokenizer, explicit.head_spec, "text", "label", 32, "chats")
+    words = explicit.tokenizer.convert_ids_to_tokens(columns["input_ids"][0])
+    assert words[:3] == ["film", "good", "film"]  # the given system message first, no default one

@@ -351,6 +351,28 @@ def encode_words(
     return out, cut
 
 
+_said_system: set[int] = set()
+
+
+def _say_default_system_prompt(tokenizer: Any, head: Any, data: Any, what: str) -> None:
+    """Say once per tokenizer when its chat template puts a default system prompt into chats that have
+    none (SmolLM2's does): those tokens are trained on and count against max_length, unasked."""
+    if head.system_prompt is not None or id(tokenizer) in _said_system:
+        return
+    chats = data[head.messages_column]
+    if all(m and m[0].get("role") == "system" for m in chats):
+        return
+    _said_system.add(id(tokenizer))
+    added = template_system_tokens(tokenizer)
+    if added:
+        logger.warning(
+            "%s: the chat template adds its own default system prompt (%d tokens) to every chat without one; "
+            "set CausalLM(system_prompt='...') to choose it ('' for an empty one)",
+            what,
+            added,
+        )
+
+
 def prompts_and_responses(
     data: Any, tokenizer: Any, head: Any, text_column: str, label_column: str
 ) -> tuple[list[str] | None, list[str]]:
@@ -371,12 +393,15 @@ def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> 
                 raise DataError(
                     f"{_at(what, i)}: {head.messages_column!r} must be a list of {{'role', 'content'}} dicts"
                 )
+            if head.system_prompt is not None and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": head.system_prompt}, *messages]
             if label_column is not None:
                 if messages[-1]["role"] != "assistant":
                     raise DataError(f"{_at(what, i)}: the last message must be the assistant's answer to learn")
                 responses.append(messages[-1]["content"])
                 messages = messages[:-1]
             prompts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        _say_default_system_prompt(tokenizer, head, data, what)
         return prompts, responses if label_column is not None else None
     texts = _texts(_column(data, text_column, what), text_column, what)
     return texts, (_targets(head, _column(data, label_column, what), what) if label_column else None)
@@ -398,7 +423,7 @@ def encode_causal(
     templated = head.messages_column in data.column_names and text_column not in data.column_names
     prompt_ids = tokenizer(prompts, add_special_tokens=not templated)["input_ids"]
     out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
-    cut = 0
+    cut_rows: list[int] = []
     for i, prompt in enumerate(prompt_ids):
         response = []
         if responses is not None:
@@ -406,7 +431,7 @@ def encode_causal(
             response = response + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
         ids = prompt + response
         if len(ids) > max_length:  # keep the response and the end of the prompt: the part nearest the answer
-            cut += 1
+            cut_rows.append(i)
             ids = ids[-max_length:]
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
@@ -415,7 +440,35 @@ def encode_causal(
             out["labels"].append([IGNORE] * n_prompt + ids[n_prompt:])
     if responses is None:
         del out["labels"]
-    return out, cut
+    if cut_rows:
+        named = ", ".join(_at(what, i) for i in cut_rows[:3]) + (" ..." if len(cut_rows) > 3 else "")
+        logger.warning(
+            "%s: the start of the prompt was cut in %d row(s) longer than max_length=%d (%s); the answer is kept "
+            "whole. Raise max_length, or shorten the prompts%s",
+            what,
+            len(cut_rows),
+            max_length,
+            named,
+            ""
+            if not templated or head.system_prompt is not None
+            else " (a chat template's own default system prompt counts too: see CausalLM(system_prompt=...))",
+        )
+    return out, len(cut_rows)
+
+
+def template_system_tokens(tokenizer: Any) -> int:
+    """Tokens a chat template adds as its own system prompt to a chat that has none (0: it adds none)."""
+    user = {"role": "user", "content": "x"}
+    try:
+        bare = tokenizer.apply_chat_template([user], tokenize=False)
+        empty = tokenizer.apply_chat_template([{"role": "system", "content": ""}, user], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template without a system role adds none either
+        return 0
+    return max(0, _token_count(tokenizer, bare) - _token_count(tokenizer, empty))
+
+
+def _token_count(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_dataset(data, tokenizer, head, text_column: str, label_column: str | None, max_length: int, what: str):

@@ -28,6 +28,9 @@ class CausalLM(HeadSpec):
     messages_column: str = "messages"
     max_new_tokens: int = 64
     """Default length of generated answers in ``predict`` (any ``generate`` kwarg can be passed there)."""
+    system_prompt: str | None = None
+    """The system message put first in every chat that has none (training, evaluation, prediction). None:
+    the chat template decides, and some add a default one of their own (a warning says so and its size)."""
     kind: str = field(default="causal_lm", init=False)
     labels_per_token: ClassVar[bool] = True
     lm_logits: ClassVar[bool] = True
@@ -35,6 +38,8 @@ class CausalLM(HeadSpec):
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ConfigError(f"system_prompt={self.system_prompt!r} must be text (or None)")
 
     def encode(self, data: Any, tokenizer: Any, text_column: Any, label_column: Any, max_length: Any, what: Any) -> Any:
         return encode_causal(data, tokenizer, self, text_column, label_column, max_length, what)

@@ -92,6 +92,8 @@ class HeadSpec(ABC):
     """A template around every input text (``{text}`` marks the place); None: texts as they are."""
     messages_column: str | None = None
     """The data column holding chat message lists, for heads that read chats."""
+    system_prompt: str | None = None
+    """The system message put first in chats that have none, for heads that read chats."""
 
     # --- the head itself --------------------------------------------------------------------------
 
