@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
     zero_shot_answers = answer_all(base, test_rows, args.batch_size)
     zero_shot = {
         **scores(zero_shot_answers, test_rows),
-        **adapters.evaluate(base, held_out, generate=False, metric_key_prefix=""),
+        **adapters.evaluate(base, held_out, generate=False, metric_key_prefix="", batch_size=args.batch_size),
     }
     del base
     print("zero-shot:", json.dumps(zero_shot))
@@ -175,7 +175,10 @@ def main(argv=None) -> dict:
     trained = adapters.train(model, data, None, config)
     train_seconds = time.time() - train_started
     answers = answer_all(model, test_rows, args.batch_size)
-    tuned = {**scores(answers, test_rows), **adapters.evaluate(model, held_out, generate=False, metric_key_prefix="")}
+    tuned = {
+        **scores(answers, test_rows),
+        **adapters.evaluate(model, held_out, generate=False, metric_key_prefix="", batch_size=args.batch_size),
+    }
     print("fine-tuned:", json.dumps(tuned))
 
     model.save_pretrained(args.output, overwrite=True)

@@ -359,8 +359,7 @@ def _say_default_system_prompt(tokenizer: Any, head: Any, data: Any, what: str) 
     none (SmolLM2's does): those tokens are trained on and count against max_length, unasked."""
     if head.system_prompt is not None or id(tokenizer) in _said_system:
         return
-    chats = data[head.messages_column]
-    if all(m and m[0].get("role") == "system" for m in chats):
+    if all(first.get("role") == "system" for first in _firsts(data, head)):
         return
     _said_system.add(id(tokenizer))
     added = template_system_tokens(tokenizer)
@@ -449,11 +448,16 @@ def encode_causal(
             len(cut_rows),
             max_length,
             named,
-            ""
-            if not templated or head.system_prompt is not None
-            else " (a chat template's own default system prompt counts too: see CausalLM(system_prompt=...))",
+            " (a chat template's own default system prompt counts too: see CausalLM(system_prompt=...))"
+            if templated and head.system_prompt is None and any(f.get("role") != "system" for f in _firsts(data, head))
+            else "",
         )
     return out, len(cut_rows)
+
+
+def _firsts(data: Any, head: Any) -> list[dict[str, Any]]:
+    """The first message of every chat row."""
+    return [m[0] if m else {} for m in data[head.messages_column]]
 
 
 def template_system_tokens(tokenizer: Any) -> int:
