@@ -29,9 +29,14 @@ guarded = schemathesis.openapi.from_asgi("/openapi.json", create_app({"m": Stand
 @schema.parametrize()
 @FUZZ
 def test_the_server_never_answers_500_and_keeps_to_its_schema(case):
+    from schemathesis.specs.openapi.checks import positive_data_acceptance
+
     response = case.call()
     assert response.status_code < 500, response.text
-    case.validate_response(response)
+    # a schema cannot say which served artifacts generate text: a classifier named in a valid body is a
+    # 400 by design (OpenAI's endpoints), so "valid data is accepted" is not asked of them
+    skip = [positive_data_acceptance] if case.path.endswith("completions") else []
+    case.validate_response(response, excluded_checks=skip)
 
 
 @guarded.parametrize()

@@ -21,7 +21,7 @@ from adapters.serving.server import check_exposure, create_app  # noqa: E402
 class StandIn:
     """What the server asks of a served model: a name, predict, describe. ``delay`` seconds per batch."""
 
-    head_spec = type("Head", (), {"lm_logits": False})()
+    head_spec = type("Head", (), {"lm_logits": False, "kind": "classification"})()
 
     def __init__(self, name: str = "m", delay: float = 0.0):
         self.name, self.delay = name, delay

@@ -62,6 +62,8 @@ def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Serve
     if unknown:
         raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
     name = body.get("model")
+    if not isinstance(name, str):
+        raise OpenAIError(400, "model must be the name of a served artifact (a string)", "model")
     if name not in served:
         raise OpenAIError(404, f"The model {name!r} does not exist; served: {sorted(served)}", "model")
     if not served[name].head_spec.lm_logits:
@@ -166,9 +168,9 @@ def stream(member: Served, prompt: Any, request: dict[str, Any]) -> Iterator[str
         raise failure[0]
 
 
-def chunk(kind: str, name: str, ident: str, piece: str | None, finish: str | None, role: bool = False) -> str:
+def chunk(endpoint: str, name: str, ident: str, piece: str | None, finish: str | None, role: bool = False) -> str:
     """One server-sent event of a streamed chat or text completion."""
-    if kind == "chat":
+    if endpoint == "chat":
         delta = {**({"role": "assistant"} if role else {}), **({"content": piece} if piece is not None else {})}
         choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
         obj = "chat.completion.chunk"
@@ -179,12 +181,12 @@ def chunk(kind: str, name: str, ident: str, piece: str | None, finish: str | Non
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def sse(kind: str, member: Served, prompt: Any, request: dict[str, Any]) -> AsyncIterator[str]:
+async def sse(endpoint: str, member: Served, prompt: Any, request: dict[str, Any]) -> AsyncIterator[str]:
     """The stream of a completion as server-sent events, stop sequences applied, ending in ``[DONE]``."""
-    ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    ident = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     pieces = stream(member, prompt, request)
     loop = asyncio.get_running_loop()
-    yield chunk(kind, member.name, ident, None if kind == "chat" else "", None, role=kind == "chat")
+    yield chunk(endpoint, member.name, ident, None if endpoint == "chat" else "", None, role=endpoint == "chat")
     text, sent, stopped = "", 0, False
     while True:
         piece = await loop.run_in_executor(None, next, pieces, None)
@@ -196,24 +198,28 @@ async def sse(kind: str, member: Served, prompt: Any, request: dict[str, Any]) -
         hold = max((len(s) - 1 for s in request["stop"]), default=0)
         ready = len(kept) if stopped else max(sent, len(kept) - hold)
         if ready > sent:
-            yield chunk(kind, member.name, ident, kept[sent:ready], None)
+            yield chunk(endpoint, member.name, ident, kept[sent:ready], None)
             sent = ready
         if stopped:
             break
     if not stopped and sent < len(text):
-        yield chunk(kind, member.name, ident, text[sent:], None)
+        yield chunk(endpoint, member.name, ident, text[sent:], None)
     final = _cut(text, request["stop"])[0]
     yield chunk(
-        kind, member.name, ident, None if kind == "chat" else "", _finish(member, final, stopped, request["settings"])
+        endpoint,
+        member.name,
+        ident,
+        None if endpoint == "chat" else "",
+        _finish(member, final, stopped, request["settings"]),
     )
     yield "data: [DONE]\n\n"
 
 
-def answer(kind: str, member: Served, prompt: Any, text: str, request: dict[str, Any]) -> dict[str, Any]:
+def answer(endpoint: str, member: Served, prompt: Any, text: str, request: dict[str, Any]) -> dict[str, Any]:
     """A whole (not streamed) chat or text completion, with its usage."""
     text, stopped = _cut(text, request["stop"])
     finish = _finish(member, text, stopped, request["settings"])
-    if kind == "chat":
+    if endpoint == "chat":
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
@@ -222,8 +228,8 @@ def answer(kind: str, member: Served, prompt: Any, text: str, request: dict[str,
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
     return {
-        "id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if endpoint == "chat" else "text_completion",
         "created": int(time.time()),
         "model": member.name,
         "choices": [choice],

@@ -166,7 +166,13 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
         ]
         return {"object": "list", "data": data, "models": [s.describe() for s in served.values()]}
 
-    add_openai_routes(app, served, batchers, guard)
+    # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
+    openai_error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}
+    openai_errors = {
+        code: {"description": ERRORS[code], "content": {"application/json": {"schema": openai_error}}}
+        for code in (400, 404, 503, 504)
+    }
+    add_openai_routes(app, served, batchers, guard, {**documented(401, 500), **openai_errors})  # type: ignore[dict-item]
 
     @app.post("/v1/models/{name}/predict", dependencies=guard, responses=documented(400, 401, 404, 413, 500, 503, 504))
     async def predict(name: str, request: PredictRequest) -> dict[str, Any]:
@@ -201,37 +207,75 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     return app
 
 
-def add_openai_routes(app: Any, served: dict[str, Served], batchers: dict[str, Batcher], guard: list[Any]) -> None:
+def add_openai_routes(
+    app: Any, served: dict[str, Served], batchers: dict[str, Batcher], guard: list[Any], errors: dict[int | str, Any]
+) -> None:
     """``/v1/chat/completions`` and ``/v1/completions`` (``openai_api.py``)."""
     from fastapi import Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from adapters.serving import openai_api as oai
 
-    schema = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}, "required": True}}
+    def body(required: str, field: dict[str, Any]) -> dict[str, Any]:
+        """The request's JSON schema (the endpoints read raw JSON, to answer OpenAI's own 400s)."""
+        number = {"type": "number"}
+        properties = {
+            "model": {"type": "string", "enum": sorted(served)} if served else {"type": "string"},
+            required: field,
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {**number, "minimum": 0},
+            "top_p": {**number, "exclusiveMinimum": 0, "maximum": 1},
+            "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "seed": {"type": "integer"},
+            "n": {"type": "integer", "enum": [1]},
+            "stream": {"type": "boolean"},
+            "user": {"type": "string"},
+        }
+        if required == "messages":
+            properties["max_completion_tokens"] = {"type": "integer", "minimum": 1}
+        schema = {
+            "type": "object",
+            "required": ["model", required],
+            "properties": properties,
+            "additionalProperties": False,
+        }
+        return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}
 
-    async def run(request: Request, kind: str) -> Any:
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+    }
+    chat_schema = body("messages", {"type": "array", "minItems": 1, "items": message})
+    text_schema = body("prompt", {"type": "string", "minLength": 1})
+
+    async def run(request: Request, endpoint: str) -> Any:
         try:
             body = await request.json()
         except ValueError:
             return JSONResponse(status_code=400, content=oai.OpenAIError(400, "the body is not valid JSON").body())
-        fields, field = (oai.CHAT_FIELDS, "messages") if kind == "chat" else (oai.COMPLETION_FIELDS, "prompt")
+        fields, field = (oai.CHAT_FIELDS, "messages") if endpoint == "chat" else (oai.COMPLETION_FIELDS, "prompt")
         try:
             member, parsed = oai.parse(body, fields, field, served)
-            prompt = oai.chat_prompt(body) if kind == "chat" else oai.text_prompt(body)
+            prompt = oai.chat_prompt(body) if endpoint == "chat" else oai.text_prompt(body)
             oai.checked(parsed["settings"], member)
             if parsed["stream"]:
-                return StreamingResponse(oai.sse(kind, member, prompt, parsed), media_type="text/event-stream")
+                return StreamingResponse(oai.sse(endpoint, member, prompt, parsed), media_type="text/event-stream")
             text = await oai.complete(member, batchers[member.name], prompt, parsed)
         except oai.OpenAIError as err:
             return JSONResponse(status_code=err.status, content=err.body())
-        return oai.answer(kind, member, prompt, text, parsed)
+        except QueueFull as err:
+            busy = oai.OpenAIError(503, f"{err}; retry later")
+            return JSONResponse(status_code=503, content=busy.body(), headers={"Retry-After": str(RETRY_AFTER_S)})
+        except TimeoutError:
+            return JSONResponse(status_code=504, content=oai.OpenAIError(504, "no answer within the timeout").body())
+        return oai.answer(endpoint, member, prompt, text, parsed)
 
-    @app.post("/v1/chat/completions", dependencies=guard, openapi_extra=schema)
+    @app.post("/v1/chat/completions", dependencies=guard, openapi_extra=chat_schema, responses=errors)
     async def chat_completions(request: Request) -> Any:
         return await run(request, "chat")
 
-    @app.post("/v1/completions", dependencies=guard, openapi_extra=schema)
+    @app.post("/v1/completions", dependencies=guard, openapi_extra=text_schema, responses=errors)
     async def completions(request: Request) -> Any:
         return await run(request, "text")
 
