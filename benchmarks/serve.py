@@ -4,6 +4,7 @@ several artifacts on one base against one process per artifact.
     python benchmarks/serve.py                 # packaged SmolLM2-135M, nf4, 3 LoRA artifacts (about 6 min on 2 cores)
     python benchmarks/serve.py --quick --model PATH
     python benchmarks/serve.py --overload      # twice the measured capacity against a bounded queue
+    python benchmarks/serve.py --generation    # the OpenAI endpoints: tokens/s, time to first token, memory
 
 For each round (fresh server processes; rounds alternate the settings): a server of one artifact
 answers a fixed number of single-text requests at each concurrency (1, 4, 16 clients), and the
@@ -170,10 +171,154 @@ def overload_main(args) -> dict:
     return payload
 
 
+def _stream(port: int, name: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """One streamed completion: (seconds to the first text, total seconds, completion tokens)."""
+    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": max_tokens, "stream": True}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    started, first, pieces = time.perf_counter(), None, 0
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        for raw in answer:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            text = json.loads(line[6:])["choices"][0]["text"]
+            if text:
+                first = first or time.perf_counter() - started
+                pieces += 1
+    return first or float("nan"), time.perf_counter() - started, pieces
+
+
+def _complete(port: int, name: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """One whole completion: (seconds, completion tokens from its usage)."""
+    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": max_tokens}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as answer:
+        usage = json.loads(answer.read())["usage"]
+    return time.perf_counter() - started, usage["completion_tokens"]
+
+
+def _parallel(calls: list, concurrency: int) -> tuple[list, float]:
+    """Run the zero-argument ``calls`` on ``concurrency`` threads; their results and the wall time."""
+    results: list = []
+    lock, pending = threading.Lock(), list(calls)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                call = pending.pop()
+            value = call()
+            with lock:
+                results.append(value)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - started
+
+
+def generation_main(args) -> dict:
+    """Generative artifacts behind the OpenAI endpoints: tokens/s and time to first token by concurrency
+    (requests spread over three adapters on one base), the classifier's latency while generation runs,
+    and the memory of one generative artifact against three on one base."""
+    from common import RESULTS, machine, write_results
+
+    import adapters
+
+    levels, per_level, tokens = ([1, 4], 4, 8) if args.quick else ([1, 4, 16], 32, 32)
+    prompts = [f"Review: {text}\nThe review says" for text in TEXTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        names = []
+        for i in range(3):
+            model = adapters.adapt(
+                args.model, adapter=adapters.LoRA(r=8), seed=i, head=adapters.CausalLM(max_new_tokens=tokens)
+            )
+            model.save_pretrained(Path(tmp) / f"gen{i}")
+            names.append(f"gen{i}")
+        (classifier,) = make_artifacts(args.model, Path(tmp), 1)
+        one = Server([Path(tmp) / "gen0"], names=["gen0"])
+        one_mb = one.rss_mb()
+        one.close()
+        server = Server([Path(tmp) / n for n in names] + [classifier], names=[*names, "task0"])
+        try:
+            three_mb = server.rss_mb()
+            rows = {}
+            for c in levels:
+                calls = [
+                    (lambda i=i: _stream(server.port, names[i % 3], prompts[i % len(prompts)], tokens))
+                    for i in range(per_level)
+                ]
+                answers, wall = _parallel(calls, c)
+                produced = sum(a[2] for a in answers)
+                firsts = sorted(a[0] for a in answers)
+                rows[str(c)] = {
+                    "tokens_per_second": produced / wall,
+                    "ttft_p50_ms": 1000 * firsts[len(firsts) // 2],
+                    "ttft_p99_ms": 1000 * firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))],
+                    "requests": per_level,
+                }
+                print(f"concurrency {c}: {rows[str(c)]['tokens_per_second']:.1f} tokens/s", flush=True)
+            idle = load_test(server.port, 16, 1)
+            busy_calls = [(lambda i=i: _complete(server.port, names[i % 3], prompts[0], tokens)) for i in range(8)]
+            background = threading.Thread(target=_parallel, args=(busy_calls, 4))
+            background.start()
+            time.sleep(1.0)
+            loaded = load_test(server.port, 16, 1)
+            background.join()
+        finally:
+            server.close()
+    payload = {
+        "machine": machine(),
+        "model": args.model,
+        "max_tokens": tokens,
+        "levels": rows,
+        "memory": {"one_generative_mb": one_mb, "three_generative_and_a_classifier_mb": three_mb},
+        "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
+        "classifier_p99_ms": {"idle": idle["p99_ms"], "during_generation": loaded["p99_ms"]},
+    }
+    lines = ["| concurrency | tokens/s | time to first token p50 ms | p99 ms |", "|---|---|---|---|"]
+    lines += [
+        f"| {c} | {r['tokens_per_second']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |"
+        for c, r in rows.items()
+    ]
+    lines += [
+        "",
+        "| served | resident MB |",
+        "|---|---|",
+        f"| 1 generative artifact | {one_mb:.0f} |",
+        f"| 3 generative artifacts on one base + 1 classifier (a base of its own, without the LM head) "
+        f"| {three_mb:.0f} |",
+        "",
+        f"Classifier latency (single texts, one client): p50 {idle['p50_ms']:.0f} ms / p99 {idle['p99_ms']:.0f} ms "
+        f"idle, p50 {loaded['p50_ms']:.0f} ms / p99 {loaded['p99_ms']:.0f} ms while 4 clients generate.",
+        "",
+        f"Model `{args.model}` (nf4, LoRA r=8 CausalLM adapters, untrained: speed and memory only), streamed "
+        f"`/v1/completions` of up to {tokens} tokens spread over three adapters on one base, {per_level} requests "
+        f"per level; tokens counted as streamed pieces.",
+    ]
+    text = "\n".join(lines)
+    name = "serve-generation" + ("-quick" if args.quick else "")
+    write_results(name, payload, text, Path(args.out) if args.out else RESULTS)
+    print(text)
+    return payload
+
+
 class Server:
-    def __init__(self, artifacts: list[Path], max_batch: int = 32, extra: list[str] | None = None):
+    def __init__(
+        self, artifacts: list[Path], max_batch: int = 32, extra: list[str] | None = None, names: list[str] | None = None
+    ):
         self.port = _free_port()
-        args = [f"task{i}={p}" for i, p in enumerate(artifacts)]
+        names = names or [f"task{i}" for i in range(len(artifacts))]
+        args = [f"{n}={p}" for n, p in zip(names, artifacts, strict=True)]
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -201,8 +346,11 @@ class Server:
                 if self.process.poll() is not None:
                     raise RuntimeError("the server exited while starting") from None
                 time.sleep(0.5)
-        for i in range(len(artifacts)):  # warm: every artifact answers once
-            _post(self.port, f"task{i}", TEXTS[:2])
+        for name in names:  # warm: every artifact answers once
+            if name.startswith("gen"):
+                _complete(self.port, name, TEXTS[0], 2)
+            else:
+                _post(self.port, name, TEXTS[:2])
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -301,11 +449,14 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     p.add_argument("--overload", action="store_true", help="twice the capacity against a bounded queue instead")
+    p.add_argument("--generation", action="store_true", help="the OpenAI endpoints' generation speed instead")
     p.add_argument("--max-queue", type=int, default=32, help="with --overload: the server's --max-queue")
     p.add_argument("--seconds", type=float, default=30.0, help="with --overload: how long the load lasts")
     args = p.parse_args(argv)
     if args.overload:
         return overload_main(args)
+    if args.generation:
+        return generation_main(args)
     from common import RESULTS, machine, write_results
 
     rounds, requests = (1, 16) if args.quick else (args.rounds, args.requests)

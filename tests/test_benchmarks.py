@@ -201,3 +201,13 @@ def test_serve_overload_quick(tiny_llama, tmp_path):
     assert payload["sent"] == payload["admitted"] + payload["refused_503"] + payload["other_failures"]
     assert payload["other_failures"] == 0 and payload["refused_with_retry_after"] == payload["refused_503"]
     assert "| offered load" in (tmp_path / "serve-overload-quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_serve_generation_quick(tiny_llama, tmp_path):
+    import serve
+
+    payload = serve.main(["--generation", "--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    assert set(payload["levels"]) == {"1", "4"} and all(r["tokens_per_second"] > 0 for r in payload["levels"].values())
+    assert payload["memory"]["one_generative_mb"] > 0 and payload["classifier_p99_ms"]["during_generation"] > 0
+    assert "| concurrency | tokens/s |" in (tmp_path / "serve-generation-quick.md").read_text()
