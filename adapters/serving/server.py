@@ -172,7 +172,7 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
         code: {"description": ERRORS[code], "content": {"application/json": {"schema": openai_error}}}
         for code in (400, 404, 503, 504)
     }
-    errors = {**documented(401, 500), **openai_errors}  # type: ignore[dict-item]
+    errors: dict[int | str, Any] = {**documented(401, 500), **openai_errors}
     add_openai_routes(app, served, batchers, guard, errors)
 
     @app.post("/v1/models/{name}/predict", dependencies=guard, responses=documented(400, 401, 404, 413, 500, 503, 504))
