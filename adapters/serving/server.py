@@ -168,7 +168,7 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
 
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
     openai_error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}
-    openai_errors = {
+    openai_errors: dict[int | str, Any] = {
         code: {"description": ERRORS[code], "content": {"application/json": {"schema": openai_error}}}
         for code in (400, 404, 503, 504)
     }
