@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
-from tests.helpers import build_tiny, save_tiny, tokenizer_for, toy_sentiment
+from tests.helpers import build_tiny, llama_config, save_tiny, tokenizer_for, toy_sentiment
 
 
 @pytest.fixture(scope="session")
@@ -27,23 +27,11 @@ def tiny_llama(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tied_llama(tmp_path_factory) -> str:
     """The tiny Llama with tied input and output embeddings, as SmolLM2 has."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     _, vocab = tokenizer_for(bert=False)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=3,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    config = llama_config(vocab, tie_word_embeddings=True)
     return save_tiny(LlamaForCausalLM(config), tmp_path_factory.mktemp("tied-llama"), bert=False)
 
 

@@ -49,25 +49,32 @@ def save_tiny(model, path, bert: bool) -> str:
     return str(path)
 
 
+def llama_config(vocab_size: int, **overrides):
+    """The tiny Llama's shape: 2 layers, hidden 64 (one bitsandbytes 4-bit block per row), 4 heads."""
+    from transformers import LlamaConfig
+
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=None,
+    )
+    return LlamaConfig(**{**settings, **overrides})
+
+
 def build_tiny(kind: str, path) -> str:
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertModel, LlamaForCausalLM
 
     _, vocab_size = tokenizer_for(bert=kind == "bert")
     torch.manual_seed(0)
     if kind == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            pad_token_id=0,
-            eos_token_id=3,
-            bos_token_id=None,
-        )
-        model = LlamaForCausalLM(config)  # with its LM head: AutoModel loads the body alone
+        model = LlamaForCausalLM(llama_config(vocab_size))  # with its LM head: AutoModel loads the body alone
     else:
         config = BertConfig(
             vocab_size=vocab_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from adapters.artifacts.format import ArtifactSpec
+    from adapters.artifacts.spec import ArtifactSpec
 
 
 def _method(spec: ArtifactSpec, path: str) -> str:

@@ -30,7 +30,8 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
-from adapters.artifacts.format import ArtifactSpec, open_artifact
+from adapters.artifacts.format import open_artifact
+from adapters.artifacts.spec import ArtifactSpec
 from adapters.backbone.loading import load_backbone
 from adapters.backbone.packaged import drop_quantizer_marks
 from adapters.errors import ConfigError

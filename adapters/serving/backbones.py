@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from adapters.artifacts.format import Artifact, ArtifactSpec, open_artifact
+from adapters.artifacts.format import Artifact, open_artifact
+from adapters.artifacts.spec import ArtifactSpec
 from adapters.errors import ConfigError
 
 
