@@ -69,50 +69,52 @@ class JsonBodies:
         await self.app(scope, receive, send)
 
 
-def create_app(served: dict[str, Served], limits: Limits | None = None, api_key: str | None = None) -> Any:
-    """The FastAPI application serving ``served`` (``api_key``: the Bearer token ``/v1/`` asks for)."""
-    try:
-        from fastapi import Depends, FastAPI, HTTPException, Request
-        from fastapi.responses import JSONResponse, Response
-        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-        from pydantic import BaseModel, ConfigDict, Field
-    except ImportError:
-        raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
+def _api_key_guard(api_key: str | None) -> list[Any]:
+    """The dependencies of the ``/v1/`` endpoints: a Bearer check when there is a key, none otherwise (so
+    the OpenAPI schema says auth only where it is asked)."""
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-    limits = limits or Limits()
-    metrics = ServerMetrics(lambda name: batchers[name].waiting, list(served))
-    batchers = {name: Batcher(s, limits, metrics.batch_observer(name)) for name, s in served.items()}
-
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        for b in batchers.values():
-            b.task = asyncio.create_task(b.run())
-        yield
-        for b in batchers.values():
-            if b.task is not None:
-                b.task.cancel()
-
-    app = FastAPI(title="qadapters", summary="adapted models, one quantized base", lifespan=lifespan)
-    app.add_middleware(JsonBodies)
+    if api_key is None:
+        return []
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
 
     async def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if api_key is None:
-            return
         given = credentials.credentials if credentials is not None else ""
         if not secrets.compare_digest(given.encode(), api_key.encode()):
             raise HTTPException(
                 401, "missing or wrong API key: send Authorization: Bearer KEY", headers={"WWW-Authenticate": "Bearer"}
             )
 
+    return [Depends(authorized)]
+
+
+def _documented_errors() -> Callable[..., dict[int | str, dict[str, Any]]]:
+    """``documented(*codes)``: the error answers an endpoint gives, in its OpenAPI schema (clients and
+    fuzzers read them)."""
+    from pydantic import BaseModel, Field
+
     class ErrorAnswer(BaseModel):
         detail: Any = Field(description="what was wrong, and how to fix it")
 
     def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
-        """The error answers an endpoint gives, in its OpenAPI schema (clients and fuzzers read them)."""
         return {code: {"model": ErrorAnswer, "description": ERRORS[code]} for code in codes}
 
-    guard = [Depends(authorized)] if api_key is not None else []  # the schema says auth only where it is asked
+    return documented
+
+
+def _openai_errors() -> dict[int | str, Any]:
+    """The OpenAI endpoints' own error answers (``{"error": {...}}``), for their OpenAPI schema."""
+    schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}
+    return {
+        code: {"description": ERRORS[code], "content": {"application/json": {"schema": schema}}}
+        for code in (400, 404, 503, 504)
+    }
+
+
+def _predict_request() -> Any:
+    """The body of ``POST /v1/models/{name}/predict``."""
+    from pydantic import BaseModel, ConfigDict, Field
 
     class PredictRequest(BaseModel):
         # a field this API does not know is refused (422 naming it), never dropped in silence
@@ -134,6 +136,36 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
             if "temperature" in chosen or "top_p" in chosen:
                 chosen["do_sample"] = True
             return chosen
+
+    return PredictRequest
+
+
+def create_app(served: dict[str, Served], limits: Limits | None = None, api_key: str | None = None) -> Any:
+    """The FastAPI application serving ``served`` (``api_key``: the Bearer token ``/v1/`` asks for)."""
+    try:
+        from fastapi import FastAPI, HTTPException, Request
+        from fastapi.responses import JSONResponse, Response
+    except ImportError:
+        raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
+
+    limits = limits or Limits()
+    metrics = ServerMetrics(lambda name: batchers[name].waiting, list(served))
+    batchers = {name: Batcher(s, limits, metrics.batch_observer(name)) for name, s in served.items()}
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        for b in batchers.values():
+            b.task = asyncio.create_task(b.run())
+        yield
+        for b in batchers.values():
+            if b.task is not None:
+                b.task.cancel()
+
+    app = FastAPI(title="qadapters", summary="adapted models, one quantized base", lifespan=lifespan)
+    app.add_middleware(JsonBodies)
+    guard = _api_key_guard(api_key)
+    documented = _documented_errors()
+    PredictRequest = _predict_request()  # noqa: N806 - a class, made where pydantic is known to be installed
 
     @app.exception_handler(AdaptersError)
     async def adapters_error(request: Request, err: AdaptersError) -> JSONResponse:
@@ -167,16 +199,11 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
         return {"object": "list", "data": data, "models": [s.describe() for s in served.values()]}
 
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
-    openai_error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}
-    openai_errors: dict[int | str, Any] = {
-        code: {"description": ERRORS[code], "content": {"application/json": {"schema": openai_error}}}
-        for code in (400, 404, 503, 504)
-    }
-    errors: dict[int | str, Any] = {**documented(401, 500), **openai_errors}
-    add_openai_routes(app, served, batchers, guard, errors)
+    add_openai_routes(app, served, batchers, guard, {**documented(401, 500), **_openai_errors()})
 
     @app.post("/v1/models/{name}/predict", dependencies=guard, responses=documented(400, 401, 404, 413, 500, 503, 504))
-    async def predict(name: str, request: PredictRequest) -> dict[str, Any]:
+    async def predict(name: str, body: PredictRequest) -> dict[str, Any]:  # type: ignore[valid-type]
+        request: Any = body  # the class is made at run time (pydantic is an optional extra): typed Any here
         if name not in batchers:
             raise HTTPException(404, f"no model {name!r}; served: {sorted(batchers)}")
         if len(request.texts) > limits.max_texts:
