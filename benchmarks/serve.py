@@ -64,12 +64,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _json_request(port: int, path: str, body: dict) -> urllib.request.Request:
+    """A POST of ``body`` as JSON to this machine's server at ``path``."""
+    return urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+
+
 def _post(port: int, name: str, texts: list[str]) -> float:
     started = time.perf_counter()
-    body = json.dumps({"texts": texts, "probabilities": True}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/models/{name}/predict", data=body, headers={"Content-Type": "application/json"}
-    )
+    request = _json_request(port, f"/v1/models/{name}/predict", {"texts": texts, "probabilities": True})
     with urllib.request.urlopen(request, timeout=300) as answer:
         assert answer.status == 200
         json.loads(answer.read())
@@ -81,10 +85,7 @@ def _post_status(port: int, name: str, texts: list[str]) -> tuple[int, float, st
     import urllib.error
 
     started = time.perf_counter()
-    body = json.dumps({"texts": texts}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/models/{name}/predict", data=body, headers={"Content-Type": "application/json"}
-    )
+    request = _json_request(port, f"/v1/models/{name}/predict", {"texts": texts})
     try:
         with urllib.request.urlopen(request, timeout=300) as answer:
             answer.read()
@@ -173,9 +174,8 @@ def overload_main(args) -> dict:
 
 def _stream(port: int, name: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """One streamed completion: (seconds to the first text, total seconds, completion tokens)."""
-    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": max_tokens, "stream": True}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    request = _json_request(
+        port, "/v1/completions", {"model": name, "prompt": prompt, "max_tokens": max_tokens, "stream": True}
     )
     started, first, pieces = time.perf_counter(), None, 0
     with urllib.request.urlopen(request, timeout=600) as answer:
@@ -192,10 +192,7 @@ def _stream(port: int, name: str, prompt: str, max_tokens: int) -> tuple[float, 
 
 def _complete(port: int, name: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     """One whole completion: (seconds, completion tokens from its usage)."""
-    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": max_tokens}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-    )
+    request = _json_request(port, "/v1/completions", {"model": name, "prompt": prompt, "max_tokens": max_tokens})
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as answer:
         usage = json.loads(answer.read())["usage"]
