@@ -94,9 +94,11 @@ def cmd_estimate(args) -> int:
 def cmd_train(args) -> int:
     from adapters import adapt, train
     from adapters.artifacts.format import check_destination, save_artifact
+    from adapters.backbone.loading import resolve_mixed_precision
     from adapters.config.run_file import load_run_config, to_yaml
     from adapters.data.encoding import check_rows
     from adapters.training.checkpoint import check_output_dir
+    from adapters.training.fsdp import accelerate_fsdp_requested, check_fsdp
 
     run = load_run_config(args.config, args.overrides)
     if args.estimate_only:
@@ -111,6 +113,8 @@ def cmd_train(args) -> int:
     check_destination(Path(run.output), False)
     check_output_dir(t.output_dir, t.resume, t.overwrite)
     m = run.model
+    if t.fsdp or accelerate_fsdp_requested():
+        check_fsdp(m.quantization, resolve_mixed_precision(t.mixed_precision))
     model = adapt(
         m.name,
         adapter=run.adapter,

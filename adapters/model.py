@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from adapters.artifacts.format import HEAD_FILE, open_artifact, save_artifact
 from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_backbone
+from adapters.backbone.sharded import inference_context
 from adapters.data.batching import inference_batches, row_length
 from adapters.data.encoding import Collator, encode_rows
 from adapters.errors import ConfigError
@@ -169,7 +170,6 @@ class AdaptedModel(nn.Module):
         batch = Collator(self.tokenizer, self.head_spec)(self._encoded_rows(inputs))
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    @torch.inference_mode()
     def logits(self, inputs: list[Any], batch_size: int | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Raw head outputs for ``inputs``, in eval mode, in the caller's order (a list of per-input
         tensors for per-token heads, whose lengths differ). Inputs run sorted by length, in batches of
@@ -181,7 +181,7 @@ class AdaptedModel(nn.Module):
         batches = inference_batches([row_length(r["input_ids"]) for r in rows], batch_size)
         collate = Collator(self.tokenizer, self.head_spec)
         out: list[Any] = [None] * len(rows)
-        with eval_mode(self):
+        with eval_mode(self), inference_context(self):
             for chunk in batches:
                 batch = {k: v.to(self.device) for k, v in collate([rows[i] for i in chunk]).items()}
                 for i, row in zip(chunk, self(**batch)["logits"].float().cpu(), strict=False):

@@ -1,8 +1,11 @@
 """Trains a tiny model under however many processes launched it (torchrun / accelerate launch)
-and writes what tests/test_distributed.py compares: each rank's trained tensors and metrics."""
+and writes what tests/test_distributed.py and tests/test_fsdp.py compare: each rank's trained tensors
+(whole, also under FSDP) and metrics, and whether the saved artifact reloads with equal logits.
+``--crash-at N`` ends the main process abruptly after step N (a crash: nothing is cleaned up)."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from accelerate import PartialState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import adapters  # noqa: E402
+from adapters.backbone.sharded import full_trainable_state  # noqa: E402
 from tests.helpers import toy_sentiment  # noqa: E402
 
 
@@ -24,6 +28,11 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--linear-probe", action="store_true")
     p.add_argument("--train-rows", type=int, default=64)
+    p.add_argument("--fsdp", action="store_true")
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--resume", default=None)
+    p.add_argument("--crash-at", type=int, default=None)
+    p.add_argument("--mixed-precision", default="no")
     args = p.parse_args()
     # dropout 0: the only randomness left is the data order, shared by all runs through the seed
     adapter = adapters.LoRA(r=4, dropout=0.0) if args.adapter == "lora" else adapters.Bottleneck(reduction=4)
@@ -31,8 +40,9 @@ def main():
         args.model,
         adapter=adapter,
         head=adapters.Classification(labels=["neg", "pos"], dropout=0.0),
-        quantization="nf4",
+        quantization=None if args.quantization == "none" else args.quantization,
     )
+    before = packed_4bit_bytes(model)
     metrics = adapters.train(
         model,
         toy_sentiment(args.train_rows),
@@ -48,19 +58,51 @@ def main():
             keep_last=2,
             output_dir=str(Path(args.out) / "logs"),
             linear_probe=args.linear_probe,
+            fsdp=args.fsdp,
+            mixed_precision=args.mixed_precision,
+            resume=args.resume,
         ),
+        callbacks=[Crash(args.crash_at)] if args.crash_at else (),
     )
     out = Path(args.out)
     state = PartialState()  # already set up by the library (with cpu=True on CPUs)
-    trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    trained = full_trainable_state(model)  # whole tensors, also when FSDP sharded them (a collective)
     save_file(trained, str(out / f"rank{state.process_index}.safetensors"))
+    metrics["4bit_bytes_unchanged"] = packed_4bit_bytes(model) == before
     (out / f"metrics{state.process_index}.json").write_text(json.dumps(metrics))
     model.save_pretrained(out / "artifact")  # writes once, on the main process
+    texts = ["good fun film", "a dull mess"]
+    logits = model.logits(texts)  # every rank: a sharded model runs as one
     if state.is_main_process:
         again = adapters.load(out / "artifact")
-        texts = ["good fun film", "a dull mess"]
-        same = torch.allclose(again.logits(texts), model.logits(texts), atol=1e-5)
-        (out / "reload.json").write_text(json.dumps({"same_logits": bool(same)}))
+        reloaded = again.logits(texts)
+        same = torch.allclose(reloaded, logits, atol=1e-5)
+        difference = float((reloaded - logits).abs().max())
+        (out / "reload.json").write_text(json.dumps({"same_logits": bool(same), "max_logit_difference": difference}))
+
+
+def packed_4bit_bytes(model) -> list[bytes]:
+    """Every 4-bit weight's packed bytes, whole (gathered when sharded, in whatever dtype FSDP stores them)."""
+    import bitsandbytes as bnb
+
+    found = []
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            weight = layer.weight
+            whole = weight.full_tensor() if hasattr(weight, "full_tensor") else weight.data
+            found.append(whole.detach().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return found
+
+
+class Crash(adapters.Callback):
+    """Ends the process without any cleanup once a step is done (after its checkpoint, if it saves one)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_log(self, config, state, control, logs):
+        if state.step >= self.step:
+            os._exit(17)
 
 
 if __name__ == "__main__":

@@ -80,9 +80,10 @@ def test_is_decoder_config():
     assert is_decoder_config(LlamaConfig()) and not is_decoder_config(BertConfig())
 
 
-def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+def test_4bit_weights_load_as_packed_bytes_whatever_the_launcher(monkeypatch):
+    """One storage rule: bytes at load; FSDP reinterprets them when it shards (tests/test_fsdp.py)."""
     from adapters.backbone.loading import quantization_config
 
     assert quantization_config("nf4", torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert quantization_config("nf4", torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config("nf4", torch.bfloat16).bnb_4bit_quant_storage == torch.uint8

@@ -36,6 +36,7 @@ import torch
 from adapters.artifacts.card import model_card
 from adapters.artifacts.spec import SPEC_FILE, ArtifactSpec, BaseRecord
 from adapters.backbone.loading import base_fingerprint, process_state, weights_folder
+from adapters.backbone.sharded import whole_trainables
 from adapters.errors import CheckpointError
 from adapters.files import atomic_folder, check_state, cpu_state, load_tensors, weights_digest, writable_entries
 from adapters.heads import HeadSpec
@@ -148,10 +149,18 @@ def save_artifact(
     """
     path = Path(path)
     replaces = check_destination(path, overwrite, ARTIFACT_FILES + tuple(text_files or ()))
+    with whole_trainables(model):  # under FSDP, gathered on every rank (a collective); else as they are
+        _write_artifact(model, path, replaces, extra, text_files)
+    return path
+
+
+def _write_artifact(
+    model: Any, path: Path, replaces: list[str], extra: dict[str, Any] | None, text_files: dict[str, str] | None
+) -> None:
     state = process_state()
     if not state.is_main_process:  # under DDP every rank holds the same weights: one writes
         state.wait_for_everyone()
-        return path
+        return
     spec = artifact_spec(model, path, extra)
     with atomic_folder(path, replaces) as tmp:
         if model.adapter is not None:
@@ -161,7 +170,6 @@ def save_artifact(
             (tmp / name).write_text(text)
         write_spec(spec, tmp, path.name)
     state.wait_for_everyone()
-    return path
 
 
 def write_head(tensors: dict[str, torch.Tensor], folder: Path, spec: ArtifactSpec) -> None:

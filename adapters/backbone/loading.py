@@ -124,15 +124,13 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype, do
 
     if quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        # FSDP flattens parameters of one dtype together: 4-bit weights must be stored in the
-        # compute dtype to be sharded beside the other bf16/fp32 parameters
-        bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8,
+        # packed bytes; FSDP reinterprets them as its gather dtype when it shards (training/fsdp.py)
+        bnb_4bit_quant_storage=torch.uint8,
     )
 
 
@@ -288,12 +286,19 @@ def base_fingerprint(model: PreTrainedModel) -> dict:
     """A few numbers that identify the base weights, to refuse an adapter saved on another base.
 
     Input embeddings are never quantized, so a sample of them identifies the checkpoint
-    whatever the quantization; values are compared with a tolerance (bf16 vs fp32 loads).
+    whatever the quantization; values are compared with a tolerance (bf16 vs fp32 loads). The base is
+    frozen, so the numbers are kept on the network once read: FSDP reads them before it shards the
+    embeddings (after, only a collective could).
     """
+    known = getattr(model, "_qadapters_fingerprint", None)
+    if known is not None:
+        return dict(known)
     emb = cast(nn.Embedding, model.get_input_embeddings()).weight
     flat = emb.detach().flatten()
     idx = (torch.arange(16) * (flat.numel() // 16)).to(flat.device)
-    return {"embedding_shape": list(emb.shape), "embedding_sample": [float(v) for v in flat[idx].float().cpu()]}
+    found = {"embedding_shape": list(emb.shape), "embedding_sample": [float(v) for v in flat[idx].float().cpu()]}
+    vars(model)["_qadapters_fingerprint"] = found
+    return dict(found)
 
 
 def enable_checkpointing(network: PreTrainedModel) -> None:

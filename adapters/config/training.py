@@ -88,6 +88,11 @@ class TrainConfig:
     rows (one pass without gradients, then L-BFGS; see ``training/probe.py``), so training starts from a fitted
     head instead of a random one (or one initialised from label words, which the fit replaces). For
     pooled heads (classification, multi-label, regression, multiple choice with ``scoring="head"``)."""
+    fsdp: bool = False
+    """Shard the frozen base, the trained parameters, their gradients and optimizer states over the processes
+    of a multi-process launch (``torchrun --nproc-per-node N``), with torch's FSDP2 per transformer block, on
+    CPUs and GPUs (``training/fsdp.py``); each process then holds about 1/N of the weights. With one process
+    there is nothing to shard and the run says so. ``accelerate launch --use_fsdp`` asks for the same."""
     auto_batch_size: bool = False
     """Use the largest per-device batch that fits the device's free memory (memory estimate, then one
     real step that backs off on out-of-memory), with gradient accumulation keeping the effective

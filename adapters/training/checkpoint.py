@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from adapters.backbone.sharded import full_trainable_state, load_trainable_state
 from adapters.errors import CheckpointError, ConfigError
 from adapters.files import writable_entries
 
 STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the model's tensors
 LOCK_FILE = ".qadapters-train.lock"  # held by the run writing into an output_dir
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -106,9 +108,16 @@ def step_checkpoint(output_dir, step: int) -> Path:
 
 
 def save_checkpoint(
-    accelerator, output_dir, state: TrainState, keep_last: int | None, protect: Path | None = None
+    accelerator,
+    output_dir,
+    state: TrainState,
+    keep_last: int | None,
+    protect: Path | None = None,
+    sharded: Any = None,
 ) -> Path:
-    """Save the training state at ``state.step`` atomically; prune to ``keep_last`` (never ``protect``)."""
+    """Save the training state at ``state.step`` atomically; prune to ``keep_last`` (never ``protect``).
+    ``sharded``: the FSDP model, whose trainable tensors Accelerate does not hold; they are gathered whole
+    and written in the same file as Accelerate's, so one checkpoint format serves both."""
     root = checkpoint_dir(output_dir)
     final = step_checkpoint(output_dir, state.step)
     tmp = root / f".tmp-{final.name}"
@@ -118,6 +127,12 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if sharded is not None:
+        weights = full_trainable_state(sharded)  # a collective: every rank
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            save_file(weights, str(tmp / WEIGHTS_FILE))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))
@@ -148,7 +163,7 @@ def resolve_resume(resume, output_dir) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator, path: Path, trainable: set[str]) -> TrainState:
+def load_checkpoint(accelerator, path: Path, trainable: set[str], sharded: Any = None) -> TrainState:
     """Restore the tensors (model, optimizer, scheduler, RNG) into ``accelerator``'s objects; return the state.
 
     The frozen base is not in a checkpoint, so the model is loaded non-strictly; ``trainable`` (the names
@@ -167,13 +182,15 @@ def load_checkpoint(accelerator, path: Path, trainable: set[str]) -> TrainState:
                 f"(overwrite=True)"
             )
         accelerator.load_state(str(path), strict=False)
+        if sharded is not None:  # the FSDP model: Accelerate does not hold it (save_checkpoint)
+            load_trainable_state(sharded, read_checkpoint_weights(path))
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or does not fit this model/optimizer ({err})") from None
     return state
 
 
 def load_newest_good(
-    accelerator: Any, resume: Any, found: Path, output_dir: Any, trainable: set[str]
+    accelerator: Any, resume: Any, found: Path, output_dir: Any, trainable: set[str], sharded: Any = None
 ) -> tuple[TrainState, Path]:
     """Load ``found`` (what ``resolve_resume`` chose); with ``resume="auto"``, a corrupt newest checkpoint
     falls back to the one before it, and so on, each fallback said on the main process. A checkpoint
@@ -183,7 +200,7 @@ def load_newest_good(
         candidates = [p for p in reversed(complete_checkpoints(output_dir)) if p.name <= found.name]
     for i, path in enumerate(candidates):
         try:
-            return load_checkpoint(accelerator, path, trainable), path
+            return load_checkpoint(accelerator, path, trainable, sharded), path
         except CorruptCheckpoint as err:
             if i == len(candidates) - 1:
                 raise
@@ -195,7 +212,7 @@ def read_checkpoint_weights(path: Path) -> dict:
     """The trainable tensors saved in checkpoint ``path`` (names as in the unwrapped model)."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(path) / "model.safetensors"))
+    weights = load_file(str(Path(path) / WEIGHTS_FILE))
     return {k.removeprefix("module."): v for k, v in weights.items()}
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.backbone.loading import cpu_only, eval_mode
+from adapters.backbone.sharded import inference_context
 from adapters.config.training import TrainConfig
 from adapters.data.encoding import IGNORE
 from adapters.training.loaders import eval_loader, eval_rows
@@ -68,7 +69,7 @@ def evaluate_loader(model: Any, loader: Any, accelerator: Any, compute_metrics: 
     ``compute_metrics`` of the gathered outputs)."""
     spec = accelerator.unwrap_model(model).head_spec
     gathered: list[list[torch.Tensor]] = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), inference_context(model):
         for batch in loader:
             logits = model(**{k: v for k, v in batch.items() if k != "labels"})["logits"]
             outputs = spec.eval_outputs(logits, batch["labels"])

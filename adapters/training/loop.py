@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from adapters.backbone.loading import cpu_only, enable_checkpointing, process_state, resolve_mixed_precision
+from adapters.backbone.sharded import full_trainable_state, load_trainable_state
 from adapters.config.training import TrainConfig
 from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
@@ -62,6 +63,7 @@ from adapters.training.checkpoint import (
     step_checkpoint,
 )
 from adapters.training.evaluation import evaluate_loader, prefixed
+from adapters.training.fsdp import ShardReport, accelerate_fsdp_requested, check_fsdp, full_state_optimizer, shard
 from adapters.training.loaders import eval_loader, eval_rows, inference_loader, train_loader
 from adapters.training.optim import build_optimizer, lr_schedule
 from adapters.training.probe import check_probe, fit_head
@@ -84,6 +86,11 @@ class TrainingLoop:
         if config.linear_probe:
             check_probe(model)
         check_output_dir(config.output_dir, config.resume, config.overwrite)  # before any slow work
+        self.precision = resolve_mixed_precision(config.mixed_precision, model.device.type)
+        self.fsdp = config.fsdp or accelerate_fsdp_requested()
+        if self.fsdp:
+            check_fsdp(model.base.quantization, self.precision)
+        self.shard_report: ShardReport | None = None
         self.model = self.unwrapped = model
         self.train_data, self.eval_data, self.config = train_data, eval_data, config
         self.state = TrainState()
@@ -139,15 +146,20 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         set_seed(self.config.seed)
         self._setup_data()
+        if self.config.linear_probe and self.resume_from is None:  # a resumed run's head comes from its checkpoint
+            self.probe_head()  # on the whole model, before any sharding
         self._setup_optimizer()
         if self.resume_from is not None:
             trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
             self.state, self.resume_from = load_newest_good(
-                self.accelerator, self.config.resume, self.resume_from, self.config.output_dir, trainable
+                self.accelerator,
+                self.config.resume,
+                self.resume_from,
+                self.config.output_dir,
+                trainable,
+                self.unwrapped if self.fsdp else None,
             )
             self.accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
-        elif self.config.linear_probe:  # a resumed run's head comes from its checkpoint
-            self.probe_head()
         if self.trackers:  # metrics.jsonl is appended to: a resumed run's log goes on where it stopped
             self.accelerator.init_trackers("qadapters", config=_set_fields(self.config))
         self.accelerator.print(
@@ -180,17 +192,29 @@ class TrainingLoop:
         # for good and pin one precision per process (a second model trained in fp32 in the same process is
         # refused; seen on an H200). fp16 needs its loss scaler, so that one stays Accelerate's.
         # "auto" follows the model's device: a model kept on the CPU of a GPU machine trains in fp32.
-        precision = resolve_mixed_precision(config.mixed_precision, self.model.device.type)
+        precision = self.precision
         self.autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        self.accelerator = Accelerator(
-            cpu=cpu_only(),
-            gradient_accumulation_steps=config.grad_accum,
-            mixed_precision="fp16" if precision == "fp16" else "no",
-            log_with=self.trackers or None,
-            project_dir=config.output_dir,
-            # the same shuffled order whatever the number of processes: runs are comparable
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
+        # FSDP is ours (training/fsdp.py): Accelerate must not wrap the model in its own FSDP or DDP
+        fsdp_env = os.environ.pop("ACCELERATE_USE_FSDP", None)
+        try:
+            self.accelerator = Accelerator(
+                cpu=cpu_only(),
+                gradient_accumulation_steps=config.grad_accum,
+                mixed_precision="fp16" if precision == "fp16" else "no",
+                log_with=self.trackers or None,
+                project_dir=config.output_dir,
+                # the same shuffled order whatever the number of processes: runs are comparable
+                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            )
+        finally:
+            if fsdp_env is not None:
+                os.environ["ACCELERATE_USE_FSDP"] = fsdp_env
+        if self.fsdp and self.accelerator.num_processes == 1:
+            self.accelerator.print(
+                "fsdp=True but this run has 1 process: there is nothing to shard, so it trains unsharded. "
+                "Launch it with torchrun --nproc-per-node N (or accelerate launch) to shard over N processes"
+            )
+            self.fsdp = False
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.accelerator.num_processes:
             raise ConfigError(
@@ -223,8 +247,19 @@ class TrainingLoop:
         config, accelerator = self.config, self.accelerator
         if config.gradient_checkpointing:
             enable_checkpointing(self.unwrapped.backbone)
-        optimizer = build_optimizer(self.unwrapped, config)
-        self.model, self.optimizer, self.train_loader = accelerator.prepare(self.model, optimizer, self.train_loader)
+        if self.fsdp:
+            self.shard_report = shard(self.unwrapped, self.precision, accelerator.num_processes)
+            accelerator.print(self.shard_report.summary())
+            # the sharded model itself, not a DDP wrapper; the optimizer's state is saved whole
+            self.optimizer, self.train_loader = accelerator.prepare(
+                build_optimizer(self.unwrapped, config), self.train_loader
+            )
+            full_state_optimizer(self.optimizer.optimizer, self.unwrapped)  # after prepare(), which reloads it
+        else:
+            optimizer = build_optimizer(self.unwrapped, config)
+            self.model, self.optimizer, self.train_loader = accelerator.prepare(
+                self.model, optimizer, self.train_loader
+            )
         if self.eval_loader is not None:
             self.eval_loader = accelerator.prepare(self.eval_loader)
         # the prepared loader is this process's shard: 1/N of the data per epoch
@@ -430,7 +465,7 @@ class TrainingLoop:
         minimise = name.endswith("loss")
         if state.best is None or (value < state.best if minimise else value > state.best):
             state.best, state.best_step, state.bad_evals = value, state.step, 0
-            self.best_weights = {n: p.detach().clone() for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+            self.best_weights = full_trainable_state(self.unwrapped)
             if config.output_dir is not None:
                 self.checkpoint(protect_best=True)
             return False
@@ -444,7 +479,9 @@ class TrainingLoop:
         if protect_best:
             saved.best_checkpoint = str(step_checkpoint(output_dir, state.step))
         protect = Path(saved.best_checkpoint) if saved.best_checkpoint else None
-        path = save_checkpoint(self.accelerator, output_dir, saved, self.config.keep_last, protect)
+        path = save_checkpoint(
+            self.accelerator, output_dir, saved, self.config.keep_last, protect, self.unwrapped if self.fsdp else None
+        )
         state.best_checkpoint = saved.best_checkpoint
         self._callback("on_save", path)
         return path
@@ -461,7 +498,7 @@ class TrainingLoop:
         if config.load_best and state.best_step is not None and state.best_step != state.step:
             if self.best_weights is None:  # best seen before a resume: read it from its checkpoint
                 self.best_weights = read_checkpoint_weights(Path(str(state.best_checkpoint)))
-            self.unwrapped.load_state_dict(self.best_weights, strict=False)
+            load_trainable_state(self.unwrapped, self.best_weights)
             accelerator.print(
                 f"restored the best weights (step {state.best_step}, {self.metric_name}={state.best:.4f})"
             )
@@ -503,6 +540,8 @@ class TrainingLoop:
         if self.auto_batch is not None:
             result.update(batch_size=self.config.batch_size, grad_accum=self.config.grad_accum)
         result.update(self.probe)
+        if self.shard_report is not None:
+            result.update(self.shard_report.metrics())
         if state.skipped_steps:
             result["skipped_steps"] = state.skipped_steps
         if self.encoded.truncated_rows:
