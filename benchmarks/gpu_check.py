@@ -15,7 +15,15 @@ runs the dry run, and every part runs in its own process under its own timeout (
    on 10 cells (nf4/int8, LoRA/bottleneck, 128-2048 tokens, with and without checkpointing); goal 10%;
 3. **throughput**: ``throughput.py``: batch 16 x 512, ours vs PEFT + Trainer in the same run: tokens/s,
    step time, peak memory, MFU; goal x1.3 tokens/s and x0.75 memory;
-4. **recipe**: ``recipes/sentiment.py`` at its default budget: time and accuracy.
+4. **recipe**: ``recipes/sentiment.py`` at its default budget: time and accuracy;
+5. **fsdp**: ``fsdp_check.py``: one FSDP2 training step (world size 1, nccl, gathered in bf16) leaves every
+   packed NF4 byte unchanged (bitsandbytes#1945);
+6. **scale**: the Llama-3.1-8B shape (random weights, ``shapes.py``, written once to ``--shapes-dir``):
+   ``throughput.py`` at 16 x 512, ours vs PEFT + Trainer (tokens/s, step time, peak memory, MFU; targets
+   MFU >= 20%, x1.3 tokens/s, x0.75 memory) and ``estimate_memory`` on two cells (goal 10%).
+
+Parts 5 and 6 are new since the last GPU run; 6 needs about 7 minutes and 17 GB of disk, so a session with
+little device time runs ``--parts correctness,fsdp,scale --budget 840`` first.
 
 After each part, ``<out>/gpu-check.{json,md}`` is rewritten with everything finished so far (device,
 driver, CUDA, library versions), so a killed run still leaves its results. Without CUDA (and without
@@ -40,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # seconds per part: what each took on an H200 (memory: 10 cells at about 21 s each), with room;
 # the total --budget caps them all
-TIMEOUTS = {"correctness": 180, "memory": 240, "throughput": 200, "recipe": 150}
+TIMEOUTS = {"correctness": 180, "memory": 240, "throughput": 200, "recipe": 150, "fsdp": 120, "scale": 480}
 
 
 def device_info() -> dict:
@@ -186,13 +194,65 @@ def recipe(ctx) -> dict:
     return result
 
 
-PARTS = {"correctness": correctness, "memory": memory, "throughput": throughput, "recipe": recipe}
+def fsdp(ctx) -> dict:
+    name = ctx.suffix
+    result = run_part(
+        [sys.executable, "benchmarks/fsdp_check.py", "--model", ctx.model, "--out", str(ctx.out), "--name", name],
+        ctx.timeout("fsdp"),
+    )
+    path = ctx.out / f"fsdp-check{name}.json"
+    if path.exists():
+        result["summary"] = json.loads(path.read_text())
+    return result
+
+
+def scale(ctx) -> dict:
+    """The 8B shape: written once (random weights), then throughput and the memory estimate on it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from shapes import write
+
+    # a dry run writes the same preset at a tiny width (every code path, a few MB)
+    tiny = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    started = time.perf_counter()
+    folder = str(write("llama-3.1-8b", ctx.shapes_dir, progress=False, **(tiny if ctx.dry_run else {})))
+    written = round(time.perf_counter() - started, 1)
+    sizes = ["--seq-len", "64", "--batch", "4", "--steps", "2"] if ctx.dry_run else ["--steps", "10"]
+    name = "gpu-8b" + ctx.suffix
+    cmd = [sys.executable, "benchmarks/throughput.py", "--model", folder, *sizes, "--repeats", "1"]
+    result = run_part([*cmd, "--out", str(ctx.out), "--name", name], ctx.timeout("scale") * 0.7)
+    result["write_seconds"] = written
+    path = ctx.out / f"throughput-{name}.json"
+    if result["status"] == "passed" and path.exists():
+        data = json.loads(path.read_text())
+        result["summary"] = {**data["summary"], **{k: data["settings"][k] for k in ("batch", "seq_len", "repeats")}}
+    cmd = [sys.executable, "benchmarks/memory_accuracy.py", "--grid", "gpu", "--model", folder, "--limit", "2"]
+    memory_name = "memory_accuracy-gpu-8b" + ctx.suffix
+    if ctx.dry_run:
+        cmd += ["--max-seq-len", "64"]
+    estimate = run_part([*cmd, "--out", str(ctx.out), "--name", memory_name], ctx.timeout("scale"))
+    path = ctx.out / f"{memory_name}.json"
+    if estimate["status"] == "passed" and path.exists():
+        result["memory"] = json.loads(path.read_text())["summary"]
+    if estimate["status"] != "passed":
+        result["status"] = estimate["status"]
+    return result
+
+
+PARTS = {
+    "correctness": correctness,
+    "fsdp": fsdp,
+    "memory": memory,
+    "throughput": throughput,
+    "scale": scale,
+    "recipe": recipe,
+}
 
 
 class Context:
     def __init__(self, args, work: Path):
         self.dry_run, self.model, self.work = args.dry_run, args.model, work
         self.tests, self.memory_cells = args.tests, args.memory_cells
+        self.shapes_dir = Path(args.shapes_dir) if args.shapes_dir else (work / "shapes" if args.dry_run else None)
         self.out = Path(args.out)
         self.suffix = "-dry-run" if args.dry_run else ""
         self.deadline = time.monotonic() + (args.budget if not args.dry_run else max(args.budget, 2400))
@@ -275,6 +335,18 @@ def _headline(name: str, part: dict) -> str:
             f"{s['within_goal']}/{s['cells']} cells within {100 * s['goal']:.0f}%, max abs error "
             f"{100 * s['max_abs_error']:.1f}%, mean {100 * s['mean_abs_error']:.1f}%"
         )
+    if name == "fsdp":
+        return f"NF4 bytes unchanged after a bf16 FSDP2 step: {s['nf4_bytes_unchanged']}; loss {s['loss']:.4f}"
+    if name == "scale":
+        memory = part.get("memory") or {}
+        within = f"; estimate {memory.get('within_goal')}/{memory.get('cells')} within 10%" if memory else ""
+        mfu = s["ours"].get("mfu")
+        mfu_text = f", MFU {100 * mfu:.1f}%" if mfu is not None else ""
+        return (
+            f"8B shape (random weights): ours {s['ours']['tokens_per_second']:,.0f} vs baseline "
+            f"{s['baseline']['tokens_per_second']:,.0f} tokens/s (x{s['speedup']:.2f}), peak memory "
+            f"x{s['memory_ratio']:.2f}{mfu_text}{within}"
+        )
     if name == "throughput":
         return (
             f"ours {s['ours']['tokens_per_second']:,.0f} vs baseline {s['baseline']['tokens_per_second']:,.0f} "
@@ -294,6 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--tests", help="correctness: only the tests matching this pytest -k expression (a re-run)")
     p.add_argument("--memory-cells", type=int, help="memory: only the first N cells of the grid (a re-run)")
     p.add_argument("--budget", type=float, default=470, help="seconds for all parts together")
+    p.add_argument("--shapes-dir", help="scale: where the 8B shape is written (default ~/.cache/qadapters/shapes)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     import torch

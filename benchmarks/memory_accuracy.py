@@ -16,6 +16,12 @@ a GPU (against ``tensors``, the estimate without the CUDA context).
 
     python benchmarks/memory_accuracy.py            # full grid (~15 minutes on 2 CPU cores)
     python benchmarks/memory_accuracy.py --quick    # 4 cells, for CI and a first look
+    python benchmarks/memory_accuracy.py --grid scale   # the 1B shape (random weights, shapes.py)
+    python benchmarks/memory_accuracy.py --grid fsdp    # per-rank memory under 2 processes, DDP vs FSDP
+
+A cell with ``parallel`` ("ddp" or "fsdp") runs under ``torchrun --nproc-per-node 2`` (gloo on CPU): the model
+is wrapped in DDP or sharded by ``training/fsdp.py`` after loading, and the peak is that of the training
+steps on each rank (the larger of the two), against ``estimate_memory(processes=2, fsdp=...)``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ def estimate(cell: dict, device: str) -> dict:
         gradient_checkpointing=cell["checkpointing"],
         optimizer=cell.get("optimizer", "adamw"),
         device=device,
+        processes=2 if cell.get("parallel") else 1,
+        fsdp=cell.get("parallel") == "fsdp",
     )
     return est.to_dict()
 
@@ -89,19 +97,22 @@ def measure(cell: dict) -> dict:
 
             enable_checkpointing(model.backbone)
         optimizer = build_optimizer(model, TrainConfig(optimizer=cell.get("optimizer", "adamw")))
+        if cell.get("parallel"):
+            model, optimizer = _parallel(model, cell["parallel"], cell.get("optimizer", "adamw"))
         generator = torch.Generator().manual_seed(0)
-        vocab = model.backbone.config.vocab_size
-        ids = torch.randint(min(10, vocab - 1), min(1000, vocab), (b, s), generator=generator).to(model.device)
-        mask = torch.ones(b, s, dtype=torch.long, device=model.device)
+        vocab = _unwrapped(model).backbone.config.vocab_size
+        device = _unwrapped(model).device
+        ids = torch.randint(min(10, vocab - 1), min(1000, vocab), (b, s), generator=generator).to(device)
+        mask = torch.ones(b, s, dtype=torch.long, device=device)
         mask[-1, : s // 4] = 0  # one padded row, as real batches have: the model builds its padding mask
-        labels = torch.randint(0, 2, (b,), generator=generator).to(model.device)
+        labels = torch.randint(0, 2, (b,), generator=generator).to(device)
         model.train()
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         # as train() runs it: under bf16 autocast on GPUs (TrainConfig(mixed_precision="auto"))
-        precision = resolve_mixed_precision(cell.get("mixed_precision", "auto"), model.device.type)
-        autocast = torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        precision = resolve_mixed_precision(cell.get("mixed_precision", "auto"), device.type)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.profiler.record_function("train_steps"):
             for _ in range(2):
                 with autocast:
@@ -133,6 +144,34 @@ def measure(cell: dict) -> dict:
     return {"peak_bytes": peak, "bytes_before_training": at_start, "how": "CPU allocator records (profiler)"}
 
 
+def _parallel(model, kind: str, optimizer_name: str):
+    """``model`` in DDP, or sharded by FSDP2 as ``train(fsdp=True)`` shards it (fp32: no cast), and its optimizer."""
+    import torch
+    import torch.distributed as dist
+
+    from adapters.config.training import TrainConfig
+    from adapters.training.fsdp import shard
+    from adapters.training.optim import build_optimizer
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if kind == "fsdp":
+        shard(model, "no", dist.get_world_size())
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    return model, build_optimizer(_unwrapped(model), TrainConfig(optimizer=optimizer_name))
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
+
+
+def _launcher(cell: dict) -> list[str]:
+    if cell.get("parallel"):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return [sys.executable]
+
+
 def grid(quick: bool, kind: str = "cpu") -> list[dict]:
     def cell(**kw):
         base = {
@@ -158,6 +197,22 @@ def grid(quick: bool, kind: str = "cpu") -> list[dict]:
             cell(quantization="int8", seq_len=1024, checkpointing=True),
             cell(quantization="int8", method="bottleneck", batch=8, seq_len=256),
         ]
+    if kind == "scale":  # the 1B shape: nf4/int8, LoRA/bottleneck, with and without checkpointing
+        from shapes import write
+
+        folder = str(write("llama-3.2-1b"))
+        return [
+            cell(model=folder, quantization=q, method=m, batch=2, seq_len=128, checkpointing=c)
+            for q in ("nf4", "int8")
+            for m in ("lora", "bottleneck")
+            for c in (False, True)
+        ]
+    if kind == "fsdp":  # per rank, 2 processes: DDP (whole weights) vs FSDP (1/2 of them)
+        return [
+            cell(quantization=q, method=m, parallel=p)
+            for q, m in (("nf4", "lora"), ("nf4", "bottleneck"), (None, "lora"))
+            for p in ("ddp", "fsdp")
+        ]
     if quick:
         return [cell(), cell(quantization=None), cell(method="bottleneck", batch=8), cell(checkpointing=True, batch=8)]
     cells = []
@@ -181,7 +236,10 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", help="run every cell on this model instead (a packaged name or a folder)")
     p.add_argument(
-        "--grid", choices=["cpu", "gpu"], default="cpu", help="the cells: CPU-sized or GPU-sized (8-16 x 128-2048)"
+        "--grid",
+        choices=["cpu", "gpu", "scale", "fsdp"],
+        default="cpu",
+        help="the cells: CPU-sized, GPU-sized (8-16 x 128-2048), the 1B shape, or 2-process DDP vs FSDP",
     )
     p.add_argument("--max-seq-len", type=int, help="clamp every cell's length (a dry run on a tiny model)")
     p.add_argument("--name", help="result file name (default: memory_accuracy[-quick|-gpu])")
@@ -203,11 +261,13 @@ def main(argv=None) -> dict:
         cells = [{**c, "seq_len": min(c["seq_len"], args.max_seq_len)} for c in cells]
     for cell in tqdm(cells, desc="cells"):
         est = estimate(cell, device)
-        proc = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cell)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [*_launcher(cell), __file__, "--measure", json.dumps(cell)], capture_output=True, text=True
+        )
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"measuring {cell} failed:\n{proc.stderr[-3000:]}")
-        got = json.loads(lines[-1][7:])
+        got = max((json.loads(x[7:]) for x in lines), key=lambda r: r["peak_bytes"])  # the fuller rank
         error = est["tensors"] / got["peak_bytes"] - 1
         rows.append(
             {
@@ -255,19 +315,21 @@ def main(argv=None) -> dict:
         "seq_len",
         "checkpointing",
         "optimizer",
+        "processes",
         "estimate MiB",
         "measured MiB",
         "error",
     ]
     table = [
         [
-            r["model"],
+            Path(r["model"]).name,
             r["quantization"],
             r["method"],
             r["batch"],
             r["seq_len"],
             r["checkpointing"],
             r.get("optimizer", "adamw"),
+            f"2, {r['parallel'].upper()}" if r.get("parallel") else "1",
             f"{r['estimate_mib']:.1f}",
             f"{r['measured_mib']:.1f}",
             f"{100 * r['error']:+.1f}%",
@@ -289,7 +351,7 @@ def main(argv=None) -> dict:
         + "\n\n"
         + notes
     )
-    name = args.name or "memory_accuracy" + ("-quick" if args.quick else "-gpu" if args.grid == "gpu" else "")
+    name = args.name or "memory_accuracy" + ("-quick" if args.quick else "" if args.grid == "cpu" else f"-{args.grid}")
     path = write_results(name, result, text, Path(args.out))
     _plot(result, path.with_suffix(".png"))
     print(text)

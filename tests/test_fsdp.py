@@ -90,6 +90,19 @@ def test_fsdp_in_one_process_says_it_trains_unsharded(tiny_llama, capsys):
     assert result["world_size"] == 1 and "fsdp_frozen_bytes_per_rank" not in result
 
 
+def test_accelerate_launch_use_fsdp_asks_for_ours(tiny_llama, capsys, monkeypatch):
+    """``accelerate launch --use_fsdp`` sets ACCELERATE_USE_FSDP: read as fsdp=True (on CPUs Accelerate alone
+    would silently train with DDP), and left as it was for the caller."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    model = adapters.adapt(tiny_llama, head=adapters.Classification(labels=["neg", "pos"]), quantization="int8")
+    with pytest.raises(ConfigError, match="fsdp=True with quantization='int8'"):
+        adapters.train(model, toy_sentiment(8), config=adapters.TrainConfig(progress=False))
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["neg", "pos"]))
+    adapters.train(model, toy_sentiment(8), config=adapters.TrainConfig(max_steps=1, progress=False))
+    assert "nothing to shard" in capsys.readouterr().out
+    assert os.environ["ACCELERATE_USE_FSDP"] == "true"
+
+
 def test_4bit_storage_is_reinterpreted_not_converted(tiny_llama):
     """The bytes FSDP gathers in bf16 are the packed 4-bit bytes themselves: same bytes, same logits."""
     import bitsandbytes as bnb

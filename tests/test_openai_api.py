@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -124,3 +125,84 @@ def test_classification_still_answers_beside_generation(client):
     _, http = client
     answer = http.post("/v1/models/sentiment/predict", json={"texts": ["good fun film"]}).json()
     assert answer["predictions"][0]["prediction"] in ("neg", "pos")
+
+
+@pytest.mark.parametrize("second", ["gen_b", "sentiment"])
+def test_a_request_waits_for_decoding_steps_not_for_a_whole_generation(served, second):
+    """A 40-token generation of ``gen_a`` is held at its 5th decoding step until a second request asks:
+    another adapter on the same backbone (``gen_b``, 3 tokens) gets the backbone at the next step, the two
+    then alternate step by step; the classifier (a backbone of its own: no LM head) never waits at all.
+    Both answer long before the generation ends, and the generation's text is the one it gives alone."""
+    import threading
+
+    import torch
+    from transformers import StoppingCriteria
+
+    generator, other = served[0]["gen_a"], served[0][second]
+    group = generator.group
+    settings = {"max_new_tokens": 40, "min_new_tokens": 40}
+    alone = generator.predict([PROMPT], **settings)
+    steps, answered_at = [0], []
+    second_asked = threading.Event()
+
+    class CountSteps(StoppingCriteria):  # runs before TakeTurns; holds step 5 until the second request asks
+        def __call__(self, input_ids, scores, **kwargs):
+            steps[0] += 1
+            if steps[0] == 5:
+                second_asked.wait(timeout=60)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    def generate_counting(prompts, batch_size=32, **kwargs):
+        if threading.current_thread() is generation:  # gen_a's steps only
+            kwargs["stopping_criteria"].insert(0, CountSteps())
+        return type(group.model).generate(group.model, prompts, batch_size, **kwargs)
+
+    def ask():
+        other.predict(
+            [PROMPT] if second == "gen_b" else ["good fun film"], **({"max_new_tokens": 3} if second == "gen_b" else {})
+        )
+        answered_at.append(steps[0])
+
+    group.model.generate = generate_counting
+    try:
+        generated: list[str] = []
+        generation = threading.Thread(target=lambda: generated.extend(generator.predict([PROMPT], **settings)))
+        generation.start()
+        while steps[0] < 5 and generation.is_alive():
+            time.sleep(0.001)
+        asking = threading.Thread(target=ask)
+        asking.start()
+        shared = other.group is group
+        while shared and not group.lock.waiting() and asking.is_alive():  # it has asked for the backbone
+            time.sleep(0.001)
+        if not shared:
+            asking.join(timeout=60)  # answered while the generation holds its own backbone at step 5
+        second_asked.set()
+        asking.join(timeout=60)
+        generation.join(timeout=60)
+    finally:
+        del group.model.generate
+    assert generated == alone  # adapter, head and padding side put back after each turn
+    if second == "gen_b":
+        assert answered_at[0] <= 5 + 3  # its 3 steps alternate with the generation's, then it answers
+        assert group.turns_taken > 0
+    else:
+        assert answered_at == [5]
+
+
+def test_a_seeded_sample_is_the_same_whatever_runs_between_its_steps(served):
+    import threading
+
+    seeded, other = served[0]["gen_b"], served[0]["gen_a"]
+    settings = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5}
+    alone = seeded.predict([PROMPT], seed=7, **settings)
+    sampled: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: sampled.extend(seeded.predict([PROMPT], seed=7, **settings))),
+        threading.Thread(target=lambda: other.predict([PROMPT], **settings)),  # unseeded, drawing meanwhile
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sampled == alone

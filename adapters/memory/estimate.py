@@ -33,7 +33,10 @@ the estimate is the sum of
 
 Under DDP every device holds everything plus a second copy of the gradients (the buckets
 all-reduce reads from); under FSDP the base weights, trainable parameters, gradients and optimizer
-states are divided by the number of processes, and one block is gathered whole at a time.
+states are divided by the number of processes, and during a step the root's parameters (embeddings,
+final norm, head) are gathered whole for the forward and backward, with two blocks at a time (the one
+running and the next one, prefetched): measured per rank on 2 CPU processes,
+``benchmarks/results/memory_accuracy-fsdp.md``.
 """
 
 from __future__ import annotations
@@ -398,10 +401,7 @@ def estimate_memory(
     )
     transient += weights.pop("widest_weight")
     if fsdp and processes > 1:
-        block_share = (weights["base_quantized"] + weights["base_unquantized"]) / max(blocks, 1)
-        for part in ("base_quantized", "base_unquantized", "trainable", "gradients", "optimizer"):
-            weights[part] = math.ceil(weights[part] / processes)
-        transient += int(block_share)  # one block all-gathered at a time
+        transient += _fsdp_sharded(weights, _root_bytes(meta, compute_dtype), blocks, processes)
     elif processes > 1:
         weights["gradients"] *= 2  # DDP's all-reduce buckets hold a copy of the gradients
     settings = {
@@ -428,6 +428,26 @@ def estimate_memory(
         trainable_params=counts[0],
         total_params=counts[1],
         settings=settings,
+    )
+
+
+def _fsdp_sharded(weights: dict[str, Any], root: int, blocks: int, processes: int) -> int:
+    """Divide ``weights`` by the processes, as FSDP2 per block shards them (``training/fsdp.py``), and return
+    the bytes it gathers on top during a step: the root's parameters (``root`` bytes: embeddings, final
+    norm, head), gathered for the whole forward and backward, and two blocks (the one running and the
+    next, prefetched)."""
+    block = (weights["base_quantized"] + weights["base_unquantized"] - root) / max(blocks, 1)
+    for part in ("base_quantized", "base_unquantized", "trainable", "gradients", "optimizer"):
+        weights[part] = math.ceil(weights[part] / processes)
+    return int(2 * block) + root - math.ceil(root / processes)
+
+
+def _root_bytes(meta: Any, compute_dtype: torch.dtype) -> int:
+    """Bytes of the frozen parameters outside the transformer blocks (never quantized: embeddings, norms)."""
+    _, stack = find_block_stack(meta.backbone)
+    inside = {id(p) for p in stack.parameters()}
+    return sum(
+        p.numel() * compute_dtype.itemsize for p in meta.parameters() if id(p) not in inside and not p.requires_grad
     )
 
 

@@ -4,7 +4,14 @@ on one base. The first artifact of a group is loaded with ``adapters.load``; eac
 through its adapter kind (``AdapterSpec.join``: another named peft adapter, another set of hooked
 bottleneck layers) and keeps its own small head. A request runs with its artifact's adapter switched
 on and the others off (``AdapterSpec.switch``), under the group's lock, so one backbone answers for
-all of them."""
+all of them.
+
+Generation takes turns. The lock is granted in the order it was asked for (``TurnLock``), and a generating
+request gives it up after every decoding step when someone is waiting (``TakeTurns``, a transformers
+``StoppingCriteria`` that never stops), then takes its place again with its adapter, head and random state
+put back. So a classification request waits behind a long generation for at most **one decoding step of
+each generation in progress** (plus the batches ahead of it), not for whole generations, and a seeded
+generation samples the same text whatever runs in between."""
 
 from __future__ import annotations
 
@@ -36,9 +43,16 @@ class Served:
     max_length: int
     handle: Any = None  # how its adapter is switched on and off (``AdapterSpec.switch``)
 
-    def predict(self, inputs: list, probabilities: bool, **settings: Any) -> list:
-        """Predictions of this artifact (``settings``: generation settings, for heads that generate)."""
+    def predict(self, inputs: list, probabilities: bool = False, seed: int | None = None, **settings: Any) -> list:
+        """Predictions of this artifact (``settings``: generation settings, for heads that generate, which
+        take turns with other requests after every decoding step; ``seed``: sampling seeded)."""
         with self.group.selected(self) as model:
+            if getattr(self.head_spec, "lm_logits", False):
+                settings["stopping_criteria"] = _take_turns(self.group, self)
+                if seed is not None:
+                    import torch
+
+                    torch.manual_seed(seed)
             return model.predict(inputs, probabilities=probabilities, **settings)
 
     def describe(self) -> dict:
@@ -52,6 +66,38 @@ class Served:
         }
 
 
+class TurnLock:
+    """A lock granted in the order it was asked for (a ticket lock): a thread that releases it and asks
+    again goes behind those already waiting, which ``threading.Lock`` does not promise."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._next = self._serving = 0
+
+    def acquire(self) -> None:
+        with self._changed:
+            ticket = self._next
+            self._next += 1
+            self._changed.wait_for(lambda: self._serving == ticket)
+
+    def release(self) -> None:
+        with self._changed:
+            self._serving += 1
+            self._changed.notify_all()
+
+    def waiting(self) -> int:
+        """Threads waiting for the lock (besides its holder)."""
+        with self._changed:
+            return max(self._next - self._serving - 1, 0)
+
+    def __enter__(self) -> TurnLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 @dataclass
 class SharedBackbone:
     """One loaded base and the artifacts served on it."""
@@ -60,7 +106,8 @@ class SharedBackbone:
     key: tuple
     model: Any  # the AdaptedModel of the group's first artifact: its backbone is the shared base
     members: list[Served] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: TurnLock = field(default_factory=TurnLock)
+    turns_taken: int = 0  # times a generation gave way to a waiting request (``TakeTurns``)
 
     def accepts(self, key: tuple, adapter) -> bool:
         return key == self.key and (adapter is None or adapter.can_join(self.model))
@@ -71,16 +118,51 @@ class SharedBackbone:
         model = self.model
         with self.lock:
             saved = model.head, model.head_spec, model.max_length
-            for other in self.members:
-                if other.adapter is not None:
-                    other.adapter.switch(model, other.handle, False)
-            if member.adapter is not None:
-                member.adapter.switch(model, member.handle, True)
-            model.head, model.head_spec, model.max_length = member.head, member.head_spec, member.max_length
+            self.activate(member)
             try:
                 yield model
             finally:
                 model.head, model.head_spec, model.max_length = saved
+
+    def activate(self, member: Served) -> None:
+        """The shared model computing as ``member`` (the caller holds the lock)."""
+        model = self.model
+        for other in self.members:
+            if other.adapter is not None:
+                other.adapter.switch(model, other.handle, False)
+        if member.adapter is not None:
+            member.adapter.switch(model, member.handle, True)
+        model.head, model.head_spec, model.max_length = member.head, member.head_spec, member.max_length
+
+
+def _take_turns(group: SharedBackbone, member: Served) -> Any:
+    """A ``StoppingCriteriaList`` whose one criterion gives the backbone to waiting requests after each
+    decoding step and never stops the generation itself."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tokenizer = group.model.tokenizer
+    resting_side = tokenizer.padding_side  # what other requests expect; generation pads on the left
+
+    class TakeTurns(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            if group.lock.waiting():
+                model = group.model
+                state = model.head, model.head_spec, model.max_length, tokenizer.padding_side
+                rng = torch.get_rng_state()
+                cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+                tokenizer.padding_side = resting_side
+                group.turns_taken += 1
+                group.lock.release()  # those waiting run now, in order; then this generation again
+                group.lock.acquire()
+                group.activate(member)
+                model.head, model.head_spec, model.max_length, tokenizer.padding_side = state
+                torch.set_rng_state(rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([TakeTurns()])
 
 
 def _group_key(artifact: Artifact) -> tuple:

@@ -10,8 +10,9 @@ clients users already have (the ``openai`` package, anything that speaks its API
   artifact for a completion is a 400 saying so.
 
 Requests without streaming or a seed go through the artifact's ``Batcher`` (batched with requests of
-the same settings, behind the bounded queue); streamed or seeded ones run on their own, under the shared
-backbone's lock (a seed must not leak into another request's sampling).
+the same settings, behind the bounded queue); streamed or seeded ones run on their own. All of them take
+turns on the shared backbone after every decoding step (``backbones.TakeTurns``), with their random state
+kept apart, so a seed gives the same text whatever runs in between.
 """
 
 from __future__ import annotations
@@ -132,18 +133,13 @@ async def complete(member: Served, batcher: Batcher, prompt: Any, request: dict[
 
 
 def _seeded(member: Served, prompt: Any, request: dict[str, Any]) -> str:
-    import torch
-
-    with member.group.selected(member) as model:  # the seed and the sampling under one lock
-        torch.manual_seed(request["seed"])
-        return str(model.predict([prompt], **request["settings"])[0])
+    return str(member.predict([prompt], seed=request["seed"], **request["settings"])[0])
 
 
 def stream(member: Served, prompt: Any, request: dict[str, Any]) -> Iterator[str]:
     """The completion's text as it is generated (a worker thread generates; this yields its pieces)."""
     import threading
 
-    import torch
     from transformers import TextIteratorStreamer
 
     model = member.group.model
@@ -152,10 +148,7 @@ def stream(member: Served, prompt: Any, request: dict[str, Any]) -> Iterator[str
 
     def run() -> None:
         try:
-            with member.group.selected(member) as selected:
-                if request["seed"] is not None:
-                    torch.manual_seed(request["seed"])
-                selected.predict([prompt], **request["settings"], streamer=streamer)
+            member.predict([prompt], seed=request["seed"], streamer=streamer, **request["settings"])
         except BaseException as err:  # noqa: BLE001 - reported to the stream's reader
             failure.append(err)
             streamer.end()
