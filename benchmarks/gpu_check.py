@@ -213,6 +213,7 @@ def scale(ctx) -> dict:
 
     # a dry run writes the same preset at a tiny width (every code path, a few MB)
     tiny = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    tiny["num_key_value_heads"] = 2
     started = time.perf_counter()
     folder = str(write("llama-3.1-8b", ctx.shapes_dir, progress=False, **(tiny if ctx.dry_run else {})))
     written = round(time.perf_counter() - started, 1)

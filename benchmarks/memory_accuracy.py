@@ -18,6 +18,7 @@ a GPU (against ``tensors``, the estimate without the CUDA context).
     python benchmarks/memory_accuracy.py --quick    # 4 cells, for CI and a first look
     python benchmarks/memory_accuracy.py --grid scale   # the 1B shape (random weights, shapes.py)
     python benchmarks/memory_accuracy.py --grid fsdp    # per-rank memory under 2 processes, DDP vs FSDP
+    python benchmarks/memory_accuracy.py --grid fsdp-scale  # the same at the 1B shape
 
 A cell with ``parallel`` ("ddp" or "fsdp") runs under ``torchrun --nproc-per-node 2`` (gloo on CPU): the model
 is wrapped in DDP or sharded by ``training/fsdp.py`` after loading, and the peak is that of the training
@@ -83,6 +84,8 @@ def measure(cell: dict) -> dict:
     gpu = torch.cuda.is_available()
     b, s = cell["batch"], cell["seq_len"]
 
+    frozen: dict[str, int] = {}
+
     def run():
         model = adapters.adapt(
             cell["model"], adapter=adapter, head=head, quantization=cell["quantization"], max_length=s
@@ -98,7 +101,10 @@ def measure(cell: dict) -> dict:
             enable_checkpointing(model.backbone)
         optimizer = build_optimizer(model, TrainConfig(optimizer=cell.get("optimizer", "adamw")))
         if cell.get("parallel"):
+            from adapters.backbone.sharded import local_bytes
+
             model, optimizer = _parallel(model, cell["parallel"], cell.get("optimizer", "adamw"))
+            frozen["frozen_bytes_here"], frozen["frozen_bytes"] = local_bytes(_unwrapped(model))
         generator = torch.Generator().manual_seed(0)
         vocab = _unwrapped(model).backbone.config.vocab_size
         device = _unwrapped(model).device
@@ -124,7 +130,7 @@ def measure(cell: dict) -> dict:
 
     if gpu:
         run()
-        return {"peak_bytes": torch.cuda.max_memory_allocated(), "how": "torch.cuda.max_memory_allocated"}
+        return {"peak_bytes": torch.cuda.max_memory_allocated(), "how": "torch.cuda.max_memory_allocated", **frozen}
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -141,7 +147,7 @@ def measure(cell: dict) -> dict:
         live += e.nbytes()
         if e.start_ns() >= start:
             peak = max(peak, live)
-    return {"peak_bytes": peak, "bytes_before_training": at_start, "how": "CPU allocator records (profiler)"}
+    return {"peak_bytes": peak, "bytes_before_training": at_start, "how": "CPU allocator records (profiler)", **frozen}
 
 
 def _parallel(model, kind: str, optimizer_name: str):
@@ -207,6 +213,11 @@ def grid(quick: bool, kind: str = "cpu") -> list[dict]:
             for m in ("lora", "bottleneck")
             for c in (False, True)
         ]
+    if kind == "fsdp-scale":  # the same at the 1B shape, where the frozen base dominates
+        from shapes import write
+
+        folder = str(write("llama-3.2-1b"))
+        return [cell(model=folder, batch=1, seq_len=128, parallel=p) for p in ("ddp", "fsdp")]
     if kind == "fsdp":  # per rank, 2 processes: DDP (whole weights) vs FSDP (1/2 of them)
         return [
             cell(quantization=q, method=m, parallel=p)
@@ -237,7 +248,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", help="run every cell on this model instead (a packaged name or a folder)")
     p.add_argument(
         "--grid",
-        choices=["cpu", "gpu", "scale", "fsdp"],
+        choices=["cpu", "gpu", "scale", "fsdp", "fsdp-scale"],
         default="cpu",
         help="the cells: CPU-sized, GPU-sized (8-16 x 128-2048), the 1B shape, or 2-process DDP vs FSDP",
     )
@@ -289,6 +300,7 @@ def main(argv=None) -> dict:
                     )
                 },
                 "measured_before_training_mib": (got.get("bytes_before_training") or 0) / MIB,
+                **({"frozen_mib_per_rank": got["frozen_bytes_here"] / MIB} if "frozen_bytes_here" in got else {}),
             }
         )
         tqdm.write(

@@ -116,9 +116,27 @@ def test_openai_refusals_are_400s_naming_the_problem(client):
         openai_client.completions.create(model="nope", prompt=PROMPT)
     with pytest.raises(openai.BadRequestError, match="top_p"):
         openai_client.completions.create(model="gen_a", prompt=PROMPT, top_p=1.5)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        openai_client.completions.create(model="gen_a", prompt=PROMPT, n=2)
+    with pytest.raises(openai.BadRequestError, match="n must be an integer from 1 to 16"):
+        openai_client.completions.create(model="gen_a", prompt=PROMPT, n=17)
+    with pytest.raises(openai.BadRequestError, match="n > 1 is answered whole"):
+        openai_client.completions.create(model="gen_a", prompt=PROMPT, n=2, stream=True)
     assert http.post("/v1/chat/completions", content=b"{not json").status_code == 400
+
+
+def test_n_choices_come_in_one_answer_with_their_usage_summed(client):
+    openai_client, _ = client
+    greedy = openai_client.completions.create(model="gen_a", prompt=PROMPT, max_tokens=3, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert {c.text for c in greedy.choices} == {ANSWERS["gen_a"]}  # greedy: the same text three times
+    assert greedy.usage.prompt_tokens == 6 and greedy.usage.completion_tokens == 9
+    sampled = [
+        openai_client.chat.completions.create(
+            model="gen_b", messages=CHAT, max_tokens=6, n=4, temperature=2.0, seed=11
+        ).choices
+        for _ in range(2)
+    ]
+    assert len(sampled[0]) == 4
+    assert [c.message.content for c in sampled[0]] == [c.message.content for c in sampled[1]]  # seeded
 
 
 def test_classification_still_answers_beside_generation(client):

@@ -53,8 +53,12 @@ def test_every_other_command_names_what_exists(line):
         targets = re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert words[1] in targets, line
         return
-    scripts = [w for w in words if w.endswith(".py")]
     configs = [w for w in words if w.endswith((".yaml", ".yml"))]
+    if "-m" in words and words[words.index("-m") + 1] == "adapters":  # torchrun ... -m adapters <CLI>
+        args = parser().parse_args(words[words.index("-m") + 2 :])
+        assert callable(args.run) and all((ROOT / c).is_file() for c in configs), line
+        return
+    scripts = [w for w in words if w.endswith(".py")]
     assert scripts and all((ROOT / s).is_file() for s in scripts + configs), line
     script = scripts[0]
     if script.startswith("recipes/"):  # its flags parse with the recipe's own parser

@@ -3,7 +3,8 @@ clients users already have (the ``openai`` package, anything that speaks its API
 
 * ``POST /v1/chat/completions``: ``model`` names a served artifact, ``messages`` a chat (rendered with
   the base's chat template); ``POST /v1/completions``: a ``prompt``.
-* the usual settings: ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (1 only);
+* the usual settings: ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (up to 16 choices,
+  generated as one batch; not with streaming);
   ``stream: true`` answers with server-sent events, one chunk per piece of text as it is generated,
   ending in ``data: [DONE]``; ``usage`` counts the prompt's and the completion's tokens.
 * As OpenAI's API does, an argument it does not know is a 400 naming it; asking a classification
@@ -41,6 +42,7 @@ CHAT_FIELDS = {
     "stream",
     "user",
 }
+MAX_CHOICES = 16  # n: choices of one request, generated together as one batch
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
 
 
@@ -76,13 +78,16 @@ def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Serve
         )
     if input_field not in body:
         raise OpenAIError(400, f"Missing required parameter: {input_field!r}", input_field)
-    if body.get("n", 1) != 1:
-        raise OpenAIError(400, "n: only one choice per request is generated here (n=1)", "n")
+    n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise OpenAIError(400, f"n must be an integer from 1 to {MAX_CHOICES}", "n")
+    if n > 1 and body.get("stream"):
+        raise OpenAIError(400, "n > 1 is answered whole: ask without stream, or n=1 to stream", "n")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise OpenAIError(400, "stop must be a string or a list of non-empty strings", "stop")
-    request = {"stop": stop or [], "stream": bool(body.get("stream", False)), "seed": body.get("seed")}
+    request = {"stop": stop or [], "stream": bool(body.get("stream", False)), "seed": body.get("seed"), "n": n}
     if request["seed"] is not None and not (isinstance(request["seed"], int) and not isinstance(request["seed"], bool)):
         raise OpenAIError(400, "seed must be an integer", "seed")
     settings = {
@@ -123,17 +128,17 @@ def _finish(member: Served, completion: str, stopped: bool, settings: dict[str, 
     return "length" if tokens >= limit else "stop"
 
 
-async def complete(member: Served, batcher: Batcher, prompt: Any, request: dict[str, Any]) -> str:
-    """The whole completion of ``prompt`` (a text or a chat message list)."""
+async def complete(member: Served, batcher: Batcher, prompt: Any, request: dict[str, Any]) -> list[str]:
+    """The ``n`` whole completions of ``prompt`` (a text or a chat message list), generated as one batch."""
+    prompts = [prompt] * request["n"]
     if request["seed"] is None:
-        (text,) = await batcher.predict([prompt], False, **request["settings"])
-        return str(text)
+        return [str(text) for text in await batcher.predict(prompts, False, **request["settings"])]
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, _seeded, member, prompt, request)
+    return await loop.run_in_executor(None, _seeded, member, prompts, request)
 
 
-def _seeded(member: Served, prompt: Any, request: dict[str, Any]) -> str:
-    return str(member.predict([prompt], seed=request["seed"], **request["settings"])[0])
+def _seeded(member: Served, prompts: list[Any], request: dict[str, Any]) -> list[str]:
+    return [str(text) for text in member.predict(prompts, seed=request["seed"], **request["settings"])]
 
 
 def stream(member: Served, prompt: Any, request: dict[str, Any]) -> Iterator[str]:
@@ -208,25 +213,28 @@ async def sse(endpoint: str, member: Served, prompt: Any, request: dict[str, Any
     yield "data: [DONE]\n\n"
 
 
-def answer(endpoint: str, member: Served, prompt: Any, text: str, request: dict[str, Any]) -> dict[str, Any]:
-    """A whole (not streamed) chat or text completion, with its usage."""
-    text, stopped = _cut(text, request["stop"])
-    finish = _finish(member, text, stopped, request["settings"])
-    if endpoint == "chat":
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-        }
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+def answer(endpoint: str, member: Served, prompt: Any, texts: list[str], request: dict[str, Any]) -> dict[str, Any]:
+    """A whole (not streamed) chat or text completion with its choices, and their usage (the prompt counted
+    once, the completion tokens of every choice summed, as OpenAI counts them)."""
+    choices, kept = [], []
+    for index, generated in enumerate(texts):
+        text, stopped = _cut(generated, request["stop"])
+        finish = _finish(member, text, stopped, request["settings"])
+        kept.append(text)
+        if endpoint == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+        else:
+            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": None})
+    usage = _usage(member, prompt, kept[0])
+    usage["completion_tokens"] = sum(_usage(member, prompt, text)["completion_tokens"] for text in kept)
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return {
         "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if endpoint == "chat" else "text_completion",
         "created": int(time.time()),
         "model": member.name,
-        "choices": [choice],
-        "usage": _usage(member, prompt, text),
+        "choices": choices,
+        "usage": usage,
     }
 
 

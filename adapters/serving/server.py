@@ -289,7 +289,7 @@ def add_openai_routes(
             oai.checked(parsed["settings"], member)
             if parsed["stream"]:
                 return StreamingResponse(oai.sse(endpoint, member, prompt, parsed), media_type="text/event-stream")
-            text = await oai.complete(member, batchers[member.name], prompt, parsed)
+            texts = await oai.complete(member, batchers[member.name], prompt, parsed)
         except oai.OpenAIError as err:
             return JSONResponse(status_code=err.status, content=err.body())
         except QueueFull as err:
@@ -297,7 +297,7 @@ def add_openai_routes(
             return JSONResponse(status_code=503, content=busy.body(), headers={"Retry-After": str(RETRY_AFTER_S)})
         except TimeoutError:
             return JSONResponse(status_code=504, content=oai.OpenAIError(504, "no answer within the timeout").body())
-        return oai.answer(endpoint, member, prompt, text, parsed)
+        return oai.answer(endpoint, member, prompt, texts, parsed)
 
     @app.post("/v1/chat/completions", dependencies=guard, openapi_extra=chat_schema, responses=errors)
     async def chat_completions(request: Request) -> Any:
