@@ -212,3 +212,31 @@ def test_serve_generation_quick(tiny_llama, tmp_path):
     assert set(payload["levels"]) == {"1", "4"} and all(r["tokens_per_second"] > 0 for r in payload["levels"].values())
     assert payload["memory"]["one_generative_mb"] > 0 and payload["classifier_p99_ms"]["during_generation"] > 0
     assert "| concurrency | tokens/s |" in (tmp_path / "serve-generation-quick.md").read_text()
+
+
+def test_shape_presets_build_the_released_models_sizes():
+    """Parameter counts of the random-weight presets, built on the meta device, against the released models'."""
+    import shapes
+
+    for name, shape in shapes.PRESETS.items():
+        built = shapes.parameter_count(name)
+        assert abs(built / shape.parameters - 1) < 0.01, (name, built, shape.parameters)
+
+
+def test_a_shape_is_written_in_shards_with_the_packaged_tokenizer(tmp_path):
+    """The 8B preset at a tiny width (as the GPU check's dry run writes it): sharded safetensors with an index,
+    a config that loads, the packaged tokenizer, and a note that the weights are random."""
+    import json
+
+    import shapes
+    from transformers import AutoConfig, AutoTokenizer
+
+    tiny = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128}
+    tiny.update(num_attention_heads=4, num_key_value_heads=2, vocab_size=49152)
+    folder = shapes.write("llama-3.1-8b", tmp_path / "shape", progress=False, **tiny)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(shapes.tensor_shapes(shapes.config_for("llama-3.1-8b", **tiny)))
+    assert AutoConfig.from_pretrained(folder).num_hidden_layers == 2
+    assert AutoTokenizer.from_pretrained(folder).vocab_size <= 49152
+    assert "Random weights" in (folder / "RANDOM_WEIGHTS.txt").read_text()
+    assert shapes.write("llama-3.1-8b", folder, progress=False, **tiny) == folder  # complete: reused, not rewritten

@@ -62,7 +62,7 @@ from adapters.config.training import MIXED_PRECISION, OPTIMIZERS
 from adapters.errors import ConfigError
 from adapters.heads import Classification, HeadSpec
 from adapters.methods.spec import AdapterSpec
-from adapters.methods.targets import find_block_stack, linear_module_names
+from adapters.methods.targets import find_block_stack, linear_module_names, own_unit_embeddings
 from adapters.model import AdaptedModel
 
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
@@ -443,9 +443,13 @@ def _fsdp_sharded(weights: dict[str, Any], root: int, blocks: int, processes: in
 
 
 def _root_bytes(meta: Any, compute_dtype: torch.dtype) -> int:
-    """Bytes of the frozen parameters outside the transformer blocks (never quantized: embeddings, norms)."""
+    """Bytes of the frozen parameters FSDP2 keeps in the root unit (``training/fsdp.py``): outside the
+    transformer blocks and, unless tied to an LM head, outside the input embeddings (a unit of their own)."""
     _, stack = find_block_stack(meta.backbone)
     inside = {id(p) for p in stack.parameters()}
+    embeddings = own_unit_embeddings(meta.backbone)
+    if embeddings is not None:
+        inside |= {id(p) for p in embeddings.parameters()}
     return sum(
         p.numel() * compute_dtype.itemsize for p in meta.parameters() if id(p) not in inside and not p.requires_grad
     )

@@ -8,6 +8,7 @@ expression over full names, and a selection that matches nothing fails with the 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -93,3 +94,16 @@ def is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def own_unit_embeddings(backbone: Any) -> nn.Module | None:
+    """The input embeddings, when they can be sharded as a unit of their own: FSDP2 keeps the root's
+    parameters gathered for the whole forward and backward, and a large vocabulary's embeddings (1 GiB in
+    fp32 at Llama-3's 128K x 2048) held whole on every rank would cost more than sharding saves. A unit of
+    their own is gathered for the lookup only (frozen: backward never needs them). Not when the LM head
+    shares their weight (tied), which must stay in one unit with it."""
+    embeddings = backbone.get_input_embeddings()
+    output = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is embeddings.weight:
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None

@@ -5,7 +5,8 @@ Experiences on Scaling Fully Sharded Data Parallel", arXiv:2304.11277) each of N
 every parameter and gathers one transformer block's weights just before that block runs, freeing them
 after. With a 4-bit base this is FSDP-QLoRA (Answer.AI, 2024): the packed 4-bit bytes are sharded like any
 other tensor. We apply FSDP2 ourselves, one ``fully_shard`` per decoder block plus one for the whole model
-(which holds the embeddings, the head and the adapter's own layers), on CPUs (gloo) and GPUs (nccl) alike:
+(the final norm, the head and the adapter's own layers; the input embeddings are a unit of their own unless
+tied to an LM head), on CPUs (gloo) and GPUs (nccl) alike:
 Accelerate's FSDP switch is GPU-only and on CPUs silently trains with DDP instead.
 
 What keeps the 4-bit weights intact (bitsandbytes#1945, accelerate#3983):
@@ -33,7 +34,7 @@ from torch import nn
 from adapters.backbone.loading import base_fingerprint
 from adapters.backbone.sharded import local_bytes
 from adapters.errors import ConfigError
-from adapters.methods.targets import find_block_stack
+from adapters.methods.targets import find_block_stack, own_unit_embeddings
 
 
 def accelerate_fsdp_requested() -> bool:
@@ -119,6 +120,9 @@ def shard(model: nn.Module, precision: str, processes: int) -> ShardReport:
     _, blocks = find_block_stack(backbone)
     for block in blocks:
         fully_shard(block, mp_policy=policy)
+    embeddings = own_unit_embeddings(backbone)
+    if embeddings is not None:
+        fully_shard(embeddings, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     here, whole = local_bytes(model)
     return ShardReport(processes, len(blocks), here, whole, str(gather or "storage dtypes").replace("torch.", ""))
