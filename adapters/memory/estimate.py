@@ -33,9 +33,10 @@ the estimate is the sum of
 
 Under DDP every device holds everything plus a second copy of the gradients (the buckets
 all-reduce reads from); under FSDP the base weights, trainable parameters, gradients and optimizer
-states are divided by the number of processes, and during a step the root's parameters (embeddings,
-final norm, head) are gathered whole for the forward and backward, with two blocks at a time (the one
-running and the next one, prefetched): measured per rank on 2 CPU processes,
+states are divided by the number of processes, except the input embeddings, kept whole on every rank;
+during a step the root's parameters (final norm, head, tied embeddings) are gathered whole for the forward
+and backward, with two blocks at a time (the one running and the next one, prefetched): measured per rank on
+2 CPU processes,
 ``benchmarks/results/memory_accuracy-fsdp.md``.
 """
 
@@ -401,7 +402,7 @@ def estimate_memory(
     )
     transient += weights.pop("widest_weight")
     if fsdp and processes > 1:
-        transient += _fsdp_sharded(weights, _root_bytes(meta, compute_dtype), blocks, processes)
+        transient += _fsdp_sharded(weights, *_root_and_kept_bytes(meta, compute_dtype), blocks, processes)
     elif processes > 1:
         weights["gradients"] *= 2  # DDP's all-reduce buckets hold a copy of the gradients
     settings = {
@@ -431,28 +432,28 @@ def estimate_memory(
     )
 
 
-def _fsdp_sharded(weights: dict[str, Any], root: int, blocks: int, processes: int) -> int:
+def _fsdp_sharded(weights: dict[str, Any], root: int, kept: int, blocks: int, processes: int) -> int:
     """Divide ``weights`` by the processes, as FSDP2 per block shards them (``training/fsdp.py``), and return
-    the bytes it gathers on top during a step: the root's parameters (``root`` bytes: embeddings, final
-    norm, head), gathered for the whole forward and backward, and two blocks (the one running and the
-    next, prefetched)."""
-    block = (weights["base_quantized"] + weights["base_unquantized"] - root) / max(blocks, 1)
-    for part in ("base_quantized", "base_unquantized", "trainable", "gradients", "optimizer"):
+    the bytes it holds on top during a step: the root's parameters (``root`` bytes: final norm, head, tied
+    embeddings), gathered for the whole forward and backward, and two blocks (the one running and the
+    next, prefetched). The input embeddings (``kept`` bytes) are not sharded: whole on every rank."""
+    block = (weights["base_quantized"] + weights["base_unquantized"] - root - kept) / max(blocks, 1)
+    for part in ("base_quantized", "trainable", "gradients", "optimizer"):
         weights[part] = math.ceil(weights[part] / processes)
+    weights["base_unquantized"] = kept + math.ceil((weights["base_unquantized"] - kept) / processes)
     return int(2 * block) + root - math.ceil(root / processes)
 
 
-def _root_bytes(meta: Any, compute_dtype: torch.dtype) -> int:
-    """Bytes of the frozen parameters FSDP2 keeps in the root unit (``training/fsdp.py``): outside the
-    transformer blocks and, unless tied to an LM head, outside the input embeddings (a unit of their own)."""
+def _root_and_kept_bytes(meta: Any, compute_dtype: torch.dtype) -> tuple[int, int]:
+    """Bytes of the frozen parameters in FSDP2's root unit (outside the transformer blocks and the kept
+    embeddings), and of the input embeddings FSDP keeps whole on every rank (``own_unit_embeddings``)."""
     _, stack = find_block_stack(meta.backbone)
     inside = {id(p) for p in stack.parameters()}
     embeddings = own_unit_embeddings(meta.backbone)
-    if embeddings is not None:
-        inside |= {id(p) for p in embeddings.parameters()}
-    return sum(
-        p.numel() * compute_dtype.itemsize for p in meta.parameters() if id(p) not in inside and not p.requires_grad
-    )
+    kept = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    frozen = [p for p in meta.parameters() if not p.requires_grad and id(p) not in inside]
+    root = sum(p.numel() * compute_dtype.itemsize for p in frozen if id(p) not in kept)
+    return root, sum(p.numel() * compute_dtype.itemsize for p in frozen if id(p) in kept)
 
 
 def _check_arguments(

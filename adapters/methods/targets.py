@@ -97,11 +97,10 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def own_unit_embeddings(backbone: Any) -> nn.Module | None:
-    """The input embeddings, when they can be sharded as a unit of their own: FSDP2 keeps the root's
-    parameters gathered for the whole forward and backward, and a large vocabulary's embeddings (1 GiB in
-    fp32 at Llama-3's 128K x 2048) held whole on every rank would cost more than sharding saves. A unit of
-    their own is gathered for the lookup only (frozen: backward never needs them). Not when the LM head
-    shares their weight (tied), which must stay in one unit with it."""
+    """The input embeddings, when FSDP should keep them whole on every rank instead of sharding them
+    (``training/fsdp.py``): frozen, read a few rows per lookup, and large (1 GiB in fp32 at Llama-3's 128K x
+    2048 vocabulary), so gathering the whole table for each forward costs more than its shard saves. Not when
+    the LM head shares their weight (tied): that one is used whole, by the head, and stays in FSDP's root."""
     embeddings = backbone.get_input_embeddings()
     output = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else None
     if output is not None and getattr(output, "weight", None) is embeddings.weight:
