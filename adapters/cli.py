@@ -94,7 +94,7 @@ def cmd_estimate(args) -> int:
 def cmd_train(args) -> int:
     from adapters import adapt, train
     from adapters.artifacts.format import check_destination, save_artifact
-    from adapters.backbone.loading import resolve_mixed_precision
+    from adapters.backbone.loading import process_state, resolve_mixed_precision
     from adapters.config.run_file import load_run_config, to_yaml
     from adapters.data.encoding import check_rows
     from adapters.training.checkpoint import check_output_dir
@@ -130,8 +130,9 @@ def cmd_train(args) -> int:
     print(model.summary())
     metrics = train(model, train_rows, eval_rows, run.train)
     save_artifact(model, run.output, text_files={"config.yaml": to_yaml(run)})
-    print(json.dumps(metrics, indent=2))
-    print(f"artifact saved to {run.output}")
+    if process_state().is_main_process:  # under torchrun, one report, not one per process
+        print(json.dumps(metrics, indent=2))
+        print(f"artifact saved to {run.output}")
     return 0
 
 
