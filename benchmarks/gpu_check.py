@@ -197,7 +197,7 @@ def recipe(ctx) -> dict:
 def fsdp(ctx) -> dict:
     name = ctx.suffix
     result = run_part(
-        [sys.executable, "benchmarks/fsdp_check.py", "--model", ctx.model, "--out", str(ctx.out), "--name", name],
+        [sys.executable, "benchmarks/fsdp_check.py", "--model", ctx.model, "--out", str(ctx.out), f"--name={name}"],
         ctx.timeout("fsdp"),
     )
     path = ctx.out / f"fsdp-check{name}.json"

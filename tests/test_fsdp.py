@@ -132,9 +132,7 @@ def fsdp_run(tiny_llama, tmp_path_factory):
 
 
 @pytest.mark.slow  # subprocess runs end to end; `make test` runs them
-@pytest.mark.parametrize(
-    "adapter,quantization", [("lora", "nf4"), ("bottleneck", "nf4"), ("lora", "none"), ("bottleneck", "none")]
-)
+@pytest.mark.parametrize("adapter,quantization", [("lora", "nf4"), ("bottleneck", "none")])  # both of each
 def test_fsdp_on_two_processes_matches_one_process(tiny_llama, tmp_path, adapter, quantization, request):
     common = ["--model", tiny_llama, "--adapter", adapter, "--quantization", quantization]
     if (adapter, quantization) == ("lora", "nf4"):

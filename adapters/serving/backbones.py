@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from adapters.artifacts.format import Artifact, open_artifact
@@ -50,8 +51,6 @@ class Served:
             if getattr(self.head_spec, "lm_logits", False):
                 settings["stopping_criteria"] = _take_turns(self.group, self)
                 if seed is not None:
-                    import torch
-
                     torch.manual_seed(seed)
             return model.predict(inputs, probabilities=probabilities, **settings)
 
@@ -138,7 +137,6 @@ class SharedBackbone:
 def _take_turns(group: SharedBackbone, member: Served) -> Any:
     """A ``StoppingCriteriaList`` whose one criterion gives the backbone to waiting requests after each
     decoding step and never stops the generation itself."""
-    import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     tokenizer = group.model.tokenizer
