@@ -7,10 +7,9 @@ after. With a 4-bit base this is FSDP-QLoRA (Answer.AI, 2024): the packed 4-bit 
 other tensor. We apply FSDP2 ourselves, one ``fully_shard`` per decoder block plus one for the whole model
 (the final norm, the head and the adapter's own layers), on CPUs (gloo) and GPUs (nccl) alike. The frozen input
 embeddings (unless tied to an LM head) are kept whole on every rank, outside FSDP: a lookup reads a few rows,
-and gathering the whole table for it (twice its size in flight on gloo) cost more than sharding saved
-(measured at the Llama-3.2-1B shape: its 1 GiB fp32 table, sharded, raised the per-rank peak above DDP's).
-Accelerate's FSDP switch is GPU-only and on CPUs silently trains with DDP, hence our own:
-Accelerate's FSDP switch is GPU-only and on CPUs silently trains with DDP instead.
+and gathering the whole table for it cost more than sharding saved (measured at the Llama-3.2-1B shape: its
+1 GiB fp32 table, sharded, raised the per-rank peak above DDP's). Accelerate's FSDP switch is GPU-only and on
+CPUs silently trains with DDP instead, hence our own.
 
 What keeps the 4-bit weights intact (bitsandbytes#1945, accelerate#3983):
 
