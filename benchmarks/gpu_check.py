@@ -208,8 +208,7 @@ def fsdp(ctx) -> dict:
 
 def scale(ctx) -> dict:
     """The 8B shape: written once (random weights), then throughput and the memory estimate on it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from shapes import write
+    from shapes import write  # benchmarks/ is on the path (top of this file)
 
     # a dry run writes the same preset at a tiny width (every code path, a few MB)
     tiny = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -147,8 +148,6 @@ def tensor_shapes(config) -> dict[str, tuple[int, ...]]:
 
 def parameter_count(name: str, **overrides: Any) -> int:
     """Parameters of the preset as built (tied embeddings counted once)."""
-    import math
-
     return sum(math.prod(s) for s in tensor_shapes(config_for(name, **overrides)).values())
 
 
@@ -182,7 +181,7 @@ def write(name: str, out: Path | None = None, progress: bool = True, **overrides
     groups: list[list[str]] = [[]]
     size = 0
     for tensor, shape in shapes.items():
-        nbytes = 2 * _numel(shape)
+        nbytes = 2 * math.prod(shape)
         if groups[-1] and size + nbytes > SHARD_BYTES:
             groups.append([])
             size = 0
@@ -204,13 +203,6 @@ def write(name: str, out: Path | None = None, progress: bool = True, **overrides
     # the index last: its presence marks a complete folder
     index_file.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,13 +17,20 @@ import torch
 from torch import nn
 
 
-def _sharded(tensor: torch.Tensor) -> Any:
-    """``tensor`` when it is a DTensor (a shard of a whole one), else None."""
+def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
+    except ImportError:  # a torch built without distributed support: nothing is ever sharded
         return None
-    return tensor if isinstance(tensor, DTensor) else None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()  # once: ``_sharded`` runs for every parameter of every ``logits`` call
+
+
+def _sharded(tensor: torch.Tensor) -> Any:
+    """``tensor`` when it is a DTensor (a shard of a whole one), else None."""
+    return tensor if _DTENSOR is not None and isinstance(tensor, _DTENSOR) else None
 
 
 def is_sharded(model: nn.Module) -> bool:
