@@ -94,7 +94,8 @@ def cmd_estimate(args) -> int:
 def cmd_train(args) -> int:
     from adapters import adapt, train
     from adapters.artifacts.format import check_destination, save_artifact
-    from adapters.backbone.loading import process_state, resolve_mixed_precision
+    from adapters.backbone.loading import cpu_only, process_state
+    from adapters.backbone.precision import load_dtype, resolve_mixed_precision
     from adapters.config.run_file import load_run_config, to_yaml
     from adapters.data.encoding import check_rows
     from adapters.training.checkpoint import check_output_dir
@@ -120,7 +121,7 @@ def cmd_train(args) -> int:
         adapter=run.adapter,
         head=run.head,
         quantization=m.quantization,
-        dtype=m.dtype,
+        dtype=load_dtype(m.dtype, t.mixed_precision, "cpu" if cpu_only() else "cuda"),
         max_length=m.max_length,
         padding_side=m.padding_side,
         double_quant=m.double_quant,

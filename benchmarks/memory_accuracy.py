@@ -76,7 +76,7 @@ def measure(cell: dict) -> dict:
     import torch
 
     import adapters
-    from adapters.backbone.loading import resolve_mixed_precision
+    from adapters.backbone.precision import resolve_mixed_precision
     from adapters.config.training import TrainConfig
     from adapters.training.optim import build_optimizer
 

@@ -7,17 +7,19 @@ The baseline: ``BitsAndBytesConfig`` (NF4, double quantization, float32 compute 
 ``AutoModelForSequenceClassification`` + ``prepare_model_for_kbit_training`` (no gradient
 checkpointing, as a careful user would choose for a 135M model) + ``get_peft_model`` (LoRA r=8,
 alpha 16, dropout 0.05, all linear layers, ``task_type="SEQ_CLS"`` so the head trains) +
-``Trainer``, at its defaults and tuned with ``train_sampling_strategy="group_by_length"`` (the best a
-user could set it). Ours: ``adapters.adapt`` + ``adapters.train`` with the same model, data, LoRA
-config, batch size, learning rate (one rate for adapter and head on both sides), schedule, warmup,
-epoch and seed, each side at its own defaults. The three run in the same invocation, in alternating
-order, each in a fresh subprocess; we report medians and paired ratios of training wall time,
-evaluation and predict wall time, peak memory, held-out accuracy and the share of real (unpadded)
-tokens in what the model computed. The ablation runs ours with its levers switched off one more at
-a time: the fused LoRA forward, then the shared dropout copy, then packing, then length grouping. On CPU every
-side runs with glibc's mmap threshold
-at 64 KiB (``common.EXACT_RSS``) so that peak RSS counts live memory, not heap holes that depend
-on the order of batch shapes; that slows all sides alike. Writes results/vs_peft_trainer[-quick].{json,md}.
+``Trainer``, at its defaults, tuned with ``train_sampling_strategy="group_by_length"`` (the flag a
+user tries first), and that with ``bf16=True``. Ours: ``adapters.adapt`` + ``adapters.train`` with the same
+model, data, LoRA config, batch size, learning rate (one rate for adapter and head on both sides),
+schedule, warmup, epoch and seed, each side at its own defaults.
+
+Ours and the tuned script run ``--repeats`` rounds in alternating order, each run in a fresh subprocess,
+timed with glibc's default malloc (as users run them); we report medians and paired ratios of training,
+evaluation and predict wall time, peak RSS, held-out accuracy and the share of real (unpadded) tokens
+in what the model computed. One more run of each with glibc's mmap threshold at 64 KiB
+(``common.EXACT_RSS``) gives the peak *live* memory, not heap holes that depend on the order of batch
+shapes (earlier results timed under it too; it made both sides about 1.9x slower on the 2-core Xeon).
+The ablation (``--ablation``) runs each named side once: the script at its defaults and with bf16, and
+ours with one lever switched off or on (``OURS``). Writes results/vs_peft_trainer[-quick].{json,md}.
 """
 
 from __future__ import annotations
@@ -56,8 +58,37 @@ OURS = {
     # LoRA on the top blocks only (LoRA(layers=...)): benchmarks/lora_layers.py
     "ours-top-half": {"lora_top": 0.5},
     "ours-top-quarter": {"lora_top": 0.25},
+    # the levers of the bf16 / speed issue, each switched off (or on) alone
+    "ours-torch-dropout": {"torch_dropout": True},  # torch's per-element Bernoulli masks
+    "ours-long-rows": {"long_rows": True},  # packed rows of up to 1,024 tokens, as before
+    "ours-bf16": {"bf16": True},  # bf16 compute forced on, whatever this CPU's measured policy says
 }
-BASELINES = {"baseline": "random", "baseline-grouped": "group_by_length"}
+# the script's sampling strategy, and whether it sets TrainingArguments(bf16=True) (CPU autocast)
+BASELINES = {
+    "baseline": ("random", False),
+    "baseline-grouped": ("group_by_length", False),
+    "baseline-grouped-bf16": ("group_by_length", True),
+}
+MAIN_SIDES = ["ours", "baseline-grouped"]
+ABLATION = ["baseline", "ours-torch-dropout", "ours-long-rows", "ours-bf16", "baseline-grouped-bf16"]
+
+
+def _switch_levers(overrides: dict) -> None:
+    """The ablation's switches that are not settings: patched in this (fresh) process only."""
+    import os
+
+    if overrides.pop("bf16", False):
+        os.environ["QADAPTERS_CPU_BF16"] = "1"
+    if overrides.pop("torch_dropout", False):
+        import torch
+
+        import adapters.methods.lora_fused as fused
+
+        fused.drop_out = lambda x, p: torch.nn.functional.dropout(x, p, True)
+    if overrides.pop("long_rows", False):
+        import adapters.data.batching as batching
+
+        batching.LONGEST_PER_ROW = batching.PACKED_ROW_TOKENS
 
 
 def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
@@ -65,6 +96,7 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
 
     train_rows, test_rows = _data(budget, seed)
     overrides = dict(overrides)
+    _switch_levers(overrides)
     lora = dict(overrides.pop("lora", {}))
     if "lora_top" in overrides:  # the top fraction of the blocks
         from transformers import AutoConfig
@@ -117,8 +149,9 @@ def run_ours(model_name: str, budget: dict, seed: int, overrides: dict) -> dict:
     }
 
 
-def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "random") -> dict:
-    """The hand-written PEFT + Trainer script, as its docs show it (``sampling="group_by_length"``: tuned)."""
+def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "random", bf16: bool = False) -> dict:
+    """The hand-written PEFT + Trainer script, as its docs show it (``sampling="group_by_length"``: tuned;
+    ``bf16``: its ``bf16=True`` flag, which on a CPU trains and predicts under bf16 autocast)."""
     import numpy as np
     import torch
     from datasets import Dataset
@@ -194,6 +227,7 @@ def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "rand
         use_cpu=not cuda,
         disable_tqdm=True,
         train_sampling_strategy=sampling,
+        bf16=bf16,
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=encode(train_rows), data_collator=DataCollatorWithPadding(tokenizer)
@@ -223,23 +257,23 @@ def run_baseline(model_name: str, budget: dict, seed: int, sampling: str = "rand
 def run_side(side: str, model_name: str, budget: dict, seed: int) -> dict:
     if side in OURS:
         return run_ours(model_name, budget, seed, OURS[side])
-    return run_baseline(model_name, budget, seed, BASELINES[side])
+    return run_baseline(model_name, budget, seed, *BASELINES[side])
 
 
 QUANTITIES = [
     ("train_seconds", "training wall time (s)"),
     ("eval_seconds", "evaluation wall time (s)"),
     ("predict_seconds", "predict wall time (s)"),
-    ("peak_mb", "peak memory (MB)"),
+    ("peak_mb", "peak RSS (MB)"),
     ("accuracy", "held-out accuracy"),
     ("real_token_fraction", "real / processed tokens"),
 ]
 
 
-def compare(runs: dict, side: str, baseline: str) -> tuple[list[str], dict]:
+def compare(runs: dict, side: str, baseline: str, keys: list | None = None) -> tuple[list[str], dict]:
     """Table rows and numbers for ``side`` against ``baseline``: medians and the median of paired ratios."""
     lines, summary = [], {}
-    for key, label in QUANTITIES:
+    for key, label in keys or QUANTITIES:
         pairs = [(o[key], b[key]) for o, b in zip(runs[side], runs[baseline], strict=False) if b.get(key) and key in o]
         if not pairs:  # not measured in these runs (runs transcribed from a log lack some quantities)
             continue
@@ -259,13 +293,66 @@ def compare(runs: dict, side: str, baseline: str) -> tuple[list[str], dict]:
     return lines, summary
 
 
+ABLATION_LABELS = [
+    ("baseline", "PEFT + Trainer, defaults"),
+    ("baseline-grouped", "PEFT + Trainer, group_by_length"),
+    ("baseline-grouped-bf16", "PEFT + Trainer, group_by_length, bf16=True (CPU autocast)"),
+    ("ours-plain", "ours, random batches, per-layer dropout copies (no lever)"),
+    ("ours-grouped", "ours, length-grouped batches, per-layer dropout copies"),
+    ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
+    ("ours-unfused", "ours, packed batches, one dropout copy per input, peft's LoRA forward"),
+    ("ours-long-rows", "ours, defaults but packed rows of up to 1,024 tokens"),
+    ("ours-torch-dropout", "ours, defaults but torch's dropout masks (one Bernoulli draw per element)"),
+    ("ours-bf16", "ours, defaults + bf16 compute (forced on: QADAPTERS_CPU_BF16=1)"),
+    ("ours", "ours, defaults (fused LoRA forward, 4-per-draw dropout masks, rows of 3x the longest text)"),
+]
+
+
+def _run(side: str, budget: str, args, env: dict | None, runs: dict, done: dict, label: str) -> bool:
+    """One run of ``side`` (taken from ``done`` when it holds one): appended to ``runs[side]``. True when reused."""
+    from common import run_child
+
+    if done.get(side):
+        runs[side].append(done[side].pop(0))
+        return True
+    runs[side].append(
+        run_child(
+            __file__, ["--side", side, "--budget", budget, "--model", args.model, "--seed", str(args.seed)], env=env
+        )
+    )
+    r = runs[side][-1]
+    print(
+        f"{label} {side}: train {r['train_seconds']:.0f} s, eval {r['eval_seconds']:.1f} s, "
+        f"{r['peak_mb']:.0f} MB, accuracy {r['accuracy']:.3f}, real tokens {r['real_token_fraction']:.2f}",
+        flush=True,
+    )
+    return False
+
+
+def _ablation_table(runs: dict) -> list[str]:
+    lines = [
+        "| configuration | training wall time (s) | evaluation (s) | peak RSS (MB) | accuracy | real / processed "
+        "tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for side, label in ABLATION_LABELS:
+        if runs.get(side):
+            med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES if k in runs[side][0]}
+            lines.append(
+                f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "
+                f"{med['train_seconds']:.0f} | {med['eval_seconds']:.1f} | {med['peak_mb']:.0f} | "
+                f"{med['accuracy']:.3f} | {med['real_token_fraction']:.2f} |"
+            )
+    return lines
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, help="repetitions of the main sides (default: 2 quick, 3 full)")
-    p.add_argument("--ablation-repeats", type=int, default=1, help="repetitions of ours with levers off")
+    p.add_argument("--ablation", nargs="*", default=ABLATION, help="sides run once more each for the ablation")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     p.add_argument(
         "--reuse",
@@ -281,87 +368,58 @@ def main(argv=None) -> None:
         result = run_side(args.side, args.model, BUDGETS[args.budget], args.seed)
         print(json.dumps({**result, "peak_mb": peak_memory_mb()}))
         return
-    from common import EXACT_RSS, RESULTS, machine, run_child, write_results
+    from common import EXACT_RSS, RESULTS, machine, write_results
 
     budget = "quick" if args.quick else "full"
     repeats = args.repeats or BUDGETS[budget]["repeats"]
-    runs = {side: [] for side in [*OURS, *BASELINES]}
-    main_sides = ["ours", "baseline", "baseline-grouped"]
-    plan = [main_sides if i % 2 == 0 else main_sides[::-1] for i in range(repeats)]  # alternate the order
-    plan += [["ours-unfused", "ours-unshared", "ours-grouped", "ours-plain"]] * args.ablation_repeats
-    done = json.loads(Path(args.reuse).read_text())["runs"] if args.reuse else {}
+    runs: dict[str, list] = {side: [] for side in [*OURS, *BASELINES]}
+    live: dict[str, list] = {side: [] for side in MAIN_SIDES}
+    earlier = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    done, done_live = earlier.get("runs", {}), earlier.get("live_memory_runs", {})
     reused = 0
-    for i, sides in enumerate(plan):
-        for side in sides:
-            if done.get(side):
-                runs[side].append(done[side].pop(0))
-                reused += 1
-                continue
-            runs[side].append(
-                run_child(
-                    __file__,
-                    ["--side", side, "--budget", budget, "--model", args.model, "--seed", str(args.seed)],
-                    env=EXACT_RSS,
-                )
-            )
-            r = runs[side][-1]
-            print(
-                f"round {i + 1} {side}: train {r['train_seconds']:.0f} s, eval {r['eval_seconds']:.1f} s, "
-                f"{r['peak_mb']:.0f} MB, accuracy {r['accuracy']:.3f}, real tokens {r['real_token_fraction']:.2f}",
-                flush=True,
-            )
-    for side, left in done.items():  # reused runs beyond the plan are kept too
-        if side in runs:
-            runs[side].extend(left)
-            reused += len(left)
+    # timed as users run: glibc's own malloc; the order alternates so that no side always runs first
+    for i in range(repeats):
+        for side in MAIN_SIDES if i % 2 == 0 else MAIN_SIDES[::-1]:
+            reused += _run(side, budget, args, None, runs, done, f"round {i + 1}")
+    # live memory: one more run per main side with every large allocation its own mmap (common.EXACT_RSS)
+    for side in MAIN_SIDES:
+        reused += _run(side, budget, args, EXACT_RSS, live, done_live, "live memory")
+    for side in args.ablation:
+        reused += _run(side, budget, args, None, runs, done, "ablation")
     header = ["| quantity | {a} (median) | {b} (median) | ratio (median) | ratio range |", "|---|---|---|---|---|"]
     sections, summary = [], {}
-    for side, baseline in [("ours", "baseline"), ("ours", "baseline-grouped")]:
-        lines, summary[f"{side}/{baseline}"] = compare(runs, side, baseline)
+    for baseline in [b for b in BASELINES if runs[b]]:
+        lines, summary[f"ours/{baseline}"] = compare(runs, "ours", baseline)
+        if baseline == "baseline-grouped":
+            exact, summary["live_memory"] = compare(live, "ours", baseline, keys=[("peak_mb", "peak live memory (MB)")])
+            lines += exact
         sections.append(
-            f"**{side} vs {baseline}**\n\n" + "\n".join([header[0].format(a=side, b=baseline), header[1], *lines])
+            f"**ours vs {baseline}**\n\n" + "\n".join([header[0].format(a="ours", b=baseline), header[1], *lines])
         )
-    ablation = [
-        "| configuration | training wall time (s) | peak memory (MB) | accuracy | real / processed tokens |",
-        "|---|---|---|---|---|",
-    ]
-    for side, label in [
-        ("baseline", "PEFT + Trainer, defaults"),
-        ("baseline-grouped", "PEFT + Trainer, group_by_length"),
-        ("ours-plain", "ours, random batches, per-layer dropout copies (no lever)"),
-        ("ours-grouped", "ours, length-grouped batches, per-layer dropout copies"),
-        ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
-        ("ours-unfused", "ours, packed batches, one dropout copy per input, peft's LoRA forward"),
-        ("ours", "ours, defaults (+ fused LoRA forward: stacked A per input group, one addmm)"),
-    ]:
-        if runs[side]:
-            med = {k: statistics.median(r[k] for r in runs[side]) for k, _ in QUANTITIES if k in runs[side][0]}
-            ablation.append(
-                f"| {label} ({len(runs[side])} run{'s' if len(runs[side]) > 1 else ''}) | "
-                f"{med['train_seconds']:.0f} | {med['peak_mb']:.0f} | {med['accuracy']:.3f} | "
-                f"{med['real_token_fraction']:.2f} |"
-            )
     b = BUDGETS[budget]
     text = (
         "\n\n".join(sections)
-        + "\n\n**Ablation** (medians)\n\n"
-        + "\n".join(ablation)
+        + "\n\n**Ablation** (medians; each side's runs in this invocation)\n\n"
+        + "\n".join(_ablation_table(runs))
         + (
-            f"\n\nAll sides: `{args.model}` in NF4 (double quantization, float32 compute on CPU), LoRA "
+            f"\n\nAll sides: `{args.model}` in NF4 (double quantization; compute dtype as each side chooses on "
+            f"this CPU: fp32 unless a row says bf16), LoRA "
             f"r={SETTINGS['r']} alpha={SETTINGS['alpha']} dropout={SETTINGS['dropout']} on all linear layers, "
             f"a new 2-label head trained in full, lr {SETTINGS['lr']} for adapter and head, linear schedule with "
             f"{SETTINGS['warmup_ratio']} warmup, batch {SETTINGS['batch_size']}, max length {SETTINGS['max_length']}, "
-            f"1 epoch of {b['train']} rows, "
-            f"{b['eval']} held-out rows, seed {args.seed}; {repeats} rounds of the three main sides in alternating "
-            f"order and {args.ablation_repeats} of the ablation, each run in a fresh process (on CPU with "
-            f"MALLOC_MMAP_THRESHOLD_=65536, so peak RSS counts live memory). Each side at its own defaults. Training "
+            f"1 epoch of {b['train']} rows, {b['eval']} held-out rows, seed {args.seed}. {repeats} rounds of "
+            f"{' and '.join(MAIN_SIDES)} in alternating order, each run in a fresh process with glibc's default "
+            f"malloc (as users run; peak RSS then includes heap holes); one more run of each with "
+            f"MALLOC_MMAP_THRESHOLD_=65536 for the peak *live* memory (every large tensor its own mmap: the "
+            f"memory comparison of earlier results, which also timed under it, at about 1.9x the time on this "
+            f"machine for both sides); one run per ablation row. Each side at its own defaults. Training "
             f"time: the whole `train` call (ours includes tokenizing; the baseline's `trainer.train()` does not); "
             f"evaluation: tokenizing and scoring the held-out rows (ours `adapters.evaluate`, baseline "
             f"`trainer.predict`); predict: ours `model.predict` on the texts (the baseline's is its "
             f"`trainer.predict`). Baseline: AutoModelForSequenceClassification + "
             f"prepare_model_for_kbit_training (no gradient checkpointing) + get_peft_model(task_type=SEQ_CLS) + "
             f"Trainer (eval batch 32); -grouped adds "
-            f'`train_sampling_strategy="group_by_length"`.'
+            f'`train_sampling_strategy="group_by_length"`, -bf16 `bf16=True`.'
         )
     )
     if reused:
@@ -375,6 +433,7 @@ def main(argv=None) -> None:
         "budget": b,
         "settings": SETTINGS,
         "runs": runs,
+        "live_memory_runs": live,
         "summary": summary,
         "reused_runs": reused,
     }

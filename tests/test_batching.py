@@ -66,6 +66,8 @@ def test_pack_positions_segments_and_row_bound():
     assert rows["position_ids"][2].tolist() == [0, 0, 1, 0]  # filler restarts: a segment of its own
     long = pack([[1] * 6, [2]], pad_id=0, row_tokens=4)  # longer than a row: a row of its own
     assert long["segments"].tolist() == [[0] * 6, [1, -1, -1, -1, -1, -1]]
+    many = pack([[1] * 4] * 9, pad_id=0)  # by default rows of three of the longest: 36 tokens in 3 rows of 12
+    assert many["input_ids"].shape == (3, 12) and int((many["segments"] == -1).sum()) == 0
 
 
 def test_packed_rows_come_out_of_similar_length():
@@ -142,7 +144,7 @@ def test_training_packs_decoders_and_groups_encoders(tiny_llama, tiny_bert, toy_
     metrics = adapters.train(
         decoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False)
     )
-    assert metrics["train_real_token_fraction"] == 1.0  # packed: nothing but real tokens
+    assert metrics["train_real_token_fraction"] > 0.95  # packed: only the filler that evens the rows is not real
     encoder = adapters.adapt(tiny_bert, adapter=adapters.LoRA(r=4), head=head)
     grouped = adapters.train(
         encoder, toy_data[0], None, adapters.TrainConfig(max_steps=3, batch_size=8, progress=False)

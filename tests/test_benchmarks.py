@@ -49,27 +49,21 @@ def _is_share(value: float, count: int) -> bool:
 def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
     import vs_peft_trainer
 
-    vs_peft_trainer.main(["--quick", "--model", tiny_llama, "--repeats", "1", "--out", str(tmp_path)])
+    ablation = ["baseline", "ours-grouped", "ours-plain", "ours-bf16", "baseline-grouped-bf16"]
+    vs_peft_trainer.main(
+        ["--quick", "--model", tiny_llama, "--repeats", "1", "--out", str(tmp_path), "--ablation", *ablation]
+    )
     payload = json.loads((tmp_path / "vs_peft_trainer-quick.json").read_text())
     runs = payload["runs"]
-    assert all(
-        len(runs[side]) == 1
-        for side in (
-            "ours",
-            "baseline",
-            "baseline-grouped",
-            "ours-unfused",
-            "ours-unshared",
-            "ours-grouped",
-            "ours-plain",
-        )
-    )
+    assert all(len(runs[side]) == 1 for side in ("ours", "baseline-grouped", *ablation))
+    assert all(len(payload["live_memory_runs"][side]) == 1 for side in ("ours", "baseline-grouped"))
     assert runs["ours"][0]["steps"] == runs["baseline"][0]["steps"] == 6  # same budget
-    for pair in ("ours/baseline", "ours/baseline-grouped"):
+    for pair in ("ours/baseline", "ours/baseline-grouped", "ours/baseline-grouped-bf16"):
         for key in ("train_seconds", "eval_seconds", "predict_seconds", "peak_mb", "accuracy", "real_token_fraction"):
             assert payload["summary"][pair][key]["ratio_median"] > 0
-    # the levers do what they say: packing computes no padding, grouping less than random batches
-    assert runs["ours"][0]["real_token_fraction"] == 1.0
+    assert payload["summary"]["live_memory"]["peak_mb"]["ratio_median"] > 0
+    # the levers do what they say: packing computes almost no padding, grouping less than random batches
+    assert runs["ours"][0]["real_token_fraction"] > 0.95
     assert runs["ours-grouped"][0]["real_token_fraction"] > runs["ours-plain"][0]["real_token_fraction"]
     assert "**Ablation**" in (tmp_path / "vs_peft_trainer-quick.md").read_text()
 

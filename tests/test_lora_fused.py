@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import adapters
-from adapters.methods.lora_fused import _lean_adapters, fuse_lora
+from adapters.methods.lora_fused import _lean_adapters, drop_out, fuse_lora
 
 IDS = torch.randint(4, 20, (3, 10), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones_like(IDS)
@@ -95,11 +95,43 @@ def test_layers_reading_one_input_share_one_low_rank_product(tiny_llama):
     assert o._lean_group is q._lean_group
 
 
-def test_autocast_takes_peft_path(tiny_llama):
-    model = _adapted(tiny_llama, None)
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_lean_forward_under_bf16_autocast_equals_peft(tiny_llama, quantization):
+    """Under bf16 autocast (training on bf16 GPUs and CPUs) the lean forward runs too, and gives peft's
+    logits and gradients within bf16 rounding (peft rounds three times where one addmm rounds once)."""
+    model = _adapted(tiny_llama, quantization, dropout=0.0)
     layer = _lora_layers(model)[0]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _lean_adapters(layer, torch.randn(1, 64), (), {}) is None
+        assert _lean_adapters(layer, torch.randn(1, 64), (), {}) == ["default"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours_loss, ours = _training_grads(model, peft_forward=False)
+        peft_loss, theirs = _training_grads(model, peft_forward=True)
+    assert abs(ours_loss - peft_loss) < 2e-2
+    for name in ours:
+        scale = theirs[name].abs().max().item() + 1e-6
+        assert (ours[name] - theirs[name]).abs().max().item() / scale < 5e-2, name
+
+
+def test_cpu_dropout_draws_masks_at_the_asked_rate():
+    """``drop_out``: the asked share of elements zeroed (p rounded to 1/65536), survivors scaled so the
+    mean is kept, the gradient masked and scaled alike, a new mask every call."""
+    x = torch.ones(400, 500, requires_grad=True)
+    torch.manual_seed(0)
+    out = drop_out(x, 0.05)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.003
+    steps = round(0.05 * 65536)
+    assert torch.all((out == 0) | torch.isclose(out, torch.tensor(65536 / (65536 - steps))))
+    assert abs(out.mean().item() - 1.0) < 0.01
+    out.backward(torch.full_like(out, 2.0))
+    assert torch.equal(x.grad, out.detach() * 2)
+    assert not torch.equal(drop_out(x, 0.05) == 0, out == 0)
+    torch.manual_seed(0)
+    assert torch.equal(drop_out(x, 0.05), out)  # seeded by torch's generator
+    assert drop_out(x, 0.0) is x
+    assert torch.count_nonzero(drop_out(x, 1.0)) == 0
+    odd = torch.ones(3, 7)
+    assert drop_out(odd, 0.5).shape == odd.shape  # not a multiple of four elements
 
 
 def test_per_row_adapter_names_take_peft_path(tiny_llama):

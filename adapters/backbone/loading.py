@@ -6,8 +6,8 @@ LLM.int8() (Dettmers et al. 2022, https://arxiv.org/abs/2208.07339) stores them 
 Both come from bitsandbytes through ``transformers``' ``BitsAndBytesConfig``; this module only
 chooses the settings:
 
-* compute dtype for the hardware: float32 on CPU (bf16 matmuls on CPU are ~25x slower),
-  bfloat16 on GPUs that support it, float16 on older GPUs;
+* compute dtype for the hardware (``precision.py``): bfloat16 on GPUs that support it and on CPUs
+  where it is native and measured faster, float16 on older GPUs, float32 elsewhere;
 * one device per process (``device_map={"": local_process_index}``), never ``"auto"``,
   which would shard one model over all GPUs and break data parallelism;
 * no blanket fp32 upcast of the unquantized weights (peft's ``prepare_model_for_kbit_training``):
@@ -29,6 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
+from adapters.backbone.precision import default_compute_dtype
 from adapters.errors import ConfigError, UnknownModelError
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", None)
@@ -91,27 +92,6 @@ def resolve_source(name: str, trust_remote_code: bool = False, revision: str | N
             f"folder saved with save_pretrained, or a hub id while online."
         ) from None
     return name
-
-
-def default_compute_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def resolve_mixed_precision(value: str, device_type: str | None = None) -> str:
-    """``"auto"`` -> ``"bf16"`` autocast on GPUs that support bf16 (the QLoRA recipe: the 4-bit base
-    computes in bf16 anyway, and LoRA's fp32 master weights then run their matmuls in bf16 instead of
-    upcasting every adapter input to fp32), ``"no"`` elsewhere (bf16 on CPU is far slower, fp16 autocast
-    needs loss scaling). Other values pass through."""
-    if value != "auto":
-        return value
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_type != "cuda":
-        return "no"
-    # an estimate for a GPU made on a machine without one assumes a bf16-capable GPU
-    return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "no"
 
 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype, double_quant: bool = True):
@@ -244,7 +224,7 @@ def _load_frozen(
     # unquantized weight (embeddings, norms) to fp32, so on a GPU the whole residual stream and every
     # saved activation would flow in fp32 (Unsloth PR #1186: 37.2 -> 28.7 GB without it). Norms
     # already compute their statistics in fp32 inside; trainable adapters and heads keep fp32 master
-    # weights. On CPU the compute dtype is fp32, so nothing changes there.
+    # weights. With an fp32 compute dtype (most CPUs) nothing changes here.
     for param in model.parameters():
         param.requires_grad_(False)
     return model

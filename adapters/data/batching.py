@@ -18,7 +18,7 @@ random batches of 16 process 1.85x the real tokens. Three remedies, each exact i
   whatever the batch. Not too large on CPU: the elementwise passes (norms, residuals, activations)
   are memory-bound and run faster while a batch's activations fit in the caches.
 * **padding-free packing** for decoders (padding-free training, transformers PR #31629): a batch's
-  rows are concatenated into one row (or a few, at most ``PACKED_ROW_TOKENS`` tokens each), with
+  rows are concatenated into a few rows (of about three of its longest rows each), with
   ``position_ids`` restarting at 0 for each and no attention mask; transformers then builds a
   block-diagonal causal mask, so no token attends across rows, and the head pools each segment
   (``segments`` gives each token's row, -1 for the filler that ends a packed row). No padding is
@@ -39,6 +39,11 @@ from torch.utils.data import Sampler
 
 MEGA_BATCHES = 50  # batches per sorted mega-batch: large enough to find similar lengths, small enough to mix
 PACKED_ROW_TOKENS = 1024  # sdpa builds a dense (tokens x tokens) mask per packed row: keep it bounded
+# and shorter still for short texts: a packed row's attention costs its length per token, so rows of about
+# three of the batch's longest texts (SmolLM2-135M NF4 + LoRA, batches of 16 Rotten Tomatoes snippets of at
+# most 64 tokens, 2-core Xeon: rows of 1,024 tokens 1.545 s/step, 256: 1.485, 192: 1.423; the filler that
+# evens the rows grew from 0 to 1.6% of the tokens)
+LONGEST_PER_ROW = 3
 PACK_ABOVE_PADDING = 0.25  # pack a batch when padding it would add more than this share of its real tokens
 # padded tokens per inference batch: on CPU smaller batches were faster up to a point (the sweep is in
 # benchmarks/README.md, "lora_inference"); GPUs want large batches.
@@ -149,16 +154,20 @@ def balanced_rows(lengths: list[int], row_tokens: int = PACKED_ROW_TOKENS) -> li
     return [sorted(row) for row in rows if row]
 
 
-def pack(sequences: list[list[int]], pad_id: int, row_tokens: int = PACKED_ROW_TOKENS) -> dict[str, torch.Tensor]:
-    """Concatenate ``sequences`` into rows of at most ``row_tokens`` tokens (one row when they fit;
-    several of similar length otherwise, see ``balanced_rows``).
+def pack(sequences: list[list[int]], pad_id: int, row_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Concatenate ``sequences`` into rows of at most ``row_tokens`` tokens (default: ``LONGEST_PER_ROW``
+    times the longest sequence, at most ``PACKED_ROW_TOKENS``), one row when they fit, several of similar
+    length otherwise (see ``balanced_rows``).
 
     Returns ``input_ids``, ``position_ids`` (0.. within each sequence) and ``segments`` (the
     sequence each token belongs to; -1 for the filler that pads the rows to one length, whose
     positions restart at 0 too, so it forms a segment of its own that nothing attends to)."""
+    lengths = [len(seq) for seq in sequences]
+    if row_tokens is None:
+        row_tokens = min(PACKED_ROW_TOKENS, LONGEST_PER_ROW * max(lengths))
     rows: list[list[int]] = []
     owners: list[list[int]] = []
-    for members in balanced_rows([len(seq) for seq in sequences], row_tokens):
+    for members in balanced_rows(lengths, row_tokens):
         rows.append([token for i in members for token in sequences[i]])
         owners.append([i for i in members for _ in sequences[i]])
     width = max(len(r) for r in rows)

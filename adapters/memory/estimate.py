@@ -56,9 +56,9 @@ from adapters.backbone.loading import (
     BackboneInfo,
     dtype_name,
     is_decoder_config,
-    resolve_mixed_precision,
     resolve_source,
 )
+from adapters.backbone.precision import default_compute_dtype, resolve_mixed_precision
 from adapters.config.training import MIXED_PRECISION, OPTIMIZERS
 from adapters.errors import ConfigError
 from adapters.heads import Classification, HeadSpec
@@ -366,8 +366,8 @@ def estimate_memory(
     ``transformers`` config or a config dict, or an ``AdaptedModel`` whose settings are reused)
     with ``adapter`` and ``head``, quantized as asked, for ``batch_size`` sequences of ``seq_len``
     tokens per device. ``device`` ("cuda"/"cpu", default: this machine's) sets the compute dtype
-    as ``adapt`` would (bf16 on GPUs, fp32 on CPU) and whether the CUDA context counts. No weight
-    is read: only the config."""
+    as ``adapt`` would (bf16 on GPUs and on CPUs where it is native and faster, else fp32) and
+    whether the CUDA context counts. No weight is read: only the config."""
     source = None
     if isinstance(model, AdaptedModel):
         base = model.base
@@ -379,7 +379,10 @@ def estimate_memory(
     head = head or Classification(labels=["0", "1"])
     _check_arguments(head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype, device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    compute_dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    # a GPU estimated on a machine without one assumes a bf16-capable GPU; a CPU follows this CPU's policy
+    compute_dtype = (
+        DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else default_compute_dtype(torch.device("cpu")))
+    )
     config, name = _config_of(model, trust_remote_code)
     name = source or name
     # activations flow in the compute dtype (the base is not upcast: see base.py) unless autocast

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -41,7 +42,8 @@ from typing import Any
 
 import torch
 
-from adapters.backbone.loading import cpu_only, enable_checkpointing, process_state, resolve_mixed_precision
+from adapters.backbone.loading import cpu_only, enable_checkpointing, process_state
+from adapters.backbone.precision import resolve_mixed_precision
 from adapters.backbone.sharded import full_trainable_state, load_trainable_state
 from adapters.config.training import TrainConfig
 from adapters.data.encoding import encode_dataset
@@ -69,6 +71,8 @@ from adapters.training.optim import build_optimizer, lr_schedule
 from adapters.training.probe import check_probe, fit_head
 from adapters.training.tracking import trackers_for
 
+logger = logging.getLogger(__name__)
+
 
 class TrainingLoop:
     """One training run of ``model`` (an unwrapped ``AdaptedModel``) on ``train_data``."""
@@ -87,6 +91,12 @@ class TrainingLoop:
             check_probe(model)
         check_output_dir(config.output_dir, config.resume, config.overwrite)  # before any slow work
         self.precision = resolve_mixed_precision(config.mixed_precision, model.device.type)
+        if config.mixed_precision == "no" and model.device.type == "cpu" and model.base.compute_dtype != torch.float32:
+            logger.warning(
+                "mixed_precision='no' turns autocast off, but the base computes in %s (its dtype at load, the "
+                "default on this CPU); for fp32 throughout, load it with adapt(..., dtype='float32')",
+                model.base.compute_dtype,
+            )
         self.fsdp = config.fsdp or accelerate_fsdp_requested()
         if self.fsdp:
             check_fsdp(model.base.quantization, self.precision)
