@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
+SIDES = ["ours", "baseline", "ours-compiled"]
 LR = 2e-4
 # dense bf16 peak (TFLOP/s) by the GPU's name, from the vendors' datasheets
 PEAK_BF16_TFLOPS = {
@@ -87,7 +88,22 @@ def _peak_mb() -> float:
     return peak_memory_mb()
 
 
-def run_ours(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
+class StepClock:
+    """The time of every logged step (``log_every=1``): the first step's excess over the median of the
+    others is what compiling cost."""
+
+    def __init__(self):
+        self.times = [time.perf_counter()]
+
+    def on_log(self, config, state, control, logs):
+        self.times.append(time.perf_counter())
+
+    def first_step_excess(self) -> float | None:
+        steps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+        return steps[0] - statistics.median(steps[1:]) if len(steps) > 2 else None
+
+
+def run_ours(model_name: str, rows: int, seq_len: int, batch: int, compile: bool = False) -> dict:
     import adapters
 
     model = adapters.adapt(
@@ -98,11 +114,14 @@ def run_ours(model_name: str, rows: int, seq_len: int, batch: int) -> dict:
         max_length=seq_len,
     )
     data = long_texts(rows, seq_len, model.tokenizer)
+    clock = StepClock()
+    config = adapters.TrainConfig(epochs=1, lr=LR, batch_size=batch, progress=False, compile=compile, log_every=1)
     started = time.perf_counter()
-    metrics = adapters.train(model, data, None, adapters.TrainConfig(epochs=1, lr=LR, batch_size=batch, progress=False))
+    metrics = adapters.train(model, data, None, config, callbacks=[clock])
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
+        "compile_seconds": clock.first_step_excess() if compile else None,
         "steps": metrics["steps"],
         "tokens": rows * seq_len,
         "flops_per_token": flops_per_token(model.backbone.config, seq_len),
@@ -196,7 +215,12 @@ def summarise(runs: dict, device_name: str | None) -> dict:
             "peak_mb": statistics.median(r["peak_mb"] for r in results),
             "mfu": tps * per_token / (peak * 1e12) if peak else None,
         }
+        compiles = [r["compile_seconds"] for r in results if r.get("compile_seconds") is not None]
+        summary[side]["compile_seconds"] = statistics.median(compiles) if compiles else None
     summary["speedup"] = summary["ours"]["tokens_per_second"] / summary["baseline"]["tokens_per_second"]
+    if "ours-compiled" in runs:
+        compiled = summary["ours-compiled"]["tokens_per_second"]
+        summary["compiled_speedup"] = compiled / summary["baseline"]["tokens_per_second"]
     summary["memory_ratio"] = summary["ours"]["peak_mb"] / summary["baseline"]["peak_mb"]
     return summary
 
@@ -205,14 +229,25 @@ def table(summary: dict, args) -> str:
     def mfu(s):
         return f"{100 * s['mfu']:.2f}%" if s["mfu"] is not None else "n/a"
 
-    lines = ["| side | tokens/s | s/step | peak memory (MB) | MFU |", "|---|---|---|---|---|"]
-    for side in ("ours", "baseline"):
+    lines = [
+        "| side | tokens/s | s/step | peak memory (MB) | MFU | compile (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for side in [s for s in SIDES if s in summary]:
         s = summary[side]
+        compiled = f"{s['compile_seconds']:.1f}" if s.get("compile_seconds") is not None else ""
         lines.append(
-            f"| {side} | {s['tokens_per_second']:,.0f} | {s['seconds_per_step']:.4f} | {s['peak_mb']:,.0f} | {mfu(s)} |"
+            f"| {side} | {s['tokens_per_second']:,.0f} | {s['seconds_per_step']:.4f} | {s['peak_mb']:,.0f} | "
+            f"{mfu(s)} | {compiled} |"
         )
+    extra = (
+        f", compiled/baseline tokens/s x{summary['compiled_speedup']:.2f} (the whole call, compile included)"
+        if "compiled_speedup" in summary
+        else ""
+    )
     return "\n".join(lines) + (
-        f"\n\nRatios ours/baseline: tokens/s x{summary['speedup']:.2f}, peak memory x{summary['memory_ratio']:.2f}. "
+        f"\n\nRatios ours/baseline: tokens/s x{summary['speedup']:.2f}, peak memory x{summary['memory_ratio']:.2f}"
+        f"{extra}. "
         f"`{args.model}` NF4, LoRA r=8 all-linear, batch {args.batch} x {args.seq_len} tokens (no padding), "
         f"{args.steps} steps, {args.repeats} repetitions alternating in fresh processes (medians). "
         f"FLOPs per token 4N + 12Lsd = {summary['flops_per_token'] / 1e9:.2f} GFLOP; peak "
@@ -229,16 +264,21 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--name", default="", help="suffix of the result files")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
-    p.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # internal: one run
+    p.add_argument("--compile", action="store_true", help="a third side: ours with TrainConfig(compile=True)")
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one run
     args = p.parse_args(argv)
     if args.side:
-        run = run_ours if args.side == "ours" else run_baseline
-        result = run(args.model, args.steps * args.batch, args.seq_len, args.batch)
+        shape = (args.model, args.steps * args.batch, args.seq_len, args.batch)
+        if args.side == "baseline":
+            result = run_baseline(*shape)
+        else:
+            result = run_ours(*shape, compile=args.side == "ours-compiled")
         print(json.dumps({**result, "peak_mb": _peak_mb()}))
         return result
     from common import RESULTS, machine, run_child, write_results
 
-    runs = {"ours": [], "baseline": []}
+    sides = SIDES if args.compile else SIDES[:2]
+    runs: dict[str, list] = {side: [] for side in sides}
     child = [
         "--model",
         args.model,
@@ -250,7 +290,7 @@ def main(argv=None) -> dict:
         str(args.steps),
     ]
     for i in range(args.repeats):
-        for side in ("ours", "baseline") if i % 2 == 0 else ("baseline", "ours"):
+        for side in sides if i % 2 == 0 else sides[::-1]:
             runs[side].append(run_child(__file__, ["--side", side, *child], timeout=1800))
             r = runs[side][-1]
             print(

@@ -44,7 +44,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     """``"adamw"`` (torch), ``"adamw_8bit"`` or ``"paged_adamw_8bit"`` (bitsandbytes)."""
     mixed_precision: str = "auto"
-    """``"auto"``: bf16 autocast on GPUs that support it, none on CPU; or ``"no"``, ``"bf16"``, ``"fp16"``."""
+    """``"auto"``: bf16 autocast on GPUs that support it and on CPUs where bf16 is native and measured faster
+    (``backbone/precision.py``), none elsewhere; or ``"no"``, ``"bf16"``, ``"fp16"``."""
     seed: int = 42
     text_column: str = "text"
     label_column: str = "label"
@@ -93,6 +94,9 @@ class TrainConfig:
     of a multi-process launch (``torchrun --nproc-per-node N``), with torch's FSDP2 per transformer block, on
     CPUs and GPUs (``training/fsdp.py``); each process then holds about 1/N of the weights. With one process
     there is nothing to shard and the run says so. ``accelerate launch --use_fsdp`` asks for the same."""
+    compile: bool = False
+    """Regional ``torch.compile``: each transformer block compiled (one graph reused by every block), the rest
+    eager; compiled at the first step, and kept for evaluation and predict (``training/compiled.py``)."""
     auto_batch_size: bool = False
     """Use the largest per-device batch that fits the device's free memory (memory estimate, then one
     real step that backs off on out-of-memory), with gradient accumulation keeping the effective

@@ -64,6 +64,7 @@ from adapters.training.checkpoint import (
     save_checkpoint,
     step_checkpoint,
 )
+from adapters.training.compiled import compile_blocks
 from adapters.training.evaluation import evaluate_loader, prefixed
 from adapters.training.fsdp import ShardReport, accelerate_fsdp_requested, check_fsdp, full_state_optimizer, shard
 from adapters.training.loaders import eval_loader, eval_rows, inference_loader, train_loader
@@ -270,6 +271,8 @@ class TrainingLoop:
             self.model, self.optimizer, self.train_loader = accelerator.prepare(
                 self.model, optimizer, self.train_loader
             )
+        if config.compile:  # after sharding, as FSDP2 asks
+            accelerator.print(compile_blocks(self.unwrapped.backbone).summary())
         if self.eval_loader is not None:
             self.eval_loader = accelerator.prepare(self.eval_loader)
         # the prepared loader is this process's shard: 1/N of the data per epoch
