@@ -234,3 +234,14 @@ def test_a_shape_is_written_in_shards_with_the_packaged_tokenizer(tmp_path):
     assert AutoTokenizer.from_pretrained(folder).vocab_size <= 49152
     assert "Random weights" in (folder / "RANDOM_WEIGHTS.txt").read_text()
     assert shapes.write("llama-3.1-8b", folder, progress=False, **tiny) == folder  # complete: reused, not rewritten
+
+
+def test_precision_quick(tmp_path):
+    import precision
+
+    precision.main(["--quick", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "precision-quick.json").read_text())
+    (row,) = payload["rows"]
+    assert row["fp32_gflops"] > 0 and row["bf16_gflops"] > 0
+    assert payload["decision"]["auto_mixed_precision"] in ("bf16", "no")
+    assert "bf16 / fp32" in (tmp_path / "precision-quick.md").read_text()
