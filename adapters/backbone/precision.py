@@ -3,12 +3,13 @@
 bfloat16 keeps fp32's exponent range with an 8-bit mantissa (Kalamkar et al. 2019,
 https://arxiv.org/abs/1905.12322), so training in it needs no loss scaling; mixed precision keeps the
 trained weights, optimizer states, norms' reductions and the loss in fp32 (Micikevicius et al. 2018,
-https://arxiv.org/abs/1710.03740). On GPUs with bf16 (Ampere and later) it is always the faster choice.
+https://arxiv.org/abs/1710.03740). On GPUs with bf16 tensor cores (Ampere and later) it is the faster choice.
 
 On CPUs the instruction is not the answer by itself. Native bf16 means AVX512-BF16 (``VDPBF16PS``: Cooper
 Lake, Sapphire Rapids, Zen 4) or AMX tiles; torch and bitsandbytes read the same flags. But measured on two
 2-core machines with AVX512-BF16 and no AMX, a 1024 x 576 x 1536 matmul ran at 58 vs 29 GFLOP/s (bf16 vs
-fp32) on a Zen 4 EPYC, and at 160 vs 300 GFLOP/s on a Xeon (oneDNN's bf16 kernel against MKL's fp32).
+fp32) on a Zen 4 EPYC (issue #33's measurement), and at 160 vs 300 GFLOP/s on a Xeon (oneDNN's bf16 kernel
+against MKL's fp32; ``benchmarks/results/precision.md``).
 So ``"auto"`` asks the flags first and then measures, once: the matmul above in both dtypes; bf16 when it
 is at least ``MIN_SPEEDUP`` times faster. The measurement takes ~0.2 s and is kept per CPU model, thread
 count and torch version in ``~/.cache/qadapters/cpu_bf16.json``; ``QADAPTERS_CPU_BF16=1`` or ``0``
