@@ -245,3 +245,32 @@ def test_precision_quick(tmp_path):
     assert row["fp32_gflops"] > 0 and row["bf16_gflops"] > 0
     assert payload["decision"]["auto_mixed_precision"] in ("bf16", "no")
     assert "bf16 / fp32" in (tmp_path / "precision-quick.md").read_text()
+
+
+def test_throughput_reports_the_compiled_side():
+    """``throughput.py --compile``'s summary and table from given runs (the runs themselves need a GPU to mean
+    anything; tests/test_compile.py checks the compiled model)."""
+    import argparse
+
+    import throughput
+
+    def run(seconds, compile_seconds=None):
+        return {
+            "seconds": seconds,
+            "steps": 10,
+            "tokens": 10_000,
+            "flops_per_token": 1e9,
+            "peak_mb": 100.0,
+            "compile_seconds": compile_seconds,
+        }
+
+    runs = {"ours": [run(10.0)], "baseline": [run(20.0)], "ours-compiled": [run(8.0, 3.5)]}
+    summary = throughput.summarise(runs, "NVIDIA H200")
+    assert summary["speedup"] == 2.0 and summary["compiled_speedup"] == 2.5
+    assert summary["ours-compiled"]["compile_seconds"] == 3.5 and summary["ours"]["compile_seconds"] is None
+    args = argparse.Namespace(model="m", batch=16, seq_len=512, steps=10, repeats=1)
+    text = throughput.table(summary, args)
+    assert "| ours-compiled |" in text and "| 3.5 |" in text and "compiled/baseline tokens/s x2.50" in text
+    clock = throughput.StepClock()
+    clock.times = [0.0, 5.0, 6.0, 7.0, 8.0]
+    assert clock.first_step_excess() == 4.0

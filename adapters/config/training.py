@@ -95,8 +95,8 @@ class TrainConfig:
     CPUs and GPUs (``training/fsdp.py``); each process then holds about 1/N of the weights. With one process
     there is nothing to shard and the run says so. ``accelerate launch --use_fsdp`` asks for the same."""
     compile: bool = False
-    """Regional ``torch.compile``: each transformer block compiled (one graph reused by every block), the rest
-    eager; compiled at the first step, and kept for evaluation and predict (``training/compiled.py``)."""
+    """Regional ``torch.compile``: each transformer block compiled, the rest eager; compiled at the first
+    step, and kept for evaluation and predict (``training/compiled.py``)."""
     auto_batch_size: bool = False
     """Use the largest per-device batch that fits the device's free memory (memory estimate, then one
     real step that backs off on out-of-memory), with gradient accumulation keeping the effective

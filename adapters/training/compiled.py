@@ -3,10 +3,10 @@
 Compiling a whole LLM traces every layer, takes minutes, and starts again for every new batch shape.
 The blocks of a decoder are one class repeated, so PyTorch's regional-compilation recipe
 (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html) compiles the block: since torch
-2.5 dynamo treats a module's parameters as inputs of the graph, so the first block's compiled code is
-reused by every other block (one compile, not N), while the embeddings, the head, the loss and the loop
-stay eager. Inductor fuses what is memory-bound between the matmuls (norms, rotary embeddings, the gated
-activation, residual adds), which on a GPU is most of a small model's step. What dynamo cannot trace
+2.5 dynamo treats a module's parameters as inputs of the graph, so, as the recipe describes, the first
+block's compiled code serves the others (one compile, not N; we did not count recompilations), while the
+embeddings, the head, the loss and the loop stay eager. Inductor fuses the memory-bound work between the
+matmuls (norms, rotary embeddings, the gated activation, residual adds). What dynamo cannot trace
 (bitsandbytes' 4-bit matmul, the lean LoRA forward's per-group slot) ends a graph there and runs eagerly,
 so the result is the eager one up to floating-point reassociation (tested: logits and a training step
 against the eager model). ``dynamic=None`` is torch's default: a second batch shape recompiles once with
