@@ -57,6 +57,29 @@ def test_measurement_is_cached_per_cpu(policy):
     assert f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
 
 
+def test_processes_starting_together_measure_once(policy):
+    """Ranks of one launch decide alike: the first measures under the cache's lock, the others read it."""
+    import threading
+    import time
+
+    measured = []
+
+    def slow_probe():
+        measured.append(1)
+        time.sleep(0.3)  # the others arrive while it measures
+        return 0.6
+
+    policy.setattr(precision, "measure_bf16_speedup", slow_probe)
+    results: list[float] = []
+    threads = [threading.Thread(target=lambda: results.append(precision.cpu_bf16_speedup())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [0.6, 0.6, 0.6] and len(measured) == 1
+    assert not list(precision.CACHE.parent.glob("*.tmp"))  # written whole, through a temporary file
+
+
 def test_override_decides_without_flags_or_probe(policy):
     measured = _cpu(policy, False)
     policy.setenv(precision.OVERRIDE, "1")

@@ -89,21 +89,35 @@ def measure_bf16_speedup(repeats: int = 5) -> float:
 
 
 def cpu_bf16_speedup() -> float:
-    """The probe's speedup on this CPU: from the cache when this CPU, thread count and torch were measured."""
+    """The probe's speedup on this CPU: from the cache when this CPU, thread count and torch were measured.
+
+    Processes of one launch (torchrun) measure one at a time under a lock on the cache, so the first
+    measures and the others read its result: every rank decides the same, and no probe runs while another
+    takes the cores."""
     key = f"{_cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     try:
-        known = json.loads(CACHE.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known.get(key), (int, float)):
-        return float(known[key])
-    speedup = measure_bf16_speedup()
-    try:  # a read-only home only costs the next process another measurement
         CACHE.parent.mkdir(parents=True, exist_ok=True)
-        CACHE.write_text(json.dumps({**known, key: round(speedup, 3)}, indent=2))
-    except OSError:
-        pass
-    return speedup
+        lock = open(CACHE.with_suffix(".lock"), "a")  # noqa: SIM115 - held for the whole measurement
+    except OSError:  # a read-only home: measure, keep nothing
+        return measure_bf16_speedup()
+    with lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:  # not POSIX: no lock
+            pass
+        try:
+            known = json.loads(CACHE.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if isinstance(known.get(key), (int, float)):
+            return float(known[key])
+        speedup = measure_bf16_speedup()
+        written = CACHE.with_suffix(f".{os.getpid()}.tmp")
+        written.write_text(json.dumps({**known, key: round(speedup, 3)}, indent=2))
+        os.replace(written, CACHE)  # readers see the old file or the new one, never half of it
+        return speedup
 
 
 @functools.lru_cache(maxsize=1)
