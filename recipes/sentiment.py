@@ -123,6 +123,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        help="seed of training alone (batch order, dropout masks), the split kept: run-to-run spread (default: --seed)",
+    )
     p.add_argument("--output", default="runs/sentiment")
     p.add_argument("--data", help="your own CSV/JSONL/Parquet file or a hub dataset name instead of the packaged data")
     p.add_argument("--text-column", default="text")
@@ -205,7 +210,7 @@ def main(argv=None) -> dict:
         layer_lr_decay=args.layer_lr_decay,
         linear_probe=args.linear_probe,
         batch_size=args.batch_size,
-        seed=args.seed,
+        seed=args.seed if args.train_seed is None else args.train_seed,
         output_dir=args.output + "-logs",
         overwrite=True,
     )  # a re-run of the recipe starts its logs afresh
