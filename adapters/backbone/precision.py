@@ -34,16 +34,21 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qadapt
 PROBE_SHAPE = (1024, 576, 1536)  # tokens x hidden x MLP width of a batch of 16 x 64 on a small LLM
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux names them (``/proc/cpuinfo``); empty where they cannot be read."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of ``field`` in ``/proc/cpuinfo`` (its first processor), None where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux names them (``/proc/cpuinfo``); empty where they cannot be read."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_native_bf16() -> tuple[bool, bool]:
@@ -60,16 +65,9 @@ def cpu_native_bf16() -> tuple[bool, bool]:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def measure_bf16_speedup(repeats: int = 5) -> float:
