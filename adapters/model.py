@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from adapters.artifacts.format import HEAD_FILE, open_artifact, save_artifact
 from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_backbone
 from adapters.backbone.sharded import inference_context
-from adapters.data.batching import inference_batches, row_length
+from adapters.data.batching import inference_batches, packable, row_length
 from adapters.data.encoding import Collator, encode_rows
 from adapters.errors import ConfigError
 from adapters.files import check_state
@@ -179,7 +179,8 @@ class AdaptedModel(nn.Module):
         if batch_size is None and self.head_spec.lm_logits:
             batch_size = 32  # logits span the vocabulary
         batches = inference_batches([row_length(r["input_ids"]) for r in rows], batch_size)
-        collate = Collator(self.tokenizer, self.head_spec)
+        # packed where it pays: sorted batches still carry padding (``batching.packing_pays``)
+        collate = Collator(self.tokenizer, self.head_spec, pack=packable(self.head_spec, self.base.is_decoder))
         out: list[Any] = [None] * len(rows)
         with eval_mode(self), inference_context(self):
             for chunk in batches:

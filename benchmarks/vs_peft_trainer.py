@@ -62,6 +62,8 @@ OURS = {
     "ours-torch-dropout": {"torch_dropout": True},  # torch's per-element Bernoulli masks
     "ours-long-rows": {"long_rows": True},  # packed rows of up to 1,024 tokens, as before
     "ours-bf16": {"bf16": True},  # bf16 compute forced on, whatever this CPU's measured policy says
+    "ours-unfused-kernels": {"unfused_kernels": True},  # transformers' own RMSNorm and rotary code
+    "ours-system-malloc": {"system_malloc": True},  # glibc's malloc as it comes (freed memory given back)
 }
 # the script's sampling strategy, and whether it sets TrainingArguments(bf16=True) (CPU autocast)
 BASELINES = {
@@ -85,6 +87,12 @@ def _switch_levers(overrides: dict) -> None:
         import adapters.methods.lora_fused as fused
 
         fused.drop_out = lambda x, p: torch.nn.functional.dropout(x, p, True)
+    if overrides.pop("unfused_kernels", False):
+        import adapters.backbone.kernels as kernels
+
+        kernels.use_fused_kernels = lambda model: []
+    if overrides.pop("system_malloc", False):
+        os.environ["QADAPTERS_MALLOC"] = "system"
     if overrides.pop("long_rows", False):
         import adapters.data.batching as batching
 

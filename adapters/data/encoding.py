@@ -532,7 +532,9 @@ class Collator:
         }
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        if self.pack and packing_pays([len(r["input_ids"]) for r in rows]):
+        lengths = [len(r["input_ids"]) for r in rows]
+        # an empty text (no tokens) has no segment to pool: such a batch stays padded
+        if self.pack and min(lengths) > 0 and packing_pays(lengths):
             batch = pack([r["input_ids"] for r in rows], self.tokenizer.pad_token_id)
             return {**batch, **({"labels": torch.tensor([r["labels"] for r in rows])} if "labels" in rows[0] else {})}
         if self.head is not None:

@@ -38,7 +38,7 @@ def eval_loader(
 def inference_loader(model, encoded, rows: int | None = None, processes: int = 1) -> DataLoader:
     """Batches of already encoded rows for a pass without gradients (evaluation, the linear probe)."""
     lengths = [row_length(ids) for ids in encoded["input_ids"]]
-    collate = Collator(model.tokenizer, model.head_spec)
+    collate = Collator(model.tokenizer, model.head_spec, pack=packable(model.head_spec, model.base.is_decoder))
     if processes > 1:  # Accelerate shards a sampler with a fixed batch size evenly across processes
         return DataLoader(encoded, batch_size=rows, sampler=by_length(lengths), collate_fn=collate)
     return DataLoader(encoded, batch_sampler=inference_batches(lengths, rows), collate_fn=collate)
