@@ -13,7 +13,9 @@ model, data, LoRA config, batch size, learning rate (one rate for adapter and he
 schedule, warmup, epoch and seed, each side at its own defaults.
 
 Ours and the tuned script run ``--repeats`` rounds in alternating order, each run in a fresh subprocess,
-timed with glibc's default malloc (as users run them); we report medians and paired ratios of training,
+timed as users run them: the script with glibc's malloc as it comes, ours with its own default (it sets
+glibc to keep freed memory on CPU, ``adapters/backbone/allocator.py``; the ablation runs the script with the
+same settings from the environment, and ours without them); we report medians and paired ratios of training,
 evaluation and predict wall time, peak RSS, held-out accuracy and the share of real (unpadded) tokens
 in what the model computed. One more run of each with glibc's mmap threshold at 64 KiB
 (``common.EXACT_RSS``) gives the peak *live* memory, not heap holes that depend on the order of batch
@@ -70,9 +72,23 @@ BASELINES = {
     "baseline": ("random", False),
     "baseline-grouped": ("group_by_length", False),
     "baseline-grouped-bf16": ("group_by_length", True),
+    "baseline-grouped-kept-malloc": ("group_by_length", False),  # run with KEPT_MALLOC: what a user could set
 }
+# glibc's malloc keeping freed memory, set from the environment: the same settings ours makes with mallopt
+# (adapters/backbone/allocator.py), for the script's side to have them too
+KEPT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+SIDE_ENV = {"baseline-grouped-kept-malloc": KEPT_MALLOC}
 MAIN_SIDES = ["ours", "baseline-grouped"]
-ABLATION = ["baseline", "ours-torch-dropout", "ours-long-rows", "ours-bf16", "baseline-grouped-bf16"]
+ABLATION = [
+    "baseline",
+    "baseline-grouped-kept-malloc",
+    "ours-unfused-kernels",
+    "ours-system-malloc",
+    "ours-torch-dropout",
+    "ours-long-rows",
+    "ours-bf16",
+    "baseline-grouped-bf16",
+]
 
 
 def _switch_levers(overrides: dict) -> None:
@@ -305,6 +321,7 @@ ABLATION_LABELS = [
     ("baseline", "PEFT + Trainer, defaults"),
     ("baseline-grouped", "PEFT + Trainer, group_by_length"),
     ("baseline-grouped-bf16", "PEFT + Trainer, group_by_length, bf16=True (CPU autocast)"),
+    ("baseline-grouped-kept-malloc", "PEFT + Trainer, group_by_length, malloc keeping freed memory (env)"),
     ("ours-plain", "ours, random batches, per-layer dropout copies (no lever)"),
     ("ours-grouped", "ours, length-grouped batches, per-layer dropout copies"),
     ("ours-unshared", "ours, packed batches, per-layer dropout copies"),
@@ -312,7 +329,13 @@ ABLATION_LABELS = [
     ("ours-long-rows", "ours, defaults but packed rows of up to 1,024 tokens"),
     ("ours-torch-dropout", "ours, defaults but torch's dropout masks (one Bernoulli draw per element)"),
     ("ours-bf16", "ours, defaults + bf16 compute (forced on: QADAPTERS_CPU_BF16=1)"),
-    ("ours", "ours, defaults (fused LoRA forward, 4-per-draw dropout masks, rows of 3x the longest text)"),
+    ("ours-unfused-kernels", "ours, defaults but transformers' own RMSNorm and rotary code"),
+    ("ours-system-malloc", "ours, defaults but glibc's malloc as it comes (QADAPTERS_MALLOC=system)"),
+    (
+        "ours",
+        "ours, defaults (fused LoRA forward, 4-per-draw dropout masks, rows of 3x the longest text, packed "
+        "inference, fused RMSNorm and rotary, malloc keeping freed memory)",
+    ),
 ]
 
 
@@ -393,7 +416,7 @@ def main(argv=None) -> None:
     for side in MAIN_SIDES:
         reused += _run(side, budget, args, EXACT_RSS, live, done_live, "live memory")
     for side in args.ablation:
-        reused += _run(side, budget, args, None, runs, done, "ablation")
+        reused += _run(side, budget, args, SIDE_ENV.get(side), runs, done, "ablation")
     header = ["| quantity | {a} (median) | {b} (median) | ratio (median) | ratio range |", "|---|---|---|---|---|"]
     sections, summary = [], {}
     for baseline in [b for b in BASELINES if runs[b]]:
@@ -416,8 +439,9 @@ def main(argv=None) -> None:
             f"a new 2-label head trained in full, lr {SETTINGS['lr']} for adapter and head, linear schedule with "
             f"{SETTINGS['warmup_ratio']} warmup, batch {SETTINGS['batch_size']}, max length {SETTINGS['max_length']}, "
             f"1 epoch of {b['train']} rows, {b['eval']} held-out rows, seed {args.seed}. {repeats} rounds of "
-            f"{' and '.join(MAIN_SIDES)} in alternating order, each run in a fresh process with glibc's default "
-            f"malloc (as users run; peak RSS then includes heap holes); one more run of each with "
+            f"{' and '.join(MAIN_SIDES)} in alternating order, each run in a fresh process as users run it (the "
+            f"script with glibc's malloc as it comes, ours with its default of keeping freed memory; peak RSS "
+            f"then includes heap holes and kept pages); one more run of each with "
             f"MALLOC_MMAP_THRESHOLD_=65536 for the peak *live* memory (every large tensor its own mmap: the "
             f"memory comparison of earlier results, which also timed under it, at about 1.9x the time on this "
             f"machine for both sides); one run per ablation row. Each side at its own defaults. Training "
@@ -427,7 +451,8 @@ def main(argv=None) -> None:
             f"`trainer.predict`). Baseline: AutoModelForSequenceClassification + "
             f"prepare_model_for_kbit_training (no gradient checkpointing) + get_peft_model(task_type=SEQ_CLS) + "
             f"Trainer (eval batch 32); -grouped adds "
-            f'`train_sampling_strategy="group_by_length"`, -bf16 `bf16=True`.'
+            f'`train_sampling_strategy="group_by_length"`, -bf16 `bf16=True`, -kept-malloc runs with '
+            f"{' '.join(f'{k}={v}' for k, v in KEPT_MALLOC.items())}."
         )
     )
     if reused:
