@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
@@ -314,16 +314,19 @@ def parser() -> argparse.ArgumentParser:
         prog="qadapters", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = main.add_subparsers(dest="command", required=True)
-
-    def command(name: str, help: str):
-        return sub.add_parser(
+    for name, help, arguments, run in COMMANDS:
+        p = sub.add_parser(
             name,
             help=help,
             description=f"{help}\n\nexample:\n  {EXAMPLES[name]}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        arguments(p)
+        p.set_defaults(run=run)
+    return main
 
-    p = command("train", "train an adapter and head from a YAML config, then save the artifact")
+
+def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file with sections model, adapter, head, data, train, output")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
     p.add_argument(
@@ -331,18 +334,18 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the memory this run needs per device (from the config alone) and stop",
     )
-    p.set_defaults(run=cmd_train)
 
-    p = command("estimate", "memory per device that a training config needs, from the model's config alone")
+
+def _estimate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML training config (as for train)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=32 model.max_length=1024")
     p.add_argument("--device", choices=["cuda", "cpu"], help="where it will train (default: this machine's)")
     p.add_argument("--processes", type=int, default=1, help="data-parallel processes (DDP, or FSDP with --fsdp)")
     p.add_argument("--fsdp", action="store_true", help="shard weights, gradients and optimizer states (FSDP)")
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
-    p.set_defaults(run=cmd_estimate)
 
-    p = command("eval", "metrics of a saved artifact on a dataset")
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="folder written by save_pretrained / qadapters train")
     p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, packaged dataset or hub dataset")
     p.add_argument("--text-column", help="column of the inputs (default: the one the artifact was trained on)")
@@ -353,9 +356,9 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="rows per batch (default: batches of up to 2,048 padded tokens on CPU, 8,192 on GPUs, sorted by length)",
     )
-    p.set_defaults(run=cmd_eval)
 
-    p = command("predict", "predict texts given on the command line or read from a CSV, JSONL or Parquet file")
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact")
     p.add_argument("texts", nargs="*", help="texts to predict")
     p.add_argument("--input", help="CSV, TSV, JSONL or Parquet file of rows with a text field")
@@ -369,21 +372,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="generative heads: the random seed of sampling")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--probabilities", action="store_true", help="also return probabilities")
-    p.set_defaults(run=cmd_predict)
 
-    p = command("merge", "merge a LoRA artifact into its (dequantized) base: a standalone transformers folder")
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact")
     p.add_argument("out", help="folder to write the merged model to")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.set_defaults(run=cmd_merge)
 
-    p = command("export", "write a standard AutoModelForSequenceClassification folder for transformers.pipeline")
+
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact")
     p.add_argument("out", help="folder to write the exported model to")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
-    p.set_defaults(run=cmd_export)
 
-    p = command("serve", "serve artifacts over HTTP; artifacts on the same base share one copy of it")
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifacts", nargs="+", help="artifact folders, or NAME=FOLDER to choose the name in the URL")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -398,12 +401,48 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--insecure", action="store_true", help="listen beyond this machine without an API key")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's device)")
-    p.set_defaults(run=cmd_serve)
 
-    p = command("info", "describe an artifact: base, quantization, adapter, head, metrics, versions")
+
+def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact")
-    p.set_defaults(run=cmd_info)
-    return main
+
+
+COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
+    ("train", "train an adapter and head from a YAML config, then save the artifact", _train_args, cmd_train),
+    (
+        "estimate",
+        "memory per device that a training config needs, from the model's config alone",
+        _estimate_args,
+        cmd_estimate,
+    ),
+    ("eval", "metrics of a saved artifact on a dataset", _eval_args, cmd_eval),
+    (
+        "predict",
+        "predict texts given on the command line or read from a CSV, JSONL or Parquet file",
+        _predict_args,
+        cmd_predict,
+    ),
+    (
+        "merge",
+        "merge a LoRA artifact into its (dequantized) base: a standalone transformers folder",
+        _merge_args,
+        cmd_merge,
+    ),
+    (
+        "export",
+        "write a standard AutoModelForSequenceClassification folder for transformers.pipeline",
+        _export_args,
+        cmd_export,
+    ),
+    (
+        "serve",
+        "serve artifacts over HTTP; artifacts on the same base share one copy of it",
+        _serve_args,
+        cmd_serve,
+    ),
+    ("info", "describe an artifact: base, quantization, adapter, head, metrics, versions", _info_args, cmd_info),
+]
+"""Each subcommand: its name, help, arguments and the function that runs it (``cmd_*``)."""
 
 
 def main(argv: list[str] | None = None) -> int:

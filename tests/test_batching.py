@@ -81,6 +81,10 @@ def test_packed_rows_come_out_of_similar_length():
 def test_batches_are_packed_only_where_padding_would_cost_much(tiny_llama):
     assert packing_pays([10, 40, 12, 9])  # padded: 160 tokens for 71 real ones
     assert not packing_pays([256, 256, 250, 256])  # little padding: packing's quadratic attention costs more
+    # the same share of padding (15%) pays to remove from short rows, not from long ones, whose packed
+    # rows' attention would cost more than the padding's linear layers
+    assert packing_pays([32] * 8 + [27] * 8)
+    assert not packing_pays([512] * 8 + [430] * 8)
     head = adapters.Classification(labels=["neg", "pos"])
     model = adapters.adapt(tiny_llama, adapter=None, head=head, quantization=None)
     collate = Collator(model.tokenizer, head, pack=True)
@@ -88,6 +92,8 @@ def test_batches_are_packed_only_where_padding_would_cost_much(tiny_llama):
     mixed = collate([{"input_ids": [5] * n, "attention_mask": [1] * n, "labels": 0} for n in (20, 3, 4, 2)])
     assert "attention_mask" in even and "segments" not in even
     assert "segments" in mixed and mixed["input_ids"].numel() == 29
+    empty = collate([{"input_ids": [5] * n, "attention_mask": [1] * n, "labels": 0} for n in (20, 3, 0, 2)])
+    assert "segments" not in empty  # an empty text has no segment to pool: padded
 
 
 @pytest.mark.parametrize("method", ["last", "first", "mean"])
@@ -167,3 +173,27 @@ def test_inference_sorted_by_length_returns_the_callers_order(tiny_llama):
     one_by_one = torch.cat([model.logits([t]) for t in texts])
     assert torch.allclose(together, one_by_one, atol=1e-5)
     assert model.predict(texts[::-1], batch_size=4) == model.predict(texts, batch_size=64)[::-1]
+
+
+def test_inference_packs_where_it_pays_and_returns_what_padding_returns(tiny_llama, monkeypatch):
+    import sys
+
+    import adapters.data.encoding as encoding
+
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["n", "p"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    texts = [r["text"] for r in toy_sentiment(40, seed=3)] + [""]  # an empty text keeps its batch padded
+    packed_batches = []
+    monkeypatch.setattr(encoding, "pack", lambda *a, **k: packed_batches.append(1) or pack(*a, **k))
+    packed = model.logits(texts, batch_size=8)
+    evaluated = adapters.evaluate(model, toy_sentiment(40, seed=3), batch_size=8)
+    assert packed_batches  # the length-sorted batches still held enough padding to pack
+    monkeypatch.setattr(sys.modules["adapters.model"], "packable", lambda head, decoder: False)
+    monkeypatch.setattr(sys.modules["adapters.training.loaders"], "packable", lambda head, decoder: False)
+    assert torch.allclose(packed, model.logits(texts, batch_size=8), atol=1e-5)
+    padded = adapters.evaluate(model, toy_sentiment(40, seed=3), batch_size=8)
+    assert evaluated["eval_accuracy"] == padded["eval_accuracy"]
+    assert evaluated["eval_loss"] == pytest.approx(padded["eval_loss"], rel=1e-5)

@@ -158,14 +158,17 @@ def _patch_rotary(model: nn.Module, source: types.ModuleType) -> bool:
         return False
     device, head_dim = inv_freq.device, 2 * inv_freq.numel()
     probe = torch.randn(2, 3, 5, head_dim, device=device)
-    with torch.no_grad():
-        cos, sin = embedding(probe, torch.arange(5, device=device).expand(2, 5) * 7)
-        if cos.dtype != torch.float32 or cos.shape[-1] != head_dim:
-            return False
-        fused = _fused_rotary(original)
-        pairs = zip(fused(probe, probe, cos, sin), original(probe, probe, cos, sin), strict=True)
-        if not all(_close(got, expected) for got, expected in pairs):
-            return False  # not the rotate-half form with repeated frequencies (or partial rotary)
+    fused = _fused_rotary(original)
+    try:
+        with torch.no_grad():
+            cos, sin = embedding(probe, torch.arange(5, device=device).expand(2, 5) * 7)
+            if cos.dtype != torch.float32 or cos.shape[-1] != head_dim:
+                return False
+            pairs = zip(fused(probe, probe, cos, sin), original(probe, probe, cos, sin), strict=True)
+            if not all(_close(got, expected) for got, expected in pairs):
+                return False  # not the rotate-half form with repeated frequencies (or partial rotary)
+    except (TypeError, ValueError, RuntimeError):
+        return False  # a rotary module or function of another signature: the model's own code stays
     setattr(source, "apply_rotary_pos_emb", fused)  # noqa: B010 (a module's attribute, looked up by name)
     return True
 

@@ -369,20 +369,14 @@ def estimate_memory(
     as ``adapt`` would (bf16 on GPUs and on CPUs where it is native and faster, else fp32) and
     whether the CUDA context counts. No weight is read: only the config."""
     source = None
-    if isinstance(model, AdaptedModel):
-        base = model.base
-        source = base.source
-        adapter, head, quantization = model.adapter, model.head_spec, base.quantization
-        dtype = dtype or dtype_name(base.compute_dtype)
-        device = device or model.device.type
+    if isinstance(model, AdaptedModel):  # its base, adapter, head, quantization, dtype and device
+        source, adapter, head, quantization = model.base.source, model.adapter, model.head_spec, model.base.quantization
+        dtype, device = dtype or dtype_name(model.base.compute_dtype), device or model.device.type
         model = model.backbone.config
     head = head or Classification(labels=["0", "1"])
     _check_arguments(head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype, device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # a GPU estimated on a machine without one assumes a bf16-capable GPU; a CPU follows this CPU's policy
-    compute_dtype = (
-        DTYPES[dtype] if dtype else (torch.bfloat16 if device == "cuda" else default_compute_dtype(torch.device("cpu")))
-    )
+    compute_dtype = _compute_dtype(dtype, device)
     config, name = _config_of(model, trust_remote_code)
     name = source or name
     # activations flow in the compute dtype (the base is not upcast: see base.py) unless autocast
@@ -433,6 +427,15 @@ def estimate_memory(
         total_params=counts[1],
         settings=settings,
     )
+
+
+def _compute_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """The dtype asked for, else the one ``adapt`` would choose. Not ``default_compute_dtype`` for a GPU: an
+    estimate for one may run on a machine without one, so a GPU is assumed bf16-capable; a CPU follows this
+    CPU's policy (``backbone/precision.py``)."""
+    if dtype:
+        return DTYPES[dtype]
+    return torch.bfloat16 if device == "cuda" else default_compute_dtype(torch.device("cpu"))
 
 
 def _fsdp_sharded(weights: dict[str, Any], root: int, kept: int, blocks: int, processes: int) -> int:

@@ -143,8 +143,7 @@ def _predict_request() -> Any:
 def create_app(served: dict[str, Served], limits: Limits | None = None, api_key: str | None = None) -> Any:
     """The FastAPI application serving ``served`` (``api_key``: the Bearer token ``/v1/`` asks for)."""
     try:
-        from fastapi import FastAPI, HTTPException, Request
-        from fastapi.responses import JSONResponse, Response
+        from fastapi import FastAPI
     except ImportError:
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
 
@@ -163,9 +162,19 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
 
     app = FastAPI(title="qadapters", summary="adapted models, one quantized base", lifespan=lifespan)
     app.add_middleware(JsonBodies)
-    guard = _api_key_guard(api_key)
-    documented = _documented_errors()
-    PredictRequest = _predict_request()  # noqa: N806 - a class, made where pydantic is known to be installed
+    guard, documented = _api_key_guard(api_key), _documented_errors()
+    _add_error_handlers(app)
+    _add_service_routes(app, served, metrics, guard, documented)
+    # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
+    add_openai_routes(app, served, batchers, guard, {**documented(401, 500), **_openai_errors()})
+    _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
+    return app
+
+
+def _add_error_handlers(app: Any) -> None:
+    """Our typed errors answer 400 with their message; anything else 500 with its type and message."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(AdaptersError)
     async def adapters_error(request: Request, err: AdaptersError) -> JSONResponse:
@@ -174,6 +183,11 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse(status_code=500, content={"detail": f"{type(err).__name__}: {err}"})
+
+
+def _add_service_routes(app: Any, served: dict[str, Served], metrics: ServerMetrics, guard: list, documented) -> None:
+    """``/health``, ``/metrics`` (Prometheus) and ``/v1/models``."""
+    from fastapi.responses import Response
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -198,19 +212,27 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
         ]
         return {"object": "list", "data": data, "models": [s.describe() for s in served.values()]}
 
-    # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
-    add_openai_routes(app, served, batchers, guard, {**documented(401, 500), **_openai_errors()})
+
+def _add_predict_route(
+    app: Any,
+    served: dict[str, Served],
+    batchers: dict[str, Batcher],
+    limits: Limits,
+    metrics: ServerMetrics,
+    guard: list,
+    documented,
+) -> None:
+    """``/v1/models/{name}/predict``: the request checked against ``limits``, then queued on the model's batcher."""
+    from fastapi import HTTPException
+
+    PredictRequest = _predict_request()  # noqa: N806 - a class, made where pydantic is known to be installed
 
     @app.post("/v1/models/{name}/predict", dependencies=guard, responses=documented(400, 401, 404, 413, 500, 503, 504))
     async def predict(name: str, body: PredictRequest) -> dict[str, Any]:  # type: ignore[valid-type]
         request: Any = body  # the class is made at run time (pydantic is an optional extra): typed Any here
         if name not in batchers:
             raise HTTPException(404, f"no model {name!r}; served: {sorted(batchers)}")
-        if len(request.texts) > limits.max_texts:
-            raise HTTPException(413, f"{len(request.texts)} texts in one request; at most {limits.max_texts}")
-        longest = max(len(str(t)) for t in request.texts)
-        if longest > limits.max_chars:
-            raise HTTPException(413, f"an input of {longest} characters; at most {limits.max_chars}")
+        _check_size(request.texts, limits)
         start, status = time.monotonic(), 200
         try:
             generates = served[name].head_spec.lm_logits
@@ -232,7 +254,16 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
             metrics.answered(name, status, time.monotonic() - start)
         return {"model": name, "predictions": [_as_json(p) for p in predictions]}
 
-    return app
+
+def _check_size(texts: list, limits: Limits) -> None:
+    """413 for a request over the text count or an input over the character limit."""
+    from fastapi import HTTPException
+
+    if len(texts) > limits.max_texts:
+        raise HTTPException(413, f"{len(texts)} texts in one request; at most {limits.max_texts}")
+    longest = max(len(str(t)) for t in texts)
+    if longest > limits.max_chars:
+        raise HTTPException(413, f"an input of {longest} characters; at most {limits.max_chars}")
 
 
 def add_openai_routes(
