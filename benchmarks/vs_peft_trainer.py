@@ -65,7 +65,10 @@ OURS = {
     "ours-long-rows": {"long_rows": True},  # packed rows of up to 1,024 tokens, as before
     "ours-bf16": {"bf16": True},  # bf16 compute forced on, whatever this CPU's measured policy says
     "ours-unfused-kernels": {"unfused_kernels": True},  # transformers' own RMSNorm and rotary code
-    "ours-system-malloc": {"system_malloc": True},  # glibc's malloc as it comes (freed memory given back)
+    "ours-system-malloc": {"system_malloc": True},
+    "ours-padded-inference": {
+        "padded_inference": True
+    },  # evaluation and predict in padded batches, as before  # glibc's malloc as it comes (freed memory given back)
 }
 # the script's sampling strategy, and whether it sets TrainingArguments(bf16=True) (CPU autocast)
 BASELINES = {
@@ -84,6 +87,7 @@ ABLATION = [
     "baseline-grouped-kept-malloc",
     "ours-unfused-kernels",
     "ours-system-malloc",
+    "ours-padded-inference",
     "ours-torch-dropout",
     "ours-long-rows",
     "ours-bf16",
@@ -107,6 +111,20 @@ def _switch_levers(overrides: dict) -> None:
         import adapters.backbone.kernels as kernels
 
         kernels.use_fused_kernels = lambda model: []
+    if overrides.pop("padded_inference", False):
+        import sys
+
+        import adapters.training.loaders as loaders
+
+        sys.modules["adapters.model"].packable = lambda head, decoder: False  # type: ignore[attr-defined]
+        packed_loader = loaders.inference_loader
+
+        def padded_loader(model, encoded, rows=None, processes=1):
+            loader = packed_loader(model, encoded, rows, processes)
+            loader.collate_fn.pack = False
+            return loader
+
+        loaders.inference_loader = padded_loader
     if overrides.pop("system_malloc", False):
         os.environ["QADAPTERS_MALLOC"] = "system"
     if overrides.pop("long_rows", False):
@@ -331,6 +349,7 @@ ABLATION_LABELS = [
     ("ours-bf16", "ours, defaults + bf16 compute (forced on: QADAPTERS_CPU_BF16=1)"),
     ("ours-unfused-kernels", "ours, defaults but transformers' own RMSNorm and rotary code"),
     ("ours-system-malloc", "ours, defaults but glibc's malloc as it comes (QADAPTERS_MALLOC=system)"),
+    ("ours-padded-inference", "ours, defaults but evaluation and predict in padded length-sorted batches"),
     (
         "ours",
         "ours, defaults (fused LoRA forward, 4-per-draw dropout masks, rows of 3x the longest text, packed "
