@@ -55,7 +55,8 @@ def test_the_users_own_settings_are_recognised(environ, reason):
 def test_freed_memory_is_reused_without_page_faults():
     kept = _run({})
     assert kept["kept"] is True and kept["again"] is True
-    assert kept["faults"] < 1000  # 40 x 16 MiB freed and taken again: the pages stay mapped
+    # 40 x 16 MiB freed and taken again: at most one block's pages (4,096) fault in anew, not 40 blocks'
+    assert kept["faults"] <= 2 * 4096
     # the user's own setting stands (here: every block over 64 KiB its own mapping, faulted in anew)
     theirs = _run({"MALLOC_MMAP_THRESHOLD_": "65536"})
     assert theirs["kept"] is False and theirs["faults"] > 40 * 4096 * 0.9
