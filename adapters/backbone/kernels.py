@@ -4,14 +4,18 @@ Transformers writes both as chains of tensor ops. Llama's RMSNorm (Zhang & Sennr
 https://arxiv.org/abs/1910.07467) is ``pow``, ``mean``, ``add``, ``rsqrt``, ``mul`` and ``mul``; rotary
 embeddings (RoFormer, Su et al. 2021, https://arxiv.org/abs/2104.09864) in their "rotate half" form are two
 ``mul``, a ``neg``, a ``cat`` and an ``add`` per tensor: each a pass over the activations, and each kept
-for backward. On a CPU, where a small model's activations do not stay in cache between ops, that is a
-measurable share of a forward pass (Liger Kernel, https://arxiv.org/abs/2410.10989, fuses the same steps
-in Triton on GPUs). Here:
+for backward. Liger Kernel (https://arxiv.org/abs/2410.10989) fuses the same steps in Triton on GPUs. Here:
 
-- RMSNorm runs as ``torch.nn.functional.rms_norm``, one fused kernel forward and backward;
+- RMSNorm runs as ``torch.nn.functional.rms_norm``: one op, fused where PyTorch has a kernel for the
+  device (on CPU it is still a composite of the same steps, with one dispatch and without the casts);
 - the rotation of each half is computed into one output (``mul`` then ``addcmul_`` per half), and backward
   applies the inverse rotation (the transpose: the same kernel with the sine negated) instead of
-  differentiating the op chain.
+  differentiating the op chain, so only cos and sin are kept for backward.
+
+Measured on a 2-core Xeon: forward of a norm over 2,048 x 576 fp32 activations 1.81 -> 0.73 ms, of the
+rotation of SmolLM2's q and k for 2,048 tokens 1.51 -> 0.87 ms; on the whole sentiment job (one run without,
+against the median of three with) evaluation 13.7 -> 13.4 s, training unchanged (89-90 s), peak RSS 1,963
+-> 1,831 MB.
 
 Both are taken only where they compute what the model's own code does, checked numerically on the loaded
 model before anything is replaced (per RMSNorm class; the rotary function on the model's own cos/sin), and
