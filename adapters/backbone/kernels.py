@@ -125,7 +125,8 @@ def _fused_rotary(original: Callable) -> Callable:
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
         fits = (
-            not args[1:]
+            not torch.compiler.is_compiling()  # a compiler fuses the op chain itself (and trips on out= views)
+            and not args[1:]
             and set(kwargs) <= {"unsqueeze_dim"}
             and q.dtype == k.dtype == cos.dtype == sin.dtype == torch.float32
             and not (cos.requires_grad or sin.requires_grad)
