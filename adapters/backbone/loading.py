@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from adapters.backbone import allocator, kernels
+from adapters.backbone import kernels
 from adapters.backbone.packaged import PACKAGED_MODELS, resolve_packaged
 from adapters.backbone.precision import default_compute_dtype
 from adapters.errors import ConfigError, UnknownModelError
@@ -179,8 +179,6 @@ def load_backbone(
             raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     compute_dtype = dtype or default_compute_dtype(device)
-    if device.type == "cpu":
-        allocator.keep_freed_memory()  # a batch's activations reuse freed pages instead of faulting in new ones
     config = AutoConfig.from_pretrained(location, **hub)
     decoder = is_decoder_config(config)
     if with_lm_head and not decoder:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adapters.backbone import allocator
 from adapters.backbone.loading import cpu_only, eval_mode
 from adapters.backbone.sharded import inference_context
 from adapters.config.training import TrainConfig
@@ -49,6 +50,8 @@ def evaluate(
         batch_size = config.eval_batch_size
     # inference runs without autocast, as predict() and a reloaded artifact do
     accelerator = accelerator or Accelerator(cpu=cpu_only())
+    if accelerator.unwrap_model(model).device.type == "cpu":
+        allocator.keep_freed_memory()  # each batch's activations reuse freed pages (backbone/allocator.py)
     processes = accelerator.num_processes
     spec = accelerator.unwrap_model(model).head_spec
     batch_size = eval_rows(spec, batch_size, config.batch_size if config else TrainConfig.batch_size, processes)

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from adapters.backbone import allocator
 from adapters.backbone.loading import cpu_only, enable_checkpointing, process_state
 from adapters.backbone.precision import resolve_mixed_precision
 from adapters.backbone.sharded import full_trainable_state, load_trainable_state
@@ -124,6 +125,8 @@ class TrainingLoop:
             return self._run()
 
     def _run(self) -> dict[str, float]:
+        if self.model.device.type == "cpu":
+            allocator.keep_freed_memory()  # each step's activations reuse freed pages (backbone/allocator.py)
         self.setup()
         self._callback("on_train_begin")
         with _StopSignal() as self.stop_signal:
