@@ -36,6 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from adapters.backbone.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402 (after the path)
+
 SETTINGS = {"lr": 5e-4, "batch_size": 16, "max_length": 64, "warmup_ratio": 0.06, "r": 8, "alpha": 16, "dropout": 0.05}
 BUDGETS = {"quick": {"train": 96, "eval": 200, "repeats": 2}, "full": {"train": 1024, "eval": 500, "repeats": 3}}
 
@@ -65,10 +67,8 @@ OURS = {
     "ours-long-rows": {"long_rows": True},  # packed rows of up to 1,024 tokens, as before
     "ours-bf16": {"bf16": True},  # bf16 compute forced on, whatever this CPU's measured policy says
     "ours-unfused-kernels": {"unfused_kernels": True},  # transformers' own RMSNorm and rotary code
-    "ours-system-malloc": {"system_malloc": True},
-    "ours-padded-inference": {
-        "padded_inference": True
-    },  # evaluation and predict in padded batches, as before  # glibc's malloc as it comes (freed memory given back)
+    "ours-system-malloc": {"system_malloc": True},  # glibc's malloc as it comes (freed memory given back)
+    "ours-padded-inference": {"padded_inference": True},  # evaluation and predict in padded batches, as before
 }
 # the script's sampling strategy, and whether it sets TrainingArguments(bf16=True) (CPU autocast)
 BASELINES = {
@@ -77,9 +77,9 @@ BASELINES = {
     "baseline-grouped-bf16": ("group_by_length", True),
     "baseline-grouped-kept-malloc": ("group_by_length", False),  # run with KEPT_MALLOC: what a user could set
 }
-# glibc's malloc keeping freed memory, set from the environment: the same settings ours makes with mallopt
-# (adapters/backbone/allocator.py), for the script's side to have them too
-KEPT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# glibc's malloc keeping freed memory, set from the environment: the same settings ours makes with mallopt,
+# for the script's side to have them too
+KEPT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 SIDE_ENV = {"baseline-grouped-kept-malloc": KEPT_MALLOC}
 MAIN_SIDES = ["ours", "baseline-grouped"]
 ABLATION = [
