@@ -21,7 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -92,16 +92,14 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from adapters import adapt, train
-    from adapters.artifacts.format import check_destination, save_artifact
-    from adapters.backbone.loading import cpu_only, process_state
-    from adapters.backbone.precision import load_dtype, resolve_mixed_precision
-    from adapters.config.run_file import load_run_config, to_yaml
+    from adapters.artifacts.format import check_destination
+    from adapters.backbone.loading import process_state
+    from adapters.config.run_file import load_run_config
     from adapters.data.encoding import check_rows
+    from adapters.files import destination_lock, probe_writable
     from adapters.training.checkpoint import check_output_dir
-    from adapters.training.fsdp import accelerate_fsdp_requested, check_fsdp
 
-    run = load_run_config(args.config, args.overrides)
+    run = load_run_config(args.config, args.overrides + (["train.overwrite=true"] if args.overwrite else []))
     if args.estimate_only:
         print(_estimate(run, None, 1, False).table())
         return 0
@@ -111,9 +109,26 @@ def cmd_train(args) -> int:
     t = run.train
     check_rows(train_rows, run.head, t.text_column, t.label_column, f"{run.data.train} (training rows)")
     check_rows(eval_rows, run.head, t.text_column, t.label_column, "evaluation rows")
-    check_destination(Path(run.output), False)
+    check_destination(Path(run.output), t.overwrite)
     check_output_dir(t.output_dir, t.resume, t.overwrite)
-    m = run.model
+    for where, what in ((run.output, "output"), (t.output_dir, "train.output_dir")):
+        if where is not None:
+            probe_writable(where, what)
+    with destination_lock(run.output, "artifact") if process_state().is_main_process else nullcontext():
+        return _train_and_save(run, train_rows, eval_rows)
+
+
+def _train_and_save(run: Any, train_rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> int:
+    """Load, train and save ``run`` (checked by ``cmd_train``), holding the artifact's lock."""
+    from adapters import adapt, train
+    from adapters.artifacts.format import save_artifact
+    from adapters.backbone.loading import cpu_only, process_state
+    from adapters.backbone.precision import load_dtype, resolve_mixed_precision
+    from adapters.config.run_file import to_yaml
+    from adapters.training.checkpoint import write_run_record
+    from adapters.training.fsdp import accelerate_fsdp_requested, check_fsdp
+
+    m, t = run.model, run.train
     if t.fsdp or accelerate_fsdp_requested():
         check_fsdp(m.quantization, resolve_mixed_precision(t.mixed_precision))
     model = adapt(
@@ -130,8 +145,10 @@ def cmd_train(args) -> int:
     )
     print(model.summary())
     metrics = train(model, train_rows, eval_rows, run.train)
-    save_artifact(model, run.output, text_files={"config.yaml": to_yaml(run)})
+    save_artifact(model, run.output, overwrite=t.overwrite, text_files={"config.yaml": to_yaml(run)})
     if process_state().is_main_process:  # under torchrun, one report, not one per process
+        if t.output_dir is not None:  # run.json names the artifact once it is there
+            write_run_record(t.output_dir, artifact=str(Path(run.output).resolve()))
         print(json.dumps(metrics, indent=2))
         print(f"artifact saved to {run.output}")
     return 0
@@ -329,6 +346,12 @@ def parser() -> argparse.ArgumentParser:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file with sections model, adapter, head, data, train, output")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 adapter.r=16")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier artifact at OUTPUT and start afresh in an output_dir holding an earlier run "
+        "(train.overwrite=true); only the files the library wrote there are removed",
+    )
     p.add_argument(
         "--estimate-only",
         action="store_true",

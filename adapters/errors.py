@@ -40,3 +40,8 @@ class NonFiniteLossError(TrainingError):
 
 class TrainingInterrupted(TrainingError):
     """SIGTERM/SIGINT arrived; a checkpoint was saved and the message says how to resume."""
+
+
+class StorageError(AdaptersError):
+    """A destination cannot be written (read-only, no permission, not a folder) or the disk filled up while
+    writing; what was written partly is removed and what was there before is intact."""

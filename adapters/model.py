@@ -236,7 +236,8 @@ class AdaptedModel(nn.Module):
         return texts
 
     def save_pretrained(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the trainable part (adapter + head) and the spec to ``path``; see ``artifacts/format.py``."""
+        """Write the trainable part (adapter + head) and the spec to ``path``; see ``artifacts/format.py``.
+        A folder that holds an artifact is replaced only with ``overwrite=True`` (then only its own files)."""
         return save_artifact(self, path, overwrite=overwrite)
 
     @classmethod
@@ -248,6 +249,7 @@ class AdaptedModel(nn.Module):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        verify: bool = True,
     ) -> AdaptedModel:
         """Rebuild a saved adapted model: same base, quantization, adapter and head, trained weights.
 
@@ -256,8 +258,10 @@ class AdaptedModel(nn.Module):
         given again for a base with custom code (it is recorded, never trusted from a file). Files are checked
         (present, readable, names and
         shapes that fit, the same base weights) and a misfit raises a ``CheckpointError`` saying which.
+        ``verify``: every file against the sha256 its manifest records (a damaged file raises a
+        ``CheckpointError`` naming it); ``False`` for a folder whose files you edited on purpose.
         """
-        artifact = open_artifact(path)  # everything that needs no model is checked first
+        artifact = open_artifact(path, verify)  # everything that needs no model is checked first
         spec = artifact.spec
         location = artifact.base_location(base)
         if spec.load_options.get("trust_remote_code") and not trust_remote_code:
@@ -375,6 +379,7 @@ def load(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    verify: bool = True,
 ) -> AdaptedModel:
     """``AdaptedModel.from_pretrained``: rebuild a saved adapted model (see there)."""
     return AdaptedModel.from_pretrained(
@@ -384,4 +389,5 @@ def load(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation,
+        verify=verify,
     )

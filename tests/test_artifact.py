@@ -59,7 +59,9 @@ def test_head_only_round_trip(tiny_bert, toy_data, tmp_path):
 def test_saving_replaces_an_artifact_but_not_other_folders(tiny_llama, tmp_path):
     model = _trained(tiny_llama)
     model.save_pretrained(tmp_path / "art")
-    model.save_pretrained(tmp_path / "art")  # an artifact may be replaced
+    with pytest.raises(adapters.ConfigError, match="holds an earlier artifact; pass overwrite=True"):
+        model.save_pretrained(tmp_path / "art")  # never replaced silently
+    model.save_pretrained(tmp_path / "art", overwrite=True)  # an artifact may be replaced, when asked
     user = tmp_path / "mine"
     user.mkdir()
     (user / "notes.txt").write_text("precious")
@@ -90,8 +92,10 @@ def test_mismatched_shapes(tiny_llama, tmp_path):
     model.save_pretrained(tmp_path / "art")
     head = tmp_path / "art" / "head.safetensors"
     save_file({"score.weight": torch.zeros(3, 64), "score.bias": torch.zeros(3)}, str(head))
-    with pytest.raises(adapters.CheckpointError, match="shape"):
+    with pytest.raises(adapters.CheckpointError, match="head.safetensors has .* bytes.*truncated or corrupt"):
         adapters.load(tmp_path / "art")
+    with pytest.raises(adapters.CheckpointError, match="shape"):  # unverified, the tensors are still checked
+        adapters.load(tmp_path / "art", verify=False)
 
 
 def test_different_base_is_refused(tiny_llama, tmp_path):
@@ -145,9 +149,17 @@ def test_resaving_keeps_the_users_files(tiny_llama, tmp_path):
     (art / "reports").mkdir()
     (art / "reports" / "eval.json").write_text("{}")
     again = adapters.adapt(tiny_llama, adapter=adapters.Bottleneck(), head=adapters.Classification(labels=["a", "b"]))
-    again.save_pretrained(art)  # another kind: the LoRA folder goes, the user's files stay
+    again.save_pretrained(art, overwrite=True)  # another kind: the LoRA folder goes, the user's files stay
     names = sorted(p.name for p in art.iterdir())
-    assert names == ["README.md", "bottleneck.safetensors", "head.safetensors", "notes.md", "qadapters.json", "reports"]
+    assert names == [
+        "README.md",
+        "bottleneck.safetensors",
+        "head.safetensors",
+        "notes.md",
+        "qadapters-manifest.json",
+        "qadapters.json",
+        "reports",
+    ]
     assert (art / "notes.md").read_text() == "my notes" and (art / "reports" / "eval.json").exists()
     assert json.loads((art / "qadapters.json").read_text())["files"] == [
         "README.md",

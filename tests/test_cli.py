@@ -212,9 +212,18 @@ def test_eval_reads_the_columns_the_artifact_was_trained_on(tiny_llama, tmp_path
             lambda c, t: (
                 (t / "logs").mkdir(),
                 (t / "logs" / "run.json").write_text("{}"),
+                (t / "logs" / "qadapters-run.json").write_text('{"kind": "run", "created": ["run.json"]}'),
                 c["train"].update(output_dir=str(t / "logs")),
             ),
             r"earlier run.*train.overwrite=true",
+        ),
+        (
+            lambda c, t: (
+                (t / "logs").mkdir(),
+                (t / "logs" / "metrics.jsonl").write_text("{}"),
+                c["train"].update(output_dir=str(t / "logs"), overwrite=True),
+            ),
+            r"holds \['metrics.jsonl'\], which are not a qadapters run",
         ),
     ],
 )

@@ -35,7 +35,7 @@ from adapters.artifacts.spec import ArtifactSpec
 from adapters.backbone.loading import load_backbone
 from adapters.backbone.packaged import drop_quantizer_marks
 from adapters.errors import ConfigError
-from adapters.files import atomic_folder, writable_entries
+from adapters.files import destination_lock, durable_folder, probe_writable, read_manifest, writable_entries
 
 MARK = "qadapters-export.json"  # says the folder is an export (what --overwrite may replace)
 
@@ -76,7 +76,8 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Pa
             f"or qadapters serve"
         )
     out = Path(out)
-    replaces = writable_entries(out, "export", _exported_files, overwrite=overwrite)
+    writable_entries(out, "export", _exported_files, overwrite=overwrite)
+    probe_writable(out, "export destination")
     network, base = load_backbone(
         opened.base_location(), spec.quantization, spec.dtype, "cpu", padding_side=spec.padding_side
     )
@@ -90,7 +91,10 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Pa
     if head.prompt is not None:
         carry_prompt(base.tokenizer, head.prompt)
     classifier = _classifier(network, head, base.tokenizer, opened.head_tensors, AutoModelForSequenceClassification)
-    with atomic_folder(out, replaces) as tmp:
+    with (
+        destination_lock(out, "export"),
+        durable_folder(out, "export", writable_entries(out, "export", _exported_files, overwrite=overwrite)) as tmp,
+    ):
         classifier.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         files = sorted([p.name for p in tmp.iterdir()] + [MARK])
@@ -122,7 +126,13 @@ def _classifier(network: PreTrainedModel, head, tokenizer, tensors: dict, auto) 
 
 
 def _exported_files(out: Path) -> list[str] | None:
-    """The files an earlier export at ``out`` wrote (None: ``out`` is not an export)."""
+    """The files an earlier export at ``out`` wrote (None: ``out`` is not an export): its manifest's, or for one
+    written before manifests, the files its mark lists."""
+    if not (out / MARK).is_file():
+        return None
+    manifest = read_manifest(out)
+    if manifest is not None:
+        return list(manifest.files) if manifest.kind == "export" else None
     return json.loads((out / MARK).read_text()).get("files", []) if (out / MARK).is_file() else None
 
 

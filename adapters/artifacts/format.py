@@ -4,6 +4,7 @@ Layout of an artifact folder::
 
     qadapters.json          base (name + fingerprint), quantization, adapter, head spec, labels, versions,
                             training metrics
+    qadapters-manifest.json every file above with its size and sha256 (written last; verified on open)
     README.md               the model card
     adapter/                LoRA: a standard peft adapter folder (adapter_config.json,
                             adapter_model.safetensors) - ``PeftModel.from_pretrained`` reads it
@@ -20,12 +21,14 @@ files (``AdapterSpec.save``/``load``; ``AdapterSpec.files`` names them).
 stored spec (same quantization, adapter and head), then loads the trained tensors after checking
 names and shapes, so a folder that is incomplete, corrupt or from another base fails with a
 ``CheckpointError`` saying which. Saving writes to a temporary sibling folder and renames it into
-place (``files.atomic_folder``), so a crash never leaves a half-written artifact where a good one was.
+place with a manifest of every file's sha256 (``files.durable``), so a crash never leaves a half-written
+artifact where a good one was, and a damaged file is found when the artifact is opened.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +41,24 @@ from adapters.artifacts.spec import SPEC_FILE, ArtifactSpec, BaseRecord
 from adapters.backbone.loading import base_fingerprint, process_state, weights_folder
 from adapters.backbone.sharded import whole_trainables
 from adapters.errors import CheckpointError
-from adapters.files import atomic_folder, check_state, cpu_state, load_tensors, weights_digest, writable_entries
+from adapters.files import (
+    check_state,
+    cpu_state,
+    destination_lock,
+    durable_folder,
+    load_tensors,
+    read_manifest,
+    recover,
+    verify,
+    weights_digest,
+    writable_entries,
+)
 from adapters.heads import HeadSpec
 from adapters.methods.spec import AdapterSpec
 from adapters.registry import ADAPTERS
 
 HEAD_FILE = "head.safetensors"
+logger = logging.getLogger(__name__)
 
 
 def library_version() -> str:
@@ -83,15 +98,25 @@ ARTIFACT_FILES = (
 
 
 def written_files(path: Path) -> list[str] | None:
-    """The entries of folder ``path`` that the library wrote, if it is an artifact (what re-saving may
-    replace); None for any other folder."""
+    """The files of folder ``path`` that the library wrote, if it is an artifact (what re-saving with
+    ``overwrite`` replaces): its manifest's; for an artifact written before manifests, the entries its spec
+    lists, folders expanded to their files. None for any other folder."""
+    manifest = read_manifest(path) if is_artifact(path) else None
+    if manifest is not None:
+        return list(manifest.files)
     if not is_artifact(path):
         return None
     try:
-        files = json.loads((path / SPEC_FILE).read_text()).get("files")
+        names = json.loads((path / SPEC_FILE).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
-        return list(ARTIFACT_FILES)
-    return list(files) if isinstance(files, list) else list(ARTIFACT_FILES)
+        names = None
+    names = names if isinstance(names, list) else list(ARTIFACT_FILES)
+    files = []
+    for name in names:
+        entry = path / str(name)
+        found = [p for p in entry.rglob("*") if p.is_file()] if entry.is_dir() else [entry]
+        files += [p.relative_to(path).as_posix() for p in found]
+    return files
 
 
 def artifact_spec(model: Any, path: Path, extra: dict[str, Any] | None = None) -> ArtifactSpec:
@@ -119,17 +144,17 @@ def artifact_spec(model: Any, path: Path, extra: dict[str, Any] | None = None) -
 
 
 def check_destination(path: Path, overwrite: bool, writes: Iterable[str] = ARTIFACT_FILES) -> list[str]:
-    """The entries a save at ``path`` replaces (``files.writable_entries``): an artifact folder's own files
-    (the user's other files kept); into any other non-empty folder only with ``overwrite``, beside its
-    files, when none of them has a name the save writes."""
+    """The files a save at ``path`` replaces (``files.writable_entries``): an earlier artifact's own files, only
+    with ``overwrite`` (an artifact is never replaced silently; the user's other files are kept); into any other
+    non-empty folder only with ``overwrite``, beside its files, when none of them has a name the save writes."""
     return writable_entries(
         path,
         "artifact",
         written_files,
         overwrite=overwrite,
-        replace_earlier=True,
         foreign="beside_with_overwrite",
         writes=writes,
+        hint="pass overwrite=True (CLI: --overwrite) to replace it (only the files the library wrote there)",
     )
 
 
@@ -143,33 +168,43 @@ def save_artifact(
     """Write ``model``'s trainable tensors and spec to ``path`` atomically (``text_files``: more files to
     write beside them, e.g. the CLI's resolved ``config.yaml``).
 
-    Re-saving into an artifact folder replaces only the files the library wrote there; any other
-    non-empty folder is refused unless ``overwrite=True`` (see ``check_destination``), so a typo in the
-    path never deletes the user's files. Under several processes only the main one writes.
+    A folder holding an artifact is replaced only with ``overwrite=True``, and then only the files the
+    library wrote there (its manifest's); any other non-empty folder is refused unless ``overwrite=True``
+    (see ``check_destination``), so a typo in the path never deletes the user's files. The write is atomic and
+    durable (``files.durable``). Under several processes only the main one writes.
     """
     path = Path(path)
-    replaces = check_destination(path, overwrite, ARTIFACT_FILES + tuple(text_files or ()))
+    check_destination(path, overwrite, ARTIFACT_FILES + tuple(text_files or ()))
     with whole_trainables(model):  # under FSDP, gathered on every rank (a collective); else as they are
-        _write_artifact(model, path, replaces, extra, text_files)
+        _write_artifact(model, path, overwrite, extra, text_files)
     return path
 
 
 def _write_artifact(
-    model: Any, path: Path, replaces: list[str], extra: dict[str, Any] | None, text_files: dict[str, str] | None
+    model: Any, path: Path, overwrite: bool, extra: dict[str, Any] | None, text_files: dict[str, str] | None
 ) -> None:
     state = process_state()
     if not state.is_main_process:  # under DDP every rank holds the same weights: one writes
         state.wait_for_everyone()
         return
     spec = artifact_spec(model, path, extra)
-    with atomic_folder(path, replaces) as tmp:
+    needed = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    with destination_lock(path, "artifact"):
+        replaces = check_destination(path, overwrite, ARTIFACT_FILES + tuple(text_files or ()))  # under the lock
+        _write_files(model, path, spec, replaces, needed, text_files)
+    state.wait_for_everyone()
+
+
+def _write_files(
+    model: Any, path: Path, spec: ArtifactSpec, replaces: list[str], needed: int, text_files: dict[str, str] | None
+) -> None:
+    with durable_folder(path, "artifact", replaces, needed) as tmp:
         if model.adapter is not None:
             model.adapter.save(model, tmp)
         write_head(cpu_state(model.head), tmp, spec)
         for name, text in (text_files or {}).items():
             (tmp / name).write_text(text)
         write_spec(spec, tmp, path.name)
-    state.wait_for_everyone()
 
 
 def write_head(tensors: dict[str, torch.Tensor], folder: Path, spec: ArtifactSpec) -> None:
@@ -185,7 +220,7 @@ def write_head(tensors: dict[str, torch.Tensor], folder: Path, spec: ArtifactSpe
 def write_spec(spec: ArtifactSpec, folder: Path, name: str) -> None:
     """The model card and ``qadapters.json`` into ``folder`` (last: the spec lists every file written)."""
     (folder / "README.md").write_text(model_card(spec, name))
-    spec.files = sorted([p.name for p in folder.iterdir()] + [SPEC_FILE])
+    spec.files = sorted([p.name for p in folder.iterdir() if not p.name.startswith(".")] + [SPEC_FILE])
     (folder / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2, default=str))
 
 
@@ -261,18 +296,34 @@ class Artifact:
             )
 
 
-def open_artifact(path: str | Path) -> Artifact:
-    """Artifact folder ``path``, checked before anything slow: its spec (present, readable, this format),
-    the adapter and head settings it records, the head's tensors against that head (names and shapes),
-    and the quantization its tensors were trained on against the spec's. Load, serve, merge and export
-    all start here; each then loads the base and calls ``Artifact.check_base``."""
+def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Artifact folder ``path``, checked before anything slow: a save a crash interrupted after it was
+    decided is finished (``files.recover``); every file against the sha256 its manifest records (``verify``);
+    its spec (present, readable, this format, each field of its type), the adapter and head settings it
+    records, the head's tensors against that head (names and shapes), and the quantization its tensors were
+    trained on against the spec's. Load, serve, merge and export all start here, and only here; each then
+    loads the base and calls ``Artifact.check_base``."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder; pass the folder written by save_pretrained")
+    recover(path)
+    check_integrity(path, verify)
     spec = read_spec(path)
     adapter, head = spec.adapter_spec(path), spec.head_spec(path)
     tensors = load_tensors(path / HEAD_FILE)
     check_state(tensors, head.build(spec.base.hidden_size, spec.base.is_decoder).state_dict(), path / HEAD_FILE)
     _check_quantization(spec, path)
     return Artifact(path, spec, adapter, head, tensors)
+
+
+def check_integrity(path: Path, verify_files: bool) -> None:
+    """Every file of artifact ``path`` as its manifest says it was written (``verify_files``); an artifact
+    written before manifests loads unverified, with a warning."""
+    manifest = read_manifest(path)  # a damaged manifest raises, even unverified: it is the library's file
+    if manifest is None and is_artifact(path):
+        logger.warning("%s has no manifest (saved before qadapters wrote them): its files are not verified", path)
+    elif manifest is not None and verify_files:
+        verify(path, manifest)
 
 
 def _check_quantization(spec: ArtifactSpec, path: Path) -> None:

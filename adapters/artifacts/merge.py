@@ -20,7 +20,14 @@ from adapters.artifacts.format import is_artifact, open_artifact, read_spec, wri
 from adapters.backbone.loading import dtype_name, load_backbone
 from adapters.backbone.packaged import drop_quantizer_marks
 from adapters.errors import ConfigError
-from adapters.files import atomic_folder, weights_digest, writable_entries
+from adapters.files import (
+    destination_lock,
+    durable_folder,
+    probe_writable,
+    read_manifest,
+    weights_digest,
+    writable_entries,
+)
 
 
 def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
@@ -43,7 +50,8 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
             f"weights: {refusal}. Use the artifact as it is with adapters.load"
         )
     out = Path(out)
-    replaces = writable_entries(out, "merge", _merged_files, overwrite=overwrite)
+    writable_entries(out, "merge", _merged_files, overwrite=overwrite)
+    probe_writable(out, "merge destination")
     network, base = load_backbone(
         opened.base_location(),
         spec.quantization,
@@ -70,7 +78,10 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
         dtype=dtype_name(base.compute_dtype),
         base=replace(spec.base, name=out.name, path="."),
     )
-    with atomic_folder(out, replaces) as tmp:
+    with (
+        destination_lock(out, "merge"),
+        durable_folder(out, "merge", writable_entries(out, "merge", _merged_files, overwrite=overwrite)) as tmp,
+    ):
         merged.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         # the head, recorded as trained for this unquantized base (its metadata is checked at load)
@@ -82,8 +93,12 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
 
 
 def _merged_files(out: Path) -> list[str] | None:
-    """The files an earlier merge at ``out`` wrote (None: ``out`` is not a merge)."""
+    """The files an earlier merge at ``out`` wrote (None: ``out`` is not a merge): its manifest's, or for one
+    written before manifests, the files its spec lists."""
     if not is_artifact(out):
         return None
+    manifest = read_manifest(out)
+    if manifest is not None:
+        return list(manifest.files) if manifest.kind == "merge" else None
     spec = read_spec(out)
     return spec.files if spec.merged_from and spec.files is not None else None

@@ -197,19 +197,20 @@ def _load_frozen(
     compute_dtype,
     double_quant,
     device,
-    hub: dict,
+    hub: dict[str, Any],
     decoder,
     attn_implementation: str | None,
 ) -> PreTrainedModel:
     from transformers import AutoModel, AutoModelForCausalLM
 
+    attention: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
         location,
         quantization_config=quantization_config(quantization, compute_dtype, double_quant),
         dtype=compute_dtype,
         device_map={"": device.index if device.type == "cuda" and device.index is not None else str(device)},
         **hub,
-        **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+        **attention,
     )
     # BERT-style encoders carry a pooler that our heads never use. Left in place it would be
     # quantized, targeted by "all-linear" LoRA, and leave DDP with parameters that get no grad.

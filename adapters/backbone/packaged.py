@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import UnknownModelError
-from adapters.files import atomic_folder
+from adapters.files import durable_folder
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF loader marks the model as quantized; the dequantized weights are plain tensors.
     drop_quantizer_marks(model)
-    with atomic_folder(out) as tmp:  # a crash mid-conversion never leaves a half folder at ``out``
+    with durable_folder(out, "converted base") as tmp:  # a crash mid-conversion never leaves a half folder at ``out``
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

@@ -7,9 +7,16 @@ our ``trainer_state.json``: the loop's ``TrainState`` (step, epoch, position in 
 loss, early-stopping state). Only
 trainable tensors are kept: a pre-save hook drops the frozen base from the model state.
 
-Atomicity: everything is written to ``checkpoints/.tmp-step-000120`` and renamed into place
-once complete; a kill mid-save leaves the previous checkpoints intact and a ``.tmp-`` folder
-that resuming ignores (and the next save clears).
+Atomicity and integrity: everything is written to ``checkpoints/.tmp-step-000120`` with a manifest of every
+file's sha256 (``files/manifest.py``), flushed to disk, and renamed into place once complete; a kill mid-save
+leaves the previous checkpoints intact and a ``.tmp-`` folder that resuming ignores (and the next save
+clears). Resuming verifies the manifest: a damaged checkpoint (flipped bytes, a garbage RNG state) is refused
+and ``resume="auto"`` falls back to the newest one that verifies, saying so. A full disk is a
+``StorageError`` naming the folder and the space needed, the partial folder removed.
+
+The run folder (``output_dir``) gets ``qadapters-run.json``, the entries the run created there; ``overwrite``
+removes exactly those (and in ``checkpoints/`` only the checkpoints the run wrote) and refuses a folder
+without it: a user's ``metrics.jsonl`` or ``checkpoints/`` is never taken for an earlier run.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from typing import Any
 
 from adapters.backbone.sharded import full_trainable_state, load_trainable_state
 from adapters.errors import CheckpointError, ConfigError
-from adapters.files import writable_entries
+from adapters.files import read_manifest, remove_listed, verify, writable_entries
+from adapters.files.durable import disk_full_error, fsync_dir, fsync_tree, is_disk_full
+from adapters.files.manifest import write_manifest
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the model's tensors
@@ -126,6 +135,30 @@ def save_checkpoint(
         for stale in root.glob(".tmp-*"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    try:
+        _write_checkpoint(accelerator, tmp, state, sharded)
+    except Exception as err:
+        if accelerator.is_main_process:
+            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(err):
+                raise disk_full_error(root, _checkpoint_size(root), written) from err
+        raise
+    if accelerator.is_main_process:
+        if final.exists():
+            _remove_checkpoint(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        if keep_last is not None:
+            for old in complete_checkpoints(output_dir)[:-keep_last]:
+                if protect is None or old.resolve() != protect.resolve():
+                    _remove_checkpoint(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(accelerator: Any, tmp: Path, state: TrainState, sharded: Any) -> None:
+    """Accelerate's state, the gathered FSDP weights, our state file and the manifest into ``tmp``, flushed."""
     accelerator.save_state(str(tmp), safe_serialization=True)
     if sharded is not None:
         weights = full_trainable_state(sharded)  # a collective: every rank
@@ -136,15 +169,28 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state.to_dict(), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep_last is not None:
-            for old in complete_checkpoints(output_dir)[:-keep_last]:
-                if protect is None or old.resolve() != protect.resolve():
-                    shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+        write_manifest(tmp, "checkpoint")
+        fsync_tree(tmp)
+
+
+def _checkpoint_size(root: Path) -> int | None:
+    """The size of the newest complete checkpoint under ``root`` (what the next one needs), if any."""
+    found = complete_checkpoints(root.parent)
+    return sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file()) if found else None
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint the run wrote: its manifest's files (then the folder, if nothing else is in it);
+    one written before manifests, whole."""
+    manifest = read_manifest(path) if (path / "qadapters-manifest.json").is_file() else None
+    if manifest is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    remove_listed(path, manifest)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def resolve_resume(resume, output_dir) -> Path | None:
@@ -171,6 +217,7 @@ def load_checkpoint(accelerator, path: Path, trainable: set[str], sharded: Any =
     silently from fresh adapter weights."""
     from safetensors import SafetensorError
 
+    _verify_checkpoint(path)
     try:
         state = TrainState.from_dict(json.loads((path / STATE_FILE).read_text()))
         saved = set(read_checkpoint_weights(path))
@@ -187,6 +234,17 @@ def load_checkpoint(accelerator, path: Path, trainable: set[str], sharded: Any =
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as err:
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or does not fit this model/optimizer ({err})") from None
     return state
+
+
+def _verify_checkpoint(path: Path) -> None:
+    """Every file of checkpoint ``path`` as its manifest records it; a ``CorruptCheckpoint`` naming the first
+    that differs. A checkpoint written before manifests is read unverified."""
+    try:
+        manifest = read_manifest(path)
+        if manifest is not None:
+            verify(path, manifest)
+    except CheckpointError as err:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {err}") from None
 
 
 def load_newest_good(
@@ -218,42 +276,92 @@ def read_checkpoint_weights(path: Path) -> dict:
 
 RUN_FILE = "run.json"  # written when a run finishes
 LOG_FILE = "metrics.jsonl"
+RUN_MANIFEST = "qadapters-run.json"  # the entries a run created in its output_dir: what overwrite may remove
+TRACKER_DIR = "qadapters"  # Accelerate's trackers (TensorBoard) log under the project's name
+RUN_ENTRIES = (RUN_FILE, LOG_FILE, "checkpoints", TRACKER_DIR)
 
 
 def check_output_dir(output_dir, resume, overwrite: bool) -> bool:
     """Refuse to silently start over in a folder holding an earlier run; True when there is one to clear
-    (``overwrite``). Cheap: callers run it before loading a model."""
+    (``overwrite``). Cheap: callers run it before loading a model. An earlier run is known by its
+    ``qadapters-run.json`` only: files that merely have a run's names (``metrics.jsonl``, ``checkpoints/``)
+    are the user's, never replaced."""
     if output_dir is None:
         return False
+    out = Path(output_dir)
+    if resume is not None and complete_checkpoints(out):  # resuming deletes nothing (runs before manifests too)
+        return False
     earlier = writable_entries(
-        Path(output_dir),
+        out,
         "run (checkpoints and logs)",
         _run_entries,
         overwrite=overwrite,
         replace_earlier=resume is not None,  # resuming keeps them
         foreign="beside",  # checkpoints and logs go beside the user's files
-        writes=(RUN_FILE, LOG_FILE, checkpoint_dir(Path(output_dir)).name),
+        writes=(*RUN_ENTRIES[:3], RUN_MANIFEST),
         hint="continue it with resume='auto' (YAML: train.resume=auto) or start afresh with overwrite=True "
-        "(train.overwrite=true), which deletes its checkpoints and logs and nothing else",
+        f"(train.overwrite=true), which deletes what that run created (listed in {RUN_MANIFEST}) and nothing else",
     )
     return bool(earlier) and resume is None
 
 
 def _run_entries(out: Path) -> list[str] | None:
-    """What an earlier run wrote into ``out`` (None: no earlier run there)."""
-    if not ((out / RUN_FILE).exists() or complete_checkpoints(out) or (out / LOG_FILE).exists()):
+    """The entries an earlier run created in ``out``, from its manifest (None: no run of ours there)."""
+    try:
+        data = json.loads((out / RUN_MANIFEST).read_text())
+    except (OSError, ValueError):
         return None
-    return [name for name in (RUN_FILE, LOG_FILE, checkpoint_dir(out).name, LOCK_FILE) if (out / name).exists()]
+    created = data.get("created") if isinstance(data, dict) else None
+    if not isinstance(created, list):
+        return None
+    return [name for name in created if name in RUN_ENTRIES]
 
 
 def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> None:
-    """``check_output_dir``, then on ``overwrite`` delete only what a run writes there (checkpoints,
-    ``run.json``, ``metrics.jsonl``), never the user's other files."""
-    if check_output_dir(output_dir, resume, overwrite) and is_main:
-        out = Path(output_dir)
-        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
-        for name in (RUN_FILE, LOG_FILE):
-            (out / name).unlink(missing_ok=True)
+    """``check_output_dir``, then on ``overwrite`` delete only what the earlier run created there (its
+    manifest's entries; in ``checkpoints/`` only its checkpoints), never the user's other files; then record
+    what this run creates."""
+    if output_dir is None or not is_main:
+        check_output_dir(output_dir, resume, overwrite)
+        return
+    out = Path(output_dir)
+    if check_output_dir(output_dir, resume, overwrite):
+        for name in _run_entries(out) or []:
+            _clear_entry(out / name)
+    if resume is None or not (out / RUN_MANIFEST).is_file():
+        created = [name for name in RUN_ENTRIES if not (out / name).exists()]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_MANIFEST).write_text(json.dumps({"writer": "qadapters", "kind": "run", "created": created}))
+
+
+def write_run_record(output_dir: Any, **fields: Any) -> None:
+    """Merge ``fields`` into ``run.json``, written whole or not at all (a temporary file renamed over it). It
+    names an artifact only once one is saved (``artifact``: its folder, or None)."""
+    file = Path(output_dir) / RUN_FILE
+    try:
+        record = json.loads(file.read_text()) if file.is_file() else {}
+    except ValueError:
+        record = {}
+    tmp = file.with_name(f".{RUN_FILE}.tmp")
+    tmp.write_text(json.dumps({"artifact": None, **record, **fields}, indent=2))
+    os.replace(tmp, file)
+
+
+def _clear_entry(entry: Path) -> None:
+    """Remove one entry an earlier run created: a file; its checkpoints folder, checkpoint by checkpoint
+    (a file the user put there keeps the folder); its trackers' folder."""
+    if entry.is_file():
+        entry.unlink()
+    elif entry.name == "checkpoints" and entry.is_dir():
+        for child in entry.iterdir():
+            if child.is_dir() and (_NAME.match(child.name) or child.name.startswith(".tmp-step-")):
+                _remove_checkpoint(child) if _NAME.match(child.name) else shutil.rmtree(child, ignore_errors=True)
+        try:
+            entry.rmdir()
+        except OSError:
+            pass
+    elif entry.is_dir():
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 @contextmanager

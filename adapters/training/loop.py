@@ -28,7 +28,6 @@ an earlier run.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -49,10 +48,10 @@ from adapters.backbone.sharded import full_trainable_state, load_trainable_state
 from adapters.config.training import TrainConfig
 from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from adapters.files import probe_writable
 from adapters.training.batch_size import choose_batch_size
 from adapters.training.callbacks import Control, call
 from adapters.training.checkpoint import (
-    RUN_FILE,
     TrainState,
     check_output_dir,
     complete_checkpoints,
@@ -64,6 +63,7 @@ from adapters.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
     step_checkpoint,
+    write_run_record,
 )
 from adapters.training.compiled import compile_blocks
 from adapters.training.evaluation import evaluate_loader, prefixed
@@ -92,6 +92,8 @@ class TrainingLoop:
         if config.linear_probe:
             check_probe(model)
         check_output_dir(config.output_dir, config.resume, config.overwrite)  # before any slow work
+        if config.output_dir is not None:
+            probe_writable(config.output_dir, "output_dir")
         self.precision = resolve_mixed_precision(config.mixed_precision, model.device.type)
         if config.mixed_precision == "no" and model.device.type == "cpu" and model.base.compute_dtype != torch.float32:
             logger.warning(
@@ -527,7 +529,7 @@ class TrainingLoop:
             "config": _set_fields(config),
         }
         if config.output_dir is not None and accelerator.is_main_process:
-            Path(config.output_dir, RUN_FILE).write_text(json.dumps({"finished": True, **result}, indent=2))
+            write_run_record(config.output_dir, finished=True, artifact=None, **result)
         # not end_training(): it destroys the process group, which saving and evaluating still need
         for tracker in accelerator.trackers:
             tracker.finish()
