@@ -172,7 +172,7 @@ def cmd_eval(args) -> int:
             )
     # every row's text and label against the head, before the model loads
     check_rows(rows, spec.head_spec(Path(args.artifact)), text_column, label_column, args.data)
-    model = load(args.artifact)
+    model = load(args.artifact, verify=not args.no_verify)
     metrics = evaluate(model, rows, text_column=text_column, label_column=label_column, batch_size=args.batch_size)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -211,7 +211,7 @@ def cmd_predict(args) -> int:
     head = read_spec(args.artifact).head_spec(Path(args.artifact))
     generate = _generation_settings(args, head)
     rows = _input_rows(Path(args.input), args.text_column, head) if args.input else None
-    model = load(args.artifact)
+    model = load(args.artifact, verify=not args.no_verify)
     if rows is None:
         predictions = model.predict(args.texts, probabilities=args.probabilities, **generate)
         for text, prediction in zip(args.texts, predictions, strict=True):
@@ -279,14 +279,14 @@ def _output(path: Path | None) -> Iterator[TextIO]:
 def cmd_merge(args) -> int:
     from adapters.artifacts.merge import merge_artifact
 
-    merge_artifact(args.artifact, args.out, overwrite=args.overwrite)
+    merge_artifact(args.artifact, args.out, overwrite=args.overwrite, verify=not args.no_verify)
     return 0
 
 
 def cmd_export(args) -> int:
     from adapters.artifacts.export import export_for_pipeline
 
-    export_for_pipeline(args.artifact, args.out, overwrite=args.overwrite)
+    export_for_pipeline(args.artifact, args.out, overwrite=args.overwrite, verify=not args.no_verify)
     return 0
 
 
@@ -300,7 +300,16 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--max-queue={args.max_queue} and --timeout={args.timeout} must be positive")
     limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars, args.max_queue, args.timeout)
     api_key = args.api_key or os.environ.get("QADAPTERS_API_KEY") or None
-    serve(args.artifacts, args.host, args.port, limits, args.device, api_key=api_key, insecure=args.insecure)
+    serve(
+        args.artifacts,
+        args.host,
+        args.port,
+        limits,
+        args.device,
+        api_key=api_key,
+        insecure=args.insecure,
+        verify=not args.no_verify,
+    )
     return 0
 
 
@@ -368,7 +377,16 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
 
 
+def _no_verify_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip checking the artifact's files against the sha256 its manifest records (for files you edited)",
+    )
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
+    _no_verify_arg(p)
     p.add_argument("artifact", help="folder written by save_pretrained / qadapters train")
     p.add_argument("--data", required=True, help="CSV/TSV/JSONL/Parquet file, packaged dataset or hub dataset")
     p.add_argument("--text-column", help="column of the inputs (default: the one the artifact was trained on)")
@@ -382,6 +400,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
+    _no_verify_arg(p)
     p.add_argument("artifact")
     p.add_argument("texts", nargs="*", help="texts to predict")
     p.add_argument("--input", help="CSV, TSV, JSONL or Parquet file of rows with a text field")
@@ -398,18 +417,21 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
+    _no_verify_arg(p)
     p.add_argument("artifact")
     p.add_argument("out", help="folder to write the merged model to")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
+    _no_verify_arg(p)
     p.add_argument("artifact")
     p.add_argument("out", help="folder to write the exported model to")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    _no_verify_arg(p)
     p.add_argument("artifacts", nargs="+", help="artifact folders, or NAME=FOLDER to choose the name in the URL")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)

@@ -363,7 +363,7 @@ def main(argv=None) -> dict:
     )
     confusion = ConfusionRecorder(head.labels) if isinstance(head, adapters.Classification) else None
     metrics = adapters.train(model, train_rows, test_rows, config, compute_metrics=confusion)
-    model.save_pretrained(output)
+    model.save_pretrained(output, overwrite=True)  # a rerun replaces its own artifact (only its files)
     result = {
         "task": args.task,
         "accuracy": metrics.get("eval_accuracy", metrics.get("eval_exact_match")),

@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
         overwrite=True,
     )  # a re-run of the recipe starts its logs afresh
     metrics = adapters.train(model, train_rows, test_rows, config)
-    model.save_pretrained(args.output)
+    model.save_pretrained(args.output, overwrite=True)  # a rerun replaces its own artifact (only its files)
 
     again = adapters.load(args.output)
     print(f"\nsaved to {args.output}; reloaded predictions:")

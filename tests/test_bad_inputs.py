@@ -59,6 +59,15 @@ def _artifact(tmp_path, damage, artifact=None):
     return action() if callable(action) else adapters.load(art)
 
 
+def _edited(tmp_path, edit, artifact=None):
+    """An artifact whose spec was edited on purpose, opened unverified (``verify=False``): the checks behind
+    the manifest's still hold."""
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    action = edit(art)
+    return action() if callable(action) else adapters.load(art, verify=False)
+
+
 def _folder(tmp_path, act, model=None):
     return act(tmp_path, model)
 
@@ -83,6 +92,13 @@ def _json(path, edit):
     spec = json.loads(path.read_text())
     edit(spec)
     path.write_text(json.dumps(spec))
+
+
+def _flip(path, at=-8):
+    """One byte of ``path`` flipped, in the tensor data (the end of a safetensors file)."""
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 CASES = [
@@ -197,7 +213,35 @@ CASES = [
         _artifact,
         lambda a: (a / "qadapters.json").write_text("{"),
         adapters.CheckpointError,
+        r"qadapters.json has 1 bytes, \d+ were written: it is truncated or corrupt",
+    ),
+    (
+        "artifact spec not json, unverified",
+        _edited,
+        lambda a: (a / "qadapters.json").write_text("{"),
+        adapters.CheckpointError,
         r"qadapters.json is corrupt",
+    ),
+    (
+        "artifact labels reordered",
+        _artifact,
+        lambda a: _json(a / "qadapters.json", lambda s: s["head"].update(labels=s["head"]["labels"][::-1])),
+        adapters.CheckpointError,
+        r"qadapters.json differs from what was written \(sha256 mismatch\)",
+    ),
+    (
+        "artifact tensor byte flipped",
+        _artifact,
+        lambda a: _flip(a / "head.safetensors"),
+        adapters.CheckpointError,
+        r"head.safetensors differs from what was written \(sha256 mismatch\).*verify=False",
+    ),
+    (
+        "artifact max_length not a number",
+        _edited,
+        lambda a: _json(a / "qadapters.json", lambda s: s.update(max_length="lots")),
+        adapters.CheckpointError,
+        r"max_length='lots' is not of type int",
     ),
     (
         "artifact head missing",
@@ -211,7 +255,7 @@ CASES = [
         _artifact,
         lambda a: (a / "head.safetensors").write_bytes(b"\x00" * 9),
         adapters.CheckpointError,
-        r"corrupt or not a safetensors file",
+        r"head.safetensors has 9 bytes, \d+ were written: it is truncated or corrupt",
     ),
     (
         "artifact adapter file missing",
@@ -222,45 +266,45 @@ CASES = [
     ),
     (
         "artifact head kind unknown",
-        _artifact,
+        _edited,
         lambda a: _json(a / "qadapters.json", lambda s: s["head"].update(kind="x")),
         adapters.CheckpointError,
         r"garbles its 'head' entry",
     ),
     (
         "artifact labels edited",
-        _artifact,
+        _edited,
         lambda a: _json(a / "qadapters.json", lambda s: s["head"].update(labels=["a", "b", "c"])),
         adapters.CheckpointError,
         r"head.safetensors: tensor score.weight has shape \(2, 64\), the model expects \(3, 64\)",
     ),
     (
         "artifact quantization edited",
-        _artifact,
+        _edited,
         lambda a: _json(a / "qadapters.json", lambda s: s.update(quantization="int8")),
         adapters.CheckpointError,
         r"says quantization='int8' but its tensors were trained on a 'nf4' base",
     ),
     (
         "artifact format from the future",
-        _artifact,
+        _edited,
         lambda a: _json(a / "qadapters.json", lambda s: s.update(format_version=9)),
         adapters.CheckpointError,
         r"artifact format 9",
     ),
     (
         "artifact base moved away",
-        _artifact,
+        _edited,
         lambda a: _json(a / "qadapters.json", lambda s: s["base"].update(path="../nowhere")),
         adapters.CheckpointError,
         r"not there; pass base=",
     ),
     (
         "merge with a damaged head",
-        _artifact,
+        _edited,
         lambda a: (
             _json(a / "qadapters.json", lambda s: s["head"].update(labels=["a", "b", "c", "d"])),
-            lambda: merge_artifact(a, a.parent / "merged"),
+            lambda: merge_artifact(a, a.parent / "merged", verify=False),
         )[1],
         adapters.CheckpointError,
         r"has shape \(2, 64\), the model expects \(4, 64\)",
@@ -289,7 +333,7 @@ CASES = [
         _folder,
         lambda t, m: ((t / "out").mkdir(), (t / "out" / "notes.txt").write_text("x"), m.save_pretrained(t / "out")),
         adapters.ConfigError,
-        r"not a qadapters artifact.*none of them is deleted",
+        r"not a qadapters artifact.*none is deleted",
     ),
     (
         "overwrite onto a user's file of the same name",
@@ -410,6 +454,7 @@ def test_bad_input_is_a_typed_error(name, runner, value, error, match, tmp_path,
         _eval_rows: {"model": model},
         _folder: {"model": model},
         _artifact: {"artifact": artifact},
+        _edited: {"artifact": artifact},
         _cli: {"capsys": capsys, "artifact": artifact},
     }.get(runner, {})
     if runner is _file and value[1] is None:

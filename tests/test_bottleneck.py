@@ -254,6 +254,7 @@ def test_round_trip(tiny_model, toy_data, tmp_path, quantization):
         "README.md",
         "bottleneck.safetensors",
         "head.safetensors",
+        "qadapters-manifest.json",
         "qadapters.json",
     ]
     again = adapters.load(tmp_path / "art")

@@ -63,11 +63,11 @@ def refusal(spec: ArtifactSpec, head: Any, adapter: Any) -> str | None:
     return None
 
 
-def export_for_pipeline(artifact, out, overwrite: bool = False, log=print) -> Path:
+def export_for_pipeline(artifact, out, overwrite: bool = False, log=print, verify: bool = True) -> Path:
     """Write ``artifact`` as an ``AutoModelForSequenceClassification`` folder at ``out``; return ``out``."""
     from transformers import AutoModelForSequenceClassification
 
-    opened = open_artifact(artifact)
+    opened = open_artifact(artifact, verify)
     spec, adapter, head = opened.spec, opened.adapter, opened.head
     why = refusal(spec, head, adapter)
     if why:
@@ -132,7 +132,7 @@ def _exported_files(out: Path) -> list[str] | None:
         return None
     manifest = read_manifest(out)
     if manifest is not None:
-        return list(manifest.files) if manifest.kind == "export" else None
+        return list(manifest.files) if manifest.holds == "export" else None
     return json.loads((out / MARK).read_text()).get("files", []) if (out / MARK).is_file() else None
 
 

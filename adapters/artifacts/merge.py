@@ -30,13 +30,13 @@ from adapters.files import (
 )
 
 
-def merge_artifact(artifact, out, overwrite: bool = False, log=print) -> Path:
+def merge_artifact(artifact, out, overwrite: bool = False, log=print, verify: bool = True) -> Path:
     """Write the merged model of LoRA ``artifact`` to ``out``; return ``out``.
 
     Everything ``load`` checks is checked first (spec, head tensors against the head, quantization, the
     base's weights), and ``out`` must be new, empty, or (with ``overwrite``) an earlier merge, whose own
     files are the only ones replaced."""
-    opened = open_artifact(artifact)
+    opened = open_artifact(artifact, verify)
     spec, adapter, head = opened.spec, opened.adapter, opened.head
     if adapter is None:
         raise ConfigError(
@@ -99,6 +99,6 @@ def _merged_files(out: Path) -> list[str] | None:
         return None
     manifest = read_manifest(out)
     if manifest is not None:
-        return list(manifest.files) if manifest.kind == "merge" else None
+        return list(manifest.files) if manifest.holds == "merge" else None
     spec = read_spec(out)
     return spec.files if spec.merged_from and spec.files is not None else None

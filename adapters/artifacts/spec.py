@@ -5,6 +5,8 @@ card (``card.py``) reads it too, which is why it stands apart from the reader an
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -98,6 +100,11 @@ class ArtifactSpec:
                 f"format {FORMAT_VERSION}"
             )
         known = {f.name for f in fields(cls)} - {"extra", "base"}
+        check_types(cls, data, path, "")
+        if isinstance(data.get("base"), dict):
+            check_types(BaseRecord, data["base"], path, "base.")
+        if isinstance(data.get("max_length"), int) and data["max_length"] < 1:
+            raise CheckpointError(f"{path / SPEC_FILE}: max_length={data['max_length']} must be a positive integer")
         try:
             base = BaseRecord(**data["base"])
             kwargs = {k: v for k, v in data.items() if k in known}
@@ -122,6 +129,44 @@ class ArtifactSpec:
         """The head settings it records."""
         head: HeadSpec = _built(self.head, head_from_dict, "head", path)
         return head
+
+
+def check_types(cls: type, data: dict[str, Any], path: Path, prefix: str) -> None:
+    """Each field of dataclass ``cls`` present in ``data`` has the type its annotation says; else a
+    ``CheckpointError`` naming the field, the value and the type (an edited spec fails here, at open, and not
+    as a ``TypeError`` deep inside loading)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name == "base":  # a record of its own, checked field by field
+            continue
+        if f.name in data and not _of_type(data[f.name], hints[f.name]):
+            raise CheckpointError(
+                f"{path / SPEC_FILE}: {prefix}{f.name}={data[f.name]!r} is not of type {_type_name(hints[f.name])}; "
+                f"the spec was edited or is corrupt. Restore it, or save the artifact again"
+            )
+
+
+def _of_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_of_type(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is dict:
+        return isinstance(value, dict) and all(_of_type(k, args[0]) and _of_type(v, args[1]) for k, v in value.items())
+    if origin is list:
+        return isinstance(value, list) and all(_of_type(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "") if typing.get_args(hint) else getattr(hint, "__name__", str(hint))
 
 
 def _built(entry: Any, build: Callable[[Any], Any], key: str, path: Path) -> Any:

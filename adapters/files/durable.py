@@ -175,12 +175,12 @@ def _roll_forward(path: Path, staging: Path) -> None:
 
 @contextmanager
 def durable_folder(
-    path: str | Path, kind: str, replaces: Iterable[str] = (), needed_bytes: int | None = None
+    path: str | Path, holds: str, replaces: Iterable[str] = (), needed_bytes: int | None = None
 ) -> Iterator[Path]:
     """Yield a folder to write into; once the block completes, it becomes ``path`` (module docstring).
 
     ``replaces``: the files (paths inside ``path``) of an earlier write there that the new one replaces: those
-    not written again are removed. Nothing else in ``path`` is touched. ``kind`` goes into the manifest;
+    not written again are removed. Nothing else in ``path`` is touched. ``holds`` (what it is) goes into the manifest;
     ``needed_bytes`` (what the write needs) into the message of a full disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def durable_folder(
         yield work
         share_like_umask(work)
         _step("write manifest")
-        write_manifest(work, kind)  # hidden work files (the mark) are not listed
+        write_manifest(work, holds)  # hidden work files (the mark) are not listed
         _step("flush")
         fsync_tree(work)
         (work / WRITING).unlink()  # from here the manifest marks it as the library's

@@ -42,13 +42,14 @@ def sha256(file: Path) -> str:
 @dataclass
 class Manifest:
     """What the library wrote into one folder: ``files`` maps each path (``/``-separated, relative to the
-    folder) to ``{"size": bytes, "sha256": hex}``; ``kind`` says what the folder is."""
+    folder) to ``{"size": bytes, "sha256": hex}``; ``holds`` says what the folder is (an artifact, a
+    checkpoint, a merge...)."""
 
-    kind: str
+    holds: str
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, folder: Path, kind: str) -> Manifest:
+    def of(cls, folder: Path, holds: str) -> Manifest:
         """The manifest of every file now under ``folder`` (the manifest itself and hidden work files aside)."""
         files = {}
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -56,7 +57,7 @@ class Manifest:
             if rel == MANIFEST or rel.startswith("."):
                 continue
             files[rel] = {"size": file.stat().st_size, "sha256": sha256(file)}
-        return cls(kind, files)
+        return cls(holds, files)
 
     def folders(self) -> list[str]:
         """The sub-folders the listed files live in, deepest first (what clearing removes once empty)."""
@@ -72,12 +73,12 @@ class Manifest:
         return sorted({rel.split("/", 1)[0] for rel in self.files} | {MANIFEST})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": MANIFEST_FORMAT, "writer": "qadapters", "kind": self.kind, "files": self.files}
+        return {"format": MANIFEST_FORMAT, "writer": "qadapters", "holds": self.holds, "files": self.files}
 
 
-def write_manifest(folder: Path, kind: str) -> Manifest:
+def write_manifest(folder: Path, holds: str) -> Manifest:
     """Hash every file under ``folder`` and write the manifest there (flushed to disk)."""
-    manifest = Manifest.of(folder, kind)
+    manifest = Manifest.of(folder, holds)
     with open(folder / MANIFEST, "w") as f:
         json.dump(manifest.to_dict(), f, indent=1, sort_keys=True)
         f.flush()
@@ -98,14 +99,14 @@ def read_manifest(folder: Path) -> Manifest | None:
             isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
             for v in files.values()
         )
-        if data.get("writer") != "qadapters" or not valid or not isinstance(data.get("kind"), str):
+        if data.get("writer") != "qadapters" or not valid or not isinstance(data.get("holds"), str):
             raise ValueError("not a qadapters manifest")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(
             f"{file} is damaged ({err}); the folder cannot be verified. Restore it from a copy, or load it "
             f"with verify=False (CLI: --no-verify) if you edited it on purpose"
         ) from None
-    return Manifest(data["kind"], files)
+    return Manifest(data["holds"], files)
 
 
 def verify(folder: Path, manifest: Manifest) -> None:
@@ -115,7 +116,7 @@ def verify(folder: Path, manifest: Manifest) -> None:
         file = folder / rel
         fix = "restore it from a copy, or pass verify=False (CLI: --no-verify) if you changed it on purpose"
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing: the {manifest.kind} at {folder} is incomplete; {fix}")
+            raise CheckpointError(f"{file} is missing: the {manifest.holds} at {folder} is incomplete; {fix}")
         if file.stat().st_size != entry["size"]:
             raise CheckpointError(
                 f"{file} has {file.stat().st_size} bytes, {entry['size']} were written: it is truncated or "

@@ -171,18 +171,19 @@ def _group_key(artifact: Artifact) -> tuple:
     return where, spec.quantization, spec.dtype, artifact.head.lm_logits
 
 
-def load_served(artifacts: dict[str, Path], device: str | None = None) -> dict[str, Served]:
-    """Load every artifact once, sharing a backbone between artifacts trained on the same one."""
+def load_served(artifacts: dict[str, Path], device: str | None = None, verify: bool = True) -> dict[str, Served]:
+    """Load every artifact once, sharing a backbone between artifacts trained on the same one. Every file is
+    verified against its manifest first (``verify``), before any model loads."""
     from adapters.model import AdaptedModel
 
-    opened = {name: open_artifact(path) for name, path in artifacts.items()}  # all checked before any load
+    opened = {name: open_artifact(path, verify) for name, path in artifacts.items()}  # all checked before any load
     groups: list[SharedBackbone] = []
     served: dict[str, Served] = {}
     for name, artifact in opened.items():
         key = _group_key(artifact)
         group = next((g for g in groups if g.accepts(key, artifact.adapter)), None)
         if group is None:
-            model = AdaptedModel.from_pretrained(artifact.path, device=device)
+            model = AdaptedModel.from_pretrained(artifact.path, device=device, verify=False)  # verified above
             group = SharedBackbone(len(groups), key, model)
             groups.append(group)
             handle = artifact.adapter.handle(model) if artifact.adapter is not None else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -43,6 +44,9 @@ CHAT_FIELDS = {
     "user",
 }
 MAX_CHOICES = 16  # n: choices of one request, generated together as one batch
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts: a seed outside is a 400, not a 500
+ROLES = ("system", "developer", "user", "assistant", "tool")
+RANGES = {"temperature": (0.0, 2.0, "[0, 2]"), "top_p": (0.0, 1.0, "(0, 1]")}  # OpenAI's
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
 
 
@@ -87,9 +91,8 @@ def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Serve
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise OpenAIError(400, "stop must be a string or a list of non-empty strings", "stop")
+    check_bounds(body)
     request = {"stop": stop or [], "stream": bool(body.get("stream", False)), "seed": body.get("seed"), "n": n}
-    if request["seed"] is not None and not (isinstance(request["seed"], int) and not isinstance(request["seed"], bool)):
-        raise OpenAIError(400, "seed must be an integer", "seed")
     settings = {
         "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         "temperature": body.get("temperature"),
@@ -101,6 +104,55 @@ def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Serve
     if "temperature" in settings or "top_p" in settings:
         settings["do_sample"] = True
     return served[name], {**request, "settings": settings}
+
+
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_bounds(body: dict[str, Any]) -> None:
+    """Every numeric and boolean setting within what OpenAI (and vLLM) accept, else a 400 naming it: a value
+    out of range never reaches the model (a seed past 64 bits was a 500, an infinite temperature ran)."""
+    for key in ("max_tokens", "max_completion_tokens"):
+        if body.get(key) is not None and not (_integer(body[key]) and body[key] >= 1):
+            raise OpenAIError(400, f"{key} must be a positive integer, got {body[key]!r}", key)
+    for key, (low, high, shown) in RANGES.items():
+        value = body.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not low <= value <= high or (key == "top_p" and value == 0):
+            raise OpenAIError(400, f"{key} must be a number in {shown}, got {value!r}", key)
+    seed = body.get("seed")
+    if seed is not None and not (_integer(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise OpenAIError(400, f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}", "seed")
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
+        raise OpenAIError(400, f"stream must be true or false, got {body['stream']!r}", "stream")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise OpenAIError(400, "user must be a string", "user")
+
+
+def check_context(member: Served, prompt: Any, settings: dict[str, Any]) -> None:
+    """The prompt's tokens plus ``max_tokens`` within the model's context, else a 400 naming the limit (vLLM's
+    wording)."""
+    model = member.group.model
+    config = getattr(model.backbone, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or model.tokenizer.model_max_length
+    tokenizer = model.tokenizer
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        tokens = len(tokenizer(prompt)["input_ids"])
+    new = settings.get("max_new_tokens", member.head_spec.generation_defaults()["max_new_tokens"])
+    if tokens + new > context:
+        raise OpenAIError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested {tokens + new} "
+            f"tokens ({tokens} in the prompt, {new} in the completion). Please reduce the length of the prompt "
+            f"or max_tokens.",
+            "max_tokens" if tokens < context else ("messages" if isinstance(prompt, list) else "prompt"),
+        )
 
 
 def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -238,7 +290,7 @@ def answer(endpoint: str, member: Served, prompt: Any, texts: list[str], request
     }
 
 
-def chat_prompt(body: dict[str, Any]) -> list[dict[str, str]]:
+def chat_prompt(body: dict[str, Any], max_chars: int) -> list[dict[str, str]]:
     messages = body["messages"]
     if (
         not isinstance(messages, list)
@@ -249,15 +301,25 @@ def chat_prompt(body: dict[str, Any]) -> list[dict[str, str]]:
         )
     ):
         raise OpenAIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    unknown = sorted({m["role"] for m in messages} - set(ROLES))
+    if unknown:
+        raise OpenAIError(400, f"unknown message role(s) {unknown}; roles are {list(ROLES)}", "messages")
+    _check_chars(sum(len(m["content"]) for m in messages), max_chars, "messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def text_prompt(body: dict[str, Any]) -> str:
+def _check_chars(chars: int, max_chars: int, field: str) -> None:
+    if chars > max_chars:
+        raise OpenAIError(400, f"{field} holds {chars} characters; this server takes at most {max_chars}", field)
+
+
+def text_prompt(body: dict[str, Any], max_chars: int) -> str:
     prompt = body["prompt"]
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt.strip():
         raise OpenAIError(400, "prompt must be one non-empty string", "prompt")
+    _check_chars(len(prompt), max_chars, "prompt")
     return prompt
 
 

@@ -21,8 +21,8 @@ uvicorn stops on SIGTERM after the requests in flight are answered.
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from adapters.errors import AdaptersError, ConfigError
@@ -166,7 +166,7 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     _add_error_handlers(app)
     _add_service_routes(app, served, metrics, guard, documented)
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
-    add_openai_routes(app, served, batchers, guard, {**documented(401, 500), **_openai_errors()})
+    add_openai_routes(app, served, batchers, guard, {**documented(401, 500), **_openai_errors()}, limits.max_chars)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
     return app
 
@@ -267,7 +267,12 @@ def _check_size(texts: list, limits: Limits) -> None:
 
 
 def add_openai_routes(
-    app: Any, served: dict[str, Served], batchers: dict[str, Batcher], guard: list[Any], errors: dict[int | str, Any]
+    app: Any,
+    served: dict[str, Served],
+    batchers: dict[str, Batcher],
+    guard: list[Any],
+    errors: dict[int | str, Any],
+    max_chars: int,
 ) -> None:
     """``/v1/chat/completions`` and ``/v1/completions`` (``openai_api.py``)."""
     from fastapi import Request
@@ -282,10 +287,10 @@ def add_openai_routes(
             "model": {"type": "string", "enum": sorted(served)} if served else {"type": "string"},
             required: field,
             "max_tokens": {"type": "integer", "minimum": 1},
-            "temperature": {**number, "minimum": 0},
+            "temperature": {**number, "minimum": 0, "maximum": 2},
             "top_p": {**number, "exclusiveMinimum": 0, "maximum": 1},
             "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "seed": {"type": "integer"},
+            "seed": {"type": "integer", "minimum": oai.SEED_RANGE[0], "maximum": oai.SEED_RANGE[1]},
             "n": {"type": "integer", "enum": [1]},
             "stream": {"type": "boolean"},
             "user": {"type": "string"},
@@ -303,7 +308,7 @@ def add_openai_routes(
     message = {
         "type": "object",
         "required": ["role", "content"],
-        "properties": {"role": {"type": "string"}, "content": {"type": "string"}},
+        "properties": {"role": {"type": "string", "enum": list(oai.ROLES)}, "content": {"type": "string"}},
     }
     chat_schema = body("messages", {"type": "array", "minItems": 1, "items": message})
     text_schema = body("prompt", {"type": "string", "minLength": 1})
@@ -316,8 +321,9 @@ def add_openai_routes(
         fields, field = (oai.CHAT_FIELDS, "messages") if endpoint == "chat" else (oai.COMPLETION_FIELDS, "prompt")
         try:
             member, parsed = oai.parse(body, fields, field, served)
-            prompt = oai.chat_prompt(body) if endpoint == "chat" else oai.text_prompt(body)
+            prompt = oai.chat_prompt(body, max_chars) if endpoint == "chat" else oai.text_prompt(body, max_chars)
             oai.checked(parsed["settings"], member)
+            oai.check_context(member, prompt, parsed["settings"])
             if parsed["stream"]:
                 return StreamingResponse(oai.sse(endpoint, member, prompt, parsed), media_type="text/event-stream")
             texts = await oai.complete(member, batchers[member.name], prompt, parsed)
@@ -356,15 +362,36 @@ def serve(
     device: str | None = None,
     api_key: str | None = None,
     insecure: bool = False,
+    verify: bool = True,
 ) -> None:
-    """Load ``artifacts`` (``PATH`` or ``NAME=PATH``) and serve them until SIGTERM/SIGINT."""
+    """Load ``artifacts`` (``PATH`` or ``NAME=PATH``), each verified against its manifest (``verify``), and serve
+    them until SIGTERM/SIGINT, which drains the requests in flight and exits with status 0."""
     try:
         import uvicorn
     except ImportError:
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
     check_exposure(host, api_key, insecure)  # before any model loads
     paths = parse_artifacts(artifacts)
-    served = load_served(paths, device)
+    served = load_served(paths, device, verify)
     groups = len({s.group.index for s in served.values()})
     print(f"serving {len(served)} model(s) on {groups} base(s) at http://{host}:{port} (docs: /docs)", flush=True)
-    uvicorn.run(create_app(served, limits, api_key), host=host, port=port, log_level="info")
+    server = _draining_server_class()(
+        uvicorn.Config(create_app(served, limits, api_key), host=host, port=port, log_level="info")
+    )
+    server.run()
+
+
+def _draining_server_class() -> Any:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, exiting with status 0 after SIGTERM/SIGINT once the requests in flight are answered
+        (uvicorn re-raises the signal after its graceful shutdown, which ends the process with -15)."""
+
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()  # drained: the shutdown was the one asked for
+
+    return DrainingServer
