@@ -85,7 +85,7 @@ def probe_writable(path: str | Path, what: str) -> None:
         ) from None
 
 
-_HELD: set[str] = set()
+_HELD: set[tuple[int, str]] = set()
 
 
 @contextmanager
@@ -97,7 +97,8 @@ def destination_lock(path: str | Path, what: str) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     file = str(path.parent.resolve() / f".{path.name}.qadapters-lock")
-    if file in _HELD:  # this process holds it already (the CLI for a whole run, then the save inside it)
+    held = (os.getpid(), file)  # a forked child does not hold its parent's lock
+    if held in _HELD:  # this process holds it already (the CLI for a whole run, then the save inside it)
         yield
         return
     fd = _acquire(
@@ -105,11 +106,11 @@ def destination_lock(path: str | Path, what: str) -> Iterator[None]:
         f"another qadapters process is writing the {what} {path} now; wait for it to end, or "
         "choose another destination",
     )
-    _HELD.add(file)
+    _HELD.add(held)
     try:
         yield
     finally:
-        _HELD.discard(file)
+        _HELD.discard(held)
         try:
             os.unlink(file)  # while still locked: a process that opens it now finds a removed inode and retries
         except FileNotFoundError:

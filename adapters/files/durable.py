@@ -98,7 +98,15 @@ def is_disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return "No space left on device" in text or "file write failed" in text or "Disk quota exceeded" in text
+    return any(
+        sign in text
+        for sign in (
+            "No space left on device",
+            "file write failed",
+            "PytorchStreamWriter failed",
+            "Disk quota exceeded",
+        )
+    )
 
 
 def disk_full_error(folder: Path, needed: int | None, written: int) -> StorageError:
