@@ -280,11 +280,14 @@ def add_openai_routes(
 
     from adapters.serving import openai_api as oai
 
+    generative = sorted(name for name, member in served.items() if member.head_spec.lm_logits)
+
     def body(required: str, field: dict[str, Any]) -> dict[str, Any]:
         """The request's JSON schema (the endpoints read raw JSON, to answer OpenAI's own 400s)."""
         number = {"type": "number"}
         properties = {
-            "model": {"type": "string", "enum": sorted(served)} if served else {"type": "string"},
+            # only the models this route serves: the generative ones (a classifier is a 400 here, predict serves it)
+            "model": {"type": "string", "enum": generative} if generative else {"type": "string"},
             required: field,
             "max_tokens": {"type": "integer", "minimum": 1},
             "temperature": {**number, "minimum": 0, "maximum": 2},

@@ -231,3 +231,19 @@ def test_orphans_of_a_dead_writer_are_removed_by_the_next_save_only_if_marked(ti
     (users / "x").write_text("mine")
     model.save_pretrained(tmp_path / "art")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".art.tmp-mine", "art"]
+
+
+def test_safetensors_own_disk_full_error_in_any_write_is_typed(tmp_path):
+    """What transformers' save_pretrained raises inside a merge or an export when the disk fills (safetensors'
+    error, no errno) is a StorageError naming the folder, the partial folder removed, the old one intact."""
+    from adapters.files import durable_folder
+
+    with durable_folder(tmp_path / "out", "merge") as tmp:
+        (tmp / "config.json").write_text("{}")
+    message = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    with pytest.raises(adapters.StorageError, match=r"no space left on the device of .*out"):
+        with durable_folder(tmp_path / "out", "merge", ["config.json"]) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"\0" * 10)
+            raise Exception(message)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "qadapters-manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
