@@ -1,6 +1,7 @@
 """What verifying a manifest costs beside reading the same files: a checkpoint-like folder of GB-sized
-safetensors files (random weights), hashed as ``load``/resume verify it (``files.manifest.verify``) and loaded
-as resume loads it (``safetensors.torch.load_file``, each tensor copied out of the memory map), alternating in fresh processes, medians and their ratio.
+safetensors files (random weights), hashed as ``load``/resume verify it (``files.manifest.verify``) and
+loaded as resume loads it (``safetensors.torch.load_file``, each tensor copied out of the memory map),
+alternating in fresh processes, medians and their ratio.
 
     python benchmarks/manifest_hashing.py --gb 1 --rounds 3
 

@@ -7,9 +7,9 @@ folder. Two rules follow from it, as git's index and a package manager's file li
 * **delete only what was written**: replacing or clearing a folder removes exactly the manifest's files
   (and the sub-folders it created, once empty), never another entry, whatever its name;
 * **damage says so**: a reader hashes each listed file and compares (``verify``); a flipped byte, a
-  truncated or edited file, a missing one is a ``CheckpointError`` naming the file. Hashing is cheap
-  beside loading the tensors: sha256 runs at about 1.4 GB/s on one core of the 2-core EPYC we test on
-  (``benchmarks/results/manifest_hashing.md``), so a 10 MB adapter verifies in milliseconds.
+  truncated or edited file, a missing one is a ``CheckpointError`` naming the file. sha256 runs at about
+  1.5 GB/s on one core of the 2-core EPYC we test on (``benchmarks/results/manifest_hashing.md``): a 10 MB
+  adapter verifies in about 7 ms; a 1 GB checkpoint in 0.65 s, against 0.34 s to load its tensors.
 
 The manifest does not list itself; a damaged manifest is unreadable JSON or lists sizes and hashes that no
 longer match, and either way the folder is refused.
