@@ -97,6 +97,7 @@ def cmd_train(args) -> int:
     from adapters.config.run_file import load_run_config
     from adapters.data.encoding import check_rows
     from adapters.files import destination_lock, probe_writable
+    from adapters.files.durable import remove_orphans
     from adapters.training.checkpoint import check_output_dir
 
     run = load_run_config(args.config, args.overrides + (["train.overwrite=true"] if args.overwrite else []))
@@ -114,7 +115,10 @@ def cmd_train(args) -> int:
     for where, what in ((run.output, "output"), (t.output_dir, "train.output_dir")):
         if where is not None:
             probe_writable(where, what)
-    with destination_lock(run.output, "artifact") if process_state().is_main_process else nullcontext():
+    main_process = process_state().is_main_process
+    with destination_lock(run.output, "artifact") if main_process else nullcontext():
+        if main_process:
+            remove_orphans(Path(run.output))  # what a killed earlier run left there, before a long run
         return _train_and_save(run, train_rows, eval_rows)
 
 

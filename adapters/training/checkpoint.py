@@ -321,10 +321,11 @@ def prepare_output_dir(output_dir, resume, overwrite: bool, is_main: bool) -> No
     """``check_output_dir``, then on ``overwrite`` delete only what the earlier run created there (its
     manifest's entries; in ``checkpoints/`` only its checkpoints), never the user's other files; then record
     what this run creates."""
-    if output_dir is None or not is_main:
-        check_output_dir(output_dir, resume, overwrite)
+    if output_dir is None or not is_main:  # the main process decides (others would race its writes)
         return
     out = Path(output_dir)
+    for stale in checkpoint_dir(out).glob(".tmp-step-*"):  # a killed run's partial checkpoint (ours by name)
+        shutil.rmtree(stale, ignore_errors=True)
     if check_output_dir(output_dir, resume, overwrite):
         for name in _run_entries(out) or []:
             _clear_entry(out / name)

@@ -91,9 +91,10 @@ class TrainingLoop:
             raise ConfigError("early stopping and load_best need eval data: pass eval_data to train()")
         if config.linear_probe:
             check_probe(model)
-        check_output_dir(config.output_dir, config.resume, config.overwrite)  # before any slow work
-        if config.output_dir is not None:
-            probe_writable(config.output_dir, "output_dir")
+        if process_state().is_main_process:  # the main process owns output_dir: it checks, clears and writes
+            check_output_dir(config.output_dir, config.resume, config.overwrite)  # before any slow work
+            if config.output_dir is not None:
+                probe_writable(config.output_dir, "output_dir")
         self.precision = resolve_mixed_precision(config.mixed_precision, model.device.type)
         if config.mixed_precision == "no" and model.device.type == "cpu" and model.base.compute_dtype != torch.float32:
             logger.warning(
@@ -155,10 +156,9 @@ class TrainingLoop:
             self._choose_batch_size()
         self._setup_accelerator()
         self.resume_from = resolve_resume(self.config.resume, self.config.output_dir)
-        if self.resume_from is None:
-            prepare_output_dir(
-                self.config.output_dir, self.config.resume, self.config.overwrite, self.accelerator.is_main_process
-            )
+        prepare_output_dir(  # a resumed run clears only a killed run's partial checkpoint
+            self.config.output_dir, self.config.resume, self.config.overwrite, self.accelerator.is_main_process
+        )
         self.accelerator.wait_for_everyone()
         set_seed(self.config.seed)
         self._setup_data()

@@ -159,7 +159,7 @@ def test_real_kills_at_random_moments(tiny_llama, tmp_path):
 import adapters, sys
 a = adapters.adapt({tiny_llama!r}, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["a", "b"]), seed=0)
 b = adapters.adapt({tiny_llama!r}, adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["a", "b"]), seed=1)
-a.save_pretrained(sys.argv[1] + "-a"); b.save_pretrained(sys.argv[1] + "-b")
+a.save_pretrained(sys.argv[1] + "-a", overwrite=True); b.save_pretrained(sys.argv[1] + "-b", overwrite=True)
 print("ready", flush=True)
 while True:
     for m in (a, b):

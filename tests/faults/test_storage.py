@@ -247,3 +247,14 @@ def test_safetensors_own_disk_full_error_in_any_write_is_typed(tmp_path):
             raise Exception(message)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "qadapters-manifest.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_killed_runs_partial_checkpoint_is_cleared_when_it_resumes(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "run"
+    adapters.train(_model(tiny_llama), toy_sentiment(16), None, _config(out, save_every=1))
+    partial = out / "checkpoints" / ".tmp-step-000003"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 100)
+    adapters.train(_model(tiny_llama), toy_sentiment(16), None, _config(out, save_every=1, max_steps=3, resume="auto"))
+    assert "at step 2" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
