@@ -44,12 +44,20 @@ class Served:
     max_length: int
     handle: Any = None  # how its adapter is switched on and off (``AdapterSpec.switch``)
 
-    def predict(self, inputs: list, probabilities: bool = False, seed: int | None = None, **settings: Any) -> list:
+    def predict(
+        self,
+        inputs: list,
+        probabilities: bool = False,
+        seed: int | None = None,
+        cancelled: threading.Event | None = None,
+        **settings: Any,
+    ) -> list:
         """Predictions of this artifact (``settings``: generation settings, for heads that generate, which
-        take turns with other requests after every decoding step; ``seed``: sampling seeded)."""
+        take turns with other requests after every decoding step; ``seed``: sampling seeded; ``cancelled``:
+        once set, the generation stops at its next step, as when a streaming client went away)."""
         with self.group.selected(self) as model:
             if getattr(self.head_spec, "lm_logits", False):
-                settings["stopping_criteria"] = _take_turns(self.group, self)
+                settings["stopping_criteria"] = _take_turns(self.group, self, cancelled)
                 if seed is not None:
                     torch.manual_seed(seed)
             return model.predict(inputs, probabilities=probabilities, **settings)
@@ -107,6 +115,7 @@ class SharedBackbone:
     members: list[Served] = field(default_factory=list)
     lock: TurnLock = field(default_factory=TurnLock)
     turns_taken: int = 0  # times a generation gave way to a waiting request (``TakeTurns``)
+    decoding_steps: int = 0  # decoding steps of every generation so far
 
     def accepts(self, key: tuple, adapter) -> bool:
         return key == self.key and (adapter is None or adapter.can_join(self.model))
@@ -134,9 +143,9 @@ class SharedBackbone:
         model.head, model.head_spec, model.max_length = member.head, member.head_spec, member.max_length
 
 
-def _take_turns(group: SharedBackbone, member: Served) -> Any:
+def _take_turns(group: SharedBackbone, member: Served, cancelled: threading.Event | None = None) -> Any:
     """A ``StoppingCriteriaList`` whose one criterion gives the backbone to waiting requests after each
-    decoding step and never stops the generation itself."""
+    decoding step, and stops the generation only once ``cancelled`` is set (its client went away)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     tokenizer = group.model.tokenizer
@@ -144,6 +153,9 @@ def _take_turns(group: SharedBackbone, member: Served) -> Any:
 
     class TakeTurns(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            group.decoding_steps += 1
+            if cancelled is not None and cancelled.is_set():  # nobody reads it any more: free the backbone
+                return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             if group.lock.waiting():
                 model = group.model
                 state = model.head, model.head_spec, model.max_length, tokenizer.padding_side

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +47,7 @@ CHAT_FIELDS = {
 MAX_CHOICES = 16  # n: choices of one request, generated together as one batch
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts: a seed outside is a 400, not a 500
 ROLES = ("system", "developer", "user", "assistant", "tool")
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's _SAMPLING_EPS)
 RANGES = {"temperature": (0.0, 2.0, "[0, 2]"), "top_p": (0.0, 1.0, "(0, 1]")}  # OpenAI's
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
 
@@ -99,8 +101,8 @@ def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Serve
         "top_p": body.get("top_p"),
     }
     settings = {k: v for k, v in settings.items() if v is not None}
-    if settings.get("temperature") == 0:  # OpenAI's greedy
-        del settings["temperature"]
+    if "temperature" in settings and settings["temperature"] < GREEDY_BELOW:  # OpenAI's greedy, and vLLM's
+        del settings["temperature"]  # below 1e-5 (dividing by a subnormal temperature overflows to NaN)
     if "temperature" in settings or "top_p" in settings:
         settings["do_sample"] = True
     return served[name], {**request, "settings": settings}
@@ -193,9 +195,9 @@ def _seeded(member: Served, prompts: list[Any], request: dict[str, Any]) -> list
     return [str(text) for text in member.predict(prompts, seed=request["seed"], **request["settings"])]
 
 
-def stream(member: Served, prompt: Any, request: dict[str, Any]) -> Iterator[str]:
-    """The completion's text as it is generated (a worker thread generates; this yields its pieces)."""
-    import threading
+def stream(member: Served, prompt: Any, request: dict[str, Any], cancelled: threading.Event) -> Iterator[str]:
+    """The completion's text as it is generated (a worker thread generates; this yields its pieces). Setting
+    ``cancelled`` stops the generation at its next decoding step."""
 
     from transformers import TextIteratorStreamer
 
@@ -205,7 +207,9 @@ def stream(member: Served, prompt: Any, request: dict[str, Any]) -> Iterator[str
 
     def run() -> None:
         try:
-            member.predict([prompt], seed=request["seed"], streamer=streamer, **request["settings"])
+            member.predict(
+                [prompt], seed=request["seed"], streamer=streamer, cancelled=cancelled, **request["settings"]
+            )
         except BaseException as err:  # noqa: BLE001 - reported to the stream's reader
             failure.append(err)
             streamer.end()
@@ -233,8 +237,19 @@ def chunk(endpoint: str, name: str, ident: str, piece: str | None, finish: str |
 
 async def sse(endpoint: str, member: Served, prompt: Any, request: dict[str, Any]) -> AsyncIterator[str]:
     """The stream of a completion as server-sent events, stop sequences applied, ending in ``[DONE]``."""
+    cancelled = threading.Event()
+    try:
+        async for event in _events(endpoint, member, prompt, request, cancelled):
+            yield event
+    finally:  # the client went away (or the stream ended): the generation stops at its next step
+        cancelled.set()
+
+
+async def _events(
+    endpoint: str, member: Served, prompt: Any, request: dict[str, Any], cancelled: threading.Event
+) -> AsyncIterator[str]:
     ident = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    pieces = stream(member, prompt, request)
+    pieces = stream(member, prompt, request, cancelled)
     loop = asyncio.get_running_loop()
     yield chunk(endpoint, member.name, ident, None if endpoint == "chat" else "", None, role=endpoint == "chat")
     text, sent, stopped = "", 0, False

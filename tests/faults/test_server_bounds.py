@@ -22,12 +22,41 @@ PROMPT = "the plot of the film was"
 
 
 @pytest.fixture(scope="module")
-def http(tiny_llama, tmp_path_factory):
+def served(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("bounds")
     model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=2), head=adapters.CausalLM(max_new_tokens=2))
     model.save_pretrained(root / "gen")
-    with TestClient(create_app(load_served({"gen": root / "gen"}))) as client:
+    return load_served({"gen": root / "gen"})
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with TestClient(create_app(served)) as client:
         yield client
+
+
+def test_a_dropped_stream_stops_generating_at_its_next_step(served):
+    """A streaming client that goes away (the server closes its event stream) frees the backbone: the
+    generation stops at its next decoding step instead of running to max_tokens."""
+    import asyncio
+
+    from adapters.serving import openai_api as oai
+
+    member = served["gen"]
+    settings = {"max_new_tokens": 120, "min_new_tokens": 120}  # no early end of sequence: 120 steps if not stopped
+    request = {"stop": [], "stream": True, "seed": None, "n": 1, "settings": settings}
+    start = member.group.decoding_steps
+
+    async def read_one_piece_then_go_away() -> None:
+        events = oai.sse("text", member, PROMPT, request)
+        await events.__anext__()  # the opening chunk
+        await events.__anext__()  # the first piece of text
+        await events.aclose()
+
+    asyncio.run(read_one_piece_then_go_away())
+    with member.group.lock:  # granted once the generation has stopped
+        steps = member.group.decoding_steps - start
+    assert 1 <= steps < 60, steps
 
 
 BAD = [
