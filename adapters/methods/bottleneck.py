@@ -30,7 +30,8 @@ Where the rule finds nothing, ``targets=`` names the modules by hand.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -137,6 +138,17 @@ class Bottleneck(AdapterSpec):
     def switch(self, model: Any, handle: Any, on: bool) -> None:
         handle.enabled = on
 
+    @contextmanager
+    def route(self, model: Any, rows: list[tuple[Any, torch.Tensor]]) -> Iterator[None]:
+        """Each set of adapter layers applied to its own rows only (``BottleneckLayers.rows``)."""
+        for layers, mask in rows:
+            layers.enabled, layers.rows = bool(mask.any()), mask
+        try:
+            yield
+        finally:
+            for layers, _ in rows:
+                layers.enabled, layers.rows = False, None
+
     def merge_refusal(self) -> str | None:
         return "they are extra non-linear modules (down, activation, up) that no weight matrix can absorb"
 
@@ -224,6 +236,7 @@ class BottleneckLayers(nn.Module):
         modules = dict(model.named_modules())
         self.adapters = nn.ModuleDict()
         self.enabled = True  # off: the hooks pass outputs through (several sets served on one base)
+        self.rows: torch.Tensor | None = None  # a batch mixing artifacts: the rows these adapters apply to
         self._handles = []
         device = next(model.parameters()).device
         for name in self.targets:
@@ -234,7 +247,12 @@ class BottleneckLayers(nn.Module):
 
     def _hook(self, adapter: BottleneckAdapter) -> Any:
         def apply(module: Any, args: Any, output: Any) -> Any:
-            return adapter(output) if self.enabled else output
+            if not self.enabled:
+                return output
+            if self.rows is None:
+                return adapter(output)
+            rows = self.rows.to(output.device).view(-1, *([1] * (output.dim() - 1)))
+            return torch.where(rows, adapter(output), output)
 
         return apply
 

@@ -26,10 +26,13 @@ is ``lora_fused.py``'s: one stacked ``A`` matmul per input group and one ``addmm
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -151,6 +154,20 @@ class LoRA(AdapterSpec):
             model.adapter_state["peft"].set_adapter(handle)
         else:
             layers.disable_adapter_layers()
+
+    @contextmanager
+    def route(self, model: Any, rows: list[tuple[Any, torch.Tensor]]) -> Iterator[None]:
+        """peft's mixed-batch forward: every LoRA layer applies, per row, the adapter ``adapter_names`` names
+        (``"__base__"``: none), through the hooks of peft's own ``_enable_peft_forward_hooks``."""
+        batch = len(rows[0][1])
+        names = ["__base__"] * batch
+        for handle, mask in rows:
+            for i in mask.nonzero().flatten().tolist():
+                names[i] = handle
+        tuner = model.adapter_state["peft"].base_model
+        tuner.enable_adapter_layers()
+        with tuner._enable_peft_forward_hooks(adapter_names=names):
+            yield
 
     def merge(self, network: PreTrainedModel, folder: Path) -> PreTrainedModel:
         """``W' = W + (alpha/r) B A`` for every adapted layer: peft's ``merge_and_unload``."""

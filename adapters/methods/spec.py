@@ -14,6 +14,7 @@ walks through it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -105,6 +106,13 @@ class AdapterSpec(ABC):
 
     def switch(self, model: Adaptable, handle: Any, on: bool) -> None:
         """Turn the adapter ``handle`` on or off in ``model`` (all are turned off before one is turned on)."""
+        raise NotImplementedError
+
+    def route(self, model: Adaptable, rows: list[tuple[Any, torch.Tensor]]) -> AbstractContextManager[None]:
+        """While the context is open, ``model``'s forward applies each adapter ``handle`` of this kind only to
+        the batch rows its boolean mask selects (``rows``: every adapter of this kind on the shared backbone,
+        each with its mask; a row no mask selects computes as the base): one forward serves a batch that
+        mixes artifacts (``serving/scheduler.py``)."""
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:

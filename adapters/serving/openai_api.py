@@ -95,12 +95,12 @@ def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Serve
         raise OpenAIError(400, "stop must be a string or a list of non-empty strings", "stop")
     check_bounds(body)
     request = {"stop": stop or [], "stream": bool(body.get("stream", False)), "seed": body.get("seed"), "n": n}
-    settings = {
+    given = {
         "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
     }
-    settings = {k: v for k, v in settings.items() if v is not None}
+    settings: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if "temperature" in settings and settings["temperature"] < GREEDY_BELOW:  # OpenAI's greedy, and vLLM's
         del settings["temperature"]  # below 1e-5 (dividing by a subnormal temperature overflows to NaN)
     if "temperature" in settings or "top_p" in settings:
