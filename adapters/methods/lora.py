@@ -166,8 +166,14 @@ class LoRA(AdapterSpec):
                 names[i] = handle
         tuner = model.adapter_state["peft"].base_model
         tuner.enable_adapter_layers()
-        with tuner._enable_peft_forward_hooks(adapter_names=names):
-            yield
+        # peft refuses adapter_names in training mode; the wrapper is not a submodule of the model, so
+        # model.eval() leaves its own flag as get_peft_model set it (the layers themselves are in eval)
+        training, tuner.training = tuner.training, False
+        try:
+            with tuner._enable_peft_forward_hooks(adapter_names=names):
+                yield
+        finally:
+            tuner.training = training
 
     def merge(self, network: PreTrainedModel, folder: Path) -> PreTrainedModel:
         """``W' = W + (alpha/r) B A`` for every adapted layer: peft's ``merge_and_unload``."""

@@ -10,10 +10,10 @@ clients users already have (the ``openai`` package, anything that speaks its API
 * As OpenAI's API does, an argument it does not know is a 400 naming it; asking a classification
   artifact for a completion is a 400 saying so.
 
-Requests without streaming or a seed go through the artifact's ``Batcher`` (batched with requests of
-the same settings, behind the bounded queue); streamed or seeded ones run on their own. All of them take
-turns on the shared backbone after every decoding step (``backbones.TakeTurns``), with their random state
-kept apart, so a seed gives the same text whatever runs in between.
+Every completion (streamed or whole, each of its ``n`` choices) is a row of its backbone's continuous
+batch (``scheduler.py``): all running rows, whatever their artifact, decode in one forward per step, each
+with its own temperature, top_p and seeded generator, so a seed gives the same text whatever else runs.
+A row whose stop sequence appeared, or whose client went away, is freed at the next step.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from adapters.errors import ConfigError
 from adapters.serving.backbones import Served
-from adapters.serving.batcher import Batcher
+from adapters.serving.scheduler import Scheduler, Sequence
 
 CHAT_FIELDS = {
     "model",
@@ -182,44 +181,64 @@ def _finish(member: Served, completion: str, stopped: bool, settings: dict[str, 
     return "length" if tokens >= limit else "stop"
 
 
-async def complete(member: Served, batcher: Batcher, prompt: Any, request: dict[str, Any]) -> list[str]:
-    """The ``n`` whole completions of ``prompt`` (a text or a chat message list), generated as one batch."""
-    prompts = [prompt] * request["n"]
-    if request["seed"] is None:
-        return [str(text) for text in await batcher.predict(prompts, False, **request["settings"])]
+def submit(
+    scheduler: Scheduler, member: Served, prompt: Any, request: dict[str, Any], choice: int = 0
+) -> tuple[Sequence, asyncio.Queue[tuple[str | None, str | None]]]:
+    """Queue one generation of ``prompt`` on the backbone's scheduler; its pieces of text arrive on the
+    returned queue (``(piece, None)``, then ``(None, finish_reason)``). ``choice``: the index among ``n``
+    (a seeded request samples choice ``i`` with seed ``seed + i``)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, _seeded, member, prompts, request)
+    pieces: asyncio.Queue[tuple[str | None, str | None]] = asyncio.Queue()
+    settings = request["settings"]
+    with member.group.selected(member) as model:  # the prompt as this artifact's head renders it
+        batch = model.encode([prompt])
+    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    sampled = settings.get("do_sample", False)
+    seq = Sequence(
+        member,
+        ids,
+        settings.get("max_new_tokens", member.head_spec.generation_defaults()["max_new_tokens"]),
+        lambda piece, finish: loop.call_soon_threadsafe(pieces.put_nowait, (piece, finish)),
+        temperature=settings.get("temperature", 1.0) if sampled else None,
+        top_p=settings.get("top_p") if sampled else None,
+        seed=None if request["seed"] is None else request["seed"] + choice,
+    )
+    scheduler.submit(seq)
+    return seq, pieces
 
 
-def _seeded(member: Served, prompts: list[Any], request: dict[str, Any]) -> list[str]:
-    return [str(text) for text in member.predict(prompts, seed=request["seed"], **request["settings"])]
-
-
-def stream(member: Served, prompt: Any, request: dict[str, Any], cancelled: threading.Event) -> Iterator[str]:
-    """The completion's text as it is generated (a worker thread generates; this yields its pieces). Setting
-    ``cancelled`` stops the generation at its next decoding step."""
-
-    from transformers import TextIteratorStreamer
-
-    model = member.group.model
-    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            member.predict(
-                [prompt], seed=request["seed"], streamer=streamer, cancelled=cancelled, **request["settings"]
-            )
-        except BaseException as err:  # noqa: BLE001 - reported to the stream's reader
-            failure.append(err)
-            streamer.end()
-
-    threading.Thread(target=run, daemon=True).start()
-    for piece in streamer:
-        if piece:
+async def texts_of(
+    seq: Sequence, pieces: asyncio.Queue[tuple[str | None, str | None]], finish: list[str]
+) -> AsyncIterator[str]:
+    """The pieces of ``seq``'s text as they come; its finish reason appended to ``finish`` at the end."""
+    while True:
+        piece, reason = await pieces.get()
+        if piece is not None:
             yield piece
-    if failure:
-        raise failure[0]
+            continue
+        if reason is not None and reason.startswith("error"):
+            raise RuntimeError(f"generation failed: {reason}")
+        finish.append(reason or "stop")
+        return
+
+
+async def complete(scheduler: Scheduler, member: Served, prompt: Any, request: dict[str, Any]) -> list[str]:
+    """The ``n`` whole completions of ``prompt`` (a text or a chat message list), each a row of the batch,
+    each cut at its first stop sequence (its row freed at the next step)."""
+
+    async def one(choice: int) -> str:
+        seq, pieces = submit(scheduler, member, prompt, request, choice)
+        text = ""
+        try:
+            async for piece in texts_of(seq, pieces, []):
+                text += piece
+                if _cut(text, request["stop"])[1]:
+                    break
+        finally:
+            seq.cancelled.set()  # stopped, or the request went away: free the row
+        return text
+
+    return list(await asyncio.gather(*(one(i) for i in range(request["n"]))))
 
 
 def chunk(endpoint: str, name: str, ident: str, piece: str | None, finish: str | None, role: bool = False) -> str:
@@ -235,28 +254,34 @@ def chunk(endpoint: str, name: str, ident: str, piece: str | None, finish: str |
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def sse(endpoint: str, member: Served, prompt: Any, request: dict[str, Any]) -> AsyncIterator[str]:
-    """The stream of a completion as server-sent events, stop sequences applied, ending in ``[DONE]``."""
-    cancelled = threading.Event()
+async def sse(
+    endpoint: str,
+    member: Served,
+    seq: Sequence,
+    pieces: asyncio.Queue[tuple[str | None, str | None]],
+    request: dict[str, Any],
+) -> AsyncIterator[str]:
+    """The stream of submitted ``seq`` as server-sent events, stop sequences applied, ending in ``[DONE]``.
+    When the client goes away (the server closes this stream) or a stop sequence ends it, its row is freed
+    at the scheduler's next step."""
     try:
-        async for event in _events(endpoint, member, prompt, request, cancelled):
+        async for event in _events(endpoint, member, seq, pieces, request):
             yield event
-    finally:  # the client went away (or the stream ended): the generation stops at its next step
-        cancelled.set()
+    finally:
+        seq.cancelled.set()
 
 
 async def _events(
-    endpoint: str, member: Served, prompt: Any, request: dict[str, Any], cancelled: threading.Event
+    endpoint: str,
+    member: Served,
+    seq: Sequence,
+    pieces: asyncio.Queue[tuple[str | None, str | None]],
+    request: dict[str, Any],
 ) -> AsyncIterator[str]:
     ident = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    pieces = stream(member, prompt, request, cancelled)
-    loop = asyncio.get_running_loop()
     yield chunk(endpoint, member.name, ident, None if endpoint == "chat" else "", None, role=endpoint == "chat")
-    text, sent, stopped = "", 0, False
-    while True:
-        piece = await loop.run_in_executor(None, next, pieces, None)
-        if piece is None:
-            break
+    text, sent, stopped, finish = "", 0, False, list[str]()
+    async for piece in texts_of(seq, pieces, finish):
         text += piece
         kept, stopped = _cut(text, request["stop"])
         # hold back what could still be the start of a stop sequence
@@ -269,14 +294,8 @@ async def _events(
             break
     if not stopped and sent < len(text):
         yield chunk(endpoint, member.name, ident, text[sent:], None)
-    final = _cut(text, request["stop"])[0]
-    yield chunk(
-        endpoint,
-        member.name,
-        ident,
-        None if endpoint == "chat" else "",
-        _finish(member, final, stopped, request["settings"]),
-    )
+    reason = "stop" if stopped or not finish else finish[0]
+    yield chunk(endpoint, member.name, ident, None if endpoint == "chat" else "", reason)
     yield "data: [DONE]\n\n"
 
 

@@ -29,6 +29,7 @@ from adapters.errors import AdaptersError, ConfigError
 from adapters.serving.backbones import Served, load_served, parse_artifacts
 from adapters.serving.batcher import Batcher, Limits, QueueFull
 from adapters.serving.metrics import ServerMetrics
+from adapters.serving.scheduler import Scheduler
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 ERRORS = {
@@ -150,6 +151,10 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     limits = limits or Limits()
     metrics = ServerMetrics(lambda name: batchers[name].waiting, list(served))
     batchers = {name: Batcher(s, limits, metrics.batch_observer(name)) for name, s in served.items()}
+    # one continuous batch per shared base that generates
+    generating = [s for s in served.values() if s.head_spec.lm_logits]
+    schedulers = {s.group.index: Scheduler(s.group, limits.max_queue) for s in generating}
+    metrics.add_generation(schedulers)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -166,7 +171,7 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     _add_error_handlers(app)
     _add_service_routes(app, served, metrics, guard, documented)
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
-    add_openai_routes(app, served, batchers, guard, {**documented(401, 500), **_openai_errors()}, limits.max_chars)
+    add_openai_routes(app, served, schedulers, guard, {**documented(401, 500), **_openai_errors()}, limits.max_chars)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
     return app
 
@@ -269,7 +274,7 @@ def _check_size(texts: list, limits: Limits) -> None:
 def add_openai_routes(
     app: Any,
     served: dict[str, Served],
-    batchers: dict[str, Batcher],
+    schedulers: dict[int, Scheduler],
     guard: list[Any],
     errors: dict[int | str, Any],
     max_chars: int,
@@ -327,9 +332,12 @@ def add_openai_routes(
             prompt = oai.chat_prompt(body, max_chars) if endpoint == "chat" else oai.text_prompt(body, max_chars)
             oai.checked(parsed["settings"], member)
             oai.check_context(member, prompt, parsed["settings"])
-            if parsed["stream"]:
-                return StreamingResponse(oai.sse(endpoint, member, prompt, parsed), media_type="text/event-stream")
-            texts = await oai.complete(member, batchers[member.name], prompt, parsed)
+            scheduler = schedulers[member.group.index]
+            if parsed["stream"]:  # queued before the answer starts: a full queue is still a 503
+                seq, pieces = oai.submit(scheduler, member, prompt, parsed)
+                events = oai.sse(endpoint, member, seq, pieces, parsed)
+                return StreamingResponse(events, media_type="text/event-stream")
+            texts = await oai.complete(scheduler, member, prompt, parsed)
         except oai.OpenAIError as err:
             return JSONResponse(status_code=err.status, content=err.body())
         except QueueFull as err:

@@ -1,0 +1,293 @@
+"""Continuous batching on a shared backbone: every running generation decodes in **one forward per step**,
+whatever artifact it belongs to (iteration-level scheduling, Orca, Yu et al., OSDI 2022; vLLM's and
+S-LoRA's scheduler, Sheng et al., 2023, for many LoRA adapters on one base).
+
+One ``Scheduler`` per ``SharedBackbone`` runs in its own thread. Between two steps it admits waiting
+sequences (a prompt is prefilled alone, in chunks of ``PREFILL_CHUNK`` tokens with a decoding step of the
+others between two chunks, so a long prompt does not stall them) and drops those that finished, hit
+``max_tokens`` or were cancelled (their client went away). Each step takes the group's lock (granted in
+order, so classification batches run between steps and are never starved), routes every row to its own
+adapter (``AdapterSpec.route``: peft's mixed-batch ``adapter_names`` for LoRA, a row mask for bottleneck
+layers, the base for neither) and runs one forward of the whole batch.
+
+The KV cache is transformers' ``DynamicCache``, kept as one batch, left-padded: a prefilled row joins by
+padding the shorter of the two caches on the left, a leaving row is cut out, and columns every row pads are
+trimmed. The attention mask hides the padding and each row keeps its own positions, so a row's tokens are
+those it would get alone (tested: greedy texts under load equal one-at-a-time texts, LoRA, bottleneck and
+base rows mixed). Sampling is per row (temperature, top_p, a seeded ``torch.Generator`` per sequence, so a
+seeded sample is the same text whatever else is in the batch).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapters.serving.batcher import QueueFull
+
+PREFILL_CHUNK = 256  # prompt tokens prefilled per step; longer prompts take turns with the decoding rows
+
+
+@dataclass
+class Sequence:
+    """One generation: its prompt's token ids, its settings and where its text goes."""
+
+    member: Any  # the Served artifact
+    prompt: list[int]
+    max_new_tokens: int
+    emit: Callable[[str | None, str | None], Any]
+    """Called from the scheduler's thread with a piece of text, then once with ``(None, finish_reason)``."""
+    temperature: float | None = None  # None: greedy
+    top_p: float | None = None
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    sent: str = ""  # the text emitted so far
+    prefilled: int = 0  # prompt tokens already in its cache
+    cache: Any = None  # its own cache while it is prefilled
+    generator: torch.Generator | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+
+@dataclass
+class Batch:
+    """The running rows and their one left-padded cache."""
+
+    rows: list[Sequence] = field(default_factory=list)
+    cache: Any = None
+    mask: torch.Tensor | None = None  # (rows, cached tokens): 1 where a row has a token
+    positions: list[int] = field(default_factory=list)  # each row's next position
+
+    def add(self, seq: Sequence, cache: Any) -> None:
+        width = cache.get_seq_length()
+        if self.cache is None:
+            self.cache, self.mask = cache, torch.ones(1, width, dtype=torch.long)
+        else:
+            assert self.mask is not None
+            total = max(self.mask.shape[1], width)
+            _pad_left(self.cache, total)
+            _pad_left(cache, total)
+            own = torch.cat(
+                [torch.zeros(1, total - width, dtype=torch.long), torch.ones(1, width, dtype=torch.long)], 1
+            )
+            old = torch.cat([torch.zeros(len(self.rows), total - self.mask.shape[1], dtype=torch.long), self.mask], 1)
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([mine.keys, theirs.keys], 0)
+                mine.values = torch.cat([mine.values, theirs.values], 0)
+            self.mask = torch.cat([old, own], 0)
+        self.rows.append(seq)
+        self.positions.append(len(seq.prompt))
+
+    def keep(self, keep: list[int]) -> None:
+        """Only the rows ``keep`` (indices) stay; columns that every remaining row pads are dropped."""
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions = [], None, None, []
+            return
+        assert self.mask is not None
+        index = torch.tensor(keep)
+        self.mask = self.mask[index]
+        start = int((self.mask.sum(0) > 0).nonzero()[0])  # the first column some row uses
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
+            layer.values = layer.values[index.to(layer.values.device), :, start:]
+        self.rows = [self.rows[i] for i in keep]
+        self.positions = [self.positions[i] for i in keep]
+
+
+def _pad_left(cache: Any, width: int) -> None:
+    for layer in cache.layers:
+        missing = width - layer.keys.shape[-2]
+        if missing > 0:
+            pad = layer.keys.new_zeros(*layer.keys.shape[:-2], missing, layer.keys.shape[-1])
+            layer.keys = torch.cat([pad, layer.keys], -2)
+            layer.values = torch.cat([pad.clone(), layer.values], -2)
+
+
+class Scheduler:
+    """The generations of one shared backbone, batched step by step (module docstring)."""
+
+    def __init__(self, group: Any, max_waiting: int = 1024, observe: Callable[[str, float], None] | None = None):
+        self.group, self.max_waiting = group, max_waiting
+        self.waiting: list[Sequence] = []
+        self.batch = Batch()
+        self.observe = observe or (lambda name, value: None)
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        model = group.model
+        eos = getattr(getattr(model.backbone, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else model.tokenizer.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+
+    # --- the requests' side ---------------------------------------------------------------------------
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue ``seq``; ``QueueFull`` when ``max_waiting`` sequences wait already (answered 503)."""
+        with self._wake:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} generations are waiting for {self.group_name()}")
+            self.waiting.append(seq)
+            self._wake.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="qadapters-scheduler")
+                self._thread.start()
+
+    def group_name(self) -> str:
+        return f"base {self.group.index}"
+
+    @property
+    def running(self) -> int:
+        return len(self.batch.rows)
+
+    # --- the scheduler's thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: bool(self.waiting or self.batch.rows))
+                self._drop_cancelled_waiting()
+                prefilling = self.waiting[0] if self.waiting else None
+            try:
+                with torch.inference_mode():
+                    if prefilling is not None:
+                        self._prefill_chunk(prefilling)
+                    if self.batch.rows:
+                        self._decode_step()
+            except Exception as err:  # noqa: BLE001 - one bad step must not stop the other rows' server
+                self._fail_all(err)
+
+    def _drop_cancelled_waiting(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled.is_set()]:
+            self.waiting.remove(seq)
+            seq.emit(None, "cancelled")
+
+    def _fail_all(self, err: Exception) -> None:
+        for seq in self.batch.rows:
+            seq.emit(None, f"error: {err}")
+        self.batch = Batch()
+        with self._wake:
+            for seq in self.waiting:
+                seq.emit(None, f"error: {err}")
+            self.waiting.clear()
+
+    def _forward(self, rows: list[Sequence], **inputs: Any) -> Any:
+        """One forward of ``rows`` on the shared backbone, each row through its own adapter, under the lock."""
+        group = self.group
+        with group.lock, ExitStack() as routes:
+            for kind, handles in _kinds(group.members):
+                masks = [(handle, torch.tensor([r.member.handle is handle for r in rows])) for handle in handles]
+                routes.enter_context(kind.route(group.model, masks))
+            return group.model.backbone(**_cache_argument(group.model.backbone, inputs), use_cache=True)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        from transformers import DynamicCache
+
+        if seq.cache is None:
+            seq.cache = DynamicCache()
+        device = self.group.model.device
+        chunk = seq.prompt[seq.prefilled : seq.prefilled + PREFILL_CHUNK]
+        start = seq.prefilled
+        out = self._forward(
+            [seq],
+            input_ids=torch.tensor([chunk], device=device),
+            position_ids=torch.arange(start, start + len(chunk), device=device)[None],
+            past_key_values=seq.cache,
+        )
+        seq.prefilled += len(chunk)
+        if seq.prefilled < len(seq.prompt):
+            return
+        with self._wake:
+            self.waiting.remove(seq)
+        token = self._sample(seq, out.logits[0, -1])
+        self.observe("first_token", time.monotonic() - seq.queued_at)
+        cache, seq.cache = seq.cache, None
+        if self._advance(seq, token):
+            self.batch.add(seq, cache)
+
+    def _decode_step(self) -> None:
+        batch = self.batch
+        assert batch.mask is not None
+        device = self.group.model.device
+        batch.mask = torch.cat([batch.mask, torch.ones(len(batch.rows), 1, dtype=torch.long)], 1)
+        width = batch.mask.shape[1]
+        out = self._forward(
+            batch.rows,
+            input_ids=torch.tensor([[r.generated[-1]] for r in batch.rows], device=device),
+            attention_mask=batch.mask.to(device),
+            position_ids=torch.tensor(batch.positions, device=device)[:, None],
+            past_key_values=batch.cache,
+            cache_position=torch.tensor([width - 1], device=device),
+        )
+        self.observe("batch_size", len(batch.rows))
+        keep = []
+        for i, (seq, logits) in enumerate(zip(batch.rows, out.logits[:, -1], strict=True)):
+            batch.positions[i] += 1
+            if self._advance(seq, self._sample(seq, logits)):
+                keep.append(i)
+        if len(keep) < len(batch.rows):
+            batch.keep(keep)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """The next token of ``seq`` from its last logits: greedy, or sampled with its own generator."""
+        if seq.temperature is None and seq.top_p is None:
+            return int(logits.argmax())
+        logits = logits.float().cpu() / (seq.temperature or 1.0)
+        probs = torch.softmax(logits, -1)
+        if seq.top_p is not None and seq.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            outside = ordered.cumsum(0) - ordered > seq.top_p  # keeps the smallest set reaching top_p
+            ordered[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, ordered)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        """Record ``token`` for ``seq`` and emit its new text; False when the sequence ends here."""
+        if seq.cancelled.is_set():
+            seq.emit(None, "cancelled")
+            return False
+        ended = token in self.eos
+        if not ended:
+            seq.generated.append(token)
+            self.observe("generated_tokens", 1)
+            text = self.group.model.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            if len(text) > len(seq.sent) and not text.endswith("\ufffd"):  # a character still being spelled
+                seq.emit(text[len(seq.sent) :], None)
+                seq.sent = text
+        if ended or len(seq.generated) >= seq.max_new_tokens:
+            text = self.group.model.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            if len(text) > len(seq.sent):
+                seq.emit(text[len(seq.sent) :], None)
+            seq.emit(None, "stop" if ended else "length")
+            return False
+        return True
+
+
+def _cache_argument(network: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """``past_key_values`` under the name the model's forward takes (transformers 5 renames it ``cache``)."""
+    import inspect
+
+    if "cache" in inspect.signature(network.forward).parameters:
+        inputs = dict(inputs)
+        inputs["cache"] = inputs.pop("past_key_values")
+    return inputs
+
+
+def _kinds(members: list[Any]) -> list[tuple[Any, list[Any]]]:
+    """The served adapters by kind (one spec instance stands for its kind), each kind with its handles."""
+    kinds: dict[type, tuple[Any, list[Any]]] = {}
+    for member in members:
+        if member.adapter is not None:
+            spec, handles = kinds.setdefault(type(member.adapter), (member.adapter, []))
+            if all(h is not member.handle for h in handles):
+                handles.append(member.handle)
+    return list(kinds.values())

@@ -1,0 +1,149 @@
+"""Continuous batching (``serving/scheduler.py``): rows of different artifacts (two LoRA adapters, a bottleneck
+adapter and the bare base) decode together in one forward per step, joining and leaving between steps, and
+each row's greedy text equals the text its artifact generates alone (``transformers``' ``generate``); a
+seeded sample is the same whatever else is in the batch; chunked prefill changes nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import adapters
+from adapters.serving import scheduler as scheduling
+from adapters.serving.backbones import load_served
+from adapters.serving.scheduler import Scheduler, Sequence
+
+PROMPTS = ["the plot of the film", "a dull and tedious mess of a movie that", "good"]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module", params=[None, "nf4"], ids=["fp32", "nf4"])
+def group(request, tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"scheduler-{request.param}")
+    kinds = {
+        "lora_a": (adapters.LoRA(r=4, dropout=0.0), "superb and moving"),
+        "lora_b": (adapters.LoRA(r=4, dropout=0.0), "dull tedious mess"),
+        "bottleneck": (adapters.Bottleneck(), "a film"),
+        "base": (None, ""),
+    }
+    for i, (name, (adapter, answer)) in enumerate(kinds.items()):
+        model = adapters.adapt(
+            tiny_llama,
+            adapter=adapter,
+            head=adapters.CausalLM(max_new_tokens=NEW_TOKENS),
+            quantization=request.param,
+            seed=i,
+        )
+        if adapter is not None:
+            rows = [{"text": PROMPTS[0], "label": answer}] * 8
+            adapters.train(model, rows, None, adapters.TrainConfig(epochs=4, lr=1e-2, batch_size=8, progress=False))
+        model.save_pretrained(root / name)
+    served = load_served({name: root / name for name in kinds})
+    assert len({member.group.index for member in served.values()}) == 1  # one shared base
+    return served
+
+
+def _alone(member, prompt, **settings):
+    """The artifact's own generation, one request at a time (``transformers``' ``generate``)."""
+    return member.predict([prompt], max_new_tokens=NEW_TOKENS, **settings)[0]
+
+
+def _run_all(scheduler, requests):
+    """Submit ``requests`` ((member, prompt, settings) triples) a few at a time, so rows join a running batch;
+    return each one's text once all have finished."""
+    results: dict = {}
+    finished: dict = {}
+    all_done = threading.Event()
+    total = len(requests)
+
+    for i, (member, prompt, settings) in enumerate(requests):
+        key = (member.name, prompt, settings.get("seed"))
+        results[key] = ""
+
+        def emit(piece, finish, key=key):
+            if piece is not None:
+                results[key] += piece
+                return
+            finished[key] = finish
+            if len(finished) == total:
+                all_done.set()
+
+        with member.group.selected(member) as model:
+            batch = model.encode([prompt])
+        ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+        scheduler.submit(Sequence(member, ids, NEW_TOKENS, emit, **settings))
+        if i % 3 == 2:  # let the batch run a few steps before more rows join
+            threading.Event().wait(0.05)
+    assert all_done.wait(120), finished
+    assert all(reason in ("stop", "length") for reason in finished.values()), finished
+    return results
+
+
+def test_greedy_rows_of_mixed_artifacts_equal_their_texts_alone(group):
+    requests = [(member, prompt, {}) for prompt in PROMPTS for member in group.values()]
+    steps = []
+    scheduler = Scheduler(next(iter(group.values())).group, observe=lambda name, value: steps.append((name, value)))
+    together = _run_all(scheduler, requests)
+    alone = {(m.name, p, None): _alone(m, p) for m, p, _ in requests}
+    assert together == alone
+    assert max(v for name, v in steps if name == "batch_size") > 4  # rows of several artifacts per forward
+    assert len({text for text in alone.values()}) > 3  # the artifacts do answer differently
+
+
+def test_chunked_prefill_changes_nothing(group, monkeypatch):
+    monkeypatch.setattr(scheduling, "PREFILL_CHUNK", 2)
+    requests = [(member, PROMPTS[1], {}) for member in group.values()]
+    together = _run_all(Scheduler(next(iter(group.values())).group), requests)
+    assert together == {(m.name, p, None): _alone(m, p) for m, p, _ in requests}
+
+
+def test_a_seeded_sample_is_the_same_whatever_else_is_in_the_batch(group):
+    member = group["lora_a"]
+    seeded = {"temperature": 1.5, "top_p": 0.95, "seed": 7}
+    scheduler = Scheduler(member.group)
+    alone = _run_all(scheduler, [(member, PROMPTS[0], seeded)])
+    crowd = [(m, p, {}) for p in PROMPTS for m in group.values()] + [(member, PROMPTS[0], seeded)]
+    together = _run_all(scheduler, crowd)
+    key = (member.name, PROMPTS[0], 7)
+    assert together[key] == alone[key]
+    other = _run_all(scheduler, [(member, PROMPTS[0], {**seeded, "seed": 8})])
+    assert other[(member.name, PROMPTS[0], 8)] != alone[key]  # the seed is what decides
+
+
+def test_a_cancelled_row_leaves_and_the_others_go_on(group):
+    member, other = group["lora_a"], group["lora_b"]
+    scheduler = Scheduler(member.group)
+    scheduler.eos = set()
+    texts, finished = {"a": "", "b": ""}, {}
+    done = threading.Event()
+
+    def emit_for(key):
+        def emit(piece, finish):
+            if piece is not None:
+                texts[key] += piece
+                if key == "a" and len(texts["a"]) > 0:
+                    cancelled.cancelled.set()
+            else:
+                finished[key] = finish
+                if len(finished) == 2:
+                    done.set()
+
+        return emit
+
+    ids = member.group.model.tokenizer(PROMPTS[0])["input_ids"]
+    cancelled = Sequence(member, ids, 100, emit_for("a"))
+    scheduler.submit(cancelled)
+    scheduler.submit(Sequence(other, ids, 20, emit_for("b")))
+    assert done.wait(60)
+    assert finished == {"a": "cancelled", "b": "length"}
+    assert len(cancelled.generated) < 100
+
+
+def test_a_full_queue_is_refused(group):
+    from adapters.serving.batcher import QueueFull
+
+    member = group["base"]
+    scheduler = Scheduler(member.group, max_waiting=0)
+    with pytest.raises(QueueFull):
+        scheduler.submit(Sequence(member, [5, 6], 2, lambda piece, finish: None))
