@@ -223,90 +223,167 @@ def _parallel(calls: list, concurrency: int) -> tuple[list, float]:
     return results, time.perf_counter() - started
 
 
-def generation_main(args) -> dict:
-    """Generative artifacts behind the OpenAI endpoints: tokens/s and time to first token by concurrency
-    (requests spread over three adapters on one base), the classifier's latency while generation runs,
-    and the memory of one generative artifact against three on one base."""
-    from common import RESULTS, machine, write_results
+def _levels(port: int, names: list[str], prompts: list[str], tokens: int, per_level: int, clients: int) -> dict:
+    """``per_level`` streamed completions from ``clients`` concurrent clients over the artifacts ``names``."""
+    calls = [
+        (lambda i=i: _stream(port, names[i % len(names)], prompts[i % len(prompts)], tokens)) for i in range(per_level)
+    ]
+    answers, wall = _parallel(calls, clients)
+    firsts = sorted(a[0] for a in answers)
+    return {
+        "tokens_per_second": sum(a[2] for a in answers) / wall,
+        "ttft_p50_ms": 1000 * firsts[len(firsts) // 2],
+        "ttft_p99_ms": 1000 * firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))],
+        "requests": per_level,
+        "clients": clients,
+    }
+
+
+def _in_process(artifact: Path, prompts: list[str], tokens: int) -> dict:
+    """The same artifact in this process: ``transformers``' ``generate`` one prompt at a time (the bar a
+    served client is held to), and ``generate_batch`` (transformers' own continuous batching) on all of
+    them, where it runs on this model (its failure is recorded, not hidden)."""
+    import torch
 
     import adapters
 
-    levels, per_level, tokens = ([1, 4], 4, 8) if args.quick else ([1, 4, 16], 32, 32)
+    model = adapters.load(artifact)
+    network, tokenizer = model.backbone, model.tokenizer
+    produced, started = 0, time.perf_counter()
+    with torch.inference_mode():
+        for prompt in prompts:
+            batch = model.encode([prompt])
+            out = network.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            produced += out.shape[1] - batch["input_ids"].shape[1]
+    result: dict = {"generate_tokens_per_second": produced / (time.perf_counter() - started)}
+    try:
+        from transformers import GenerationConfig
+
+        ids = [model.encode([p])["input_ids"][0].tolist() for p in prompts]
+        config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            outputs = network.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
+        generated = sum(len(o.generated_tokens) for o in outputs.values())
+        result["generate_batch_tokens_per_second"] = generated / (time.perf_counter() - started)
+    except Exception as err:  # noqa: BLE001 - reported beside, as the issue asks
+        result["generate_batch_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    return result
+
+
+def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, per_level: int) -> dict:
+    """One quantization: two LoRA chat artifacts and a classifier on one base, served; 1 client, 16
+    clients over both adapters, 16 on one; the classifier's latency while 4 clients generate; then the same
+    artifact in process."""
+    import adapters
+
     prompts = [f"Review: {text}\nThe review says" for text in TEXTS]
-    with tempfile.TemporaryDirectory() as tmp:
-        names = []
-        for i in range(3):
-            model = adapters.adapt(
-                args.model, adapter=adapters.LoRA(r=8), seed=i, head=adapters.CausalLM(max_new_tokens=tokens)
-            )
-            model.save_pretrained(Path(tmp) / f"gen{i}")
-            names.append(f"gen{i}")
-        (classifier,) = make_artifacts(args.model, Path(tmp), 1)
-        one = Server([Path(tmp) / "gen0"], names=["gen0"])
-        one_mb = one.rss_mb()
-        one.close()
-        server = Server([Path(tmp) / n for n in names] + [classifier], names=[*names, "task0"])
-        try:
-            three_mb = server.rss_mb()
-            rows = {}
-            for c in levels:
-                calls = [
-                    (lambda i=i: _stream(server.port, names[i % 3], prompts[i % len(prompts)], tokens))
-                    for i in range(per_level)
-                ]
-                answers, wall = _parallel(calls, c)
-                produced = sum(a[2] for a in answers)
-                firsts = sorted(a[0] for a in answers)
-                rows[str(c)] = {
-                    "tokens_per_second": produced / wall,
-                    "ttft_p50_ms": 1000 * firsts[len(firsts) // 2],
-                    "ttft_p99_ms": 1000 * firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))],
-                    "requests": per_level,
-                }
-                print(f"concurrency {c}: {rows[str(c)]['tokens_per_second']:.1f} tokens/s", flush=True)
-            idle = load_test(server.port, 16, 1)
-            busy_calls = [(lambda i=i: _complete(server.port, names[i % 3], prompts[0], tokens)) for i in range(8)]
-            background = threading.Thread(target=_parallel, args=(busy_calls, 4))
-            background.start()
-            time.sleep(1.0)
-            loaded = load_test(server.port, 16, 1)
-            background.join()
-        finally:
-            server.close()
-    payload = {
-        "machine": machine(),
-        "model": args.model,
-        "max_tokens": tokens,
-        "levels": rows,
-        "memory": {"one_generative_mb": one_mb, "three_generative_and_a_classifier_mb": three_mb},
+    names = []
+    for i in range(2):
+        model = adapters.adapt(
+            args.model,
+            adapter=adapters.LoRA(r=8),
+            seed=i,
+            head=adapters.CausalLM(max_new_tokens=tokens),
+            quantization=quantization,
+        )
+        model.save_pretrained(tmp / f"gen{i}-{quantization}")
+        names.append(f"gen{i}")
+    classifier = tmp / f"task-{quantization}"
+    adapters.adapt(
+        args.model, adapter=adapters.LoRA(r=8), head=adapters.Classification(labels=["neg", "pos"])
+    ).save_pretrained(classifier)
+    paths = [tmp / f"{n}-{quantization}" for n in names] + [classifier]
+    server = Server(paths, names=[*names, "task0"])
+    try:
+        memory = server.rss_mb()
+        clients = 4 if args.quick else 16
+        levels = {
+            "1 client": _levels(server.port, names, prompts, tokens, per_level // 2, 1),
+            f"{clients} clients, 2 adapters": _levels(server.port, names, prompts, tokens, per_level, clients),
+            f"{clients} clients, 1 adapter": _levels(server.port, names[:1], prompts, tokens, per_level, clients),
+        }
+        for level, row in levels.items():
+            print(f"{quantization or 'fp32'} {level}: {row['tokens_per_second']:.1f} tokens/s", flush=True)
+        idle = load_test(server.port, 16, 1)
+        busy = [(lambda i=i: _complete(server.port, names[i % 2], prompts[0], tokens)) for i in range(8)]
+        background = threading.Thread(target=_parallel, args=(busy, 4))
+        background.start()
+        time.sleep(1.0)
+        loaded = load_test(server.port, 16, 1)
+        background.join()
+    finally:
+        server.close()
+    return {
+        "levels": levels,
+        "memory_mb": memory,
         "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
-        "classifier_p99_ms": {"idle": idle["p99_ms"], "during_generation": loaded["p99_ms"]},
+        "in_process": _in_process(tmp / f"gen0-{quantization}", prompts[: max(2, per_level // 4)], tokens),
     }
-    lines = ["| concurrency | tokens/s | time to first token p50 ms | p99 ms |", "|---|---|---|---|"]
-    lines += [
-        f"| {c} | {r['tokens_per_second']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |"
-        for c, r in rows.items()
-    ]
-    lines += [
-        "",
-        "| served | resident MB |",
-        "|---|---|",
-        f"| 1 generative artifact | {one_mb:.0f} |",
-        f"| 3 generative artifacts on one base + 1 classifier (a base of its own, without the LM head) "
-        f"| {three_mb:.0f} |",
-        "",
-        f"Classifier latency (single texts, one client): p50 {idle['p50_ms']:.0f} ms / p99 {idle['p99_ms']:.0f} ms "
-        f"idle, p50 {loaded['p50_ms']:.0f} ms / p99 {loaded['p99_ms']:.0f} ms while 4 clients generate.",
-        "",
-        f"Model `{args.model}` (nf4, LoRA r=8 CausalLM adapters, untrained: speed and memory only), streamed "
-        f"`/v1/completions` of up to {tokens} tokens spread over three adapters on one base, {per_level} requests "
-        f"per level; tokens counted as streamed pieces.",
-    ]
-    text = "\n".join(lines)
+
+
+def generation_main(args) -> dict:
+    """Generative artifacts behind the OpenAI endpoints, fp32 and nf4 in one run: tokens/s and time to first
+    token with 1 and 16 streaming clients (over two adapters, and over one), against one client and
+    against ``transformers``' ``generate`` in process; ``generate_batch`` beside."""
+    from common import RESULTS, machine, write_results
+
+    per_level, tokens = (8, 8) if args.quick else (32, 24)
+    quantizations = [None] if args.quick else [None, "nf4"]
+    with tempfile.TemporaryDirectory() as tmp:
+        rounds = {q or "fp32": _generation_round(args, q, Path(tmp), tokens, per_level) for q in quantizations}
+    payload = {"machine": machine(), "model": args.model, "max_tokens": tokens, "rounds": rounds}
+    text = _generation_table(payload, per_level)
     name = "serve-generation" + ("-quick" if args.quick else "")
     write_results(name, payload, text, Path(args.out) if args.out else RESULTS)
     print(text)
     return payload
+
+
+def _generation_table(payload: dict, per_level: int) -> str:
+    lines = [
+        "| base | clients | tokens/s | x one client | first token p50 ms | x idle | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for quantization, result in payload["rounds"].items():
+        one = result["levels"]["1 client"]
+        for level, row in result["levels"].items():
+            lines.append(
+                f"| {quantization} | {level} | {row['tokens_per_second']:.1f} | "
+                f"{row['tokens_per_second'] / one['tokens_per_second']:.2f} | {row['ttft_p50_ms']:.0f} | "
+                f"{row['ttft_p50_ms'] / one['ttft_p50_ms']:.2f} | {row['ttft_p99_ms']:.0f} |"
+            )
+    lines += [
+        "",
+        "| base | served, 1 client | generate in process | ratio | generate_batch in process |",
+        "|---|---|---|---|---|",
+    ]
+    for quantization, result in payload["rounds"].items():
+        own, served = result["in_process"], result["levels"]["1 client"]["tokens_per_second"]
+        batch = own.get("generate_batch_tokens_per_second")
+        lines.append(
+            f"| {quantization} | {served:.1f} | {own['generate_tokens_per_second']:.1f} | "
+            f"{served / own['generate_tokens_per_second']:.2f} | "
+            + (f"{batch:.1f} |" if batch is not None else f"failed: {own['generate_batch_error']} |")
+        )
+    lines += [
+        "",
+        "| base | resident MB (2 generative artifacts + 1 classifier) | classifier p50 ms idle | while 4 generate |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {q} | {r['memory_mb']:.0f} | {r['classifier_p50_ms']['idle']:.0f} | "
+        f"{r['classifier_p50_ms']['during_generation']:.0f} |"
+        for q, r in payload["rounds"].items()
+    ]
+    lines += [
+        "",
+        f"Model `{payload['model']}` (LoRA r=8 CausalLM adapters, untrained: speed only), streamed "
+        f"`/v1/completions` of up to {payload['max_tokens']} tokens (greedy), {per_level} requests per level "
+        "(half for one client); tokens counted as streamed pieces. In process: the same artifact, `generate` one prompt at a time, "
+        "`generate_batch` on the same prompts.",
+    ]
+    return "\n".join(lines)
 
 
 class Server:

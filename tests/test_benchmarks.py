@@ -203,9 +203,11 @@ def test_serve_generation_quick(tiny_llama, tmp_path):
     import serve
 
     payload = serve.main(["--generation", "--quick", "--model", tiny_llama, "--out", str(tmp_path)])
-    assert set(payload["levels"]) == {"1", "4"} and all(r["tokens_per_second"] > 0 for r in payload["levels"].values())
-    assert payload["memory"]["one_generative_mb"] > 0 and payload["classifier_p99_ms"]["during_generation"] > 0
-    assert "| concurrency | tokens/s |" in (tmp_path / "serve-generation-quick.md").read_text()
+    levels = payload["rounds"]["fp32"]["levels"]
+    assert set(levels) == {"1 client", "4 clients, 2 adapters", "4 clients, 1 adapter"}
+    assert all(r["tokens_per_second"] > 0 for r in levels.values())
+    assert payload["rounds"]["fp32"]["in_process"]["generate_tokens_per_second"] > 0
+    assert "| base | clients | tokens/s |" in (tmp_path / "serve-generation-quick.md").read_text()
 
 
 def test_shape_presets_build_the_released_models_sizes():

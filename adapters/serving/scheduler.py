@@ -20,6 +20,7 @@ seeded sample is the same text whatever else is in the batch).
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -274,12 +275,17 @@ class Scheduler:
 
 def _cache_argument(network: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """``past_key_values`` under the name the model's forward takes (transformers 5 renames it ``cache``)."""
-    import inspect
-
-    if "cache" in inspect.signature(network.forward).parameters:
+    if _takes_cache(type(network)):
         inputs = dict(inputs)
         inputs["cache"] = inputs.pop("past_key_values")
     return inputs
+
+
+@functools.cache
+def _takes_cache(network_class: type) -> bool:
+    import inspect
+
+    return "cache" in inspect.signature(network_class.forward).parameters
 
 
 def _kinds(members: list[Any]) -> list[tuple[Any, list[Any]]]:
