@@ -380,8 +380,8 @@ def _generation_table(payload: dict, per_level: int) -> str:
         "",
         f"Model `{payload['model']}` (LoRA r=8 CausalLM adapters, untrained: speed only), streamed "
         f"`/v1/completions` of up to {payload['max_tokens']} tokens (greedy), {per_level} requests per level "
-        "(half for one client); tokens counted as streamed pieces. In process: the same artifact, `generate` one prompt at a time, "
-        "`generate_batch` on the same prompts.",
+        "(half for one client); tokens counted as streamed pieces. In process: the same artifact, `generate` "
+        "one prompt at a time, `generate_batch` on the same prompts.",
     ]
     return "\n".join(lines)
 

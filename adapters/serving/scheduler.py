@@ -20,7 +20,6 @@ seeded sample is the same text whatever else is in the batch).
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Callable
@@ -281,11 +280,15 @@ def _cache_argument(network: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-@functools.cache
-def _takes_cache(network_class: type) -> bool:
+_TAKES_CACHE: dict[type, bool] = {}
+
+
+def _takes_cache(network_class: Any) -> bool:
     import inspect
 
-    return "cache" in inspect.signature(network_class.forward).parameters
+    if network_class not in _TAKES_CACHE:
+        _TAKES_CACHE[network_class] = "cache" in inspect.signature(network_class.forward).parameters
+    return _TAKES_CACHE[network_class]
 
 
 def _kinds(members: list[Any]) -> list[tuple[Any, list[Any]]]:
