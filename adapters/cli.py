@@ -300,9 +300,13 @@ def cmd_serve(args) -> int:
     for name in ("max_batch", "max_texts", "max_chars", "port"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be at least 1")
+    if args.max_loras < 0:
+        raise ConfigError(f"--max-loras={args.max_loras} must be 0 or more")
     if args.max_queue < 1 or args.timeout <= 0:
         raise ConfigError(f"--max-queue={args.max_queue} and --timeout={args.timeout} must be positive")
-    limits = Limits(args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars, args.max_queue, args.timeout)
+    limits = Limits(
+        args.max_batch, args.max_wait_ms, args.max_texts, args.max_chars, args.max_queue, args.timeout, args.max_loras
+    )
     api_key = args.api_key or os.environ.get("QADAPTERS_API_KEY") or None
     serve(
         args.artifacts,
@@ -445,6 +449,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chars", type=int, default=20_000, help="characters one input may hold")
     p.add_argument("--max-queue", type=int, default=1024, help="inputs waiting per model; past it: 503 + Retry-After")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait for its answer (then 504)")
+    p.add_argument(
+        "--max-loras", type=int, default=8, help="artifacts loaded at run time (/v1/load_lora_adapter) at once"
+    )
     p.add_argument(
         "--api-key", help="a Bearer token every /v1/ request must send (default: $QADAPTERS_API_KEY; none: open)"
     )

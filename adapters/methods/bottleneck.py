@@ -138,11 +138,14 @@ class Bottleneck(AdapterSpec):
     def switch(self, model: Any, handle: Any, on: bool) -> None:
         handle.enabled = on
 
+    def leave(self, model: Any, handle: Any) -> None:
+        handle.remove()  # its hooks come off the backbone; the layers go with the last reference
+
     @contextmanager
     def route(self, model: Any, rows: list[tuple[Any, torch.Tensor]]) -> Iterator[None]:
         """Each set of adapter layers applied to its own rows only (``BottleneckLayers.rows``)."""
-        for layers, mask in rows:
-            layers.enabled, layers.rows = bool(mask.any()), mask
+        for layers, mask in rows:  # a set that serves every row needs no mask
+            layers.enabled, layers.rows = bool(mask.any()), None if bool(mask.all()) else mask
         try:
             yield
         finally:

@@ -155,6 +155,15 @@ class LoRA(AdapterSpec):
         else:
             layers.disable_adapter_layers()
 
+    def leave(self, model: Any, handle: Any) -> None:
+        model.adapter_state["peft"].delete_adapter(handle)
+
+    def _route_whole(self, model: Any, name: str) -> Iterator[None]:
+        """Every row through adapter ``name`` (``"__base__"``: none), without peft's per-row hooks, which
+        split every layer's input by adapter and keep the lean forward (methods/lora_fused.py) out."""
+        self.switch(model, name, name != "__base__")
+        yield
+
     @contextmanager
     def route(self, model: Any, rows: list[tuple[Any, torch.Tensor]]) -> Iterator[None]:
         """peft's mixed-batch forward: every LoRA layer applies, per row, the adapter ``adapter_names`` names
@@ -165,6 +174,9 @@ class LoRA(AdapterSpec):
             for i in mask.nonzero().flatten().tolist():
                 names[i] = handle
         tuner = model.adapter_state["peft"].base_model
+        if len(set(names)) == 1:  # one adapter (or none) for the whole batch: the plain (lean) forward
+            yield from self._route_whole(model, names[0])
+            return
         tuner.enable_adapter_layers()
         # peft refuses adapter_names in training mode; the wrapper is not a submodule of the model, so
         # model.eval() leaves its own flag as get_peft_model set it (the layers themselves are in eval)

@@ -108,6 +108,10 @@ class AdapterSpec(ABC):
         """Turn the adapter ``handle`` on or off in ``model`` (all are turned off before one is turned on)."""
         raise NotImplementedError
 
+    def leave(self, model: Adaptable, handle: Any) -> None:
+        """Remove the adapter ``handle`` that ``join`` added from ``model``'s backbone (a server unloading it)."""
+        raise NotImplementedError
+
     def route(self, model: Adaptable, rows: list[tuple[Any, torch.Tensor]]) -> AbstractContextManager[None]:
         """While the context is open, ``model``'s forward applies each adapter ``handle`` of this kind only to
         the batch rows its boolean mask selects (``rows``: every adapter of this kind on the shared backbone,

@@ -175,7 +175,7 @@ def _take_turns(group: SharedBackbone, member: Served, cancelled: threading.Even
     return StoppingCriteriaList([TakeTurns()])
 
 
-def _group_key(artifact: Artifact) -> tuple:
+def group_key(artifact: Artifact) -> tuple:
     """Artifacts with the same key can share one loaded backbone."""
     where = artifact.base_location()
     where = str(Path(where).resolve()) if Path(where).exists() else where
@@ -192,7 +192,7 @@ def load_served(artifacts: dict[str, Path], device: str | None = None, verify: b
     groups: list[SharedBackbone] = []
     served: dict[str, Served] = {}
     for name, artifact in opened.items():
-        key = _group_key(artifact)
+        key = group_key(artifact)
         group = next((g for g in groups if g.accepts(key, artifact.adapter)), None)
         if group is None:
             model = AdaptedModel.from_pretrained(artifact.path, device=device, verify=False)  # verified above
@@ -211,13 +211,13 @@ def load_served(artifacts: dict[str, Path], device: str | None = None, verify: b
                 handle,
             )
         else:
-            member = _join(group, name, artifact)
+            member = join_group(group, name, artifact)
         group.members.append(member)
         served[name] = member
     return served
 
 
-def _join(group: SharedBackbone, name: str, artifact: Artifact) -> Served:
+def join_group(group: SharedBackbone, name: str, artifact: Artifact) -> Served:
     """Add ``artifact`` to ``group``'s backbone: its adapter beside the others, its own head."""
     model = group.model
     artifact.check_base(model.backbone, model.base.location)

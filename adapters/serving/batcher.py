@@ -39,6 +39,8 @@ class Limits:
     """Inputs waiting per model at most; past it a request is refused with 503 and ``Retry-After``."""
     timeout_s: float = 60.0
     """How long a request may wait for its answer; past it, 504 (and it is dropped if it has not run)."""
+    max_loras: int = 8
+    """Artifacts loaded at run time (``/v1/load_lora_adapter``) resident at once."""
 
 
 @dataclass

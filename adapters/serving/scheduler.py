@@ -3,12 +3,14 @@ whatever artifact it belongs to (iteration-level scheduling, Orca, Yu et al., OS
 S-LoRA's scheduler, Sheng et al., 2023, for many LoRA adapters on one base).
 
 One ``Scheduler`` per ``SharedBackbone`` runs in its own thread. Between two steps it admits waiting
-sequences (a prompt is prefilled alone, in chunks of ``PREFILL_CHUNK`` tokens with a decoding step of the
-others between two chunks, so a long prompt does not stall them) and drops those that finished, hit
-``max_tokens`` or were cancelled (their client went away). Each step takes the group's lock (granted in
-order, so classification batches run between steps and are never starved), routes every row to its own
-adapter (``AdapterSpec.route``: peft's mixed-batch ``adapter_names`` for LoRA, a row mask for bottleneck
-layers, the base for neither) and runs one forward of the whole batch.
+sequences (the short prompts that wait are prefilled together in one left-padded forward, so a burst of
+clients gets its first tokens after one prefill; a long prompt is prefilled alone, in chunks of
+``PREFILL_CHUNK`` tokens with a decoding step of the others between two chunks, so it does not stall them)
+and drops those that finished, hit ``max_tokens`` or were cancelled (their client went away). Each step
+takes the group's lock (granted in order, so classification batches run between steps and are never
+starved), routes every row to its own adapter (``AdapterSpec.route``: peft's mixed-batch ``adapter_names``
+for LoRA, a row mask for bottleneck layers, the base for neither; a batch of one adapter takes the plain
+forward) and runs one forward of the whole batch.
 
 The KV cache is transformers' ``DynamicCache``, kept as one batch, left-padded: a prefilled row joins by
 padding the shorter of the two caches on the left, a leaving row is cut out, and columns every row pads are
@@ -32,6 +34,7 @@ import torch
 from adapters.serving.batcher import QueueFull
 
 PREFILL_CHUNK = 256  # prompt tokens prefilled per step; longer prompts take turns with the decoding rows
+PREFILL_ROWS = 32  # short prompts prefilled together in one forward at most
 
 
 @dataclass
@@ -68,25 +71,21 @@ class Batch:
     mask: torch.Tensor | None = None  # (rows, cached tokens): 1 where a row has a token
     positions: list[int] = field(default_factory=list)  # each row's next position
 
-    def add(self, seq: Sequence, cache: Any) -> None:
-        width = cache.get_seq_length()
-        if self.cache is None:
-            self.cache, self.mask = cache, torch.ones(1, width, dtype=torch.long)
+    def add(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor) -> None:
+        """Rows ``seqs`` join with their own ``cache`` (left-padded as ``mask`` says): the narrower of the two
+        caches is padded on the left, then both are stacked."""
+        if self.cache is None or self.mask is None:
+            self.cache, self.mask = cache, mask
         else:
-            assert self.mask is not None
-            total = max(self.mask.shape[1], width)
+            total = max(self.mask.shape[1], mask.shape[1])
             _pad_left(self.cache, total)
             _pad_left(cache, total)
-            own = torch.cat(
-                [torch.zeros(1, total - width, dtype=torch.long), torch.ones(1, width, dtype=torch.long)], 1
-            )
-            old = torch.cat([torch.zeros(len(self.rows), total - self.mask.shape[1], dtype=torch.long), self.mask], 1)
             for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
                 mine.keys = torch.cat([mine.keys, theirs.keys], 0)
                 mine.values = torch.cat([mine.values, theirs.values], 0)
-            self.mask = torch.cat([old, own], 0)
-        self.rows.append(seq)
-        self.positions.append(len(seq.prompt))
+            self.mask = torch.cat([_pad_mask(self.mask, total), _pad_mask(mask, total)], 0)
+        self.rows += seqs
+        self.positions += [len(seq.prompt) for seq in seqs]
 
     def keep(self, keep: list[int]) -> None:
         """Only the rows ``keep`` (indices) stay; columns that every remaining row pads are dropped."""
@@ -103,6 +102,17 @@ class Batch:
             layer.values = layer.values[index.to(layer.values.device), :, start:]
         self.rows = [self.rows[i] for i in keep]
         self.positions = [self.positions[i] for i in keep]
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([torch.zeros(mask.shape[0], width - mask.shape[1], dtype=mask.dtype), mask], 1)
+
+
+def _select(cache: Any, index: list[int]) -> None:
+    """Keep only the batch rows ``index`` of every layer of ``cache``."""
+    for layer in cache.layers:
+        rows = torch.tensor(index, device=layer.keys.device)
+        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
 
 
 def _pad_left(cache: Any, width: int) -> None:
@@ -145,6 +155,13 @@ class Scheduler:
     def group_name(self) -> str:
         return f"base {self.group.index}"
 
+    def cancel(self, member: Any) -> None:
+        """Cancel every sequence of ``member`` (an artifact being unloaded): they leave at the next step."""
+        with self._wake:
+            for seq in [*self.waiting, *self.batch.rows]:
+                if seq.member is member:
+                    seq.cancelled.set()
+
     @property
     def running(self) -> int:
         return len(self.batch.rows)
@@ -156,11 +173,14 @@ class Scheduler:
             with self._wake:
                 self._wake.wait_for(lambda: bool(self.waiting or self.batch.rows))
                 self._drop_cancelled_waiting()
-                prefilling = self.waiting[0] if self.waiting else None
+                short = [s for s in self.waiting if s.prefilled == 0 and len(s.prompt) <= PREFILL_CHUNK]
+                long = next((s for s in self.waiting if s not in short), None)
             try:
                 with torch.inference_mode():
-                    if prefilling is not None:
-                        self._prefill_chunk(prefilling)
+                    if short:  # every short prompt that waits, prefilled together in one forward
+                        self._prefill_together(short[:PREFILL_ROWS])
+                    elif long is not None:  # else one chunk of a long one
+                        self._prefill_chunk(long)
                     if self.batch.rows:
                         self._decode_step()
             except Exception as err:  # noqa: BLE001 - one bad step must not stop the other rows' server
@@ -206,13 +226,43 @@ class Scheduler:
         seq.prefilled += len(chunk)
         if seq.prefilled < len(seq.prompt):
             return
-        with self._wake:
-            self.waiting.remove(seq)
-        token = self._sample(seq, out.logits[0, -1])
-        self.observe("first_token", time.monotonic() - seq.queued_at)
         cache, seq.cache = seq.cache, None
-        if self._advance(seq, token):
-            self.batch.add(seq, cache)
+        self._admit([seq], cache, torch.ones(1, len(seq.prompt), dtype=torch.long), out.logits[:, -1])
+
+    def _prefill_together(self, seqs: list[Sequence]) -> None:
+        """The prompts of ``seqs``, left-padded to the longest, in one forward (as batched ``generate`` does)."""
+        from transformers import DynamicCache
+
+        device = self.group.model.device
+        width = max(len(s.prompt) for s in seqs)
+        pad = self.group.model.tokenizer.pad_token_id or 0
+        mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
+        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
+        cache = DynamicCache()
+        out = self._forward(
+            seqs,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+            past_key_values=cache,
+        )
+        self._admit(seqs, cache, mask, out.logits[:, -1])
+
+    def _admit(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Prefilled ``seqs`` leave the queue with their first token; those that go on join the batch."""
+        with self._wake:
+            for seq in seqs:
+                self.waiting.remove(seq)
+        going_on = []
+        for i, seq in enumerate(seqs):
+            token = self._sample(seq, logits[i])
+            self.observe("first_token", time.monotonic() - seq.queued_at)
+            if self._advance(seq, token):
+                going_on.append(i)
+        if going_on:
+            if len(going_on) < len(seqs):
+                _select(cache, going_on)
+            self.batch.add([seqs[i] for i in going_on], cache, mask[going_on])
 
     def _decode_step(self) -> None:
         batch = self.batch

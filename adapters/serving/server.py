@@ -29,6 +29,7 @@ from adapters.errors import AdaptersError, ConfigError
 from adapters.serving.backbones import Served, load_served, parse_artifacts
 from adapters.serving.batcher import Batcher, Limits, QueueFull
 from adapters.serving.metrics import ServerMetrics
+from adapters.serving.runtime import Refused, RuntimeAdapters
 from adapters.serving.scheduler import Scheduler
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -173,7 +174,71 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
     add_openai_routes(app, served, schedulers, guard, {**documented(401, 500), **_openai_errors()}, limits.max_chars)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
+    runtime = RuntimeAdapters(served, limits.max_loras)
+    add_runtime_routes(app, runtime, batchers, schedulers, limits, metrics, guard, _openai_errors())
     return app
+
+
+def add_runtime_routes(
+    app: Any,
+    runtime: RuntimeAdapters,
+    batchers: dict[str, Batcher],
+    schedulers: dict[int, Scheduler],
+    limits: Limits,
+    metrics: ServerMetrics,
+    guard: list[Any],
+    errors: dict[int | str, Any],
+) -> None:
+    """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (``runtime.py``)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    def refused(status: int, message: str, param: str | None = None) -> JSONResponse:
+        body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
+        return JSONResponse(status_code=status, content=body)
+
+    async def body_of(request: Request, fields: set[str]) -> dict[str, Any] | JSONResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return refused(400, "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return refused(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - fields)
+        return refused(400, f"Unrecognized request argument supplied: {', '.join(unknown)}") if unknown else body
+
+    @app.post("/v1/load_lora_adapter", dependencies=guard, responses=errors)
+    async def load_lora_adapter(request: Request) -> Any:
+        body = await body_of(request, {"lora_name", "lora_path", "lora_int_id", "base_model_name"})
+        if isinstance(body, JSONResponse):
+            return body
+        loop = asyncio.get_running_loop()
+        try:
+            member = await loop.run_in_executor(None, runtime.load, body.get("lora_name"), body.get("lora_path"))
+        except Refused as err:
+            return refused(err.status, str(err))
+        batchers[member.name] = Batcher(member, limits, metrics.batch_observer(member.name))
+        batchers[member.name].task = asyncio.create_task(batchers[member.name].run())
+        if member.head_spec.lm_logits and member.group.index not in schedulers:
+            schedulers[member.group.index] = Scheduler(member.group, limits.max_queue)
+        return PlainTextResponse(f"Success: LoRA adapter '{member.name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=guard, responses=errors)
+    async def unload_lora_adapter(request: Request) -> Any:
+        body = await body_of(request, {"lora_name", "lora_int_id"})
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            member = runtime.leaving(body.get("lora_name"))
+        except Refused as err:
+            return refused(err.status, str(err))
+        if member.group.index in schedulers:
+            schedulers[member.group.index].cancel(member)
+        batcher = batchers.pop(member.name)
+        if batcher.task is not None:
+            batcher.task.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, runtime.unload, member)
+        return PlainTextResponse(f"Success: LoRA adapter '{member.name}' removed successfully.")
 
 
 def _add_error_handlers(app: Any) -> None:
