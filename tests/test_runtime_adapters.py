@@ -17,8 +17,6 @@ from adapters.serving.backbones import load_served  # noqa: E402
 from adapters.serving.batcher import Limits  # noqa: E402
 from adapters.serving.server import create_app  # noqa: E402
 
-from .helpers import build_tiny  # noqa: E402
-
 PROMPT = "the plot of the film was"
 
 
@@ -35,15 +33,13 @@ def setup(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     _generator(tiny_llama, 0, root / "first")
     later = _generator(tiny_llama, 1, root / "later")
-    other_base = build_tiny("llama", root / "other-base", seed=5) if "seed" in build_tiny.__code__.co_varnames else None
-    if other_base is None:  # a base with other weights: the tiny Llama with its embeddings changed
-        from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-        other_base = str(root / "other-base")
-        shutil.copytree(tiny_llama, other_base)
-        network = AutoModelForCausalLM.from_pretrained(other_base)
-        network.model.embed_tokens.weight.data.mul_(2)
-        network.save_pretrained(other_base)
+    other_base = str(root / "other-base")  # another base: the tiny Llama with other embeddings
+    shutil.copytree(tiny_llama, other_base)
+    network = AutoModelForCausalLM.from_pretrained(other_base)
+    network.model.embed_tokens.weight.data.mul_(2)
+    network.save_pretrained(other_base)
     _generator(other_base, 2, root / "foreign")
     served = load_served({"first": root / "first"})
     app = create_app(served, Limits(max_loras=1), api_key="key")
@@ -81,10 +77,11 @@ def test_a_lora_loaded_at_run_time_answers_as_its_artifact_alone(setup):
     "body,status,says",
     [
         ({"lora_name": "x", "lora_path": "/nowhere/at/all"}, 404, "no artifact at"),
-        ({"lora_name": "first", "lora_path": "{root}/later"}, 400, "already served"),
-        ({"lora_name": "f", "lora_path": "{root}/foreign"}, 400, "different base"),
+        ({"lora_name": "first", "lora_path": "{root}/later"}, 409, "already served"),
+        ({"lora_name": "f", "lora_path": "{root}/foreign"}, 400, "a base this server does not hold"),
         ({"lora_name": "x", "lora_path": "{root}/later", "rank": 3}, 400, "Unrecognized request argument"),
         ({"lora_name": "", "lora_path": "{root}/later"}, 400, "lora_name"),
+        ({"lora_name": "x", "lora_path": "{root}"}, 404, "no artifact at"),
     ],
 )
 def test_a_load_that_cannot_be_done_is_a_clear_4xx(setup, body, status, says):
@@ -96,12 +93,14 @@ def test_a_load_that_cannot_be_done_is_a_clear_4xx(setup, body, status, says):
 
 def test_the_limit_the_key_and_unloading_what_was_started_with(setup):
     http, root, _ = setup
-    assert http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(root / "later")}).status_code == 401
+    assert (
+        http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(root / "later")}).status_code == 401
+    )
     load = {"lora_name": "a", "lora_path": str(root / "later")}
     assert http.post("/v1/load_lora_adapter", json=load, headers=HEADERS).status_code == 200
     again = http.post("/v1/load_lora_adapter", json={**load, "lora_name": "b"}, headers=HEADERS)
-    assert again.status_code == 400 and "--max-loras" in again.json()["error"]["message"]
+    assert again.status_code == 409 and "--max-loras" in again.json()["error"]["message"]
     answer = http.post("/v1/unload_lora_adapter", json={"lora_name": "first"}, headers=HEADERS)
-    assert answer.status_code == 400 and "named when the server started" in answer.json()["error"]["message"]
+    assert answer.status_code == 409 and "named when the server started" in answer.json()["error"]["message"]
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "zzz"}, headers=HEADERS).status_code == 404
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "a"}, headers=HEADERS).status_code == 200

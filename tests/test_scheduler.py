@@ -50,14 +50,19 @@ def _alone(member, prompt, **settings):
 
 
 def _run_all(scheduler, requests):
-    """Submit ``requests`` ((member, prompt, settings) triples) a few at a time, so rows join a running batch;
-    return each one's text once all have finished."""
+    """Submit ``requests`` ((member, prompt, settings) triples): the first half while the backbone's lock is
+    held (so they run as one batch), the rest as it decodes (they join it); return each one's text once all
+    have finished."""
     results: dict = {}
     finished: dict = {}
     all_done = threading.Event()
     total = len(requests)
 
+    group = requests[0][0].group
+    group.lock.acquire()  # the first half waits together: they are prefilled and decoded as one batch
     for i, (member, prompt, settings) in enumerate(requests):
+        if i == len(requests) // 2:
+            group.lock.release()  # the second half joins a batch that is already decoding
         key = (member.name, prompt, settings.get("seed"))
         results[key] = ""
 
@@ -69,12 +74,9 @@ def _run_all(scheduler, requests):
             if len(finished) == total:
                 all_done.set()
 
-        with member.group.selected(member) as model:
-            batch = model.encode([prompt])
+        batch = group.model.encode([prompt])  # a CausalLM head's prompt: the same for every member here
         ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
         scheduler.submit(Sequence(member, ids, NEW_TOKENS, emit, **settings))
-        if i % 3 == 2:  # let the batch run a few steps before more rows join
-            threading.Event().wait(0.05)
     assert all_done.wait(120), finished
     assert all(reason in ("stop", "length") for reason in finished.values()), finished
     return results

@@ -41,12 +41,12 @@ class RuntimeAdapters:
             raise Refused(400, "lora_name must be a non-empty name without '/'")
         if not isinstance(path, str) or not path:
             raise Refused(400, "lora_path must be the folder of a saved artifact")
-        if name in self.served:
-            raise Refused(400, f"The model {name!r} is already served; unload it first or choose another name")
+        if name in self.served:  # 409: the request is fine, the server's state is in the way
+            raise Refused(409, f"The model {name!r} is already served; unload it first or choose another name")
         if len(self.loaded) >= self.max_loras:
-            raise Refused(400, f"{len(self.loaded)} adapters are loaded, the limit (--max-loras); unload one first")
-        if not Path(path).is_dir():
-            raise Refused(404, f"no artifact at {path!r} (not a folder on the server)")
+            raise Refused(409, f"{len(self.loaded)} adapters are loaded, the limit (--max-loras); unload one first")
+        if not (Path(path) / "qadapters.json").is_file():
+            raise Refused(404, f"no artifact at {path!r} (no folder with a qadapters.json on the server)")
         try:
             artifact = open_artifact(path)
         except AdaptersError as err:
@@ -64,8 +64,10 @@ class RuntimeAdapters:
     def leaving(self, name: Any) -> Served:
         """The runtime artifact ``name``, taken out of ``served`` (no new request finds it); ``unload`` then
         removes it from its base once the app has cancelled its work."""
+        if not isinstance(name, str):
+            raise Refused(400, "lora_name must be the name of an adapter loaded at run time")
         if name not in self.loaded:
-            status, why = (400, "it was named when the server started") if name in self.served else (404, "no such")
+            status, why = (409, "it was named when the server started") if name in self.served else (404, "no such")
             raise Refused(status, f"cannot unload {name!r}: {why}; only adapters loaded at run time unload")
         member = self.loaded.pop(name)
         del self.served[name]

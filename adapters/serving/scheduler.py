@@ -104,6 +104,15 @@ class Batch:
         self.positions = [self.positions[i] for i in keep]
 
 
+def _say(seq: Sequence, piece: str | None, finish: str | None) -> None:
+    """Hand ``seq``'s consumer a piece or its end; a consumer that is gone (its event loop closed) cancels the
+    sequence instead of stopping the scheduler's thread."""
+    try:
+        seq.emit(piece, finish)
+    except Exception:  # noqa: BLE001 - whatever the consumer raises, the other rows go on
+        seq.cancelled.set()
+
+
 def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(mask.shape[0], width - mask.shape[1], dtype=mask.dtype), mask], 1)
 
@@ -189,15 +198,15 @@ class Scheduler:
     def _drop_cancelled_waiting(self) -> None:
         for seq in [s for s in self.waiting if s.cancelled.is_set()]:
             self.waiting.remove(seq)
-            seq.emit(None, "cancelled")
+            _say(seq, None, "cancelled")
 
     def _fail_all(self, err: Exception) -> None:
         for seq in self.batch.rows:
-            seq.emit(None, f"error: {err}")
+            _say(seq, None, f"error: {err}")
         self.batch = Batch()
         with self._wake:
             for seq in self.waiting:
-                seq.emit(None, f"error: {err}")
+                _say(seq, None, f"error: {err}")
             self.waiting.clear()
 
     def _forward(self, rows: list[Sequence], **inputs: Any) -> Any:
@@ -303,7 +312,7 @@ class Scheduler:
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Record ``token`` for ``seq`` and emit its new text; False when the sequence ends here."""
         if seq.cancelled.is_set():
-            seq.emit(None, "cancelled")
+            _say(seq, None, "cancelled")
             return False
         ended = token in self.eos
         if not ended:
@@ -311,13 +320,13 @@ class Scheduler:
             self.observe("generated_tokens", 1)
             text = self.group.model.tokenizer.decode(seq.generated, skip_special_tokens=True)
             if len(text) > len(seq.sent) and not text.endswith("\ufffd"):  # a character still being spelled
-                seq.emit(text[len(seq.sent) :], None)
+                _say(seq, text[len(seq.sent) :], None)
                 seq.sent = text
         if ended or len(seq.generated) >= seq.max_new_tokens:
             text = self.group.model.tokenizer.decode(seq.generated, skip_special_tokens=True)
             if len(text) > len(seq.sent):
-                seq.emit(text[len(seq.sent) :], None)
-            seq.emit(None, "stop" if ended else "length")
+                _say(seq, text[len(seq.sent) :], None)
+            _say(seq, None, "stop" if ended else "length")
             return False
         return True
 

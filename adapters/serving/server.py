@@ -37,6 +37,7 @@ ERRORS = {
     400: "inputs the model's head cannot read",
     401: "a missing or wrong API key (servers started with --api-key)",
     404: "no model of that name is served",
+    409: "the server's state is in the way: a name in use, the --max-loras limit, an artifact named at start",
     413: "too many inputs in one request, or an input too long",
     500: "an error inside the model (the server lives on)",
     503: "the model's queue is full: retry after Retry-After seconds",
@@ -110,7 +111,7 @@ def _openai_errors() -> dict[int | str, Any]:
     schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "object"}}}
     return {
         code: {"description": ERRORS[code], "content": {"application/json": {"schema": schema}}}
-        for code in (400, 404, 503, 504)
+        for code in (400, 404, 409, 503, 504)
     }
 
 
@@ -175,7 +176,9 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     add_openai_routes(app, served, schedulers, guard, {**documented(401, 500), **_openai_errors()}, limits.max_chars)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
     runtime = RuntimeAdapters(served, limits.max_loras)
-    add_runtime_routes(app, runtime, batchers, schedulers, limits, metrics, guard, _openai_errors())
+    add_runtime_routes(
+        app, runtime, batchers, schedulers, limits, metrics, guard, {**documented(401, 500), **_openai_errors()}
+    )
     return app
 
 
@@ -207,7 +210,24 @@ def add_runtime_routes(
         unknown = sorted(set(body) - fields)
         return refused(400, f"Unrecognized request argument supplied: {', '.join(unknown)}") if unknown else body
 
-    @app.post("/v1/load_lora_adapter", dependencies=guard, responses=errors)
+    def schema(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+        body = {"type": "object", "required": required, "properties": properties, "additionalProperties": False}
+        return {"requestBody": {"content": {"application/json": {"schema": body}}, "required": True}}
+
+    name = {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}
+    load_schema = schema(
+        ["lora_name", "lora_path"],
+        {
+            "lora_name": name,
+            "lora_path": {"type": "string", "minLength": 1},
+            "lora_int_id": {"type": "integer"},
+            "base_model_name": {"type": "string"},
+        },
+    )
+    unload_schema = schema(["lora_name"], {"lora_name": name, "lora_int_id": {"type": "integer"}})
+    answers = {**errors, 200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+    @app.post("/v1/load_lora_adapter", dependencies=guard, responses=answers, openapi_extra=load_schema)
     async def load_lora_adapter(request: Request) -> Any:
         body = await body_of(request, {"lora_name", "lora_path", "lora_int_id", "base_model_name"})
         if isinstance(body, JSONResponse):
@@ -223,7 +243,7 @@ def add_runtime_routes(
             schedulers[member.group.index] = Scheduler(member.group, limits.max_queue)
         return PlainTextResponse(f"Success: LoRA adapter '{member.name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter", dependencies=guard, responses=errors)
+    @app.post("/v1/unload_lora_adapter", dependencies=guard, responses=answers, openapi_extra=unload_schema)
     async def unload_lora_adapter(request: Request) -> Any:
         body = await body_of(request, {"lora_name", "lora_int_id"})
         if isinstance(body, JSONResponse):
