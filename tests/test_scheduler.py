@@ -149,3 +149,30 @@ def test_a_full_queue_is_refused(group):
     scheduler = Scheduler(member.group, max_waiting=0)
     with pytest.raises(QueueFull):
         scheduler.submit(Sequence(member, [5, 6], 2, lambda piece, finish: None))
+
+
+def test_the_segmented_lora_step_equals_peft_mixed_batch_forward(group):
+    """Rows sorted by adapter take our segmented step (``lora_fused._segmented``): the same logits as peft's
+    own mixed-batch forward (``adapter_names``) for two LoRA adapters and base rows."""
+    import torch
+
+    from adapters.methods.lora_fused import ROW_SEGMENTS
+
+    a, b = group["lora_a"], group["lora_b"]
+    model = a.group.model
+    tuner = model.adapter_state["peft"].base_model
+    ids = model.tokenizer(PROMPTS[:1] * 5, return_tensors="pt")["input_ids"]
+    names = [a.handle, a.handle, b.handle, "__base__", "__base__"]
+    with torch.inference_mode(), a.group.lock:
+        tuner.enable_adapter_layers()
+        training, tuner.training = tuner.training, False
+        with tuner._enable_peft_forward_hooks(adapter_names=names):
+            theirs = model.backbone(input_ids=ids).logits
+        tuner.training = training
+        with a.adapter.route(
+            model, [(a.handle, torch.tensor([1, 1, 0, 0, 0]).bool()), (b.handle, torch.tensor([0, 0, 1, 0, 0]).bool())]
+        ):
+            assert ROW_SEGMENTS.get() == ((a.handle, 0, 2), (b.handle, 2, 3))
+            ours = model.backbone(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours[0], ours[2]) and not torch.allclose(ours[2], ours[3])

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
-from adapters.methods.lora_fused import fuse_lora, share_dropout
+from adapters.methods.lora_fused import ROW_SEGMENTS, fuse_lora, share_dropout
 from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets
 
@@ -177,6 +177,16 @@ class LoRA(AdapterSpec):
         if len(set(names)) == 1:  # one adapter (or none) for the whole batch: the plain (lean) forward
             yield from self._route_whole(model, names[0])
             return
+        runs = _runs(names)
+        if len(runs) == len({name for name, _, _ in runs}) and _all_lean(tuner):
+            # rows in one run per adapter (the scheduler sorts them): each run's update on its own rows
+            tuner.enable_adapter_layers()
+            token = ROW_SEGMENTS.set(tuple(run for run in runs if run[0] != "__base__"))
+            try:
+                yield
+            finally:
+                ROW_SEGMENTS.reset(token)
+            return
         tuner.enable_adapter_layers()
         # peft refuses adapter_names in training mode; the wrapper is not a submodule of the model, so
         # model.eval() leaves its own flag as get_peft_model set it (the layers themselves are in eval)
@@ -192,6 +202,24 @@ class LoRA(AdapterSpec):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(network, str(folder / ADAPTER_DIR)).merge_and_unload()
+
+
+def _runs(names: list[str]) -> list[tuple[str, int, int]]:
+    """``names`` as runs of equal names: ``(name, first, end)``."""
+    runs: list[tuple[str, int, int]] = []
+    for i, name in enumerate(names):
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1], i + 1)
+        else:
+            runs.append((name, i, i + 1))
+    return runs
+
+
+def _all_lean(tuner: nn.Module) -> bool:
+    """Every LoRA layer has the lean forward, which reads ``ROW_SEGMENTS`` (``lora_fused.fuse_lora``)."""
+    from peft.tuners.lora import LoraLayer
+
+    return all("forward" in vars(m) for m in tuner.modules() if isinstance(m, LoraLayer))
 
 
 def apply_lora(model: nn.Module, lora: LoRA, base_name: str) -> Any:

@@ -27,6 +27,7 @@ bf16 autocast; dropout; several adapters; merged and DoRA fall-backs).
 
 from __future__ import annotations
 
+import contextvars
 import types
 import weakref
 
@@ -60,6 +61,14 @@ def fuse_lora(peft_model: nn.Module) -> int:
     return changed
 
 
+def _names(segments: tuple[tuple[str, int, int], ...], rows: int) -> list[str]:
+    """The runs as peft's per-row ``adapter_names`` (``"__base__"`` for rows in no run)."""
+    names = ["__base__"] * rows
+    for name, start, stop in segments:
+        names[start:stop] = [name] * (stop - start)
+    return names
+
+
 def _lean_adapters(layer, x, args, kwargs) -> list[str] | None:
     """The active adapters when the lean path gives peft's result for this call, else None."""
     if args or kwargs or layer.merged or layer.disable_adapters:
@@ -77,7 +86,41 @@ def _autocast_on(device_type: str) -> bool:
         return False
 
 
+ROW_SEGMENTS: contextvars.ContextVar[tuple[tuple[str, int, int], ...] | None] = contextvars.ContextVar(
+    "qadapters_lora_row_segments", default=None
+)
+"""While set (``LoRA.route``, serving a batch that mixes adapters): ``(adapter, first row, end row)`` runs of
+the batch's rows, each through its own adapter; rows in no run compute as the base."""
+
+
+def _segmented(layer, x: torch.Tensor, segments: tuple[tuple[str, int, int], ...]) -> torch.Tensor | None:
+    """A batch whose rows come in runs by adapter: the base output, then each run's low-rank update added in
+    place to its own rows (contiguous views: no gather or scatter, unlike peft's per-row mixed forward, which
+    this equals; ``tests/test_lora_fused.py``). None when this layer cannot take it (peft's forward then)."""
+    if torch.is_grad_enabled() or layer.merged or x.dim() < 2:
+        return None
+    used = [(name, start, stop) for name, start, stop in segments if name in layer.lora_A]
+    if any(name in layer.lora_variant or layer.lora_B[name].bias is not None for name, _, _ in used):
+        return None
+    result = layer.base_layer(x)
+    rows = x.shape[1] if x.dim() == 3 else 1
+    flat, inputs = result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
+    for name, start, stop in used:
+        down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if up.dtype != flat.dtype:
+            return None
+        part = inputs[start * rows : stop * rows].to(down.dtype) @ down.t()
+        flat[start * rows : stop * rows].addmm_(part.to(up.dtype), up.t(), alpha=layer.scaling[name])
+    return flat.view(result.shape)
+
+
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    segments = ROW_SEGMENTS.get()
+    if segments is not None and not args and not kwargs:
+        result = _segmented(layer, x, segments)
+        if result is not None:
+            return result
+        return type(layer).forward(layer, x, adapter_names=_names(segments, x.shape[0]))
     names = _lean_adapters(layer, x, args, kwargs)
     if names is None:
         return type(layer).forward(layer, x, *args, **kwargs)

@@ -86,9 +86,13 @@ class Batch:
             self.mask = torch.cat([_pad_mask(self.mask, total), _pad_mask(mask, total)], 0)
         self.rows += seqs
         self.positions += [len(seq.prompt) for seq in seqs]
+        order = sorted(range(len(self.rows)), key=lambda i: self.rows[i].member.name)
+        if order != list(range(len(self.rows))):  # rows by artifact: each adapter's rows are one run
+            self.keep(order)
 
     def keep(self, keep: list[int]) -> None:
-        """Only the rows ``keep`` (indices) stay; columns that every remaining row pads are dropped."""
+        """Only the rows ``keep`` (indices, in that order) stay; columns that every remaining row pads are
+        dropped."""
         if not keep:
             self.rows, self.cache, self.mask, self.positions = [], None, None, []
             return
@@ -243,6 +247,7 @@ class Scheduler:
         from transformers import DynamicCache
 
         device = self.group.model.device
+        seqs = sorted(seqs, key=lambda s: s.member.name)  # each adapter's rows one run (``Batch.add``)
         width = max(len(s.prompt) for s in seqs)
         pad = self.group.model.tokenizer.pad_token_id or 0
         mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
