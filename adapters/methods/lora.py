@@ -148,15 +148,22 @@ class LoRA(AdapterSpec):
         return name
 
     def switch(self, model: Any, handle: Any, on: bool) -> None:
+        # peft walks every module to switch (milliseconds on a 30-layer model): done only when it changes,
+        # which matters when a served batch of one adapter switches before every decoding step
+        wanted = handle if on else None
+        if model.adapter_state.get("switched", "?") == wanted:
+            return
         layers = model.adapter_state["peft"].base_model
         if on:
             layers.enable_adapter_layers()
             model.adapter_state["peft"].set_adapter(handle)
         else:
             layers.disable_adapter_layers()
+        model.adapter_state["switched"] = wanted
 
     def leave(self, model: Any, handle: Any) -> None:
         model.adapter_state["peft"].delete_adapter(handle)
+        model.adapter_state["switched"] = "?"  # peft may have made another adapter active
 
     def _route_whole(self, model: Any, name: str) -> Iterator[None]:
         """Every row through adapter ``name`` (``"__base__"``: none), without peft's per-row hooks, which
@@ -180,14 +187,14 @@ class LoRA(AdapterSpec):
         runs = _runs(names)
         if len(runs) == len({name for name, _, _ in runs}) and _all_lean(tuner):
             # rows in one run per adapter (the scheduler sorts them): each run's update on its own rows
-            tuner.enable_adapter_layers()
+            _enable_all(model)
             token = ROW_SEGMENTS.set(tuple(run for run in runs if run[0] != "__base__"))
             try:
                 yield
             finally:
                 ROW_SEGMENTS.reset(token)
             return
-        tuner.enable_adapter_layers()
+        _enable_all(model)
         # peft refuses adapter_names in training mode; the wrapper is not a submodule of the model, so
         # model.eval() leaves its own flag as get_peft_model set it (the layers themselves are in eval)
         training, tuner.training = tuner.training, False
@@ -202,6 +209,12 @@ class LoRA(AdapterSpec):
         from peft import PeftModel
 
         return PeftModel.from_pretrained(network, str(folder / ADAPTER_DIR)).merge_and_unload()
+
+
+def _enable_all(model: Any) -> None:
+    """Every LoRA layer on, for a forward whose rows choose their adapter (the next ``switch`` acts again)."""
+    model.adapter_state["peft"].base_model.enable_adapter_layers()
+    model.adapter_state["switched"] = "?"
 
 
 def _runs(names: list[str]) -> list[tuple[str, int, int]]:

@@ -181,6 +181,17 @@ def _finish(member: Served, completion: str, stopped: bool, settings: dict[str, 
     return "length" if tokens >= limit else "stop"
 
 
+def prompt_ids(member: Served, prompt: Any) -> list[int]:
+    """The token ids of ``prompt`` as ``member``'s head renders it (its chat template, its max_length), read
+    without the backbone's lock: the event loop never waits for a decoding step."""
+    from adapters.data.encoding import encode_rows
+
+    rows = member.head_spec.input_rows([prompt])
+    tokenizer = member.group.model.tokenizer
+    columns, _ = encode_rows(rows, tokenizer, member.head_spec, "text", None, member.max_length, "inputs")
+    return list(columns["input_ids"][0])
+
+
 def submit(
     scheduler: Scheduler, member: Served, prompt: Any, request: dict[str, Any], choice: int = 0
 ) -> tuple[Sequence, asyncio.Queue[tuple[str | None, str | None]]]:
@@ -190,9 +201,7 @@ def submit(
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[tuple[str | None, str | None]] = asyncio.Queue()
     settings = request["settings"]
-    with member.group.selected(member) as model:  # the prompt as this artifact's head renders it
-        batch = model.encode([prompt])
-    ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    ids = prompt_ids(member, prompt)
     sampled = settings.get("do_sample", False)
     seq = Sequence(
         member,

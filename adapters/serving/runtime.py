@@ -27,6 +27,47 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
 
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": None, "code": None}}
+
+
+async def json_body(request: Any, fields: set[str]) -> dict[str, Any]:
+    """The request's JSON object, with no field beyond ``fields`` (else ``Refused`` 400, as vLLM answers)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise Refused(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise Refused(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise Refused(400, f"Unrecognized request argument supplied: {', '.join(unknown)}")
+    return body
+
+
+def request_schemas() -> tuple[dict[str, Any], dict[str, Any], dict[int | str, Any]]:
+    """The OpenAPI request bodies of the load and unload routes, and their 200 answer (plain text)."""
+
+    def schema(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+        body = {"type": "object", "required": required, "properties": properties, "additionalProperties": False}
+        return {"requestBody": {"content": {"application/json": {"schema": body}}, "required": True}}
+
+    name = {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}
+    load = schema(
+        ["lora_name", "lora_path"],
+        {
+            "lora_name": name,
+            "lora_path": {"type": "string", "minLength": 1},
+            "lora_int_id": {"type": "integer"},
+            "base_model_name": {"type": "string"},
+        },
+    )
+    unload = schema(["lora_name"], {"lora_name": name, "lora_int_id": {"type": "integer"}})
+    done: dict[int | str, Any] = {
+        200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    }
+    return load, unload, done
+
 
 @dataclass
 class RuntimeAdapters:

@@ -29,7 +29,7 @@ from adapters.errors import AdaptersError, ConfigError
 from adapters.serving.backbones import Served, load_served, parse_artifacts
 from adapters.serving.batcher import Batcher, Limits, QueueFull
 from adapters.serving.metrics import ServerMetrics
-from adapters.serving.runtime import Refused, RuntimeAdapters
+from adapters.serving.runtime import Refused, RuntimeAdapters, json_body, request_schemas
 from adapters.serving.scheduler import Scheduler
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -192,51 +192,22 @@ def add_runtime_routes(
     guard: list[Any],
     errors: dict[int | str, Any],
 ) -> None:
-    """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (``runtime.py``)."""
+    """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (``runtime.py``): a loaded artifact
+    gets its batcher (and its base a scheduler, if it generates); an unloaded one's work is cancelled first."""
     from fastapi import Request
     from fastapi.responses import JSONResponse, PlainTextResponse
 
-    def refused(status: int, message: str, param: str | None = None) -> JSONResponse:
-        body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
-        return JSONResponse(status_code=status, content=body)
-
-    async def body_of(request: Request, fields: set[str]) -> dict[str, Any] | JSONResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            return refused(400, "the body is not valid JSON")
-        if not isinstance(body, dict):
-            return refused(400, "the request body must be a JSON object")
-        unknown = sorted(set(body) - fields)
-        return refused(400, f"Unrecognized request argument supplied: {', '.join(unknown)}") if unknown else body
-
-    def schema(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
-        body = {"type": "object", "required": required, "properties": properties, "additionalProperties": False}
-        return {"requestBody": {"content": {"application/json": {"schema": body}}, "required": True}}
-
-    name = {"type": "string", "minLength": 1, "pattern": "^[^/]+$"}
-    load_schema = schema(
-        ["lora_name", "lora_path"],
-        {
-            "lora_name": name,
-            "lora_path": {"type": "string", "minLength": 1},
-            "lora_int_id": {"type": "integer"},
-            "base_model_name": {"type": "string"},
-        },
-    )
-    unload_schema = schema(["lora_name"], {"lora_name": name, "lora_int_id": {"type": "integer"}})
-    answers = {**errors, 200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    load_schema, unload_schema, done = request_schemas()
+    answers = {**errors, **done}
 
     @app.post("/v1/load_lora_adapter", dependencies=guard, responses=answers, openapi_extra=load_schema)
     async def load_lora_adapter(request: Request) -> Any:
-        body = await body_of(request, {"lora_name", "lora_path", "lora_int_id", "base_model_name"})
-        if isinstance(body, JSONResponse):
-            return body
-        loop = asyncio.get_running_loop()
         try:
+            body = await json_body(request, {"lora_name", "lora_path", "lora_int_id", "base_model_name"})
+            loop = asyncio.get_running_loop()
             member = await loop.run_in_executor(None, runtime.load, body.get("lora_name"), body.get("lora_path"))
         except Refused as err:
-            return refused(err.status, str(err))
+            return JSONResponse(status_code=err.status, content=err.body())
         batchers[member.name] = Batcher(member, limits, metrics.batch_observer(member.name))
         batchers[member.name].task = asyncio.create_task(batchers[member.name].run())
         if member.head_spec.lm_logits and member.group.index not in schedulers:
@@ -245,13 +216,10 @@ def add_runtime_routes(
 
     @app.post("/v1/unload_lora_adapter", dependencies=guard, responses=answers, openapi_extra=unload_schema)
     async def unload_lora_adapter(request: Request) -> Any:
-        body = await body_of(request, {"lora_name", "lora_int_id"})
-        if isinstance(body, JSONResponse):
-            return body
         try:
-            member = runtime.leaving(body.get("lora_name"))
+            member = runtime.leaving((await json_body(request, {"lora_name", "lora_int_id"})).get("lora_name"))
         except Refused as err:
-            return refused(err.status, str(err))
+            return JSONResponse(status_code=err.status, content=err.body())
         if member.group.index in schedulers:
             schedulers[member.group.index].cancel(member)
         batcher = batchers.pop(member.name)
