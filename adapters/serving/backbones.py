@@ -6,10 +6,12 @@ bottleneck layers) and keeps its own small head. A request runs with its artifac
 on and the others off (``AdapterSpec.switch``), under the group's lock, so one backbone answers for
 all of them.
 
-Generation takes turns. The lock is granted in the order it was asked for (``TurnLock``), and a generating
-request gives it up after every decoding step when someone is waiting (``TakeTurns``, a transformers
-``StoppingCriteria`` that never stops), then takes its place again with its adapter, head and random state
-put back. So a classification request waits behind a long generation for at most **one decoding step of
+The OpenAI endpoints generate through the base's continuous batch (``scheduler.py``), which takes the lock
+for one decoding step at a time. A generation asked through ``/v1/models/{name}/predict`` takes turns: the
+lock is granted in the order it was asked for (``TurnLock``), and such a generating request gives it up
+after every decoding step when someone is waiting (``TakeTurns``, a transformers ``StoppingCriteria`` that
+stops only once its request is cancelled), then takes its place again with its adapter, head and random
+state put back. So a classification request waits behind a long generation for at most **one decoding step of
 each generation in progress** (plus the batches ahead of it), not for whole generations, and a seeded
 generation samples the same text whatever runs in between."""
 
