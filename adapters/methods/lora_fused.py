@@ -107,10 +107,12 @@ def _segmented(layer, x: torch.Tensor, segments: tuple[tuple[str, int, int], ...
     flat, inputs = result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
     for name, start, stop in used:
         down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
-        if up.dtype != flat.dtype:
-            return None
         part = inputs[start * rows : stop * rows].to(down.dtype) @ down.t()
-        flat[start * rows : stop * rows].addmm_(part.to(up.dtype), up.t(), alpha=layer.scaling[name])
+        if up.dtype == flat.dtype:
+            flat[start * rows : stop * rows].addmm_(part.to(up.dtype), up.t(), alpha=layer.scaling[name])
+        else:  # e.g. an fp32 adapter on a bf16 base: computed in the adapter's dtype, cast as peft casts it
+            update = (part.to(up.dtype) @ up.t()) * layer.scaling[name]
+            flat[start * rows : stop * rows].add_(update.to(flat.dtype))
     return flat.view(result.shape)
 
 
