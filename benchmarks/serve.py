@@ -318,7 +318,7 @@ def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, pe
         "levels": levels,
         "memory_mb": memory,
         "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
-        "in_process": _in_process(tmp / f"gen0-{quantization}", prompts[: max(2, per_level // 4)], tokens),
+        "in_process": _in_process(tmp / f"gen0-{quantization}", (prompts * per_level)[: per_level // 2], tokens),
     }
 
 
