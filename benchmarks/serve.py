@@ -286,6 +286,7 @@ def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, pe
             seed=i,
             head=adapters.CausalLM(max_new_tokens=tokens),
             quantization=quantization,
+            dtype="float32",  # the unquantized side is fp32 (not "auto", which picks bf16 where it measures faster)
         )
         model.save_pretrained(tmp / f"gen{i}-{quantization}")
         names.append(f"gen{i}")
