@@ -143,6 +143,7 @@ class LoRA(AdapterSpec):
 
     def join(self, model: Any, folder: Path, name: str) -> Any:
         model.adapter_state["peft"].load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+        model.adapter_state["switched"] = "?"  # layers it added may be on or off: the next switch acts
         if self.fused:
             fuse_lora(model.adapter_state["peft"])  # layers the new adapter added, if any
         return name
@@ -212,9 +213,10 @@ class LoRA(AdapterSpec):
 
 
 def _enable_all(model: Any) -> None:
-    """Every LoRA layer on, for a forward whose rows choose their adapter (the next ``switch`` acts again)."""
-    model.adapter_state["peft"].base_model.enable_adapter_layers()
-    model.adapter_state["switched"] = "?"
+    """Every LoRA layer on, for a forward whose rows choose their adapter (once: peft walks every module)."""
+    if model.adapter_state.get("switched") != "*":
+        model.adapter_state["peft"].base_model.enable_adapter_layers()
+        model.adapter_state["switched"] = "*"  # any adapter's switch acts again
 
 
 def _runs(names: list[str]) -> list[tuple[str, int, int]]:
