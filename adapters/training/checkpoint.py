@@ -181,8 +181,11 @@ def _checkpoint_size(root: Path) -> int | None:
 
 def _remove_checkpoint(path: Path) -> None:
     """Delete a checkpoint the run wrote: its manifest's files (then the folder, if nothing else is in it);
-    one written before manifests, whole."""
-    manifest = read_manifest(path) if (path / "qadapters-manifest.json").is_file() else None
+    one written before manifests, or whose manifest is damaged, whole (it is the run's by name and place)."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError:
+        manifest = None
     if manifest is None:
         shutil.rmtree(path, ignore_errors=True)
         return
