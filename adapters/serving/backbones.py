@@ -10,9 +10,9 @@ The OpenAI endpoints generate through the base's continuous batch (``scheduler.p
 for one decoding step at a time. A generation asked through ``/v1/models/{name}/predict`` takes turns: the
 lock is granted in the order it was asked for (``TurnLock``), and such a generating request gives it up
 after every decoding step when someone is waiting (``TakeTurns``, a transformers ``StoppingCriteria`` that
-stops only once its request is cancelled), then takes its place again with its adapter, head and random
-state put back. So a classification request waits behind a long generation for at most **one decoding step of
-each generation in progress** (plus the batches ahead of it), not for whole generations, and a seeded
+never stops), then takes its place again with its adapter, head and random state put back. So a
+classification request waits behind a long generation for at most **one decoding step of each generation
+in progress** (plus the batches ahead of it), not for whole generations, and a seeded
 generation samples the same text whatever runs in between."""
 
 from __future__ import annotations
@@ -46,20 +46,12 @@ class Served:
     max_length: int
     handle: Any = None  # how its adapter is switched on and off (``AdapterSpec.switch``)
 
-    def predict(
-        self,
-        inputs: list,
-        probabilities: bool = False,
-        seed: int | None = None,
-        cancelled: threading.Event | None = None,
-        **settings: Any,
-    ) -> list:
+    def predict(self, inputs: list, probabilities: bool = False, seed: int | None = None, **settings: Any) -> list:
         """Predictions of this artifact (``settings``: generation settings, for heads that generate, which
-        take turns with other requests after every decoding step; ``seed``: sampling seeded; ``cancelled``:
-        once set, the generation stops at its next step, as when a streaming client went away)."""
+        take turns with other requests after every decoding step; ``seed``: sampling seeded)."""
         with self.group.selected(self) as model:
             if getattr(self.head_spec, "lm_logits", False):
-                settings["stopping_criteria"] = _take_turns(self.group, self, cancelled)
+                settings["stopping_criteria"] = _take_turns(self.group, self)
                 if seed is not None:
                     torch.manual_seed(seed)
             return model.predict(inputs, probabilities=probabilities, **settings)
@@ -117,7 +109,6 @@ class SharedBackbone:
     members: list[Served] = field(default_factory=list)
     lock: TurnLock = field(default_factory=TurnLock)
     turns_taken: int = 0  # times a generation gave way to a waiting request (``TakeTurns``)
-    decoding_steps: int = 0  # decoding steps of every generation so far
 
     def accepts(self, key: tuple, adapter) -> bool:
         return key == self.key and (adapter is None or adapter.can_join(self.model))
@@ -145,9 +136,9 @@ class SharedBackbone:
         model.head, model.head_spec, model.max_length = member.head, member.head_spec, member.max_length
 
 
-def _take_turns(group: SharedBackbone, member: Served, cancelled: threading.Event | None = None) -> Any:
+def _take_turns(group: SharedBackbone, member: Served) -> Any:
     """A ``StoppingCriteriaList`` whose one criterion gives the backbone to waiting requests after each
-    decoding step, and stops the generation only once ``cancelled`` is set (its client went away)."""
+    decoding step and never stops the generation itself."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     tokenizer = group.model.tokenizer
@@ -155,9 +146,6 @@ def _take_turns(group: SharedBackbone, member: Served, cancelled: threading.Even
 
     class TakeTurns(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            group.decoding_steps += 1
-            if cancelled is not None and cancelled.is_set():  # nobody reads it any more: free the backbone
-                return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             if group.lock.waiting():
                 model = group.model
                 state = model.head, model.head_spec, model.max_length, tokenizer.padding_side
