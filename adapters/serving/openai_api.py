@@ -46,6 +46,7 @@ CHAT_FIELDS = {
 MAX_CHOICES = 16  # n: choices of one request, generated together as one batch
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts: a seed outside is a 400, not a 500
 ROLES = ("system", "developer", "user", "assistant", "tool")
+Pieces = asyncio.Queue[tuple[str | None, str | None]]  # a generation's text: (piece, None)..., (None, finish)
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's _SAMPLING_EPS)
 RANGES = {"temperature": (0.0, 2.0, "[0, 2]"), "top_p": (0.0, 1.0, "(0, 1]")}  # OpenAI's
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
@@ -194,12 +195,12 @@ def prompt_ids(member: Served, prompt: Any) -> list[int]:
 
 def submit(
     scheduler: Scheduler, member: Served, prompt: Any, request: dict[str, Any], choice: int = 0
-) -> tuple[Sequence, asyncio.Queue[tuple[str | None, str | None]]]:
+) -> tuple[Sequence, Pieces]:
     """Queue one generation of ``prompt`` on the backbone's scheduler; its pieces of text arrive on the
     returned queue (``(piece, None)``, then ``(None, finish_reason)``). ``choice``: the index among ``n``
     (a seeded request samples choice ``i`` with seed ``seed + i``)."""
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[tuple[str | None, str | None]] = asyncio.Queue()
+    pieces: Pieces = asyncio.Queue()
     settings = request["settings"]
     ids = prompt_ids(member, prompt)
     sampled = settings.get("do_sample", False)
@@ -216,9 +217,7 @@ def submit(
     return seq, pieces
 
 
-async def texts_of(
-    seq: Sequence, pieces: asyncio.Queue[tuple[str | None, str | None]], finish: list[str]
-) -> AsyncIterator[str]:
+async def texts_of(seq: Sequence, pieces: Pieces, finish: list[str]) -> AsyncIterator[str]:
     """The pieces of ``seq``'s text as they come; its finish reason appended to ``finish`` at the end."""
     while True:
         piece, reason = await pieces.get()
@@ -264,11 +263,7 @@ def chunk(endpoint: str, name: str, ident: str, piece: str | None, finish: str |
 
 
 async def sse(
-    endpoint: str,
-    member: Served,
-    seq: Sequence,
-    pieces: asyncio.Queue[tuple[str | None, str | None]],
-    request: dict[str, Any],
+    endpoint: str, member: Served, seq: Sequence, pieces: Pieces, request: dict[str, Any]
 ) -> AsyncIterator[str]:
     """The stream of submitted ``seq`` as server-sent events, stop sequences applied, ending in ``[DONE]``.
     When the client goes away (the server closes this stream) or a stop sequence ends it, its row is freed
@@ -281,11 +276,7 @@ async def sse(
 
 
 async def _events(
-    endpoint: str,
-    member: Served,
-    seq: Sequence,
-    pieces: asyncio.Queue[tuple[str | None, str | None]],
-    request: dict[str, Any],
+    endpoint: str, member: Served, seq: Sequence, pieces: Pieces, request: dict[str, Any]
 ) -> AsyncIterator[str]:
     ident = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
     yield chunk(endpoint, member.name, ident, None if endpoint == "chat" else "", None, role=endpoint == "chat")
