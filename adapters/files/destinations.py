@@ -60,6 +60,13 @@ def writable_entries(
     return []
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (where a write to ``path`` would land)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def probe_writable(path: str | Path, what: str) -> None:
     """Refuse, before any slow work, a destination that cannot be written: a file where a folder must go, a
     read-only filesystem, no permission. Creates and removes one empty hidden file in the nearest existing
@@ -67,9 +74,7 @@ def probe_writable(path: str | Path, what: str) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} exists and is a file; choose a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(path)
     if not existing.is_dir():
         raise ConfigError(f"{what} {path} cannot be made: {existing} is a file")
     try:

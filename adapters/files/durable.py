@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapters.errors import CheckpointError, StorageError
+from adapters.files.destinations import nearest_existing
 from adapters.files.manifest import MANIFEST, read_manifest, write_manifest
 
 STAGING = ".qadapters-staging"
@@ -110,7 +111,7 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def disk_full_error(folder: Path, needed: int | None, written: int) -> StorageError:
-    free = shutil.disk_usage(_existing(folder)).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     need = f"about {needed / 2**20:.1f} MB" if needed else f"more than the {written / 2**20:.1f} MB written"
     return StorageError(
         f"no space left on the device of {folder}: the write needs {need}, {free / 2**20:.1f} MB are free; "
@@ -118,13 +119,8 @@ def disk_full_error(folder: Path, needed: int | None, written: int) -> StorageEr
     )
 
 
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _size(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
+    """The bytes of every file under ``folder`` (0 when it is not there)."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
@@ -209,7 +205,7 @@ def durable_folder(
     except BaseException as err:
         if (work / COMMIT).is_file():  # decided: the next reader or writer finishes it (recover)
             raise
-        written = _size(work)
+        written = folder_bytes(work)
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(err, Exception) and is_disk_full(err):
             raise disk_full_error(path, needed_bytes, written) from err

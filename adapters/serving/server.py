@@ -173,12 +173,11 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     _add_error_handlers(app)
     _add_service_routes(app, served, metrics, guard, documented)
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
-    add_openai_routes(app, served, schedulers, guard, {**documented(401, 500), **_openai_errors()}, limits.max_chars)
+    openai_errors = {**documented(401, 500), **_openai_errors()}
+    add_openai_routes(app, served, schedulers, guard, openai_errors, limits.max_chars)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
     runtime = RuntimeAdapters(served, limits.max_loras)
-    add_runtime_routes(
-        app, runtime, batchers, schedulers, limits, metrics, guard, {**documented(401, 500), **_openai_errors()}
-    )
+    add_runtime_routes(app, runtime, batchers, schedulers, limits, metrics, guard, openai_errors)
     return app
 
 
@@ -338,41 +337,7 @@ def add_openai_routes(
 
     from adapters.serving import openai_api as oai
 
-    generative = sorted(name for name, member in served.items() if member.head_spec.lm_logits)
-
-    def body(required: str, field: dict[str, Any]) -> dict[str, Any]:
-        """The request's JSON schema (the endpoints read raw JSON, to answer OpenAI's own 400s)."""
-        number = {"type": "number"}
-        properties = {
-            # only the models this route serves: the generative ones (a classifier is a 400 here, predict serves it)
-            "model": {"type": "string", "enum": generative} if generative else {"type": "string"},
-            required: field,
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "temperature": {**number, "minimum": 0, "maximum": 2},
-            "top_p": {**number, "exclusiveMinimum": 0, "maximum": 1},
-            "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "seed": {"type": "integer", "minimum": oai.SEED_RANGE[0], "maximum": oai.SEED_RANGE[1]},
-            "n": {"type": "integer", "enum": [1]},
-            "stream": {"type": "boolean"},
-            "user": {"type": "string"},
-        }
-        if required == "messages":
-            properties["max_completion_tokens"] = {"type": "integer", "minimum": 1}
-        schema = {
-            "type": "object",
-            "required": ["model", required],
-            "properties": properties,
-            "additionalProperties": False,
-        }
-        return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}
-
-    message = {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {"role": {"type": "string", "enum": list(oai.ROLES)}, "content": {"type": "string"}},
-    }
-    chat_schema = body("messages", {"type": "array", "minItems": 1, "items": message})
-    text_schema = body("prompt", {"type": "string", "minLength": 1})
+    chat_schema, text_schema = _openai_schemas(served)
 
     async def run(request: Request, endpoint: str) -> Any:
         try:
@@ -407,6 +372,48 @@ def add_openai_routes(
     @app.post("/v1/completions", dependencies=guard, openapi_extra=text_schema, responses=errors)
     async def completions(request: Request) -> Any:
         return await run(request, "text")
+
+
+def _openai_schemas(served: dict[str, Served]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request bodies of ``/v1/chat/completions`` and ``/v1/completions`` in the OpenAPI schema (the
+    endpoints read raw JSON, to answer OpenAI's own 400s); ``model`` lists only the generative artifacts."""
+    from adapters.serving import openai_api as oai
+
+    generative = sorted(name for name, member in served.items() if member.head_spec.lm_logits)
+
+    def body(required: str, field: dict[str, Any]) -> dict[str, Any]:
+        number = {"type": "number"}
+        properties = {
+            # only the models this route serves: the generative ones (a classifier is a 400 here, predict serves it)
+            "model": {"type": "string", "enum": generative} if generative else {"type": "string"},
+            required: field,
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {**number, "minimum": 0, "maximum": 2},
+            "top_p": {**number, "exclusiveMinimum": 0, "maximum": 1},
+            "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "seed": {"type": "integer", "minimum": oai.SEED_RANGE[0], "maximum": oai.SEED_RANGE[1]},
+            "n": {"type": "integer", "enum": [1]},
+            "stream": {"type": "boolean"},
+            "user": {"type": "string"},
+        }
+        if required == "messages":
+            properties["max_completion_tokens"] = {"type": "integer", "minimum": 1}
+        schema = {
+            "type": "object",
+            "required": ["model", required],
+            "properties": properties,
+            "additionalProperties": False,
+        }
+        return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}
+
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {"role": {"type": "string", "enum": list(oai.ROLES)}, "content": {"type": "string"}},
+    }
+    return body("messages", {"type": "array", "minItems": 1, "items": message}), body(
+        "prompt", {"type": "string", "minLength": 1}
+    )
 
 
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:

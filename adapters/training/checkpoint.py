@@ -34,7 +34,7 @@ from typing import Any
 from adapters.backbone.sharded import full_trainable_state, load_trainable_state
 from adapters.errors import CheckpointError, ConfigError
 from adapters.files import read_manifest, remove_listed, verify, writable_entries
-from adapters.files.durable import disk_full_error, fsync_dir, fsync_tree, is_disk_full
+from adapters.files.durable import disk_full_error, folder_bytes, fsync_dir, fsync_tree, is_disk_full
 from adapters.files.manifest import write_manifest
 
 STATE_FILE = "trainer_state.json"
@@ -139,7 +139,7 @@ def save_checkpoint(
         _write_checkpoint(accelerator, tmp, state, sharded)
     except Exception as err:
         if accelerator.is_main_process:
-            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
+            written = folder_bytes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             if is_disk_full(err):
                 raise disk_full_error(root, _checkpoint_size(root), written) from err
@@ -176,7 +176,7 @@ def _write_checkpoint(accelerator: Any, tmp: Path, state: TrainState, sharded: A
 def _checkpoint_size(root: Path) -> int | None:
     """The size of the newest complete checkpoint under ``root`` (what the next one needs), if any."""
     found = complete_checkpoints(root.parent)
-    return sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file()) if found else None
+    return folder_bytes(found[-1]) if found else None
 
 
 def _remove_checkpoint(path: Path) -> None:
