@@ -129,8 +129,8 @@ def _train_and_save(run: Any, train_rows: list[dict[str, Any]], eval_rows: list[
     from adapters.backbone.loading import cpu_only, process_state
     from adapters.backbone.precision import load_dtype, resolve_mixed_precision
     from adapters.config.run_file import to_yaml
+    from adapters.sharding.fsdp import accelerate_fsdp_requested, check_fsdp
     from adapters.training.checkpoint import write_run_record
-    from adapters.training.fsdp import accelerate_fsdp_requested, check_fsdp
 
     m, t = run.model, run.train
     if t.fsdp or accelerate_fsdp_requested():

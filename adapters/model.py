@@ -15,6 +15,7 @@ quantization, compute dtype, tokenizer: ``BackboneInfo``).
 from __future__ import annotations
 
 import inspect
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from adapters.artifacts.format import HEAD_FILE, open_artifact, save_artifact
-from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_backbone
+from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_planned, plan_load
 from adapters.backbone.sharded import inference_context
 from adapters.data.batching import inference_batches, packable, row_length
 from adapters.data.encoding import Collator, encode_rows
@@ -33,6 +34,8 @@ from adapters.files import check_state
 from adapters.heads import HeadSpec
 from adapters.methods.spec import AdapterSpec
 from adapters.registry import ADAPTERS
+from adapters.sharding.fsdp import ShardReport, check_fsdp
+from adapters.sharding.load import launched_world, open_sharded, shard_loaded
 
 
 class AdaptedModel(nn.Module):
@@ -62,6 +65,7 @@ class AdaptedModel(nn.Module):
         self.dtype_arg = dtype_arg  # what the user asked for (None = per device), saved as is
         self.training_record: dict[str, Any] | None = None  # set by train(): metrics, data sizes, settings
         self.load_options: dict[str, Any] = {}  # set by adapt(): revision, attn_implementation, trust_remote_code
+        self.shard_report: ShardReport | None = None  # set by adapt(fsdp=True) when it loaded sharded
         # Decoders get positions counted from the first real token, so a left-padded text sees
         # the same positions as unpadded (what generate() does); encoders are right-padded.
         forward_args = inspect.signature(self.backbone.forward).parameters
@@ -310,6 +314,7 @@ def adapt(
     seed: int | None = 0,
     attn_implementation: str | None = None,
     revision: str | None = None,
+    fsdp: bool = False,
 ) -> AdaptedModel:
     """Load ``model`` frozen (and quantized), add ``adapter`` and a new ``head``.
 
@@ -320,20 +325,29 @@ def adapt(
     ``seed`` makes the new adapter and head weights reproducible (without touching global RNG).
     ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``) and ``revision`` (a hub
     branch, tag or commit) go to ``from_pretrained``; both are recorded in saved artifacts.
+    ``fsdp``: under a launched world of N processes (``torchrun``, ``accelerate launch``), each reads, quantizes
+    and holds only its 1/N of the frozen base (``sharding/load.py``), and the model comes back sharded for
+    ``train(..., TrainConfig(fsdp=True))``; in one process it is the ordinary load.
     """
     head = _check_specs(adapter, head, max_length)
-    network, base = load_backbone(
+    sharded = _sharded_load(fsdp, quantization)
+    plan = plan_load(
         model,
         quantization,
-        dtype,
-        device,
-        double_quant,
-        trust_remote_code,
-        padding_side,
+        dtype=dtype,
+        device=device,
+        double_quant=double_quant,
+        trust_remote_code=trust_remote_code,
+        padding_side=padding_side,
         with_lm_head=head.lm_logits,
         revision=revision,
         attn_implementation=attn_implementation,
     )
+    loader = None
+    if sharded:
+        network, base, loader = open_sharded(plan)
+    else:
+        network, base = load_planned(plan)
     limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)
     if max_length is None:
         max_length = min(limit, 512)
@@ -344,7 +358,11 @@ def adapt(
         if seed is not None:
             torch.manual_seed(seed)
         adapted = AdaptedModel(network, base, adapter, head, max_length, dtype_name(dtype))
-    adapted.head.to(next(network.parameters()).device)
+    adapted.head.to(plan.device)
+    if adapted.adapter_layers is not None:
+        adapted.adapter_layers.to(plan.device)
+    if loader is not None:
+        adapted.shard_report = shard_loaded(adapted, loader, base.compute_dtype)
     # how the base was read, for the artifact: a reload reads it the same way
     adapted.load_options = {
         k: v
@@ -356,6 +374,31 @@ def adapt(
         if v
     }
     return adapted
+
+
+def _sharded_load(fsdp: bool, quantization: str | None) -> bool:
+    """Whether ``adapt(fsdp=...)`` loads sharded: in a launched world of several processes."""
+    if not fsdp:
+        return False
+    check_fsdp(quantization, "no")  # int8 is refused before anything loads
+    if launched_world() > 1:
+        return True
+    if _first_time("fsdp-one-process"):
+        print(
+            "fsdp=True in one process: loading the whole model (launch with torchrun --nproc-per-node N, or "
+            "accelerate launch, to shard the load over N processes)",
+            file=sys.stderr,
+        )
+    return False
+
+
+_SAID: set[str] = set()
+
+
+def _first_time(key: str) -> bool:
+    seen = key in _SAID
+    _SAID.add(key)
+    return not seen
 
 
 def _check_specs(adapter: object, head: object, max_length: int | None) -> HeadSpec:

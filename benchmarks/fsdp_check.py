@@ -41,7 +41,7 @@ def check(model_name: str) -> dict:
     import torch.distributed as dist
 
     import adapters
-    from adapters.training.fsdp import shard
+    from adapters.sharding.fsdp import shard
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))

@@ -21,7 +21,7 @@ a GPU (against ``tensors``, the estimate without the CUDA context).
     python benchmarks/memory_accuracy.py --grid fsdp-scale  # the same at the 1B shape
 
 A cell with ``parallel`` ("ddp" or "fsdp") runs under ``torchrun --nproc-per-node 2`` (gloo on CPU): the model
-is wrapped in DDP or sharded by ``training/fsdp.py`` after loading, and the peak is that of the training
+is wrapped in DDP or sharded by ``sharding/fsdp.py`` after loading, and the peak is that of the training
 steps on each rank (the larger of the two), against ``estimate_memory(processes=2, fsdp=...)``.
 """
 
@@ -156,7 +156,7 @@ def _parallel(model, kind: str, optimizer_name: str):
     import torch.distributed as dist
 
     from adapters.config.training import TrainConfig
-    from adapters.training.fsdp import shard
+    from adapters.sharding.fsdp import shard
     from adapters.training.optim import build_optimizer
 
     if not dist.is_initialized():

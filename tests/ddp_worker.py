@@ -29,7 +29,9 @@ def main():
     p.add_argument("--linear-probe", action="store_true")
     p.add_argument("--train-rows", type=int, default=64)
     p.add_argument("--fsdp", action="store_true")
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "none"])
+    p.add_argument("--shard-load", action="store_true", help="adapt(fsdp=True): each rank reads only its shard")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "none"])
     p.add_argument("--resume", default=None)
     p.add_argument("--crash-at", type=int, default=None)
     p.add_argument("--mixed-precision", default="no")
@@ -41,6 +43,8 @@ def main():
         adapter=adapter,
         head=adapters.Classification(labels=["neg", "pos"], dropout=0.0),
         quantization=None if args.quantization == "none" else args.quantization,
+        dtype=args.dtype,
+        fsdp=args.shard_load,
     )
     before = packed_4bit_bytes(model)
     metrics = adapters.train(

@@ -1,4 +1,4 @@
-"""FSDP2 training (``training/fsdp.py``): under 2 CPU processes (torchrun, gloo) it trains the same adapter
+"""FSDP2 training (``sharding/fsdp.py``): under 2 CPU processes (torchrun, gloo) it trains the same adapter
 and head as one process with the same global batch, holds half the frozen weights per rank, saves one
 artifact that reloads equal, resumes exactly after a crash, runs across two "nodes" on one host, keeps the
 4-bit bytes intact when it gathers in bf16, and refuses what it would corrupt before anything loads."""
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import adapters
 from adapters.errors import ConfigError
-from adapters.training.fsdp import check_fsdp, match_4bit_storage
+from adapters.sharding.fsdp import check_fsdp, match_4bit_storage
 from tests.helpers import toy_sentiment
 
 WORKER = Path(__file__).with_name("ddp_worker.py")

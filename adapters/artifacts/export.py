@@ -79,7 +79,7 @@ def export_for_pipeline(artifact, out, overwrite: bool = False, log=print, verif
     writable_entries(out, "export", _exported_files, overwrite=overwrite)
     probe_writable(out, "export destination")
     network, base = load_backbone(
-        opened.base_location(), spec.quantization, spec.dtype, "cpu", padding_side=spec.padding_side
+        opened.base_location(), spec.quantization, dtype=spec.dtype, device="cpu", padding_side=spec.padding_side
     )
     opened.check_base(network, base.location)
     if spec.quantization is not None:

@@ -55,8 +55,8 @@ def merge_artifact(artifact, out, overwrite: bool = False, log=print, verify: bo
     network, base = load_backbone(
         opened.base_location(),
         spec.quantization,
-        spec.dtype,
-        "cpu",
+        dtype=spec.dtype,
+        device="cpu",
         padding_side=spec.padding_side,
         with_lm_head=head.lm_logits,
     )

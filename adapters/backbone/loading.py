@@ -110,7 +110,7 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype, do
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        # packed bytes; FSDP reinterprets them as its gather dtype when it shards (training/fsdp.py)
+        # packed bytes; FSDP reinterprets them as its gather dtype when it shards (sharding/fsdp.py)
         bnb_4bit_quant_storage=torch.uint8,
     )
 
@@ -149,7 +149,34 @@ def process_device() -> torch.device:
     return process_state().device
 
 
-def load_backbone(
+@dataclass
+class LoadPlan:
+    """Everything ``load_backbone`` decides before it reads a weight (cheap: the config only). Sharded
+    loading (``sharding/load.py``) follows the same plan with its own reader."""
+
+    name: str
+    location: str
+    device: torch.device
+    compute_dtype: torch.dtype
+    config: Any
+    decoder: bool
+    quantization: str | None
+    double_quant: bool
+    with_lm_head: bool
+    padding_side: str | None
+    hub: dict[str, Any]
+    options: dict[str, Any]  # for from_pretrained / from_config: attn_implementation and hub settings
+
+    def info(self) -> BackboneInfo:
+        """What the loaded backbone is; reads the tokenizer."""
+        tokenizer = _load_tokenizer(self.name, self.location, self.hub, self.padding_side, self.decoder)
+        return BackboneInfo(
+            tokenizer, self.name, self.location, self.quantization, self.compute_dtype, self.decoder,
+            self.config.hidden_size,
+        )  # fmt: skip
+
+
+def plan_load(
     name: str,
     quantization: str | None = "nf4",
     dtype: str | torch.dtype | None = None,
@@ -160,11 +187,8 @@ def load_backbone(
     with_lm_head: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
-) -> tuple[PreTrainedModel, BackboneInfo]:
-    """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
-    (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``). Returns the
-    network and what it is. ``revision`` (a hub branch, tag or commit) and ``attn_implementation``
-    (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...) go to ``from_pretrained``."""
+) -> LoadPlan:
+    """Check ``load_backbone``'s arguments and read the config: the ``LoadPlan``."""
     from transformers import AutoConfig
 
     if padding_side not in (None, "left", "right"):
@@ -178,40 +202,49 @@ def load_backbone(
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
-    compute_dtype = dtype or default_compute_dtype(device)
     config = AutoConfig.from_pretrained(location, **hub)
     decoder = is_decoder_config(config)
     if with_lm_head and not decoder:
         raise ConfigError(f"{name!r} is an encoder ({config.model_type}): a causal LM head needs a decoder")
-    network = _load_frozen(
-        location, with_lm_head, quantization, compute_dtype, double_quant, device, hub, decoder, attn_implementation
-    )
-    tokenizer = _load_tokenizer(name, location, hub, padding_side, decoder)
-    return network, BackboneInfo(tokenizer, name, location, quantization, compute_dtype, decoder, config.hidden_size)
+    attention: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return LoadPlan(
+        name, location, device, dtype or default_compute_dtype(device), config, decoder, quantization, double_quant,
+        with_lm_head, padding_side, hub, {**hub, **attention},
+    )  # fmt: skip
 
 
-def _load_frozen(
-    location,
-    with_lm_head,
-    quantization,
-    compute_dtype,
-    double_quant,
-    device,
-    hub: dict[str, Any],
-    decoder,
-    attn_implementation: str | None,
-) -> PreTrainedModel:
+def load_backbone(name: str, quantization: str | None = "nf4", **settings: Any) -> tuple[PreTrainedModel, BackboneInfo]:
+    """Load ``name`` frozen, quantized as asked, on this process's device; with its LM head
+    (``AutoModelForCausalLM``) when ``with_lm_head``, else headless (``AutoModel``). Returns the
+    network and what it is. ``settings`` are ``plan_load``'s: ``dtype``, ``device``, ``double_quant``,
+    ``trust_remote_code``, ``padding_side``, ``with_lm_head``, ``revision`` (a hub branch, tag or commit) and
+    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``...), the last two for
+    ``from_pretrained``."""
+    return load_planned(plan_load(name, quantization, **settings))
+
+
+def load_planned(plan: LoadPlan) -> tuple[PreTrainedModel, BackboneInfo]:
+    """``load_backbone`` for a plan made already."""
+    return _load_frozen(plan), plan.info()
+
+
+def _load_frozen(plan: LoadPlan) -> PreTrainedModel:
     from transformers import AutoModel, AutoModelForCausalLM
 
-    attention: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_pretrained(
-        location,
-        quantization_config=quantization_config(quantization, compute_dtype, double_quant),
-        dtype=compute_dtype,
+    device = plan.device
+    model = (AutoModelForCausalLM if plan.with_lm_head else AutoModel).from_pretrained(
+        plan.location,
+        quantization_config=quantization_config(plan.quantization, plan.compute_dtype, plan.double_quant),
+        dtype=plan.compute_dtype,
         device_map={"": device.index if device.type == "cuda" and device.index is not None else str(device)},
-        **hub,
-        **attention,
+        **plan.options,
     )
+    freeze(model, plan.decoder)
+    return model
+
+
+def freeze(model: Any, decoder: bool) -> None:
+    """Make a loaded network what the rest of the library expects: frozen, without a pooler, one 4-bit layout."""
     # BERT-style encoders carry a pooler that our heads never use. Left in place it would be
     # quantized, targeted by "all-linear" LoRA, and leave DDP with parameters that get no grad.
     if not decoder and isinstance(getattr(model, "pooler", None), nn.Module):
@@ -230,7 +263,6 @@ def _load_frozen(
     for param in model.parameters():
         param.requires_grad_(False)
     kernels.use_fused_kernels(model)  # RMSNorm and rotary embeddings in fewer passes, where they match
-    return model
 
 
 def _load_tokenizer(name, location, hub: dict, padding_side, decoder):

@@ -1,4 +1,4 @@
-"""Reading and writing the parameters of a model that FSDP2 sharded (``training/fsdp.py`` shards it).
+"""Reading and writing the parameters of a model that FSDP2 sharded (``sharding/fsdp.py`` shards it).
 
 After ``torch.distributed.fsdp.fully_shard`` every parameter is a ``DTensor`` whose local part is this
 rank's 1/N slice. The trained part of an adapted model (adapter and head) is small, so what must leave the

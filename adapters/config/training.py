@@ -92,7 +92,7 @@ class TrainConfig:
     fsdp: bool = False
     """Shard the frozen base, the trained parameters, their gradients and optimizer states over the processes
     of a multi-process launch (``torchrun --nproc-per-node N``), with torch's FSDP2 per transformer block, on
-    CPUs and GPUs (``training/fsdp.py``); each process then holds about 1/N of the weights. With one process
+    CPUs and GPUs (``sharding/fsdp.py``); each process then holds about 1/N of the weights. With one process
     there is nothing to shard and the run says so. ``accelerate launch --use_fsdp`` asks for the same."""
     compile: bool = False
     """Regional ``torch.compile``: each transformer block compiled, the rest eager; compiled at the first

@@ -439,7 +439,7 @@ def _compute_dtype(dtype: str | None, device: str) -> torch.dtype:
 
 
 def _fsdp_sharded(weights: dict[str, Any], root: int, kept: int, blocks: int, processes: int) -> int:
-    """Divide ``weights`` by the processes, as FSDP2 per block shards them (``training/fsdp.py``), and return
+    """Divide ``weights`` by the processes, as FSDP2 per block shards them (``sharding/fsdp.py``), and return
     the bytes it holds on top during a step: the root's parameters (``root`` bytes: final norm, head, tied
     embeddings), gathered for the whole forward and backward, and two blocks (the one running and the
     next, prefetched). The input embeddings (``kept`` bytes) are not sharded: whole on every rank."""

@@ -49,6 +49,7 @@ from adapters.config.training import TrainConfig
 from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from adapters.files import probe_writable
+from adapters.sharding.fsdp import ShardReport, accelerate_fsdp_requested, check_fsdp, shard
 from adapters.training.batch_size import choose_batch_size
 from adapters.training.callbacks import Control, call
 from adapters.training.checkpoint import (
@@ -67,7 +68,7 @@ from adapters.training.checkpoint import (
 )
 from adapters.training.compiled import compile_blocks
 from adapters.training.evaluation import evaluate_loader, prefixed
-from adapters.training.fsdp import ShardReport, accelerate_fsdp_requested, check_fsdp, full_state_optimizer, shard
+from adapters.training.fsdp import full_state_optimizer
 from adapters.training.loaders import eval_loader, eval_rows, inference_loader, train_loader
 from adapters.training.optim import build_optimizer, lr_schedule
 from adapters.training.probe import check_probe, fit_head
@@ -102,7 +103,8 @@ class TrainingLoop:
                 "default on this CPU); for fp32 throughout, load it with adapt(..., dtype='float32')",
                 model.base.compute_dtype,
             )
-        self.fsdp = config.fsdp or accelerate_fsdp_requested()
+        # a model adapt(fsdp=True) loaded sharded trains sharded whatever the config says: it has no whole copy
+        self.fsdp = config.fsdp or accelerate_fsdp_requested() or model.shard_report is not None
         if self.fsdp:
             check_fsdp(model.base.quantization, self.precision)
         self.shard_report: ShardReport | None = None
@@ -210,7 +212,7 @@ class TrainingLoop:
         # "auto" follows the model's device: a model kept on the CPU of a GPU machine trains in fp32.
         precision = self.precision
         self.autocast = torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        # FSDP is ours (training/fsdp.py): Accelerate must not wrap the model in its own FSDP or DDP
+        # FSDP is ours (sharding/fsdp.py): Accelerate must not wrap the model in its own FSDP or DDP
         fsdp_env = os.environ.pop("ACCELERATE_USE_FSDP", None)
         try:
             self.accelerator = Accelerator(
@@ -264,7 +266,9 @@ class TrainingLoop:
         if config.gradient_checkpointing:
             enable_checkpointing(self.unwrapped.backbone)
         if self.fsdp:
-            self.shard_report = shard(self.unwrapped, self.precision, accelerator.num_processes)
+            self.shard_report = self.unwrapped.shard_report or shard(
+                self.unwrapped, self.precision, accelerator.num_processes
+            )
             accelerator.print(self.shard_report.summary())
             # the sharded model itself, not a DDP wrapper; the optimizer's state is saved whole
             self.optimizer, self.train_loader = accelerator.prepare(

@@ -1,0 +1,236 @@
+"""Sharded loading: each of N ranks reads, quantizes and holds only its own 1/N of the frozen base.
+
+FSDP-QLoRA (Answer.AI, 2024) trains a model no single device holds, but the usual loaders still give every
+rank, or rank 0, the whole model first (Answer.AI's low-memory mode and Accelerate's
+``cpu_ram_efficient_loading`` keep one whole copy on rank 0; torchtune loads a full state dict and then
+``distribute_tensor``). Here no rank ever holds it:
+
+1. the backbone is built as a skeleton of placeholders (``backbone/skeleton.py``), and the input embeddings,
+   which FSDP leaves whole on every rank (``sharding/fsdp.py``), are read whole;
+2. ``adapt`` adds the adapter and the head as usual (they are small and trained, and start the same as in one
+   process), then ``fully_shard`` splits every parameter along its first dimension: each rank allocates its
+   chunk only;
+3. each rank fills its chunks from the safetensors files, reading only those rows
+   (``backbone/weight_files.py``). A 4-bit weight's chunk is a range of its packed bytes: the rank quantizes
+   just the blocks that range covers, and the ranks share their blocks' absmax values to build the whole
+   quantization state (``backbone/quantize.py``), so every byte equals the same slice of a whole-model
+   quantization. A pre-quantized base (``qadapters quantize``) is read as bytes, with no quantization at all.
+
+Replicated on every rank, not sharded: the input embeddings (unless tied to an LM head), the 4-bit
+quantization state (absmax and constants, 1/64 byte per weight with double quantization: ~2% of the packed
+weight) and buffers. The trained adapter and head are sharded by FSDP like any parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from adapters.backbone.loading import BackboneInfo, LoadPlan, freeze, quantization_config, weights_folder
+from adapters.backbone.quantize import FourBit, quantize_range, read_state, whole_state
+from adapters.backbone.skeleton import build_skeleton, placeholders_to_meta
+from adapters.backbone.weight_files import WeightFiles
+from adapters.errors import CheckpointError, ConfigError, UnknownModelError
+from adapters.methods.targets import own_unit_embeddings
+from adapters.sharding.fsdp import ShardReport, shard
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def launched_world() -> int:
+    """How many processes the launcher (torchrun, ``accelerate launch``) started, 1 when none did."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prequantized(config: Any) -> dict[str, Any] | None:
+    """The 4-bit settings a pre-quantized base records in its config (None for a plain base)."""
+    settings = getattr(config, "quantization_config", None)
+    if settings is None:
+        return None
+    settings = settings if isinstance(settings, dict) else settings.to_dict()
+    if not settings.get("load_in_4bit"):
+        raise ConfigError(
+            f"this base is pre-quantized with {settings.get('quant_method', 'an unknown method')} "
+            f"({'8-bit' if settings.get('load_in_8bit') else 'not 4-bit'}): sharded loading reads bitsandbytes "
+            f"4-bit bases; load the unquantized base"
+        )
+    return settings
+
+
+@dataclass
+class ShardedLoad:
+    """Fills a skeleton's frozen parameters from ``files``: whole ones before sharding, chunks after."""
+
+    files: WeightFiles
+    prefix: str  # the backbone's name prefix in the checkpoint ("model" when a *ForCausalLM was saved)
+    four_bit: dict[str, Any] | None  # the base's quantization: {"quant_type", "double_quant"}
+    packed: bool  # the files hold 4-bit bytes (a pre-quantized base)
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype: from_pretrained casts a weight to it, then quantizes it
+
+    def name(self, parameter: str) -> str:
+        """The checkpoint's name for backbone parameter ``parameter``."""
+        bare = parameter.replace(".base_layer.", ".")  # peft wraps adapted layers
+        for candidate in (bare, f"{self.prefix}.{bare}", bare.removeprefix(f"{self.prefix}.")):
+            if candidate in self.files:
+                return candidate
+        raise CheckpointError(
+            f"{self.files.folder} has no tensor for {parameter!r} (looked for {bare!r} and "
+            f"{self.prefix + '.' + bare!r}): sharded loading reads tensors by the model's own names; this "
+            f"checkpoint renames them at load. Load it without fsdp and save_pretrained it once"
+        )
+
+    def fill_replicated(self, backbone: nn.Module) -> None:
+        """Read the parameters every rank keeps whole (the untied input embeddings) before sharding."""
+        embeddings = own_unit_embeddings(backbone)
+        if embeddings is None:
+            return
+        prefix = next(n for n, m in backbone.named_modules() if m is embeddings)
+        for name, param in embeddings.named_parameters(prefix=prefix):
+            param.data = self.files.whole(self.name(name)).to(self.device, param.dtype)
+
+    def fingerprint(self, backbone: nn.Module) -> dict[str, Any]:
+        """``base_fingerprint``'s numbers, read from the file (16 values of the input embeddings)."""
+        embeddings: Any = cast(Any, backbone).get_input_embeddings()
+        prefix = next(n for n, m in backbone.named_modules() if m is embeddings)
+        name = self.name(f"{prefix}.weight")
+        step, dtype = self.files.numel(name) // 16, embeddings.weight.dtype
+        picks = torch.cat([self.files.elements(name, i * step, i * step + 1) for i in range(16)])
+        return {"embedding_shape": list(self.files.shape(name)), "embedding_sample": picks.to(dtype).float().tolist()}
+
+    def fill_shards(self, backbone: nn.Module, rank: int, world: int, progress: bool) -> None:
+        """Give every sharded frozen parameter (a meta DTensor after ``fully_shard``) this rank's chunk, read
+        from the files (a collective for 4-bit weights: call it on every rank, in the same order)."""
+        import bitsandbytes as bnb
+        from tqdm.auto import tqdm
+
+        done: dict[int, nn.Parameter] = {}
+        modules = list(backbone.named_modules())
+        for module_name, module in tqdm(modules, desc="load shards", unit="module", disable=not progress):
+            for pname, param in list(module._parameters.items()):
+                if param is None or param.requires_grad or not hasattr(param, "to_local"):
+                    continue
+                if id(param) not in done:
+                    name = self.name(f"{module_name}.{pname}" if module_name else pname)
+                    local = torch.empty(param.to_local().shape, dtype=param.dtype, device=self.device)
+                    with torch.no_grad():
+                        if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
+                            self._fill_4bit(module, local, param.shape, name, rank, world)
+                        else:
+                            start, stop = _chunk(param.shape[0], rank, world)
+                            local.copy_(self.files.rows(name, start, stop))
+                    done[id(param)] = _with_local(param, local)
+                module._parameters[pname] = done[id(param)]
+        self.files.close()
+
+    def _fill_4bit(
+        self, layer: nn.Module, local: torch.Tensor, shape: torch.Size, name: str, rank: int, world: int
+    ) -> None:
+        import torch.distributed as dist
+
+        size = local.element_size()
+        first, last = _chunk(shape[0], rank, world)
+        byte_start, byte_stop = first * size, last * size
+        if self.packed:  # a pre-quantized base: this rank's bytes, and the state as it was saved
+            raw = self.files.rows(name, byte_start, byte_stop).reshape(-1)
+            local.view(torch.uint8).reshape(-1).copy_(raw)
+            layer.quant_state = read_state(self.files, name, self.device)
+            return
+        assert self.four_bit is not None
+        _stored_dtype(self.files, name)  # a float weight
+        settings = FourBit(self.four_bit["quant_type"], self.four_bit["double_quant"], self.dtype)
+        whole = self.files.shape(name)
+        device = self.device
+
+        def read(start: int, stop: int) -> torch.Tensor:
+            return self.files.elements(name, start, stop).to(device)
+
+        packed, absmax = quantize_range(read, whole, byte_start, byte_stop, settings)
+        local.view(torch.uint8).reshape(-1).copy_(packed)
+        absmax = absmax.to(device)
+        if world > 1:
+            dist.all_reduce(absmax, op=dist.ReduceOp.MAX)
+        layer.quant_state = whole_state(absmax, whole, settings)
+
+
+def _with_local(param: Any, local: torch.Tensor) -> nn.Parameter:
+    """A parameter like sharded ``param`` (a DTensor) whose chunk on this rank is ``local``. FSDP2 takes the
+    new parameter in place of the old at its lazy initialisation (``FSDPParam.reset_sharded_param``)."""
+    from torch.distributed.tensor import DTensor
+
+    whole = DTensor.from_local(
+        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+    return nn.Parameter(whole, requires_grad=False)
+
+
+def _chunk(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows of a ``rows``-long first dimension that FSDP2 gives ``rank`` (``torch.chunk``'s split)."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
+def _stored_dtype(files: WeightFiles, name: str) -> torch.dtype:
+    stored = files.entries[name][1]["dtype"]
+    if stored not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{files.folder}: tensor {name!r} is {stored}, not a float weight to quantize")
+    return SAFETENSORS_DTYPES[stored]
+
+
+def open_sharded(plan: LoadPlan) -> tuple[PreTrainedModel, BackboneInfo, ShardedLoad]:
+    """The skeleton of ``plan``'s backbone with its replicated weights read, what it is, and the loader that
+    fills its shards once ``shard_loaded`` has sharded it. Files are checked before anything is built."""
+    folder = weights_folder(plan.location)
+    if folder is None:
+        raise UnknownModelError(
+            f"{plan.location!r} is not on this machine: sharded loading reads a local folder (or the hub cache); "
+            f"download it first (huggingface-cli download {plan.location})"
+        )
+    files = WeightFiles(folder)
+    saved = prequantized(plan.config)
+    quantization = _quantization(plan, saved)
+    four_bit = None
+    if quantization is not None:
+        double = bool(saved["bnb_4bit_use_double_quant"]) if saved else plan.double_quant
+        four_bit = {"quant_type": quantization, "double_quant": double}
+    storage = torch.bfloat16 if plan.compute_dtype == torch.bfloat16 else torch.uint8  # FSDP's gather dtype
+    bnb = quantization_config(quantization, plan.compute_dtype, plan.double_quant) if quantization else None
+    options = {k: v for k, v in plan.options.items() if k in ("attn_implementation", "trust_remote_code")}
+    network = build_skeleton(plan.config, plan.with_lm_head, plan.compute_dtype, bnb, storage, plan.device, options)
+    freeze(network, plan.decoder)
+    loader = ShardedLoad(files, network.base_model_prefix, four_bit, saved is not None, plan.device, plan.compute_dtype)
+    loader.fill_replicated(network)
+    vars(network)["_qadapters_fingerprint"] = loader.fingerprint(network)  # what base_fingerprint reads
+    plan.quantization = quantization
+    return network, plan.info(), loader
+
+
+def _quantization(plan: LoadPlan, saved: dict[str, Any] | None) -> str | None:
+    """The 4-bit type the loaded base will have: asked for, or the one a pre-quantized base was saved in."""
+    if saved is None:
+        return plan.quantization
+    kind = saved.get("bnb_4bit_quant_type", "fp4")
+    if plan.quantization not in (None, kind):
+        raise ConfigError(
+            f"{plan.location} is pre-quantized in {kind}; it cannot be loaded as {plan.quantization!r}. Pass "
+            f"quantization={kind!r} (or None), or quantize the unquantized base again"
+        )
+    return kind
+
+
+def shard_loaded(model: nn.Module, loader: ShardedLoad, compute_dtype: torch.dtype) -> ShardReport:
+    """Shard ``model`` (an ``AdaptedModel`` built on a skeleton) with FSDP2 and fill this rank's chunks."""
+    import torch.distributed as dist
+
+    precision = "bf16" if compute_dtype == torch.bfloat16 else "no"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    placeholders_to_meta(model)
+    report = shard(model, precision, world)
+    loader.fill_shards(getattr(model, "backbone", model), rank, world, progress=rank == 0)
+    return report

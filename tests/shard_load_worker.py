@@ -1,0 +1,79 @@
+"""Loads a model sharded (``adapt(..., fsdp=True)``) under however many processes launched it, then loads it
+whole in the same process (the ordinary load), and writes what tests/test_shard_load.py compares: whether
+each rank's chunk of every frozen parameter equals the same slice of the whole load (4-bit: the packed bytes
+and the whole quantization state), and what the sharded model computes."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import adapters  # noqa: E402
+from adapters.backbone.loading import load_backbone  # noqa: E402
+
+TEXTS = ["good fun film", "a dull mess", "not bad at all"]
+
+
+def compare(sharded, whole) -> dict:
+    """Per parameter of the sharded backbone: does this rank's chunk equal the whole load's same rows?"""
+    import bitsandbytes as bnb
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    whole_modules = dict(whole.named_modules())
+    found: dict[str, bool] = {}
+    for name, module in sharded.named_modules():
+        bare = name.replace(".base_layer", "")
+        for pname, param in module._parameters.items():
+            if param is None or param.requires_grad or not hasattr(param, "to_local"):
+                continue
+            reference = whole_modules[bare]._parameters[pname]
+            local = param.to_local()
+            if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
+                ref = reference.data.reshape(-1).view(torch.uint8)
+                mine = local.reshape(-1).view(torch.uint8)
+                size = -(-ref.numel() // local.element_size() // world) * local.element_size()
+                same = torch.equal(mine, ref[rank * size : rank * size + mine.numel()])
+                same = same and _same_state(module.quant_state, reference.quant_state)
+            else:
+                rows = -(-reference.shape[0] // world)
+                same = torch.equal(local, reference.data[rank * rows : rank * rows + local.shape[0]])
+            found[f"{bare}.{pname}"] = bool(same)
+    return found
+
+
+def _same_state(a, b) -> bool:
+    if not (torch.equal(a.absmax, b.absmax) and a.shape == b.shape and a.dtype == b.dtype):
+        return False
+    if a.nested != b.nested:
+        return False
+    return not a.nested or (torch.equal(a.offset, b.offset) and torch.equal(a.state2.absmax, b.state2.absmax))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "none"])
+    p.add_argument("--head", default="classification", choices=["classification", "causal"])
+    p.add_argument("--no-compare", action="store_true", help="skip the whole load (the base is pre-quantized)")
+    args = p.parse_args()
+    quantization = None if args.quantization == "none" else args.quantization
+    head = adapters.Classification(labels=["neg", "pos"]) if args.head == "classification" else adapters.CausalLM()
+    model = adapters.adapt(args.model, adapter=adapters.LoRA(r=4), head=head, quantization=quantization, fsdp=True)
+    rank = dist.get_rank()
+    report = {"shard_report": model.shard_report.summary() if model.shard_report else None}
+    if not args.no_compare:
+        whole, _ = load_backbone(args.model, quantization, with_lm_head=head.lm_logits)
+        report["same"] = compare(model.backbone, whole)
+    if args.head == "classification":
+        report["logits"] = model.logits(TEXTS).tolist()
+    Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
