@@ -60,15 +60,18 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "none"])
     p.add_argument("--head", default="classification", choices=["classification", "causal"])
+    p.add_argument("--dtype", default=None)
     p.add_argument("--no-compare", action="store_true", help="skip the whole load (the base is pre-quantized)")
     args = p.parse_args()
     quantization = None if args.quantization == "none" else args.quantization
     head = adapters.Classification(labels=["neg", "pos"]) if args.head == "classification" else adapters.CausalLM()
-    model = adapters.adapt(args.model, adapter=adapters.LoRA(r=4), head=head, quantization=quantization, fsdp=True)
+    model = adapters.adapt(
+        args.model, adapter=adapters.LoRA(r=4), head=head, quantization=quantization, dtype=args.dtype, fsdp=True
+    )
     rank = dist.get_rank()
     report = {"shard_report": model.shard_report.summary() if model.shard_report else None}
     if not args.no_compare:
-        whole, _ = load_backbone(args.model, quantization, with_lm_head=head.lm_logits)
+        whole, _ = load_backbone(args.model, quantization, dtype=args.dtype, with_lm_head=head.lm_logits)
         report["same"] = compare(model.backbone, whole)
     if args.head == "classification":
         report["logits"] = model.logits(TEXTS).tolist()

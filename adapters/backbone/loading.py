@@ -203,6 +203,7 @@ def plan_load(
             raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     config = AutoConfig.from_pretrained(location, **hub)
+    quantization = _saved_quantization(config, quantization, location)
     decoder = is_decoder_config(config)
     if with_lm_head and not decoder:
         raise ConfigError(f"{name!r} is an encoder ({config.model_type}): a causal LM head needs a decoder")
@@ -211,6 +212,36 @@ def plan_load(
         name, location, device, dtype or default_compute_dtype(device), config, decoder, quantization, double_quant,
         with_lm_head, padding_side, hub, {**hub, **attention},
     )  # fmt: skip
+
+
+def prequantized(config: Any) -> dict[str, Any] | None:
+    """The 4-bit settings a pre-quantized base records in its config (``qadapters quantize`` writes them;
+    transformers' ``save_pretrained`` of a 4-bit model too); None for a plain base."""
+    settings = getattr(config, "quantization_config", None)
+    if settings is None:
+        return None
+    settings = settings if isinstance(settings, dict) else settings.to_dict()
+    if not settings.get("load_in_4bit"):
+        raise ConfigError(
+            f"this base is pre-quantized with {settings.get('quant_method', 'an unknown method')} "
+            f"({'8-bit' if settings.get('load_in_8bit') else 'not bitsandbytes 4-bit'}): qadapters reads "
+            f"bitsandbytes 4-bit pre-quantized bases; load the unquantized base (quantization='int8' quantizes at load)"
+        )
+    return settings
+
+
+def _saved_quantization(config: Any, asked: str | None, location: str) -> str | None:
+    """The quantization a base will be loaded in: what was asked, or what a pre-quantized base holds."""
+    saved = prequantized(config)
+    if saved is None:
+        return asked
+    kind = saved.get("bnb_4bit_quant_type", "fp4")
+    if asked not in (None, kind):
+        raise ConfigError(
+            f"{location} is pre-quantized in {kind}; it cannot be loaded as {asked!r}. Pass quantization={kind!r} "
+            f"(or None), or quantize the unquantized base again"
+        )
+    return kind
 
 
 def load_backbone(name: str, quantization: str | None = "nf4", **settings: Any) -> tuple[PreTrainedModel, BackboneInfo]:
@@ -232,13 +263,23 @@ def _load_frozen(plan: LoadPlan) -> PreTrainedModel:
     from transformers import AutoModel, AutoModelForCausalLM
 
     device = plan.device
+    saved = prequantized(plan.config)  # its quantization_config is read from its config (None would unset it)
+    quantize = (
+        {}
+        if saved
+        else {"quantization_config": quantization_config(plan.quantization, plan.compute_dtype, plan.double_quant)}
+    )
     model = (AutoModelForCausalLM if plan.with_lm_head else AutoModel).from_pretrained(
         plan.location,
-        quantization_config=quantization_config(plan.quantization, plan.compute_dtype, plan.double_quant),
+        **quantize,
         dtype=plan.compute_dtype,
         device_map={"": device.index if device.type == "cuda" and device.index is not None else str(device)},
         **plan.options,
     )
+    if saved:  # compute as asked, not in the dtype recorded when it was quantized
+        for module in model.modules():
+            if hasattr(module, "compute_dtype") and hasattr(module, "quant_state"):
+                module.compute_dtype = plan.compute_dtype
     freeze(model, plan.decoder)
     return model
 

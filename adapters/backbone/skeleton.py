@@ -28,6 +28,22 @@ def placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
+def meta_network(config: Any, with_lm_head: bool, dtype: torch.dtype, bnb_config: Any, options: dict[str, Any]) -> Any:
+    """The network of ``config`` with every parameter on the meta device (no memory), its linear layers made
+    4-bit by transformers' own quantizer when ``bnb_config`` is given (the layers ``from_pretrained`` converts)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_config(config, dtype=dtype, **options)
+    if bnb_config is not None:
+        from transformers.quantizers import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
+        quantizer.preprocess_model(model, device_map={"": "cpu"})
+    return model
+
+
 def build_skeleton(
     config: Any,
     with_lm_head: bool,
@@ -39,18 +55,7 @@ def build_skeleton(
 ) -> PreTrainedModel:
     """The network of ``config`` with placeholder weights: 4-bit linear layers (``bnb_config``, packed bytes
     stored as ``storage``) and the rest in ``compute_dtype``; ``options`` go to ``from_config``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_config(
-            config, dtype=compute_dtype, **options
-        )
-    if bnb_config is not None:
-        from transformers.quantizers import AutoHfQuantizer
-
-        quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
-        quantizer.preprocess_model(model, device_map={"": str(device)})
+    model = meta_network(config, with_lm_head, compute_dtype, bnb_config, options)
     placed: dict[int, nn.Parameter] = {}  # tied weights (an LM head sharing the embeddings) stay one parameter
     for module in model.modules():
         _place(module, storage, device, placed)

@@ -31,7 +31,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from adapters.backbone.loading import BackboneInfo, LoadPlan, freeze, quantization_config, weights_folder
+from adapters.backbone.loading import (
+    BackboneInfo,
+    LoadPlan,
+    freeze,
+    prequantized,
+    quantization_config,
+    weights_folder,
+)
 from adapters.backbone.quantize import FourBit, quantize_range, read_state, whole_state
 from adapters.backbone.skeleton import build_skeleton, placeholders_to_meta
 from adapters.backbone.weight_files import WeightFiles
@@ -45,21 +52,6 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 def launched_world() -> int:
     """How many processes the launcher (torchrun, ``accelerate launch``) started, 1 when none did."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def prequantized(config: Any) -> dict[str, Any] | None:
-    """The 4-bit settings a pre-quantized base records in its config (None for a plain base)."""
-    settings = getattr(config, "quantization_config", None)
-    if settings is None:
-        return None
-    settings = settings if isinstance(settings, dict) else settings.to_dict()
-    if not settings.get("load_in_4bit"):
-        raise ConfigError(
-            f"this base is pre-quantized with {settings.get('quant_method', 'an unknown method')} "
-            f"({'8-bit' if settings.get('load_in_8bit') else 'not 4-bit'}): sharded loading reads bitsandbytes "
-            f"4-bit bases; load the unquantized base"
-        )
-    return settings
 
 
 @dataclass
@@ -194,7 +186,7 @@ def open_sharded(plan: LoadPlan) -> tuple[PreTrainedModel, BackboneInfo, Sharded
         )
     files = WeightFiles(folder)
     saved = prequantized(plan.config)
-    quantization = _quantization(plan, saved)
+    quantization = plan.quantization  # plan_load read a pre-quantized base's own
     four_bit = None
     if quantization is not None:
         double = bool(saved["bnb_4bit_use_double_quant"]) if saved else plan.double_quant
@@ -207,21 +199,7 @@ def open_sharded(plan: LoadPlan) -> tuple[PreTrainedModel, BackboneInfo, Sharded
     loader = ShardedLoad(files, network.base_model_prefix, four_bit, saved is not None, plan.device, plan.compute_dtype)
     loader.fill_replicated(network)
     vars(network)["_qadapters_fingerprint"] = loader.fingerprint(network)  # what base_fingerprint reads
-    plan.quantization = quantization
     return network, plan.info(), loader
-
-
-def _quantization(plan: LoadPlan, saved: dict[str, Any] | None) -> str | None:
-    """The 4-bit type the loaded base will have: asked for, or the one a pre-quantized base was saved in."""
-    if saved is None:
-        return plan.quantization
-    kind = saved.get("bnb_4bit_quant_type", "fp4")
-    if plan.quantization not in (None, kind):
-        raise ConfigError(
-            f"{plan.location} is pre-quantized in {kind}; it cannot be loaded as {plan.quantization!r}. Pass "
-            f"quantization={kind!r} (or None), or quantize the unquantized base again"
-        )
-    return kind
 
 
 def shard_loaded(model: nn.Module, loader: ShardedLoad, compute_dtype: torch.dtype) -> ShardReport:
