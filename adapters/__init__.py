@@ -37,6 +37,7 @@ logging.getLogger("bitsandbytes.autograd._functions").addFilter(
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from adapters.backbone.packaged import PACKAGED_MODELS  # noqa: E402
+from adapters.backbone.prequantize import quantize_base  # noqa: E402
 from adapters.errors import (  # noqa: E402
     AdaptersError,
     CheckpointError,
@@ -69,6 +70,7 @@ __all__ = [
     "train",
     "evaluate",
     "load",
+    "quantize_base",
     "estimate_memory",
     "MemoryEstimate",
     "LoRA",

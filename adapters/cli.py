@@ -41,6 +41,9 @@ EXAMPLES = {
     "  curl -s localhost:8000/v1/models/sentiment/predict -H 'Content-Type: application/json' "
     '-d \'{"texts": ["a moving film"]}\'',
     "estimate": "qadapters estimate recipes/configs/sentiment.yaml train.batch_size=32 --device cuda",
+    "quantize": "qadapters quantize smollm2-135m bases/smollm2-135m-nf4\n"
+    "  torchrun --nproc-per-node 2 -m adapters train recipes/configs/sentiment.yaml "
+    "model.name=bases/smollm2-135m-nf4 train.fsdp=true",
 }
 
 
@@ -146,6 +149,7 @@ def _train_and_save(run: Any, train_rows: list[dict[str, Any]], eval_rows: list[
         double_quant=m.double_quant,
         trust_remote_code=m.trust_remote_code,
         seed=run.data.seed,
+        fsdp=t.fsdp or accelerate_fsdp_requested(),  # under torchrun: each process loads only its shard
     )
     print(model.summary())
     metrics = train(model, train_rows, eval_rows, run.train)
@@ -284,6 +288,21 @@ def cmd_merge(args) -> int:
     from adapters.artifacts.merge import merge_artifact
 
     merge_artifact(args.artifact, args.out, overwrite=args.overwrite, verify=not args.no_verify)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from adapters.backbone.prequantize import quantize_base
+
+    out = quantize_base(
+        args.base,
+        args.out,
+        args.quantization,
+        double_quant=not args.no_double_quant,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.quantization} base written to {out}: pass it as the model (adapt, model.name) to skip quantizing")
     return 0
 
 
@@ -459,6 +478,15 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this process's device)")
 
 
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", help="a packaged model name, a local model folder or a cached hub id")
+    p.add_argument("out", help="folder to write the 4-bit base to")
+    p.add_argument("--quantization", choices=["nf4", "fp4"], default="nf4")
+    p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in fp32 (QLoRA's off)")
+    p.add_argument("--dtype", help="cast the weights to this dtype before quantizing (default: this machine's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier quantized base in OUT")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact")
 
@@ -495,6 +523,12 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         "serve artifacts over HTTP; artifacts on the same base share one copy of it",
         _serve_args,
         cmd_serve,
+    ),
+    (
+        "quantize",
+        "write a base once in 4-bit (transformers' layout): later loads, whole or sharded, skip quantizing",
+        _quantize_args,
+        cmd_quantize,
     ),
     ("info", "describe an artifact: base, quantization, adapter, head, metrics, versions", _info_args, cmd_info),
 ]

@@ -25,8 +25,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from adapters.artifacts.format import HEAD_FILE, open_artifact, save_artifact
-from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_planned, plan_load
+from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_planned, plan_load, resolve_source
 from adapters.backbone.sharded import inference_context
+from adapters.backbone.weight_files import WeightFiles
 from adapters.data.batching import inference_batches, packable, row_length
 from adapters.data.encoding import Collator, encode_rows
 from adapters.errors import ConfigError
@@ -35,7 +36,7 @@ from adapters.heads import HeadSpec
 from adapters.methods.spec import AdapterSpec
 from adapters.registry import ADAPTERS
 from adapters.sharding.fsdp import ShardReport, check_fsdp
-from adapters.sharding.load import launched_world, open_sharded, shard_loaded
+from adapters.sharding.load import launched_world, open_sharded, shard_loaded, weight_files
 
 
 class AdaptedModel(nn.Module):
@@ -330,7 +331,7 @@ def adapt(
     ``train(..., TrainConfig(fsdp=True))``; in one process it is the ordinary load.
     """
     head = _check_specs(adapter, head, max_length)
-    sharded = _sharded_load(fsdp, quantization)
+    files = _sharded_load(model, fsdp, quantization, trust_remote_code, revision)  # its files, checked
     plan = plan_load(
         model,
         quantization,
@@ -344,8 +345,8 @@ def adapt(
         attn_implementation=attn_implementation,
     )
     loader = None
-    if sharded:
-        network, base, loader = open_sharded(plan)
+    if files is not None:
+        network, base, loader = open_sharded(plan, files)
     else:
         network, base = load_planned(plan)
     limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)
@@ -376,20 +377,23 @@ def adapt(
     return adapted
 
 
-def _sharded_load(fsdp: bool, quantization: str | None) -> bool:
-    """Whether ``adapt(fsdp=...)`` loads sharded: in a launched world of several processes."""
+def _sharded_load(
+    model: str, fsdp: bool, quantization: str | None, trust_remote_code: bool, revision: str | None
+) -> WeightFiles | None:
+    """The weight files ``adapt(fsdp=...)`` reads sharded (checked, before any process group or model), or
+    None for the ordinary load: sharded loading is for a launched world of several processes."""
     if not fsdp:
-        return False
+        return None
     check_fsdp(quantization, "no")  # int8 is refused before anything loads
     if launched_world() > 1:
-        return True
+        return weight_files(resolve_source(model, trust_remote_code, revision))
     if _first_time("fsdp-one-process"):
         print(
             "fsdp=True in one process: loading the whole model (launch with torchrun --nproc-per-node N, or "
             "accelerate launch, to shard the load over N processes)",
             file=sys.stderr,
         )
-    return False
+    return None
 
 
 _SAID: set[str] = set()

@@ -171,11 +171,11 @@ def _read_all(files: WeightFiles, progress: bool) -> Iterator[tuple[str, torch.T
 
 
 def _copy_tokenizer(source: Path, target: Path) -> None:
-    """The tokenizer's and generation config's files, as they are."""
+    """The tokenizer's and generation config's files, as they are (not weights, config or the library's own)."""
+    skip = ("config.json", INDEX, "qadapters-manifest.json")
     for path in source.iterdir():
-        if path.is_file() and not path.name.startswith(".") and not path.name.endswith((".safetensors", ".bin", ".pt")) and path.name not in (
-            "config.json", INDEX, "qadapters-manifest.json",
-        ):  # fmt: skip
+        weights = path.name.endswith((".safetensors", ".bin", ".pt"))
+        if path.is_file() and not path.name.startswith(".") and not weights and path.name not in skip:
             shutil.copy2(path, target / path.name)
 
 

@@ -42,7 +42,7 @@ from adapters.backbone.loading import (
 from adapters.backbone.quantize import FourBit, quantize_range, read_state, whole_state
 from adapters.backbone.skeleton import build_skeleton, placeholders_to_meta
 from adapters.backbone.weight_files import WeightFiles
-from adapters.errors import CheckpointError, ConfigError, UnknownModelError
+from adapters.errors import CheckpointError, UnknownModelError
 from adapters.methods.targets import own_unit_embeddings
 from adapters.sharding.fsdp import ShardReport, shard
 
@@ -175,16 +175,20 @@ def _stored_dtype(files: WeightFiles, name: str) -> torch.dtype:
     return SAFETENSORS_DTYPES[stored]
 
 
-def open_sharded(plan: LoadPlan) -> tuple[PreTrainedModel, BackboneInfo, ShardedLoad]:
-    """The skeleton of ``plan``'s backbone with its replicated weights read, what it is, and the loader that
-    fills its shards once ``shard_loaded`` has sharded it. Files are checked before anything is built."""
-    folder = weights_folder(plan.location)
+def weight_files(location: str) -> WeightFiles:
+    """The safetensors files of base ``location`` (a folder or a cached hub id), each checked against its size."""
+    folder = weights_folder(location)
     if folder is None:
         raise UnknownModelError(
-            f"{plan.location!r} is not on this machine: sharded loading reads a local folder (or the hub cache); "
-            f"download it first (huggingface-cli download {plan.location})"
+            f"{location!r} is not on this machine: sharded loading reads a local folder (or the hub cache); "
+            f"download it first (huggingface-cli download {location})"
         )
-    files = WeightFiles(folder)
+    return WeightFiles(folder)
+
+
+def open_sharded(plan: LoadPlan, files: WeightFiles) -> tuple[PreTrainedModel, BackboneInfo, ShardedLoad]:
+    """The skeleton of ``plan``'s backbone with its replicated weights read, what it is, and the loader that
+    fills its shards (from ``files``) once ``shard_loaded`` has sharded it."""
     saved = prequantized(plan.config)
     quantization = plan.quantization  # plan_load read a pre-quantized base's own
     four_bit = None
