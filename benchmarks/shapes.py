@@ -102,6 +102,23 @@ PRESETS: dict[str, Shape] = {
         ),
         "Qwen/Qwen2.5-7B",
     ),
+    "qwen2.5-32b": Shape(
+        "qwen2",
+        32_763_876_352,
+        dict(
+            vocab_size=152064,
+            hidden_size=5120,
+            intermediate_size=27648,
+            num_hidden_layers=64,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        ),
+        "Qwen/Qwen2.5-32B",
+    ),
     "mistral-7b": Shape(
         "mistral",
         7_248_023_552,
@@ -205,11 +222,54 @@ def write(name: str, out: Path | None = None, progress: bool = True, **overrides
     return out
 
 
+def write_quantized(name: str, quantization: str = "nf4", out: Path | None = None, progress: bool = True) -> Path:
+    """Write preset ``name`` directly in 4-bit (``qadapters quantize``'s layout): each weight is drawn, quantized
+    and written one at a time, so the model never exists whole in bf16, in memory or on disk (a 32B shape needs
+    ~19 GB of disk instead of 65). Random weights, as ``write``'s; a complete folder is reused."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from adapters.backbone.loading import quantization_config
+    from adapters.backbone.packaged import resolve_packaged
+    from adapters.backbone.prequantize import quantized_layers
+    from adapters.backbone.prequantize import write_quantized as write_4bit
+    from adapters.backbone.quantize import FourBit
+
+    out = Path(out or Path.home() / ".cache" / "qadapters" / "shapes" / f"{name}-{quantization}")
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = config_for(name)
+    shapes = tensor_shapes(config)
+    bnb_config = quantization_config(quantization, torch.bfloat16)
+    layers = quantized_layers(config, bnb_config)
+    bar = tqdm(total=sum(math.prod(v) for v in shapes.values()), desc=f"writing {name} in {quantization}",
+               unit="param", unit_scale=True, disable=not progress)  # fmt: skip
+
+    def drawn():
+        for tensor, shape in shapes.items():
+            yield tensor, _random(tensor, shape)
+            bar.update(math.prod(shape))
+
+    config.quantization_config = bnb_config.to_dict()
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_packaged("smollm2-135m")).save_pretrained(out)
+    (out / "RANDOM_WEIGHTS.txt").write_text(
+        f"Random weights in the shape of {PRESETS[name].source}, written in {quantization} (benchmarks/shapes.py): "
+        "for memory and speed only.\n"
+    )
+    write_4bit(out, drawn(), layers, FourBit(quantization, True, torch.bfloat16))
+    bar.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("preset", nargs="?", choices=sorted(PRESETS))
     p.add_argument("--out", help="folder to write (default ~/.cache/qadapters/shapes/<preset>)")
     p.add_argument("--list", action="store_true", help="list the presets with their parameter counts")
+    p.add_argument("--quantized", choices=["nf4", "fp4"], help="write it directly in 4-bit (never whole in bf16)")
     args = p.parse_args(argv)
     if args.list or not args.preset:
         for name, shape in PRESETS.items():
@@ -219,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print(write(args.preset, Path(args.out) if args.out else None))
+    out = Path(args.out) if args.out else None
+    print(write_quantized(args.preset, args.quantized, out) if args.quantized else write(args.preset, out))
 
 
 if __name__ == "__main__":

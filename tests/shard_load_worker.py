@@ -54,28 +54,29 @@ def _same_state(a, b) -> bool:
     return not a.nested or (torch.equal(a.offset, b.offset) and torch.equal(a.state2.absmax, b.state2.absmax))
 
 
+def run_case(model_path: str, quantization: str, dtype: str, head_kind: str) -> dict:
+    quantization = None if quantization == "none" else quantization
+    head = adapters.Classification(labels=["neg", "pos"]) if head_kind == "classification" else adapters.CausalLM()
+    model = adapters.adapt(
+        model_path, adapter=adapters.LoRA(r=4), head=head, quantization=quantization, dtype=dtype, fsdp=True
+    )
+    report = {"shard_report": model.shard_report.summary() if model.shard_report else None}
+    whole, _ = load_backbone(model_path, quantization, dtype=dtype, with_lm_head=head.lm_logits)
+    report["same"] = compare(model.backbone, whole)
+    if head_kind == "classification":
+        report["logits"] = model.logits(TEXTS).tolist()
+    return report
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--quantization", default="nf4", choices=["nf4", "fp4", "none"])
-    p.add_argument("--head", default="classification", choices=["classification", "causal"])
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--no-compare", action="store_true", help="skip the whole load (the base is pre-quantized)")
-    args = p.parse_args()
-    quantization = None if args.quantization == "none" else args.quantization
-    head = adapters.Classification(labels=["neg", "pos"]) if args.head == "classification" else adapters.CausalLM()
-    model = adapters.adapt(
-        args.model, adapter=adapters.LoRA(r=4), head=head, quantization=quantization, dtype=args.dtype, fsdp=True
+    p.add_argument(
+        "--case", action="append", required=True, help="MODEL,QUANTIZATION,DTYPE,HEAD (classification or causal)"
     )
-    rank = dist.get_rank()
-    report = {"shard_report": model.shard_report.summary() if model.shard_report else None}
-    if not args.no_compare:
-        whole, _ = load_backbone(args.model, quantization, dtype=args.dtype, with_lm_head=head.lm_logits)
-        report["same"] = compare(model.backbone, whole)
-    if args.head == "classification":
-        report["logits"] = model.logits(TEXTS).tolist()
-    Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
+    args = p.parse_args()
+    reports = [run_case(*case.split(",")) for case in args.case]  # one launch, several loads
+    Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(reports))
 
 
 if __name__ == "__main__":

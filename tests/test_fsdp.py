@@ -159,6 +159,18 @@ def test_fsdp_on_two_processes_matches_one_process(tiny_llama, tmp_path, adapter
 
 
 @pytest.mark.slow
+def test_a_sharded_load_trains_exactly_as_a_whole_load_then_shard(tiny_llama, tmp_path, fsdp_run):
+    """adapt(fsdp=True): each rank reads and quantizes only its shard; the run is the same run, bit for bit."""
+    common = ["--model", tiny_llama, "--adapter", "lora", "--batch-size", "4", "--fsdp", "--shard-load"]
+    whole, _ = fsdp_run
+    printed = _launch(tmp_path / "sharded-load", 2, *common)
+    assert "FSDP2: 2 blocks + the root sharded over 2 processes" in printed
+    _assert_close(_trained(tmp_path / "sharded-load"), _trained(whole), atol=0)
+    assert _metrics(tmp_path / "sharded-load")["eval_loss"] == _metrics(whole)["eval_loss"]
+    assert json.loads((tmp_path / "sharded-load" / "reload.json").read_text())["same_logits"]
+
+
+@pytest.mark.slow
 def test_fsdp_resumes_exactly_after_a_crash(tiny_llama, tmp_path, fsdp_run):
     common = ["--model", tiny_llama, "--adapter", "lora", "--batch-size", "4", "--fsdp"]
     whole, _ = fsdp_run

@@ -36,6 +36,7 @@ def meta_network(config: Any, with_lm_head: bool, dtype: torch.dtype, bnb_config
 
     with init_empty_weights(include_buffers=False):
         model = (AutoModelForCausalLM if with_lm_head else AutoModel).from_config(config, dtype=dtype, **options)
+    model.tie_weights()  # from_pretrained ties an LM head to the embeddings after loading; from_config does not
     if bnb_config is not None:
         from transformers.quantizers import AutoHfQuantizer
 
