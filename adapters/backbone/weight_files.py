@@ -1,9 +1,11 @@
 """A base's safetensors files, read one slice at a time.
 
 Sharded loading (``sharding/load.py``) never reads a whole model: each rank reads only its own rows of each
-weight. safetensors memory-maps a file and ``safe_open(...).get_slice(name)[a:b]`` copies just the bytes of
-those rows (a weight is stored row-major, so a row range is one contiguous range of the file), so a rank's
-resident memory is its shard, never the checkpoint.
+weight. A safetensors file is a JSON header (each tensor's dtype, shape and byte range) followed by the raw
+tensors, row-major, so a range of rows is one contiguous range of bytes: it is read with one positioned read
+(``os.pread``) into a new tensor. Not through safetensors' memory map (``safe_open(...).get_slice``), which
+reads the same bytes but leaves every page it touched mapped, and counted in the process's resident memory,
+until the file is closed: a rank's resident memory is then its shard plus a growing share of the checkpoint.
 
 Before any tensor is read, every file's header is checked against the file's size: a mapped page past the
 end of a truncated file is not an exception but a ``SIGBUS`` that kills the process, so a short or damaged
@@ -24,11 +26,17 @@ import torch
 from adapters.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 SINGLE = "model.safetensors"
 
 
-def _header(path: Path) -> dict[str, Any]:
-    """The JSON header of safetensors file ``path``, checked against the file's size."""
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of safetensors file ``path``, checked against the file's size, and where its data
+    starts."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -47,7 +55,7 @@ def _header(path: Path) -> dict[str, Any]:
             f"{path} is truncated: its header describes {8 + length + end:,} bytes, the file has {size:,}; "
             f"copy or download it again"
         )
-    return header
+    return header, 8 + length
 
 
 class WeightFiles:
@@ -57,11 +65,13 @@ class WeightFiles:
         self.folder = Path(folder)
         self.files = self._files()
         self.entries: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self.data_start: dict[Path, int] = {}
         for path in sorted(set(self.files)):
-            for name, entry in _header(path).items():
+            header, self.data_start[path] = _header(path)
+            for name, entry in header.items():
                 if name != "__metadata__":
                     self.entries[name] = (path, entry)
-        self._open: dict[Path, Any] = {}
+        self._open: dict[Path, int] = {}  # file descriptors, opened at the first read
 
     def _files(self) -> list[Path]:
         index = self.folder / INDEX
@@ -93,20 +103,39 @@ class WeightFiles:
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
-    def _handle(self, name: str) -> Any:
-        from safetensors import safe_open
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self.entries[name][1]["dtype"]
+        if stored not in DTYPES:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is stored as {stored}, which qadapters cannot read")
+        return DTYPES[stored]
 
-        path = self.entries[name][0]
+    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Bytes ``start:stop`` of tensor ``name``'s data, as a new uint8 tensor."""
+        path, entry = self.entries[name]
         if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        return self._open[path]
+            self._open[path] = os.open(path, os.O_RDONLY)
+        fd = self._open[path]
+        buffer = bytearray(stop - start)
+        view, offset = memoryview(buffer), self.data_start[path] + int(entry["data_offsets"][0]) + start
+        while view:  # pread may return fewer bytes than asked
+            count = os.preadv(fd, [view], offset)
+            if count == 0:
+                raise CheckpointError(f"{path} ended early while reading {name!r}; copy or download it again")
+            view, offset = view[count:], offset + count
+        return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
 
     def whole(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return self.rows(name, 0, self.shape(name)[0] if self.shape(name) else 1)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (dimension 0) of tensor ``name``, a copy of just those bytes."""
-        return self._handle(name).get_slice(name)[start:stop]
+        """Rows ``start:stop`` (dimension 0) of tensor ``name``: a new tensor holding just those bytes."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        if not shape:  # a scalar
+            return self._read(name, 0, dtype.itemsize).view(dtype).reshape(())
+        row = math.prod(shape[1:]) * dtype.itemsize
+        stop = min(stop, shape[0])
+        start = min(start, stop)
+        return self._read(name, start * row, stop * row).view(dtype).reshape(stop - start, *shape[1:])
 
     def elements(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements ``start:stop`` of tensor ``name`` flattened (row-major), reading only the rows they span."""
@@ -117,4 +146,6 @@ class WeightFiles:
         return flat[start - first * row : stop - first * row]
 
     def close(self) -> None:
-        self._open.clear()  # safe_open handles unmap when released
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()

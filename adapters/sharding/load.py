@@ -46,8 +46,6 @@ from adapters.errors import CheckpointError, UnknownModelError
 from adapters.methods.targets import own_unit_embeddings
 from adapters.sharding.fsdp import ShardReport, shard
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
-
 
 def launched_world() -> int:
     """How many processes the launcher (torchrun, ``accelerate launch``) started, 1 when none did."""
@@ -134,7 +132,8 @@ class ShardedLoad:
             layer.quant_state = read_state(self.files, name, self.device)
             return
         assert self.four_bit is not None
-        _stored_dtype(self.files, name)  # a float weight
+        if not self.files.dtype(name).is_floating_point:
+            raise CheckpointError(f"{self.files.folder}: {name!r} is not a float weight; it cannot be quantized")
         settings = FourBit(self.four_bit["quant_type"], self.four_bit["double_quant"], self.dtype)
         whole = self.files.shape(name)
         device = self.device
@@ -166,13 +165,6 @@ def _chunk(rows: int, rank: int, world: int) -> tuple[int, int]:
     size = -(-rows // world)
     start = min(rank * size, rows)
     return start, min(start + size, rows)
-
-
-def _stored_dtype(files: WeightFiles, name: str) -> torch.dtype:
-    stored = files.entries[name][1]["dtype"]
-    if stored not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{files.folder}: tensor {name!r} is {stored}, not a float weight to quantize")
-    return SAFETENSORS_DTYPES[stored]
 
 
 def weight_files(location: str) -> WeightFiles:
