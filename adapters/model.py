@@ -346,7 +346,7 @@ def adapt(
     )
     loader = None
     if files is not None:
-        network, base, loader = open_sharded(plan, files)
+        network, base, loader = open_sharded(plan, files, head.reads_input_embeddings())
     else:
         network, base = load_planned(plan)
     limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)

@@ -88,6 +88,9 @@ class Classification(LongTextHead):
             if score.bias is not None:
                 score.bias.zero_()
 
+    def reads_input_embeddings(self) -> bool:
+        return self.label_words is not None
+
     def label_id(self, value: Any) -> int:
         return _label_index(self.labels, value)
 

@@ -190,6 +190,11 @@ class HeadSpec(ABC):
     def initialize(self, head: torch.nn.Module, backbone: Any, tokenizer: Any) -> None:  # noqa: B027 - optional, no-op
         """Set the new head's first weights from the base (default: leave the random ones)."""
 
+    def reads_input_embeddings(self) -> bool:
+        """Whether ``initialize`` reads rows of the base's input embeddings: a sharded load (``sharding/load.py``)
+        then reads the whole table before the head is built."""
+        return False
+
     def example_batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
         """Empty inputs and labels of the shapes a training batch has (the memory estimate runs them on
         the meta device)."""

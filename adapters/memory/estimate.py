@@ -115,6 +115,14 @@ class MemoryEstimate:
     def total(self) -> int:
         return sum(getattr(self, part) for part in self.PARTS)
 
+    @property
+    def peak_rss(self) -> int:
+        return self.total
+
+    @property
+    def peak_anonymous(self) -> int:
+        return self.total
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tensors": self.tensors, "total": self.total}
 

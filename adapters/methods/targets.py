@@ -97,8 +97,8 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def own_unit_embeddings(backbone: Any) -> nn.Module | None:
-    """The input embeddings, when FSDP should keep them whole on every rank instead of sharding them
-    (``sharding/fsdp.py``): frozen, read a few rows per lookup, and large (1 GiB in fp32 at Llama-3's 128K x
+    """The input embeddings, when FSDP should leave them out of its units (``sharding/fsdp.py`` splits them by
+    vocabulary rows instead): frozen, read a few rows per lookup, and large (1 GiB in fp32 at Llama-3's 128K x
     2048 vocabulary), so gathering the whole table for each forward costs more than its shard saves. Not when
     the LM head shares their weight (tied): that one is used whole, by the head, and stays in FSDP's root."""
     embeddings = backbone.get_input_embeddings()

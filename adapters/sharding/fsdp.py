@@ -5,11 +5,12 @@ Experiences on Scaling Fully Sharded Data Parallel", arXiv:2304.11277) each of N
 every parameter and gathers one transformer block's weights just before that block runs, freeing them
 after. With a 4-bit base this is FSDP-QLoRA (Answer.AI, 2024): the packed 4-bit bytes are sharded like any
 other tensor. We apply FSDP2 ourselves, one ``fully_shard`` per decoder block plus one for the whole model
-(the final norm, the head and the adapter's own layers), on CPUs (gloo) and GPUs (nccl) alike. The frozen input
-embeddings (unless tied to an LM head) are kept whole on every rank, outside FSDP: a lookup reads a few rows,
-and gathering the whole table for it cost more than sharding saved (measured at the Llama-3.2-1B shape: its
-1 GiB fp32 table, sharded, raised the per-rank peak above DDP's). Accelerate's FSDP switch is GPU-only and on
-CPUs silently trains with DDP instead, hence our own.
+(the final norm, the head and the adapter's own layers), on CPUs (gloo) and GPUs (nccl) alike. Accelerate's
+FSDP switch is GPU-only and on CPUs silently trains with DDP instead, hence our own.
+
+The frozen input embeddings (unless tied to an LM head) stay outside FSDP, split by vocabulary rows instead
+(``sharding/embedding.py``); an embedding that is not a plain ``nn.Embedding`` (Gemma's scaled one) is kept
+whole on every rank.
 
 What keeps the 4-bit weights intact (bitsandbytes#1945, accelerate#3983):
 
@@ -37,6 +38,7 @@ from adapters.backbone.loading import base_fingerprint
 from adapters.backbone.sharded import local_bytes
 from adapters.errors import ConfigError
 from adapters.methods.targets import find_block_stack, own_unit_embeddings
+from adapters.sharding.embedding import split_vocabulary
 
 
 def accelerate_fsdp_requested() -> bool:
@@ -68,16 +70,21 @@ class ShardReport:
     frozen_bytes_here: int
     frozen_bytes: int
     gather_dtype: str
-    replicated_bytes: int = 0  # the input embeddings, kept whole on every rank (``own_unit_embeddings``)
+    replicated_bytes: int = 0  # the input embeddings when kept whole on every rank (not a plain nn.Embedding)
+    vocabulary_split: bool = False  # the input embeddings split by vocabulary rows (``sharding/embedding.py``)
 
     def summary(self) -> str:
-        sharded = self.frozen_bytes - self.replicated_bytes
-        share = (self.frozen_bytes_here - self.replicated_bytes) / max(sharded, 1)
+        share = (self.frozen_bytes_here - self.replicated_bytes) / max(self.frozen_bytes - self.replicated_bytes, 1)
+        embeddings = (
+            "the input embeddings split by vocabulary rows"
+            if self.vocabulary_split
+            else f"the {_size(self.replicated_bytes)} input embeddings whole"
+        )
         return (
             f"FSDP2: {self.blocks} blocks + the root sharded over {self.processes} processes "
-            f"(all-gather in {self.gather_dtype}); this rank holds {_size(self.frozen_bytes_here)} of the "
-            f"{_size(self.frozen_bytes)} frozen weights: {share:.3f} of the {_size(sharded)} sharded "
-            f"(1/N = {1 / self.processes:.3f}) and the {_size(self.replicated_bytes)} input embeddings whole"
+            f"(all-gather in {self.gather_dtype}), {embeddings}; this rank holds {_size(self.frozen_bytes_here)} "
+            f"of the {_size(self.frozen_bytes)} frozen weights: {share:.3f} of the sharded ones "
+            f"(1/N = {1 / self.processes:.3f})"
         )
 
     def metrics(self) -> dict[str, float]:
@@ -117,21 +124,29 @@ def match_4bit_storage(model: nn.Module, dtype: torch.dtype | None) -> int:
 
 
 def shard(model: nn.Module, precision: str, processes: int) -> ShardReport:
-    """Apply FSDP2 to ``model`` (an ``AdaptedModel``) in place: each transformer block, then the root."""
+    """Apply FSDP2 to ``model`` (an ``AdaptedModel``) in place: each transformer block, then the root; the
+    input embeddings split by vocabulary rows (``split_vocabulary``)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     gather = torch.bfloat16 if precision == "bf16" else None
     backbone: Any = getattr(model, "backbone", model)
     base_fingerprint(backbone)  # read (and kept) while the embeddings are whole: artifacts record it
     match_4bit_storage(model, gather)
+    # the device of a real parameter: a sharded load's frozen ones are still on the meta device here
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    mesh = init_device_mesh(device.type, (processes,))
     # bf16: parameters gathered and computed in bf16, gradients reduced in fp32 (the optimizer's own)
     policy = MixedPrecisionPolicy(param_dtype=gather, reduce_dtype=torch.float32 if gather else None)
     _, blocks = find_block_stack(backbone)
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
     embeddings = own_unit_embeddings(backbone)
-    replicated = set(embeddings.parameters()) if embeddings is not None else set()
-    fully_shard(model, mp_policy=policy, ignored_params=replicated or None)
+    split = split_vocabulary(backbone, embeddings, mesh) if embeddings is not None else None
+    embeddings = split or embeddings
+    outside = set(embeddings.parameters()) if embeddings is not None else set()
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=outside or None)
     here, whole = local_bytes(model)
-    kept = sum(p.numel() * p.element_size() for p in replicated)
-    return ShardReport(processes, len(blocks), here, whole, str(gather or "storage dtypes").replace("torch.", ""), kept)
+    kept = 0 if split else sum(p.numel() * p.element_size() for p in outside)
+    gathered = str(gather or "storage dtypes").replace("torch.", "")
+    return ShardReport(processes, len(blocks), here, whole, gathered, kept, split is not None)

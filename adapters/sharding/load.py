@@ -5,20 +5,21 @@ rank, or rank 0, the whole model first (Answer.AI's low-memory mode and Accelera
 ``cpu_ram_efficient_loading`` keep one whole copy on rank 0; torchtune loads a full state dict and then
 ``distribute_tensor``). Here no rank ever holds it:
 
-1. the backbone is built as a skeleton of placeholders (``backbone/skeleton.py``), and the input embeddings,
-   which FSDP leaves whole on every rank (``sharding/fsdp.py``), are read whole;
+1. the backbone is built as a skeleton of placeholders (``backbone/skeleton.py``);
 2. ``adapt`` adds the adapter and the head as usual (they are small and trained, and start the same as in one
-   process), then ``fully_shard`` splits every parameter along its first dimension: each rank allocates its
-   chunk only;
+   process), then ``fully_shard`` splits every parameter along its first dimension, and the input embeddings
+   are split by vocabulary rows (``sharding/fsdp.py``): each rank allocates its chunks only;
 3. each rank fills its chunks from the safetensors files, reading only those rows
    (``backbone/weight_files.py``). A 4-bit weight's chunk is a range of its packed bytes: the rank quantizes
    just the blocks that range covers, and the ranks share their blocks' absmax values to build the whole
    quantization state (``backbone/quantize.py``), so every byte equals the same slice of a whole-model
    quantization. A pre-quantized base (``qadapters quantize``) is read as bytes, with no quantization at all.
 
-Replicated on every rank, not sharded: the input embeddings (unless tied to an LM head), the 4-bit
-quantization state (absmax and constants, 1/64 byte per weight with double quantization: ~2% of the packed
-weight) and buffers. The trained adapter and head are sharded by FSDP like any parameter.
+Replicated on every rank, not sharded: the 4-bit quantization state (absmax and constants, 1/64 byte per
+weight with double quantization: ~3% of the packed weight), buffers, and the input embeddings where FSDP keeps
+them whole (an embedding module that is not a plain ``nn.Embedding``). A head that starts from rows of the
+input embeddings (``label_words``) has the whole table read first, once, before they are split. The trained
+adapter and head are sharded by FSDP like any parameter.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ class ShardedLoad:
             f"checkpoint renames them at load. Load it without fsdp and save_pretrained it once"
         )
 
-    def fill_replicated(self, backbone: nn.Module) -> None:
-        """Read the parameters every rank keeps whole (the untied input embeddings) before sharding."""
+    def fill_replicated(self, backbone: nn.Module, head_reads_them: bool) -> None:
+        """Read the untied input embeddings whole before sharding, where they are needed whole: a head that
+        starts from their rows, or an embedding module FSDP keeps whole (not a plain ``nn.Embedding``).
+        Otherwise each rank reads its vocabulary rows after sharding, like any shard."""
         embeddings = own_unit_embeddings(backbone)
-        if embeddings is None:
+        if embeddings is None or (type(embeddings) is nn.Embedding and not head_reads_them):
             return
         prefix = next(n for n, m in backbone.named_modules() if m is embeddings)
         for name, param in embeddings.named_parameters(prefix=prefix):
@@ -178,9 +181,11 @@ def weight_files(location: str) -> WeightFiles:
     return WeightFiles(folder)
 
 
-def open_sharded(plan: LoadPlan, files: WeightFiles) -> tuple[PreTrainedModel, BackboneInfo, ShardedLoad]:
-    """The skeleton of ``plan``'s backbone with its replicated weights read, what it is, and the loader that
-    fills its shards (from ``files``) once ``shard_loaded`` has sharded it."""
+def open_sharded(
+    plan: LoadPlan, files: WeightFiles, head_reads_embeddings: bool
+) -> tuple[PreTrainedModel, BackboneInfo, ShardedLoad]:
+    """The skeleton of ``plan``'s backbone with the weights it needs whole read (``fill_replicated``), what it
+    is, and the loader that fills its shards (from ``files``) once ``shard_loaded`` has sharded it."""
     saved = prequantized(plan.config)
     quantization = plan.quantization  # plan_load read a pre-quantized base's own
     four_bit = None
@@ -193,7 +198,7 @@ def open_sharded(plan: LoadPlan, files: WeightFiles) -> tuple[PreTrainedModel, B
     network = build_skeleton(plan.config, plan.with_lm_head, plan.compute_dtype, bnb, storage, plan.device, options)
     freeze(network, plan.decoder)
     loader = ShardedLoad(files, network.base_model_prefix, four_bit, saved is not None, plan.device, plan.compute_dtype)
-    loader.fill_replicated(network)
+    loader.fill_replicated(network, head_reads_embeddings)
     vars(network)["_qadapters_fingerprint"] = loader.fingerprint(network)  # what base_fingerprint reads
     return network, plan.info(), loader
 
