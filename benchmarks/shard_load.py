@@ -12,7 +12,7 @@ here is for memory and time, and says so. Every cell runs with glibc's ``MALLOC_
 follow the live tensors rather than the heap's holes, alike for every cell.
 
     python benchmarks/shard_load.py                     # 1B and 8B shapes: 1 process vs 2 ranks
-    python benchmarks/shard_load.py --shapes llama-3.2-1b --rounds 1
+    python benchmarks/shard_load.py --shapes llama-3.2-1b:2 llama-3.1-8b:1   # rounds per shape
     python benchmarks/shard_load.py --big               # the 32B-class shape (Qwen2.5-32B), 2 ranks, pre-quantized
 
 Writes ``results/shard_load.{json,md,png}`` (``shard_load-32b`` for ``--big``).
@@ -144,9 +144,10 @@ def measure(shapes: list[str], rounds: int, tokens: int, work: Path) -> list[dic
     from shapes import write, write_quantized
 
     rows = []
-    for shape in shapes:
+    for spec in shapes:
+        shape, _, count = spec.partition(":")  # "llama-3.1-8b:1": that shape's own number of rounds
         bases = {"bf16": str(write(shape)), "nf4": str(write_quantized(shape, "nf4"))}
-        for r in range(rounds):
+        for r in range(int(count or rounds)):
             cells = CELLS if r % 2 == 0 else CELLS[::-1]  # alternate which cell runs first
             for name, processes, sharded, base in cells:
                 ranks = run_cell(bases[base], processes, sharded, tokens, work / shape / name.replace(" ", "_"))

@@ -71,7 +71,13 @@ def test_optimizer_and_processes():
     assert adamw.optimizer == 2 * adamw.trainable
     ddp, fsdp = est(processes=2), est(processes=2, fsdp=True)
     assert ddp.gradients == 2 * adamw.gradients  # DDP buckets
-    assert fsdp.base_quantized * 2 == pytest.approx(adamw.base_quantized, abs=2)
+    # the packed 4-bit bytes are divided by the processes; their quantization constants are whole on every rank
+    constants = fsdp.settings["quantization_constants"]
+    assert (fsdp.base_quantized - constants) * 2 == pytest.approx(adamw.base_quantized - constants, abs=2)
+    assert fsdp.base_unquantized * 2 == pytest.approx(adamw.base_unquantized, abs=2)  # embeddings split too
+    assert est(world_size=2, fsdp=True).to_dict() == fsdp.to_dict()
+    with pytest.raises(ConfigError, match="processes=3 and world_size=2 differ"):
+        est(processes=3, world_size=2)
     assert fsdp.optimizer * 2 == pytest.approx(adamw.optimizer, abs=2)
 
 

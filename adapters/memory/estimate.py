@@ -70,6 +70,11 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2}
 BNB_8BIT_MIN_SIZE = 4096  # bitsandbytes keeps 32-bit states for smaller tensors (min_8bit_size)
 BLOCKSIZE_4BIT = 64
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace on recent GPUs, outside the allocator
+# A CPU process's own memory, measured (2-core AMD EPYC, Python 3.11, torch 2.13, transformers 5.25, glibc with
+# MALLOC_MMAP_THRESHOLD_=65536) after one training step of a tiny model: the interpreter's and the libraries'
+# heap (anonymous), and the libraries' code mapped from their files (resident, not anonymous).
+CPU_PROCESS_BYTES = 360 * 2**20
+CPU_LIBRARY_BYTES = 160 * 2**20
 GIB = 2**30
 
 
@@ -90,10 +95,18 @@ class MemoryEstimate:
     transient: int
     """Short-lived buffers at the peak: activation gradients, a dequantized weight."""
     framework: int
-    """CUDA context and workspace (0 on CPU): real memory that the allocator does not count."""
+    """Memory the allocator does not count: the CUDA context and workspace on a GPU; on CPU the process's own
+    (the interpreter's and libraries' heap)."""
     trainable_params: int
     total_params: int
     settings: dict[str, Any] = field(default_factory=dict)
+    load: int = 0
+    """Tensor bytes at the load's peak (``adapt``): the base as it is read and quantized, before training."""
+    mapped: int = 0
+    """Base weights that stay mapped from the checkpoint file (CPU, a whole load whose file holds them in the
+    compute dtype: transformers keeps views of safetensors' memory map). Resident, but not anonymous."""
+    libraries: int = 0
+    """The libraries' code mapped from their files (CPU): resident, not anonymous."""
 
     PARTS = (
         "base_quantized",
@@ -116,15 +129,23 @@ class MemoryEstimate:
         return sum(getattr(self, part) for part in self.PARTS)
 
     @property
+    def peak(self) -> int:
+        """The larger of the load's and training's peak, with the framework's memory."""
+        return max(self.tensors, self.load) + self.framework
+
+    @property
     def peak_rss(self) -> int:
-        return self.total
+        """Peak resident memory of the process (CPU; on a GPU: device memory, as ``peak``)."""
+        return self.peak + self.libraries
 
     @property
     def peak_anonymous(self) -> int:
-        return self.total
+        """Peak anonymous memory of the process (CPU: what it allocated, not mapped from files)."""
+        return self.peak - self.mapped
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tensors": self.tensors, "total": self.total}
+        found = {**asdict(self), "tensors": self.tensors, "total": self.total, "peak": self.peak}
+        return {**found, "peak_rss": self.peak_rss, "peak_anonymous": self.peak_anonymous}
 
     def table(self) -> str:
         s = self.settings
@@ -143,6 +164,12 @@ class MemoryEstimate:
         for part in self.PARTS:
             lines.append(f"  {part.replace('_', ' '):<{width}}  {_human(getattr(self, part)):>10}")
         lines.append(f"  {'total':<{width}}  {_human(self.total):>10}")
+        lines.append(f"  {'load peak':<{width}}  {_human(self.load):>10}  (tensors while adapt() loads the base)")
+        if self.settings.get("device") == "cpu":
+            lines.append(
+                f"  peak resident {_human(self.peak_rss)}, peak anonymous {_human(self.peak_anonymous)} per process "
+                f"(with the process's own {_human(self.framework)} and {_human(self.libraries)} of library code)"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -369,72 +396,100 @@ def estimate_memory(
     dtype: str | None = None,
     double_quant: bool = True,
     trust_remote_code: bool = False,
+    world_size: int | None = None,
 ) -> MemoryEstimate:
     """Training memory per device for ``model`` (a packaged name, folder, hub id, a
     ``transformers`` config or a config dict, or an ``AdaptedModel`` whose settings are reused)
     with ``adapter`` and ``head``, quantized as asked, for ``batch_size`` sequences of ``seq_len``
     tokens per device. ``device`` ("cuda"/"cpu", default: this machine's) sets the compute dtype
     as ``adapt`` would (bf16 on GPUs and on CPUs where it is native and faster, else fp32) and
-    whether the CUDA context counts. No weight is read: only the config."""
-    source = None
-    if isinstance(model, AdaptedModel):  # its base, adapter, head, quantization, dtype and device
-        source, adapter, head, quantization = model.base.source, model.adapter, model.head_spec, model.base.quantization
-        dtype, device = dtype or dtype_name(model.base.compute_dtype), device or model.device.type
-        model = model.backbone.config
+    whether the CUDA context counts. ``world_size`` (or ``processes``): the processes of a data-parallel run;
+    with ``fsdp``, per rank of ``adapt(..., fsdp=True)``'s sharded load and FSDP training. The peak includes the
+    load (``load``); on CPU ``peak_rss`` and ``peak_anonymous`` predict the process's resident and anonymous
+    memory. No weight is read: only the config."""
+    processes = _world(processes, world_size)
+    model, source, adapter, head, quantization, dtype, device = _settings_of(
+        model, adapter, head, quantization, dtype, device
+    )
     head = head or Classification(labels=["0", "1"])
     _check_arguments(head, quantization, batch_size, seq_len, optimizer, mixed_precision, processes, dtype, device)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     compute_dtype = _compute_dtype(dtype, device)
     config, name = _config_of(model, trust_remote_code)
-    name = source or name
     # activations flow in the compute dtype (the base is not upcast: see base.py) unless autocast
     mixed_precision = resolve_mixed_precision(mixed_precision, device)
     activation_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, compute_dtype)
-    meta, quantizable = _meta_model(config, name, head, adapter, activation_dtype, trust_remote_code)
-
+    meta, quantizable = _meta_model(config, source or name, head, adapter, activation_dtype, trust_remote_code)
     weights = _weight_bytes(meta, quantizable, quantization, double_quant, compute_dtype, optimizer)
     activations, transient, blocks = _activation_bytes(
-        meta,
-        quantizable,
-        config,
-        head,
-        quantization,
-        batch_size,
-        seq_len,
-        gradient_checkpointing,
-        mixed_precision,
-        activation_dtype,
-    )
-    transient += weights.pop("widest_weight")
-    if fsdp and processes > 1:
+        meta, quantizable, config, head, quantization, batch_size, seq_len, gradient_checkpointing,
+        mixed_precision, activation_dtype,
+    )  # fmt: skip
+    widest = weights.pop("widest_weight")
+    transient += widest
+    sharded = fsdp and processes > 1
+    if sharded:
         transient += _fsdp_sharded(weights, *_root_and_kept_bytes(meta, compute_dtype), blocks, processes)
     elif processes > 1:
         weights["gradients"] *= 2  # DDP's all-reduce buckets hold a copy of the gradients
     settings = {
-        "model": name,
-        "quantization": quantization,
-        "adapter": adapter.describe() if adapter is not None else "head only",
-        "head": head.kind,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "gradient_checkpointing": gradient_checkpointing,
-        "optimizer": optimizer,
-        "mixed_precision": mixed_precision,
-        "processes": processes,
-        "fsdp": fsdp,
-        "device": device,
-        "compute_dtype": dtype_name(compute_dtype),
-    }
-    counts = weights.pop("params")
+        "model": source or name, "quantization": quantization,
+        "adapter": adapter.describe() if adapter is not None else "head only", "head": head.kind,
+        "batch_size": batch_size, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+        "optimizer": optimizer, "mixed_precision": mixed_precision, "processes": processes, "fsdp": fsdp,
+        "device": device, "compute_dtype": dtype_name(compute_dtype),
+    }  # fmt: skip
+    return _assemble(weights, activations, transient, widest, compute_dtype, config, sharded, processes, settings)
+
+
+def _world(processes: int, world_size: int | None) -> int:
+    """The number of processes, given as ``processes`` or ``world_size`` (the same thing: not both, differing)."""
+    if world_size is None:
+        return processes
+    if processes not in (1, world_size):
+        raise ConfigError(f"processes={processes} and world_size={world_size} differ: give one of them")
+    return world_size
+
+
+def _settings_of(model: Any, adapter: Any, head: Any, quantization: Any, dtype: Any, device: Any) -> tuple:
+    """For an ``AdaptedModel``: its config, source, adapter, head, quantization, dtype and device (those given
+    win for dtype and device); anything else passes through."""
+    if not isinstance(model, AdaptedModel):
+        return model, None, adapter, head, quantization, dtype, device
+    dtype, device = dtype or dtype_name(model.base.compute_dtype), device or model.device.type
+    return (
+        model.backbone.config, model.base.source, model.adapter, model.head_spec, model.base.quantization, dtype,
+        device,
+    )  # fmt: skip
+
+
+def _assemble(
+    weights: dict[str, Any], activations: int, transient: int, widest: int, compute_dtype: torch.dtype,
+    config: Any, sharded: bool, processes: int, settings: dict[str, Any],
+) -> MemoryEstimate:  # fmt: skip
+    """The ``MemoryEstimate`` from the parts, with the load's peak and, on CPU, the process's own memory."""
+    counts, constants = weights.pop("params"), weights.pop("constants")
+    cpu = settings["device"] == "cpu"
+    elements = widest // compute_dtype.itemsize
+    if sharded:  # a rank's rows of the widest weight as stored, cast, and every block's absmax (fp32)
+        reading = elements // processes * (_stored_dtype(config).itemsize + compute_dtype.itemsize) + elements // 16
+    else:  # transformers casts a whole weight to the compute dtype, then quantizes it
+        reading = widest + elements // 2
+    held = weights["base_quantized"] + weights["base_unquantized"] + weights["trainable"]
+    # a whole CPU load keeps views of safetensors' memory map for the weights it does not cast or quantize
+    mapped = weights["base_unquantized"] if cpu and not sharded and _stored_dtype(config) == compute_dtype else 0
     return MemoryEstimate(
-        **weights,
-        activations=activations,
-        transient=transient,
-        framework=CUDA_CONTEXT_BYTES if device == "cuda" else 0,
-        trainable_params=counts[0],
-        total_params=counts[1],
-        settings=settings,
-    )
+        **weights, activations=activations, transient=transient,
+        framework=CPU_PROCESS_BYTES if cpu else CUDA_CONTEXT_BYTES, trainable_params=counts[0],
+        total_params=counts[1], settings={**settings, "quantization_constants": constants}, load=held + reading,
+        mapped=mapped, libraries=CPU_LIBRARY_BYTES if cpu else 0,
+    )  # fmt: skip
+
+
+def _stored_dtype(config: Any) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in, as its config says (fp32 when it does not)."""
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return DTYPES.get(found, torch.float32) if isinstance(found, str) else found
 
 
 def _compute_dtype(dtype: str | None, device: str) -> torch.dtype:
@@ -446,28 +501,39 @@ def _compute_dtype(dtype: str | None, device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else default_compute_dtype(torch.device("cpu"))
 
 
-def _fsdp_sharded(weights: dict[str, Any], root: int, kept: int, blocks: int, processes: int) -> int:
+def _fsdp_sharded(weights: dict[str, Any], root: int, kept: int, split: int, blocks: int, processes: int) -> int:
     """Divide ``weights`` by the processes, as FSDP2 per block shards them (``sharding/fsdp.py``), and return
     the bytes it holds on top during a step: the root's parameters (``root`` bytes: final norm, head, tied
     embeddings), gathered for the whole forward and backward, and two blocks (the one running and the
-    next, prefetched). The input embeddings (``kept`` bytes) are not sharded: whole on every rank."""
-    block = (weights["base_quantized"] + weights["base_unquantized"] - root - kept) / max(blocks, 1)
-    for part in ("base_quantized", "trainable", "gradients", "optimizer"):
+    next, prefetched). The input embeddings are split by vocabulary rows like a shard (``split`` bytes), unless
+    they are kept whole on every rank (``kept`` bytes: not a plain ``nn.Embedding``); the 4-bit quantization
+    constants are whole on every rank."""
+    block = (weights["base_quantized"] + weights["base_unquantized"] - root - kept - split) / max(blocks, 1)
+    for part in ("trainable", "gradients", "optimizer"):
         weights[part] = math.ceil(weights[part] / processes)
+    constants = weights["constants"]
+    weights["base_quantized"] = constants + math.ceil((weights["base_quantized"] - constants) / processes)
     weights["base_unquantized"] = kept + math.ceil((weights["base_unquantized"] - kept) / processes)
     return int(2 * block) + root - math.ceil(root / processes)
 
 
-def _root_and_kept_bytes(meta: Any, compute_dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes of the frozen parameters in FSDP2's root unit (outside the transformer blocks and the kept
-    embeddings), and of the input embeddings FSDP keeps whole on every rank (``own_unit_embeddings``)."""
+def _root_and_kept_bytes(meta: Any, compute_dtype: torch.dtype) -> tuple[int, int, int]:
+    """Bytes of the frozen parameters in FSDP2's root unit (outside the transformer blocks and the input
+    embeddings FSDP leaves out: ``own_unit_embeddings``), and of those input embeddings when they are kept
+    whole on every rank (not a plain ``nn.Embedding``), or split by vocabulary rows (a plain one): (root, kept,
+    split)."""
     _, stack = find_block_stack(meta.backbone)
     inside = {id(p) for p in stack.parameters()}
     embeddings = own_unit_embeddings(meta.backbone)
-    kept = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    outside = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
     frozen = [p for p in meta.parameters() if not p.requires_grad and id(p) not in inside]
-    root = sum(p.numel() * compute_dtype.itemsize for p in frozen if id(p) not in kept)
-    return root, sum(p.numel() * compute_dtype.itemsize for p in frozen if id(p) in kept)
+
+    def size(params: list[nn.Parameter]) -> int:
+        return sum(p.numel() * compute_dtype.itemsize for p in params)
+
+    root = size([p for p in frozen if id(p) not in outside])
+    embedded = size([p for p in frozen if id(p) in outside])
+    return (root, 0, embedded) if type(embeddings) is nn.Embedding else (root, embedded, 0)
 
 
 def _check_arguments(
@@ -505,7 +571,7 @@ def _weight_bytes(
 ) -> dict[str, Any]:
     """Bytes of the base weights (quantized or not), the trainable parameters (fp32), their gradients and
     optimizer states; the widest dequantized weight; the parameter counts."""
-    base_q = base_u = trainable = total_params = optimizer_bytes = widest_weight = 0
+    base_q = base_u = trainable = total_params = optimizer_bytes = widest_weight = constants = 0
     for p in meta.parameters():
         total_params += p.numel()
         if p.requires_grad:
@@ -514,7 +580,9 @@ def _weight_bytes(
             optimizer_bytes += (8 if small else OPTIMIZER_BYTES[optimizer]) * p.numel()
         elif quantization and id(p) in quantizable:
             out_f, in_f, _ = quantizable[id(p)]
-            base_q += quantized_linear_bytes(out_f, in_f, quantization, double_quant)
+            stored = quantized_linear_bytes(out_f, in_f, quantization, double_quant)
+            base_q += stored
+            constants += stored - (out_f * in_f if quantization == "int8" else math.ceil(out_f * in_f / 2))
             widest_weight = max(widest_weight, p.numel() * compute_dtype.itemsize)
         else:
             base_u += p.numel() * compute_dtype.itemsize
@@ -526,6 +594,7 @@ def _weight_bytes(
         "optimizer": optimizer_bytes,
         "widest_weight": widest_weight,
         "params": (trainable, total_params),
+        "constants": constants,
     }
 
 
