@@ -18,7 +18,8 @@ runs the dry run, and every part runs in its own process under its own timeout (
    ``torch.compile`` (``TrainConfig(compile=True)``), with its compile time;
 4. **recipe**: ``recipes/sentiment.py`` at its default budget: time and accuracy;
 5. **fsdp**: ``fsdp_check.py``: one FSDP2 training step (world size 1, nccl, gathered in bf16) leaves every
-   packed NF4 byte unchanged (bitsandbytes#1945);
+   packed NF4 byte unchanged (bitsandbytes#1945); **shard-load**: ``adapt(..., fsdp=True)`` on every visible
+   GPU (``torchrun --nproc-per-node`` = the GPU count): each rank's NF4 bytes equal its slice of a whole load;
 6. **scale**: the Llama-3.1-8B shape (random weights, ``shapes.py``, written once to ``--shapes-dir``):
    ``throughput.py`` at 16 x 512, ours vs PEFT + Trainer (tokens/s, step time, peak memory, MFU; targets
    MFU >= 20%, x1.3 tokens/s, x0.75 memory) and ``estimate_memory`` on two cells (goal 10%).
@@ -49,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # seconds per part: what each took on an H200 (memory: 10 cells at about 21 s each), with room;
 # the total --budget caps them all
-TIMEOUTS = {"correctness": 180, "memory": 240, "throughput": 320, "recipe": 150, "fsdp": 120, "scale": 480}
+TIMEOUTS = {
+    "correctness": 180, "memory": 240, "throughput": 320, "recipe": 150, "fsdp": 120, "shard-load": 180, "scale": 480,
+}  # fmt: skip
 
 
 def device_info() -> dict:
@@ -209,6 +212,31 @@ def fsdp(ctx) -> dict:
     return result
 
 
+def shard_load(ctx) -> dict:
+    """``adapt(..., fsdp=True)`` on every visible GPU (``torchrun --nproc-per-node`` = the GPU count; 2 CPU
+    processes in a dry run): each rank's NF4 bytes and state equal its slice of a whole load on the same
+    device, and every rank computes the same logits (``tests/shard_load_worker.py``)."""
+    import torch
+
+    ranks = 2 if ctx.dry_run else max(torch.cuda.device_count(), 1)
+    out = ctx.work / "shard-load"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    cmd += ["tests/shard_load_worker.py", "--out", str(out), "--case", f"{ctx.model},nf4,bfloat16,classification"]
+    out.mkdir(parents=True, exist_ok=True)
+    result = run_part(cmd, ctx.timeout("shard-load"))
+    reports = [json.loads(p.read_text())[0] for p in sorted(out.glob("rank*.json"))]
+    if result["status"] == "passed" and len(reports) == ranks:
+        result["summary"] = {
+            "ranks": ranks,
+            "chunks_equal": all(all(r["same"].values()) for r in reports),
+            "same_logits": all(r["logits"] == reports[0]["logits"] for r in reports),
+            "report": reports[0]["shard_report"],
+        }
+        if not (result["summary"]["chunks_equal"] and result["summary"]["same_logits"]):
+            result["status"] = "failed"
+    return result
+
+
 def scale(ctx) -> dict:
     """The 8B shape: written once (random weights), then throughput and the memory estimate on it."""
     from shapes import write  # benchmarks/ is on the path (top of this file)
@@ -244,6 +272,7 @@ def scale(ctx) -> dict:
 PARTS = {
     "correctness": correctness,
     "fsdp": fsdp,
+    "shard-load": shard_load,
     "memory": memory,
     "throughput": throughput,
     "scale": scale,
@@ -340,6 +369,11 @@ def _headline(name: str, part: dict) -> str:
         )
     if name == "fsdp":
         return f"NF4 bytes unchanged after a bf16 FSDP2 step: {s['nf4_bytes_unchanged']}; loss {s['loss']:.4f}"
+    if name == "shard-load":
+        return (
+            f"sharded load on {s['ranks']} ranks: every chunk equal to the whole load's: {s['chunks_equal']}; "
+            f"same logits on every rank: {s['same_logits']}"
+        )
     if name == "scale":
         memory = part.get("memory") or {}
         within = f"; estimate {memory.get('within_goal')}/{memory.get('cells')} within 10%" if memory else ""

@@ -68,13 +68,49 @@ def run_case(model_path: str, quantization: str, dtype: str, head_kind: str) -> 
     return report
 
 
+def anonymous_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def load_memory(model_path: str) -> dict:
+    """The peak growth of this process's anonymous memory while ``adapt(..., fsdp=True)`` loads (sampled every
+    5 ms), against the whole frozen base's bytes."""
+    import threading
+    import time
+
+    before, peak, loading = anonymous_bytes(), [0], [True]
+
+    def sample():
+        while loading[0]:
+            peak[0] = max(peak[0], anonymous_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    model = adapters.adapt(
+        model_path, adapter=adapters.LoRA(r=4), head=adapters.Classification(labels=["a", "b"]), fsdp=True
+    )
+    loading[0] = False
+    sampler.join()
+    report = model.shard_report
+    return {"growth": max(peak[0], anonymous_bytes()) - before, "frozen_bytes": report.frozen_bytes,
+            "frozen_bytes_here": report.frozen_bytes_here}  # fmt: skip
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument(
-        "--case", action="append", required=True, help="MODEL,QUANTIZATION,DTYPE,HEAD (classification or causal)"
-    )
+    p.add_argument("--case", action="append", help="MODEL,QUANTIZATION,DTYPE,HEAD (classification or causal)")
+    p.add_argument("--memory", help="a model to measure the load's memory on, instead of the cases")
     args = p.parse_args()
+    if args.memory:
+        Path(args.out, f"rank{dist.get_rank() if dist.is_initialized() else 0}.json").write_text(
+            json.dumps(load_memory(args.memory))
+        )
+        return
     reports = [run_case(*case.split(",")) for case in args.case]  # one launch, several loads
     Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(reports))
 

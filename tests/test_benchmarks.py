@@ -148,8 +148,9 @@ def test_gpu_check_dry_run(tmp_path):
 
     assert gpu_check.main(["--dry-run", "--memory-cells", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu-check-dry-run.json").read_text())
-    assert set(result["parts"]) == {"correctness", "fsdp", "memory", "throughput", "scale", "recipe"}
+    assert set(result["parts"]) == {"correctness", "fsdp", "shard-load", "memory", "throughput", "scale", "recipe"}
     assert result["parts"]["fsdp"]["summary"]["nf4_bytes_unchanged"]
+    assert result["parts"]["shard-load"]["summary"]["chunks_equal"]
     assert all(part["status"] == "passed" for part in result["parts"].values())
     assert len(result["parts"]["correctness"]["tests"]["passed"]) >= 20
     assert "| correctness | passed |" in (tmp_path / "gpu-check-dry-run.md").read_text()

@@ -76,6 +76,13 @@ class ShardedLoad:
             f"checkpoint renames them at load. Load it without fsdp and save_pretrained it once"
         )
 
+    def check_names(self, backbone: nn.Module) -> None:
+        """Every frozen parameter has its tensor in the files (checked on every rank before any collective, so
+        a misfit raises everywhere instead of leaving the other ranks waiting)."""
+        for name, param in backbone.named_parameters():
+            if not param.requires_grad:
+                self.name(name)
+
     def fill_replicated(self, backbone: nn.Module, head_reads_them: bool) -> None:
         """Read the untied input embeddings whole before sharding, where they are needed whole: a head that
         starts from their rows, or an embedding module FSDP keeps whole (not a plain ``nn.Embedding``).
@@ -198,6 +205,7 @@ def open_sharded(
     network = build_skeleton(plan.config, plan.with_lm_head, plan.compute_dtype, bnb, storage, plan.device, options)
     freeze(network, plan.decoder)
     loader = ShardedLoad(files, network.base_model_prefix, four_bit, saved is not None, plan.device, plan.compute_dtype)
+    loader.check_names(network)
     loader.fill_replicated(network, head_reads_embeddings)
     vars(network)["_qadapters_fingerprint"] = loader.fingerprint(network)  # what base_fingerprint reads
     return network, plan.info(), loader
