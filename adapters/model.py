@@ -331,29 +331,13 @@ def adapt(
     ``train(..., TrainConfig(fsdp=True))``; in one process it is the ordinary load.
     """
     head = _check_specs(adapter, head, max_length)
-    files = _sharded_load(model, fsdp, quantization, trust_remote_code, revision)  # its files, checked
-    plan = plan_load(
-        model,
-        quantization,
-        dtype=dtype,
-        device=device,
-        double_quant=double_quant,
-        trust_remote_code=trust_remote_code,
-        padding_side=padding_side,
-        with_lm_head=head.lm_logits,
-        revision=revision,
+    loading = dict(
+        dtype=dtype, device=device, double_quant=double_quant, trust_remote_code=trust_remote_code,
+        padding_side=padding_side, with_lm_head=head.lm_logits, revision=revision,
         attn_implementation=attn_implementation,
-    )
-    loader = None
-    if files is not None:
-        network, base, loader = open_sharded(plan, files, head.reads_input_embeddings())
-    else:
-        network, base = load_planned(plan)
-    limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)
-    if max_length is None:
-        max_length = min(limit, 512)
-    elif max_length > limit:
-        raise ConfigError(f"max_length={max_length} exceeds what {model!r} accepts ({limit} tokens)")
+    )  # fmt: skip
+    network, base, loader, plan = _load_base(model, quantization, fsdp, head, loading)
+    max_length = _max_length(model, network, base, max_length)
     rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
     with rng:
         if seed is not None:
@@ -375,6 +359,25 @@ def adapt(
         if v
     }
     return adapted
+
+
+def _load_base(model: str, quantization: str | None, fsdp: bool, head: HeadSpec, loading: dict[str, Any]) -> tuple:
+    """The frozen backbone, what it is, the sharded loader (None for the ordinary load) and the load plan."""
+    files = _sharded_load(model, fsdp, quantization, loading["trust_remote_code"], loading["revision"])
+    plan = plan_load(model, quantization, **loading)
+    if files is not None:
+        return (*open_sharded(plan, files, head.reads_input_embeddings()), plan)
+    return (*load_planned(plan), None, plan)
+
+
+def _max_length(model: str, network: Any, base: BackboneInfo, asked: int | None) -> int:
+    """``asked``, checked against what the model and its tokenizer accept; their limit (at most 512) by default."""
+    limit = min(getattr(network.config, "max_position_embeddings", 512) or 512, base.tokenizer.model_max_length or 512)
+    if asked is None:
+        return min(limit, 512)
+    if asked > limit:
+        raise ConfigError(f"max_length={asked} exceeds what {model!r} accepts ({limit} tokens)")
+    return asked
 
 
 def _sharded_load(

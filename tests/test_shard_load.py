@@ -221,3 +221,29 @@ def test_no_rank_allocates_the_whole_base_while_loading(tmp_path):
     for rank in ranks:
         assert rank["frozen_bytes_here"] <= 0.52 * rank["frozen_bytes"]
         assert rank["growth"] < 0.8 * rank["frozen_bytes"], rank  # the whole base would be 1.0 and more
+
+
+@pytest.mark.slow
+def test_the_cli_trains_sharded_from_a_prequantized_base(quantized_tiny, tmp_path):
+    """``torchrun -m adapters train run.yaml train.fsdp=true``: the load is sharded, one artifact is written,
+    and it reloads in one process."""
+    from tests.helpers import toy_sentiment
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in toy_sentiment(16)))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model: {{name: {quantized_tiny}}}\nadapter: {{kind: lora, r: 4}}\n"
+        "head: {kind: classification, labels: [neg, pos]}\n"
+        f"data: {{train: {rows}}}\ntrain: {{max_steps: 2, batch_size: 4, progress: false}}\n"
+        f"output: {tmp_path / 'artifact'}\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "adapters"]
+    done = subprocess.run(
+        [*cmd, "train", str(config), "train.fsdp=true"], capture_output=True, text=True, timeout=300, env=ENV
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "the input embeddings split by vocabulary rows" in done.stdout
+    model = adapters.load(tmp_path / "artifact")
+    assert model.base.quantization == "nf4" and model.shard_report is None
+    assert model.predict(["good fun film"])[0] in ("neg", "pos")

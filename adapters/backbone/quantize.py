@@ -63,13 +63,13 @@ def quantize_range(
     for size in shape:
         numel *= size
     blocks = -(-numel // settings.blocksize)
-    absmax = torch.zeros(blocks, dtype=torch.float32)
     if byte_stop <= byte_start:
-        return torch.empty(0, dtype=torch.uint8), absmax
+        return torch.empty(0, dtype=torch.uint8), torch.zeros(blocks, dtype=torch.float32)
     first = 2 * byte_start // settings.blocksize
     last = -(-2 * byte_stop // settings.blocksize)
     start = first * settings.blocksize
     values = read(start, min(last * settings.blocksize, numel)).to(settings.dtype)
+    absmax = torch.zeros(blocks, dtype=torch.float32, device=values.device)  # where the values are (a GPU's)
     packed, state = F.quantize_4bit(
         values, blocksize=settings.blocksize, compress_statistics=False, quant_type=settings.quant_type
     )
