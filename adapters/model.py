@@ -25,7 +25,15 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from adapters.artifacts.format import HEAD_FILE, open_artifact, save_artifact
-from adapters.backbone.loading import BackboneInfo, dtype_name, eval_mode, load_planned, plan_load, resolve_source
+from adapters.backbone.loading import (
+    BackboneInfo,
+    LoadPlan,
+    dtype_name,
+    eval_mode,
+    load_planned,
+    plan_load,
+    resolve_source,
+)
 from adapters.backbone.sharded import inference_context
 from adapters.backbone.weight_files import WeightFiles
 from adapters.data.batching import inference_batches, packable, row_length
@@ -36,7 +44,7 @@ from adapters.heads import HeadSpec
 from adapters.methods.spec import AdapterSpec
 from adapters.registry import ADAPTERS
 from adapters.sharding.fsdp import ShardReport, check_fsdp
-from adapters.sharding.load import launched_world, open_sharded, shard_loaded, weight_files
+from adapters.sharding.load import ShardedLoad, launched_world, open_sharded, shard_loaded, weight_files
 
 
 class AdaptedModel(nn.Module):
@@ -361,7 +369,9 @@ def adapt(
     return adapted
 
 
-def _load_base(model: str, quantization: str | None, fsdp: bool, head: HeadSpec, loading: dict[str, Any]) -> tuple:
+def _load_base(
+    model: str, quantization: str | None, fsdp: bool, head: HeadSpec, loading: dict[str, Any]
+) -> tuple[PreTrainedModel, BackboneInfo, ShardedLoad | None, LoadPlan]:
     """The frozen backbone, what it is, the sharded loader (None for the ordinary load) and the load plan."""
     files = _sharded_load(model, fsdp, quantization, loading["trust_remote_code"], loading["revision"])
     plan = plan_load(model, quantization, **loading)

@@ -451,7 +451,9 @@ def _world(processes: int, world_size: int | None) -> int:
     return world_size
 
 
-def _settings_of(model: Any, adapter: Any, head: Any, quantization: Any, dtype: Any, device: Any) -> tuple:
+def _settings_of(
+    model: Any, adapter: Any, head: Any, quantization: Any, dtype: Any, device: Any
+) -> tuple[Any, str | None, Any, Any, Any, Any, Any]:
     """For an ``AdaptedModel``: its config, source, adapter, head, quantization, dtype and device (those given
     win for dtype and device); anything else passes through."""
     if not isinstance(model, AdaptedModel):
