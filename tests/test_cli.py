@@ -234,7 +234,7 @@ def test_train_refuses_before_loading_the_model(config_file, tmp_path, capsys, m
     config = yaml.safe_load(config_file.read_text())
     edit(config, tmp_path)
     config_file.write_text(yaml.safe_dump(config))
-    monkeypatch.setattr(adapters.model, "load_backbone", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(adapters.model, "plan_load", lambda *a, **k: pytest.fail("the model was loaded"))
     err = in_process(capsys, "train", config_file, expect=2).err
     assert re.search(match, err), err
 
