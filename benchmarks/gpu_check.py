@@ -224,7 +224,7 @@ def shard_load(ctx) -> dict:
     cmd += ["tests/shard_load_worker.py", "--out", str(out), "--case", f"{ctx.model},nf4,bfloat16,classification"]
     out.mkdir(parents=True, exist_ok=True)
     result = run_part(cmd, ctx.timeout("shard-load"))
-    reports = [json.loads(p.read_text())[0] for p in sorted(out.glob("rank*.json"))]
+    reports = [json.loads(p.read_text())["cases"][0] for p in sorted(out.glob("rank*.json"))]
     if result["status"] == "passed" and len(reports) == ranks:
         result["summary"] = {
             "ranks": ranks,

@@ -4,6 +4,7 @@ each rank's chunk of every frozen parameter equals the same slice of the whole l
 and the whole quantization state), and what the sharded model computes."""
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -104,15 +105,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--case", action="append", help="MODEL,QUANTIZATION,DTYPE,HEAD (classification or causal)")
-    p.add_argument("--memory", help="a model to measure the load's memory on, instead of the cases")
+    p.add_argument("--memory", help="a model to measure the load's memory on, after the cases")
     args = p.parse_args()
-    if args.memory:
-        Path(args.out, f"rank{dist.get_rank() if dist.is_initialized() else 0}.json").write_text(
-            json.dumps(load_memory(args.memory))
-        )
-        return
-    reports = [run_case(*case.split(",")) for case in args.case]  # one launch, several loads
-    Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(reports))
+    reports = [run_case(*case.split(",")) for case in args.case or ()]  # one launch, several loads
+    gc.collect()
+    # after the cases: imports, tokenizers and the process group are in place, so the growth is the load's own
+    memory = load_memory(args.memory) if args.memory else None
+    Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps({"memory": memory, "cases": reports}))
 
 
 if __name__ == "__main__":

@@ -191,10 +191,19 @@ CASES = [
 @pytest.mark.slow
 def test_each_rank_holds_exactly_its_slice_of_the_whole_load(tiny_llama, tied_llama, quantized_tiny, tmp_path):
     """Every frozen parameter's chunk on each rank equals the same rows (4-bit: bytes and whole state) of the
-    ordinary whole load, and the sharded model computes what the whole one does."""
+    ordinary whole load, and the sharded model computes what the whole one does. The same launch then loads
+    SmolLM2-135M (real weights, NF4) and samples each rank's anonymous memory every 5 ms while adapt() runs:
+    it grows by the rank's share of the frozen base and the load's working set, never by the whole base."""
+    import adapters.backbone.packaged as packaged
+
     models = [quantized_tiny if pre else tied_llama if head == "causal" else tiny_llama for _, _, head, pre in CASES]
     cases = [f"{m},{q},{d},{h}" for m, (q, d, h, _) in zip(models, CASES, strict=True)]
-    ranks = _launch(tmp_path, cases)
+    found = _launch(tmp_path, cases, extra=("--memory", str(packaged.resolve_packaged("smollm2-135m"))))
+    for rank in found:
+        memory = rank["memory"]
+        assert memory["frozen_bytes_here"] <= 0.52 * memory["frozen_bytes"]
+        assert memory["growth"] < 0.9 * memory["frozen_bytes"], memory  # measured 0.74; a whole load: 1.0 and more
+    ranks = [rank["cases"] for rank in found]
     texts = ["good fun film", "a dull mess", "not bad at all"]
     for i, (model, (quantization, dtype, head, _)) in enumerate(zip(models, CASES, strict=True)):
         for report in (ranks[0][i], ranks[1][i]):
@@ -209,18 +218,6 @@ def test_each_rank_holds_exactly_its_slice_of_the_whole_load(tiny_llama, tied_ll
         )  # fmt: skip
         atol = 1e-5 if dtype == "float32" else 2e-2
         assert torch.allclose(torch.tensor(ranks[0][i]["logits"]), single.logits(texts), atol=atol), cases[i]
-
-
-@pytest.mark.slow
-def test_no_rank_allocates_the_whole_base_while_loading(tmp_path):
-    """SmolLM2-135M (real weights, NF4) on 2 ranks: each rank's anonymous memory grows by its share of the frozen
-    base and the load's working set, never by the whole base (sampled every 5 ms while adapt() runs)."""
-    import adapters.backbone.packaged as packaged
-
-    ranks = _launch(tmp_path, [], extra=("--memory", str(packaged.resolve_packaged("smollm2-135m"))))
-    for rank in ranks:
-        assert rank["frozen_bytes_here"] <= 0.52 * rank["frozen_bytes"]
-        assert rank["growth"] < 0.8 * rank["frozen_bytes"], rank  # the whole base would be 1.0 and more
 
 
 @pytest.mark.slow
