@@ -65,6 +65,19 @@ def test_models_lists_every_artifact_with_its_kind(client):
     assert listed == {"gen_a": "causal_lm", "gen_b": "causal_lm", "sentiment": "classification"}
 
 
+def test_models_retrieve_gives_the_base_and_the_context_and_a_404_the_openai_client_reads(client, served):
+    openai_client, _ = client
+    from adapters.artifacts.format import read_spec
+
+    model = openai_client.models.retrieve("gen_a")
+    spec = read_spec(served[1]["gen_a"])
+    assert model.id == "gen_a" and model.model_extra["parent"] == spec.base.name  # the base it sits on
+    assert model.model_extra["max_model_len"] == spec.max_length
+    with pytest.raises(openai.NotFoundError) as refused:
+        openai_client.models.retrieve("nope")
+    assert "no model 'nope'" in refused.value.message  # the client shows error.message, not "Error code: 404"
+
+
 def test_completions_route_by_adapter_and_equal_predict(client, served):
     openai_client, _ = client
     for name, answer in ANSWERS.items():

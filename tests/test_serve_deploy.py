@@ -62,6 +62,9 @@ def test_the_api_key_guards_v1_and_not_health_or_metrics():
         assert client.post("/v1/models/m/predict", json=body).status_code == 401
         wrong = client.post("/v1/models/m/predict", json=body, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+        # in OpenAI's shape too, so that its clients show the message (and FastAPI's, for curl users)
+        error = wrong.json()["error"]
+        assert error["type"] == "authentication_error" and "API key" in error["message"] == wrong.json()["detail"]
         assert client.get("/v1/models").status_code == 401
         right = {"Authorization": "Bearer s3cret"}
         assert client.post("/v1/models/m/predict", json=body, headers=right).status_code == 200

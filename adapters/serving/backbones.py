@@ -64,6 +64,7 @@ class Served:
             "quantization": self.spec.quantization,
             "adapter": self.adapter.describe() if self.adapter else None,
             "head": self.head_spec.to_dict(),
+            "max_length": self.max_length,
         }
 
 

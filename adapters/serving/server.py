@@ -6,9 +6,9 @@ per artifact behind a bounded queue (``batcher.py``).
 
 The HTTP layer is FastAPI on uvicorn (the ``serve`` extra): ``POST /v1/models/{name}/predict`` with
 ``{"texts": [...], "probabilities": true}`` (read as JSON whatever the content type says: ``curl -d``
-sends a form type), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus, ``metrics.py``)
-and the OpenAPI docs at ``/docs``. For deployments, as text-embeddings-inference and vLLM do:
-``api_key`` makes every ``/v1/`` endpoint ask for ``Authorization: Bearer KEY`` (401 without it), and
+sends a form type), ``GET /v1/models`` (and ``/v1/models/{name}``), ``GET /health``, ``GET /metrics``
+(Prometheus, ``metrics.py``) and the OpenAPI docs at ``/docs``. For deployments, as text-embeddings-inference
+and vLLM do: ``api_key`` makes every ``/v1/`` endpoint ask for ``Authorization: Bearer KEY`` (401 without it), and
 ``serve`` refuses to listen beyond this machine without one unless told ``insecure``; a full queue
 answers 503 with ``Retry-After``, a request past ``timeout_s`` 504. Bad requests get a 4xx JSON error
 naming the problem (422 malformed or mistyped body, 404 unknown model, 413 too many or too long texts,
@@ -99,6 +99,9 @@ def _documented_errors() -> Callable[..., dict[int | str, dict[str, Any]]]:
 
     class ErrorAnswer(BaseModel):
         detail: Any = Field(description="what was wrong, and how to fix it")
+        error: dict[str, Any] | None = Field(
+            default=None, description="the same, in OpenAI's shape: message, type, param, code"
+        )
 
     def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
         return {code: {"model": ErrorAnswer, "description": ERRORS[code]} for code in codes}
@@ -228,18 +231,37 @@ def add_runtime_routes(
         return PlainTextResponse(f"Success: LoRA adapter '{member.name}' removed successfully.")
 
 
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 409: "conflict_error",
+    413: "invalid_request_error", 503: "server_overloaded", 504: "timeout_error",
+}  # fmt: skip
+
+
+def error_body(status: int, message: Any) -> dict[str, Any]:
+    """An error answer both ways: ``detail`` (FastAPI's) and ``error`` (OpenAI's: what its clients show)."""
+    kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    text = message if isinstance(message, str) else str(message)
+    return {"detail": message, "error": {"message": text, "type": kind, "param": None, "code": status}}
+
+
 def _add_error_handlers(app: Any) -> None:
-    """Our typed errors answer 400 with their message; anything else 500 with its type and message."""
+    """Our typed errors answer 400 with their message; anything else 500 with its type and message; every
+    HTTP error (401, 404, 413, 503 ...) in both FastAPI's and OpenAI's shape (``error_body``)."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse(error_body(err.status_code, err.detail), err.status_code, headers=err.headers)
 
     @app.exception_handler(AdaptersError)
     async def adapters_error(request: Request, err: AdaptersError) -> JSONResponse:
-        return JSONResponse(status_code=400, content={"detail": str(err)})
+        return JSONResponse(status_code=400, content=error_body(400, str(err)))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        return JSONResponse(status_code=500, content={"detail": f"{type(err).__name__}: {err}"})
+        return JSONResponse(status_code=500, content=error_body(500, f"{type(err).__name__}: {err}"))
 
 
 def _add_service_routes(app: Any, served: dict[str, Served], metrics: ServerMetrics, guard: list, documented) -> None:
@@ -259,15 +281,30 @@ def _add_service_routes(app: Any, served: dict[str, Served], metrics: ServerMetr
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    started = int(time.time())
+
+    def card(name: str, s: Served) -> dict[str, Any]:
+        """OpenAI's model object, with vLLM's ``parent`` (the base an adapter sits on) and ``max_model_len``."""
+        described = s.describe()
+        return {
+            "id": name, "object": "model", "created": started, "owned_by": "qadapters", "kind": s.head_spec.kind,
+            "root": name, "parent": described.get("base"), "max_model_len": described.get("max_length"),
+        }  # fmt: skip
+
     @app.get("/v1/models", dependencies=guard, responses=documented(401, 500))
     async def models() -> dict[str, Any]:
         """Every served artifact: ``models`` (ours) and ``data`` (OpenAI's list format, with each kind)."""
-        created = int(time.time())
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "qadapters", "kind": s.head_spec.kind}
-            for name, s in served.items()
-        ]
+        data = [card(name, s) for name, s in served.items()]
         return {"object": "list", "data": data, "models": [s.describe() for s in served.values()]}
+
+    @app.get("/v1/models/{name}", dependencies=guard, responses=documented(401, 404, 500))
+    async def model(name: str) -> dict[str, Any]:
+        """One served artifact as OpenAI's ``models.retrieve`` reads it."""
+        from fastapi import HTTPException
+
+        if name not in served:
+            raise HTTPException(404, f"no model {name!r}; served: {sorted(served)}")
+        return card(name, served[name])
 
 
 def _add_predict_route(
