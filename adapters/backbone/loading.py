@@ -58,6 +58,16 @@ class BackboneInfo:
     hidden_size: int
 
 
+def named_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``"bfloat16"``... -> ``torch.bfloat16`` (a dtype or None passes through); a typo is a
+    ``ConfigError`` listing the names."""
+    if not isinstance(dtype, str):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def dtype_name(dtype: torch.dtype | str | None) -> str | None:
     """``torch.bfloat16`` -> ``"bfloat16"``: how dtypes are written in specs, tables and logs."""
     return dtype if dtype is None or isinstance(dtype, str) else str(dtype).removeprefix("torch.")
@@ -198,10 +208,7 @@ def plan_load(
     device = torch.device(device) if device is not None else process_device()
     if quantization is not None and device.type not in ("cpu", "cuda", "xpu"):
         raise ConfigError(f"bitsandbytes quantization does not run on {device.type}; pass quantization=None")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
+    dtype = named_dtype(dtype)
     config = AutoConfig.from_pretrained(location, **hub)
     quantization = _saved_quantization(config, quantization, location)
     decoder = is_decoder_config(config)

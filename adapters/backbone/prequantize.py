@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from adapters.backbone.loading import is_decoder_config, quantization_config, resolve_source, weights_folder
+from adapters.backbone.loading import (
+    is_decoder_config,
+    named_dtype,
+    quantization_config,
+    resolve_source,
+    weights_folder,
+)
 from adapters.backbone.precision import default_compute_dtype
 from adapters.backbone.quantize import FourBit, quantized_entries
 from adapters.backbone.skeleton import meta_network
@@ -133,15 +139,7 @@ def files_bytes(files: WeightFiles) -> int:
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    from adapters.backbone.loading import DTYPES
-
-    if dtype is None:
-        return default_compute_dtype(torch.device("cpu"))
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-        return DTYPES[dtype]
-    return dtype
+    return named_dtype(dtype) or default_compute_dtype(torch.device("cpu"))
 
 
 def _source(base: str) -> tuple[WeightFiles, Any, Path]:

@@ -57,9 +57,7 @@ def build_skeleton(
     """The network of ``config`` with placeholder weights: 4-bit linear layers (``bnb_config``, packed bytes
     stored as ``storage``) and the rest in ``compute_dtype``; ``options`` go to ``from_config``."""
     model = meta_network(config, with_lm_head, compute_dtype, bnb_config, options)
-    placed: dict[int, nn.Parameter] = {}  # tied weights (an LM head sharing the embeddings) stay one parameter
-    for module in model.modules():
-        _place(module, storage, device, placed)
+    _replace_parameters(model, lambda module, name, param: _placed(module, name, param, storage, device))
     for name, buffer in model.named_buffers():
         if buffer.device != device:
             _owner(model, name).register_buffer(name.rsplit(".", 1)[-1], buffer.to(device), persistent=False)
@@ -70,40 +68,52 @@ def _owner(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
 
 
-def _place(module: nn.Module, storage: torch.dtype, device: torch.device, placed: dict[int, nn.Parameter]) -> None:
-    """Replace ``module``'s own meta parameters by placeholders (4-bit weights: packed, in ``storage``)."""
+def _replace_parameters(model: nn.Module, replace: Any) -> int:
+    """Swap in ``replace(module, name, param)`` for each parameter it returns one for (None: kept), once per
+    parameter object, so tied weights (an LM head sharing the embeddings) stay one parameter; returns how many."""
+    done: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                new = replace(module, name, param)
+                if new is None:
+                    continue
+                done[id(param)] = new
+            module._parameters[name] = done[id(param)]
+    return len(done)
+
+
+def _params4bit(data: torch.Tensor, like: Any, module: nn.Module, storage: torch.dtype) -> nn.Parameter:
+    """A frozen, already quantized bitsandbytes 4-bit weight holding ``data``, with ``like``'s settings."""
     import bitsandbytes as bnb
 
-    for name, found in list(module._parameters.items()):
-        param: Any = found  # transformers' quantizer made 4-bit weights bitsandbytes' Params4bit
-        if param is None or param.device.type != "meta":
-            continue
-        if id(param) in placed:
-            module._parameters[name] = placed[id(param)]
-            continue
-        if isinstance(module, bnb.nn.Linear4bit) and name == "weight":
-            packed = param.numel() // 2
-            if packed % storage.itemsize:
-                raise ConfigError(
-                    f"a 4-bit weight of {packed} bytes cannot be stored as {storage} for FSDP; "
-                    f"load this model with dtype='float32' (compute in fp32) or without fsdp"
-                )
-            data = placeholder((packed // storage.itemsize, 1), storage, device)
-            module.weight = bnb.nn.Params4bit(
-                data,
-                requires_grad=False,
-                blocksize=param.blocksize,
-                compress_statistics=param.compress_statistics,
-                quant_type=param.quant_type,
-                quant_storage=storage,
-                module=module,
-                bnb_quantized=True,
-            )
-            module.quant_storage = storage
-            module.support_avx512bf16_for_cpu = False  # a sharded weight keeps bitsandbytes' plain layout
-        else:
-            module._parameters[name] = nn.Parameter(placeholder(tuple(param.shape), param.dtype, device), False)
-        placed[id(param)] = getattr(module, name)
+    return bnb.nn.Params4bit(
+        data, False, blocksize=like.blocksize, compress_statistics=like.compress_statistics,
+        quant_type=like.quant_type, quant_storage=storage, module=cast(Any, module), bnb_quantized=True,
+    )  # fmt: skip
+
+
+def _placed(
+    module: nn.Module, name: str, param: Any, storage: torch.dtype, device: torch.device
+) -> nn.Parameter | None:
+    """The placeholder for a meta parameter (a 4-bit weight: packed, in ``storage``); None for any other."""
+    import bitsandbytes as bnb
+
+    if param.device.type != "meta":
+        return None
+    if not (isinstance(module, bnb.nn.Linear4bit) and name == "weight"):
+        return nn.Parameter(placeholder(tuple(param.shape), param.dtype, device), False)
+    packed = param.numel() // 2
+    if packed % storage.itemsize:
+        raise ConfigError(
+            f"a 4-bit weight of {packed} bytes cannot be stored as {storage} for FSDP; "
+            f"load this model with dtype='float32' (compute in fp32) or without fsdp"
+        )
+    module.quant_storage = storage
+    module.support_avx512bf16_for_cpu = False  # a sharded weight keeps bitsandbytes' plain layout
+    return _params4bit(placeholder((packed // storage.itemsize, 1), storage, device), param, module, storage)
 
 
 def is_placeholder(tensor: torch.Tensor) -> bool:
@@ -116,20 +126,12 @@ def placeholders_to_meta(model: nn.Module) -> int:
     allocating them; it refuses a placeholder's zero strides); returns how many it moved."""
     import bitsandbytes as bnb
 
-    moved: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None or param.requires_grad or not (id(param) in moved or is_placeholder(param)):
-                continue
-            if id(param) not in moved:
-                empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
-                if isinstance(param, bnb.nn.Params4bit):
-                    moved[id(param)] = bnb.nn.Params4bit(
-                        empty, False, blocksize=param.blocksize, compress_statistics=param.compress_statistics,
-                        quant_type=param.quant_type, quant_storage=param.quant_storage, module=cast(Any, module),
-                        bnb_quantized=True,
-                    )  # fmt: skip
-                else:
-                    moved[id(param)] = nn.Parameter(empty, requires_grad=False)
-            module._parameters[name] = moved[id(param)]
-    return len(moved)
+    def to_meta(module: nn.Module, name: str, param: Any) -> nn.Parameter | None:
+        if param.requires_grad or not is_placeholder(param):
+            return None
+        empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        if isinstance(param, bnb.nn.Params4bit):
+            return _params4bit(empty, param, module, param.quant_storage)
+        return nn.Parameter(empty, requires_grad=False)
+
+    return _replace_parameters(model, to_meta)

@@ -21,6 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def chunk_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows of a ``rows``-long first dimension that ``rank`` holds when it is split as FSDP2 and DTensor's
+    ``Shard(0)`` split it (``torch.chunk``: ceil(rows / world) each, the last ones shorter or empty)."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
 class VocabularySplitEmbedding(nn.Module):
     """A frozen ``nn.Embedding`` whose rows are split over ``mesh``; a forward is a collective (every rank)."""
 
@@ -37,9 +45,7 @@ class VocabularySplitEmbedding(nn.Module):
 
     def rows(self) -> tuple[int, int]:
         """The first and one-past-last vocabulary row this rank holds."""
-        size = -(-self.num_embeddings // self.mesh.size())
-        start = min(self.mesh.get_local_rank() * size, self.num_embeddings)
-        return start, min(start + size, self.num_embeddings)
+        return chunk_rows(self.num_embeddings, self.mesh.get_local_rank(), self.mesh.size())
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

@@ -45,6 +45,7 @@ from adapters.backbone.skeleton import build_skeleton, placeholders_to_meta
 from adapters.backbone.weight_files import WeightFiles
 from adapters.errors import CheckpointError, UnknownModelError
 from adapters.methods.targets import own_unit_embeddings
+from adapters.sharding.embedding import chunk_rows
 from adapters.sharding.fsdp import ShardReport, shard
 
 
@@ -90,15 +91,13 @@ class ShardedLoad:
         embeddings = own_unit_embeddings(backbone)
         if embeddings is None or (type(embeddings) is nn.Embedding and not head_reads_them):
             return
-        prefix = next(n for n, m in backbone.named_modules() if m is embeddings)
-        for name, param in embeddings.named_parameters(prefix=prefix):
+        for name, param in embeddings.named_parameters(prefix=_name_of(backbone, embeddings)):
             param.data = self.files.whole(self.name(name)).to(self.device, param.dtype)
 
     def fingerprint(self, backbone: nn.Module) -> dict[str, Any]:
         """``base_fingerprint``'s numbers, read from the file (16 values of the input embeddings)."""
         embeddings: Any = cast(Any, backbone).get_input_embeddings()
-        prefix = next(n for n, m in backbone.named_modules() if m is embeddings)
-        name = self.name(f"{prefix}.weight")
+        name = self.name(f"{_name_of(backbone, embeddings)}.weight")
         step, dtype = self.files.numel(name) // 16, embeddings.weight.dtype
         picks = torch.cat([self.files.elements(name, i * step, i * step + 1) for i in range(16)])
         return {"embedding_shape": list(self.files.shape(name)), "embedding_sample": picks.to(dtype).float().tolist()}
@@ -122,7 +121,7 @@ class ShardedLoad:
                         if isinstance(module, bnb.nn.Linear4bit) and pname == "weight":
                             self._fill_4bit(module, local, param.shape, name, rank, world)
                         else:
-                            start, stop = _chunk(param.shape[0], rank, world)
+                            start, stop = chunk_rows(param.shape[0], rank, world)
                             local.copy_(self.files.rows(name, start, stop))
                     done[id(param)] = _with_local(param, local)
                 module._parameters[pname] = done[id(param)]
@@ -134,7 +133,7 @@ class ShardedLoad:
         import torch.distributed as dist
 
         size = local.element_size()
-        first, last = _chunk(shape[0], rank, world)
+        first, last = chunk_rows(shape[0], rank, world)
         byte_start, byte_stop = first * size, last * size
         if self.packed:  # a pre-quantized base: this rank's bytes, and the state as it was saved
             raw = self.files.rows(name, byte_start, byte_stop).reshape(-1)
@@ -159,6 +158,11 @@ class ShardedLoad:
         layer.quant_state = whole_state(absmax, whole, settings)
 
 
+def _name_of(root: nn.Module, module: nn.Module) -> str:
+    """``module``'s name inside ``root``."""
+    return next(name for name, found in root.named_modules() if found is module)
+
+
 def _with_local(param: Any, local: torch.Tensor) -> nn.Parameter:
     """A parameter like sharded ``param`` (a DTensor) whose chunk on this rank is ``local``. FSDP2 takes the
     new parameter in place of the old at its lazy initialisation (``FSDPParam.reset_sharded_param``)."""
@@ -168,13 +172,6 @@ def _with_local(param: Any, local: torch.Tensor) -> nn.Parameter:
         local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
     )
     return nn.Parameter(whole, requires_grad=False)
-
-
-def _chunk(rows: int, rank: int, world: int) -> tuple[int, int]:
-    """The rows of a ``rows``-long first dimension that FSDP2 gives ``rank`` (``torch.chunk``'s split)."""
-    size = -(-rows // world)
-    start = min(rank * size, rows)
-    return start, min(start + size, rows)
 
 
 def weight_files(location: str) -> WeightFiles:

@@ -50,6 +50,7 @@ from adapters.data.encoding import encode_dataset
 from adapters.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
 from adapters.files import probe_writable
 from adapters.sharding.fsdp import ShardReport, accelerate_fsdp_requested, check_fsdp, shard
+from adapters.sharding.load import launched_world
 from adapters.training.batch_size import choose_batch_size
 from adapters.training.callbacks import Control, call
 from adapters.training.checkpoint import (
@@ -189,7 +190,7 @@ class TrainingLoop:
 
     def _choose_batch_size(self) -> None:
         batch_size, grad_accum, self.auto_batch = choose_batch_size(
-            self.model, self.encoded, self.config, int(os.environ.get("WORLD_SIZE", "1"))
+            self.model, self.encoded, self.config, launched_world()
         )
         self.config = replace(self.config, batch_size=batch_size, grad_accum=grad_accum)
         found = self.auto_batch
@@ -233,7 +234,7 @@ class TrainingLoop:
                 "Launch it with torchrun --nproc-per-node N (or accelerate launch) to shard over N processes"
             )
             self.fsdp = False
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        launched = launched_world()
         if launched != self.accelerator.num_processes:
             raise ConfigError(
                 f"launched with WORLD_SIZE={launched} but Accelerate runs "
