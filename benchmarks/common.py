@@ -25,14 +25,18 @@ def machine() -> dict:
 
     import adapters  # noqa: F401 - first: it quiets a bitsandbytes import-time warning
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass
+    bf16 = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags]  # what decides bf16 speed on CPU
+    cpu += f" ({', '.join(bf16) if bf16 else 'no bf16 flags'})"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,

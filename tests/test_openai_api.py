@@ -121,8 +121,12 @@ def test_stop_sequences_cut_the_answer(client):
 
 def test_openai_refusals_are_400s_naming_the_problem(client):
     openai_client, http = client
-    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: best_of"):
-        openai_client.completions.create(model="gen_a", prompt=PROMPT, extra_body={"best_of": 2})
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: tools"):
+        openai_client.completions.create(model="gen_a", prompt=PROMPT, extra_body={"tools": []})
+    with pytest.raises(openai.BadRequestError, match="best_of other than n is not supported"):
+        openai_client.completions.create(model="gen_a", prompt=PROMPT, best_of=2)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        openai_client.completions.create(model="gen_a", prompt=PROMPT, suffix="end")
     with pytest.raises(openai.BadRequestError, match="classifies, it does not complete text"):
         openai_client.completions.create(model="sentiment", prompt=PROMPT)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -131,8 +135,11 @@ def test_openai_refusals_are_400s_naming_the_problem(client):
         openai_client.completions.create(model="gen_a", prompt=PROMPT, top_p=1.5)
     with pytest.raises(openai.BadRequestError, match="n must be an integer from 1 to 16"):
         openai_client.completions.create(model="gen_a", prompt=PROMPT, n=17)
-    with pytest.raises(openai.BadRequestError, match="n > 1 is answered whole"):
-        openai_client.completions.create(model="gen_a", prompt=PROMPT, n=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="content parts of type \\['image_url'\\]"):
+        picture = {"type": "image_url", "image_url": {"url": "data:,"}}
+        openai_client.chat.completions.create(model="gen_a", messages=[{"role": "user", "content": [picture]}])
+    with pytest.raises(openai.BadRequestError, match="stream_options can only be given with stream"):
+        openai_client.completions.create(model="gen_a", prompt=PROMPT, stream_options={"include_usage": True})
     assert http.post("/v1/chat/completions", content=b"{not json").status_code == 400
 
 

@@ -12,6 +12,7 @@ import pytest
 import adapters
 from adapters.serving import scheduler as scheduling
 from adapters.serving.backbones import load_served
+from adapters.serving.sampling import Sampling
 from adapters.serving.scheduler import Scheduler, Sequence
 
 PROMPTS = ["the plot of the film", "a dull and tedious mess of a movie that", "good"]
@@ -76,7 +77,8 @@ def _run_all(scheduler, requests):
 
         batch = group.model.encode([prompt])  # a CausalLM head's prompt: the same for every member here
         ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
-        scheduler.submit(Sequence(member, ids, NEW_TOKENS, emit, **settings))
+        sampling = Sampling(**{k: v for k, v in settings.items() if k != "seed"})
+        scheduler.submit(Sequence(member, ids, NEW_TOKENS, emit, sampling, settings.get("seed")))
     assert all_done.wait(120), finished
     assert all(reason in ("stop", "length") for reason in finished.values()), finished
     return results

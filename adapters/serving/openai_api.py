@@ -1,160 +1,135 @@
-"""OpenAI-compatible endpoints for the served artifacts whose head generates text (``CausalLM``), so the
-clients users already have (the ``openai`` package, anything that speaks its API) talk to an adapter:
+"""OpenAI-compatible completions for the served artifacts whose head generates text (``CausalLM``), so the
+clients users already have (the ``openai`` package, lm-eval's ``local-completions``, guidellm, litellm) talk
+to an adapter at their defaults:
 
-* ``POST /v1/chat/completions``: ``model`` names a served artifact, ``messages`` a chat (rendered with
-  the base's chat template); ``POST /v1/completions``: a ``prompt``.
-* the usual settings: ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (up to 16 choices,
-  generated as one batch; not with streaming);
-  ``stream: true`` answers with server-sent events, one chunk per piece of text as it is generated,
-  ending in ``data: [DONE]``; ``usage`` counts the prompt's and the completion's tokens.
-* As OpenAI's API does, an argument it does not know is a 400 naming it; asking a classification
-  artifact for a completion is a 400 saying so.
+* ``POST /v1/chat/completions``: ``messages`` rendered with the base's chat template;
+  ``POST /v1/completions``: one or many ``prompt``s (strings or token ids), each with ``n`` choices.
+* every setting of ``openai_requests.py``, each applied per row in the continuous batch (``sampling.py``);
+  ``logprobs`` (the model's own log-softmax, up to 20 alternatives), with ``echo`` the prompt's too;
+  ``response_format`` by constrained decoding (``grammar.py``).
+* ``stream: true`` answers with server-sent events, one chunk per piece of text as it is generated, each
+  choice by its index, ending in ``data: [DONE]``; ``stream_options.include_usage`` adds a last chunk with the
+  usage, ``continuous_usage_stats`` the running usage on every chunk.
 
-Every completion (streamed or whole, each of its ``n`` choices) is a row of its backbone's continuous
-batch (``scheduler.py``): all running rows, whatever their artifact, decode in one forward per step, each
-with its own temperature, top_p and seeded generator, so a seed gives the same text whatever else runs.
-A row whose stop sequence appeared, or whose client went away, is freed at the next step.
+Every choice is a row of its backbone's continuous batch (``scheduler.py``): all running rows, whatever their
+artifact and settings, decode in one forward per step. A row whose stop sequence appeared, or whose client
+went away, is freed at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.errors import ConfigError
-from adapters.serving.backbones import Served
+from adapters.serving.openai_requests import Ask, OpenAIError
+from adapters.serving.sampling import TokenLogprob
 from adapters.serving.scheduler import Scheduler, Sequence
 
-CHAT_FIELDS = {
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "n",
-    "stream",
-    "user",
-}
-MAX_CHOICES = 16  # n: choices of one request, generated together as one batch
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts: a seed outside is a 400, not a 500
-ROLES = ("system", "developer", "user", "assistant", "tool")
-Pieces = asyncio.Queue[tuple[str | None, str | None]]  # a generation's text: (piece, None)..., (None, finish)
-GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (vLLM's _SAMPLING_EPS)
-RANGES = {"temperature": (0.0, 2.0, "[0, 2]"), "top_p": (0.0, 1.0, "(0, 1]")}  # OpenAI's
-COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream", "user"}
+Pieces = asyncio.Queue[tuple[str | None, str | None, int]]  # (piece, None, tokens so far)..., (None, finish, n)
 
 
-class OpenAIError(Exception):
-    """A request OpenAI's API would refuse: answered with its status and ``{"error": {...}}`` body."""
+@dataclass
+class Choice:
+    """One row of a request as it is generated: its sequence, the text kept so far and how it ended."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": None}}
-
-
-def parse(body: Any, fields: set[str], input_field: str, served: dict[str, Served]) -> tuple[Served, dict[str, Any]]:
-    """The artifact asked for and the request's settings, checked as OpenAI checks them (400s)."""
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - fields)
-    if unknown:
-        raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise OpenAIError(400, "model must be the name of a served artifact (a string)", "model")
-    if name not in served:
-        raise OpenAIError(404, f"The model {name!r} does not exist; served: {sorted(served)}", "model")
-    if not served[name].head_spec.lm_logits:
-        raise OpenAIError(
-            400,
-            f"{name!r} is a {served[name].head_spec.kind} model: it classifies, it does not complete text; "
-            f"use POST /v1/models/{name}/predict",
-            "model",
-        )
-    if input_field not in body:
-        raise OpenAIError(400, f"Missing required parameter: {input_field!r}", input_field)
-    n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
-        raise OpenAIError(400, f"n must be an integer from 1 to {MAX_CHOICES}", "n")
-    if n > 1 and body.get("stream"):
-        raise OpenAIError(400, "n > 1 is answered whole: ask without stream, or n=1 to stream", "n")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise OpenAIError(400, "stop must be a string or a list of non-empty strings", "stop")
-    check_bounds(body)
-    request = {"stop": stop or [], "stream": bool(body.get("stream", False)), "seed": body.get("seed"), "n": n}
-    given = {
-        "max_new_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
-        "temperature": body.get("temperature"),
-        "top_p": body.get("top_p"),
-    }
-    settings: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if "temperature" in settings and settings["temperature"] < GREEDY_BELOW:  # OpenAI's greedy, and vLLM's
-        del settings["temperature"]  # below 1e-5 (dividing by a subnormal temperature overflows to NaN)
-    if "temperature" in settings or "top_p" in settings:
-        settings["do_sample"] = True
-    return served[name], {**request, "settings": settings}
+    index: int
+    prompt: int  # which of the request's prompts
+    seq: Sequence
+    pieces: Pieces
+    text: str = ""
+    finish: str | None = None
+    tokens: int = 0  # tokens whose text is in ``text`` (the logprobs reported)
+    sent_tokens: int = 0  # of them, those already streamed
+    events: list[str] = field(default_factory=list)
 
 
-def _integer(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def submit(scheduler: Scheduler, ask: Ask) -> list[Choice]:
+    """Queue every row of ``ask`` on the backbone's scheduler (``QueueFull`` when its queue is full); each row's
+    text arrives on its own queue. Choice ``i`` of a seeded request samples with seed ``seed + i``."""
+    loop = asyncio.get_running_loop()
+    constraint = _constraint_maker(ask)
+    choices = []
+    for index, prompt, i in ask.rows():
+        pieces: Pieces = asyncio.Queue()
+        seq = Sequence(
+            ask.member, ask.prompts[prompt], ask.max_new_tokens, _nowhere, ask.sampling,
+            None if ask.seed is None else ask.seed + i, constraint(),
+        )  # fmt: skip
+        seq.emit = _emitter(loop, pieces, seq)
+        choices.append(Choice(index, prompt, seq, pieces))
+    try:
+        for choice in choices:
+            scheduler.submit(choice.seq)
+    except Exception:
+        for choice in choices:
+            choice.seq.cancelled.set()
+        raise
+    return choices
 
 
-def check_bounds(body: dict[str, Any]) -> None:
-    """Every numeric and boolean setting within what OpenAI (and vLLM) accept, else a 400 naming it: a value
-    out of range never reaches the model (a seed past 64 bits was a 500, an infinite temperature ran)."""
-    for key in ("max_tokens", "max_completion_tokens"):
-        if body.get(key) is not None and not (_integer(body[key]) and body[key] >= 1):
-            raise OpenAIError(400, f"{key} must be a positive integer, got {body[key]!r}", key)
-    for key, (low, high, shown) in RANGES.items():
-        value = body.get(key)
-        if value is None:
-            continue
-        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or not low <= value <= high or (key == "top_p" and value == 0):
-            raise OpenAIError(400, f"{key} must be a number in {shown}, got {value!r}", key)
-    seed = body.get("seed")
-    if seed is not None and not (_integer(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise OpenAIError(400, f"seed must be an integer from -2**63 to 2**64 - 1, got {seed!r}", "seed")
-    if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise OpenAIError(400, f"stream must be true or false, got {body['stream']!r}", "stream")
-    if body.get("user") is not None and not isinstance(body["user"], str):
-        raise OpenAIError(400, "user must be a string", "user")
+def _nowhere(piece: str | None, finish: str | None) -> None:
+    """A placeholder until the sequence's own emitter is set."""
 
 
-def check_context(member: Served, prompt: Any, settings: dict[str, Any]) -> None:
-    """The prompt's tokens plus ``max_tokens`` within the model's context, else a 400 naming the limit (vLLM's
-    wording)."""
-    model = member.group.model
-    config = getattr(model.backbone, "config", None)
-    context = getattr(config, "max_position_embeddings", None) or model.tokenizer.model_max_length
-    tokenizer = model.tokenizer
-    if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-        tokens = len(tokenizer(prompt)["input_ids"])
-    new = settings.get("max_new_tokens", member.head_spec.generation_defaults()["max_new_tokens"])
-    if tokens + new > context:
-        raise OpenAIError(
-            400,
-            f"This model's maximum context length is {context} tokens. However, you requested {tokens + new} "
-            f"tokens ({tokens} in the prompt, {new} in the completion). Please reduce the length of the prompt "
-            f"or max_tokens.",
-            "max_tokens" if tokens < context else ("messages" if isinstance(prompt, list) else "prompt"),
-        )
+def _emitter(loop: asyncio.AbstractEventLoop, pieces: Pieces, seq: Sequence) -> Any:
+    """What the scheduler's thread calls with ``seq``'s pieces: each goes to the event loop's queue with the
+    count of tokens generated so far (the logprobs its text covers)."""
+    return lambda piece, finish: loop.call_soon_threadsafe(pieces.put_nowait, (piece, finish, len(seq.generated)))
+
+
+def _constraint_maker(ask: Ask) -> Any:
+    """A function giving each row its own grammar matcher (or None without ``response_format``)."""
+    if ask.response_format is None:
+        return lambda: None
+    from adapters.serving import grammar
+    from adapters.serving.openai_requests import _vocabulary
+
+    model = ask.member.group.model
+    eos = model.tokenizer.eos_token_id
+    vocabulary = _vocabulary(ask.member)
+    try:
+        compiled = grammar.compile_schema(ask.response_format["schema"], model.tokenizer, vocabulary, [eos])
+    except ConfigError as err:
+        raise OpenAIError(400, str(err), "response_format") from None
+    return lambda: grammar.Constraint(compiled, vocabulary)
+
+
+async def follow(choice: Choice, stop: list[str]) -> AsyncIterator[str]:
+    """The new text of ``choice`` as it comes, cut at its first stop sequence (its row freed at the next step);
+    what could still be the start of a stop sequence is held back until it is not."""
+    hold = max((len(s) - 1 for s in stop), default=0)
+    raw, sent = "", 0
+    try:
+        while True:
+            piece, reason, tokens = await choice.pieces.get()
+            if piece is None:
+                if reason is not None and reason.startswith("error"):
+                    raise RuntimeError(f"generation failed: {reason}")
+                choice.finish = reason or "stop"
+                choice.tokens = tokens
+                break
+            raw += piece
+            kept, stopped = _cut(raw, stop)
+            choice.tokens = tokens
+            ready = len(kept) if stopped else max(sent, len(kept) - hold)
+            if ready > sent:
+                choice.text = kept[:ready]
+                yield kept[sent:ready]
+                sent = ready
+            if stopped:
+                choice.finish = "stop"
+                return
+        if sent < len(raw):
+            choice.text = raw
+            yield raw[sent:]
+    finally:
+        choice.seq.cancelled.set()
 
 
 def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -163,203 +138,155 @@ def _cut(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(ends)], True) if ends else (text, False)
 
 
-def _usage(member: Served, prompt: Any, completion: str) -> dict[str, int]:
-    model = member.group.model
-    prompt_tokens = int(model.encode([prompt])["attention_mask"].sum())
-    completion_tokens = len(model.tokenizer(completion, add_special_tokens=False)["input_ids"])
+async def complete(choices: list[Choice], ask: Ask) -> None:
+    """Every choice generated whole (each ends with its text and finish reason)."""
+
+    async def one(choice: Choice) -> None:
+        async for _ in follow(choice, ask.stop):
+            pass
+
+    await asyncio.gather(*(one(c) for c in choices))
+
+
+# --- what is answered -------------------------------------------------------------------------------------
+
+
+def _ident(ask: Ask) -> str:
+    return f"{'chatcmpl' if ask.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def usage(ask: Ask, choices: list[Choice]) -> dict[str, int]:
+    """OpenAI's count: each prompt once, the generated tokens of every choice summed."""
+    prompt = sum(len(p) for p in ask.prompts)
+    completion = sum(c.tokens for c in choices)  # up to the text kept (a stop sequence ends it)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def answer(ask: Ask, choices: list[Choice]) -> dict[str, Any]:
+    """A whole (not streamed) chat or text completion with its choices and usage."""
+    body = []
+    for choice in choices:
+        logprobs = _logprobs(ask, choice, 0, choice.tokens, echo=ask.echo)
+        if ask.chat:
+            message = {"role": "assistant", "content": choice.text}
+            body.append({"index": choice.index, "message": message, "logprobs": logprobs})
+        else:
+            text = (_prompt_text(ask, choice) if ask.echo else "") + choice.text
+            body.append({"index": choice.index, "text": text, "logprobs": logprobs})
+        body[-1]["finish_reason"] = choice.finish
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "id": _ident(ask),
+        "object": "chat.completion" if ask.chat else "text_completion",
+        "created": int(time.time()),
+        "model": ask.member.name,
+        "choices": body,
+        "usage": usage(ask, choices),
     }
 
 
-def _finish(member: Served, completion: str, stopped: bool, settings: dict[str, Any]) -> str:
-    if stopped:
-        return "stop"
-    limit = settings.get("max_new_tokens", member.head_spec.generation_defaults()["max_new_tokens"])
-    tokens = len(member.group.model.tokenizer(completion, add_special_tokens=False)["input_ids"])
-    return "length" if tokens >= limit else "stop"
+def _prompt_text(ask: Ask, choice: Choice) -> str:
+    text = ask.texts[choice.prompt]
+    return text if text is not None else ask.member.group.model.tokenizer.decode(ask.prompts[choice.prompt])
 
 
-def prompt_ids(member: Served, prompt: Any) -> list[int]:
-    """The token ids of ``prompt`` as ``member``'s head renders it (its chat template, its max_length), read
-    without the backbone's lock: the event loop never waits for a decoding step."""
-    from adapters.data.encoding import encode_rows
-
-    rows = member.head_spec.input_rows([prompt])
-    tokenizer = member.group.model.tokenizer
-    columns, _ = encode_rows(rows, tokenizer, member.head_spec, "text", None, member.max_length, "inputs")
-    return list(columns["input_ids"][0])
-
-
-def submit(
-    scheduler: Scheduler, member: Served, prompt: Any, request: dict[str, Any], choice: int = 0
-) -> tuple[Sequence, Pieces]:
-    """Queue one generation of ``prompt`` on the backbone's scheduler; its pieces of text arrive on the
-    returned queue (``(piece, None)``, then ``(None, finish_reason)``). ``choice``: the index among ``n``
-    (a seeded request samples choice ``i`` with seed ``seed + i``)."""
-    loop = asyncio.get_running_loop()
-    pieces: Pieces = asyncio.Queue()
-    settings = request["settings"]
-    ids = prompt_ids(member, prompt)
-    sampled = settings.get("do_sample", False)
-    seq = Sequence(
-        member,
-        ids,
-        settings.get("max_new_tokens", member.head_spec.generation_defaults()["max_new_tokens"]),
-        lambda piece, finish: loop.call_soon_threadsafe(pieces.put_nowait, (piece, finish)),
-        temperature=settings.get("temperature", 1.0) if sampled else None,
-        top_p=settings.get("top_p") if sampled else None,
-        seed=None if request["seed"] is None else request["seed"] + choice,
-    )
-    scheduler.submit(seq)
-    return seq, pieces
+def _logprobs(ask: Ask, choice: Choice, start: int, end: int, echo: bool) -> dict[str, Any] | None:
+    """The logprobs of generated tokens ``start:end`` (and of the prompt, with ``echo``) in the endpoint's shape:
+    chat's ``{"content": [...]}``, the legacy completion's ``tokens``/``token_logprobs``/``top_logprobs``."""
+    if ask.sampling.logprobs is None:
+        return None
+    tokenizer = ask.member.group.model.tokenizer
+    generated = choice.seq.logprobs[start:end]
+    if ask.chat:
+        return {"content": [_chat_entry(tokenizer, entry) for entry in generated]}
+    entries: list[TokenLogprob | None] = list(generated)
+    if echo:
+        entries = [None, *choice.seq.prompt_logprobs, *generated]
+    tokens = ([choice.seq.prompt[0]] if echo else []) + [e.token for e in entries if e is not None]
+    texts = [tokenizer.decode([t]) for t in tokens]
+    offsets, at = [], 0
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [None if e is None else e.logprob for e in entries],
+        "top_logprobs": [None if e is None else {tokenizer.decode([t]): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
 
 
-async def texts_of(seq: Sequence, pieces: Pieces, finish: list[str]) -> AsyncIterator[str]:
-    """The pieces of ``seq``'s text as they come; its finish reason appended to ``finish`` at the end."""
-    while True:
-        piece, reason = await pieces.get()
-        if piece is not None:
-            yield piece
-            continue
-        if reason is not None and reason.startswith("error"):
-            raise RuntimeError(f"generation failed: {reason}")
-        finish.append(reason or "stop")
-        return
+def _chat_entry(tokenizer: Any, entry: TokenLogprob) -> dict[str, Any]:
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {**one(entry.token, entry.logprob), "top_logprobs": [one(t, lp) for t, lp in entry.top]}
 
 
-async def complete(scheduler: Scheduler, member: Served, prompt: Any, request: dict[str, Any]) -> list[str]:
-    """The ``n`` whole completions of ``prompt`` (a text or a chat message list), each a row of the batch,
-    each cut at its first stop sequence (its row freed at the next step)."""
-
-    async def one(choice: int) -> str:
-        seq, pieces = submit(scheduler, member, prompt, request, choice)
-        text = ""
-        try:
-            async for piece in texts_of(seq, pieces, []):
-                text += piece
-                if _cut(text, request["stop"])[1]:
-                    break
-        finally:
-            seq.cancelled.set()  # stopped, or the request went away: free the row
-        return text
-
-    return list(await asyncio.gather(*(one(i) for i in range(request["n"]))))
-
-
-def chunk(endpoint: str, name: str, ident: str, piece: str | None, finish: str | None, role: bool = False) -> str:
-    """One server-sent event of a streamed chat or text completion."""
-    if endpoint == "chat":
+def _chunk(ask: Ask, ident: str, choice: Choice, piece: str | None, finish: str | None, role: bool = False) -> dict:
+    """One streamed chunk of ``choice`` (its new ``piece``, its logprobs since the last chunk)."""
+    logprobs = _logprobs(ask, choice, choice.sent_tokens, choice.tokens, echo=False)
+    choice.sent_tokens = choice.tokens
+    if ask.chat:
         delta = {**({"role": "assistant"} if role else {}), **({"content": piece} if piece is not None else {})}
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-        obj = "chat.completion.chunk"
+        entry: dict[str, Any] = {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": piece or "", "finish_reason": finish}
-        obj = "text_completion"
-    body = {"id": ident, "object": obj, "created": int(time.time()), "model": name, "choices": [choice]}
+        entry = {"index": choice.index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
+    return {
+        "id": ident,
+        "object": "chat.completion.chunk" if ask.chat else "text_completion",
+        "created": int(time.time()),
+        "model": ask.member.name,
+        "choices": [entry],
+    }
+
+
+def _event(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def sse(
-    endpoint: str, member: Served, seq: Sequence, pieces: Pieces, request: dict[str, Any]
-) -> AsyncIterator[str]:
-    """The stream of submitted ``seq`` as server-sent events, stop sequences applied, ending in ``[DONE]``.
-    When the client goes away (the server closes this stream) or a stop sequence ends it, its row is freed
-    at the scheduler's next step."""
+async def sse(ask: Ask, choices: list[Choice]) -> AsyncIterator[str]:
+    """The streams of ``choices`` as server-sent events, interleaved as their pieces come, ending in ``[DONE]``.
+    When the client goes away (the server closes this stream), every row is freed at the next step."""
+    ident = _ident(ask)
+    merged: asyncio.Queue[tuple[Choice, str | None, bool]] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for piece in follow(choice, ask.stop):
+                await merged.put((choice, piece, False))
+        finally:
+            await merged.put((choice, None, True))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
     try:
-        async for event in _events(endpoint, member, seq, pieces, request):
-            yield event
+        for choice in choices:  # the opening chunk: the role, or the echoed prompt
+            opening = _prompt_text(ask, choice) if ask.echo else ("" if not ask.chat else None)
+            yield _event(_with_usage(ask, choices, _chunk(ask, ident, choice, opening, None, role=ask.chat)))
+        open_choices = len(choices)
+        while open_choices:
+            choice, piece, ended = await merged.get()
+            if ended:
+                open_choices -= 1
+                body = _chunk(ask, ident, choice, None if ask.chat else "", choice.finish or "stop")
+            else:
+                body = _chunk(ask, ident, choice, piece, None)
+            yield _event(_with_usage(ask, choices, body))
+        for task in tasks:
+            task.result()  # a failed generation fails the stream
+        if ask.include_usage:
+            last = {**_chunk(ask, ident, choices[0], None, None), "choices": [], "usage": usage(ask, choices)}
+            yield _event(last)
+        yield "data: [DONE]\n\n"
     finally:
-        seq.cancelled.set()
+        for choice in choices:
+            choice.seq.cancelled.set()
+        for task in tasks:
+            task.cancel()
 
 
-async def _events(
-    endpoint: str, member: Served, seq: Sequence, pieces: Pieces, request: dict[str, Any]
-) -> AsyncIterator[str]:
-    ident = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-    yield chunk(endpoint, member.name, ident, None if endpoint == "chat" else "", None, role=endpoint == "chat")
-    text, sent, stopped, finish = "", 0, False, list[str]()
-    async for piece in texts_of(seq, pieces, finish):
-        text += piece
-        kept, stopped = _cut(text, request["stop"])
-        # hold back what could still be the start of a stop sequence
-        hold = max((len(s) - 1 for s in request["stop"]), default=0)
-        ready = len(kept) if stopped else max(sent, len(kept) - hold)
-        if ready > sent:
-            yield chunk(endpoint, member.name, ident, kept[sent:ready], None)
-            sent = ready
-        if stopped:
-            break
-    if not stopped and sent < len(text):
-        yield chunk(endpoint, member.name, ident, text[sent:], None)
-    reason = "stop" if stopped or not finish else finish[0]
-    yield chunk(endpoint, member.name, ident, None if endpoint == "chat" else "", reason)
-    yield "data: [DONE]\n\n"
-
-
-def answer(endpoint: str, member: Served, prompt: Any, texts: list[str], request: dict[str, Any]) -> dict[str, Any]:
-    """A whole (not streamed) chat or text completion with its choices, and their usage (the prompt counted
-    once, the completion tokens of every choice summed, as OpenAI counts them)."""
-    choices, kept = [], []
-    for index, generated in enumerate(texts):
-        text, stopped = _cut(generated, request["stop"])
-        finish = _finish(member, text, stopped, request["settings"])
-        kept.append(text)
-        if endpoint == "chat":
-            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
-        else:
-            choices.append({"index": index, "text": text, "finish_reason": finish, "logprobs": None})
-    usage = _usage(member, prompt, kept[0])
-    usage["completion_tokens"] = sum(_usage(member, prompt, text)["completion_tokens"] for text in kept)
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {
-        "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if endpoint == "chat" else "text_completion",
-        "created": int(time.time()),
-        "model": member.name,
-        "choices": choices,
-        "usage": usage,
-    }
-
-
-def chat_prompt(body: dict[str, Any], max_chars: int) -> list[dict[str, str]]:
-    messages = body["messages"]
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-    ):
-        raise OpenAIError(400, "messages must be a non-empty list of {role, content} objects", "messages")
-    unknown = sorted({m["role"] for m in messages} - set(ROLES))
-    if unknown:
-        raise OpenAIError(400, f"unknown message role(s) {unknown}; roles are {list(ROLES)}", "messages")
-    _check_chars(sum(len(m["content"]) for m in messages), max_chars, "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def _check_chars(chars: int, max_chars: int, field: str) -> None:
-    if chars > max_chars:
-        raise OpenAIError(400, f"{field} holds {chars} characters; this server takes at most {max_chars}", field)
-
-
-def text_prompt(body: dict[str, Any], max_chars: int) -> str:
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise OpenAIError(400, "prompt must be one non-empty string", "prompt")
-    _check_chars(len(prompt), max_chars, "prompt")
-    return prompt
-
-
-def checked(settings: dict[str, Any], member: Served) -> None:
-    """Generation settings refused before anything runs, as a 400."""
-    try:
-        member.head_spec.check_generation(member.group.model, settings)
-    except ConfigError as err:
-        raise OpenAIError(400, str(err)) from None
+def _with_usage(ask: Ask, choices: list[Choice], body: dict[str, Any]) -> dict[str, Any]:
+    """``continuous_usage_stats``: the usage so far on every chunk (vLLM's)."""
+    if ask.continuous_usage:
+        body["usage"] = usage(ask, choices)
+    return body

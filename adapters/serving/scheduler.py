@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from adapters.serving.batcher import QueueFull
+from adapters.serving.sampling import Sampling, TokenLogprob, logprob_of, next_token, prompt_logprobs
 
 PREFILL_CHUNK = 256  # prompt tokens prefilled per step; longer prompts take turns with the decoding rows
 PREFILL_ROWS = 32  # short prompts prefilled together in one forward at most
@@ -43,23 +44,27 @@ class Sequence:
 
     member: Any  # the Served artifact
     prompt: list[int]
-    max_new_tokens: int
+    max_new_tokens: int  # 0: only the prompt's logprobs are wanted (``echo``)
     emit: Callable[[str | None, str | None], Any]
     """Called from the scheduler's thread with a piece of text, then once with ``(None, finish_reason)``."""
-    temperature: float | None = None  # None: greedy
-    top_p: float | None = None
+    sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
+    grammar: Any = None  # a ``grammar.Constraint`` the text must follow (``response_format``), or None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, when asked
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # per prompt token after the first
     sent: str = ""  # the text emitted so far
     prefilled: int = 0  # prompt tokens already in its cache
     cache: Any = None  # its own cache while it is prefilled
+    last_logits: torch.Tensor | None = None  # its previous prefill chunk's last logits (for prompt logprobs)
     generator: torch.Generator | None = None
     queued_at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         if self.seed is not None:
             self.generator = torch.Generator().manual_seed(self.seed)
+        self.processors = self.sampling.processors()
 
 
 @dataclass
@@ -213,14 +218,18 @@ class Scheduler:
                 _say(seq, None, f"error: {err}")
             self.waiting.clear()
 
-    def _forward(self, rows: list[Sequence], **inputs: Any) -> Any:
-        """One forward of ``rows`` on the shared backbone, each row through its own adapter, under the lock."""
+    def _forward(self, rows: list[Sequence], every_position: bool = False, **inputs: Any) -> Any:
+        """One forward of ``rows`` on the shared backbone, each row through its own adapter, under the lock;
+        logits at the last position only, unless ``every_position`` (a prompt's logprobs)."""
         group = self.group
+        network = group.model.backbone
+        if not every_position and _takes(network, "logits_to_keep"):
+            inputs["logits_to_keep"] = 1  # the vocabulary projection of one position, not of the whole prompt
         with group.lock, ExitStack() as routes:
             for kind, handles in _kinds(group.members):
                 masks = [(handle, torch.tensor([r.member.handle is handle for r in rows])) for handle in handles]
                 routes.enter_context(kind.route(group.model, masks))
-            return group.model.backbone(**_cache_argument(group.model.backbone, inputs), use_cache=True)
+            return network(**_cache_argument(network, inputs), use_cache=True)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         from transformers import DynamicCache
@@ -232,10 +241,15 @@ class Scheduler:
         start = seq.prefilled
         out = self._forward(
             [seq],
+            seq.sampling.prompt_logprobs is not None,
             input_ids=torch.tensor([chunk], device=device),
             position_ids=torch.arange(start, start + len(chunk), device=device)[None],
             past_key_values=seq.cache,
         )
+        if seq.sampling.prompt_logprobs is not None:
+            rows = out.logits[0] if seq.last_logits is None else torch.cat([seq.last_logits, out.logits[0]])
+            _record_prompt_logprobs(seq, rows, start + 1 - (seq.last_logits is not None))
+            seq.last_logits = out.logits[0, -1:]
         seq.prefilled += len(chunk)
         if seq.prefilled < len(seq.prompt):
             return
@@ -253,13 +267,18 @@ class Scheduler:
         mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs])
         ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs])
         cache = DynamicCache()
+        every = any(s.sampling.prompt_logprobs is not None for s in seqs)
         out = self._forward(
             seqs,
+            every,
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
             past_key_values=cache,
         )
+        for i, seq in enumerate(seqs):
+            if seq.sampling.prompt_logprobs is not None:
+                _record_prompt_logprobs(seq, out.logits[i, width - len(seq.prompt) :], 1)
         self._admit(seqs, cache, mask, out.logits[:, -1])
 
     def _admit(self, seqs: list[Sequence], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
@@ -269,9 +288,10 @@ class Scheduler:
                 self.waiting.remove(seq)
         going_on = []
         for i, seq in enumerate(seqs):
-            token = self._sample(seq, logits[i])
             self.observe("first_token", time.monotonic() - seq.queued_at)
-            if self._advance(seq, token):
+            if seq.max_new_tokens == 0:  # only the prompt's logprobs were asked for
+                _say(seq, None, "length")
+            elif self._advance(seq, self._sample(seq, logits[i])):
                 going_on.append(i)
         if going_on:
             if len(going_on) < len(seqs):
@@ -302,27 +322,27 @@ class Scheduler:
             batch.keep(keep)
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """The next token of ``seq`` from its last logits: greedy, or sampled with its own generator."""
-        if seq.temperature is None and seq.top_p is None:
-            return int(logits.argmax())
-        logits = logits.float().cpu() / (seq.temperature or 1.0)
-        probs = torch.softmax(logits, -1)
-        if seq.top_p is not None and seq.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            outside = ordered.cumsum(0) - ordered > seq.top_p  # keeps the smallest set reaching top_p
-            ordered[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, ordered)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
+        """The next token of ``seq`` from its last raw logits, with its own settings (``sampling.py``): the end
+        of text masked until ``min_tokens``, its grammar's mask, penalties, then greedy or its own generator."""
+        sampling = seq.sampling
+        banned = [*self.eos, *sampling.stop_token_ids] if len(seq.generated) < sampling.min_tokens else None
+        restrict = seq.grammar.restrict if seq.grammar is not None else None
+        token = next_token(logits, seq.prompt, seq.generated, sampling, seq.processors, seq.generator, banned, restrict)
+        if sampling.logprobs is not None:
+            seq.logprobs.append(logprob_of(logits, token, sampling.logprobs))
+        return token
 
     def _advance(self, seq: Sequence, token: int) -> bool:
         """Record ``token`` for ``seq`` and emit its new text; False when the sequence ends here."""
         if seq.cancelled.is_set():
             _say(seq, None, "cancelled")
             return False
-        ended = token in self.eos
+        ended = token in seq.sampling.stop_token_ids or (token in self.eos and not seq.sampling.ignore_eos)
         if not ended:
             seq.generated.append(token)
             self.observe("generated_tokens", 1)
+            if seq.grammar is not None:
+                ended = seq.grammar.accept(token)  # the grammar is complete: nothing more may follow
             text = self.group.model.tokenizer.decode(seq.generated, skip_special_tokens=True)
             if len(text) > len(seq.sent) and not text.endswith("\ufffd"):  # a character still being spelled
                 _say(seq, text[len(seq.sent) :], None)
@@ -336,23 +356,34 @@ class Scheduler:
         return True
 
 
+def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, first: int) -> None:
+    """The logprobs of ``seq.prompt[first:]`` as far as ``logits`` (the positions before each) reach."""
+    following = seq.prompt[first : first + logits.shape[0]]
+    if following:
+        seq.prompt_logprobs += prompt_logprobs(logits[: len(following)], following, seq.sampling.prompt_logprobs or 0)
+
+
 def _cache_argument(network: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """``past_key_values`` under the name the model's forward takes (transformers 5 renames it ``cache``)."""
-    if _takes_cache(type(network)):
+    if _takes(network, "cache"):
         inputs = dict(inputs)
         inputs["cache"] = inputs.pop("past_key_values")
     return inputs
 
 
-_TAKES_CACHE: dict[type, bool] = {}
+_TAKES: dict[tuple[type, str], bool] = {}
 
 
-def _takes_cache(network_class: Any) -> bool:
+def _takes(network: Any, argument: str) -> bool:
+    """Whether the transformers model under ``network`` (a peft wrapper passes its arguments on) takes
+    ``argument``."""
     import inspect
 
-    if network_class not in _TAKES_CACHE:
-        _TAKES_CACHE[network_class] = "cache" in inspect.signature(network_class.forward).parameters
-    return _TAKES_CACHE[network_class]
+    inner = network.get_base_model() if hasattr(network, "get_base_model") else network
+    key = (type(inner), argument)
+    if key not in _TAKES:
+        _TAKES[key] = argument in inspect.signature(type(inner).forward).parameters
+    return _TAKES[key]
 
 
 def _kinds(members: list[Any]) -> list[tuple[Any, list[Any]]]:

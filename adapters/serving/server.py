@@ -29,6 +29,7 @@ from adapters.errors import AdaptersError, ConfigError
 from adapters.serving.backbones import Served, load_served, parse_artifacts
 from adapters.serving.batcher import Batcher, Limits, QueueFull
 from adapters.serving.metrics import ServerMetrics
+from adapters.serving.openai_schema import openai_schemas, vllm_schemas
 from adapters.serving.runtime import Refused, RuntimeAdapters, json_body, request_schemas
 from adapters.serving.scheduler import Scheduler
 
@@ -178,6 +179,7 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
     openai_errors = {**documented(401, 500), **_openai_errors()}
     add_openai_routes(app, served, schedulers, guard, openai_errors, limits.max_chars)
+    add_vllm_routes(app, served, batchers, guard, {**openai_errors, **documented(413)}, limits)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
     runtime = RuntimeAdapters(served, limits.max_loras)
     add_runtime_routes(app, runtime, batchers, schedulers, limits, metrics, guard, openai_errors)
@@ -373,84 +375,88 @@ def add_openai_routes(
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from adapters.serving import openai_api as oai
+    from adapters.serving.openai_requests import OpenAIError, checked_generation, read
 
-    chat_schema, text_schema = _openai_schemas(served)
+    chat_schema, text_schema = openai_schemas(served)
 
-    async def run(request: Request, endpoint: str) -> Any:
+    async def run(request: Request, chat: bool) -> Any:
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse(status_code=400, content=oai.OpenAIError(400, "the body is not valid JSON").body())
-        fields, field = (oai.CHAT_FIELDS, "messages") if endpoint == "chat" else (oai.COMPLETION_FIELDS, "prompt")
-        try:
-            member, parsed = oai.parse(body, fields, field, served)
-            prompt = oai.chat_prompt(body, max_chars) if endpoint == "chat" else oai.text_prompt(body, max_chars)
-            oai.checked(parsed["settings"], member)
-            oai.check_context(member, prompt, parsed["settings"])
-            scheduler = schedulers[member.group.index]
-            if parsed["stream"]:  # queued before the answer starts: a full queue is still a 503
-                seq, pieces = oai.submit(scheduler, member, prompt, parsed)
-                events = oai.sse(endpoint, member, seq, pieces, parsed)
-                return StreamingResponse(events, media_type="text/event-stream")
-            texts = await oai.complete(scheduler, member, prompt, parsed)
-        except oai.OpenAIError as err:
+            ask = read(await _json(request), chat, served, max_chars)
+            checked_generation(ask)
+            choices = oai.submit(schedulers[ask.member.group.index], ask)  # a full queue is a 503 before any answer
+            if ask.stream:
+                return StreamingResponse(oai.sse(ask, choices), media_type="text/event-stream")
+            await oai.complete(choices, ask)
+        except OpenAIError as err:
             return JSONResponse(status_code=err.status, content=err.body())
         except QueueFull as err:
-            busy = oai.OpenAIError(503, f"{err}; retry later")
+            busy = OpenAIError(503, f"{err}; retry later")
             return JSONResponse(status_code=503, content=busy.body(), headers={"Retry-After": str(RETRY_AFTER_S)})
-        except TimeoutError:
-            return JSONResponse(status_code=504, content=oai.OpenAIError(504, "no answer within the timeout").body())
-        return oai.answer(endpoint, member, prompt, texts, parsed)
+        return oai.answer(ask, choices)
 
     @app.post("/v1/chat/completions", dependencies=guard, openapi_extra=chat_schema, responses=errors)
     async def chat_completions(request: Request) -> Any:
-        return await run(request, "chat")
+        return await run(request, True)
 
     @app.post("/v1/completions", dependencies=guard, openapi_extra=text_schema, responses=errors)
     async def completions(request: Request) -> Any:
-        return await run(request, "text")
+        return await run(request, False)
 
 
-def _openai_schemas(served: dict[str, Served]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The request bodies of ``/v1/chat/completions`` and ``/v1/completions`` in the OpenAPI schema (the
-    endpoints read raw JSON, to answer OpenAI's own 400s); ``model`` lists only the generative artifacts."""
-    from adapters.serving import openai_api as oai
+def add_vllm_routes(
+    app: Any, served: dict[str, Served], batchers: dict[str, Batcher], guard: list, errors: dict, limits: Limits
+) -> None:
+    """vLLM's ``/tokenize``, ``/detokenize`` and ``/classify`` (``vllm_api.py``)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
 
-    generative = sorted(name for name, member in served.items() if member.head_spec.lm_logits)
+    from adapters.serving import vllm_api
+    from adapters.serving.openai_requests import OpenAIError
 
-    def body(required: str, field: dict[str, Any]) -> dict[str, Any]:
-        number = {"type": "number"}
-        properties = {
-            # only the models this route serves: the generative ones (a classifier is a 400 here, predict serves it)
-            "model": {"type": "string", "enum": generative} if generative else {"type": "string"},
-            required: field,
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "temperature": {**number, "minimum": 0, "maximum": 2},
-            "top_p": {**number, "exclusiveMinimum": 0, "maximum": 1},
-            "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "seed": {"type": "integer", "minimum": oai.SEED_RANGE[0], "maximum": oai.SEED_RANGE[1]},
-            "n": {"type": "integer", "enum": [1]},
-            "stream": {"type": "boolean"},
-            "user": {"type": "string"},
-        }
-        if required == "messages":
-            properties["max_completion_tokens"] = {"type": "integer", "minimum": 1}
-        schema = {
-            "type": "object",
-            "required": ["model", required],
-            "properties": properties,
-            "additionalProperties": False,
-        }
-        return {"requestBody": {"content": {"application/json": {"schema": schema}}, "required": True}}
+    schemas = vllm_schemas(served)
 
-    message = {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {"role": {"type": "string", "enum": list(oai.ROLES)}, "content": {"type": "string"}},
-    }
-    return body("messages", {"type": "array", "minItems": 1, "items": message}), body(
-        "prompt", {"type": "string", "minLength": 1}
-    )
+    async def answered(work: Any) -> Any:
+        try:
+            return await work
+        except OpenAIError as err:
+            return JSONResponse(status_code=err.status, content=err.body())
+        except QueueFull as err:
+            busy = OpenAIError(503, f"{err}; retry later")
+            return JSONResponse(status_code=503, content=busy.body(), headers={"Retry-After": str(RETRY_AFTER_S)})
+        except TimeoutError:
+            late = OpenAIError(504, f"no answer within {limits.timeout_s:g} s; the server is busy")
+            return JSONResponse(status_code=504, content=late.body())
+
+    @app.post("/tokenize", dependencies=guard, openapi_extra=schemas["tokenize"], responses=errors)
+    async def tokenize(request: Request) -> Any:
+        async def work() -> Any:
+            return vllm_api.tokenize(await _json(request), served, limits.max_chars)
+
+        return await answered(work())
+
+    @app.post("/detokenize", dependencies=guard, openapi_extra=schemas["detokenize"], responses=errors)
+    async def detokenize(request: Request) -> Any:
+        async def work() -> Any:
+            return vllm_api.detokenize(await _json(request), served)
+
+        return await answered(work())
+
+    @app.post("/classify", dependencies=guard, openapi_extra=schemas["classify"], responses=errors)
+    async def classify(request: Request) -> Any:
+        async def work() -> Any:
+            return await vllm_api.classify(await _json(request), served, batchers, limits.max_texts)
+
+        return await answered(work())
+
+
+async def _json(request: Any) -> Any:
+    """The request's body as JSON (an ``OpenAIError`` 400 when it is not)."""
+    from adapters.serving.openai_requests import OpenAIError
+
+    try:
+        return await request.json()
+    except ValueError:
+        raise OpenAIError(400, "the body is not valid JSON") from None
 
 
 def check_exposure(host: str, api_key: str | None, insecure: bool) -> None:
