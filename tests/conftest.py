@@ -51,3 +51,49 @@ def tiny_model(request, tiny_llama, tiny_bert) -> str:
 @pytest.fixture
 def toy_data():
     return toy_sentiment(48), toy_sentiment(24, seed=1)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_llama, tmp_path_factory):
+    """Two generative LoRA adapters (``gen_a``, ``gen_b``, each trained to one answer) and a classifier on one
+    tiny base whose chat template renders ``messages``, loaded for serving; and their paths."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import adapters
+    from adapters.serving.backbones import load_served
+    from tests.openai_fixtures import ANSWERS, PROMPT, TEMPLATE
+
+    root = tmp_path_factory.mktemp("openai")
+    base = root / "base"
+    shutil.copytree(tiny_llama, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = TEMPLATE  # the base's chat template renders `messages`
+    tokenizer.save_pretrained(base)
+    for name, answer in ANSWERS.items():
+        model = adapters.adapt(
+            str(base), adapter=adapters.LoRA(r=8, dropout=0.0), head=adapters.CausalLM(max_new_tokens=3)
+        )
+        rows = [{"text": PROMPT, "label": answer}] * 16
+        adapters.train(model, rows, None, adapters.TrainConfig(epochs=20, lr=1e-2, batch_size=8, progress=False))
+        model.save_pretrained(root / name)
+    classifier = adapters.adapt(
+        str(base), adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["neg", "pos"])
+    )
+    adapters.train(classifier, toy_sentiment(16), None, adapters.TrainConfig(max_steps=1, progress=False))
+    classifier.save_pretrained(root / "sentiment")
+    paths = {name: root / name for name in (*ANSWERS, "sentiment")}
+    return load_served(paths), paths
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    """The ``openai`` client on FastAPI's test client of ``served``, and the test client itself."""
+    openai = pytest.importorskip("openai")
+    from fastapi.testclient import TestClient
+
+    from adapters.serving.server import create_app
+
+    with TestClient(create_app(served[0])) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http), http

@@ -5,7 +5,6 @@ to the API's greedy `predict`; streaming as server-sent events ending in [DONE];
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import pytest
@@ -15,49 +14,8 @@ import adapters
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from fastapi.testclient import TestClient  # noqa: E402
 
-from adapters.serving.backbones import load_served  # noqa: E402
-from adapters.serving.server import create_app  # noqa: E402
-
-from .helpers import toy_sentiment  # noqa: E402
-
-PROMPT = "the plot of the film was"
-ANSWERS = {"gen_a": "superb and moving", "gen_b": "dull tedious mess"}
-TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}was {% endif %}"
-CHAT = [{"role": "user", "content": "the plot of the film"}]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_llama, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("openai")
-    base = root / "base"
-    shutil.copytree(tiny_llama, base)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.chat_template = TEMPLATE  # the base's chat template renders `messages`
-    tokenizer.save_pretrained(base)
-    for name, answer in ANSWERS.items():
-        model = adapters.adapt(
-            str(base), adapter=adapters.LoRA(r=8, dropout=0.0), head=adapters.CausalLM(max_new_tokens=3)
-        )
-        rows = [{"text": PROMPT, "label": answer}] * 16
-        adapters.train(model, rows, None, adapters.TrainConfig(epochs=20, lr=1e-2, batch_size=8, progress=False))
-        model.save_pretrained(root / name)
-    classifier = adapters.adapt(
-        str(base), adapter=adapters.LoRA(r=2), head=adapters.Classification(labels=["neg", "pos"])
-    )
-    adapters.train(classifier, toy_sentiment(16), None, adapters.TrainConfig(max_steps=1, progress=False))
-    classifier.save_pretrained(root / "sentiment")
-    paths = {name: root / name for name in (*ANSWERS, "sentiment")}
-    return load_served(paths), paths
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    with TestClient(create_app(served[0])) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http), http
+from .openai_fixtures import ANSWERS, CHAT, PROMPT  # noqa: E402
 
 
 def test_models_lists_every_artifact_with_its_kind(client):

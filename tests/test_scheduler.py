@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 import pytest
 
 import adapters
@@ -210,3 +212,97 @@ def _segmented_against_peft(group):
     tolerance = 1e-5 if ours.dtype == torch.float32 else 2e-2
     torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
     assert not torch.allclose(ours[0], ours[2]) and not torch.allclose(ours[2], ours[3])
+
+
+def _generate(member, prompt_ids, sampling, new_tokens=NEW_TOKENS):
+    """``member``'s tokens (and the sequence) for one request through the scheduler, alone."""
+    done = threading.Event()
+    seq = Sequence(member, prompt_ids, new_tokens, lambda piece, finish: finish and done.set(), sampling)
+    Scheduler(member.group).submit(seq)
+    assert done.wait(60)
+    return seq
+
+
+def _reference(path, prompt_ids, new_tokens, adjust, eos):
+    """Greedy decoding with the whole sequence recomputed every step (no cache, no batch), the logits changed
+    by ``adjust(logits, generated)`` as the setting is defined."""
+    model = adapters.load(path)
+    ids, generated = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model.backbone(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            token = int(adjust(logits, generated).argmax())
+            if token in eos:
+                break
+            ids.append(token)
+            generated.append(token)
+    return generated
+
+
+def _counts(generated, size):
+    return torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=size).float()
+
+
+SETTINGS = {
+    "frequency_penalty": (
+        Sampling(frequency_penalty=2.0),
+        lambda logits, gen: logits - 2.0 * _counts(gen, logits.shape[0]) if gen else logits,
+    ),
+    "presence_penalty": (
+        Sampling(presence_penalty=2.0),
+        lambda logits, gen: logits - 2.0 * (_counts(gen, logits.shape[0]) > 0).float() if gen else logits,
+    ),
+    "repetition_penalty": (Sampling(repetition_penalty=3.0), None),  # transformers' own processor, below
+    "logit_bias": (
+        Sampling(logit_bias=((7, 5.0),)),
+        lambda logits, gen: logits + 5.0 * (torch.arange(len(logits)) == 7),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_each_setting_changes_the_tokens_as_its_definition_does(group, name):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    member = group["base"]
+    prompt = member.group.model.tokenizer(PROMPTS[1])["input_ids"]
+    sampling, adjust = SETTINGS[name]
+    if adjust is None:
+        penalty = RepetitionPenaltyLogitsProcessor(3.0)
+        adjust = lambda logits, gen: penalty(torch.tensor([prompt + gen]), logits[None])[0]  # noqa: E731
+    eos = Scheduler(member.group).eos
+    served = _generate(member, prompt, sampling).generated
+    assert served == _reference(member.path, prompt, NEW_TOKENS, adjust, eos)
+    assert served != _generate(member, prompt, Sampling()).generated  # the setting does change the answer
+
+
+def test_min_tokens_ignore_eos_and_stop_token_ids(group):
+    member = group["lora_a"]
+    prompt = member.group.model.tokenizer(PROMPTS[0])["input_ids"]
+    plain = _generate(member, prompt, Sampling(), 40).generated  # ends at the end of text, before 40
+    assert len(plain) < 40
+    assert len(_generate(member, prompt, Sampling(ignore_eos=True), 40).generated) == 40
+    assert len(_generate(member, prompt, Sampling(min_tokens=len(plain) + 2), 40).generated) >= len(plain) + 2
+    stopped = _generate(member, prompt, Sampling(stop_token_ids=(plain[1],)), 40).generated
+    assert stopped == plain[:1]
+
+
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole", "chunked"])
+@pytest.mark.parametrize("name", ["lora_a", "bottleneck"])
+def test_served_logprobs_equal_the_in_process_models_log_softmax(group, name, chunk, monkeypatch):
+    """Prompt logprobs (``echo``) and each generated token's, from the scheduler's forwards (the prompt whole or
+    prefilled in chunks), equal one forward of the artifact loaded alone: LoRA and bottleneck, fp32 and NF4."""
+    if chunk:
+        monkeypatch.setattr(scheduling, "PREFILL_CHUNK", chunk)
+    member = group[name]
+    prompt = member.group.model.tokenizer(PROMPTS[1])["input_ids"]
+    seq = _generate(member, prompt, Sampling(logprobs=3, prompt_logprobs=3), 4)
+    ids = prompt + seq.generated
+    model = adapters.load(member.path)
+    with torch.no_grad():
+        reference = torch.log_softmax(model.backbone(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    expected = [float(reference[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    served = [e.logprob for e in seq.prompt_logprobs] + [e.logprob for e in seq.logprobs[: len(seq.generated)]]
+    assert served == pytest.approx(expected, abs=1e-4)
+    top = seq.logprobs[0].top
+    assert [t for t, _ in top] == reference[len(prompt) - 1].topk(3).indices.tolist()

@@ -79,8 +79,14 @@ def _nowhere(piece: str | None, finish: str | None) -> None:
 
 def _emitter(loop: asyncio.AbstractEventLoop, pieces: Pieces, seq: Sequence) -> Any:
     """What the scheduler's thread calls with ``seq``'s pieces: each goes to the event loop's queue with the
-    count of tokens generated so far (the logprobs its text covers)."""
-    return lambda piece, finish: loop.call_soon_threadsafe(pieces.put_nowait, (piece, finish, len(seq.generated)))
+    count of tokens generated so far (the logprobs its text covers; the end-of-text token counts too, as
+    lm-eval, which drops the last logprob of an echo as the generated one, expects)."""
+
+    def emit(piece: str | None, finish: str | None) -> None:
+        tokens = max(len(seq.generated), len(seq.logprobs))
+        loop.call_soon_threadsafe(pieces.put_nowait, (piece, finish, tokens))
+
+    return emit
 
 
 def _constraint_maker(ask: Ask) -> Any:

@@ -57,7 +57,6 @@ class Sequence:
     sent: str = ""  # the text emitted so far
     prefilled: int = 0  # prompt tokens already in its cache
     cache: Any = None  # its own cache while it is prefilled
-    last_logits: torch.Tensor | None = None  # its previous prefill chunk's last logits (for prompt logprobs)
     generator: torch.Generator | None = None
     queued_at: float = field(default_factory=time.monotonic)
 
@@ -246,10 +245,8 @@ class Scheduler:
             position_ids=torch.arange(start, start + len(chunk), device=device)[None],
             past_key_values=seq.cache,
         )
-        if seq.sampling.prompt_logprobs is not None:
-            rows = out.logits[0] if seq.last_logits is None else torch.cat([seq.last_logits, out.logits[0]])
-            _record_prompt_logprobs(seq, rows, start + 1 - (seq.last_logits is not None))
-            seq.last_logits = out.logits[0, -1:]
+        if seq.sampling.prompt_logprobs is not None:  # position i predicts prompt token i + 1
+            _record_prompt_logprobs(seq, out.logits[0], start + 1)
         seq.prefilled += len(chunk)
         if seq.prefilled < len(seq.prompt):
             return

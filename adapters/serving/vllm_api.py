@@ -42,6 +42,9 @@ def _tokenizer(member: Served) -> Any:
 def tokenize(body: Any, served: dict[str, Served], max_chars: int) -> dict[str, Any]:
     fields = {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt", "return_token_strs"}
     member = _named(body, served, fields)
+    for flag in ("add_special_tokens", "add_generation_prompt", "return_token_strs"):
+        if flag in body and not isinstance(body[flag], bool):
+            raise OpenAIError(400, f"{flag} must be true or false", flag)
     tokenizer = _tokenizer(member)
     if ("prompt" in body) == ("messages" in body):
         raise OpenAIError(400, "give either prompt (a text) or messages (a chat)", "prompt")
@@ -78,6 +81,8 @@ async def classify(body: Any, served: dict[str, Served], batchers: dict[str, Bat
     member = _named(body, served, {"model", "input", "user"})
     if member.head_spec.lm_logits:
         raise OpenAIError(400, f"{member.name!r} generates text: use /v1/completions", "model")
+    if "user" in body and not isinstance(body["user"], str):
+        raise OpenAIError(400, "user must be a string", "user")
     texts = body.get("input")
     texts = [texts] if isinstance(texts, str) else texts
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
