@@ -165,7 +165,7 @@ def write(runs: dict[str, list[dict]], machine: dict) -> None:
         f"Constrained decoding, SmolLM2's tokenizer ({VOCAB} tokens), medians of {len(next(iter(runs.values())))} "
         "fresh processes each.",
         "",
-        "| library | tokenizer setup | first schema + first mask | next schema + first mask | per token (mask + apply) |",
+        "| library | tokenizer setup | first schema + first mask | next schema + first mask | per token |",
         "|---|---|---|---|---|",
     ]
     table = {}

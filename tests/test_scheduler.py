@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import threading
 
-import torch
-
 import pytest
+import torch
 
 import adapters
 from adapters.serving import scheduler as scheduling
