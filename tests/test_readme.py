@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import adapters
 from adapters.cli import parser
@@ -49,6 +50,15 @@ def test_every_qadapters_command_parses(line):
 @pytest.mark.parametrize("line", [c for c in commands() if not c.startswith(("qadapters ", "curl "))])
 def test_every_other_command_names_what_exists(line):
     words = shlex.split(line)
+    if words[:3] == ["pip", "install", "-e"]:  # the extras it names are the project's
+        config = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        assert set(re.search(r"\[(.*)\]", words[3]).group(1).split(",")) <= set(config), line
+        return
+    if words[0] in ("lm_eval", "guidellm"):  # the very flags benchmarks/clients.py runs these clients with
+        runner = (ROOT / "benchmarks" / "clients.py").read_text()
+        flags = [w for w in words if w.startswith("--")] + re.findall(r"kind=[a-z_]+", line)
+        assert all(flag in runner for flag in flags), [f for f in flags if f not in runner]
+        return
     if words[0] == "make":
         targets = re.findall(r"^([a-z-]+):", (ROOT / "Makefile").read_text(), flags=re.M)
         assert words[1] in targets, line

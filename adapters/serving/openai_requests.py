@@ -254,12 +254,12 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     fmt = body.get("response_format")
     if fmt is None:
         return None
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "text":
+    asked = fmt.get("type") if isinstance(fmt, dict) else None
+    if asked == "text":
         return None
-    if kind == "json_object":
+    if asked == "json_object":
         return {"schema": {"type": "object"}}
-    if kind == "json_schema":
+    if asked == "json_schema":
         spec = fmt.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
