@@ -67,10 +67,20 @@ def test_a_lora_loaded_at_run_time_answers_as_its_artifact_alone(setup):
     assert "later" in [m["id"] for m in http.get("/v1/models", headers=HEADERS).json()["data"]]
     metrics = http.get("/metrics").text
     assert "qadapters_generated_tokens_total" in metrics and "qadapters_generation_first_token_seconds" in metrics
+    assert 'qadapters_queue_inputs{model="later"}' in metrics  # its queue is reported like the others'
+    enum = _model_enum(http)
+    assert "later" in enum and "first" in enum  # the OpenAPI schema names it
     answer = http.post("/v1/unload_lora_adapter", json={"lora_name": "later"}, headers=HEADERS)
     assert answer.status_code == 200 and "removed successfully" in answer.text
     assert _complete(http, "later").status_code == 404
+    assert "later" not in _model_enum(http) and 'qadapters_queue_inputs{model="later"}' not in http.get("/metrics").text
     assert _complete(http, "first").status_code == 200  # the artifact named at start still answers
+
+
+def _model_enum(http) -> list[str]:
+    """The served names the OpenAPI schema offers for ``/v1/completions``' ``model``."""
+    schema = http.get("/openapi.json").json()["paths"]["/v1/completions"]["post"]["requestBody"]
+    return schema["content"]["application/json"]["schema"]["properties"]["model"]["enum"]
 
 
 @pytest.mark.parametrize(

@@ -40,42 +40,62 @@ class ServerMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        queue = Gauge("qadapters_queue_inputs", "Inputs waiting for a batch", ["model"], registry=self.registry)
+        self.queue = Gauge("qadapters_queue_inputs", "Inputs waiting for a batch", ["model"], registry=self.registry)
+        self.queue_depth = queue_depth
         for name in models:
-            queue.labels(model=name).set_function(_depth_of(queue_depth, name))
+            self.watch_model(name)
+        self._generation: dict[str, Any] | None = None
+
+    def watch_model(self, name: str) -> None:
+        """Report ``name``'s queue (an artifact served from the start or loaded at run time)."""
+        self.queue.labels(model=name).set_function(_depth_of(self.queue_depth, name))
+
+    def forget_model(self, name: str) -> None:
+        """An unloaded artifact's queue gauge leaves the exposition (its counters keep their history)."""
+        try:
+            self.queue.remove(name)
+        except KeyError:
+            pass
 
     def add_generation(self, schedulers: dict[int, Any]) -> None:
         """The continuous batches' own figures, per shared base: sequences running and waiting (gauges), rows
         per decoding step and seconds to the first token (histograms), tokens generated (a counter)."""
+        for index, scheduler in schedulers.items():
+            self.watch_base(index, scheduler)
+
+    def watch_base(self, index: int, scheduler: Any) -> None:
+        """Report the continuous batch of base ``index`` (also one whose first generative artifact was loaded
+        at run time)."""
+        metrics = self._generation_metrics()
+        base = str(index)
+        metrics["running"].labels(base=base).set_function(_running(scheduler))
+        metrics["waiting"].labels(base=base).set_function(_waiting(scheduler))
+        observers = {
+            "batch_size": metrics["steps"].labels(base=base).observe,
+            "first_token": metrics["first"].labels(base=base).observe,
+            "generated_tokens": metrics["tokens"].labels(base=base).inc,
+        }
+        scheduler.observe = lambda name, value, o=observers: o[name](value)
+
+    def _generation_metrics(self) -> dict[str, Any]:
         from prometheus_client import Counter, Gauge, Histogram
 
-        running = Gauge("qadapters_generation_running", "Sequences decoding", ["base"], registry=self.registry)
-        waiting = Gauge("qadapters_generation_waiting", "Sequences waiting", ["base"], registry=self.registry)
-        steps = Histogram(
-            "qadapters_generation_batch_rows",
-            "Rows per decoding step",
-            ["base"],
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        )
-        first = Histogram(
-            "qadapters_generation_first_token_seconds",
-            "Time from a generation's arrival to its first token",
-            ["base"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        tokens = Counter("qadapters_generated_tokens", "Tokens generated", ["base"], registry=self.registry)
-        for index, scheduler in schedulers.items():
-            base = str(index)
-            running.labels(base=base).set_function(_running(scheduler))
-            waiting.labels(base=base).set_function(_waiting(scheduler))
-            observers = {
-                "batch_size": steps.labels(base=base).observe,
-                "first_token": first.labels(base=base).observe,
-                "generated_tokens": tokens.labels(base=base).inc,
-            }
-            scheduler.observe = lambda name, value, o=observers: o[name](value)
+        if self._generation is None:
+            registry = self.registry
+            self._generation = {
+                "running": Gauge("qadapters_generation_running", "Sequences decoding", ["base"], registry=registry),
+                "waiting": Gauge("qadapters_generation_waiting", "Sequences waiting", ["base"], registry=registry),
+                "steps": Histogram(
+                    "qadapters_generation_batch_rows", "Rows per decoding step", ["base"], buckets=BATCH_BUCKETS,
+                    registry=registry,
+                ),
+                "first": Histogram(
+                    "qadapters_generation_first_token_seconds", "Time from a generation's arrival to its first token",
+                    ["base"], buckets=LATENCY_BUCKETS, registry=registry,
+                ),
+                "tokens": Counter("qadapters_generated_tokens", "Tokens generated", ["base"], registry=registry),
+            }  # fmt: skip
+        return self._generation
 
     def answered(self, model: str, status: int, seconds: float) -> None:
         self.requests.labels(model=model, status=str(status)).inc()

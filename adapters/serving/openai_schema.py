@@ -11,14 +11,39 @@ from adapters.serving.openai_requests import MAX_CHOICES, ROLES, SEED_RANGE
 from adapters.serving.sampling import MAX_LOGPROBS
 
 NUMBER = {"type": "number"}
+GENERATIVE = "generative"
+CLASSIFIERS = "classifiers"
+EVERY = "every"
+
+
+class ModelNames:
+    """The lists of served names the schemas' ``model`` enums hold, kept current as adapters are loaded and
+    unloaded at run time (``refresh``): each list is shared by the schemas that name it."""
+
+    def __init__(self, served: dict[str, Served]):
+        self.served = served
+        self.lists: dict[str, list[str]] = {GENERATIVE: [], CLASSIFIERS: [], EVERY: []}
+        self.refresh()
+
+    def refresh(self) -> None:
+        generative = sorted(n for n, m in self.served.items() if m.head_spec.lm_logits)
+        self.lists[GENERATIVE][:] = generative
+        self.lists[CLASSIFIERS][:] = sorted(set(self.served) - set(generative))
+        self.lists[EVERY][:] = sorted(self.served)
+
+    def field(self, which: str) -> dict[str, Any]:
+        names = self.lists[which]
+        return {"type": "string", "enum": names} if names else {"type": "string"}
+
+
 INTEGER = {"type": "integer"}
 TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
 
 
-def _sampling(names: list[str]) -> dict[str, Any]:
+def _sampling(model: dict[str, Any]) -> dict[str, Any]:
     """The settings both completion endpoints take."""
     return {
-        "model": {"type": "string", "enum": names} if names else {"type": "string"},
+        "model": model,
         "max_tokens": {**INTEGER, "minimum": 1},
         "temperature": {**NUMBER, "minimum": 0, "maximum": 2},
         "top_p": {**NUMBER, "exclusiveMinimum": 0, "maximum": 1},
@@ -60,12 +85,11 @@ def _message() -> dict[str, Any]:
     return {"type": "object", "required": ["role", "content"], "properties": {"role": role, "content": content}}
 
 
-def openai_schemas(served: dict[str, Served]) -> tuple[dict[str, Any], dict[str, Any]]:
+def openai_schemas(names: ModelNames) -> tuple[dict[str, Any], dict[str, Any]]:
     """The bodies of ``/v1/chat/completions`` and ``/v1/completions``; ``model`` lists only the generative
     artifacts (a classifier is a 400 there: ``/classify`` and ``predict`` serve it)."""
-    names = sorted(name for name, member in served.items() if member.head_spec.lm_logits)
     chat = {
-        **_sampling(names),
+        **_sampling(names.field(GENERATIVE)),
         "messages": {"type": "array", "minItems": 1, "items": _message()},
         "max_completion_tokens": {**INTEGER, "minimum": 1},
         "logprobs": {"type": "boolean"},
@@ -85,7 +109,7 @@ def openai_schemas(served: dict[str, Served]) -> tuple[dict[str, Any], dict[str,
         ]
     }
     text = {
-        **_sampling(names),
+        **_sampling(names.field(GENERATIVE)),
         "prompt": prompt,
         "echo": {"type": "boolean"},
         "logprobs": {"anyOf": [{**INTEGER, "minimum": 0, "maximum": MAX_LOGPROBS}, {"type": "null"}]},
@@ -95,11 +119,9 @@ def openai_schemas(served: dict[str, Served]) -> tuple[dict[str, Any], dict[str,
     return _body(["model", "messages"], chat), _body(["model", "prompt"], text)
 
 
-def vllm_schemas(served: dict[str, Served]) -> dict[str, dict[str, Any]]:
+def vllm_schemas(names: ModelNames) -> dict[str, dict[str, Any]]:
     """The bodies of vLLM's ``/tokenize``, ``/detokenize`` and ``/classify``."""
-    names = sorted(served)
-    model = {"type": "string", "enum": names} if names else {"type": "string"}
-    classifiers = sorted(name for name, member in served.items() if not member.head_spec.lm_logits)
+    model = names.field(EVERY)
     text_or_texts = {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]}
     return {
         "tokenize": _body(
@@ -117,7 +139,7 @@ def vllm_schemas(served: dict[str, Served]) -> dict[str, dict[str, Any]]:
         "classify": _body(
             ["model", "input"],
             {
-                "model": {"type": "string", "enum": classifiers} if classifiers else {"type": "string"},
+                "model": names.field(CLASSIFIERS),
                 "input": text_or_texts,
                 "user": {"type": "string"},
             },

@@ -29,7 +29,7 @@ from adapters.errors import AdaptersError, ConfigError
 from adapters.serving.backbones import Served, load_served, parse_artifacts
 from adapters.serving.batcher import Batcher, Limits, QueueFull
 from adapters.serving.metrics import ServerMetrics
-from adapters.serving.openai_schema import openai_schemas, vllm_schemas
+from adapters.serving.openai_schema import ModelNames, openai_schemas, vllm_schemas
 from adapters.serving.runtime import Refused, RuntimeAdapters, json_body, request_schemas
 from adapters.serving.scheduler import Scheduler
 
@@ -178,11 +178,12 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     _add_service_routes(app, served, metrics, guard, documented)
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
     openai_errors = {**documented(401, 500), **_openai_errors()}
-    add_openai_routes(app, served, schedulers, guard, openai_errors, limits.max_chars)
-    add_vllm_routes(app, served, batchers, guard, {**openai_errors, **documented(413)}, limits)
+    names = ModelNames(served)  # the schemas' model enums, kept current by the runtime routes
+    add_openai_routes(app, served, schedulers, guard, openai_errors, limits.max_chars, names)
+    add_vllm_routes(app, served, batchers, guard, {**openai_errors, **documented(413)}, limits, names)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
     runtime = RuntimeAdapters(served, limits.max_loras)
-    add_runtime_routes(app, runtime, batchers, schedulers, limits, metrics, guard, openai_errors)
+    add_runtime_routes(app, runtime, batchers, schedulers, limits, metrics, guard, openai_errors, names)
     return app
 
 
@@ -195,9 +196,11 @@ def add_runtime_routes(
     metrics: ServerMetrics,
     guard: list[Any],
     errors: dict[int | str, Any],
+    names: ModelNames,
 ) -> None:
     """vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (``runtime.py``): a loaded artifact
-    gets its batcher (and its base a scheduler, if it generates); an unloaded one's work is cancelled first."""
+    gets its batcher (and its base a scheduler, if it generates), its /metrics gauges and its place in the
+    OpenAPI schema's model lists; an unloaded one's work is cancelled first."""
     from fastapi import Request
     from fastapi.responses import JSONResponse, PlainTextResponse
 
@@ -216,6 +219,9 @@ def add_runtime_routes(
         batchers[member.name].task = asyncio.create_task(batchers[member.name].run())
         if member.head_spec.lm_logits and member.group.index not in schedulers:
             schedulers[member.group.index] = Scheduler(member.group, limits.max_queue)
+            metrics.watch_base(member.group.index, schedulers[member.group.index])
+        metrics.watch_model(member.name)
+        _schema_changed(app, names)
         return PlainTextResponse(f"Success: LoRA adapter '{member.name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter", dependencies=guard, responses=answers, openapi_extra=unload_schema)
@@ -230,7 +236,15 @@ def add_runtime_routes(
         if batcher.task is not None:
             batcher.task.cancel()
         await asyncio.get_running_loop().run_in_executor(None, runtime.unload, member)
+        metrics.forget_model(member.name)
+        _schema_changed(app, names)
         return PlainTextResponse(f"Success: LoRA adapter '{member.name}' removed successfully.")
+
+
+def _schema_changed(app: Any, names: ModelNames) -> None:
+    """The served names changed: the model enums follow, and ``/openapi.json`` is built afresh."""
+    names.refresh()
+    app.openapi_schema = None
 
 
 OPENAI_ERROR_TYPES = {
@@ -369,6 +383,7 @@ def add_openai_routes(
     guard: list[Any],
     errors: dict[int | str, Any],
     max_chars: int,
+    names: ModelNames,
 ) -> None:
     """``/v1/chat/completions`` and ``/v1/completions`` (``openai_api.py``)."""
     from fastapi import Request
@@ -377,7 +392,7 @@ def add_openai_routes(
     from adapters.serving import openai_api as oai
     from adapters.serving.openai_requests import OpenAIError, checked_generation, read
 
-    chat_schema, text_schema = openai_schemas(served)
+    chat_schema, text_schema = openai_schemas(names)
 
     async def run(request: Request, chat: bool) -> Any:
         try:
@@ -404,7 +419,13 @@ def add_openai_routes(
 
 
 def add_vllm_routes(
-    app: Any, served: dict[str, Served], batchers: dict[str, Batcher], guard: list, errors: dict, limits: Limits
+    app: Any,
+    served: dict[str, Served],
+    batchers: dict[str, Batcher],
+    guard: list,
+    errors: dict,
+    limits: Limits,
+    names: ModelNames,
 ) -> None:
     """vLLM's ``/tokenize``, ``/detokenize`` and ``/classify`` (``vllm_api.py``)."""
     from fastapi import Request
@@ -413,7 +434,7 @@ def add_vllm_routes(
     from adapters.serving import vllm_api
     from adapters.serving.openai_requests import OpenAIError
 
-    schemas = vllm_schemas(served)
+    schemas = vllm_schemas(names)
 
     async def answered(work: Any) -> Any:
         try:
