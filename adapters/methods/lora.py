@@ -39,6 +39,8 @@ from transformers import PreTrainedModel
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
 from adapters.methods.lora_fused import ROW_SEGMENTS, fuse_lora, share_dropout
+from adapters.methods.lora_init import PEFT_INIT, check_init, loftq
+from adapters.methods.lora_init import check_quantization as check_lora_init_quantization
 from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets
 
@@ -73,6 +75,9 @@ class LoRA(AdapterSpec):
     shared_dropout: bool = True
     """Layers that read the same input (q/k/v, gate/up) share one dropout mask, so autograd keeps one
     dropped-out copy of the input instead of one per layer (see the module docstring)."""
+    init: str = "default"
+    """Where ``A`` and ``B`` start (``lora_init.py``): ``"default"`` (peft's: ``B = 0``), ``"gaussian"``, or
+    ``"loftq"`` on an NF4/FP4 base (``B A`` starts as the best rank-``r`` correction of the quantization error)."""
     fused: bool = True
     """The lean forward of ``lora_fused.py`` (one stacked ``A`` matmul per group of layers that read one
     input, the update by one ``addmm``; outputs and gradients equal peft's). False: peft's own forward."""
@@ -92,6 +97,7 @@ class LoRA(AdapterSpec):
             self.targets = list(self.targets)
         elif not isinstance(self.targets, str):
             raise ConfigError(f"LoRA targets={self.targets!r} must be 'all-linear', a list of names or a regex")
+        check_init(self.init)
         for name in ("shared_dropout", "fused", "rslora", "dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoRA {name}={getattr(self, name)!r} must be True or False")
@@ -112,6 +118,13 @@ class LoRA(AdapterSpec):
         ``model.adapter_state["peft"]``."""
         model.adapter_state["peft"] = apply_lora(model.backbone, self, model.base.location)
 
+    def check_quantization(self, quantization: str | None) -> None:
+        check_lora_init_quantization(self.init, quantization)
+
+    def initialize(self, model: Any) -> None:
+        if self.init == "loftq":
+            loftq(model.adapter_state["peft"], model.base.location)
+
     def trained_state(self, model: Any) -> dict[str, Any]:
         from peft import get_peft_model_state_dict
 
@@ -130,7 +143,7 @@ class LoRA(AdapterSpec):
         set_peft_model_state_dict(model.adapter_state["peft"], tensors)
 
     def describe(self) -> str:
-        return f"LoRA r={self.r}" + (" DoRA" if self.dora else "")
+        return f"LoRA r={self.r}" + (" DoRA" if self.dora else "") + (f" {self.init}" if self.init != "default" else "")
 
     def merge_refusal(self) -> str | None:
         return None
@@ -258,6 +271,7 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str) -> Any:
         target_modules=target_modules,
         use_rslora=lora.rslora,
         use_dora=lora.dora,
+        init_lora_weights=PEFT_INIT[lora.init],
         bias="none",
         base_model_name_or_path=base_name,
     )

@@ -77,6 +77,15 @@ class AdapterSpec(ABC):
         unless the kind spells them otherwise."""
         return parameter_name
 
+    def check_quantization(self, quantization: str | None) -> None:
+        """Refuse, before the base loads, a ``quantization`` this kind cannot start on (a ``ConfigError``)."""
+        return None  # every quantization, unless a kind says otherwise
+
+    def initialize(self, model: Adaptable) -> None:
+        """Start the trained weights from the loaded base where the kind's init reads it (LoRA's LoftQ);
+        ``adapt`` calls it once after ``attach``, ``load`` never (the saved weights replace any start)."""
+        return None  # attach's own start, unless a kind reads the base
+
     def describe(self) -> str:
         """One short line for tables and logs, e.g. ``"LoRA r=8"``."""
         return type(self).__name__

@@ -1,0 +1,107 @@
+"""Where LoRA's ``A`` and ``B`` start: peft's initialisations, chosen with ``LoRA(init=...)``.
+
+* ``"default"``: peft's own (``init_lora_weights=True``): ``A`` Kaiming-uniform, ``B = 0``, so the adapted
+  model starts equal to its base (Hu et al. 2021).
+* ``"gaussian"``: ``A`` Gaussian with standard deviation ``1 / r``, ``B = 0`` (peft's ``"gaussian"``).
+* ``"loftq"``: LoftQ (Li et al. 2023, "LoftQ: LoRA-fine-tuning-aware quantization", arXiv:2310.08659), for
+  NF4/FP4 bases: the update ``(alpha / r) B A`` starts as the best rank-``r`` approximation of what 4-bit
+  quantization lost, ``W - dequantize(quantize(W))`` (the one-step LoftQ of peft's
+  ``replace_lora_weights_loftq``: an SVD of that residual), so the adapted model starts closer to the
+  unquantized base than the quantized base itself is. It reads the base's unquantized weights (its
+  safetensors files) one at a time.
+
+Not peft's function itself, for three reasons: its arithmetic (``_loftq_init_new``) runs only on CUDA or XPU
+(the device is hard-coded), it leaves LoRA's ``alpha / r`` scaling out of the start (peft#1982: with the
+default ``alpha = 2r`` the update would be twice the error it corrects), and it looks weights up by the
+names of a model with an LM head (``model.layers...``), which a classifier's headless backbone lacks. The
+start is tested to be the Eckart-Young optimum of the scaled residual. PiSSA, OLoRA and CorDA rewrite the
+frozen base weights (the residual of their own decomposition), which an artifact that records an unchanged
+base cannot carry: they are refused by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adapters.errors import ConfigError
+
+PEFT_INIT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "loftq": True}  # loftq: then replaced
+REWRITE_THE_BASE = ("pissa", "olora", "corda")
+FOUR_BIT = ("nf4", "fp4")
+
+
+def check_init(init: Any) -> None:
+    """``init`` is one LoRA can start from, else a ``ConfigError`` naming the choices."""
+    if init in REWRITE_THE_BASE:
+        raise ConfigError(
+            f"LoRA init={init!r} rewrites the frozen base weights (the residual of its own decomposition), which "
+            f"an artifact recording an unchanged base cannot carry; use one of {sorted(PEFT_INIT)}"
+        )
+    if init not in PEFT_INIT:
+        raise ConfigError(f"LoRA init={init!r} is not one of {sorted(PEFT_INIT)}")
+
+
+def check_quantization(init: str, quantization: str | None) -> None:
+    """LoftQ starts from what 4-bit quantization lost: an NF4 or FP4 base (checked before loading)."""
+    if init == "loftq" and quantization not in FOUR_BIT:
+        raise ConfigError(
+            f"LoRA init='loftq' corrects 4-bit quantization error: use quantization='nf4' or 'fp4' "
+            f"(got {quantization!r}), or init='default'"
+        )
+
+
+def loftq(peft_model: Any, base_location: str) -> int:
+    """Every 4-bit LoRA layer of ``peft_model`` started from LoftQ (module docstring); returns how many."""
+    from peft.tuners.lora import Linear4bit
+
+    from adapters.backbone.loading import weights_folder
+    from adapters.backbone.weight_files import WeightFiles
+
+    folder = weights_folder(base_location)
+    if folder is None:
+        raise ConfigError(f"LoRA init='loftq' reads the base's unquantized weights: {base_location!r} has none here")
+    files = WeightFiles(folder)
+    done = 0
+    try:
+        for name, module in peft_model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            weight = files.whole(_file_name(files, name.removeprefix("base_model.model.")))
+            if not weight.is_floating_point():
+                raise ConfigError(f"LoRA init='loftq' needs unquantized weights; {base_location!r} is pre-quantized")
+            for adapter in module.lora_A:
+                _start(module, adapter, weight)
+            done += 1
+    finally:
+        files.close()
+    return done
+
+
+@torch.no_grad()
+def _start(module: Any, adapter: str, weight: torch.Tensor) -> None:
+    """``B A`` of ``adapter`` in 4-bit LoRA layer ``module``: the best rank-``r`` approximation of the quantization
+    error ``W - dequantize(W_4bit)``, divided by the layer's ``alpha / r`` scaling so that the update the layer
+    adds is that approximation (peft's own LoftQ leaves the scaling out: peft#1982)."""
+    import bitsandbytes as bnb
+
+    quantized = module.weight
+    lost = weight.to(quantized.device, torch.float32) - bnb.functional.dequantize_4bit(
+        quantized.data, quantized.quant_state
+    ).to(torch.float32)
+    rank = module.r[adapter]
+    u, s, vh = torch.linalg.svd(lost / module.scaling[adapter], full_matrices=False)
+    root = s[:rank].sqrt()
+    a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    a.data = (root[:, None] * vh[:rank]).to(a.dtype)
+    b.data = (u[:, :rank] * root).to(b.dtype)
+
+
+def _file_name(files: Any, module: str) -> str:
+    """The weight file's name of ``module``'s weight: as it is, under the LM model's ``model.`` prefix, or
+    without the first component (a headless backbone saved with a prefix of its own)."""
+    for candidate in (f"{module}.weight", f"model.{module}.weight", f"{module.partition('.')[2]}.weight"):
+        if candidate in files:
+            return candidate
+    raise ConfigError(f"LoRA init='loftq': no weight for {module!r} in the base's files")

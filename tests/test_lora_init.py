@@ -1,0 +1,104 @@
+"""``LoRA(init=...)``: peft's initialisations. LoftQ on a 4-bit base equals peft's own
+``replace_lora_weights_loftq`` where peft can find the weights, brings the adapted model closer to the
+unquantized base than the quantized base is, is recorded in the artifact and not re-run on load; inits that
+rewrite the base, or LoftQ without a 4-bit base, are refused before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import adapters
+from adapters.methods import lora as lora_module
+
+from .helpers import toy_sentiment
+
+
+def _lora_tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.adapter_state["peft"].named_parameters() if "lora_" in k}
+
+
+def test_loftq_starts_each_layer_at_the_best_rank_r_correction(tiny_llama):
+    """For every 4-bit layer, ``(alpha / r) B A`` is the best rank-``r`` approximation of ``W - dequantize(W_4bit)``:
+    its error is the Eckart-Young optimum, the norm of the residual's singular values past ``r``."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+    from safetensors.torch import load_file
+
+    model = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=4, init="loftq"), head=adapters.CausalLM(), quantization="nf4"
+    )
+    weights = load_file(str(Path(tiny_llama) / "model.safetensors"))
+    layers = [(n, m) for n, m in model.adapter_state["peft"].named_modules() if isinstance(m, Linear4bit)]
+    assert len(layers) >= 14
+    for name, layer in layers:
+        exact = weights[name.removeprefix("base_model.model.") + ".weight"].float()
+        lost = exact - bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        update = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        optimum = torch.linalg.svdvals(lost)[4:].norm()
+        assert float((lost - update).norm()) == pytest.approx(float(optimum), rel=1e-3), name
+        assert float(optimum) < float(lost.norm())  # it does correct something
+
+
+def _hidden(model, ids):
+    with torch.no_grad():
+        return model.backbone(input_ids=ids).last_hidden_state.float()
+
+
+def test_loftq_starts_closer_to_the_unquantized_base(tiny_llama):
+    """The classifier's backbone (headless: the weight names lack peft's LM prefix) with LoftQ computes closer
+    to the fp32 base than the NF4 base with the default start, which equals the NF4 base."""
+    head = adapters.Classification(labels=["neg", "pos"])
+    ids = adapters.adapt(tiny_llama, head=head, quantization=None).encode(["the plot of the film was dull"])
+    ids = ids["input_ids"]
+    exact = _hidden(adapters.adapt(tiny_llama, head=head, quantization=None), ids)
+    plain = _hidden(adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=8), head=head, quantization="nf4"), ids)
+    loftq = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=8, init="loftq"), head=head, quantization="nf4")
+    corrected = _hidden(loftq, ids)
+    assert (corrected - exact).norm() < 0.9 * (plain - exact).norm()
+
+
+def test_the_init_is_recorded_and_not_rerun_on_load(tiny_llama, tmp_path, monkeypatch):
+    from peft import PeftConfig
+
+    model = adapters.adapt(
+        tiny_llama,
+        adapter=adapters.LoRA(r=4, init="loftq"),
+        head=adapters.Classification(labels=["neg", "pos"]),
+        quantization="nf4",
+    )
+    adapters.train(model, toy_sentiment(16), None, adapters.TrainConfig(max_steps=2, progress=False))
+    model.save_pretrained(tmp_path / "art")
+    monkeypatch.setattr(lora_module, "loftq", lambda *a: pytest.fail("LoftQ ran again on load"))
+    again = adapters.load(tmp_path / "art")
+    assert again.adapter.init == "loftq"
+    texts = ["a moving film", "a dull mess"]
+    assert again.predict(texts, probabilities=True) == model.predict(texts, probabilities=True)
+    assert PeftConfig.from_pretrained(tmp_path / "art" / "adapter").r == 4  # peft reads the artifact's adapter
+
+
+def test_gaussian_starts_b_at_zero_and_a_with_std_one_over_r(tiny_llama):
+    model = adapters.adapt(
+        tiny_llama, adapter=adapters.LoRA(r=8, init="gaussian"), head=adapters.CausalLM(), quantization=None
+    )
+    tensors = _lora_tensors(model)
+    a = torch.cat([t.flatten() for k, t in tensors.items() if "lora_A" in k])
+    assert all(float(t.abs().max()) == 0 for k, t in tensors.items() if "lora_B" in k)
+    assert abs(float(a.std()) - 1 / 8) < 0.01  # peft's gaussian: normal with std 1 / r
+
+
+@pytest.mark.parametrize(
+    "init,says", [("pissa", "rewrites the frozen base"), ("olora", "rewrites"), ("x", "not one of")]
+)
+def test_an_init_that_cannot_be_kept_is_refused(init, says):
+    with pytest.raises(adapters.ConfigError, match=says):
+        adapters.LoRA(init=init)
+
+
+def test_loftq_without_a_4bit_base_is_refused_before_loading():
+    with pytest.raises(adapters.ConfigError, match="quantization='nf4' or 'fp4'"):
+        adapters.adapt(
+            "no/such-model", adapter=adapters.LoRA(init="loftq"), head=adapters.CausalLM(), quantization=None
+        )
