@@ -97,6 +97,12 @@ def parse_args(argv=None):
         type=int,
         help="LoRA only on the top N blocks: backward stops below them (LoRA(layers=list(range(-N, 0))))",
     )
+    p.add_argument(
+        "--lora-init",
+        default="default",
+        choices=["default", "gaussian", "loftq"],
+        help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base",
+    )
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="bottleneck placement")
     p.add_argument("--reduction", type=int, default=16, help="bottleneck width = hidden / reduction")
     p.add_argument(
@@ -181,7 +187,9 @@ def main(argv=None) -> dict:
     if args.adapter == "lora":
         targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
         layers = list(range(-args.top_layers, 0)) if args.top_layers else None
-        adapter = adapters.LoRA(r=args.r, alpha=args.alpha, dropout=0.05, targets=targets, layers=layers)
+        adapter = adapters.LoRA(
+            r=args.r, alpha=args.alpha, dropout=0.05, targets=targets, layers=layers, init=args.lora_init
+        )
     elif args.adapter == "bottleneck":
         adapter = adapters.Bottleneck(placement=args.placement, reduction=args.reduction)
     prompt, words = task_prompt(args, labels)
