@@ -43,18 +43,20 @@ def test_a_dropped_stream_stops_generating_at_its_next_step(served):
     import time
 
     from adapters.serving import openai_api as oai
+    from adapters.serving.openai_requests import read
 
     member = served["gen"]
-    settings = {"max_new_tokens": 120}
-    request = {"stop": [], "stream": True, "seed": None, "n": 1, "settings": settings}
+    body = {"model": "gen", "prompt": PROMPT, "max_tokens": 120, "stream": True}
+    ask = read(body, False, served, 10_000)
     scheduler = Scheduler(member.group)
     scheduler.eos = set()  # no early end of sequence: 120 tokens unless stopped
     submitted = []
 
     async def read_one_piece_then_go_away() -> None:
-        seq, pieces = oai.submit(scheduler, member, PROMPT, request)
+        (choice,) = oai.submit(scheduler, ask)
+        seq = choice.seq
         submitted.append(seq)
-        events = oai.sse("text", member, seq, pieces, request)
+        events = oai.sse(ask, [choice])
         await events.__anext__()  # the opening chunk
         await events.__anext__()  # the first piece of text
         await events.aclose()
