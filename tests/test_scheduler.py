@@ -305,3 +305,36 @@ def test_served_logprobs_equal_the_in_process_models_log_softmax(group, name, ch
     assert served == pytest.approx(expected, abs=1e-4)
     top = seq.logprobs[0].top
     assert [t for t, _ in top] == reference[len(prompt) - 1].topk(3).indices.tolist()
+
+
+def test_a_row_whose_settings_fail_leaves_alone_and_the_batch_goes_on(group):
+    """A row whose own step raises (here a grammar that fails) ends with the error; the rows beside it in the
+    same batch finish with the texts they would have alone."""
+
+    class Failing:
+        def restrict(self, scores):
+            raise RuntimeError("boom")
+
+    member = group["lora_a"]
+    ids = member.group.model.tokenizer(PROMPTS[0])["input_ids"]
+    finished, texts, done = {}, {"ok": ""}, threading.Event()
+
+    def emit_for(key):
+        def emit(piece, finish):
+            if piece is not None:
+                texts[key] = texts.get(key, "") + piece
+            else:
+                finished[key] = finish
+                if len(finished) == 2:
+                    done.set()
+
+        return emit
+
+    scheduler = Scheduler(member.group)
+    member.group.lock.acquire()  # both wait, then are prefilled and decoded as one batch
+    scheduler.submit(Sequence(member, ids, NEW_TOKENS, emit_for("broken"), grammar=Failing()))
+    scheduler.submit(Sequence(member, ids, NEW_TOKENS, emit_for("ok")))
+    member.group.lock.release()
+    assert done.wait(60)
+    assert finished["broken"] == "error: RuntimeError: boom" and finished["ok"] in ("stop", "length")
+    assert texts["ok"] == _alone(member, PROMPTS[0])

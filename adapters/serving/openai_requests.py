@@ -35,9 +35,10 @@ RANGES = {
     "min_p": (0.0, 1.0, "[0, 1]"),
     "presence_penalty": (-2.0, 2.0, "[-2, 2]"),
     "frequency_penalty": (-2.0, 2.0, "[-2, 2]"),
-    "repetition_penalty": (0.0, math.inf, "(0, inf)"),
-}  # fmt: skip  (OpenAI's ranges, and vLLM's for its own)
-OPEN_BELOW = {"top_p", "repetition_penalty"}  # ranges whose lower end is excluded
+    "repetition_penalty": (0.01, 100.0, "[0.01, 100]"),
+}  # fmt: skip  (OpenAI's ranges; vLLM's takes any positive repetition_penalty, but dividing logits by a
+#  subnormal one overflows them to inf and NaN)
+OPEN_BELOW = {"top_p"}  # ranges whose lower end is excluded
 
 
 class OpenAIError(Exception):
@@ -219,14 +220,14 @@ def sampling(body: dict[str, Any], tokenizer: Any, vocabulary: int) -> Sampling:
         logprobs = (body.get("top_logprobs") or 0) if logprobs else None
     echo = bool(body.get("echo"))
     top_k = body.get("top_k")
-    return Sampling(
-        temperature=body.get("temperature"),
-        top_p=body.get("top_p"),
+    return Sampling(  # floats as floats: transformers' processors refuse an int (a JSON 2 for 2.0)
+        temperature=_float(body.get("temperature")),
+        top_p=_float(body.get("top_p")),
         top_k=top_k if top_k and top_k > 0 else None,
-        min_p=body.get("min_p") or None,
-        presence_penalty=body.get("presence_penalty") or 0.0,
-        frequency_penalty=body.get("frequency_penalty") or 0.0,
-        repetition_penalty=body.get("repetition_penalty") or 1.0,
+        min_p=_float(body.get("min_p")) or None,
+        presence_penalty=float(body.get("presence_penalty") or 0.0),
+        frequency_penalty=float(body.get("frequency_penalty") or 0.0),
+        repetition_penalty=float(body.get("repetition_penalty") or 1.0),
         min_tokens=body.get("min_tokens") or 0,
         ignore_eos=bool(body.get("ignore_eos")),
         stop_token_ids=tuple(stop_ids),
@@ -234,6 +235,10 @@ def sampling(body: dict[str, Any], tokenizer: Any, vocabulary: int) -> Sampling:
         logprobs=logprobs,
         prompt_logprobs=logprobs if echo and logprobs is not None else None,
     )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _logit_bias(bias: Any, vocabulary: int) -> tuple[tuple[int, float], ...]:

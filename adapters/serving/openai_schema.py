@@ -62,7 +62,7 @@ def _sampling(model: dict[str, Any]) -> dict[str, Any]:
         "logit_bias": {"type": "object", "additionalProperties": {**NUMBER, "minimum": -100, "maximum": 100}},
         "top_k": {**INTEGER, "minimum": -1},
         "min_p": {**NUMBER, "minimum": 0, "maximum": 1},
-        "repetition_penalty": {**NUMBER, "exclusiveMinimum": 0},
+        "repetition_penalty": {**NUMBER, "minimum": 0.01, "maximum": 100},
         "min_tokens": {**INTEGER, "minimum": 0},
         "ignore_eos": {"type": "boolean"},
         "stop_token_ids": {"type": "array", "items": {**INTEGER, "minimum": 0}},

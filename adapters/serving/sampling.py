@@ -51,6 +51,12 @@ class Sampling:
             return self.temperature >= GREEDY_BELOW  # OpenAI's temperature 0 is greedy, whatever else is set
         return any(x is not None for x in (self.top_p, self.top_k, self.min_p))
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits: the argmax of the raw logits."""
+        changes = self.logit_bias or self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+        return not self.samples and not changes
+
     def processors(self) -> Any:
         """transformers' processors for this row (penalty, then temperature and truncations when sampling)."""
         from transformers import (
@@ -129,6 +135,8 @@ def next_token(
     """The next token of a row from its last raw ``logits``: ``banned`` tokens masked, and whatever
     ``restrict`` (a grammar) masks in place, then the penalties, then greedy or sampled with the row's own
     ``generator``."""
+    if sampling.plain_greedy and not banned and restrict is None:
+        return int(logits.argmax())  # nothing to apply: no copy to the CPU
     scores = logits.float().cpu().clone()[None]  # the raw logits stay as they are, for the logprobs
     if banned:
         scores[0, banned] = -float("inf")

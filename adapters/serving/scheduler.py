@@ -288,7 +288,7 @@ class Scheduler:
             self.observe("first_token", time.monotonic() - seq.queued_at)
             if seq.max_new_tokens == 0:  # only the prompt's logprobs were asked for
                 _say(seq, None, "length")
-            elif self._advance(seq, self._sample(seq, logits[i])):
+            elif (token := self._next(seq, logits[i])) is not None and self._advance(seq, token):
                 going_on.append(i)
         if going_on:
             if len(going_on) < len(seqs):
@@ -313,10 +313,19 @@ class Scheduler:
         keep = []
         for i, (seq, logits) in enumerate(zip(batch.rows, out.logits[:, -1], strict=True)):
             batch.positions[i] += 1
-            if self._advance(seq, self._sample(seq, logits)):
+            if (token := self._next(seq, logits)) is not None and self._advance(seq, token):
                 keep.append(i)
         if len(keep) < len(batch.rows):
             batch.keep(keep)
+
+    def _next(self, seq: Sequence, logits: torch.Tensor) -> int | None:
+        """``seq``'s next token, or None when its own settings fail on these logits: that row ends with the
+        error and leaves, the other rows of the batch go on."""
+        try:
+            return self._sample(seq, logits)
+        except Exception as err:  # noqa: BLE001 - one row's settings must not stop the batch
+            _say(seq, None, f"error: {type(err).__name__}: {err}")
+            return None
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         """The next token of ``seq`` from its last raw logits, with its own settings (``sampling.py``): the end
