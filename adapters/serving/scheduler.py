@@ -16,8 +16,10 @@ The KV cache is transformers' ``DynamicCache``, kept as one batch, left-padded: 
 padding the shorter of the two caches on the left, a leaving row is cut out, and columns every row pads are
 trimmed. The attention mask hides the padding and each row keeps its own positions, so a row's tokens are
 those it would get alone (tested: greedy texts under load equal one-at-a-time texts, LoRA, bottleneck and
-base rows mixed). Sampling is per row (temperature, top_p, a seeded ``torch.Generator`` per sequence, so a
-seeded sample is the same text whatever else is in the batch).
+base rows mixed). Every decoding setting is per row (``sampling.py``: penalties, temperature, truncations,
+a grammar's mask, a seeded ``torch.Generator`` per sequence, so a seeded sample is the same text whatever else
+is in the batch), as are logprobs (the prompt's too, from the prefill's logits, when asked: only then are all
+positions projected onto the vocabulary). A row whose own step fails ends with its error; the others go on.
 """
 
 from __future__ import annotations
