@@ -100,3 +100,21 @@ def test_the_train_config_example_builds():
     namespace = {"adapters": adapters}
     exec(compile(example, "README TrainConfig example", "exec"), namespace)
     assert namespace["config"].early_stopping_metric == "eval_macro_f1"
+
+
+def test_the_chat_example_runs_as_written(tiny_llama, tmp_path):
+    """The causal-LM example on the tiny Llama given a chat template (its name swapped in, one training step)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tokenizer.save_pretrained(base)
+    (example,) = [b for b in blocks("python") if b.startswith("chat = adapters.adapt(")]
+    code = example.replace('"smollm2-135m"', repr(str(base))).replace("epochs=3", "max_steps=1, progress=False")
+    namespace = {"adapters": adapters}
+    exec(compile(code, "README chat example", "exec"), namespace)
+    assert isinstance(namespace["chat"].predict([[{"role": "user", "content": "Is MIT permissive?"}]])[0], str)
