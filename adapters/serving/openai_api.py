@@ -23,7 +23,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from adapters.errors import ConfigError
@@ -46,14 +46,13 @@ class Choice:
     finish: str | None = None
     tokens: int = 0  # tokens whose text is in ``text`` (the logprobs reported)
     sent_tokens: int = 0  # of them, those already streamed
-    events: list[str] = field(default_factory=list)
 
 
 def submit(scheduler: Scheduler, ask: Ask) -> list[Choice]:
     """Queue every row of ``ask`` on the backbone's scheduler (``QueueFull`` when its queue is full); each row's
     text arrives on its own queue. Choice ``i`` of a seeded request samples with seed ``seed + i``."""
     loop = asyncio.get_running_loop()
-    constraint = _constraint_maker(ask)
+    constraint = _constraint_maker(ask, sorted(scheduler.eos))
     choices = []
     for index, prompt, i in ask.rows():
         pieces: Pieces = asyncio.Queue()
@@ -89,18 +88,18 @@ def _emitter(loop: asyncio.AbstractEventLoop, pieces: Pieces, seq: Sequence) -> 
     return emit
 
 
-def _constraint_maker(ask: Ask) -> Any:
-    """A function giving each row its own grammar matcher (or None without ``response_format``)."""
+def _constraint_maker(ask: Ask, stops: list[int]) -> Any:
+    """A function giving each row its own grammar matcher (or None without ``response_format``); ``stops``: the
+    end-of-text tokens the scheduler ends a row on, the only tokens a complete answer allows."""
     if ask.response_format is None:
         return lambda: None
     from adapters.serving import grammar
-    from adapters.serving.openai_requests import _vocabulary
+    from adapters.serving.openai_requests import vocabulary_size
 
     model = ask.member.group.model
-    eos = model.tokenizer.eos_token_id
-    vocabulary = _vocabulary(ask.member)
+    vocabulary = vocabulary_size(ask.member)
     try:
-        compiled = grammar.compile_schema(ask.response_format["schema"], model.tokenizer, vocabulary, [eos])
+        compiled = grammar.compile_schema(ask.response_format["schema"], model.tokenizer, vocabulary, stops)
     except ConfigError as err:
         raise OpenAIError(400, str(err), "response_format") from None
     if not grammar.Constraint(compiled, vocabulary).can_start():

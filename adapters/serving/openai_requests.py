@@ -102,7 +102,7 @@ def read(body: Any, chat: bool, served: dict[str, Served], max_chars: int) -> As
         check_context(member, len(ids), new, "messages" if chat else "prompt")
     options = body.get("stream_options") or {}
     return Ask(
-        member, chat, prompts, texts, n, new, sampling(body, tokenizer, _vocabulary(member)), body.get("seed"),
+        member, chat, prompts, texts, n, new, sampling(body, tokenizer, vocabulary_size(member)), body.get("seed"),
         _stops(body), bool(body.get("stream")), bool(options.get("include_usage")),
         bool(options.get("continuous_usage_stats")), echo, _response_format(body),
     )  # fmt: skip
@@ -273,7 +273,8 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     raise OpenAIError(400, "response_format type must be text, json_object or json_schema", "response_format")
 
 
-def _vocabulary(member: Served) -> int:
+def vocabulary_size(member: Served) -> int:
+    """The model's vocabulary (its logits' width): token ids from 0 to this, exclusive."""
     config = getattr(member.group.model.backbone, "config", None)
     return getattr(config, "vocab_size", None) or len(member.group.model.tokenizer)
 
@@ -318,7 +319,7 @@ def _text_prompts(body: dict[str, Any], member: Served, max_chars: int) -> tuple
         raise OpenAIError(400, "prompt must be a string, a list of strings or a list of token-id lists", "prompt")
     if all(_integer(t) for t in prompt):
         prompt = [prompt]  # one prompt as token ids
-    vocabulary = _vocabulary(member)
+    vocabulary = vocabulary_size(member)
     if all(isinstance(p, str) for p in prompt):
         if not all(p for p in prompt):
             raise OpenAIError(400, "a prompt must not be empty", "prompt")
