@@ -100,8 +100,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--lora-init",
         default="default",
-        choices=["default", "gaussian", "loftq"],
-        help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base",
+        choices=["default", "gaussian", "loftq", "eva"],
+        help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base; eva: from "
+        "the first training rows",
     )
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="bottleneck placement")
     p.add_argument("--reduction", type=int, default=16, help="bottleneck width = hidden / reduction")

@@ -102,3 +102,28 @@ def test_loftq_without_a_4bit_base_is_refused_before_loading():
         adapters.adapt(
             "no/such-model", adapter=adapters.LoRA(init="loftq"), head=adapters.CausalLM(), quantization=None
         )
+
+
+def test_eva_starts_a_from_the_training_rows_and_is_recorded(tiny_llama, tmp_path, monkeypatch):
+    """``init="eva"``: at ``train`` (a fresh run), ``A`` of every layer becomes orthonormal directions of its
+    inputs on the first training rows (peft's ``initialize_lora_eva_weights``), ``B`` starts at zero; the init is
+    recorded and ``load`` does not run it."""
+    head = adapters.Classification(labels=["neg", "pos"])
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, init="eva", dropout=0.0), head=head)
+    seen = {}
+
+    def record_then_stop(model_, batches):
+        lora_module.eva(model_.adapter_state["peft"], batches)
+        seen.update(_lora_tensors(model_))
+
+    monkeypatch.setattr(model.adapter, "initialize_from_data", record_then_stop)
+    adapters.train(model, toy_sentiment(32), None, adapters.TrainConfig(max_steps=1, progress=False))
+    a_weights = [t for k, t in seen.items() if "lora_A" in k]
+    assert len(a_weights) >= 14 and all(float(t.abs().max()) == 0 for k, t in seen.items() if "lora_B" in k)
+    for a in a_weights:
+        torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-4, rtol=0)  # principal directions
+    model.save_pretrained(tmp_path / "art")
+    monkeypatch.setattr(lora_module, "eva", lambda *a: pytest.fail("EVA ran again on load"))
+    again = adapters.load(tmp_path / "art")
+    assert again.adapter.init == "eva"
+    assert again.predict(["a moving film"], probabilities=True) == model.predict(["a moving film"], probabilities=True)

@@ -39,7 +39,7 @@ from transformers import PreTrainedModel
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
 from adapters.methods.lora_fused import ROW_SEGMENTS, fuse_lora, share_dropout
-from adapters.methods.lora_init import PEFT_INIT, check_init, loftq
+from adapters.methods.lora_init import PEFT_INIT, check_init, eva, eva_config, loftq
 from adapters.methods.lora_init import check_quantization as check_lora_init_quantization
 from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets
@@ -76,8 +76,9 @@ class LoRA(AdapterSpec):
     """Layers that read the same input (q/k/v, gate/up) share one dropout mask, so autograd keeps one
     dropped-out copy of the input instead of one per layer (see the module docstring)."""
     init: str = "default"
-    """Where ``A`` and ``B`` start (``lora_init.py``): ``"default"`` (peft's: ``B = 0``), ``"gaussian"``, or
-    ``"loftq"`` on an NF4/FP4 base (``B A`` starts as the best rank-``r`` correction of the quantization error)."""
+    """Where ``A`` and ``B`` start (``lora_init.py``): ``"default"`` (peft's: ``B = 0``), ``"gaussian"``, ``"eva"``
+    (``A`` from the first training rows' layer inputs, at ``train``), or ``"loftq"`` on an NF4/FP4 base (``B A``
+    starts as the best rank-``r`` correction of the quantization error)."""
     fused: bool = True
     """The lean forward of ``lora_fused.py`` (one stacked ``A`` matmul per group of layers that read one
     input, the update by one ``addmm``; outputs and gradients equal peft's). False: peft's own forward."""
@@ -124,6 +125,13 @@ class LoRA(AdapterSpec):
     def initialize(self, model: Any) -> None:
         if self.init == "loftq":
             loftq(model.adapter_state["peft"], model.base.location)
+
+    def starts_from_data(self) -> bool:
+        return self.init == "eva"
+
+    def initialize_from_data(self, model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
+        if self.init == "eva":
+            eva(model.adapter_state["peft"], batches)
 
     def trained_state(self, model: Any) -> dict[str, Any]:
         from peft import get_peft_model_state_dict
@@ -272,6 +280,7 @@ def apply_lora(model: nn.Module, lora: LoRA, base_name: str) -> Any:
         use_rslora=lora.rslora,
         use_dora=lora.dora,
         init_lora_weights=PEFT_INIT[lora.init],
+        eva_config=eva_config() if lora.init == "eva" else None,
         bias="none",
         base_model_name_or_path=base_name,
     )

@@ -3,6 +3,11 @@
 * ``"default"``: peft's own (``init_lora_weights=True``): ``A`` Kaiming-uniform, ``B = 0``, so the adapted
   model starts equal to its base (Hu et al. 2021).
 * ``"gaussian"``: ``A`` Gaussian with standard deviation ``1 / r``, ``B = 0`` (peft's ``"gaussian"``).
+* ``"eva"``: EVA (Paischer et al. 2024, "One initialization to rule them all", arXiv:2410.07170): ``A`` starts
+  as the top right-singular vectors of each layer's inputs on the first training rows (``EVA_ROWS``), ``B = 0``,
+  so the update starts in the directions the task's data varies most. peft's ``initialize_lora_eva_weights``,
+  run by ``train`` on a fresh run (a resumed one keeps its checkpoint), with every rank on the same rows; the
+  rank stays ``r`` in every layer (``rho=1``), so the artifact keeps LoRA's shapes.
 * ``"loftq"``: LoftQ (Li et al. 2023, "LoftQ: LoRA-fine-tuning-aware quantization", arXiv:2310.08659), for
   NF4/FP4 bases: the update ``(alpha / r) B A`` starts as the best rank-``r`` approximation of what 4-bit
   quantization lost, ``W - dequantize(quantize(W))`` (the one-step LoftQ of peft's
@@ -27,7 +32,8 @@ import torch
 
 from adapters.errors import ConfigError
 
-PEFT_INIT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "loftq": True}  # loftq: then replaced
+PEFT_INIT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "loftq": True, "eva": "eva"}
+EVA_ROWS = 256  # training rows whose layer inputs EVA decomposes (peft stops early once the components settle)
 REWRITE_THE_BASE = ("pissa", "olora", "corda")
 FOUR_BIT = ("nf4", "fp4")
 
@@ -96,6 +102,38 @@ def _start(module: Any, adapter: str, weight: torch.Tensor) -> None:
     a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     a.data = (root[:, None] * vh[:rank]).to(a.dtype)
     b.data = (u[:, :rank] * root).to(b.dtype)
+
+
+def eva_config() -> Any:
+    """peft's EVA settings here: the rank kept at ``r`` (``rho=1``), every real token used (our labels are
+    targets, not a token mask)."""
+    from peft import EvaConfig
+
+    return EvaConfig(rho=1.0, use_label_mask=False)
+
+
+def eva(peft_model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
+    """EVA's start for every LoRA layer of ``peft_model`` from ``batches`` (``input_ids``, ``attention_mask``)."""
+    from peft import initialize_lora_eva_weights
+
+    def forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+    initialize_lora_eva_weights(
+        peft_model, dataloader=batches, forward_fn=forward, gather_distributed_inputs=False, show_progress_bar=False
+    )
+
+
+def padded_batches(rows: list[list[int]], pad: int, size: int, device: Any) -> list[dict[str, torch.Tensor]]:
+    """``rows`` of token ids as right-padded batches of ``size`` with their attention masks."""
+    batches = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        width = max(len(r) for r in chunk)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
 
 
 def _file_name(files: Any, module: str) -> str:

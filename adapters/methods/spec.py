@@ -86,6 +86,15 @@ class AdapterSpec(ABC):
         ``adapt`` calls it once after ``attach``, ``load`` never (the saved weights replace any start)."""
         return None  # attach's own start, unless a kind reads the base
 
+    def starts_from_data(self) -> bool:
+        """Whether ``train`` should hand the first training rows to ``initialize_from_data`` (LoRA's EVA)."""
+        return False
+
+    def initialize_from_data(self, model: Adaptable, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Start the trained weights from the layer inputs of ``batches`` (``input_ids``, ``attention_mask``);
+        ``train`` calls it once, on a fresh run, before any sharding."""
+        return None
+
     def describe(self) -> str:
         """One short line for tables and logs, e.g. ``"LoRA r=8"``."""
         return type(self).__name__

@@ -165,8 +165,10 @@ class TrainingLoop:
         self.accelerator.wait_for_everyone()
         set_seed(self.config.seed)
         self._setup_data()
-        if self.config.linear_probe and self.resume_from is None:  # a resumed run's head comes from its checkpoint
-            self.probe_head()  # on the whole model, before any sharding
+        if self.resume_from is None:  # a resumed run's adapter and head come from its checkpoint
+            self.start_adapter_from_data()  # on the whole model, before any sharding
+        if self.config.linear_probe and self.resume_from is None:
+            self.probe_head()
         self._setup_optimizer()
         if self.resume_from is not None:
             trainable = {n for n, p in self.unwrapped.named_parameters() if p.requires_grad}
@@ -300,6 +302,26 @@ class TrainingLoop:
             )
         )
         accelerator.register_save_state_pre_hook(keep_trainable_only(accelerator.unwrap_model))
+
+    def start_adapter_from_data(self) -> None:
+        """An adapter that starts from data (LoRA's EVA) reads its layer inputs on the first training rows, the
+        same rows on every process, so every process starts alike."""
+        adapter = self.unwrapped.adapter
+        if adapter is None or not adapter.starts_from_data():
+            return
+        from adapters.methods.lora_init import EVA_ROWS, padded_batches
+
+        rows = self.encoded[: min(EVA_ROWS, len(self.encoded))]["input_ids"]
+        if not rows or not isinstance(rows[0][0], int):
+            raise ConfigError(f"{adapter.describe()} starts from one token sequence per row; this head's rows differ")
+        pad = self.unwrapped.tokenizer.pad_token_id or 0
+        batches = padded_batches(rows, pad, self.config.batch_size, self.unwrapped.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            adapter.initialize_from_data(self.unwrapped, batches)
+        self.accelerator.print(
+            f"{adapter.describe()}: started from {len(rows)} rows ({time.perf_counter() - started:.0f} s)"
+        )
 
     def probe_head(self) -> None:
         """LP-FT's first stage: the head fitted on the frozen features of the training rows (``probe.py``)."""
