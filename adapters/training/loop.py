@@ -316,11 +316,14 @@ class TrainingLoop:
             raise ConfigError(f"{adapter.describe()} starts from one token sequence per row; this head's rows differ")
         pad = self.unwrapped.tokenizer.pad_token_id or 0
         batches = padded_batches(rows, pad, self.config.batch_size, self.unwrapped.device)
-        started = time.perf_counter()
+        started, training = time.perf_counter(), self.unwrapped.training
+        self.unwrapped.eval()  # the layer inputs as inference sees them (no dropout)
         with torch.no_grad():
             adapter.initialize_from_data(self.unwrapped, batches)
+        self.unwrapped.train(training)
+        seconds = time.perf_counter() - started
         self.accelerator.print(
-            f"{adapter.describe()}: started from {len(rows)} rows ({time.perf_counter() - started:.0f} s)"
+            f"{adapter.describe()}: started from the first {len(rows)} training rows ({seconds:.0f} s)"
         )
 
     def probe_head(self) -> None:
