@@ -7,7 +7,10 @@ per artifact behind a bounded queue (``batcher.py``).
 The HTTP layer is FastAPI on uvicorn (the ``serve`` extra): ``POST /v1/models/{name}/predict`` with
 ``{"texts": [...], "probabilities": true}`` (read as JSON whatever the content type says: ``curl -d``
 sends a form type), ``GET /v1/models`` (and ``/v1/models/{name}``), ``GET /health``, ``GET /metrics``
-(Prometheus, ``metrics.py``) and the OpenAPI docs at ``/docs``. For deployments, as text-embeddings-inference
+(Prometheus, ``metrics.py``) and the OpenAPI docs at ``/docs``; OpenAI's ``/v1/chat/completions`` and
+``/v1/completions`` (``openai_api.py``, on the continuous batch of ``scheduler.py``), vLLM's ``/tokenize``,
+``/detokenize`` and ``/classify`` (``vllm_api.py``) and its ``/v1/load_lora_adapter`` (``runtime.py``). For
+deployments, as text-embeddings-inference
 and vLLM do: ``api_key`` makes every ``/v1/`` endpoint ask for ``Authorization: Bearer KEY`` (401 without it), and
 ``serve`` refuses to listen beyond this machine without one unless told ``insecure``; a full queue
 answers 503 with ``Retry-After``, a request past ``timeout_s`` 504. Bad requests get a 4xx JSON error
