@@ -282,7 +282,7 @@ class AdaptedModel(nn.Module):
                 f"{path} was trained on a base with custom code; loading it runs that code: pass "
                 f"trust_remote_code=True if you trust {spec.base.name!r}"
             )
-        model = _build(
+        model = adapt(
             location,
             adapter=artifact.adapter,
             head=artifact.head,
@@ -295,7 +295,7 @@ class AdaptedModel(nn.Module):
             trust_remote_code=trust_remote_code,
             revision=spec.load_options.get("revision") if base is None else None,
             attn_implementation=attn_implementation or spec.load_options.get("attn_implementation"),
-            start=False,
+            _start=False,
         )
         artifact.check_base(model.backbone, model.base.location)
         if artifact.adapter is not None:
@@ -325,6 +325,8 @@ def adapt(
     attn_implementation: str | None = None,
     revision: str | None = None,
     fsdp: bool = False,
+    *,
+    _start: bool = True,
 ) -> AdaptedModel:
     """Load ``model`` frozen (and quantized), add ``adapter`` and a new ``head``.
 
@@ -338,32 +340,9 @@ def adapt(
     ``fsdp``: under a launched world of N processes (``torchrun``, ``accelerate launch``), each reads, quantizes
     and holds only its 1/N of the frozen base (``sharding/load.py``), and the model comes back sharded for
     ``train(..., TrainConfig(fsdp=True))``; in one process it is the ordinary load.
+    ``_start`` (internal): run the adapter's own start from the base (``AdapterSpec.initialize``); ``load``
+    turns it off, the saved weights replacing any start.
     """
-    return _build(
-        model, adapter, head, quantization, dtype, device, max_length, padding_side, double_quant,
-        trust_remote_code, seed, attn_implementation, revision, fsdp, start=True,
-    )  # fmt: skip
-
-
-def _build(
-    model: str,
-    adapter: AdapterSpec | None = None,
-    head: HeadSpec | None = None,
-    quantization: str | None = "nf4",
-    dtype: str | None = None,
-    device: str | torch.device | None = None,
-    max_length: int | None = None,
-    padding_side: str | None = None,
-    double_quant: bool = True,
-    trust_remote_code: bool = False,
-    seed: int | None = 0,
-    attn_implementation: str | None = None,
-    revision: str | None = None,
-    fsdp: bool = False,
-    start: bool = True,
-) -> AdaptedModel:
-    """``adapt``'s work; ``start``: run the adapter's own start from the base (``AdapterSpec.initialize``),
-    which ``load`` skips (the saved weights replace it)."""
     head = _check_specs(adapter, head, max_length)
     if adapter is not None:
         adapter.check_quantization(quantization)
@@ -379,7 +358,7 @@ def _build(
         if seed is not None:
             torch.manual_seed(seed)
         adapted = AdaptedModel(network, base, adapter, head, max_length, dtype_name(dtype))
-    if adapter is not None and start:
+    if adapter is not None and _start:
         adapter.initialize(adapted)  # once, for a new adapter: a loaded artifact's saved weights need no start
     adapted.head.to(plan.device)
     if adapted.adapter_layers is not None:
@@ -387,15 +366,8 @@ def _build(
     if loader is not None:
         adapted.shard_report = shard_loaded(adapted, loader, base.compute_dtype)
     # how the base was read, for the artifact: a reload reads it the same way
-    adapted.load_options = {
-        k: v
-        for k, v in (
-            ("revision", revision),
-            ("attn_implementation", attn_implementation),
-            ("trust_remote_code", trust_remote_code),
-        )
-        if v
-    }
+    read_as = {"revision": revision, "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
+    adapted.load_options = {k: v for k, v in read_as.items() if v}
     return adapted
 
 

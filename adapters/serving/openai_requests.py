@@ -78,9 +78,10 @@ class Ask:
 
 def read(body: Any, chat: bool, served: dict[str, Served], max_chars: int) -> Ask:
     """``body`` of ``/v1/chat/completions`` (``chat``) or ``/v1/completions``, checked (``OpenAIError``)."""
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    _check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, "messages" if chat else "prompt")
+    required = "messages" if chat else "prompt"
+    check_object(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
+    if required not in body:
+        raise OpenAIError(400, f"Missing required parameter: {required!r}", required)
     member = _member(body, served)
     check_bounds(body)
     _check_refused(body)
@@ -108,12 +109,14 @@ def read(body: Any, chat: bool, served: dict[str, Served], max_chars: int) -> As
     )  # fmt: skip
 
 
-def _check_fields(body: dict[str, Any], fields: set[str], required: str) -> None:
+def check_object(body: Any, fields: set[str]) -> dict[str, Any]:
+    """``body`` as a JSON object with no field beyond ``fields``, else a 400 naming the first unknown one."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - fields)
     if unknown:
         raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
-    if required not in body:
-        raise OpenAIError(400, f"Missing required parameter: {required!r}", required)
+    return body
 
 
 def _member(body: dict[str, Any], served: dict[str, Served]) -> Served:

@@ -182,7 +182,7 @@ def create_app(served: dict[str, Served], limits: Limits | None = None, api_key:
     # OpenAI's endpoints answer their own errors as OpenAI does ({"error": {...}}); auth and crashes as ours
     openai_errors = {**documented(401, 500), **_openai_errors()}
     names = ModelNames(served)  # the schemas' model enums, kept current by the runtime routes
-    add_openai_routes(app, served, schedulers, guard, openai_errors, limits.max_chars, names)
+    add_openai_routes(app, served, schedulers, guard, openai_errors, limits, names)
     add_vllm_routes(app, served, batchers, guard, {**openai_errors, **documented(413)}, limits, names)
     _add_predict_route(app, served, batchers, limits, metrics, guard, documented)
     runtime = RuntimeAdapters(served, limits.max_loras)
@@ -385,40 +385,34 @@ def add_openai_routes(
     schedulers: dict[int, Scheduler],
     guard: list[Any],
     errors: dict[int | str, Any],
-    max_chars: int,
+    limits: Limits,
     names: ModelNames,
 ) -> None:
     """``/v1/chat/completions`` and ``/v1/completions`` (``openai_api.py``)."""
     from fastapi import Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
 
     from adapters.serving import openai_api as oai
-    from adapters.serving.openai_requests import OpenAIError, checked_generation, read
+    from adapters.serving.openai_requests import checked_generation, read
 
     chat_schema, text_schema = openai_schemas(names)
 
     async def run(request: Request, chat: bool) -> Any:
-        try:
-            ask = read(await _json(request), chat, served, max_chars)
-            checked_generation(ask)
-            choices = oai.submit(schedulers[ask.member.group.index], ask)  # a full queue is a 503 before any answer
-            if ask.stream:
-                return StreamingResponse(oai.sse(ask, choices), media_type="text/event-stream")
-            await oai.complete(choices, ask)
-        except OpenAIError as err:
-            return JSONResponse(status_code=err.status, content=err.body())
-        except QueueFull as err:
-            busy = OpenAIError(503, f"{err}; retry later")
-            return JSONResponse(status_code=503, content=busy.body(), headers={"Retry-After": str(RETRY_AFTER_S)})
+        ask = read(await _json(request), chat, served, limits.max_chars)
+        checked_generation(ask)
+        choices = oai.submit(schedulers[ask.member.group.index], ask)  # a full queue is a 503 before any answer
+        if ask.stream:
+            return StreamingResponse(oai.sse(ask, choices), media_type="text/event-stream")
+        await oai.complete(choices, ask)
         return oai.answer(ask, choices)
 
     @app.post("/v1/chat/completions", dependencies=guard, openapi_extra=chat_schema, responses=errors)
     async def chat_completions(request: Request) -> Any:
-        return await run(request, True)
+        return await _answered(run(request, True), limits.timeout_s)
 
     @app.post("/v1/completions", dependencies=guard, openapi_extra=text_schema, responses=errors)
     async def completions(request: Request) -> Any:
-        return await run(request, False)
+        return await _answered(run(request, False), limits.timeout_s)
 
 
 def add_vllm_routes(
@@ -432,45 +426,50 @@ def add_vllm_routes(
 ) -> None:
     """vLLM's ``/tokenize``, ``/detokenize`` and ``/classify`` (``vllm_api.py``)."""
     from fastapi import Request
-    from fastapi.responses import JSONResponse
 
     from adapters.serving import vllm_api
-    from adapters.serving.openai_requests import OpenAIError
 
     schemas = vllm_schemas(names)
-
-    async def answered(work: Any) -> Any:
-        try:
-            return await work
-        except OpenAIError as err:
-            return JSONResponse(status_code=err.status, content=err.body())
-        except QueueFull as err:
-            busy = OpenAIError(503, f"{err}; retry later")
-            return JSONResponse(status_code=503, content=busy.body(), headers={"Retry-After": str(RETRY_AFTER_S)})
-        except TimeoutError:
-            late = OpenAIError(504, f"no answer within {limits.timeout_s:g} s; the server is busy")
-            return JSONResponse(status_code=504, content=late.body())
 
     @app.post("/tokenize", dependencies=guard, openapi_extra=schemas["tokenize"], responses=errors)
     async def tokenize(request: Request) -> Any:
         async def work() -> Any:
             return vllm_api.tokenize(await _json(request), served, limits.max_chars)
 
-        return await answered(work())
+        return await _answered(work(), limits.timeout_s)
 
     @app.post("/detokenize", dependencies=guard, openapi_extra=schemas["detokenize"], responses=errors)
     async def detokenize(request: Request) -> Any:
         async def work() -> Any:
             return vllm_api.detokenize(await _json(request), served)
 
-        return await answered(work())
+        return await _answered(work(), limits.timeout_s)
 
     @app.post("/classify", dependencies=guard, openapi_extra=schemas["classify"], responses=errors)
     async def classify(request: Request) -> Any:
         async def work() -> Any:
             return await vllm_api.classify(await _json(request), served, batchers, limits.max_texts)
 
-        return await answered(work())
+        return await _answered(work(), limits.timeout_s)
+
+
+async def _answered(work: Awaitable[Any], timeout_s: float) -> Any:
+    """``work``'s answer, or its refusal in OpenAI's shape: its own 4xx, 503 with ``Retry-After`` when the queue
+    is full, 504 past the timeout."""
+    from fastapi.responses import JSONResponse
+
+    from adapters.serving.openai_requests import OpenAIError
+
+    try:
+        return await work
+    except OpenAIError as err:
+        return JSONResponse(status_code=err.status, content=err.body())
+    except QueueFull as err:
+        busy = OpenAIError(503, f"{err}; retry later")
+        return JSONResponse(status_code=503, content=busy.body(), headers={"Retry-After": str(RETRY_AFTER_S)})
+    except TimeoutError:
+        late = OpenAIError(504, f"no answer within {timeout_s:g} s; the server is busy")
+        return JSONResponse(status_code=504, content=late.body())
 
 
 async def _json(request: Any) -> Any:

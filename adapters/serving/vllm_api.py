@@ -17,16 +17,11 @@ from typing import Any
 
 from adapters.serving.backbones import Served
 from adapters.serving.batcher import Batcher
-from adapters.serving.openai_requests import OpenAIError, chat_messages, context_length, prompt_ids
+from adapters.serving.openai_requests import OpenAIError, chat_messages, check_object, context_length, prompt_ids
 
 
 def _named(body: Any, served: dict[str, Served], allowed: set[str]) -> Served:
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise OpenAIError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0])
-    name = body.get("model")
+    name = check_object(body, allowed).get("model")
     if not isinstance(name, str) or name not in served:
         raise OpenAIError(404, f"The model {name!r} does not exist; served: {sorted(served)}", "model")
     return served[name]
