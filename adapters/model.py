@@ -65,6 +65,7 @@ class AdaptedModel(nn.Module):
         self.adapter = adapter
         self.adapter_layers: nn.Module | None = None  # modules an adapter kind keeps outside the backbone
         self.adapter_state: dict[str, Any] = {}  # the adapter kind's own objects; only the kind reads them
+        self.adapter_started = False  # its weights came from data or an artifact: train starts it from data once
         if adapter is not None:
             adapter.attach(self)
         self.head_spec = head_spec
@@ -300,6 +301,7 @@ class AdaptedModel(nn.Module):
         artifact.check_base(model.backbone, model.base.location)
         if artifact.adapter is not None:
             artifact.adapter.load(model, artifact.path)
+            model.adapter_started = True  # trained weights: a further train must not restart them from data
         model.load_head(artifact.head_tensors, artifact.path)
         model.eval()
         return model

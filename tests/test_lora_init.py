@@ -127,3 +127,16 @@ def test_eva_starts_a_from_the_training_rows_and_is_recorded(tiny_llama, tmp_pat
     again = adapters.load(tmp_path / "art")
     assert again.adapter.init == "eva"
     assert again.predict(["a moving film"], probabilities=True) == model.predict(["a moving film"], probabilities=True)
+
+
+def test_eva_starts_once_never_over_trained_weights(tiny_llama, tmp_path, monkeypatch):
+    """A second ``train`` of the same model, or ``train`` of a loaded artifact, keeps the weights it has: EVA
+    runs only for an adapter that has never been started or trained."""
+    head = adapters.Classification(labels=["neg", "pos"])
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, init="eva", dropout=0.0), head=head)
+    config = adapters.TrainConfig(max_steps=1, progress=False)
+    adapters.train(model, toy_sentiment(32), None, config)
+    model.save_pretrained(tmp_path / "art")
+    monkeypatch.setattr(lora_module, "eva", lambda *a: pytest.fail("EVA ran over trained weights"))
+    adapters.train(model, toy_sentiment(32), None, config)
+    adapters.train(adapters.load(tmp_path / "art"), toy_sentiment(32), None, config)

@@ -307,8 +307,8 @@ class TrainingLoop:
         """An adapter that starts from data (LoRA's EVA) reads its layer inputs on the first training rows, the
         same rows on every process, so every process starts alike."""
         adapter = self.unwrapped.adapter
-        if adapter is None or not adapter.starts_from_data():
-            return
+        if adapter is None or not adapter.starts_from_data() or self.unwrapped.adapter_started:
+            return  # a loaded artifact, or a model already trained once, keeps its weights
         from adapters.methods.lora_init import EVA_ROWS, padded_batches
 
         rows = self.encoded[: min(EVA_ROWS, len(self.encoded))]["input_ids"]
@@ -321,6 +321,7 @@ class TrainingLoop:
         with torch.no_grad():
             adapter.initialize_from_data(self.unwrapped, batches)
         self.unwrapped.train(training)
+        self.unwrapped.adapter_started = True
         seconds = time.perf_counter() - started
         self.accelerator.print(
             f"{adapter.describe()}: started from the first {len(rows)} training rows ({seconds:.0f} s)"
