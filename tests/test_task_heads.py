@@ -250,3 +250,71 @@ def test_chats_get_the_explicit_system_prompt_and_a_default_one_is_said(tiny_lla
     columns, _ = encode_rows(rows[:1], explicit.tokenizer, explicit.head_spec, "text", "label", 32, "chats")
     words = explicit.tokenizer.convert_ids_to_tokens(columns["input_ids"][0])
     assert words[:3] == ["film", "good", "film"]  # the given system message first, no default one
+
+
+CHAT_TEMPLATE = (  # role, text, end of turn; the generation prompt is the start of an assistant message
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
+)
+TWO_TURNS = [
+    {"role": "user", "content": "good film"},
+    {"role": "assistant", "content": "fun"},
+    {"role": "user", "content": "bad film"},
+    {"role": "assistant", "content": "not fun"},
+]
+
+
+def _encoded(model, chats, max_length=64):
+    from adapters.data.encoding import encode_rows
+
+    rows = [{"messages": m} for m in chats]
+    columns, _ = encode_rows(rows, model.tokenizer, model.head_spec, "text", "label", max_length, "chats")
+    return columns
+
+
+def test_every_assistant_turn_is_learned_with_mask_history_false(tiny_llama):
+    """mask_history=False: each assistant message and its end of turn are labels, user turns never; the
+    default learns the last answer only; a one-answer chat encodes the same either way."""
+    every = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM(mask_history=False))
+    last = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM())
+    for model in (every, last):
+        model.tokenizer.chat_template = CHAT_TEMPLATE
+    tok = every.tokenizer
+    learned = {
+        name: tok.convert_ids_to_tokens([t for t in _encoded(m, [TWO_TURNS])["labels"][0] if t != -100])
+        for name, m in (("every", every), ("last", last))
+    }
+    assert learned == {"every": ["fun", "[SEP]", "not", "fun", "[SEP]"], "last": ["not", "fun", "[SEP]"]}
+    assert _encoded(every, [TWO_TURNS])["input_ids"] == _encoded(last, [TWO_TURNS])["input_ids"]
+    assert _encoded(every, [TWO_TURNS[:2]]) == _encoded(last, [TWO_TURNS[:2]])
+    cut = _encoded(every, [TWO_TURNS], max_length=6)  # the start goes, the latest turn stays
+    assert tok.convert_ids_to_tokens(cut["input_ids"][0])[-3:] == ["not", "fun", "[SEP]"]
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_by_name(tiny_llama):
+    model = adapters.adapt(tiny_llama, adapter=None, head=adapters.CausalLM(mask_history=False))
+    # drops past assistant messages, as templates that strip earlier reasoning do
+    model.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }} "
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}the {% endif %}"
+    )
+    with pytest.raises(adapters.DataError, match=r"chats row 1: .*rewrites earlier turns.*mask_history=True"):
+        _encoded(model, [TWO_TURNS])
+    with pytest.raises(adapters.ConfigError, match="mask_history='no' must be True or False"):
+        adapters.CausalLM(mask_history="no")
+
+
+def test_a_multi_turn_chat_teaches_both_answers_and_the_artifact_keeps_the_setting(tiny_llama, tmp_path):
+    model = adapters.adapt(
+        tiny_llama,
+        adapter=adapters.LoRA(r=4, dropout=0.0),
+        head=adapters.CausalLM(max_new_tokens=2, mask_history=False),
+    )
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    adapters.train(
+        model, [{"messages": TWO_TURNS}] * 16, None, adapters.TrainConfig(epochs=25, lr=1e-2, progress=False)
+    )
+    assert model.predict([TWO_TURNS[:1]]) == ["fun"]  # the first answer was learned too
+    assert model.predict([TWO_TURNS[:3]]) == ["not fun"]
+    model.save_pretrained(tmp_path / "chat")
+    assert adapters.load(tmp_path / "chat").head_spec.mask_history is False

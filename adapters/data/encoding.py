@@ -392,8 +392,7 @@ def _prompt_response(data, tokenizer, head, text_column, label_column, what) -> 
                 raise DataError(
                     f"{_at(what, i)}: {head.messages_column!r} must be a list of {{'role', 'content'}} dicts"
                 )
-            if head.system_prompt is not None and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": head.system_prompt}, *messages]
+            messages = _with_system(head, messages)
             if label_column is not None:
                 if messages[-1]["role"] != "assistant":
                     raise DataError(f"{_at(what, i)}: the last message must be the assistant's answer to learn")
@@ -417,9 +416,11 @@ def encode_causal(
 ) -> tuple[dict[str, list[Any]], int]:
     """Prompt then response (with EOS); the loss counts response tokens only. Too long: the prompt's
     start is cut, the part nearest the answer is kept."""
-    prompts, responses = _prompt_response(data, tokenizer, head, text_column, label_column, what)
     # a chat template already holds its special tokens; a plain prompt gets the tokenizer's own
     templated = head.messages_column in data.column_names and text_column not in data.column_names
+    if templated and label_column is not None and not head.mask_history:
+        return _encode_every_turn(data, tokenizer, head, text_column, label_column, max_length, what)
+    prompts, responses = _prompt_response(data, tokenizer, head, text_column, label_column, what)
     prompt_ids = tokenizer(prompts, add_special_tokens=not templated)["input_ids"]
     out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "labels": []}
     cut_rows: list[int] = []
@@ -453,6 +454,33 @@ def encode_causal(
             else "",
         )
     return out, len(cut_rows)
+
+
+def _encode_every_turn(
+    data: Any, tokenizer: Any, head: Any, text_column: str, label_column: str, max_length: int, what
+):
+    """Chats with every assistant message learned (``CausalLM(mask_history=False)``, see ``turns``)."""
+    from adapters.data.turns import encode_turns  # turns reads IGNORE from here
+
+    _prompt_response(data, tokenizer, head, text_column, label_column, what)  # the same checks and warning
+    messages = [_with_system(head, m) for m in _column(data, head.messages_column, what)]
+    out, cut_rows = encode_turns(tokenizer, messages, max_length, lambda i: _at(what, i))
+    if cut_rows:
+        logger.warning(
+            "%s: the start of %d chat(s) longer than max_length=%d was cut (%s); the latest turns are kept. "
+            "Raise max_length, or shorten the chats",
+            what,
+            len(cut_rows),
+            max_length,
+            ", ".join(_at(what, i) for i in cut_rows[:3]) + (" ..." if len(cut_rows) > 3 else ""),
+        )
+    return out, len(cut_rows)
+
+
+def _with_system(head: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if head.system_prompt is not None and messages[0]["role"] != "system":
+        return [{"role": "system", "content": head.system_prompt}, *messages]
+    return messages
 
 
 def _firsts(data: Any, head: Any) -> list[dict[str, Any]]:

@@ -22,7 +22,8 @@ class CausalLM(HeadSpec):
 
     Data: the text column holds the prompt and the label column the response, or a
     ``messages_column`` holds chat messages (the last one, the assistant's, is the response)
-    rendered with the tokenizer's chat template. The loss is counted on response tokens only.
+    rendered with the tokenizer's chat template. The loss is counted on response tokens only: a chat's
+    last assistant message, or every assistant message with ``mask_history=False``.
     """
 
     messages_column: str = "messages"
@@ -31,6 +32,10 @@ class CausalLM(HeadSpec):
     system_prompt: str | None = None
     """The system message put first in every chat that has none (training, evaluation, prediction). None:
     the chat template decides, and some add a default one of their own (a warning says so and its size)."""
+    mask_history: bool = True
+    """In chats of several turns, learn the last assistant message only (True), or every assistant message
+    (False: a multi-turn conversation teaches each answer in its context; LLaMA-Factory's ``mask_history``,
+    TRL's ``assistant_only_loss``). User and system messages are never learned."""
     kind: str = field(default="causal_lm", init=False)
     labels_per_token: ClassVar[bool] = True
     lm_logits: ClassVar[bool] = True
@@ -40,6 +45,8 @@ class CausalLM(HeadSpec):
             raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ConfigError(f"system_prompt={self.system_prompt!r} must be text (or None)")
+        if not isinstance(self.mask_history, bool):
+            raise ConfigError(f"mask_history={self.mask_history!r} must be True or False")
 
     def encode(self, data: Any, tokenizer: Any, text_column: Any, label_column: Any, max_length: Any, what: Any) -> Any:
         return encode_causal(data, tokenizer, self, text_column, label_column, max_length, what)
