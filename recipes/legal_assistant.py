@@ -1,23 +1,35 @@
-"""Legal assistant recipe: a chat model that says which licence a notice is, its category, and what that
-category asks of a user, fine-tuned on ScanCode's licence knowledge base (``licensedcode-data``, offline).
+"""Legal assistant recipe: a chat model that says which licence a notice is, its category and what that asks
+of a user, then answers the client's follow-up questions, fine-tuned on ScanCode's licence knowledge base
+(``licensedcode-data``, offline).
 
-    python recipes/legal_assistant.py                 # SmolLM2-135M-Instruct + LoRA, under 30 minutes on 2 cores
+    python recipes/legal_assistant.py                 # SmolLM2-135M-Instruct + LoRA, about 30 minutes on 2 cores
     python recipes/legal_assistant.py --quick --model PATH   # a tiny run (tests)
 
-Each example is a chat: an explicit system message (so the base's chat template adds no default one of
-its own), the user's question with a licence notice, and the assistant's answer in one or two sentences:
-``"MIT (MIT License). Category: Permissive: you may use, change and share the code, keeping the copyright
-notice and licence text."``. Split by licence key as the other legal tasks are: no licence has notices on
-both sides, so the held-out licences were never seen in training. Evaluated on the held-out licences with
-what a user reads: SPDX-id exact match, category accuracy, token F1 and ROUGE-L of the whole answer,
-against the untrained base with the same messages (zero-shot), in one table. Phases: data -> zero-shot ->
-adapt -> train -> evaluate -> examples -> save -> reload and answer.
+Each example is a conversation:
+
+* a system message: the task, and the ``--retrieval`` licences of the knowledge base nearest to the notice
+  (``legal_retrieval``: MiniLM embeddings of every licence's name, SPDX id and first words);
+* the client's notice and question, and the answer in one or two sentences: ``"MIT (MIT License). Category:
+  Permissive: you may use, change and share the code, keeping the copyright notice and licence text."``;
+* the client's follow-ups, in a random order: "Can I use it in a closed-source product?", "What must I ship
+  with it?", "Is it compatible with GPL-3.0?", each answered from the licence's category and SPDX id
+  (``legal_followups``).
+
+Every assistant turn is learned (``CausalLM(mask_history=False)``). In training the true licence is always
+among the listed ones (put in place of the last when retrieval missed it), so the model learns to choose from
+the list rather than to recall ids. Split by licence key: no licence has notices on both sides, so the held-out
+licences were never seen in training. Evaluated on the held-out licences turn by turn, the model answering
+each follow-up after its own earlier answers, as a client would see it: SPDX-id exact match, category
+accuracy, follow-up answers right, against the untrained base with the same messages (zero-shot) and against
+the retrieval alone (the nearest licence's id, category and answers), in one table, with the wrong answers
+shown. Phases: data -> retrieval -> zero-shot -> adapt -> train -> evaluate -> save -> reload and answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 import time
@@ -25,12 +37,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import legal  # noqa: E402
+import legal_followups as follow  # noqa: E402
+from legal_retrieval import LicenceIndex  # noqa: E402
 
 import adapters  # noqa: E402
 from adapters.data.sources import group_split, sample  # noqa: E402
 from adapters.heads.metrics import generation_metrics  # noqa: E402
 
 SYSTEM = "You identify software licences from their notices and say what they ask of the user, in one or two sentences."
+CANDIDATES = "Licences of the knowledge base nearest to the notice:\n{lines}"
 QUESTION = "Which licence is this notice, and what does it ask of me?\n\n{notice}"
 # what each category asks of a user, in one sentence (ScanCode's categories)
 OBLIGATIONS = {
@@ -64,24 +79,57 @@ def answer_of(spdx: str, name: str, category: str) -> str:
     return f"{spdx} ({name}). Category: {category}: {OBLIGATIONS[category]}."
 
 
-def chat_rows(seed: int = 0, per_licence: int = 6, max_words: int = 120) -> list[dict]:
-    """One chat per notice (8-``max_words`` words, at most ``per_licence`` per licence), grouped by licence."""
+def chat_rows(seed: int = 0, per_licence: int | None = 6, max_words: int = 120) -> list[dict]:
+    """One client per notice (8-``max_words`` words, at most ``per_licence`` per licence), grouped by licence:
+    the notice, the reference answers of every turn, and the order of the follow-ups."""
     root = legal.data_root()
     licences, spdx = legal.read_licences(root), read_spdx(root)
     notices = legal.cap_per_licence(legal.read_notices(root, licences, 8, max_words), per_licence, seed)
+    rng = random.Random(seed)
     rows = []
     for n in notices:
         lic = licences[n["key"]]
         if lic["category"] not in OBLIGATIONS:
             continue
-        answer = answer_of(spdx[n["key"]], lic["name"], lic["category"])
-        messages = [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": QUESTION.format(notice=n["text"])},
-            {"role": "assistant", "content": answer},
-        ]
-        rows.append({"messages": messages, "group": n["key"], "spdx": spdx[n["key"]], "category": lic["category"]})
+        questions = rng.sample(follow.QUESTIONS, len(follow.QUESTIONS))
+        replies = follow.answers(lic["category"], spdx[n["key"]])
+        rows.append(
+            {
+                "group": n["key"],
+                "notice": n["text"],
+                "spdx": spdx[n["key"]],
+                "category": lic["category"],
+                "turns": [(QUESTION.format(notice=n["text"]), answer_of(spdx[n["key"]], lic["name"], lic["category"]))]
+                + [(q, replies[q]) for q in questions],
+            }
+        )
     return rows
+
+
+def system_message(index: LicenceIndex | None, keys: list[str]) -> dict:
+    content = SYSTEM if index is None else SYSTEM + "\n\n" + CANDIDATES.format(lines=index.context(keys))
+    return {"role": "system", "content": content}
+
+
+def conversation(row: dict, turns: int | None = None) -> list[dict]:
+    """The row's system message and its first ``turns`` exchanges (all of them by default)."""
+    messages = [row["system"]]
+    for question, answer in row["turns"][:turns]:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def retrieve(index: LicenceIndex | None, rows: list[dict], k: int, gold: bool, seed: int) -> None:
+    """Each row's system message, with the ``k`` nearest licences; ``gold``: the true one is always listed
+    (in place of the last when retrieval missed it: training teaches choosing, not recalling)."""
+    nearest = index.nearest([r["notice"] for r in rows], k) if index is not None else [[] for _ in rows]
+    rng = random.Random(seed)
+    for row, keys in zip(rows, nearest, strict=True):
+        if gold and index is not None and row["group"] not in keys:
+            keys = keys[:-1]
+            keys.insert(rng.randrange(len(keys) + 1), row["group"])
+        row["listed"] = keys
+        row["system"] = system_message(index, keys)
 
 
 def parse(answer: str) -> tuple[str, str]:
@@ -91,19 +139,58 @@ def parse(answer: str) -> tuple[str, str]:
     return (words[0] if words else ""), (found.group(1).strip() if found else "")
 
 
-def scores(generated: list[str], rows: list[dict]) -> dict[str, float]:
-    """What a user reads: SPDX-id exact match, category accuracy, and the answer's token F1 / ROUGE-L."""
-    parsed = [parse(g) for g in generated]
+def scores(conversations: list[list[str]], rows: list[dict]) -> dict[str, float]:
+    """What a client reads, turn by turn: the first answer's SPDX id (exact) and category, its token F1 and
+    ROUGE-L; each follow-up answer right or not (``legal_followups.is_right``); whole conversations right."""
     n = max(len(rows), 1)
+    first = [parse(c[0]) for c in conversations]
+    spdx_right = [p[0].lower() == r["spdx"].lower() for p, r in zip(first, rows, strict=True)]
+    category_right = [p[1] == r["category"] for p, r in zip(first, rows, strict=True)]
+    right = {q: [] for q in follow.QUESTIONS}
+    every = []
+    for answers, row, a, b in zip(conversations, rows, spdx_right, category_right, strict=True):
+        turns = [follow.is_right(got, q, want) for got, (q, want) in zip(answers[1:], row["turns"][1:], strict=True)]
+        for ok, (q, _) in zip(turns, row["turns"][1:], strict=True):
+            right[q].append(ok)
+        every.append(a and b and all(turns))
+    asked = [ok for oks in right.values() for ok in oks]
     return {
-        "spdx_exact_match": sum(p[0].lower() == r["spdx"].lower() for p, r in zip(parsed, rows, strict=True)) / n,
-        "category_accuracy": sum(p[1] == r["category"] for p, r in zip(parsed, rows, strict=True)) / n,
-        **generation_metrics(generated, [r["messages"][-1]["content"] for r in rows]),
+        "spdx_exact_match": sum(spdx_right) / n,
+        "category_accuracy": sum(category_right) / n,
+        **generation_metrics([c[0] for c in conversations], [r["turns"][0][1] for r in rows]),
+        "follow_up_accuracy": sum(asked) / max(len(asked), 1),
+        **{f"follow_up_{_slug(q)}": sum(oks) / max(len(oks), 1) for q, oks in right.items()},
+        "conversation_all_right": sum(every) / n,
     }
 
 
-def answer_all(model, rows: list[dict], batch_size: int) -> list[str]:
-    return model.predict([r["messages"][:-1] for r in rows], batch_size=batch_size)
+def _slug(question: str) -> str:
+    return {follow.CLOSED: "closed_source", follow.SHIP: "ship", follow.GPL3: "gpl3"}[question]
+
+
+def converse(model, rows: list[dict], batch_size: int, first_tokens: int, follow_tokens: int) -> list[list[str]]:
+    """Each row's conversation as a client has it: every follow-up asked after the model's own earlier answers."""
+    histories = [[r["system"], {"role": "user", "content": r["turns"][0][0]}] for r in rows]
+    said: list[list[str]] = [[] for _ in rows]
+    for turn in range(len(rows[0]["turns"]) if rows else 0):
+        tokens = first_tokens if turn == 0 else follow_tokens
+        answers = model.predict(histories, batch_size=batch_size, max_new_tokens=tokens)
+        for history, mine, row, answer in zip(histories, said, rows, answers, strict=True):
+            mine.append(answer)
+            history.append({"role": "assistant", "content": answer})
+            if turn + 1 < len(row["turns"]):
+                history.append({"role": "user", "content": row["turns"][turn + 1][0]})
+    return said
+
+
+def retrieval_alone(index: LicenceIndex, rows: list[dict]) -> list[list[str]]:
+    """What the nearest licence alone would answer: its id, category, and the answers its category gives."""
+    out = []
+    for row in rows:
+        spdx, name, category = index.entries[row["listed"][0]]
+        replies = follow.answers(category, spdx)
+        out.append([answer_of(spdx, name, category)] + [replies[q] for q, _ in row["turns"][1:]])
+    return out
 
 
 def parse_args(argv=None):
@@ -114,12 +201,13 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a few rows and steps (tests)")
     p.add_argument("--train-size", type=int, default=480)
     p.add_argument("--eval-size", type=int, default=120)
-    p.add_argument("--per-licence", type=int, default=6, help="notices of one licence at most")
+    p.add_argument("--per-licence", type=int, default=6, help="notices of one licence at most (0: all)")
+    p.add_argument("--retrieval", type=int, default=5, help="nearest licences listed in the system message (0: none)")
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--max-length", type=int, default=320)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-length", type=int, default=640)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="of the first answer; follow-ups get 40")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="runs/legal-assistant")
@@ -127,29 +215,53 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    started = time.time()
-    rows = chat_rows(args.seed, args.per_licence)
+def split(args) -> tuple[list[dict], list[dict]]:
+    rows = chat_rows(args.seed, args.per_licence or None)
     train_rows, test_rows = group_split(rows, "group", 0.2, args.seed, stratify="category")
     train_size, eval_size = (24, 6) if args.quick else (args.train_size, args.eval_size)
-    max_length = 128 if args.quick else args.max_length
     train_rows, test_rows = sample(train_rows, train_size, args.seed), sample(test_rows, eval_size, args.seed)
     assert not {r["group"] for r in train_rows} & {r["group"] for r in test_rows}, "a licence on both sides"
     print(
-        f"{len(train_rows)} training chats of {len({r['group'] for r in train_rows})} licences; "
-        f"{len(test_rows)} held-out chats of {len({r['group'] for r in test_rows})} other licences"
+        f"{len(train_rows)} training conversations of {len({r['group'] for r in train_rows})} licences; "
+        f"{len(test_rows)} held-out conversations of {len({r['group'] for r in test_rows})} other licences"
     )
-    data = [{"messages": r["messages"]} for r in train_rows]
-    held_out = [{"messages": r["messages"]} for r in test_rows]
+    return train_rows, test_rows
 
-    head = adapters.CausalLM(max_new_tokens=8 if args.quick else args.max_new_tokens)
+
+def licence_index(args, rows: list[dict]) -> LicenceIndex | None:
+    """The whole knowledge base (``--quick``: the rows' licences and 40 others), embeddings cached by output."""
+    if not args.retrieval:
+        return None
+    root = legal.data_root()
+    licences, spdx = legal.read_licences(root), read_spdx(root)
+    keys = [k for k in licences if k in spdx]
+    if args.quick:
+        keys = sorted({r["group"] for r in rows} | set(keys[:40]))
+    cache = None if args.quick else Path(args.output).parent / "cache" / "licence-index-minilm.pt"
+    return LicenceIndex(licences, spdx, keys, cache)
+
+
+def measure(model, rows: list[dict], args, tokens: tuple[int, int]) -> tuple[dict, list[list[str]]]:
+    said = converse(model, rows, args.batch_size, *tokens)
+    held_out = [{"messages": conversation(r)} for r in rows]
+    loss = adapters.evaluate(model, held_out, generate=False, metric_key_prefix="", batch_size=args.batch_size)
+    return {**scores(said, rows), **loss}, said
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.time()
+    train_rows, test_rows = split(args)
+    index = licence_index(args, train_rows + test_rows)
+    retrieve(index, train_rows, args.retrieval, gold=True, seed=args.seed)
+    retrieve(index, test_rows, args.retrieval, gold=False, seed=args.seed)
+    found = sum(r["group"] in r["listed"] for r in test_rows) / len(test_rows)
+    tokens = (8, 8) if args.quick else (args.max_new_tokens, 40)
+    max_length = 128 if args.quick else args.max_length
+    head = adapters.CausalLM(max_new_tokens=tokens[0], mask_history=False)
+
     base = adapters.adapt(args.model, adapter=None, head=head, quantization=None, max_length=max_length)
-    zero_shot_answers = answer_all(base, test_rows, args.batch_size)
-    zero_shot = {
-        **scores(zero_shot_answers, test_rows),
-        **adapters.evaluate(base, held_out, generate=False, metric_key_prefix="", batch_size=args.batch_size),
-    }
+    zero_shot, _ = measure(base, test_rows, args, tokens)
     del base
     print("zero-shot:", json.dumps(zero_shot))
 
@@ -172,27 +284,24 @@ def main(argv=None) -> dict:
         overwrite=True,
     )
     train_started = time.time()
-    trained = adapters.train(model, data, None, config)
+    trained = adapters.train(model, [{"messages": conversation(r)} for r in train_rows], None, config)
     train_seconds = time.time() - train_started
-    answers = answer_all(model, test_rows, args.batch_size)
-    tuned = {
-        **scores(answers, test_rows),
-        **adapters.evaluate(model, held_out, generate=False, metric_key_prefix="", batch_size=args.batch_size),
-    }
+    tuned, said = measure(model, test_rows, args, tokens)
     print("fine-tuned:", json.dumps(tuned))
 
     model.save_pretrained(args.output, overwrite=True)
     again = adapters.load(args.output)
-    assert again.predict([test_rows[0]["messages"][:-1]]) == answers[:1], "the reloaded model answers otherwise"
+    first = [test_rows[0]["system"], {"role": "user", "content": test_rows[0]["turns"][0][0]}]
+    assert again.predict([first], max_new_tokens=tokens[0]) == said[0][:1], "the reloaded model answers otherwise"
 
-    judged = [(scores([a], [r])["token_f1"], r, a) for r, a in zip(test_rows, answers, strict=True)]
-    ranked = sorted(judged, key=lambda x: -x[0])
     result = {
         "model": args.model,
         "train_rows": len(train_rows),
         "test_rows": len(test_rows),
         "train_licences": len({r["group"] for r in train_rows}),
         "test_licences": len({r["group"] for r in test_rows}),
+        "retrieval_found": found,
+        "retrieval_alone": scores(retrieval_alone(index, test_rows), test_rows) if index is not None else None,
         "zero_shot": zero_shot,
         "fine_tuned": tuned,
         "train_loss": trained.get("train_loss"),
@@ -200,8 +309,7 @@ def main(argv=None) -> dict:
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
         "options": vars(args),
-        "good_examples": [_example(*x) for x in ranked[:5]],
-        "bad_examples": [_example(*x) for x in ranked[-5:]],
+        **examples(test_rows, said),
     }
     text = json.dumps(result, indent=2)
     Path(args.output, "results.json").write_text(text)
@@ -211,29 +319,50 @@ def main(argv=None) -> dict:
     return result
 
 
-def _example(f1: float, row: dict, answer: str) -> dict:
-    notice = row["messages"][1]["content"].split("\n\n", 1)[1]
-    return {
-        "licence": row["group"],
-        "notice": notice[:300],
-        "reference": row["messages"][-1]["content"],
-        "answer": answer,
-        "token_f1": round(f1, 3),
-    }
+def examples(rows: list[dict], said: list[list[str]], n: int = 5) -> dict:
+    """Conversations to read: ``n`` wholly right, and ``n`` of each way of going wrong (licence, category,
+    a follow-up), each with the listed licences and what the reference says."""
+    kinds: dict[str, list[dict]] = {"right": [], "wrong_licence": [], "wrong_category": [], "wrong_follow_up": []}
+    for row, answers in zip(rows, said, strict=True):
+        spdx, category = parse(answers[0])
+        follow_ups = [follow.is_right(a, q, w) for a, (q, w) in zip(answers[1:], row["turns"][1:], strict=True)]
+        if spdx.lower() != row["spdx"].lower():
+            kind = "wrong_licence"
+        elif category != row["category"]:
+            kind = "wrong_category"
+        else:
+            kind = "right" if all(follow_ups) else "wrong_follow_up"
+        kinds[kind].append(
+            {
+                "licence": row["group"],
+                "notice": row["notice"][:300],
+                "listed": row["listed"],
+                "turns": [
+                    {"question": q[:80], "reference": w, "answer": a}
+                    for (q, w), a in zip(row["turns"], answers, strict=True)
+                ],
+            }
+        )
+    return {"counts": {k: len(v) for k, v in kinds.items()}, "examples": {k: v[:n] for k, v in kinds.items()}}
 
 
 def table(result: dict) -> str:
     rows = [
-        ("SPDX id exact match", "spdx_exact_match"),
-        ("category accuracy", "category_accuracy"),
-        ("answer token F1", "token_f1"),
-        ("answer ROUGE-L", "rougeL"),
-        ("exact answer", "exact_match"),
-        ("loss on the references", "loss"),
+        ("SPDX id exact match (first answer)", "spdx_exact_match"),
+        ("category accuracy (first answer)", "category_accuracy"),
+        ("first answer token F1", "token_f1"),
+        ("follow-up answers right", "follow_up_accuracy"),
+        ("- closed-source use", "follow_up_closed_source"),
+        ("- what to ship", "follow_up_ship"),
+        ("- GPL-3.0 compatibility", "follow_up_gpl3"),
+        ("whole conversation right", "conversation_all_right"),
+        ("loss on the reference answers", "loss"),
     ]
-    lines = ["| metric | zero-shot (base) | fine-tuned |", "|---|---|---|"]
+    alone = result.get("retrieval_alone") or {}
+    lines = ["| metric | retrieval alone | zero-shot (base) | fine-tuned |", "|---|---|---|---|"]
     for label, key in rows:
-        lines.append(f"| {label} | {result['zero_shot'][key]:.3f} | {result['fine_tuned'][key]:.3f} |")
+        first = f"{alone[key]:.3f}" if key in alone else "-"
+        lines.append(f"| {label} | {first} | {result['zero_shot'][key]:.3f} | {result['fine_tuned'][key]:.3f} |")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from .helpers import toy_sentiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import legal_assistant  # noqa: E402
+import legal_followups  # noqa: E402
 import sentiment  # noqa: E402
 
 
@@ -142,8 +143,9 @@ def test_sentiment_recipe_on_the_packaged_encoder_in_int8(tmp_path):
 
 @pytest.mark.slow
 def test_legal_assistant_recipe_quick(tiny_llama, tmp_path):
-    """The assistant recipe end to end on a tiny chat model: held-out licences only, the table's metrics
-    for the zero-shot base and the fine-tuned model, examples, a reload that answers the same."""
+    """The assistant recipe end to end on a tiny chat model: held-out licences only, retrieval listing the
+    nearest licences, every turn answered after the model's own earlier answers, the table's metrics for the
+    retrieval alone, the zero-shot base and the fine-tuned model, examples, a reload that answers the same."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -152,25 +154,48 @@ def test_legal_assistant_recipe_quick(tiny_llama, tmp_path):
     shutil.copytree(tiny_llama, base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['content'] }} {% endfor %}{% if add_generation_prompt %}the {% endif %}"
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} [SEP] {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"
     )
     tokenizer.save_pretrained(base)
     result = legal_assistant.main(["--quick", "--model", str(base), "--output", str(tmp_path / "out")])
     assert result["train_licences"] and result["test_licences"] and result["test_rows"] == 6
-    for side in ("zero_shot", "fine_tuned"):
-        assert {"spdx_exact_match", "category_accuracy", "token_f1", "rougeL", "loss"} <= set(result[side])
-    assert len(result["good_examples"]) == 5 and (tmp_path / "out" / "results.json").exists()
+    assert 0 < result["retrieval_found"] <= 1 and result["retrieval_alone"]["follow_up_accuracy"] > 0
+    for side in ("retrieval_alone", "zero_shot", "fine_tuned"):
+        assert {"spdx_exact_match", "category_accuracy", "follow_up_accuracy", "conversation_all_right"} <= set(
+            result[side]
+        )
+    assert sum(result["counts"].values()) == 6 and (tmp_path / "out" / "results.json").exists()
+    shown = [c for kind in result["examples"].values() for c in kind]
+    assert all(len(c["turns"]) == 4 and len(c["listed"]) == 5 for c in shown)
+
+
+def _row(spdx="MIT", category="Permissive"):
+    replies = legal_followups.answers(category, spdx)
+    first = legal_assistant.answer_of(spdx, "MIT License", category)
+    return {"spdx": spdx, "category": category, "turns": [("q", first)] + [(q, replies[q]) for q in replies]}
 
 
 def test_assistant_answers_are_parsed_and_scored():
-
-    row = {
-        "spdx": "MIT",
-        "category": "Permissive",
-        "messages": [{}, {}, {"content": legal_assistant.answer_of("MIT", "MIT License", "Permissive")}],
-    }
-    assert legal_assistant.parse(row["messages"][-1]["content"]) == ("MIT", "Permissive")
-    perfect = legal_assistant.scores([row["messages"][-1]["content"]], [row])
+    row = _row()
+    assert legal_assistant.parse(row["turns"][0][1]) == ("MIT", "Permissive")
+    perfect = legal_assistant.scores([[a for _, a in row["turns"]]], [row])
     assert perfect["spdx_exact_match"] == perfect["category_accuracy"] == perfect["exact_match"] == 1.0
-    wrong = legal_assistant.scores(["Apache-2.0 (Apache). Category: Copyleft: share alike."], [row])
-    assert wrong["spdx_exact_match"] == wrong["category_accuracy"] == 0.0 and 0 < wrong["token_f1"] < 1
+    assert perfect["follow_up_accuracy"] == perfect["conversation_all_right"] == 1.0
+    copyleft = legal_followups.answers("Copyleft", "GPL-2.0-only")
+    wrong = ["Apache-2.0 (Apache). Category: Copyleft: share alike."] + [copyleft[q] for q, _ in row["turns"][1:]]
+    scored = legal_assistant.scores([wrong], [row])
+    assert scored["spdx_exact_match"] == scored["category_accuracy"] == scored["follow_up_accuracy"] == 0.0
+    assert 0 < scored["token_f1"] < 1
+
+
+def test_follow_up_answers_follow_the_category_and_a_reworded_answer_still_counts():
+    closed = legal_followups.CLOSED
+    assert legal_followups.answers("Copyleft", "GPL-3.0-only")[legal_followups.GPL3].startswith("Yes")
+    assert legal_followups.answers("Copyleft", "GPL-2.0-only")[legal_followups.GPL3].startswith("Only")
+    yes = legal_followups.answers("Permissive", "MIT")[closed]
+    no = legal_followups.answers("Copyleft", "GPL-2.0-only")[closed]
+    assert legal_followups.is_right("Yes, keep its copyright notice and the licence text.", closed, yes)
+    assert not legal_followups.is_right("Yes, keep its copyright notice and the licence text.", closed, no)
+    assert not legal_followups.is_right("", closed, yes)
+    assert set(legal_followups.ANSWERS) >= set(legal_assistant.OBLIGATIONS)
