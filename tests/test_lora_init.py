@@ -140,3 +140,45 @@ def test_eva_starts_once_never_over_trained_weights(tiny_llama, tmp_path, monkey
     monkeypatch.setattr(lora_module, "eva", lambda *a: pytest.fail("EVA ran over trained weights"))
     adapters.train(model, toy_sentiment(32), None, config)
     adapters.train(adapters.load(tmp_path / "art"), toy_sentiment(32), None, config)
+
+
+MEASURE_LOFTQ_PEAK = """
+import sys, torch
+import bitsandbytes as bnb
+from peft import LoraConfig, get_peft_model
+from adapters.methods import lora_init
+
+def status(key):
+    return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(key))
+
+o, i = int(sys.argv[1]), int(sys.argv[2])
+net = torch.nn.Module()
+net.proj = bnb.nn.Linear4bit(i, o, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+weight = torch.randn(o, i)
+net.proj.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")._quantize("cpu")
+layer = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, target_modules=["proj"])).base_model.model.proj
+open("/proc/self/clear_refs", "w").write("5")  # the peak resident size starts again from now
+resident = status("VmRSS")
+lora_init._start(layer, "default", weight)
+print(status("VmHWM") - resident)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("shape", [(2048, 2048), (1536, 576)])
+def test_the_memory_estimate_counts_loftq_s_peak(shape, tiny_llama):
+    """The estimate's ``init`` peak: LoftQ's own bytes are within 30% of the peak resident memory measured
+    around one layer's start, and the estimate adds them to the adapted model's."""
+    import subprocess
+    import sys
+
+    from adapters.methods.lora_init import loftq_bytes
+
+    out = subprocess.run([sys.executable, "-c", MEASURE_LOFTQ_PEAK, *map(str, shape)], capture_output=True, text=True)
+    measured = int(out.stdout.strip().splitlines()[-1])
+    assert 0.7 < measured / loftq_bytes([shape]) < 1.3
+    loftq = adapters.estimate_memory(tiny_llama, adapters.LoRA(r=4, init="loftq"), quantization="nf4")
+    default = adapters.estimate_memory(tiny_llama, adapters.LoRA(r=4), quantization="nf4")
+    held = loftq.base_quantized + loftq.base_unquantized + loftq.trainable
+    assert default.init == 0 and loftq.init > held and "init peak" in loftq.table()
+    assert loftq.peak == max(loftq.tensors, loftq.load, loftq.init) + loftq.framework

@@ -107,6 +107,9 @@ class MemoryEstimate:
     compute dtype: transformers keeps views of safetensors' memory map). Resident, but not anonymous."""
     libraries: int = 0
     """The libraries' code mapped from their files (CPU): resident, not anonymous."""
+    init: int = 0
+    """Tensor bytes at the adapter's start's peak, where it reads the base (LoRA's LoftQ: the adapted model and
+    one weight's fp32 copies and SVD); 0 when the start holds nothing beyond the model."""
 
     PARTS = (
         "base_quantized",
@@ -130,8 +133,8 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        """The larger of the load's and training's peak, with the framework's memory."""
-        return max(self.tensors, self.load) + self.framework
+        """The largest of the load's, the adapter start's and training's peak, with the framework's memory."""
+        return max(self.tensors, self.load, self.init) + self.framework
 
     @property
     def peak_rss(self) -> int:
@@ -165,6 +168,8 @@ class MemoryEstimate:
             lines.append(f"  {part.replace('_', ' '):<{width}}  {_human(getattr(self, part)):>10}")
         lines.append(f"  {'total':<{width}}  {_human(self.total):>10}")
         lines.append(f"  {'load peak':<{width}}  {_human(self.load):>10}  (tensors while adapt() loads the base)")
+        if self.init:
+            lines.append(f"  {'init peak':<{width}}  {_human(self.init):>10}  (tensors while the adapter starts)")
         if self.settings.get("device") == "cpu":
             lines.append(
                 f"  peak resident {_human(self.peak_rss)}, peak anonymous {_human(self.peak_anonymous)} per process "
@@ -439,7 +444,11 @@ def estimate_memory(
         "optimizer": optimizer, "mixed_precision": mixed_precision, "processes": processes, "fsdp": fsdp,
         "device": device, "compute_dtype": dtype_name(compute_dtype),
     }  # fmt: skip
-    return _assemble(weights, activations, transient, widest, compute_dtype, config, sharded, processes, settings)
+    starting = adapter.initialize_bytes([(o, i) for o, i, _ in quantizable.values()]) if adapter is not None else 0
+    estimate = _assemble(weights, activations, transient, widest, compute_dtype, config, sharded, processes, settings)
+    if starting:
+        estimate.init = estimate.base_quantized + estimate.base_unquantized + estimate.trainable + starting
+    return estimate
 
 
 def _world(processes: int, world_size: int | None) -> int:

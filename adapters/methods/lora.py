@@ -39,7 +39,7 @@ from transformers import PreTrainedModel
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
 from adapters.methods.lora_fused import ROW_SEGMENTS, fuse_lora, share_dropout
-from adapters.methods.lora_init import PEFT_INIT, check_init, eva, eva_config, loftq
+from adapters.methods.lora_init import PEFT_INIT, check_init, eva, eva_config, loftq, loftq_bytes
 from adapters.methods.lora_init import check_quantization as check_lora_init_quantization
 from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets
@@ -125,6 +125,9 @@ class LoRA(AdapterSpec):
     def initialize(self, model: Any) -> None:
         if self.init == "loftq":
             loftq(model.adapter_state["peft"], model.base.location)
+
+    def initialize_bytes(self, linears: list[tuple[int, int]]) -> int:
+        return loftq_bytes(linears) if self.init == "loftq" else 0
 
     def starts_from_data(self) -> bool:
         return self.init == "eva"

@@ -85,6 +85,14 @@ def loftq(peft_model: Any, base_location: str) -> int:
     return done
 
 
+def loftq_bytes(linears: list[tuple[int, int]]) -> int:
+    """What ``_start`` holds at its peak for the largest of ``linears`` (``(out, in)``), all fp32: the weight
+    read, its dequantized copy and their difference, the difference scaled, and the SVD's factors ``U``,
+    ``Vh`` and LAPACK's copy and workspace (about ``3 k^2`` for ``k = min(out, in)``). One weight at a time:
+    the largest sets the peak."""
+    return max((4 * (4 * o * i + min(o, i) * (o + i + 3 * min(o, i))) for o, i in linears), default=0)
+
+
 @torch.no_grad()
 def _start(module: Any, adapter: str, weight: torch.Tensor) -> None:
     """``B A`` of ``adapter`` in 4-bit LoRA layer ``module``: the best rank-``r`` approximation of the quantization

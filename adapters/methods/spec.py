@@ -86,6 +86,11 @@ class AdapterSpec(ABC):
         ``adapt`` calls it once after ``attach``, ``load`` never (the saved weights replace any start)."""
         return None  # attach's own start, unless a kind reads the base
 
+    def initialize_bytes(self, linears: list[tuple[int, int]]) -> int:
+        """Bytes ``initialize`` holds for a moment on top of the adapted model, for the adapted linears of
+        ``(out_features, in_features)``: the memory estimate's ``init`` peak. None by default."""
+        return 0
+
     def starts_from_data(self) -> bool:
         """Whether ``train`` should hand the first training rows to ``initialize_from_data`` (LoRA's EVA)."""
         return False
