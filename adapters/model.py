@@ -347,7 +347,7 @@ def adapt(
     """
     head = _check_specs(adapter, head, max_length)
     if adapter is not None:
-        adapter.check_quantization(quantization)
+        adapter.check_load(quantization, fsdp)
     loading = dict(
         dtype=dtype, device=device, double_quant=double_quant, trust_remote_code=trust_remote_code,
         padding_side=padding_side, with_lm_head=head.lm_logits, revision=revision,

@@ -100,8 +100,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--lora-init",
         default="default",
-        choices=["default", "gaussian", "loftq", "eva"],
-        help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base; eva: from "
+        choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
+        help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base; pissa, "
+        "olora: the weights' principal part, on an unquantized base; eva: from "
         "the first training rows",
     )
     p.add_argument("--placement", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="bottleneck placement")

@@ -89,12 +89,52 @@ def test_gaussian_starts_b_at_zero_and_a_with_std_one_over_r(tiny_llama):
     assert abs(float(a.std()) - 1 / 8) < 0.01  # peft's gaussian: normal with std 1 / r
 
 
-@pytest.mark.parametrize(
-    "init,says", [("pissa", "rewrites the frozen base"), ("olora", "rewrites"), ("x", "not one of")]
-)
+@pytest.mark.parametrize("init,says", [("corda", "preprocess_corda"), ("x", "not one of")])
 def test_an_init_that_cannot_be_kept_is_refused(init, says):
     with pytest.raises(adapters.ConfigError, match=says):
         adapters.LoRA(init=init)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_start_at_the_base_and_save_a_plain_lora_of_twice_the_rank(init, tiny_llama, tmp_path):
+    """PiSSA/OLoRA (peft's): the adapted model starts equal to its base, with the frozen weights rewritten as
+    the residual; the artifact holds peft's conversion, a rank-2r LoRA of the unchanged base, which ``load``
+    (without decomposing again) and PEFT's own ``PeftModel`` apply with the trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def logits(network, ids):
+        with torch.no_grad():
+            return network(input_ids=ids).logits
+
+    head = adapters.CausalLM(max_new_tokens=2)
+    base = adapters.adapt(tiny_llama, head=head, quantization=None, dtype="fp32")
+    model = adapters.adapt(
+        tiny_llama, adapters.LoRA(r=4, init=init, dropout=0.0), head, quantization=None, dtype="fp32"
+    )
+    ids = base.encode(["the plot of the film was dull"])["input_ids"]
+    assert torch.allclose(logits(model.backbone, ids), logits(base.backbone, ids), atol=1e-5)
+    rewritten = dict(model.backbone.named_parameters())["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    original = dict(base.backbone.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+    assert not torch.allclose(rewritten, original, atol=1e-3)  # the frozen weight is now the residual
+    adapters.train(model, [{"text": "good film", "label": "fun"}] * 16, None,
+                   adapters.TrainConfig(max_steps=3, lr=1e-2, progress=False))  # fmt: skip
+    trained = logits(model.backbone, ids)
+    assert not torch.allclose(trained, logits(base.backbone, ids), atol=1e-3)
+    model.save_pretrained(tmp_path / "art")
+    again = adapters.load(tmp_path / "art")
+    assert (again.adapter.r, again.adapter.alpha, again.adapter.init) == (8, 32, "default")
+    assert torch.allclose(logits(again.backbone, ids), trained, atol=1e-5)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(tmp_path / "art/adapter"))
+    assert torch.allclose(logits(peft, ids), trained, atol=1e-5)
+    assert model.predict("good film") == again.predict("good film")  # the live model still answers after save
+
+
+def test_pissa_on_a_quantized_or_sharded_load_is_refused_before_loading():
+    with pytest.raises(adapters.ConfigError, match=r"init='pissa' rewrites the frozen weights.*nf4.*QPiSSA"):
+        adapters.adapt("no/such-model", adapters.LoRA(init="pissa"), adapters.CausalLM(), quantization="nf4")
+    with pytest.raises(adapters.ConfigError, match=r"init='olora' decomposes whole weights.*fsdp=True"):
+        adapters.adapt("no/such-model", adapters.LoRA(init="olora"), adapters.CausalLM(), quantization=None, fsdp=True)
 
 
 def test_loftq_without_a_4bit_base_is_refused_before_loading():
@@ -172,11 +212,11 @@ def test_the_memory_estimate_counts_loftq_s_peak(shape, tiny_llama):
     import subprocess
     import sys
 
-    from adapters.methods.lora_init import loftq_bytes
+    from adapters.methods.lora_init import decomposition_bytes
 
     out = subprocess.run([sys.executable, "-c", MEASURE_LOFTQ_PEAK, *map(str, shape)], capture_output=True, text=True)
     measured = int(out.stdout.strip().splitlines()[-1])
-    assert 0.7 < measured / loftq_bytes([shape]) < 1.3
+    assert 0.7 < measured / decomposition_bytes([shape]) < 1.3
     loftq = adapters.estimate_memory(tiny_llama, adapters.LoRA(r=4, init="loftq"), quantization="nf4")
     default = adapters.estimate_memory(tiny_llama, adapters.LoRA(r=4), quantization="nf4")
     held = loftq.base_quantized + loftq.base_unquantized + loftq.trainable

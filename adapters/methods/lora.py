@@ -26,9 +26,11 @@ is ``lora_fused.py``'s: one stacked ``A`` matmul per input group and one ``addmm
 from __future__ import annotations
 
 import re
+import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,8 +41,16 @@ from transformers import PreTrainedModel
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
 from adapters.methods.lora_fused import ROW_SEGMENTS, fuse_lora, share_dropout
-from adapters.methods.lora_init import PEFT_INIT, check_init, eva, eva_config, loftq, loftq_bytes
-from adapters.methods.lora_init import check_quantization as check_lora_init_quantization
+from adapters.methods.lora_init import (
+    PEFT_INIT,
+    check_init,
+    decomposition_bytes,
+    eva,
+    eva_config,
+    loftq,
+    rewrites_the_base,
+)
+from adapters.methods.lora_init import check_load as check_lora_init_load
 from adapters.methods.spec import AdapterSpec
 from adapters.methods.targets import BLOCK_INDEX, block_indices, check_targets
 
@@ -77,8 +87,10 @@ class LoRA(AdapterSpec):
     dropped-out copy of the input instead of one per layer (see the module docstring)."""
     init: str = "default"
     """Where ``A`` and ``B`` start (``lora_init.py``): ``"default"`` (peft's: ``B = 0``), ``"gaussian"``, ``"eva"``
-    (``A`` from the first training rows' layer inputs, at ``train``), or ``"loftq"`` on an NF4/FP4 base (``B A``
-    starts as the best rank-``r`` correction of the quantization error)."""
+    (``A`` from the first training rows' layer inputs, at ``train``), ``"loftq"`` on an NF4/FP4 base (``B A``
+    starts as the best rank-``r`` correction of the quantization error), or ``"pissa"`` / ``"olora"`` on an
+    unquantized base (``B A`` starts as the principal part of ``W``, the frozen weight its residual; saved as
+    a rank-``2r`` LoRA of the unchanged base)."""
     fused: bool = True
     """The lean forward of ``lora_fused.py`` (one stacked ``A`` matmul per group of layers that read one
     input, the update by one ``addmm``; outputs and gradients equal peft's). False: peft's own forward."""
@@ -119,15 +131,26 @@ class LoRA(AdapterSpec):
         ``model.adapter_state["peft"]``."""
         model.adapter_state["peft"] = apply_lora(model.backbone, self, model.base.location)
 
-    def check_quantization(self, quantization: str | None) -> None:
-        check_lora_init_quantization(self.init, quantization)
+    def check_load(self, quantization: str | None, fsdp: bool) -> None:
+        check_lora_init_load(self.init, quantization, fsdp)
 
     def initialize(self, model: Any) -> None:
         if self.init == "loftq":
             loftq(model.adapter_state["peft"], model.base.location)
+        if rewrites_the_base(self.init):  # the start, kept for save's conversion to a plain LoRA (see save)
+            model.adapter_state["start"] = start = tempfile.TemporaryDirectory(prefix="qadapters-lora-start-")
+            model.adapter_state["peft"].save_pretrained(start.name)
 
     def initialize_bytes(self, linears: list[tuple[int, int]]) -> int:
-        return loftq_bytes(linears) if self.init == "loftq" else 0
+        return decomposition_bytes(linears) if self.init == "loftq" or rewrites_the_base(self.init) else 0
+
+    def as_saved(self) -> LoRA:
+        """PiSSA/OLoRA save their update as a plain LoRA of rank 2r on the unchanged base (peft's conversion:
+        ``alpha`` doubled, by sqrt(2) under rsLoRA, so the scale of each half is kept)."""
+        if not rewrites_the_base(self.init):
+            return self
+        alpha = self.alpha * (2**0.5 if self.rslora else 2)
+        return replace(self, r=2 * self.r, alpha=alpha, init="default")
 
     def starts_from_data(self) -> bool:
         return self.init == "eva"
@@ -143,7 +166,17 @@ class LoRA(AdapterSpec):
         return get_peft_model_state_dict(model.adapter_state["peft"])
 
     def save(self, model: Any, folder: Path) -> None:
-        model.adapter_state["peft"].save_pretrained(folder / ADAPTER_DIR)
+        start = model.adapter_state.get("start")
+        # PiSSA/OLoRA: B A - B_0 A_0 as a rank-2r LoRA of the original base, by peft's own conversion
+        if start is None:
+            model.adapter_state["peft"].save_pretrained(folder / ADAPTER_DIR)
+            return
+        with warnings.catch_warnings():  # peft loads the start beside the adapter and warns to convert: we do
+            warnings.filterwarnings("ignore", message=".*changes the base weights", category=UserWarning)
+            model.adapter_state["peft"].save_pretrained(
+                folder / ADAPTER_DIR, path_initial_model_for_weight_conversion=start.name
+            )
+        model.adapter_state["switched"] = "?"  # peft loaded and deleted the start as a second adapter
 
     def load(self, model: Any, folder: Path) -> None:
         from peft import set_peft_model_state_dict

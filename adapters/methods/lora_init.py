@@ -19,9 +19,19 @@ Not peft's function itself, for three reasons: its arithmetic (``_loftq_init_new
 (the device is hard-coded), it leaves LoRA's ``alpha / r`` scaling out of the start (peft#1982: with the
 default ``alpha = 2r`` the update would be twice the error it corrects), and it looks weights up by the
 names of a model with an LM head (``model.layers...``), which a classifier's headless backbone lacks. The
-start is tested to be the Eckart-Young optimum of the scaled residual. PiSSA, OLoRA and CorDA rewrite the
-frozen base weights (the residual of their own decomposition), which an artifact that records an unchanged
-base cannot carry: they are refused by name.
+start is tested to be the Eckart-Young optimum of the scaled residual.
+
+* ``"pissa"``: PiSSA (Meng et al. 2024, arXiv:2404.02948): ``B A`` starts as the top-``r`` singular part of ``W``
+  and the frozen weight becomes the residual ``W - (alpha / r) B A`` (peft's ``init_lora_weights="pissa"``).
+* ``"olora"``: OLoRA (Büyükakyüz 2024, arXiv:2406.01775): the same with the QR decomposition of ``W``.
+
+Both rewrite the frozen base, so an artifact, which records an unchanged base, holds their update converted
+by peft (``save_pretrained(path_initial_model_for_weight_conversion=...)``): ``B A - B_0 A_0`` as a plain LoRA of
+rank ``2r`` (``[B | -B_0] [A ; A_0]``, ``alpha`` doubled), which ``load``, PEFT and the server apply to the
+original base. On a quantized base the residual would be quantized again (QPiSSA), which is not built: refused
+before loading, as is the sharded FSDP load, whose weights arrive after the adapter layers. CorDA builds its
+start from calibration data before the LoRA layers exist (peft's ``preprocess_corda``), which ``adapt`` does
+not do: refused by name.
 """
 
 from __future__ import annotations
@@ -32,30 +42,53 @@ import torch
 
 from adapters.errors import ConfigError
 
-PEFT_INIT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "loftq": True, "eva": "eva"}
+PEFT_INIT: dict[str, Any] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "loftq": True,
+    "eva": "eva",
+    "pissa": "pissa",
+    "olora": "olora",
+}
 EVA_ROWS = 256  # training rows whose layer inputs EVA decomposes (peft stops early once the components settle)
-REWRITE_THE_BASE = ("pissa", "olora", "corda")
+REWRITE_THE_BASE = ("pissa", "olora")
 FOUR_BIT = ("nf4", "fp4")
 
 
 def check_init(init: Any) -> None:
     """``init`` is one LoRA can start from, else a ``ConfigError`` naming the choices."""
-    if init in REWRITE_THE_BASE:
+    if init == "corda":
         raise ConfigError(
-            f"LoRA init={init!r} rewrites the frozen base weights (the residual of its own decomposition), which "
-            f"an artifact recording an unchanged base cannot carry; use one of {sorted(PEFT_INIT)}"
+            "LoRA init='corda' builds its start from calibration data before the LoRA layers exist (peft's "
+            "preprocess_corda), which adapt() does not do; use init='eva' (also from the data) or 'pissa'"
         )
     if init not in PEFT_INIT:
         raise ConfigError(f"LoRA init={init!r} is not one of {sorted(PEFT_INIT)}")
 
 
-def check_quantization(init: str, quantization: str | None) -> None:
-    """LoftQ starts from what 4-bit quantization lost: an NF4 or FP4 base (checked before loading)."""
+def check_load(init: str, quantization: str | None, fsdp: bool) -> None:
+    """Before loading: LoftQ starts from what 4-bit quantization lost (an NF4 or FP4 base); PiSSA and OLoRA
+    rewrite the frozen weights, which must be unquantized and whole when the LoRA layers are made."""
     if init == "loftq" and quantization not in FOUR_BIT:
         raise ConfigError(
             f"LoRA init='loftq' corrects 4-bit quantization error: use quantization='nf4' or 'fp4' "
             f"(got {quantization!r}), or init='default'"
         )
+    if init in REWRITE_THE_BASE and quantization is not None:
+        raise ConfigError(
+            f"LoRA init={init!r} rewrites the frozen weights as their residual, which a {quantization} base would "
+            "quantize again (QPiSSA, not built): use quantization=None, or init='loftq' on a 4-bit base"
+        )
+    if init in REWRITE_THE_BASE and fsdp:
+        raise ConfigError(
+            f"LoRA init={init!r} decomposes whole weights when its layers are made, before a sharded load "
+            "(fsdp=True) has read them: use fsdp=False, or another init"
+        )
+
+
+def rewrites_the_base(init: str) -> bool:
+    """PiSSA and OLoRA: the frozen weights become a residual, and an artifact holds the converted update."""
+    return init in REWRITE_THE_BASE
 
 
 def loftq(peft_model: Any, base_location: str) -> int:
@@ -85,11 +118,11 @@ def loftq(peft_model: Any, base_location: str) -> int:
     return done
 
 
-def loftq_bytes(linears: list[tuple[int, int]]) -> int:
-    """What ``_start`` holds at its peak for the largest of ``linears`` (``(out, in)``), all fp32: the weight
-    read, its dequantized copy and their difference, the difference scaled, and the SVD's factors ``U``,
+def decomposition_bytes(linears: list[tuple[int, int]]) -> int:
+    """What LoftQ's ``_start`` holds at its peak for the largest of ``linears`` (``(out, in)``), all fp32: the
+    weight read, its dequantized copy and their difference, the difference scaled, and the SVD's factors ``U``,
     ``Vh`` and LAPACK's copy and workspace (about ``3 k^2`` for ``k = min(out, in)``). One weight at a time:
-    the largest sets the peak."""
+    the largest sets the peak. PiSSA's SVD and OLoRA's QR of one fp32 weight hold less: a bound for them."""
     return max((4 * (4 * o * i + min(o, i) * (o + i + 3 * min(o, i))) for o, i in linears), default=0)
 
 

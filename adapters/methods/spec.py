@@ -77,9 +77,15 @@ class AdapterSpec(ABC):
         unless the kind spells them otherwise."""
         return parameter_name
 
-    def check_quantization(self, quantization: str | None) -> None:
-        """Refuse, before the base loads, a ``quantization`` this kind cannot start on (a ``ConfigError``)."""
-        return None  # every quantization, unless a kind says otherwise
+    def check_load(self, quantization: str | None, fsdp: bool) -> None:
+        """Refuse, before the base loads, a ``quantization`` or sharded load (``fsdp``) this kind cannot start
+        on (a ``ConfigError``)."""
+        return None  # every load, unless a kind says otherwise
+
+    def as_saved(self) -> AdapterSpec:
+        """The settings an artifact records for these weights: these, unless saving converts them (LoRA's
+        PiSSA/OLoRA become a plain LoRA of twice the rank on the unchanged base)."""
+        return self
 
     def initialize(self, model: Adaptable) -> None:
         """Start the trained weights from the loaded base where the kind's init reads it (LoRA's LoftQ);
