@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import legal  # noqa: E402
 import legal_followups as follow  # noqa: E402
@@ -172,7 +174,7 @@ def converse(model, rows: list[dict], batch_size: int, first_tokens: int, follow
     """Each row's conversation as a client has it: every follow-up asked after the model's own earlier answers."""
     histories = [[r["system"], {"role": "user", "content": r["turns"][0][0]}] for r in rows]
     said: list[list[str]] = [[] for _ in rows]
-    for turn in range(len(rows[0]["turns"]) if rows else 0):
+    for turn in tqdm(range(len(rows[0]["turns"]) if rows else 0), desc="turns", unit="turn"):
         tokens = first_tokens if turn == 0 else follow_tokens
         answers = model.predict(histories, batch_size=batch_size, max_new_tokens=tokens)
         for history, mine, row, answer in zip(histories, said, rows, answers, strict=True):

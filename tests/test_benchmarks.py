@@ -277,3 +277,22 @@ def test_throughput_reports_the_compiled_side():
     clock = throughput.StepClock()
     clock.times = [0.0, 5.0, 6.0, 7.0, 8.0]
     assert clock.first_step_excess() == 4.0
+
+
+def test_lora_init_table_reads_the_saved_runs(tmp_path, monkeypatch):
+    """benchmarks/lora_init.py: each configuration's seeds, mean, spread and its mean against the unquantized
+    default's, from the recipe results it finds (a configuration without runs is left out)."""
+    import lora_init
+
+    monkeypatch.setattr(lora_init, "RUNS", tmp_path)
+    for (quantization, init, seed), accuracy in {
+        ("none", "default", 0): 0.85, ("none", "default", 1): 0.84,
+        ("nf4", "loftq", 0): 0.84, ("nf4", "loftq", 1): 0.83,
+    }.items():  # fmt: skip
+        result = {"accuracy": accuracy, "options": {"train_seed": seed}, "machine": {"cpu": "a test CPU"}}
+        lora_init.result_path(quantization, init, seed).write_text(json.dumps(result))
+    text, found = lora_init.table([0, 1])
+    rows = text.splitlines()
+    assert len(rows) == 4 and not found[("nf4", "eva")]
+    assert rows[2] == "| unquantized (fp32) | default | 85.0% | 84.0% | **84.50%** | 1.0 points | +0.00 points |"
+    assert rows[3] == "| NF4 | loftq | 84.0% | 83.0% | **83.50%** | 1.0 points | -1.00 points |"
