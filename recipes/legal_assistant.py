@@ -48,6 +48,7 @@ from adapters.heads.metrics import generation_metrics  # noqa: E402
 
 SYSTEM = "You identify software licences from their notices and say what they ask of the user, in one or two sentences."
 CANDIDATES = "Licences of the knowledge base nearest to the notice:\n{lines}"
+GUIDANCE = "What their categories ask, for the client's follow-up questions:\n{lines}"
 QUESTION = "Which licence is this notice, and what does it ask of me?\n\n{notice}"
 # what each category asks of a user, in one sentence (ScanCode's categories)
 OBLIGATIONS = {
@@ -108,8 +109,14 @@ def chat_rows(seed: int = 0, per_licence: int | None = 6, max_words: int = 120) 
     return rows
 
 
-def system_message(index: LicenceIndex | None, keys: list[str]) -> dict:
-    content = SYSTEM if index is None else SYSTEM + "\n\n" + CANDIDATES.format(lines=index.context(keys))
+def system_message(index: LicenceIndex | None, keys: list[str], guide: bool) -> dict:
+    """The task; with retrieval, the listed licences, and with ``guide`` what their categories ask."""
+    if index is None:
+        return {"role": "system", "content": SYSTEM}
+    content = SYSTEM + "\n\n" + CANDIDATES.format(lines=index.context(keys))
+    if guide:
+        listed = [(index.entries[k][0], index.entries[k][2]) for k in keys]
+        content += "\n\n" + GUIDANCE.format(lines=follow.guidance(listed))
     return {"role": "system", "content": content}
 
 
@@ -121,7 +128,7 @@ def conversation(row: dict, turns: int | None = None) -> list[dict]:
     return messages
 
 
-def retrieve(index: LicenceIndex | None, rows: list[dict], k: int, gold: bool, seed: int) -> None:
+def retrieve(index: LicenceIndex | None, rows: list[dict], k: int, gold: bool, seed: int, guide: bool) -> None:
     """Each row's system message, with the ``k`` nearest licences; ``gold``: the true one is always listed
     (in place of the last when retrieval missed it: training teaches choosing, not recalling)."""
     nearest = index.nearest([r["notice"] for r in rows], k) if index is not None else [[] for _ in rows]
@@ -131,7 +138,7 @@ def retrieve(index: LicenceIndex | None, rows: list[dict], k: int, gold: bool, s
             keys = keys[:-1]
             keys.insert(rng.randrange(len(keys) + 1), row["group"])
         row["listed"] = keys
-        row["system"] = system_message(index, keys)
+        row["system"] = system_message(index, keys, guide)
 
 
 def parse(answer: str) -> tuple[str, str]:
@@ -205,10 +212,22 @@ def parse_args(argv=None):
     p.add_argument("--eval-size", type=int, default=120)
     p.add_argument("--per-licence", type=int, default=6, help="notices of one licence at most (0: all)")
     p.add_argument("--retrieval", type=int, default=5, help="nearest licences listed in the system message (0: none)")
+    p.add_argument(
+        "--guidance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with retrieval: also list what the listed licences' categories ask (the follow-ups' answers)",
+    )
+    p.add_argument(
+        "--zero-shot",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer with the untrained base first (the table's zero-shot column; about 15 minutes on 2 cores)",
+    )
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--max-length", type=int, default=640)
+    p.add_argument("--max-length", type=int, default=960)
     p.add_argument("--max-new-tokens", type=int, default=64, help="of the first answer; follow-ups get 40")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -255,17 +274,19 @@ def main(argv=None) -> dict:
     started = time.time()
     train_rows, test_rows = split(args)
     index = licence_index(args, train_rows + test_rows)
-    retrieve(index, train_rows, args.retrieval, gold=True, seed=args.seed)
-    retrieve(index, test_rows, args.retrieval, gold=False, seed=args.seed)
+    retrieve(index, train_rows, args.retrieval, gold=True, seed=args.seed, guide=args.guidance)
+    retrieve(index, test_rows, args.retrieval, gold=False, seed=args.seed, guide=args.guidance)
     found = sum(r["group"] in r["listed"] for r in test_rows) / len(test_rows)
     tokens = (8, 8) if args.quick else (args.max_new_tokens, 40)
     max_length = 128 if args.quick else args.max_length
     head = adapters.CausalLM(max_new_tokens=tokens[0], mask_history=False)
 
-    base = adapters.adapt(args.model, adapter=None, head=head, quantization=None, max_length=max_length)
-    zero_shot, _ = measure(base, test_rows, args, tokens)
-    del base
-    print("zero-shot:", json.dumps(zero_shot))
+    zero_shot = None
+    if args.zero_shot:
+        base = adapters.adapt(args.model, adapter=None, head=head, quantization=None, max_length=max_length)
+        zero_shot, _ = measure(base, test_rows, args, tokens)
+        del base
+        print("zero-shot:", json.dumps(zero_shot))
 
     model = adapters.adapt(
         args.model,
@@ -360,11 +381,10 @@ def table(result: dict) -> str:
         ("whole conversation right", "conversation_all_right"),
         ("loss on the reference answers", "loss"),
     ]
-    alone = result.get("retrieval_alone") or {}
+    sides = [result.get("retrieval_alone") or {}, result.get("zero_shot") or {}, result["fine_tuned"]]
     lines = ["| metric | retrieval alone | zero-shot (base) | fine-tuned |", "|---|---|---|---|"]
     for label, key in rows:
-        first = f"{alone[key]:.3f}" if key in alone else "-"
-        lines.append(f"| {label} | {first} | {result['zero_shot'][key]:.3f} | {result['fine_tuned'][key]:.3f} |")
+        lines.append(f"| {label} | " + " | ".join(f"{side[key]:.3f}" if key in side else "-" for side in sides) + " |")
     return "\n".join(lines)
 
 

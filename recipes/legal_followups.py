@@ -99,3 +99,16 @@ def is_right(generated: str, question: str, reference: str) -> bool:
     f1 = {a: generation_metrics([generated], [a])["token_f1"] for a in possible(question)}
     best = max(f1.values())
     return best > 0 and f1[reference] == best and sum(v == best for v in f1.values()) == 1
+
+
+def guidance(listed: list[tuple[str, str]]) -> str:
+    """The knowledge base's answers to the follow-ups for the categories of the ``listed`` licences (``(spdx,
+    category)`` pairs), one line per category, for the assistant's context: it answers a follow-up by choosing
+    the line of the licence it named, not by remembering eleven categories' rules."""
+    lines = []
+    for category in dict.fromkeys(c for _, c in listed):
+        closed, ship, gpl3 = ANSWERS[category]
+        lines.append(f"- {category}: closed-source use: {closed} To ship: {ship} GPL-3.0: {gpl3}")
+    if any(spdx.startswith(_GPL3_IDS) for spdx, _ in listed):
+        lines.append(f"- GPL-3.0 and its or-later family: GPL-3.0: {GPL3_ITSELF}")
+    return "\n".join(lines)
