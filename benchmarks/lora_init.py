@@ -47,8 +47,8 @@ def run(quantization: str, init: str, seed: int, output: Path) -> dict:
 
 def table(seeds: list[int]) -> tuple[str, dict]:
     """The markdown table of every configuration with at least one run, and the accuracies read."""
-    found = {c: [json.loads(p.read_text()) for s in seeds if (p := result_path(*c, s)).exists()] for c in CONFIGS}
-    baseline = [r["accuracy"] for r in found[CONFIGS[0]]]
+    found = {c: {s: json.loads(p.read_text()) for s in seeds if (p := result_path(*c, s)).exists()} for c in CONFIGS}
+    baseline = [r["accuracy"] for r in found[CONFIGS[0]].values()]
     lines = [
         "| base | LoRA start | "
         + " | ".join(f"seed {s}" for s in seeds)
@@ -58,7 +58,7 @@ def table(seeds: list[int]) -> tuple[str, dict]:
     for (quantization, init), results in found.items():
         if not results:
             continue
-        by_seed = {r["options"]["train_seed"]: r["accuracy"] for r in results}
+        by_seed = {seed: r["accuracy"] for seed, r in results.items()}
         accuracies = list(by_seed.values())
         mean = statistics.mean(accuracies)
         cells = [f"{100 * by_seed[s]:.1f}%" if s in by_seed else "-" for s in seeds]
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
         result = run(quantization, init, seed, args.output)
         result_path(quantization, init, seed).write_text(json.dumps(result, indent=2) + "\n")
     text, found = table(args.seeds)
-    machines = sorted({r["machine"]["cpu"] for rs in found.values() for r in rs if "machine" in r})
+    machines = sorted({r["machine"]["cpu"] for rs in found.values() for r in rs.values() if "machine" in r})
     note = (
         "Sentiment recipe (SmolLM2-135M-Instruct, LoRA r=8 on every linear layer, the default budget), accuracy on "
         "held-out movies; each cell one training seed, the split kept. "
