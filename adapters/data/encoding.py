@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from adapters.data.batching import pack, packing_pays
+from adapters.data.turns import encode_turns
 from adapters.errors import DataError
 
 
@@ -460,11 +461,9 @@ def _encode_every_turn(
     data: Any, tokenizer: Any, head: Any, text_column: str, label_column: str, max_length: int, what
 ):
     """Chats with every assistant message learned (``CausalLM(mask_history=False)``, see ``turns``)."""
-    from adapters.data.turns import encode_turns  # turns reads IGNORE from here
-
     _prompt_response(data, tokenizer, head, text_column, label_column, what)  # the same checks and warning
     messages = [_with_system(head, m) for m in _column(data, head.messages_column, what)]
-    out, cut_rows = encode_turns(tokenizer, messages, max_length, lambda i: _at(what, i))
+    out, cut_rows = encode_turns(tokenizer, messages, max_length, lambda i: _at(what, i), IGNORE)
     if cut_rows:
         logger.warning(
             "%s: the start of %d chat(s) longer than max_length=%d was cut (%s); the latest turns are kept. "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.data.encoding import IGNORE
 from adapters.errors import DataError
 
 
@@ -42,8 +41,10 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], where: str) 
     return full[: spans[-1][1]] if spans else full, spans
 
 
-def encode_turns(tokenizer: Any, chats: list[list[dict[str, Any]]], max_length: int, where: Any) -> tuple[dict, list]:
-    """input_ids, attention_mask and labels (every assistant span learned, the rest ``IGNORE``) for each chat, and
+def encode_turns(
+    tokenizer: Any, chats: list[list[dict[str, Any]]], max_length: int, where: Any, ignore: int
+) -> tuple[dict, list]:
+    """input_ids, attention_mask and labels (every assistant span learned, the rest ``ignore``) for each chat, and
     the rows that were cut: a chat longer than ``max_length`` loses its start, the latest turns are kept."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
@@ -56,7 +57,7 @@ def encode_turns(tokenizer: Any, chats: list[list[dict[str, Any]]], max_length: 
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoded["input_ids"]
         labels = [
-            t if any(a <= s < b for a, b in spans) else IGNORE
+            t if any(a <= s < b for a, b in spans) else ignore
             for t, (s, _) in zip(ids, encoded["offset_mapping"], strict=True)
         ]
         if len(ids) > max_length:

@@ -433,10 +433,7 @@ def estimate_memory(
     widest = weights.pop("widest_weight")
     transient += widest
     sharded = fsdp and processes > 1
-    if sharded:
-        transient += _fsdp_sharded(weights, *_root_and_kept_bytes(meta, compute_dtype), blocks, processes)
-    elif processes > 1:
-        weights["gradients"] *= 2  # DDP's all-reduce buckets hold a copy of the gradients
+    transient += _parallel_bytes(weights, meta, compute_dtype, blocks, processes, sharded)
     settings = {
         "model": source or name, "quantization": quantization,
         "adapter": adapter.describe() if adapter is not None else "head only", "head": head.kind,
@@ -444,8 +441,26 @@ def estimate_memory(
         "optimizer": optimizer, "mixed_precision": mixed_precision, "processes": processes, "fsdp": fsdp,
         "device": device, "compute_dtype": dtype_name(compute_dtype),
     }  # fmt: skip
-    starting = adapter.initialize_bytes([(o, i) for o, i, _ in quantizable.values()]) if adapter is not None else 0
     estimate = _assemble(weights, activations, transient, widest, compute_dtype, config, sharded, processes, settings)
+    return _with_init(estimate, adapter, quantizable)
+
+
+def _parallel_bytes(
+    weights: dict[str, Any], meta: Any, compute_dtype: torch.dtype, blocks: Any, processes: int, sharded: bool
+) -> int:
+    """The transient bytes a multi-process run adds (FSDP's gathered block), with ``weights`` made per rank:
+    FSDP shards them, DDP's all-reduce buckets hold a copy of the gradients."""
+    if sharded:
+        return _fsdp_sharded(weights, *_root_and_kept_bytes(meta, compute_dtype), blocks, processes)
+    if processes > 1:
+        weights["gradients"] *= 2
+    return 0
+
+
+def _with_init(estimate: MemoryEstimate, adapter: AdapterSpec | None, quantizable: dict[str, Any]) -> MemoryEstimate:
+    """``estimate`` with the adapter's start counted (``init``): LoftQ, PiSSA and friends hold the adapted model
+    and one weight's decomposition at once, before training allocates anything."""
+    starting = adapter.initialize_bytes([(o, i) for o, i, _ in quantizable.values()]) if adapter is not None else 0
     if starting:
         estimate.init = estimate.base_quantized + estimate.base_unquantized + estimate.trainable + starting
     return estimate
