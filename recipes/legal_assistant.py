@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import legal  # noqa: E402
 import legal_followups as follow  # noqa: E402
+from legal_openings import Openings, first_answers  # noqa: E402
 from legal_retrieval import LicenceIndex  # noqa: E402
 
 import adapters  # noqa: E402
@@ -78,8 +79,13 @@ def read_spdx(root: Path) -> dict[str, str]:
     return ids
 
 
+def opening_of(spdx: str, name: str, category: str) -> str:
+    """The first answer's opening: the licence and its category, as the knowledge base has them."""
+    return f"{spdx} ({name}). Category: {category}:"
+
+
 def answer_of(spdx: str, name: str, category: str) -> str:
-    return f"{spdx} ({name}). Category: {category}: {OBLIGATIONS[category]}."
+    return f"{opening_of(spdx, name, category)} {OBLIGATIONS[category]}."
 
 
 def chat_rows(seed: int = 0, per_licence: int | None = 6, max_words: int = 120) -> list[dict]:
@@ -177,19 +183,36 @@ def _slug(question: str) -> str:
     return {follow.CLOSED: "closed_source", follow.SHIP: "ship", follow.GPL3: "gpl3"}[question]
 
 
-def converse(model, rows: list[dict], batch_size: int, first_tokens: int, follow_tokens: int) -> list[list[str]]:
-    """Each row's conversation as a client has it: every follow-up asked after the model's own earlier answers."""
+def converse(model, rows: list[dict], batch_size: int, tokens: tuple[int, int], openings=None) -> list[list[str]]:
+    """Each row's conversation as a client has it: every follow-up asked after the model's own earlier answers.
+    ``openings`` (one ``Openings`` per row): the first answer opens with one of them (``legal_openings``)."""
     histories = [[r["system"], {"role": "user", "content": r["turns"][0][0]}] for r in rows]
     said: list[list[str]] = [[] for _ in rows]
     for turn in tqdm(range(len(rows[0]["turns"]) if rows else 0), desc="turns", unit="turn"):
-        tokens = first_tokens if turn == 0 else follow_tokens
-        answers = model.predict(histories, batch_size=batch_size, max_new_tokens=tokens)
+        if turn == 0 and openings is not None:
+            answers = first_answers(model, histories, openings, batch_size, tokens[0])
+        else:
+            answers = model.predict(histories, batch_size=batch_size, max_new_tokens=tokens[min(turn, 1)])
         for history, mine, row, answer in zip(histories, said, rows, answers, strict=True):
             mine.append(answer)
             history.append({"role": "assistant", "content": answer})
             if turn + 1 < len(row["turns"]):
                 history.append({"role": "user", "content": row["turns"][turn + 1][0]})
     return said
+
+
+def answer_openings(model, index: LicenceIndex | None, rows: list[dict], mode: str) -> list[Openings] | None:
+    """Each row's allowed openings: its listed licences' (``listed``), every licence's (``known``), or none."""
+    if mode == "free" or index is None:
+        return None
+
+    def of(keys):
+        entries = [index.entries[k] for k in keys]
+        return Openings(model.tokenizer, [opening_of(*e) for e in entries if e[2] in OBLIGATIONS])
+
+    if mode == "known":
+        return [of(index.keys)] * len(rows)
+    return [of(r["listed"]) for r in rows]
 
 
 def retrieval_alone(index: LicenceIndex, rows: list[dict]) -> list[list[str]]:
@@ -217,6 +240,13 @@ def parse_args(argv=None):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="with retrieval: also list what the listed licences' categories ask (the follow-ups' answers)",
+    )
+    p.add_argument(
+        "--opening",
+        choices=["free", "listed", "known"],
+        default="free",
+        help="the first answer's opening (licence and category) decoded free, or constrained to the listed "
+        "licences' or to every licence of the knowledge base (legal_openings)",
     )
     p.add_argument(
         "--zero-shot",
@@ -262,8 +292,8 @@ def licence_index(args, rows: list[dict]) -> LicenceIndex | None:
     return LicenceIndex(licences, spdx, keys, cache)
 
 
-def measure(model, rows: list[dict], args, tokens: tuple[int, int]) -> tuple[dict, list[list[str]]]:
-    said = converse(model, rows, args.batch_size, *tokens)
+def measure(model, rows: list[dict], args, tokens: tuple[int, int], index=None) -> tuple[dict, list[list[str]]]:
+    said = converse(model, rows, args.batch_size, tokens, answer_openings(model, index, rows, args.opening))
     held_out = [{"messages": conversation(r)} for r in rows]
     loss = adapters.evaluate(model, held_out, generate=False, metric_key_prefix="", batch_size=args.batch_size)
     return {**scores(said, rows), **loss}, said
@@ -284,7 +314,7 @@ def main(argv=None) -> dict:
     zero_shot = None
     if args.zero_shot:
         base = adapters.adapt(args.model, adapter=None, head=head, quantization=None, max_length=max_length)
-        zero_shot, _ = measure(base, test_rows, args, tokens)
+        zero_shot, _ = measure(base, test_rows, args, tokens, index)
         del base
         print("zero-shot:", json.dumps(zero_shot))
 
@@ -309,7 +339,7 @@ def main(argv=None) -> dict:
     train_started = time.time()
     trained = adapters.train(model, [{"messages": conversation(r)} for r in train_rows], None, config)
     train_seconds = time.time() - train_started
-    tuned, said = measure(model, test_rows, args, tokens)
+    tuned, said = measure(model, test_rows, args, tokens, index)
     print("fine-tuned:", json.dumps(tuned))
 
     model.save_pretrained(args.output, overwrite=True)

@@ -214,8 +214,13 @@ def test_the_memory_estimate_counts_loftq_s_peak(shape, tiny_llama):
 
     from adapters.methods.lora_init import decomposition_bytes
 
-    out = subprocess.run([sys.executable, "-c", MEASURE_LOFTQ_PEAK, *map(str, shape)], capture_output=True, text=True)
-    measured = int(out.stdout.strip().splitlines()[-1])
+    def measure() -> int:
+        out = subprocess.run([sys.executable, "-c", MEASURE_LOFTQ_PEAK, *map(str, shape)], capture_output=True, text=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    # the worst of three runs: the peak varies between runs (seen 0.69-1.04x of the estimate at 2048x2048) with
+    # when the SVD's workspace and the fp32 copies are freed; the estimate is for the worst
+    measured = max(measure() for _ in range(3))
     assert 0.7 < measured / decomposition_bytes([shape]) < 1.3
     loftq = adapters.estimate_memory(tiny_llama, adapters.LoRA(r=4, init="loftq"), quantization="nf4")
     default = adapters.estimate_memory(tiny_llama, adapters.LoRA(r=4), quantization="nf4")

@@ -199,3 +199,21 @@ def test_follow_up_answers_follow_the_category_and_a_reworded_answer_still_count
     assert not legal_followups.is_right("Yes, keep its copyright notice and the licence text.", closed, no)
     assert not legal_followups.is_right("", closed, yes)
     assert set(legal_followups.ANSWERS) >= set(legal_assistant.OBLIGATIONS)
+
+
+def test_a_constrained_first_answer_opens_with_a_listed_licence_and_is_free_after():
+    """The untrained base's first answer opens with exactly one of its row's openings (rows with different
+    lists in one left-padded batch), and goes on past it."""
+    import legal_openings
+
+    model = adapters.adapt("smollm2-135m", adapter=None, head=adapters.CausalLM(max_new_tokens=24), quantization=None)
+    lists = [["MIT", "Apache-2.0"], ["GPL-2.0-only", "GPL-2.0-or-later", "LGPL-2.1-only"]]
+    openings = [[legal_assistant.opening_of(s, s.split("-")[0], "Permissive") for s in ids] for ids in lists]
+    tries = [legal_openings.Openings(model.tokenizer, texts) for texts in openings]
+    prompts = ["Which licence is this notice?", "a much longer notice: " + "permission is hereby granted " * 4]
+    answers = legal_openings.first_answers(model, prompts, tries, batch_size=2, tokens=24)
+    for answer, texts in zip(answers, openings, strict=True):
+        assert any(answer.strip().startswith(t) for t in texts), answer
+        assert len(model.tokenizer(answer)["input_ids"]) > min(len(model.tokenizer(t)["input_ids"]) for t in texts)
+    mit = model.tokenizer(openings[0][0], add_special_tokens=False)["input_ids"]
+    assert tries[0].allowed(tuple(mit[:1])) == [mit[1]] and tries[0].allowed(tuple(mit)) is None
