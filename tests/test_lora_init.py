@@ -215,7 +215,9 @@ def test_the_memory_estimate_counts_loftq_s_peak(shape, tiny_llama):
     from adapters.methods.lora_init import decomposition_bytes
 
     def measure() -> int:
-        out = subprocess.run([sys.executable, "-c", MEASURE_LOFTQ_PEAK, *map(str, shape)], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", MEASURE_LOFTQ_PEAK, *map(str, shape)], capture_output=True, text=True
+        )
         return int(out.stdout.strip().splitlines()[-1])
 
     # the worst of three runs: the peak varies between runs (seen 0.69-1.04x of the estimate at 2048x2048) with
