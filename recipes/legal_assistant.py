@@ -345,7 +345,13 @@ def main(argv=None) -> dict:
     model.save_pretrained(args.output, overwrite=True)
     again = adapters.load(args.output)
     first = [test_rows[0]["system"], {"role": "user", "content": test_rows[0]["turns"][0][0]}]
-    assert again.predict([first], max_new_tokens=tokens[0]) == said[0][:1], "the reloaded model answers otherwise"
+    opens = answer_openings(again, index, test_rows[:1], args.opening)
+    answer = (
+        first_answers(again, [first], opens, 1, tokens[0])
+        if opens
+        else again.predict([first], max_new_tokens=tokens[0])
+    )
+    assert answer == said[0][:1], "the reloaded model answers otherwise"
 
     result = {
         "model": args.model,
