@@ -40,7 +40,7 @@ from transformers import PreTrainedModel
 
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
-from adapters.methods.lora_fused import ROW_SEGMENTS, fuse_lora, share_dropout
+from adapters.methods.lora_fused import ROW_SEGMENTS, forget_stacked, fuse_lora, share_dropout
 from adapters.methods.lora_init import (
     PEFT_INIT,
     check_init,
@@ -221,6 +221,7 @@ class LoRA(AdapterSpec):
 
     def leave(self, model: Any, handle: Any) -> None:
         model.adapter_state["peft"].delete_adapter(handle)
+        forget_stacked(model.adapter_state["peft"])
         model.adapter_state["switched"] = "?"  # peft may have made another adapter active
 
     def _route_whole(self, model: Any, name: str) -> Iterator[None]:
@@ -243,7 +244,7 @@ class LoRA(AdapterSpec):
             yield from self._route_whole(model, names[0])
             return
         runs = _runs(names)
-        if len(runs) == len({name for name, _, _ in runs}) and _all_lean(tuner):
+        if len(runs) == len({name for name, _, _ in runs}) and _all_lean(model):
             # rows in one run per adapter (the scheduler sorts them): each run's update on its own rows
             _enable_all(model)
             token = ROW_SEGMENTS.set(tuple(run for run in runs if run[0] != "__base__"))
@@ -287,11 +288,19 @@ def _runs(names: list[str]) -> list[tuple[str, int, int]]:
     return runs
 
 
-def _all_lean(tuner: nn.Module) -> bool:
-    """Every LoRA layer has the lean forward, which reads ``ROW_SEGMENTS`` (``lora_fused.fuse_lora``)."""
+def _all_lean(model: Any) -> bool:
+    """Every LoRA layer has the lean forward, which reads ``ROW_SEGMENTS`` (``lora_fused.fuse_lora``). Found once
+    per set of loaded adapters: walking the modules before every decoding step cost milliseconds per step."""
     from peft.tuners.lora import LoraLayer
 
-    return all("forward" in vars(m) for m in tuner.modules() if isinstance(m, LoraLayer))
+    peft_model = model.adapter_state["peft"]
+    loaded = tuple(sorted(peft_model.peft_config))
+    known = model.adapter_state.get("all_lean")
+    if known is None or known[0] != loaded:
+        modules = peft_model.base_model.modules()
+        known = (loaded, all("forward" in vars(m) for m in modules if isinstance(m, LoraLayer)))
+        model.adapter_state["all_lean"] = known
+    return known[1]
 
 
 def apply_lora(model: nn.Module, lora: LoRA, base_name: str) -> Any:
