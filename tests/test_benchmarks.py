@@ -190,6 +190,18 @@ def test_lora_inference_quick(tiny_llama, tmp_path):
 
 
 @pytest.mark.slow
+def test_mixed_batch_quick(tiny_llama, tmp_path):
+    """Every way of decoding a batch that mixes adapters gives the same greedy tokens; the table names them."""
+    import mixed_batch
+
+    payload = mixed_batch.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    runs = payload["runs"]["none"]
+    assert set(runs) == set(mixed_batch.SIDES) and all(r[0]["step_ms"] > 0 for r in runs.values())
+    table = (tmp_path / "mixed_batch-quick.md").read_text()
+    assert "| fp32 | stacked step (default) |" in table and "| NO |" not in table
+
+
+@pytest.mark.slow
 def test_serve_overload_quick(tiny_llama, tmp_path):
     import serve
 
