@@ -129,13 +129,18 @@ def _segmented(layer, x: torch.Tensor, segments: tuple[tuple[str, int, int], ...
     return flat.view(result.shape)
 
 
+# every row computes every stacked adapter's product (the other adapters' columns are then zeroed): cheap for a
+# handful of small adapters, wasted work for many (the per-run loop then computes each run's product alone)
+STACKED_RANKS = 64
+
+
 def _stacked(layer, names: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
     """The ``A`` matrices of adapters ``names`` stacked (``in x sum r``) and their ``B`` matrices side by side
     (``sum r x out``), kept on the layer while the weights are the same tensors, unchanged; None when an
     adapter's dtype is not the output's (the per-run loop casts as peft does)."""
     downs = [layer.lora_A[n].weight for n in names]
     ups = [layer.lora_B[n].weight for n in names]
-    if any(w.dtype != dtype for w in downs + ups):
+    if any(w.dtype != dtype for w in downs + ups) or sum(d.shape[0] for d in downs) > STACKED_RANKS:
         return None
     weights, versions = downs + ups, [w._version for w in downs + ups]
     kept = vars(layer).setdefault("_lean_stacked", {})
