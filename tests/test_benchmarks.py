@@ -198,7 +198,7 @@ def test_mixed_batch_quick(tiny_llama, tmp_path):
     runs = payload["runs"]["none"]
     assert set(runs) == set(mixed_batch.SIDES) and all(r[0]["step_ms"] > 0 for r in runs.values())
     table = (tmp_path / "mixed_batch-quick.md").read_text()
-    assert "| fp32 | stacked step (default) |" in table and "| NO |" not in table
+    assert "| fp32 | segmented step (default" in table and "| NO |" not in table
 
 
 @pytest.mark.slow

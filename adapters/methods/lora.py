@@ -40,7 +40,7 @@ from transformers import PreTrainedModel
 
 from adapters.errors import ConfigError
 from adapters.files import check_state, load_tensors
-from adapters.methods.lora_fused import ROW_SEGMENTS, forget_stacked, fuse_lora, share_dropout
+from adapters.methods.lora_fused import ROW_SEGMENTS, fuse_lora, share_dropout
 from adapters.methods.lora_init import (
     PEFT_INIT,
     check_init,
@@ -221,7 +221,6 @@ class LoRA(AdapterSpec):
 
     def leave(self, model: Any, handle: Any) -> None:
         model.adapter_state["peft"].delete_adapter(handle)
-        forget_stacked(model.adapter_state["peft"])
         model.adapter_state["switched"] = "?"  # peft may have made another adapter active
 
     def _route_whole(self, model: Any, name: str) -> Iterator[None]:

@@ -16,13 +16,6 @@ per layer of a group, summed). This forward instead
   recorded (inference), out of place in training (autograd's own ``addmm`` backward, which folds the
   scale into its matmuls).
 
-A served batch that mixes adapters (``ROW_SEGMENTS``, rows sorted into one run per adapter) takes one more
-step: the adapters' ``A`` matrices stacked and their ``B`` matrices side by side, so the whole batch's update is
-one ``x A^T`` and one ``addmm``, each row's columns of the product scaled by its own adapter's ``alpha/r`` and
-the other adapters' zeroed (a grouped low-rank step, the idea of Punica's and S-LoRA's batched kernels, Chen et
-al. 2023, https://arxiv.org/abs/2310.18547, in plain torch ops for a handful of adapters). It equals peft's
-mixed-batch forward (``tests/test_scheduler.py``).
-
 It runs only where it gives peft's result: plain LoRA on a linear layer (no DoRA or other variant,
 no LoRA bias), not merged, adapters enabled, no per-row ``adapter_names``. Under bf16 autocast (training
 on GPUs and bf16 CPUs) the two matmuls run in bf16 as peft's do there, the update added by the same
@@ -112,12 +105,6 @@ def _segmented(layer, x: torch.Tensor, segments: tuple[tuple[str, int, int], ...
     result = layer.base_layer(x)
     rows = x.shape[1] if x.dim() == 3 else 1
     flat, inputs = result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
-    stacked = _stacked(layer, tuple(name for name, _, _ in used), flat.dtype) if len(used) > 1 else None
-    if stacked is not None:  # every run's update in one low-rank product, each row masked to its own adapter's
-        down, up, widths = stacked
-        part = inputs.to(down.dtype) @ down
-        flat.addmm_(part.mul_(_row_scales(layer, used, widths, rows, part)), up)
-        return flat.view(result.shape)
     for name, start, stop in used:
         down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
         part = inputs[start * rows : stop * rows].to(down.dtype) @ down.t()
@@ -127,55 +114,6 @@ def _segmented(layer, x: torch.Tensor, segments: tuple[tuple[str, int, int], ...
             update = (part.to(up.dtype) @ up.t()) * layer.scaling[name]
             flat[start * rows : stop * rows].add_(update.to(flat.dtype))
     return flat.view(result.shape)
-
-
-# every row computes every stacked adapter's product (the other adapters' columns are then zeroed): cheap for a
-# handful of small adapters, wasted work for many (the per-run loop then computes each run's product alone)
-STACKED_RANKS = 64
-
-
-def _stacked(layer, names: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, tuple] | None:
-    """The ``A`` matrices of adapters ``names`` stacked (``in x sum r``) and their ``B`` matrices side by side
-    (``sum r x out``), kept on the layer while the weights are the same tensors, unchanged; None when an
-    adapter's dtype is not the output's (the per-run loop casts as peft does)."""
-    downs = [layer.lora_A[n].weight for n in names]
-    ups = [layer.lora_B[n].weight for n in names]
-    if any(w.dtype != dtype for w in downs + ups) or sum(d.shape[0] for d in downs) > STACKED_RANKS:
-        return None
-    weights, versions = downs + ups, [w._version for w in downs + ups]
-    kept = vars(layer).setdefault("_lean_stacked", {})
-    held = kept.get(names)
-    if held is None or held[1] != versions or any(a is not b for a, b in zip(held[0], weights, strict=True)):
-        widths = tuple(d.shape[0] for d in downs)
-        held = (weights, versions, torch.cat(downs).t().contiguous(), torch.cat(ups, 1).t().contiguous(), widths)
-        kept[names] = held
-    return held[2:]
-
-
-def forget_stacked(peft_model: nn.Module) -> None:
-    """Drop every layer's stacked adapters (an adapter left: its weights are not kept alive by the stack)."""
-    for module in peft_model.modules():
-        vars(module).pop("_lean_stacked", None)
-
-
-_SCALES: dict[tuple, torch.Tensor] = {}  # row scales by layout: every layer of a step shares its batch's
-
-
-def _row_scales(layer, used: list, widths: tuple, rows: int, part: torch.Tensor) -> torch.Tensor:
-    """``(tokens x sum r)``: adapter ``n``'s scaling on its own rows' columns of the stacked product, 0 elsewhere
-    (a row takes only its adapter's update; rows of no run, the base's, take none)."""
-    scales = tuple(float(layer.scaling[name]) for name, _, _ in used)
-    key = (tuple(used), widths, scales, rows, part.shape[0], part.dtype, part.device)
-    if key not in _SCALES:
-        if len(_SCALES) > 64:
-            _SCALES.clear()
-        grid = torch.zeros(part.shape[0], sum(widths), dtype=part.dtype, device=part.device)
-        column = 0
-        for (_, start, stop), width, scale in zip(used, widths, scales, strict=True):
-            grid[start * rows : stop * rows, column : column + width] = scale
-            column += width
-        _SCALES[key] = grid
-    return _SCALES[key]
 
 
 def _forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
