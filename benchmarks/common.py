@@ -58,6 +58,16 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def random_lora_b(model, seed: int, adapter: str = "default") -> None:
+    """Every LoRA ``B`` matrix of ``adapter`` set to seeded random values (std 0.02), as after training, so a
+    timed forward really computes the low-rank update (at ``B = 0`` it is a product of zeros)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in [m for m in model.modules() if hasattr(m, "lora_B")]:
+            weight = layer.lora_B[adapter].weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+
+
 # glibc keeps freed heap memory for reuse, so on CPU a process's peak RSS also counts holes left by
 # earlier, differently shaped batches: the same training step measured 3.9 GB at fixed shapes and
 # 4.7-5.0 GB after six dynamically padded batches. Serving every allocation over 64 KiB with its own

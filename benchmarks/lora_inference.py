@@ -38,7 +38,7 @@ ROWS = {"quick": 40, "full": 500}
 
 
 def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
-    import torch
+    from common import random_lora_b
     from vs_peft_trainer import BUDGETS, SETTINGS, _data
 
     import adapters
@@ -53,12 +53,7 @@ def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
         max_length=SETTINGS["max_length"],
         seed=seed,
     )
-    generator = torch.Generator().manual_seed(seed)
-    layers = [m for m in model.modules() if hasattr(m, "lora_B")]
-    with torch.no_grad():
-        for layer in layers:
-            weight = layer.lora_B["default"].weight
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+    random_lora_b(model, seed)
     if side in ("peft", "lean-8192"):
         batching.INFERENCE_TOKENS = {"cpu": 8192, "gpu": 8192}
     started = time.perf_counter()

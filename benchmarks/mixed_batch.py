@@ -40,7 +40,7 @@ PROMPT = "Review: a fine film with a great cast and a story that holds together\
 
 
 def _artifacts(model_name: str, quantization: str | None, folder: Path, seed: int) -> dict[str, Path]:
-    import torch
+    from common import random_lora_b
 
     import adapters
 
@@ -54,11 +54,7 @@ def _artifacts(model_name: str, quantization: str | None, folder: Path, seed: in
             dtype="float32",
             seed=seed + i,
         )
-        generator = torch.Generator().manual_seed(seed + i)
-        with torch.no_grad():
-            for layer in [m for m in model.modules() if hasattr(m, "lora_B")]:
-                weight = layer.lora_B["default"].weight
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.02)
+        random_lora_b(model, seed + i)
         paths[f"gen{i}"] = model.save_pretrained(folder / f"gen{i}-{quantization}")
     return paths
 

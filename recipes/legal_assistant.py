@@ -189,16 +189,23 @@ def converse(model, rows: list[dict], batch_size: int, tokens: tuple[int, int], 
     histories = [[r["system"], {"role": "user", "content": r["turns"][0][0]}] for r in rows]
     said: list[list[str]] = [[] for _ in rows]
     for turn in tqdm(range(len(rows[0]["turns"]) if rows else 0), desc="turns", unit="turn"):
-        if turn == 0 and openings is not None:
-            answers = first_answers(model, histories, openings, batch_size, tokens[0])
+        if turn == 0:
+            answers = first_turn(model, histories, openings, batch_size, tokens[0])
         else:
-            answers = model.predict(histories, batch_size=batch_size, max_new_tokens=tokens[min(turn, 1)])
+            answers = model.predict(histories, batch_size=batch_size, max_new_tokens=tokens[1])
         for history, mine, row, answer in zip(histories, said, rows, answers, strict=True):
             mine.append(answer)
             history.append({"role": "assistant", "content": answer})
             if turn + 1 < len(row["turns"]):
                 history.append({"role": "user", "content": row["turns"][turn + 1][0]})
     return said
+
+
+def first_turn(model, histories: list[list[dict]], openings, batch_size: int, tokens: int) -> list[str]:
+    """The first answers: free, or opening with one of each row's ``openings`` (``legal_openings``)."""
+    if openings is None:
+        return model.predict(histories, batch_size=batch_size, max_new_tokens=tokens)
+    return first_answers(model, histories, openings, batch_size, tokens)
 
 
 def answer_openings(model, index: LicenceIndex | None, rows: list[dict], mode: str) -> list[Openings] | None:
@@ -346,12 +353,7 @@ def main(argv=None) -> dict:
     again = adapters.load(args.output)
     first = [test_rows[0]["system"], {"role": "user", "content": test_rows[0]["turns"][0][0]}]
     opens = answer_openings(again, index, test_rows[:1], args.opening)
-    answer = (
-        first_answers(again, [first], opens, 1, tokens[0])
-        if opens
-        else again.predict([first], max_new_tokens=tokens[0])
-    )
-    assert answer == said[0][:1], "the reloaded model answers otherwise"
+    assert first_turn(again, [first], opens, 1, tokens[0]) == said[0][:1], "the reloaded model answers otherwise"
 
     result = {
         "model": args.model,
