@@ -83,6 +83,8 @@ class AdaptedModel(nn.Module):
         # no KV cache: nothing here generates, the cache would hold every layer's keys and values, and
         # with it transformers does not detect packed rows
         self._no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
+        # transformers' causal LMs project only the positions asked for onto the vocabulary
+        self._keeps_logits = "logits_to_keep" in forward_args
 
     @property
     def tokenizer(self) -> Any:
@@ -108,10 +110,17 @@ class AdaptedModel(nn.Module):
         ``head_inputs`` are what that layout adds (``token_type_ids`` of text pairs, ``window_doc`` of long
         texts' windows, ``position_ids`` and ``segments`` of packed rows, the choices' scored positions).
         How the batch runs through the backbone and the head is the head spec's ``logits``."""
-        logits = self.head_spec.logits(self, {"input_ids": input_ids, "attention_mask": attention_mask, **head_inputs})
-        result = {"logits": logits}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **head_inputs}
+        targets = labels
         if labels is not None:
-            result["loss"] = self.head_spec.loss(logits, labels)
+            # a head whose loss reads few positions (a CausalLM's response tokens) gets only their logits
+            positions, targets = self.head_spec.loss_targets(labels)
+            if positions is not None:
+                batch["loss_positions"] = positions
+        logits = self.head_spec.logits(self, batch)
+        result = {"logits": logits}
+        if targets is not None:
+            result["loss"] = self.head_spec.loss(logits, targets)
         return result
 
     def sequence_logits(
@@ -120,14 +129,19 @@ class AdaptedModel(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         head_inputs: dict[str, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Backbone -> head for a batch of padded sequences (``head_inputs``: what the head module reads
-        besides the states)."""
+        besides the states; ``positions``: for the base's LM head, the only positions whose logits are wanted)."""
         extra = self._positions(attention_mask)
         if token_type_ids is not None:
             extra["token_type_ids"] = token_type_ids
+        if positions is not None and self._keeps_logits:
+            extra["logits_to_keep"] = positions
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra, **self._no_cache)
         if self.head_spec.lm_logits:
+            if positions is not None and not self._keeps_logits:  # a model class without logits_to_keep
+                return cast(torch.Tensor, out.logits[:, positions])
             return cast(torch.Tensor, out.logits)
         return cast(torch.Tensor, self.head(out.last_hidden_state, attention_mask, **(head_inputs or {})))
 

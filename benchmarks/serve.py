@@ -239,10 +239,9 @@ def _levels(port: int, names: list[str], prompts: list[str], tokens: int, per_le
     }
 
 
-def _in_process(artifact: Path, prompts: list[str], tokens: int) -> dict:
-    """The same artifact in this process: ``transformers``' ``generate`` one prompt at a time (the bar a
-    served client is held to), and ``generate_batch`` (transformers' own continuous batching) on all of
-    them, where it runs on this model (its failure is recorded, not hidden)."""
+def _generate_one_at_a_time(artifact: Path, prompts: list[str], tokens: int) -> float:
+    """Tokens/s of ``transformers``' ``generate`` on ``artifact`` in this process, one prompt at a time (the
+    bar a served client is held to)."""
     import torch
 
     import adapters
@@ -255,20 +254,60 @@ def _in_process(artifact: Path, prompts: list[str], tokens: int) -> dict:
             batch = model.encode([prompt])
             out = network.generate(**batch, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             produced += out.shape[1] - batch["input_ids"].shape[1]
-    result: dict = {"generate_tokens_per_second": produced / (time.perf_counter() - started)}
-    try:
-        from transformers import GenerationConfig
+    return produced / (time.perf_counter() - started)
 
+
+def _generate_batch(artifact: Path, prompts: list[str], tokens: int) -> dict:
+    """``generate_batch`` (transformers' own continuous batching) on all of ``prompts`` in this process, where
+    it runs on this model (its failure is recorded, not hidden)."""
+    import torch
+    from transformers import GenerationConfig
+
+    import adapters
+
+    model = adapters.load(artifact)
+    try:
         ids = [model.encode([p])["input_ids"][0].tolist() for p in prompts]
-        config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=model.tokenizer.eos_token_id)
         started = time.perf_counter()
         with torch.inference_mode():
-            outputs = network.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
+            outputs = model.backbone.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
         generated = sum(len(o.generated_tokens) for o in outputs.values())
-        result["generate_batch_tokens_per_second"] = generated / (time.perf_counter() - started)
+        return {"generate_batch_tokens_per_second": generated / (time.perf_counter() - started)}
     except Exception as err:  # noqa: BLE001 - reported beside, as the issue asks
-        result["generate_batch_error"] = f"{type(err).__name__}: {str(err)[:200]}"
-    return result
+        return {"generate_batch_error": f"{type(err).__name__}: {str(err)[:200]}"}
+
+
+def _generate_in_fresh_process(artifact: Path, prompts: list[str], tokens: int) -> float:
+    """``_generate_one_at_a_time`` in a new process, as the served side runs in one."""
+    script = [sys.executable, __file__, "--generate-in-process", str(artifact), "--max-tokens", str(tokens)]
+    done = subprocess.run([*script, "--prompts", json.dumps(prompts)], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _one_client_rounds(server_args: tuple, name: str, prompts: list[str], tokens: int, rounds: int) -> dict:
+    """One streaming client of artifact ``name`` on a fresh server (``server_args``: its artifacts and names)
+    against ``generate`` on the same artifact in a fresh process, ``rounds`` times, alternating which goes
+    first: on a shared 2-core VM two runs of one side differ by 10-30%, so one pair decides nothing."""
+    paths, names = server_args
+    served: list[float] = []
+    own: list[float] = []
+    for r in range(rounds):
+        for side in ("served", "generate") if r % 2 == 0 else ("generate", "served"):
+            if side == "generate":
+                own.append(_generate_in_fresh_process(paths[names.index(name)], prompts, tokens))
+                continue
+            server = Server(paths, names=names)
+            try:
+                served.append(_levels(server.port, [name], prompts, tokens, len(prompts), 1)["tokens_per_second"])
+            finally:
+                server.close()
+        print(f"one client, round {r + 1}: served {served[-1]:.1f}, generate {own[-1]:.1f} tokens/s", flush=True)
+    return {
+        "served_tokens_per_second": served,
+        "generate_tokens_per_second": own,
+        "ratio_of_medians": statistics.median(served) / statistics.median(own),
+    }
 
 
 def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, per_level: int) -> dict:
@@ -319,7 +358,10 @@ def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, pe
         "levels": levels,
         "memory_mb": memory,
         "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
-        "in_process": _in_process(tmp / f"gen0-{quantization}", (prompts * per_level)[: per_level // 2], tokens),
+        "one_client": _one_client_rounds(
+            (paths, [*names, "task0"]), names[0], (prompts * per_level)[: per_level // 2], tokens, 1 if args.quick else 3
+        ),
+        "in_process": _generate_batch(paths[0], (prompts * per_level)[: per_level // 2], tokens),
     }
 
 
@@ -356,16 +398,18 @@ def _generation_table(payload: dict, per_level: int) -> str:
             )
     lines += [
         "",
-        "| base | served, 1 client | generate in process | ratio | generate_batch in process |",
-        "|---|---|---|---|---|",
+        "| base | served, 1 client (median) | generate in process (median) | ratio | rounds: served / generate | "
+        "generate_batch in process |",
+        "|---|---|---|---|---|---|",
     ]
     for quantization, result in payload["rounds"].items():
-        own, served = result["in_process"], result["levels"]["1 client"]["tokens_per_second"]
-        batch = own.get("generate_batch_tokens_per_second")
+        one, batch = result["one_client"], result["in_process"].get("generate_batch_tokens_per_second")
+        served, own = one["served_tokens_per_second"], one["generate_tokens_per_second"]
+        pairs = ", ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(served, own, strict=True))
         lines.append(
-            f"| {quantization} | {served:.1f} | {own['generate_tokens_per_second']:.1f} | "
-            f"{served / own['generate_tokens_per_second']:.2f} | "
-            + (f"{batch:.1f} |" if batch is not None else f"failed: {own['generate_batch_error']} |")
+            f"| {quantization} | {statistics.median(served):.1f} | {statistics.median(own):.1f} | "
+            f"{one['ratio_of_medians']:.2f} | {pairs} | "
+            + (f"{batch:.1f} |" if batch is not None else f"failed: {result['in_process']['generate_batch_error']} |")
         )
     lines += [
         "",
@@ -381,8 +425,10 @@ def _generation_table(payload: dict, per_level: int) -> str:
         "",
         f"Model `{payload['model']}` (LoRA r=8 CausalLM adapters, untrained: speed only), streamed "
         f"`/v1/completions` of up to {payload['max_tokens']} tokens (greedy), {per_level} requests per level "
-        "(half for one client); tokens counted as streamed pieces. In process: the same artifact, `generate` "
-        "one prompt at a time, `generate_batch` on the same prompts.",
+        "(half for one client); tokens counted as streamed pieces. One client against `generate`: the first "
+        "artifact served alone to one client (a fresh server of all three) and `generate` on it one prompt at a "
+        "time in a fresh process, the same prompts, rounds alternating which goes first, medians. "
+        "`generate_batch`: the same prompts at once, in process.",
     ]
     return "\n".join(lines)
 
@@ -527,7 +573,13 @@ def main(argv=None) -> dict:
     p.add_argument("--generation", action="store_true", help="the OpenAI endpoints' generation speed instead")
     p.add_argument("--max-queue", type=int, default=32, help="with --overload: the server's --max-queue")
     p.add_argument("--seconds", type=float, default=30.0, help="with --overload: how long the load lasts")
+    p.add_argument("--generate-in-process", type=Path, help=argparse.SUPPRESS)  # one side of --generation
+    p.add_argument("--prompts", help=argparse.SUPPRESS)
+    p.add_argument("--max-tokens", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.generate_in_process:
+        print(_generate_one_at_a_time(args.generate_in_process, json.loads(args.prompts), args.max_tokens))
+        return {}
     if args.overload:
         return overload_main(args)
     if args.generation:

@@ -219,7 +219,9 @@ def test_serve_generation_quick(tiny_llama, tmp_path):
     levels = payload["rounds"]["fp32"]["levels"]
     assert set(levels) == {"1 client", "4 clients, 2 adapters", "4 clients, 1 adapter"}
     assert all(r["tokens_per_second"] > 0 for r in levels.values())
-    assert payload["rounds"]["fp32"]["in_process"]["generate_tokens_per_second"] > 0
+    one = payload["rounds"]["fp32"]["one_client"]
+    assert len(one["served_tokens_per_second"]) == len(one["generate_tokens_per_second"]) == 1
+    assert one["ratio_of_medians"] > 0
     assert "| base | clients | tokens/s |" in (tmp_path / "serve-generation-quick.md").read_text()
 
 

@@ -163,6 +163,36 @@ def test_causal_lm_loss_counts_response_tokens_only(tiny_llama):
     assert labels[:2] == [-100, -100] and labels[2:] == ids[2:] and ids[-1] == model.tokenizer.eos_token_id
 
 
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_causal_lm_loss_projects_only_the_positions_it_reads(tiny_llama, quantization):
+    """The loss and the adapter's gradients from the logits of the response positions alone equal those from
+    every position's logits (transformers' own shifted cross-entropy over the whole sequence)."""
+    import torch
+    import torch.nn.functional as F
+
+    from adapters.data.encoding import Collator, encode_rows
+
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, dropout=0.0), head=adapters.CausalLM(),
+                           quantization=quantization, seed=0)  # fmt: skip
+    rows = [{"text": "the plot of the film was", "label": "superb"}, {"text": "the acting was", "label": "a dull mess"}]
+    columns, _ = encode_rows(rows, model.tokenizer, model.head_spec, "text", "label", 32, "data")
+    batch = Collator(model.tokenizer, model.head_spec)([{k: columns[k][i] for k in columns} for i in range(2)])
+    kept = model(**batch)
+    assert kept["logits"].shape[1] < batch["input_ids"].shape[1] - 1  # fewer positions than the sequence's
+    kept["loss"].backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    full = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                          **model._positions(batch["attention_mask"])).logits  # fmt: skip
+    labels = batch["labels"]
+    reference = F.cross_entropy(full[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    reference.backward()
+    assert torch.allclose(kept["loss"], reference, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(ours[name], param.grad, rtol=1e-4, atol=1e-7), name
+
+
 def test_causal_lm_needs_a_decoder(tiny_bert):
     with pytest.raises(adapters.ConfigError, match="decoder"):
         adapters.adapt(tiny_bert, adapter=None, head=adapters.CausalLM())

@@ -89,9 +89,24 @@ class CausalLM(HeadSpec):
             raise DataError(f"a CausalLM response must be non-empty text, got {value!r}")
         return value
 
+    def loss_targets(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Position t predicts token t + 1, so the loss reads the positions before a response token of any row
+        (prompt and padding tokens are IGNORE) and only those are projected onto the vocabulary: a batch of
+        long prompts with short answers keeps a fraction of its (batch x length x vocabulary) fp32 logits,
+        their log-softmax and their gradient. The memory estimate's meta tensors have no values: there every
+        position counts, as when every token is a response token."""
+        if labels.is_meta:
+            positions = torch.arange(labels.shape[1] - 1, device=labels.device)
+        else:
+            positions = (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
+        return positions, labels[:, positions + 1]
+
+    def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
+        return model.sequence_logits(batch["input_ids"], batch["attention_mask"], positions=batch.get("loss_positions"))
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # position t predicts token t+1; prompt and padding positions are IGNORE
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        # the logits of the positions ``loss_targets`` kept, against the tokens they predict
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
     def eval_outputs(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         shifted = labels[:, 1:]

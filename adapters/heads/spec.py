@@ -107,7 +107,12 @@ class HeadSpec(ABC):
 
     @abstractmethod
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The training loss of a batch (fp32)."""
+        """The training loss of a batch (fp32): ``logits`` against the labels ``loss_targets`` gave."""
+
+    def loss_targets(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The output positions the loss reads (None: every one; ``logits`` then computes only those) and the
+        labels ``loss`` compares them with. Default: every position, the labels as collated."""
+        return None, labels
 
     @abstractmethod
     def metrics(self, *outputs: torch.Tensor) -> dict[str, float | int]:

@@ -1,7 +1,7 @@
 """Micro-batches per served model, with a bounded queue.
 
 The first request of a batch waits at most ``max_wait_ms`` for others, up to ``max_batch`` inputs, and
-the batch runs in one call (sorted by length inside ``AdaptedModel.logits``) in a worker thread. A batch
+the batch runs in one call (sorted by length inside ``AdaptedModel.logits``) in a thread of its own (``threads.py``). A batch
 that fails is retried request by request, so one bad request never fails another's. At most
 ``max_queue`` inputs wait per model: a request that would go past it is refused at once (``QueueFull``,
 HTTP 503 with ``Retry-After``) instead of waiting behind work the server cannot finish soon, and a
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapters.serving.backbones import Served
+from adapters.serving.threads import MODEL_WORK
 
 
 class QueueFull(Exception):
@@ -100,7 +101,7 @@ class Batcher:
             for key in dict.fromkeys(r.key() for r in batch):  # in arrival order
                 part = [r for r in batch if r.key() == key]
                 self.on_batch(sum(len(r.inputs) for r in part))
-                await loop.run_in_executor(None, self._answer, part, loop)
+                await loop.run_in_executor(MODEL_WORK, self._answer, part, loop)
 
     def _answer(self, part: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
         """Run one batch (in a worker thread); a failing batch is retried request by request."""

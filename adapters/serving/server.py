@@ -35,6 +35,7 @@ from adapters.serving.metrics import ServerMetrics
 from adapters.serving.openai_schema import ModelNames, openai_schemas, vllm_schemas
 from adapters.serving.runtime import Refused, RuntimeAdapters, json_body, request_schemas
 from adapters.serving.scheduler import Scheduler
+from adapters.serving.threads import MODEL_WORK, in_passing_thread
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 ERRORS = {
@@ -215,7 +216,7 @@ def add_runtime_routes(
         try:
             body = await json_body(request, {"lora_name", "lora_path", "lora_int_id", "base_model_name"})
             loop = asyncio.get_running_loop()
-            member = await loop.run_in_executor(None, runtime.load, body.get("lora_name"), body.get("lora_path"))
+            member = await loop.run_in_executor(MODEL_WORK, runtime.load, body.get("lora_name"), body.get("lora_path"))
         except Refused as err:
             return JSONResponse(status_code=err.status, content=err.body())
         batchers[member.name] = Batcher(member, limits, metrics.batch_observer(member.name))
@@ -238,7 +239,7 @@ def add_runtime_routes(
         batcher = batchers.pop(member.name)
         if batcher.task is not None:
             batcher.task.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, runtime.unload, member)
+        await asyncio.get_running_loop().run_in_executor(MODEL_WORK, runtime.unload, member)
         metrics.forget_model(member.name)
         _schema_changed(app, names)
         return PlainTextResponse(f"Success: LoRA adapter '{member.name}' removed successfully.")
@@ -509,7 +510,7 @@ def serve(
         raise ConfigError("serving needs FastAPI and uvicorn: pip install 'qadapters[serve]'") from None
     check_exposure(host, api_key, insecure)  # before any model loads
     paths = parse_artifacts(artifacts)
-    served = load_served(paths, device, verify)
+    served = in_passing_thread(load_served, paths, device, verify)  # the main thread holds no OpenMP pool
     groups = len({s.group.index for s in served.values()})
     print(f"serving {len(served)} model(s) on {groups} base(s) at http://{host}:{port} (docs: /docs)", flush=True)
     server = _draining_server_class()(
