@@ -1,7 +1,7 @@
 """A CausalLM training step on the legal assistant's conversations: the vocabulary logits of every position
 against those of the positions the loss reads (the ones before a response token), the default.
 
-    python benchmarks/lm_loss.py              # packaged SmolLM2-135M, 3 rounds (about 4 minutes on 2 cores)
+    python benchmarks/lm_loss.py              # packaged SmolLM2-135M, 2 rounds (about 10 minutes on 2 cores)
     python benchmarks/lm_loss.py --quick --model PATH
 
 A conversation of the assistant recipe (``recipes/legal_assistant.py``) is long and its answers are short:
@@ -14,7 +14,7 @@ response token are needed (``CausalLM.loss_targets``). Sides, each in a fresh pr
 * ``response``: the logits of the positions the loss reads (``adapters.CausalLM``'s default).
 
 Each: LoRA r=16 on the recipe's model (fp32), one batch of 8 training conversations (retrieval over the
-conversations' licences and 40 others, the recipe's ``--quick`` index: the same message lengths), 3 steps
+conversations' licences and 40 others, the recipe's ``--quick`` index: the same message lengths), 2 steps
 (forward, backward, AdamW) on it; peak resident memory (MALLOC_MMAP_THRESHOLD_, ``common.EXACT_RSS``), the
 median step time, the first step's loss (the sides must agree). Writes results/lm_loss[-quick].{json,md}.
 """
@@ -71,7 +71,7 @@ def run_side(side: str, model_name: str, rows: int, max_length: int) -> dict:
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     model.train()
     losses, seconds = [], []
-    for _ in range(3):
+    for _ in range(2):
         started = time.perf_counter()
         loss = model(**batch)["loss"]
         loss.backward()
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 rows of 128 tokens, one round")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     p.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # internal: one run
     args = p.parse_args(argv)
@@ -133,7 +133,7 @@ def _table(payload: dict, args) -> str:
     first = runs["every"][0]
     return "\n".join(lines) + (
         f"\n\n`{args.model}` fp32, LoRA r=16, a batch of {first['shape'][0]} legal assistant conversations padded "
-        f"to {first['shape'][1]} tokens, {first['labelled_tokens']} of them learned; 3 steps on it, "
+        f"to {first['shape'][1]} tokens, {first['labelled_tokens']} of them learned; 2 steps on it (their mean), "
         f"{len(runs['every'])} round(s) alternating, each side in a fresh process (MALLOC_MMAP_THRESHOLD_=65536). "
         f"Loss spread across sides {max(losses) - min(losses):.1e}."
     )

@@ -359,7 +359,11 @@ def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, pe
         "memory_mb": memory,
         "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
         "one_client": _one_client_rounds(
-            (paths, [*names, "task0"]), names[0], (prompts * per_level)[: per_level // 2], tokens, 1 if args.quick else 3
+            (paths, [*names, "task0"]),
+            names[0],
+            (prompts * per_level)[: per_level // 2],
+            tokens,
+            1 if args.quick else 3,
         ),
         "in_process": _generate_batch(paths[0], (prompts * per_level)[: per_level // 2], tokens),
     }

@@ -310,3 +310,13 @@ def test_lora_init_table_reads_the_saved_runs(tmp_path, monkeypatch):
     assert len(rows) == 4 and not found[("nf4", "eva")]
     assert rows[2] == "| unquantized (fp32) | default | 85.0% | 84.0% | **84.50%** | 1.0 points | +0.00 points |"
     assert rows[3] == "| NF4 | loftq | 84.0% | 83.0% | **83.50%** | 1.0 points | -1.00 points |"
+
+
+@pytest.mark.slow
+def test_lm_loss_quick(tiny_llama, tmp_path):
+    import lm_loss
+
+    payload = lm_loss.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    every, response = payload["runs"]["every"][0], payload["runs"]["response"][0]
+    assert abs(every["loss"] - response["loss"]) < 1e-4  # the same loss from fewer logits
+    assert "| logits where the loss reads (default) |" in (tmp_path / "lm_loss-quick.md").read_text()

@@ -1,8 +1,8 @@
 """Micro-batches per served model, with a bounded queue.
 
 The first request of a batch waits at most ``max_wait_ms`` for others, up to ``max_batch`` inputs, and
-the batch runs in one call (sorted by length inside ``AdaptedModel.logits``) in a thread of its own (``threads.py``). A batch
-that fails is retried request by request, so one bad request never fails another's. At most
+the batch runs in one call (sorted by length inside ``AdaptedModel.logits``) in a thread of its own
+(``threads.py``). A batch that fails is retried request by request, so one bad request never fails another's. At most
 ``max_queue`` inputs wait per model: a request that would go past it is refused at once (``QueueFull``,
 HTTP 503 with ``Retry-After``) instead of waiting behind work the server cannot finish soon, and a
 request whose caller stopped waiting (its timeout) is dropped before it runs.

@@ -10,9 +10,9 @@ second thread while the main thread keeps the pool it loaded the model with meas
 cores (NF4, SmolLM2-135M; fp32, made of fewer and larger regions, about 1.05x).
 
 So everything the server computes besides the scheduler's decoding runs in a thread of its own that ends
-when its work does (``MODEL_WORK``, the executor of classification batches and runtime adapter loads;
-``in_passing_thread`` for the models loaded at start): a thread costs tens of microseconds to start, a batch milliseconds to seconds, and
-the scheduler's thread is left as the only lasting pool.
+when its work does: ``MODEL_WORK`` runs classification batches and runtime adapter loads, and
+``in_passing_thread`` the loading of the models at start. A thread costs tens of microseconds to start, a
+batch milliseconds to seconds, and the scheduler's thread is left as the only lasting pool.
 """
 
 from __future__ import annotations
