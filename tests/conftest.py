@@ -28,6 +28,24 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_llama(tiny_llama, tmp_path_factory) -> str:
+    """The tiny Llama with a chat template that renders every turn of ``messages`` after the ones before it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    base = tmp_path_factory.mktemp("tiny-chat-llama") / "base"
+    shutil.copytree(tiny_llama, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} [SEP] {% endfor %}"
+        "{% if add_generation_prompt %}assistant {% endif %}"
+    )
+    tokenizer.save_pretrained(base)
+    return str(base)
+
+
+@pytest.fixture(scope="session")
 def tied_llama(tmp_path_factory) -> str:
     """The tiny Llama with tied input and output embeddings, as SmolLM2 has."""
     from transformers import LlamaForCausalLM

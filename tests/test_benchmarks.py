@@ -313,10 +313,10 @@ def test_lora_init_table_reads_the_saved_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_lm_loss_quick(tiny_llama, tmp_path):
+def test_lm_loss_quick(tiny_chat_llama, tmp_path):
     import lm_loss
 
-    payload = lm_loss.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    payload = lm_loss.main(["--quick", "--model", tiny_chat_llama, "--out", str(tmp_path)])
     every, response = payload["runs"]["every"][0], payload["runs"]["response"][0]
     assert abs(every["loss"] - response["loss"]) < 1e-4  # the same loss from fewer logits
     assert "| logits where the loss reads (default) |" in (tmp_path / "lm_loss-quick.md").read_text()

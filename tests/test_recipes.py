@@ -142,22 +142,11 @@ def test_sentiment_recipe_on_the_packaged_encoder_in_int8(tmp_path):
 
 
 @pytest.mark.slow
-def test_legal_assistant_recipe_quick(tiny_llama, tmp_path):
+def test_legal_assistant_recipe_quick(tiny_chat_llama, tmp_path):
     """The assistant recipe end to end on a tiny chat model: held-out licences only, retrieval listing the
     nearest licences, every turn answered after the model's own earlier answers, the table's metrics for the
     retrieval alone, the zero-shot base and the fine-tuned model, examples, a reload that answers the same."""
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    base = tmp_path / "base"
-    shutil.copytree(tiny_llama, base)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} [SEP] {% endfor %}"
-        "{% if add_generation_prompt %}assistant {% endif %}"
-    )
-    tokenizer.save_pretrained(base)
+    base = tiny_chat_llama
     result = legal_assistant.main(["--quick", "--model", str(base), "--output", str(tmp_path / "out")])
     assert result["train_licences"] and result["test_licences"] and result["test_rows"] == 6
     assert 0 < result["retrieval_found"] <= 1 and result["retrieval_alone"]["follow_up_accuracy"] > 0
