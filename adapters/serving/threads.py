@@ -6,13 +6,15 @@ until that thread exits, and as soon as the process holds more pooled threads th
 worker go to sleep after about 100 spins instead of about 300,000 (``gomp_throttled_spin_count_var`` in
 libgomp's ``env.c``): each parallel region then waits for its workers to be woken. A decoding step is
 hundreds of small regions (NF4 dequantizes every weight's block scales, then its blocks), so a step run in a
-second thread while the main thread keeps the pool it loaded the model with measured 1.3-1.6x slower on 2
-cores (NF4, SmolLM2-135M; fp32, made of fewer and larger regions, about 1.05x).
+second thread while the main thread keeps the pool it loaded the model with measured 1.3-1.5x slower on 2
+cores (NF4, SmolLM2-135M, one row; the dequantization kernels 3-5x per call under the profiler; fp32, made of
+fewer and larger regions, about 1.05x).
 
 So everything the server computes besides the scheduler's decoding runs in a thread of its own that ends
 when its work does: ``MODEL_WORK`` runs classification batches and runtime adapter loads, and
 ``in_passing_thread`` the loading of the models at start. A thread costs tens of microseconds to start, a
-batch milliseconds to seconds, and the scheduler's thread is left as the only lasting pool.
+batch milliseconds to seconds, and the scheduler's thread is left as the only lasting pool (one per base that
+generates: a server of several such bases has several).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ThreadPerCall(Executor):
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # ``cancel_futures`` has nothing to act on: every call has its thread from the start
         with self._lock:
             self._closed = True
             threads = list(self._threads)
