@@ -285,10 +285,14 @@ def _generate_in_fresh_process(artifact: Path, prompts: list[str], tokens: int) 
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _one_client_rounds(server_args: tuple, name: str, prompts: list[str], tokens: int, rounds: int) -> dict:
+def _one_client_rounds(
+    server_args: tuple, name: str, prompts: list[str], tokens: int, rounds: int, running: Server | None = None
+) -> dict:
     """One streaming client of artifact ``name`` on a fresh server (``server_args``: its artifacts and names)
     against ``generate`` on the same artifact in a fresh process, ``rounds`` times, alternating which goes
-    first: on a shared 2-core VM two runs of one side differ by 10-30%, so one pair decides nothing."""
+    first: on a shared 2-core VM two runs of one side differ by 10-30%, so one pair decides nothing.
+    ``running``: a server of those artifacts already up, used instead of fresh ones (``--quick``: the code
+    path, not the numbers)."""
     paths, names = server_args
     served: list[float] = []
     own: list[float] = []
@@ -296,6 +300,9 @@ def _one_client_rounds(server_args: tuple, name: str, prompts: list[str], tokens
         for side in ("served", "generate") if r % 2 == 0 else ("generate", "served"):
             if side == "generate":
                 own.append(_generate_in_fresh_process(paths[names.index(name)], prompts, tokens))
+                continue
+            if running is not None:
+                served.append(_levels(running.port, [name], prompts, tokens, len(prompts), 1)["tokens_per_second"])
                 continue
             server = Server(paths, names=names)
             try:
@@ -352,19 +359,15 @@ def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, pe
         time.sleep(1.0)
         loaded = load_test(server.port, 16, 1)
         background.join()
+        one_client = (paths, [*names, "task0"]), names[0], (prompts * per_level)[: per_level // 2], tokens
+        quick_one_client = _one_client_rounds(*one_client, 1, running=server) if args.quick else None
     finally:
         server.close()
     return {
         "levels": levels,
         "memory_mb": memory,
         "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
-        "one_client": _one_client_rounds(
-            (paths, [*names, "task0"]),
-            names[0],
-            (prompts * per_level)[: per_level // 2],
-            tokens,
-            1 if args.quick else 3,
-        ),
+        "one_client": quick_one_client or _one_client_rounds(*one_client, 3),
         "in_process": _generate_batch(paths[0], (prompts * per_level)[: per_level // 2], tokens),
     }
 
