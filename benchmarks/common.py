@@ -105,9 +105,10 @@ def folder_mb(path) -> float:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
 
 
-def write_results(name: str, payload: dict, table: str, out: Path = RESULTS) -> Path:
-    """``<out>/<name>.json`` and ``<out>/<name>.md`` (the table, stamped with the machine)."""
-    out = Path(out)
+def write_results(name: str, payload: dict, table: str, out: Path | str | None = None) -> Path:
+    """``<out>/<name>.json`` and ``<out>/<name>.md`` (the table, stamped with the machine); ``out``: a script's
+    ``--out``, None (not given) for ``RESULTS``."""
+    out = Path(out) if out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     stamp = payload["machine"]

@@ -55,14 +55,10 @@ def run_side(side: str, model_name: str, rows: int, max_length: int) -> dict:
     from common import peak_memory_mb
 
     import adapters
-    from adapters.heads.causal import CausalLM
+    from adapters.heads.causal import CausalLM, every_position
 
     if side == "every":  # every position but the last, as the memory estimate counts it
-
-        def every(self, labels):
-            return torch.arange(labels.shape[1] - 1), labels[:, 1:]
-
-        CausalLM.loss_targets = every  # type: ignore[method-assign]
+        CausalLM.loss_targets = lambda self, labels: every_position(labels)  # type: ignore[method-assign]
     head = adapters.CausalLM(mask_history=False)
     model = adapters.adapt(
         model_name, adapter=adapters.LoRA(r=16, alpha=32, dropout=0.0), head=head, max_length=max_length, seed=0
@@ -102,7 +98,7 @@ def main(argv=None) -> dict:
     if args.side:
         print(json.dumps(run_side(args.side, args.model, rows, max_length)))
         return {}
-    from common import RESULTS, alternating_runs, machine, write_results
+    from common import alternating_runs, machine, write_results
 
     runs = alternating_runs(
         __file__,
@@ -113,7 +109,7 @@ def main(argv=None) -> dict:
     )
     payload = {"machine": machine(), "model": args.model, "runs": runs}
     text = _table(payload, args)
-    write_results("lm_loss" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS)
+    write_results("lm_loss" + ("-quick" if args.quick else ""), payload, text, args.out)
     print(text)
     return payload
 

@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     if args.side:
         print(json.dumps(run_side(args.side, args.model, rows, args.seed)))
         return {}
-    from common import RESULTS, alternating_runs, machine, write_results
+    from common import alternating_runs, machine, write_results
 
     runs = alternating_runs(
         __file__,
@@ -103,9 +103,7 @@ def main(argv=None) -> dict:
         f"{'yes' if same else 'NO'} (spread {max(losses) - min(losses):.1e})."
     )
     payload = {"machine": machine(), "model": args.model, "rows": rows, "runs": runs, "same_loss": same}
-    write_results(
-        "lora_inference" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS
-    )
+    write_results("lora_inference" + ("-quick" if args.quick else ""), payload, text, args.out)
     print(text)
     return payload
 

@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
-    from common import RESULTS, alternating_runs, machine, write_results
+    from common import alternating_runs, machine, write_results
     from vs_peft_trainer import BUDGETS, SETTINGS
 
     budget = "quick" if args.quick else "full"
@@ -74,9 +74,7 @@ def main(argv=None) -> dict:
         f"with MALLOC_MMAP_THRESHOLD_=65536)."
     )
     payload = {"machine": machine(), "model": args.model, "budget": b, "settings": SETTINGS, "runs": runs}
-    write_results(
-        "lora_layers" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS
-    )
+    write_results("lora_layers" + ("-quick" if args.quick else ""), payload, text, args.out)
     print(text)
     return payload
 

@@ -185,7 +185,7 @@ def main(argv=None) -> None:
     if args.method:
         print(json.dumps(run_one(args)))
         return
-    from common import RESULTS, machine, run_child, write_results
+    from common import machine, run_child, write_results
 
     budget = "quick" if args.quick else "full"
     rows = []
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
             "as noise."
         )
     )
-    path = write_results(name, payload, text, Path(args.out) if args.out else RESULTS)
+    path = write_results(name, payload, text, args.out)
     plot(rows, path.with_suffix(".png"))
     print(text)
 

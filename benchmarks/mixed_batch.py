@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
         quantization = None if args.quantization in (None, "none") else args.quantization
         print(json.dumps(run_side(args.side, args.model, quantization, steps, args.seed)))
         return {}
-    from common import RESULTS, alternating_runs, machine, write_results
+    from common import alternating_runs, machine, write_results
 
     rounds = 1 if args.quick else args.rounds
     results, lines = {}, ["| base | side | ms per step (median) | x segmented | same tokens |", "|---|---|---|---|---|"]
@@ -139,9 +139,7 @@ def main(argv=None) -> dict:
         "glibc's malloc as it comes (as the server runs)."
     )
     payload = {"machine": machine(), "model": args.model, "steps": steps, "runs": results}
-    write_results(
-        "mixed_batch" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS
-    )
+    write_results("mixed_batch" + ("-quick" if args.quick else ""), payload, text, args.out)
     print(text)
     return payload
 

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     args = p.parse_args(argv)
-    from common import RESULTS, machine, write_results
+    from common import machine, write_results
 
     from adapters.backbone import precision
 
@@ -75,9 +75,7 @@ def main(argv=None) -> None:
         f"{decision['auto_mixed_precision']!r}, compute dtype {decision['auto_compute_dtype']}."
     )
     payload = {"machine": machine(), "rows": rows, "decision": decision, "repeats": repeats}
-    write_results(
-        "precision" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS
-    )
+    write_results("precision" + ("-quick" if args.quick else ""), payload, text, args.out)
     print(text)
 
 

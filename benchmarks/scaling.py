@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     if args.adapter:
         print(json.dumps(run_one(args)))
         return
-    from common import RESULTS, machine, run_child, write_results
+    from common import machine, run_child, write_results
 
     grid = dict(GRIDS["quick" if args.quick else "full"])
     grid.update(
@@ -205,7 +205,7 @@ def main(argv=None) -> None:
         name,
         {"machine": machine(), "model": args.model, "grid": grid, "results": rows},
         text,
-        Path(args.out) if args.out else RESULTS,
+        args.out,
     )
     plot(rows, grid, path.with_suffix(".png"))
     print(text)

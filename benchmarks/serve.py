@@ -132,7 +132,7 @@ def overload_test(port: int, rate: float, seconds: float) -> dict:
 
 
 def overload_main(args) -> dict:
-    from common import RESULTS, machine, write_results
+    from common import machine, write_results
 
     seconds, requests = (8.0, 16) if args.quick else (args.seconds, args.requests)
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +167,7 @@ def overload_main(args) -> dict:
         f"arriving on a fixed schedule at twice the capacity measured just before, for {seconds:g} s."
     )
     name = "serve-overload" + ("-quick" if args.quick else "")
-    write_results(name, payload, text, Path(args.out) if args.out else RESULTS)
+    write_results(name, payload, text, args.out)
     print(text)
     return payload
 
@@ -376,7 +376,7 @@ def generation_main(args) -> dict:
     """Generative artifacts behind the OpenAI endpoints, fp32 and nf4 in one run: tokens/s and time to first
     token with 1 and 16 streaming clients (over two adapters, and over one), against one client and
     against ``transformers``' ``generate`` in process; ``generate_batch`` beside."""
-    from common import RESULTS, machine, write_results
+    from common import machine, write_results
 
     per_level, tokens = (8, 8) if args.quick else (32, 24)
     quantizations = [None] if args.quick else [None, "nf4"]
@@ -385,7 +385,7 @@ def generation_main(args) -> dict:
     payload = {"machine": machine(), "model": args.model, "max_tokens": tokens, "rounds": rounds}
     text = _generation_table(payload, per_level)
     name = "serve-generation" + ("-quick" if args.quick else "")
-    write_results(name, payload, text, Path(args.out) if args.out else RESULTS)
+    write_results(name, payload, text, args.out)
     print(text)
     return payload
 

@@ -275,7 +275,7 @@ def main(argv=None) -> dict:
             result = run_ours(*shape, compile=args.side == "ours-compiled")
         print(json.dumps({**result, "peak_mb": _peak_mb()}))
         return result
-    from common import RESULTS, machine, run_child, write_results
+    from common import machine, run_child, write_results
 
     sides = SIDES if args.compile else SIDES[:2]
     runs: dict[str, list] = {side: [] for side in sides}
@@ -300,9 +300,7 @@ def main(argv=None) -> dict:
     summary = summarise(runs, stamp["gpu"])
     text = table(summary, args)
     payload = {"machine": stamp, "settings": vars(args), "runs": runs, "summary": summary}
-    write_results(
-        "throughput" + (f"-{args.name}" if args.name else ""), payload, text, Path(args.out) if args.out else RESULTS
-    )
+    write_results("throughput" + (f"-{args.name}" if args.name else ""), payload, text, args.out)
     print(text)
     return payload
 

@@ -418,7 +418,7 @@ def main(argv=None) -> None:
         result = run_side(args.side, args.model, BUDGETS[args.budget], args.seed)
         print(json.dumps({**result, "peak_mb": peak_memory_mb()}))
         return
-    from common import EXACT_RSS, RESULTS, machine, write_results
+    from common import EXACT_RSS, machine, write_results
 
     budget = "quick" if args.quick else "full"
     repeats = args.repeats or BUDGETS[budget]["repeats"]
@@ -489,9 +489,7 @@ def main(argv=None) -> None:
         "summary": summary,
         "reused_runs": reused,
     }
-    write_results(
-        "vs_peft_trainer" + ("-quick" if args.quick else ""), payload, text, Path(args.out) if args.out else RESULTS
-    )
+    write_results("vs_peft_trainer" + ("-quick" if args.quick else ""), payload, text, args.out)
     print(text)
 
 

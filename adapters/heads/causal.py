@@ -96,9 +96,8 @@ class CausalLM(HeadSpec):
         their log-softmax and their gradient. The memory estimate's meta tensors have no values: there every
         position counts, as when every token is a response token."""
         if labels.is_meta:
-            positions = torch.arange(labels.shape[1] - 1, device=labels.device)
-        else:
-            positions = (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
+            return every_position(labels)
+        positions = (labels[:, 1:] != IGNORE).any(0).nonzero().flatten()
         return positions, labels[:, positions + 1]
 
     def logits(self, model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -136,6 +135,12 @@ class CausalLM(HeadSpec):
 
     def describe(self) -> str:
         return "CausalLM (the base's LM head, frozen)"
+
+
+def every_position(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``CausalLM.loss_targets`` when every position but the last counts: each predicts the next token."""
+    positions = torch.arange(labels.shape[1] - 1, device=labels.device)
+    return positions, labels[:, positions + 1]
 
 
 def _is_messages(x: Any) -> bool:
