@@ -66,8 +66,23 @@ def read_licences(root: Path) -> dict[str, dict]:
                 "name": meta.get("short_name") or meta.get("name") or meta["key"],
                 "category": meta["category"],
                 "text": text,
+                "names": _names(meta),
+                "urls": _urls(meta),
             }
     return licences
+
+
+def _names(meta: dict) -> list[str]:
+    """Every name a notice may call the licence by: its name, short name, key and SPDX ids."""
+    found = [meta.get("name"), meta.get("short_name"), meta["key"], meta.get("spdx_license_key")]
+    return sorted({str(n) for n in found + list(meta.get("other_spdx_license_keys") or []) if n})
+
+
+def _urls(meta: dict) -> list[str]:
+    """The licence's own web addresses (its text, home page, OSI and FAQ pages)."""
+    urls = [meta.get(f) for f in ("homepage_url", "osi_url", "faq_url")]
+    urls += list(meta.get("text_urls") or []) + list(meta.get("other_urls") or [])
+    return sorted({str(u) for u in urls if u})
 
 
 def read_notices(root: Path, licences: dict, min_words: int = 8, max_words: int = 200) -> list[dict]:

@@ -8,7 +8,8 @@ of a user, then answers the client's follow-up questions, fine-tuned on ScanCode
 Each example is a conversation:
 
 * a system message: the task, and the ``--retrieval`` licences of the knowledge base nearest to the notice
-  (``legal_retrieval``: MiniLM embeddings of every licence's name, SPDX id and first words);
+  (``legal_retrieval``: MiniLM embeddings of every licence's name, SPDX id and first words, and the licence
+  names and web addresses the notice quotes);
 * the client's notice and question, and the answer in one or two sentences: ``"MIT (MIT License). Category:
   Permissive: you may use, change and share the code, keeping the copyright notice and licence text."``;
 * the client's follow-ups, in a random order: "Can I use it in a closed-source product?", "What must I ship
@@ -243,6 +244,12 @@ def parse_args(argv=None):
     p.add_argument("--per-licence", type=int, default=6, help="notices of one licence at most (0: all)")
     p.add_argument("--retrieval", type=int, default=5, help="nearest licences listed in the system message (0: none)")
     p.add_argument(
+        "--names",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with retrieval: also rank licences whose names or web addresses the notice quotes (legal_retrieval)",
+    )
+    p.add_argument(
         "--guidance",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -296,7 +303,7 @@ def licence_index(args, rows: list[dict]) -> LicenceIndex | None:
     if args.quick:
         keys = sorted({r["group"] for r in rows} | set(keys[:40]))
     cache = None if args.quick else Path(args.output).parent / "cache" / "licence-index-minilm.pt"
-    return LicenceIndex(licences, spdx, keys, cache)
+    return LicenceIndex(licences, spdx, keys, cache, names=args.names)
 
 
 def measure(model, rows: list[dict], args, tokens: tuple[int, int], index=None) -> tuple[dict, list[list[str]]]:
