@@ -206,3 +206,22 @@ def test_a_constrained_first_answer_opens_with_a_listed_licence_and_is_free_afte
         assert len(model.tokenizer(answer)["input_ids"]) > min(len(model.tokenizer(t)["input_ids"]) for t in texts)
     mit = model.tokenizer(openings[0][0], add_special_tokens=False)["input_ids"]
     assert tries[0].allowed(tuple(mit[:1])) == [mit[1]] and tries[0].allowed(tuple(mit)) is None
+
+
+def test_retrieval_ranks_the_licence_a_notice_names_or_links_first():
+    """``NameMatch``: a licence's whole name found in the notice (``version`` and punctuation aside) or one of its
+    web addresses quoted whole scores; a sibling's name with another version number, or an address that is only
+    a prefix of the quoted one, does not."""
+    import legal_retrieval
+
+    licences = [
+        {"names": ["Academic Free License 1.1", "AFL-1.1"], "urls": ["https://example.org/terms/academic"]},
+        {"names": ["Academic Free License 2.1", "AFL-2.1"], "urls": ["http://www.example.org/terms/"]},
+        {"names": ["MIT License", "MIT"], "urls": []},
+    ]
+    match = legal_retrieval.NameMatch(licences)
+    words, quoted = match.matches("Licensed under the Academic Free License, version 1.1.")
+    assert words.tolist() == [5.0, 0.0, 0.0] and quoted.tolist() == [0.0, 0.0, 0.0]
+    words, quoted = match.matches("See https://www.example.org/terms/academic/. MIT-style terms.")
+    assert words.tolist() == [0.0, 0.0, 1.0] and quoted.tolist() == [1.0, 0.0, 0.0]
+    assert match.scores("Licensed under the Academic Free License version 1.1").argmax() == 0
