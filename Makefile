@@ -29,7 +29,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/python recipes/sentiment.py
 
-# the legal assistant end to end (about 40 minutes on 2 cores): data, retrieval, zero-shot, training, per-turn
+# the legal assistant end to end (about 48 minutes on 2 cores): data, retrieval, zero-shot, training, per-turn
 # evaluation on held-out licences, the table, the saved artifact (runs/legal-assistant, `qadapters serve` reads it)
 assistant: install
 	$(BIN)/python recipes/legal_assistant.py

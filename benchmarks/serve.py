@@ -22,6 +22,7 @@ results/serve-overload[-quick].{json,md}.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import socket
 import statistics
@@ -278,6 +279,43 @@ def _generate_batch(artifact: Path, prompts: list[str], tokens: int) -> dict:
         return {"generate_batch_error": f"{type(err).__name__}: {str(err)[:200]}"}
 
 
+def _prefill_ms(artifact: Path, prompts: list[str], sizes: tuple[int, ...] = (1, 8, 16), repeats: int = 3) -> dict:
+    """In this process, the milliseconds (median of ``repeats``) of one left-padded prefill forward of 1, 8 and
+    16 of ``prompts`` together, as the scheduler runs it: the floor under the first token of a burst. On a CPU
+    a prefill is compute, so the k-th of 16 simultaneous clients waits at least for k prompts' prefill,
+    whatever the order."""
+    import torch
+    from transformers import DynamicCache
+
+    import adapters
+
+    model = adapters.load(artifact)
+    ids = [model.encode([p])["input_ids"][0].tolist() for p in prompts]
+    inner = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+    # transformers 5 renames the cache argument; the scheduler passes it under the name the model takes
+    cache = "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
+
+    def prefill(count: int) -> float:
+        rows = [ids[i % len(ids)] for i in range(count)]
+        width = max(map(len, rows))
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.backbone(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache: DynamicCache()},
+            )
+        return 1000 * (time.perf_counter() - started)
+
+    prefill(1)  # the first forward pays one-off costs
+    return {str(n): statistics.median(prefill(n) for _ in range(repeats)) for n in sizes}
+
+
 def _generate_in_fresh_process(artifact: Path, prompts: list[str], tokens: int) -> float:
     """``_generate_one_at_a_time`` in a new process, as the served side runs in one."""
     script = [sys.executable, __file__, "--generate-in-process", str(artifact), "--max-tokens", str(tokens)]
@@ -369,6 +407,7 @@ def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, pe
         "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
         "one_client": quick_one_client or _one_client_rounds(*one_client, 3),
         "in_process": _generate_batch(paths[0], (prompts * per_level)[: per_level // 2], tokens),
+        "prefill_ms": _prefill_ms(paths[0], prompts),
     }
 
 
@@ -420,6 +459,16 @@ def _generation_table(payload: dict, per_level: int) -> str:
         )
     lines += [
         "",
+        "| base | one prefill forward in process: 1 prompt | 8 prompts | 16 prompts | 8 prompts x idle first token |",
+        "|---|---|---|---|---|",
+    ]
+    for quantization, result in payload["rounds"].items():
+        ms, idle = result["prefill_ms"], result["levels"]["1 client"]["ttft_p50_ms"]
+        lines.append(
+            f"| {quantization} | {ms['1']:.0f} ms | {ms['8']:.0f} ms | {ms['16']:.0f} ms | {ms['8'] / idle:.2f} |"
+        )
+    lines += [
+        "",
         "| base | resident MB (2 generative artifacts + 1 classifier) | classifier p50 ms idle | while 4 generate |",
         "|---|---|---|---|",
     ]
@@ -435,7 +484,9 @@ def _generation_table(payload: dict, per_level: int) -> str:
         "(half for one client); tokens counted as streamed pieces. One client against `generate`: the first "
         "artifact served alone to one client (a fresh server of all three) and `generate` on it one prompt at a "
         "time in a fresh process, the same prompts, rounds alternating which goes first, medians. "
-        "`generate_batch`: the same prompts at once, in process.",
+        "`generate_batch`: the same prompts at once, in process. Prefill: one forward of 1, 8 or 16 of the "
+        "prompts together, as the scheduler prefills them (median of 3): half of 16 clients that ask at once "
+        "cannot have a first token before 8 prompts' prefill is computed.",
     ]
     return "\n".join(lines)
 

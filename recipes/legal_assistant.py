@@ -2,7 +2,7 @@
 of a user, then answers the client's follow-up questions, fine-tuned on ScanCode's licence knowledge base
 (``licensedcode-data``, offline).
 
-    python recipes/legal_assistant.py                 # SmolLM2-135M-Instruct + LoRA, about 30 minutes on 2 cores
+    python recipes/legal_assistant.py                 # SmolLM2-135M-Instruct + LoRA, about 48 minutes on 2 cores
     python recipes/legal_assistant.py --quick --model PATH   # a tiny run (tests)
 
 Each example is a conversation:

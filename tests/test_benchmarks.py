@@ -222,6 +222,8 @@ def test_serve_generation_quick(tiny_llama, tmp_path):
     one = payload["rounds"]["fp32"]["one_client"]
     assert len(one["served_tokens_per_second"]) == len(one["generate_tokens_per_second"]) == 1
     assert one["ratio_of_medians"] > 0
+    assert set(payload["rounds"]["fp32"]["prefill_ms"]) == {"1", "8", "16"}
+    assert all(ms > 0 for ms in payload["rounds"]["fp32"]["prefill_ms"].values())
     assert "| base | clients | tokens/s |" in (tmp_path / "serve-generation-quick.md").read_text()
 
 
