@@ -211,6 +211,13 @@ def parse_args(argv=None):
     p.add_argument("--adapter", default="lora", choices=["lora", "bottleneck", "none"])
     p.add_argument("--r", type=int, default=8)
     p.add_argument(
+        "--lora-init",
+        default="default",
+        choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
+        help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base; pissa, "
+        "olora: the weights' principal part, on an unquantized base; eva: from the first training rows",
+    )
+    p.add_argument(
         "--quantization",
         default="none",
         choices=["nf4", "fp4", "int8", "none"],
@@ -311,6 +318,8 @@ def parse_args(argv=None):
         p.error("--pooling is for the category tasks; identify scores each (notice, name) pair")
     if args.linear_probe and scored_names:
         p.error("--linear-probe fits a linear head; identify's likelihood scoring has none (add --scoring head)")
+    if args.lora_init != "default" and args.adapter != "lora":
+        p.error(f"--lora-init {args.lora_init} says where LoRA starts; --adapter {args.adapter} has no LoRA")
     if args.scoring and (args.task != "identify" or args.data):
         p.error("--scoring is for --task identify (its licence names); the category tasks have a classification head")
     return task_defaults(args)
@@ -500,7 +509,8 @@ def build_model(args, train_rows: list[dict], test_rows: list[dict]):
             prompt=typed_text(args.prompt),
             label_words=label_words(args, labels),
         )
-    adapter = {"lora": adapters.LoRA(r=args.r), "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
+    lora = adapters.LoRA(r=args.r, init=args.lora_init) if args.adapter == "lora" else None
+    adapter = {"lora": lora, "bottleneck": adapters.Bottleneck(), "none": None}[args.adapter]
     model = adapters.adapt(
         args.model,
         adapter=adapter,

@@ -212,6 +212,7 @@ def test_identify_scores_names_by_likelihood_where_the_base_allows(tiny_llama, t
         ["--task", "category-full", "--scoring", "likelihood"],
         ["--task", "identify", "--linear-probe"],
         ["--task", "identify", "--pooling", "mean"],
+        ["--adapter", "bottleneck", "--lora-init", "eva"],
     ],
 )
 def test_flags_are_refused_where_they_do_not_apply(argv):
