@@ -322,3 +322,27 @@ def test_lm_loss_quick(tiny_chat_llama, tmp_path):
     every, response = payload["runs"]["every"][0], payload["runs"]["response"][0]
     assert abs(every["loss"] - response["loss"]) < 1e-4  # the same loss from fewer logits
     assert "| logits where the loss reads (default) |" in (tmp_path / "lm_loss-quick.md").read_text()
+
+
+def test_lora_init_runs_the_legal_recipe_at_its_reduced_budget(tmp_path, monkeypatch):
+    """``--recipe legal``: the category task on 1,000 notices for one epoch, with the base, the start and the seed
+    asked, its results read from the run's folder and stamped with the machine."""
+    from types import SimpleNamespace
+
+    import lora_init
+
+    commands = []
+
+    def fake_run(command, check, cwd):
+        commands.append(command)
+        folder = Path(command[command.index("--output") + 1])
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"accuracy": 0.8}))
+
+    monkeypatch.setattr(lora_init, "subprocess", SimpleNamespace(run=fake_run))  # machine() keeps the real one
+    result = lora_init.run("nf4", "eva", 1, tmp_path, "legal")
+    command = " ".join(commands[0])
+    assert "recipes/legal.py --task category --train-size 1000 --epochs 1" in command
+    assert "--quantization nf4 --lora-init eva --seed 1" in command and "--train-seed" not in command
+    assert result["accuracy"] == 0.8 and result["machine"]["cpu"]
+    assert lora_init.result_path("nf4", "eva", 1, "legal").name == "legal-category-nf4-eva-seed1.json"
