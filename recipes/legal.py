@@ -295,6 +295,11 @@ def parse_args(argv=None):
         "mean for the category tasks, auto elsewhere)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        help="seed of training alone (batch order, dropout masks), the split kept: run-to-run spread (default: --seed)",
+    )
     p.add_argument("--output", help="artifact folder (default runs/legal-TASK)")
     p.add_argument("--data", help="your own CSV/JSONL/Parquet file or a hub dataset (e.g. LexGLUE's ledgar)")
     p.add_argument("--text-column")
@@ -381,7 +386,7 @@ def main(argv=None) -> dict:
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         auto_batch_size=args.auto_batch_size,
-        seed=args.seed,
+        seed=args.seed if args.train_seed is None else args.train_seed,
         output_dir=str(output) + "-logs",
         overwrite=True,
     )

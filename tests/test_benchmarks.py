@@ -343,6 +343,6 @@ def test_lora_init_runs_the_legal_recipe_at_its_reduced_budget(tmp_path, monkeyp
     result = lora_init.run("nf4", "eva", 1, tmp_path, "legal")
     command = " ".join(commands[0])
     assert "recipes/legal.py --task category --train-size 1000 --epochs 1" in command
-    assert "--quantization nf4 --lora-init eva --seed 1" in command and "--train-seed" not in command
+    assert "--quantization nf4 --lora-init eva --train-seed 1" in command
     assert result["accuracy"] == 0.8 and result["machine"]["cpu"]
     assert lora_init.result_path("nf4", "eva", 1, "legal").name == "legal-category-nf4-eva-seed1.json"
