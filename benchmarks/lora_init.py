@@ -3,7 +3,7 @@ each start (default, LoftQ, EVA) and the unquantized base with PiSSA, over train
 the spread is run-to-run), in one table with the CPU named (#46).
 
     python benchmarks/lora_init.py                 # sentiment: every missing run (about 5 minutes each), the table
-    python benchmarks/lora_init.py --recipe legal --seeds 0   # legal category (about 15 minutes a run)
+    python benchmarks/lora_init.py --recipe legal --seeds 0   # legal category (about 7 minutes a run)
     python benchmarks/lora_init.py --table-only    # the table from the runs already in recipes/results
 
 Each run is the recipe (``recipes/sentiment.py``, or ``recipes/legal.py --task category`` at a reduced budget:
