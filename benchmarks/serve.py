@@ -22,7 +22,6 @@ results/serve-overload[-quick].{json,md}.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import socket
 import statistics
@@ -288,12 +287,10 @@ def _prefill_ms(artifact: Path, prompts: list[str], sizes: tuple[int, ...] = (1,
     from transformers import DynamicCache
 
     import adapters
+    from adapters.serving.scheduler import _cache_argument
 
     model = adapters.load(artifact)
     ids = [model.encode([p])["input_ids"][0].tolist() for p in prompts]
-    inner = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
-    # transformers 5 renames the cache argument; the scheduler passes it under the name the model takes
-    cache = "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
 
     def prefill(count: int) -> float:
         rows = [ids[i % len(ids)] for i in range(count)]
@@ -301,15 +298,10 @@ def _prefill_ms(artifact: Path, prompts: list[str], sizes: tuple[int, ...] = (1,
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         tokens = torch.tensor([[0] * (width - len(r)) + r for r in rows])
         started = time.perf_counter()
-        with torch.inference_mode():
-            model.backbone(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                use_cache=True,
-                logits_to_keep=1,
-                **{cache: DynamicCache()},
-            )
+        inputs = {"input_ids": tokens, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+        inputs["past_key_values"] = DynamicCache()
+        with torch.inference_mode():  # the cache under the name the model takes, as the scheduler passes it
+            model.backbone(**_cache_argument(model.backbone, inputs), use_cache=True, logits_to_keep=1)
         return 1000 * (time.perf_counter() - started)
 
     prefill(1)  # the first forward pays one-off costs
