@@ -4,11 +4,13 @@ the spread is run-to-run), in one table with the CPU named (#46).
 
     python benchmarks/lora_init.py                 # sentiment: every missing run (about 5 minutes each), the table
     python benchmarks/lora_init.py --recipe legal --seeds 0   # legal category (about 7 minutes a run)
+    python benchmarks/lora_init.py --recipe assistant --seeds 0 --configs nf4-default nf4-eva   # 35-45 minutes a run
     python benchmarks/lora_init.py --table-only    # the table from the runs already in recipes/results
 
-Each run is the recipe (``recipes/sentiment.py``, or ``recipes/legal.py --task category`` at a reduced budget:
-1,000 notices, one epoch) with ``--quantization Q --lora-init I`` and its training seed, in a fresh process, its
-results saved as ``recipes/results/{sentiment,legal-category}-{Q}-{I}-seed{S}.json`` with the machine that ran
+Each run is the recipe (``recipes/sentiment.py``; ``recipes/legal.py --task category`` at a reduced budget:
+1,000 notices, one epoch; ``recipes/legal_assistant.py`` at its default budget, without the zero-shot answers)
+with ``--quantization Q --lora-init I`` and its training seed, in a fresh process, its results saved as
+``recipes/results/{sentiment,legal-category,legal-assistant}-{Q}-{I}-seed{S}.json`` with the machine that ran
 it; a run already there is reused. The table gives each configuration's mean and spread (max - min) over seeds,
 and its mean against the unquantized default's: a start "wins" only by more than the seeds' spread.
 """
@@ -30,19 +32,35 @@ from common import RESULTS, machine  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "recipes" / "results"
 CONFIGS = [("none", "default"), ("nf4", "default"), ("nf4", "loftq"), ("nf4", "eva"), ("none", "pissa")]
-# each recipe: its results' prefix, its command before the common flags, and how the table describes it
+# each recipe: its results' prefix, its command before the common flags, how the table describes it, and the
+# scores it reads from a run's results (a name, and the keys down to the number)
+ACCURACY = {"accuracy": ("accuracy",)}
 RECIPES = {
     "sentiment": (
         "sentiment",
         ["recipes/sentiment.py"],
         "Sentiment recipe (SmolLM2-135M-Instruct, LoRA r=8 on every linear layer, the default budget), accuracy on "
         "held-out movies",
+        ACCURACY,
     ),
     "legal": (
         "legal-category",
         ["recipes/legal.py", "--task", "category", "--train-size", "1000", "--epochs", "1"],
         "Legal category recipe (SmolLM2-135M-Instruct, LoRA r=8, mean pooling, the head fitted first; 1,000 "
         "notices, one epoch: 63 steps, a quarter of the default 250), accuracy on 600 notices of held-out licences",
+        ACCURACY,
+    ),
+    "assistant": (
+        "legal-assistant",
+        ["recipes/legal_assistant.py", "--no-zero-shot"],
+        "Legal assistant recipe (SmolLM2-135M-Instruct, LoRA r=16, 480 conversations, one epoch: 60 steps, the "
+        "default budget), per-turn scores on 120 conversations about held-out licences",
+        {
+            "SPDX id exact": ("fine_tuned", "spdx_exact_match"),
+            "category": ("fine_tuned", "category_accuracy"),
+            "follow-ups right": ("fine_tuned", "follow_up_accuracy"),
+            "whole conversation": ("fine_tuned", "conversation_all_right"),
+        },
     ),
 }
 
@@ -63,29 +81,42 @@ def run(quantization: str, init: str, seed: int, output: Path, recipe: str = "se
     return result
 
 
+def score(result: dict, keys: tuple[str, ...]) -> float:
+    for key in keys:
+        result = result[key]
+    return float(result)  # type: ignore[arg-type]
+
+
 def table(seeds: list[int], recipe: str = "sentiment") -> tuple[str, dict]:
-    """The markdown table of every configuration with at least one run, and the accuracies read."""
+    """The markdown table of every configuration with at least one run (a row per score the recipe reports),
+    and the results read."""
     found = {
         c: {s: json.loads(p.read_text()) for s in seeds if (p := result_path(*c, s, recipe)).exists()} for c in CONFIGS
     }
-    baseline = [r["accuracy"] for r in found[CONFIGS[0]].values()]
+    scores = RECIPES[recipe][3]
+    named = len(scores) > 1  # a score column only where the recipe has several
     lines = [
         "| base | LoRA start | "
+        + ("score | " if named else "")
         + " | ".join(f"seed {s}" for s in seeds)
         + " | mean | spread | vs unquantized default |",
-        "|---|---|" + "---|" * len(seeds) + "---|---|---|",
+        "|---|---|" + ("---|" if named else "") + "---|" * len(seeds) + "---|---|---|",
     ]
     for (quantization, init), results in found.items():
-        if not results:
-            continue
-        by_seed = {seed: r["accuracy"] for seed, r in results.items()}
-        accuracies = list(by_seed.values())
-        mean = statistics.mean(accuracies)
-        cells = [f"{100 * by_seed[s]:.1f}%" if s in by_seed else "-" for s in seeds]
-        against = f"{100 * (mean - statistics.mean(baseline)):+.2f} points" if baseline else "-"
-        spread = f"{100 * (max(accuracies) - min(accuracies)):.1f} points" if len(accuracies) > 1 else "-"
         base = "unquantized (fp32)" if quantization == "none" else quantization.upper()
-        lines.append(f"| {base} | {init} | " + " | ".join(cells) + f" | **{100 * mean:.2f}%** | {spread} | {against} |")
+        for name, keys in scores.items() if results else ():
+            by_seed = {seed: score(r, keys) for seed, r in results.items()}
+            baseline = [score(r, keys) for r in found[CONFIGS[0]].values()]
+            mean = statistics.mean(by_seed.values())
+            cells = [f"{100 * by_seed[s]:.1f}%" if s in by_seed else "-" for s in seeds]
+            against = f"{100 * (mean - statistics.mean(baseline)):+.2f} points" if baseline else "-"
+            spread = f"{100 * (max(by_seed.values()) - min(by_seed.values())):.1f} points" if len(by_seed) > 1 else "-"
+            lines.append(
+                f"| {base} | {init} | "
+                + (f"{name} | " if named else "")
+                + " | ".join(cells)
+                + f" | **{100 * mean:.2f}%** | {spread} | {against} |"
+            )
     return "\n".join(lines), found
 
 

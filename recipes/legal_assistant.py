@@ -271,10 +271,28 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=1)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["nf4", "fp4", "int8", "none"],
+        help="the base's weights while training and answering: unquantized by default; nf4 for QLoRA",
+    )
+    p.add_argument(
+        "--lora-init",
+        default="default",
+        choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
+        help="where LoRA starts (LoRA(init=...)): loftq corrects an nf4/fp4 base's error, eva starts from the "
+        "first training conversations, pissa/olora from the weights' principal part of an unquantized base",
+    )
     p.add_argument("--max-length", type=int, default=960)
     p.add_argument("--max-new-tokens", type=int, default=64, help="of the first answer; follow-ups get 40")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        help="seed of training alone (LoRA's start, batch order, dropout), the split kept (default: --seed)",
+    )
     p.add_argument("--output", default="runs/legal-assistant")
     p.add_argument("--results", help="write the results JSON here too")
     return p.parse_args(argv)
@@ -332,13 +350,14 @@ def main(argv=None) -> dict:
         del base
         print("zero-shot:", json.dumps(zero_shot))
 
+    seed = args.seed if args.train_seed is None else args.train_seed
     model = adapters.adapt(
         args.model,
-        adapter=adapters.LoRA(r=args.r, alpha=2 * args.r, dropout=0.05),
+        adapter=adapters.LoRA(r=args.r, alpha=2 * args.r, dropout=0.05, init=args.lora_init),
         head=head,
-        quantization=None,
+        quantization=None if args.quantization == "none" else args.quantization,
         max_length=max_length,
-        seed=args.seed,
+        seed=seed,
     )
     config = adapters.TrainConfig(
         epochs=1 if args.quick else args.epochs,
@@ -346,7 +365,7 @@ def main(argv=None) -> dict:
         lr=args.lr,
         batch_size=args.batch_size,
         warmup_ratio=0.05,
-        seed=args.seed,
+        seed=seed,
         output_dir=args.output + "-logs",
         overwrite=True,
     )

@@ -346,3 +346,31 @@ def test_lora_init_runs_the_legal_recipe_at_its_reduced_budget(tmp_path, monkeyp
     assert "--quantization nf4 --lora-init eva --train-seed 1" in command
     assert result["accuracy"] == 0.8 and result["machine"]["cpu"]
     assert lora_init.result_path("nf4", "eva", 1, "legal").name == "legal-category-nf4-eva-seed1.json"
+
+
+def test_lora_init_reads_every_score_of_the_assistant(tmp_path, monkeypatch):
+    """``--recipe assistant``: the recipe without its zero-shot answers, and a table row per score it reports
+    (SPDX id, category, follow-ups, whole conversation), each against the unquantized default's same score."""
+    from types import SimpleNamespace
+
+    import lora_init
+
+    def fake_run(command, check, cwd):
+        assert "recipes/legal_assistant.py --no-zero-shot --quantization nf4 --lora-init eva" in " ".join(command)
+        folder = Path(command[command.index("--output") + 1])
+        folder.mkdir(parents=True)
+        scores = {"spdx_exact_match": 0.5, "category_accuracy": 0.8, "follow_up_accuracy": 0.75}
+        (folder / "results.json").write_text(json.dumps({"fine_tuned": {**scores, "conversation_all_right": 0.4}}))
+
+    monkeypatch.setattr(lora_init, "subprocess", SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(lora_init, "RUNS", tmp_path)
+    eva = lora_init.run("nf4", "eva", 0, tmp_path / "runs", "assistant")
+    lora_init.result_path("nf4", "eva", 0, "assistant").write_text(json.dumps(eva))
+    baseline = {"fine_tuned": {"spdx_exact_match": 0.525, "category_accuracy": 0.8, "follow_up_accuracy": 0.8}}
+    baseline["fine_tuned"]["conversation_all_right"] = 0.45
+    lora_init.result_path("none", "default", 0, "assistant").write_text(json.dumps(baseline))
+    rows = lora_init.table([0], "assistant")[0].splitlines()
+    assert rows[0] == "| base | LoRA start | score | seed 0 | mean | spread | vs unquantized default |"
+    assert len(rows) == 2 + 2 * 4
+    assert rows[6] == "| NF4 | eva | SPDX id exact | 50.0% | **50.00%** | - | -2.50 points |"
+    assert rows[9] == "| NF4 | eva | whole conversation | 40.0% | **40.00%** | - | -5.00 points |"
