@@ -43,13 +43,18 @@ KNOWN_DATASETS = {
 }
 
 
+# libyaml's safe loader where PyYAML was built with it: the same values (every licence and notice compared) in
+# a quarter of the time, and reading the ~39,000 rule files is most of a recipe's data step
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _front_matter(path: Path) -> tuple[dict, str]:
     """ScanCode files: YAML between two '---' lines, then the text."""
     raw = path.read_text(encoding="utf-8", errors="replace")
     match = re.match(r"^---\s*\n(.*?)\n---\s*\n?(.*)$", raw, flags=re.S)
     if not match:
         return {}, raw
-    return yaml.safe_load(match.group(1)) or {}, match.group(2).strip()
+    return yaml.load(match.group(1), Loader=SAFE_LOADER) or {}, match.group(2).strip()
 
 
 def data_root() -> Path:

@@ -306,3 +306,17 @@ def test_the_yaml_configs_run_what_the_recipe_measured(task, config):
         measured["eval_size"],
     )
     assert run.model.quantization is None and run.train.lr == 5e-4 and run.train.head_lr == 2e-3  # the recipe's
+
+
+def test_front_matter_reads_what_pyyaml_reads():
+    """The fast loader (libyaml's, where PyYAML has it) reads every field of real ScanCode files as PyYAML's own
+    safe loader does: dates, lists, booleans and the licence text after the front matter."""
+    import yaml
+
+    root = legal.data_root()
+    paths = sorted((root / "licenses").glob("*.LICENSE"))[:60] + sorted((root / "rules").glob("*.RULE"))[:200]
+    for path in paths:
+        meta, text = legal._front_matter(path)
+        front, _, rest = path.read_text(encoding="utf-8", errors="replace").partition("\n---")
+        assert meta == (yaml.safe_load(front.removeprefix("---")) or {}), path.name
+        assert text and text in rest, path.name
