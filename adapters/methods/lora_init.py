@@ -160,8 +160,9 @@ def eva(peft_model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
     def forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
 
+    # peft's own bar: on long rows (the legal assistant's 960-token conversations) the start takes minutes
     initialize_lora_eva_weights(
-        peft_model, dataloader=batches, forward_fn=forward, gather_distributed_inputs=False, show_progress_bar=False
+        peft_model, dataloader=batches, forward_fn=forward, gather_distributed_inputs=False, show_progress_bar=True
     )
 
 
