@@ -170,6 +170,40 @@ def test_eva_starts_a_from_the_training_rows_and_is_recorded(tiny_llama, tmp_pat
     assert again.predict(["a moving film"], probabilities=True) == model.predict(["a moving film"], probabilities=True)
 
 
+def test_eva_projects_one_position_on_the_vocabulary_and_starts_as_peft_does(tiny_llama):
+    """A causal LM's EVA forwards ask for one position's logits (``logits_to_keep=1``): the layers' inputs are
+    the same, so every ``A`` equals the one of peft's own forward, which projects every position."""
+    import copy
+
+    from peft import initialize_lora_eva_weights
+
+    from adapters.methods.lora_init import eva, padded_batches
+
+    model = adapters.adapt(tiny_llama, adapter=adapters.LoRA(r=4, init="eva", dropout=0.0), head=adapters.CausalLM())
+    ours, theirs = model.adapter_state["peft"], copy.deepcopy(model.adapter_state["peft"])
+    texts = ["a long and moving film about two brothers and the sea", "dull", "it was fine", "not good at all"]
+    rows = [model.tokenizer(t)["input_ids"] for t in texts]
+    batches = padded_batches(rows * 4, pad=0, size=4, device="cpu")
+    widths = []
+    hook = ours.get_base_model().lm_head.register_forward_hook(lambda m, i, o: widths.append(o.shape[1]))
+    torch.manual_seed(0)  # peft's low-rank SVD draws random projections
+    eva(ours, batches)
+    hook.remove()
+    torch.manual_seed(0)
+    initialize_lora_eva_weights(
+        theirs,
+        dataloader=batches,
+        forward_fn=lambda m, b: m(**b),
+        gather_distributed_inputs=False,
+        show_progress_bar=False,
+    )
+    assert widths and set(widths) == {1}
+    a_ours, a_theirs = _lora_tensors(model), {k: v for k, v in theirs.named_parameters() if "lora_" in k}
+    assert a_ours.keys() == a_theirs.keys() and len(a_ours) >= 14
+    for key, tensor in a_ours.items():
+        torch.testing.assert_close(tensor, a_theirs[key], rtol=0, atol=0, msg=key)
+
+
 def test_eva_starts_once_never_over_trained_weights(tiny_llama, tmp_path, monkeypatch):
     """A second ``train`` of the same model, or ``train`` of a loaded artifact, keeps the weights it has: EVA
     runs only for an adapter that has never been started or trained."""
