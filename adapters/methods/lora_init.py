@@ -159,8 +159,8 @@ def eva(peft_model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
     from peft import initialize_lora_eva_weights
 
     # EVA reads the layers' inputs only: a causal LM projects one position onto its vocabulary, not every one
-    # (on the legal assistant's 8 x 960-token batches that projection is a fifth of the forward and 1.5 GB of
-    # logits; peft's forward repeats until the components settle, several passes over the rows)
+    # (SmolLM2-135M in NF4, a batch of 8 x 900 tokens: 1.4 GB of logits less, a forward 1.15x faster; the
+    # legal assistant's EVA start took 739 s before, about 20 such forwards until the components settled)
     keep = {"logits_to_keep": 1} if _takes(peft_model.get_base_model(), "logits_to_keep") else {}
 
     def forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
