@@ -47,6 +47,7 @@ from legal_retrieval import LicenceIndex  # noqa: E402
 import adapters  # noqa: E402
 from adapters.data.sources import group_split, sample  # noqa: E402
 from adapters.heads.metrics import generation_metrics  # noqa: E402
+from adapters.methods.lora_init import check_load  # noqa: E402
 
 SYSTEM = "You identify software licences from their notices and say what they ask of the user, in one or two sentences."
 CANDIDATES = "Licences of the knowledge base nearest to the notice:\n{lines}"
@@ -295,7 +296,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--output", default="runs/legal-assistant")
     p.add_argument("--results", help="write the results JSON here too")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:  # a start the base cannot take is refused now, not after the data, retrieval and zero-shot answers
+        check_load(args.lora_init, None if args.quantization == "none" else args.quantization, fsdp=False)
+    except adapters.ConfigError as err:
+        p.error(str(err))
+    return args
 
 
 def split(args) -> tuple[list[dict], list[dict]]:
@@ -345,7 +351,8 @@ def main(argv=None) -> dict:
 
     zero_shot = None
     if args.zero_shot:
-        base = adapters.adapt(args.model, adapter=None, head=head, quantization=None, max_length=max_length)
+        quantization = None if args.quantization == "none" else args.quantization  # the base that is trained
+        base = adapters.adapt(args.model, adapter=None, head=head, quantization=quantization, max_length=max_length)
         zero_shot, _ = measure(base, test_rows, args, tokens, index)
         del base
         print("zero-shot:", json.dumps(zero_shot))

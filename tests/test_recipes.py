@@ -190,6 +190,20 @@ def test_follow_up_answers_follow_the_category_and_a_reworded_answer_still_count
     assert set(legal_followups.ANSWERS) >= set(legal_assistant.OBLIGATIONS)
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lora-init", "loftq"], "quantization='nf4' or 'fp4'"),
+        (["--lora-init", "pissa", "--quantization", "nf4"], "rewrites the frozen weights"),
+    ],
+)
+def test_the_assistant_refuses_a_start_its_base_cannot_take_before_any_data(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        legal_assistant.parse_args(argv)
+    assert message in capsys.readouterr().err
+    assert legal_assistant.parse_args(["--lora-init", "eva", "--quantization", "nf4"]).lora_init == "eva"
+
+
 def test_a_constrained_first_answer_opens_with_a_listed_licence_and_is_free_after():
     """The untrained base's first answer opens with exactly one of its row's openings (rows with different
     lists in one left-padded batch), and goes on past it."""
