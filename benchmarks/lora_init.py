@@ -139,6 +139,8 @@ def main(argv=None) -> None:
         f"{RECIPES[args.recipe][2]}; each cell one training seed, the split kept. "
         f"CPU: {'; '.join(machines) or machine()['cpu']}.\n"
     )
+    notes = [f"{q}-{i} seed {s}: {r['note']}" for (q, i), rs in found.items() for s, r in rs.items() if "note" in r]
+    note += "".join(f"\n{n}.\n" for n in notes)  # a run that came from elsewhere says so
     name = "lora-init.md" if args.recipe == "sentiment" else f"lora-init-{args.recipe}.md"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / name).write_text(f"# Where LoRA starts ({args.recipe})\n\n" + note + "\n" + text + "\n")
