@@ -217,9 +217,10 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument(
         "--lora-init",
-        default="default",
         choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
-        help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base; pissa, "
+        help="where LoRA starts (LoRA(init=...); default: eva on an nf4/fp4 base, peft's default start otherwise: "
+        "category in NF4 reached 80.9%% from EVA's start, 75.5%% from the default, over 3 seeds; unquantized 79.8%%); "
+        "loftq: corrects the 4-bit error of an nf4/fp4 base; pissa, "
         "olora: the weights' principal part, on an unquantized base; eva: from the first training rows",
     )
     p.add_argument(
@@ -328,8 +329,10 @@ def parse_args(argv=None):
         p.error("--pooling is for the category tasks; identify scores each (notice, name) pair")
     if args.linear_probe and scored_names:
         p.error("--linear-probe fits a linear head; identify's likelihood scoring has none (add --scoring head)")
-    if args.lora_init != "default" and args.adapter != "lora":
+    if args.lora_init not in (None, "default") and args.adapter != "lora":
         p.error(f"--lora-init {args.lora_init} says where LoRA starts; --adapter {args.adapter} has no LoRA")
+    if args.lora_init is None:  # benchmarks/results/lora-init-legal.md
+        args.lora_init = "eva" if args.adapter == "lora" and args.quantization in ("nf4", "fp4") else "default"
     if args.scoring and (args.task != "identify" or args.data):
         p.error("--scoring is for --task identify (its licence names); the category tasks have a classification head")
     return task_defaults(args)

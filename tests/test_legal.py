@@ -280,6 +280,10 @@ def test_each_task_defaults_to_its_measured_budget_and_flags_win():
     assert (own.pooling, own.linear_probe, own.epochs) == ("auto", False, 1)
     mine = legal.parse_args(["--task", "category-full", "--no-linear-probe", "--pooling", "last", "--max-length", "64"])
     assert (mine.linear_probe, mine.pooling, mine.max_length, mine.train_size) == (False, "last", 64, 1000)
+    # LoRA's start: EVA on a 4-bit base (benchmarks/results/lora-init-legal.md), peft's default otherwise
+    assert notices.lora_init == "default" and legal.parse_args(["--quantization", "nf4"]).lora_init == "eva"
+    assert legal.parse_args(["--quantization", "nf4", "--lora-init", "loftq"]).lora_init == "loftq"
+    assert legal.parse_args(["--quantization", "nf4", "--adapter", "bottleneck"]).lora_init == "default"
 
 
 @pytest.mark.parametrize(
