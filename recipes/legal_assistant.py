@@ -348,10 +348,10 @@ def main(argv=None) -> dict:
     tokens = (8, 8) if args.quick else (args.max_new_tokens, 40)
     max_length = 128 if args.quick else args.max_length
     head = adapters.CausalLM(max_new_tokens=tokens[0], mask_history=False)
+    quantization = None if args.quantization == "none" else args.quantization  # the zero-shot base's too
 
     zero_shot = None
     if args.zero_shot:
-        quantization = None if args.quantization == "none" else args.quantization  # the base that is trained
         base = adapters.adapt(args.model, adapter=None, head=head, quantization=quantization, max_length=max_length)
         zero_shot, _ = measure(base, test_rows, args, tokens, index)
         del base
@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
         args.model,
         adapter=adapters.LoRA(r=args.r, alpha=2 * args.r, dropout=0.05, init=args.lora_init),
         head=head,
-        quantization=None if args.quantization == "none" else args.quantization,
+        quantization=quantization,
         max_length=max_length,
         seed=seed,
     )
