@@ -160,7 +160,7 @@ def eva(peft_model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
 
     # EVA reads the layers' inputs only: a causal LM projects one position onto its vocabulary, not every one
     # (SmolLM2-135M in NF4, a batch of 8 x 900 tokens: 1.4 GB of logits less, a forward 1.15x faster; the
-    # legal assistant's EVA start took 739 s before, about 20 such forwards until the components settled)
+    # legal assistant's EVA start took 739 s before, with other work on the CPU)
     keep = {"logits_to_keep": 1} if _takes(peft_model.get_base_model(), "logits_to_keep") else {}
 
     def forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
