@@ -218,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--lora-init",
         choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
-        help="where LoRA starts (LoRA(init=...); default: eva on an nf4/fp4 base, peft's default start otherwise: "
+        help="where LoRA starts (LoRA(init=...); default: eva for a category task on an nf4/fp4 base, else peft's: "
         "category in NF4 reached 80.9%% from EVA's start, 75.5%% from the default, over 3 seeds; unquantized 79.8%%); "
         "loftq: corrects the 4-bit error of an nf4/fp4 base; pissa, "
         "olora: the weights' principal part, on an unquantized base; eva: from the first training rows",
@@ -332,7 +332,10 @@ def parse_args(argv=None):
     if args.lora_init not in (None, "default") and args.adapter != "lora":
         p.error(f"--lora-init {args.lora_init} says where LoRA starts; --adapter {args.adapter} has no LoRA")
     if args.lora_init is None:  # benchmarks/results/lora-init-legal.md
-        args.lora_init = "eva" if args.adapter == "lora" and args.quantization in ("nf4", "fp4") else "default"
+        four_bit_lora = args.adapter == "lora" and args.quantization in ("nf4", "fp4")
+        # EVA reads one token sequence a row: not identify's (notice, name) pairs, nor a text's windows
+        one_sequence = args.task != "identify" and args.long_text == "truncate"
+        args.lora_init = "eva" if four_bit_lora and one_sequence else "default"
     if args.scoring and (args.task != "identify" or args.data):
         p.error("--scoring is for --task identify (its licence names); the category tasks have a classification head")
     return task_defaults(args)

@@ -284,6 +284,9 @@ def test_each_task_defaults_to_its_measured_budget_and_flags_win():
     assert notices.lora_init == "default" and legal.parse_args(["--quantization", "nf4"]).lora_init == "eva"
     assert legal.parse_args(["--quantization", "nf4", "--lora-init", "loftq"]).lora_init == "loftq"
     assert legal.parse_args(["--quantization", "nf4", "--adapter", "bottleneck"]).lora_init == "default"
+    assert legal.parse_args(["--quantization", "nf4", "--task", "identify"]).lora_init == "default"  # pairs
+    windows = ["--quantization", "nf4", "--task", "category-full", "--long-text", "windows"]
+    assert legal.parse_args(windows).lora_init == "default"
 
 
 @pytest.mark.parametrize(
