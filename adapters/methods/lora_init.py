@@ -36,11 +36,11 @@ not do: refused by name.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
+from adapters.backbone.signature import takes
 from adapters.errors import ConfigError
 
 PEFT_INIT: dict[str, Any] = {
@@ -161,7 +161,7 @@ def eva(peft_model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
     # EVA reads the layers' inputs only: a causal LM projects one position onto its vocabulary, not every one
     # (SmolLM2-135M in NF4, a batch of 8 x 900 tokens: 1.4 GB of logits less, a forward 1.15x faster; the
     # legal assistant's EVA start took 739 s before, with other work on the CPU)
-    keep = {"logits_to_keep": 1} if _takes(peft_model.get_base_model(), "logits_to_keep") else {}
+    keep = {"logits_to_keep": 1} if takes(peft_model, "logits_to_keep") else {}
 
     def forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **keep)
@@ -170,10 +170,6 @@ def eva(peft_model: Any, batches: list[dict[str, torch.Tensor]]) -> None:
     initialize_lora_eva_weights(
         peft_model, dataloader=batches, forward_fn=forward, gather_distributed_inputs=False, show_progress_bar=True
     )
-
-
-def _takes(network: Any, argument: str) -> bool:
-    return argument in inspect.signature(network.forward).parameters
 
 
 def padded_batches(rows: list[list[int]], pad: int, size: int, device: Any) -> list[dict[str, torch.Tensor]]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from adapters.backbone.signature import takes
 from adapters.serving.batcher import QueueFull
 from adapters.serving.sampling import Sampling, TokenLogprob, logprob_of, next_token, prompt_logprobs
 
@@ -224,7 +225,7 @@ class Scheduler:
         logits at the last position only, unless ``every_position`` (a prompt's logprobs)."""
         group = self.group
         network = group.model.backbone
-        if not every_position and _takes(network, "logits_to_keep"):
+        if not every_position and takes(network, "logits_to_keep"):
             inputs["logits_to_keep"] = 1  # the vocabulary projection of one position, not of the whole prompt
         with group.lock, ExitStack() as routes:
             for kind, handles in _kinds(group.members):
@@ -373,25 +374,10 @@ def _record_prompt_logprobs(seq: Sequence, logits: torch.Tensor, first: int) -> 
 
 def _cache_argument(network: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """``past_key_values`` under the name the model's forward takes (transformers 5 renames it ``cache``)."""
-    if _takes(network, "cache"):
+    if takes(network, "cache"):
         inputs = dict(inputs)
         inputs["cache"] = inputs.pop("past_key_values")
     return inputs
-
-
-_TAKES: dict[tuple[type, str], bool] = {}
-
-
-def _takes(network: Any, argument: str) -> bool:
-    """Whether the transformers model under ``network`` (a peft wrapper passes its arguments on) takes
-    ``argument``."""
-    import inspect
-
-    inner = network.get_base_model() if hasattr(network, "get_base_model") else network
-    key = (type(inner), argument)
-    if key not in _TAKES:
-        _TAKES[key] = argument in inspect.signature(type(inner).forward).parameters
-    return _TAKES[key]
 
 
 def _kinds(members: list[Any]) -> list[tuple[Any, list[Any]]]:
