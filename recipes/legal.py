@@ -31,6 +31,7 @@ from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # no
 
 import adapters  # noqa: E402
 from adapters.data.sources import group_split, load_rows, sample  # noqa: E402
+from adapters.methods.lora_init import PEFT_INIT  # noqa: E402
 
 NOTICE_CATEGORIES = ["Commercial", "Copyleft", "Copyleft Limited", "Permissive"]
 # identify: the notice, then a cue the licence's name completes; each candidate name is scored by the base's
@@ -217,7 +218,7 @@ def parse_args(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument(
         "--lora-init",
-        choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
+        choices=list(PEFT_INIT),  # the starts LoRA(init=...) takes
         help="where LoRA starts (LoRA(init=...); default: eva for a category task on an nf4/fp4 base, else peft's: "
         "category in NF4 reached 80.9%% from EVA's start, 75.5%% from the default, over 3 seeds; unquantized 79.8%%); "
         "loftq: corrects the 4-bit error of an nf4/fp4 base; pissa, "

@@ -47,7 +47,7 @@ from legal_retrieval import LicenceIndex  # noqa: E402
 import adapters  # noqa: E402
 from adapters.data.sources import group_split, sample  # noqa: E402
 from adapters.heads.metrics import generation_metrics  # noqa: E402
-from adapters.methods.lora_init import check_load  # noqa: E402
+from adapters.methods.lora_init import PEFT_INIT, check_load  # noqa: E402
 
 SYSTEM = "You identify software licences from their notices and say what they ask of the user, in one or two sentences."
 CANDIDATES = "Licences of the knowledge base nearest to the notice:\n{lines}"
@@ -281,7 +281,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--lora-init",
         default="default",
-        choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
+        choices=list(PEFT_INIT),  # the starts LoRA(init=...) takes
         help="where LoRA starts (LoRA(init=...)): loftq corrects an nf4/fp4 base's error, eva starts from the "
         "first training conversations, pissa/olora from the weights' principal part of an unquantized base",
     )

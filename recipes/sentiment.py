@@ -24,6 +24,7 @@ from _data import balance, decoder_and_tied, majority_accuracy, typed_text  # no
 
 import adapters  # noqa: E402
 from adapters.data.sources import group_split, load_rows, rotten_tomatoes, sample  # noqa: E402
+from adapters.methods.lora_init import PEFT_INIT  # noqa: E402
 
 # The task prompt and label words of the packaged task (measured in recipes/results/levers.md):
 # the last token of "...\nSentiment:" is where a decoder predicts " positive" / " negative"
@@ -100,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--lora-init",
         default="default",
-        choices=["default", "gaussian", "loftq", "eva", "pissa", "olora"],
+        choices=list(PEFT_INIT),  # the starts LoRA(init=...) takes
         help="where LoRA starts (LoRA(init=...)); loftq: corrects the 4-bit error of an nf4/fp4 base; pissa, "
         "olora: the weights' principal part, on an unquantized base; eva: from "
         "the first training rows",
