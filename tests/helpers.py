@@ -5,7 +5,11 @@ the rest from here (never from each other)."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -188,3 +192,24 @@ def example_inputs(rows: list[dict]) -> list:
     if "choices" in rows[0]:
         return [{"context": r["text"], "choices": r["choices"]} for r in rows]
     return [r["text"] for r in rows]
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``make(folder)`` once per test session, also across pytest-xdist workers
+    (pytest-xdist's own recipe for a fixture that must run once: the first worker to ask makes it under a file
+    lock, the others wait, then read it). For the slow tier's reference runs, each a subprocess launch that two
+    workers would otherwise both pay for. The tiny models are built from a fixed seed, so every worker's copy
+    is the same bytes and a run made from one worker's copy is the run another worker would make."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # one folder for all workers of this session
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import adapters
 from adapters.training.checkpoint import complete_checkpoints
 
-from .helpers import toy_sentiment
+from .helpers import made_once, toy_sentiment
 
 WORKER = Path(__file__).with_name("train_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -49,8 +49,8 @@ def _losses(out: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    _finish(_start(tiny_llama, out))
+    """The run without interruption, trained once per session: what every resumed run must equal."""
+    out = made_once(tmp_path_factory, "uninterrupted", lambda folder: _finish(_start(tiny_llama, folder)))
     return load_file(out / "final.safetensors"), _losses(out)
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import adapters
 from adapters.errors import ConfigError
 from adapters.sharding.fsdp import check_fsdp, match_4bit_storage
-from tests.helpers import toy_sentiment
+from tests.helpers import made_once, toy_sentiment
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -125,10 +125,14 @@ def test_4bit_storage_is_reinterpreted_not_converted(tiny_llama):
 
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_llama, tmp_path_factory):
-    """The 2-process FSDP run of LoRA on NF4, launched once and compared by several tests."""
-    out = tmp_path_factory.mktemp("fsdp") / "lora-nf4"
-    printed = _launch(out, 2, "--model", tiny_llama, "--adapter", "lora", "--batch-size", "4", "--fsdp")
-    return out, printed
+    """The 2-process FSDP run of LoRA on NF4, launched once per session and compared by several tests."""
+
+    def launch(folder: Path) -> None:
+        printed = _launch(folder / "run", 2, "--model", tiny_llama, "--adapter", "lora", "--batch-size", "4", "--fsdp")
+        (folder / "printed.txt").write_text(printed)
+
+    folder = made_once(tmp_path_factory, "fsdp-lora-nf4", launch)
+    return folder / "run", (folder / "printed.txt").read_text()
 
 
 @pytest.mark.slow  # subprocess runs end to end; `make test` runs them
