@@ -1,9 +1,12 @@
 """Trains a tiny model under however many processes launched it (torchrun / accelerate launch)
 and writes what tests/test_distributed.py and tests/test_fsdp.py compare: each rank's trained tensors
 (whole, also under FSDP) and metrics, and whether the saved artifact reloads with equal logits.
-``--crash-at N`` ends the main process abruptly after step N (a crash: nothing is cleaned up)."""
+``--crash-at N`` ends the main process abruptly after step N (a crash: nothing is cleaned up). Several runs
+separated by ``--then`` train one after another in the same processes (one launch, one process group), each
+with its own options and ``--out``: a launch's start-up is most of a tiny run's time."""
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -21,6 +24,13 @@ from tests.helpers import toy_sentiment  # noqa: E402
 
 
 def main():
+    argv = sys.argv[1:]
+    for is_separator, options in itertools.groupby(argv, lambda a: a == "--then"):
+        if not is_separator:
+            run(parse(list(options)))
+
+
+def parse(options: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", choices=["lora", "bottleneck"], required=True)
@@ -35,7 +45,10 @@ def main():
     p.add_argument("--resume", default=None)
     p.add_argument("--crash-at", type=int, default=None)
     p.add_argument("--mixed-precision", default="no")
-    args = p.parse_args()
+    return p.parse_args(options)
+
+
+def run(args: argparse.Namespace) -> None:
     # dropout 0: the only randomness left is the data order, shared by all runs through the seed
     adapter = adapters.LoRA(r=4, dropout=0.0) if args.adapter == "lora" else adapters.Bottleneck(reduction=4)
     model = adapters.adapt(
