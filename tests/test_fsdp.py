@@ -135,22 +135,45 @@ def fsdp_run(tiny_llama, tmp_path_factory):
     return folder / "run", (folder / "printed.txt").read_text()
 
 
+COMPARED = [("lora", "nf4"), ("bottleneck", "none")]  # both of each: an adapter kind and a base
+
+
+@pytest.fixture(scope="module")
+def single_runs(tiny_llama, tmp_path_factory):
+    """The one-process references of ``COMPARED`` at batch 8 (the global batch of 2 processes x 4), trained one
+    after the other in one launch, made once per session; returns a case's folder."""
+
+    def launch(folder: Path) -> None:
+        cases = [
+            ["--out", str(folder / f"{adapter}-{quantization}"), "--model", tiny_llama, "--adapter", adapter]
+            + ["--quantization", quantization, "--batch-size", "8"]
+            for adapter, quantization in COMPARED
+        ]
+        for case in cases[1:]:
+            Path(case[1]).mkdir()
+        first, *rest = cases
+        _launch(Path(first[1]), 1, *first[2:], *[a for case in rest for a in ["--then", *case]])
+
+    folder = made_once(tmp_path_factory, "fsdp-singles", launch)
+    return lambda adapter, quantization: folder / f"{adapter}-{quantization}"
+
+
 @pytest.mark.slow  # subprocess runs end to end; `make test` runs them
-@pytest.mark.parametrize("adapter,quantization", [("lora", "nf4"), ("bottleneck", "none")])  # both of each
-def test_fsdp_on_two_processes_matches_one_process(tiny_llama, tmp_path, adapter, quantization, request):
-    common = ["--model", tiny_llama, "--adapter", adapter, "--quantization", quantization]
+@pytest.mark.parametrize("adapter,quantization", COMPARED)
+def test_fsdp_on_two_processes_matches_one_process(tiny_llama, tmp_path, adapter, quantization, single_runs, request):
     if (adapter, quantization) == ("lora", "nf4"):
         sharded_out, printed = request.getfixturevalue("fsdp_run")
     else:
         sharded_out = tmp_path / "fsdp"
+        common = ["--model", tiny_llama, "--adapter", adapter, "--quantization", quantization]
         printed = _launch(sharded_out, 2, *common, "--batch-size", "4", "--fsdp")
-    _launch(tmp_path / "single", 1, *common, "--batch-size", "8")  # same global batch: 2 x 4 = 1 x 8
+    single_out = single_runs(adapter, quantization)
 
-    sharded, single = [_trained(sharded_out, r) for r in (0, 1)], _trained(tmp_path / "single")
+    sharded, single = [_trained(sharded_out, r) for r in (0, 1)], _trained(single_out)
     _assert_close(sharded[0], single, atol=1e-4)
     _assert_close(sharded[0], sharded[1], atol=0)
     metrics = [_metrics(sharded_out, r) for r in (0, 1)]
-    assert metrics[0]["eval_accuracy"] == _metrics(tmp_path / "single")["eval_accuracy"]
+    assert metrics[0]["eval_accuracy"] == _metrics(single_out)["eval_accuracy"]
     # each rank holds about half of the frozen weights, the input embeddings split by vocabulary rows
     # included, and the two halves make the whole
     held = [m["fsdp_frozen_bytes_per_rank"] for m in metrics]
