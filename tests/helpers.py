@@ -213,3 +213,13 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path
             make(folder)
             (folder / ".made").touch()
     return folder
+
+
+def one_after_another(runs: dict[Path, list[str]]) -> list[str]:
+    """``tests/ddp_worker.py``'s options for ``runs`` (each output folder with the rest of its options), trained
+    one after another in one launch: ``--then`` between them. Makes each folder."""
+    options: list[str] = []
+    for out, rest in runs.items():
+        out.mkdir(parents=True, exist_ok=True)
+        options += [*(["--then"] if options else []), "--out", str(out), *rest]
+    return options

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import made_once
+from tests.helpers import made_once, one_after_another
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 # the runs compared, each by name: the worker's options besides the model, the batch size and the folder
@@ -23,14 +23,12 @@ CASES = {
 def _launch(model: str, processes: int, batch_size: int, root: Path) -> None:
     """Every case of ``CASES``, one after another in one launch of ``processes`` processes, into ``root/<case>``
     (a launch's start-up, not the tiny runs, is most of its time)."""
-    runs: list[str] = []
-    for name, options in CASES.items():
-        (root / name).mkdir(parents=True)
-        runs += ["--then"] * bool(runs) + ["--model", model, "--batch-size", str(batch_size), "--out", str(root / name)]
-        runs += options
+    runs = {
+        root / name: ["--model", model, "--batch-size", str(batch_size), *options] for name, options in CASES.items()
+    }
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     done = subprocess.run(
-        [*launcher, str(WORKER), *runs],
+        [*launcher, str(WORKER), *one_after_another(runs)],
         capture_output=True,
         text=True,
         timeout=300,

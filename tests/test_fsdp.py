@@ -18,18 +18,19 @@ from safetensors.torch import load_file
 import adapters
 from adapters.errors import ConfigError
 from adapters.sharding.fsdp import check_fsdp, match_4bit_storage
-from tests.helpers import made_once, toy_sentiment
+from tests.helpers import made_once, one_after_another, toy_sentiment
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _launch(out: Path, processes: int, *extra: str, expect: int = 0) -> str:
-    out.mkdir(exist_ok=True)
+def _launch(out: Path | None, processes: int, *extra: str, expect: int = 0) -> str:
+    """One torchrun launch of the worker into ``out`` (None: ``extra`` names each run's own, ``one_after_another``)."""
+    if out is not None:
+        out.mkdir(exist_ok=True)
+        extra = ("--out", str(out), *extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    done = subprocess.run(
-        [*cmd, str(WORKER), "--out", str(out), *extra], capture_output=True, text=True, timeout=300, env=ENV
-    )
+    done = subprocess.run([*cmd, str(WORKER), *extra], capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -144,15 +145,12 @@ def single_runs(tiny_llama, tmp_path_factory):
     after the other in one launch, made once per session; returns a case's folder."""
 
     def launch(folder: Path) -> None:
-        cases = [
-            ["--out", str(folder / f"{adapter}-{quantization}"), "--model", tiny_llama, "--adapter", adapter]
+        runs = {
+            folder / f"{adapter}-{quantization}": ["--model", tiny_llama, "--adapter", adapter]
             + ["--quantization", quantization, "--batch-size", "8"]
             for adapter, quantization in COMPARED
-        ]
-        for case in cases[1:]:
-            Path(case[1]).mkdir()
-        first, *rest = cases
-        _launch(Path(first[1]), 1, *first[2:], *[a for case in rest for a in ["--then", *case]])
+        }
+        _launch(None, 1, *one_after_another(runs))
 
     folder = made_once(tmp_path_factory, "fsdp-singles", launch)
     return lambda adapter, quantization: folder / f"{adapter}-{quantization}"
