@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 SIDES = {"every": "every position's logits", "response": "logits where the loss reads (default)"}
 
@@ -91,6 +92,7 @@ def run_side(side: str, model_name: str, rows: int, max_length: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 rows of 128 tokens, one round, no retrieval")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
@@ -108,6 +110,7 @@ def main(argv=None) -> dict:
         1 if args.quick else args.rounds,
         ["--model", args.model] + (["--quick"] if args.quick else []),
         lambda x: f"peak {x['peak_mb']:.0f} MB, step {x['step_seconds']:.2f} s, loss {x['loss']:.5f}",
+        warm=args.warm_start,
     )
     payload = {"machine": machine(), "model": args.model, "runs": runs}
     text = _table(payload, args)

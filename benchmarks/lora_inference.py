@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 SIDES = {
     "peft": "peft's LoRA forward, batches of <= 8,192 tokens",
@@ -70,6 +71,7 @@ def run_side(side: str, model_name: str, rows: int, seed: int) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -88,6 +90,7 @@ def main(argv=None) -> dict:
         args.rounds,
         ["--model", args.model, "--seed", str(args.seed)] + (["--quick"] if args.quick else []),
         lambda x: f"eval {x['eval_seconds']:.1f} s, loss {x['loss']:.5f}",
+        warm=args.warm_start,
     )
     losses = [x["loss"] for side in SIDES for x in runs[side]]
     same = max(losses) - min(losses) < 1e-4

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 SIDES = [
     ("ours", "all blocks"),
@@ -29,6 +30,7 @@ SIDES = [
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -48,6 +50,7 @@ def main(argv=None) -> dict:
             f"train {x['train_seconds']:.0f} s, {x['peak_mb']:.0f} MB, "
             f"accuracy {x['accuracy']:.3f}, {x['trainable']:,} trainable"
         ),
+        warm=args.warm_start,
     )
     full = {k: statistics.median(x[k] for x in runs["ours"]) for k in ("train_seconds", "peak_mb")}
     lines = [

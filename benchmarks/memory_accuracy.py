@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import add_warm_start, fresh_process, machine, write_results  # noqa: E402
 
 MIB = 2**20
 
@@ -172,10 +173,14 @@ def _unwrapped(model):
     return getattr(model, "module", model)
 
 
-def _launcher(cell: dict) -> list[str]:
-    if cell.get("parallel"):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    return [sys.executable]
+def _measured(cell: dict, warm: bool) -> tuple[int, str, str]:
+    """One cell measured in fresh processes (2 under torchrun for a parallel cell): exit code, stdout, stderr."""
+    args = ["--measure", json.dumps(cell)]
+    if not cell.get("parallel"):
+        return fresh_process(__file__, args, dict(os.environ), timeout=3600, warm=warm)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, __file__, *args], capture_output=True, text=True)
+    return done.returncode, done.stdout, done.stderr
 
 
 def grid(quick: bool, kind: str = "cpu") -> list[dict]:
@@ -257,6 +262,7 @@ def main(argv=None) -> dict:
     p.add_argument("--limit", type=int, help="only the first N cells (a dry run)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one cell as JSON, in a subprocess
+    add_warm_start(p)
     args = p.parse_args(argv)
     if args.measure:
         print("RESULT " + json.dumps(measure(json.loads(args.measure))))
@@ -272,12 +278,10 @@ def main(argv=None) -> dict:
         cells = [{**c, "seq_len": min(c["seq_len"], args.max_seq_len)} for c in cells]
     for cell in tqdm(cells, desc="cells"):
         est = estimate(cell, device)
-        proc = subprocess.run(
-            [*_launcher(cell), __file__, "--measure", json.dumps(cell)], capture_output=True, text=True
-        )
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"measuring {cell} failed:\n{proc.stderr[-3000:]}")
+        returncode, stdout, stderr = _measured(cell, args.warm_start)
+        lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+        if returncode != 0 or not lines:
+            raise RuntimeError(f"measuring {cell} failed:\n{stderr[-3000:]}")
         got = max((json.loads(x[7:]) for x in lines), key=lambda r: r["peak_bytes"])  # the fuller rank
         error = est["tensors"] / got["peak_bytes"] - 1
         rows.append(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 METHODS = {
     # name: (adapter, quantization, train every base weight)
@@ -173,6 +174,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budget (< 10 min on 2 CPU cores)")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="sentiment", choices=["sentiment", "legal"])
     p.add_argument("--methods", nargs="*", default=list(METHODS), help="a subset of: " + ", ".join(METHODS))
@@ -206,6 +208,7 @@ def main(argv=None) -> None:
                     "--seed",
                     str(args.seed),
                 ],
+                warm=args.warm_start,
             )
         )
         print(

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 SIDES = {
     "peft": "peft's mixed-batch forward (adapter_names)",
@@ -96,6 +97,7 @@ def _ignore(piece, finish) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps, one round, fp32 only")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -121,6 +123,7 @@ def main(argv=None) -> dict:
             + (["--quick"] if args.quick else []),
             lambda x: f"{x['step_ms']:.0f} ms per step",
             env=None,  # glibc's malloc as the server runs it (common.EXACT_RSS would map every dequantized weight)
+            warm=args.warm_start,
         )
         reference = runs["segmented"][0]["tokens"]
         segmented = statistics.median(x["step_ms"] for x in runs["segmented"])

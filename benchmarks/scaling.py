@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 # lengths run at batch "at_batch"; batches run at length "at_length"
 GRIDS = {
@@ -128,6 +129,7 @@ def plot(rows: list[dict], grid: dict, path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     p.add_argument("--lengths", type=int, nargs="*", help="sequence lengths of the length sweep instead of the grid's")
@@ -179,6 +181,7 @@ def main(argv=None) -> None:
                             args.model,
                             *extra,
                         ],
+                        warm=args.warm_start,
                     )
                 )
                 r = rows[-1]

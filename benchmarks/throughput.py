@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05}
 SIDES = ["ours", "baseline", "ours-compiled"]
@@ -266,6 +267,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", help="results folder (default: benchmarks/results)")
     p.add_argument("--compile", action="store_true", help="a third side: ours with TrainConfig(compile=True)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: one run
+    add_warm_start(p)
     args = p.parse_args(argv)
     if args.side:
         shape = (args.model, args.steps * args.batch, args.seq_len, args.batch)
@@ -291,7 +293,7 @@ def main(argv=None) -> dict:
     ]
     for i in range(args.repeats):
         for side in sides if i % 2 == 0 else sides[::-1]:
-            runs[side].append(run_child(__file__, ["--side", side, *child], timeout=1800))
+            runs[side].append(run_child(__file__, ["--side", side, *child], timeout=1800, warm=args.warm_start))
             r = runs[side][-1]
             print(
                 f"repeat {i + 1} {side}: {r['tokens'] / r['seconds']:,.0f} tokens/s, {r['peak_mb']:,.0f} MB", flush=True

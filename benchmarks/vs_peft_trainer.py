@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 from adapters.backbone.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD  # noqa: E402 (after the path)
 
@@ -367,7 +368,10 @@ def _run(side: str, budget: str, args, env: dict | None, runs: dict, done: dict,
         return True
     runs[side].append(
         run_child(
-            __file__, ["--side", side, "--budget", budget, "--model", args.model, "--seed", str(args.seed)], env=env
+            __file__,
+            ["--side", side, "--budget", budget, "--model", args.model, "--seed", str(args.seed)],
+            env=env,
+            warm=args.warm_start,
         )
     )
     r = runs[side][-1]
@@ -399,6 +403,7 @@ def _ablation_table(runs: dict) -> list[str]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, help="repetitions of the main sides (default: 2 quick, 3 full)")

@@ -17,6 +17,7 @@ def test_methods_quick(tiny_llama, tmp_path):
     methods.main(
         [
             "--quick",
+            "--warm-start",
             "--model",
             tiny_llama,
             "--methods",
@@ -51,7 +52,18 @@ def test_vs_peft_trainer_quick(tiny_llama, tmp_path):
 
     ablation = ["baseline", "ours-grouped", "ours-plain", "ours-bf16", "baseline-grouped-bf16"]
     vs_peft_trainer.main(
-        ["--quick", "--model", tiny_llama, "--repeats", "1", "--out", str(tmp_path), "--ablation", *ablation]
+        [
+            "--quick",
+            "--warm-start",
+            "--model",
+            tiny_llama,
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--ablation",
+            *ablation,
+        ]
     )
     payload = json.loads((tmp_path / "vs_peft_trainer-quick.json").read_text())
     runs = payload["runs"]
@@ -75,6 +87,7 @@ def test_scaling_quick(tiny_llama, tmp_path):
     scaling.main(
         [
             "--quick",
+            "--warm-start",
             "--model",
             tiny_llama,
             "--lengths",
@@ -105,7 +118,7 @@ def test_scaling_quick(tiny_llama, tmp_path):
 def test_memory_accuracy_quick(tiny_llama, tmp_path):
     import memory_accuracy
 
-    memory_accuracy.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    memory_accuracy.main(["--quick", "--warm-start", "--model", tiny_llama, "--out", str(tmp_path)])
     payload = json.loads((tmp_path / "memory_accuracy-quick.json").read_text())
     assert len(payload["rows"]) == 4 and payload["summary"]["cells"] == 4
     for row in payload["rows"]:
@@ -122,6 +135,7 @@ def test_methods_quick_on_the_legal_task(tiny_llama, tmp_path):
     methods.main(
         [
             "--quick",
+            "--warm-start",
             "--task",
             "legal",
             "--model",
@@ -170,7 +184,7 @@ def test_gpu_check_skips_without_cuda(capsys):
 def test_lora_layers_quick(tiny_llama, tmp_path):
     import lora_layers
 
-    payload = lora_layers.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    payload = lora_layers.main(["--quick", "--warm-start", "--model", tiny_llama, "--out", str(tmp_path)])
     runs = payload["runs"]
     assert runs["ours"][0]["lora_layers"] is None and runs["ours-top-half"][0]["lora_layers"] == [1]
     # the top block only: half the LoRA parameters of the 2-block model, the same head
@@ -182,7 +196,9 @@ def test_lora_layers_quick(tiny_llama, tmp_path):
 def test_lora_inference_quick(tiny_llama, tmp_path):
     import lora_inference
 
-    payload = lora_inference.main(["--quick", "--model", tiny_llama, "--rounds", "1", "--out", str(tmp_path)])
+    payload = lora_inference.main(
+        ["--quick", "--warm-start", "--model", tiny_llama, "--rounds", "1", "--out", str(tmp_path)]
+    )
     assert {side: len(runs) for side, runs in payload["runs"].items()} == {"peft": 1, "lean-8192": 1, "lean": 1}
     assert payload["same_loss"]  # the lean path computes peft's numbers
     assert all(r[0]["rows"] == 40 and r[0]["eval_seconds"] > 0 for r in payload["runs"].values())
@@ -194,7 +210,7 @@ def test_mixed_batch_quick(tiny_llama, tmp_path):
     """Every way of decoding a batch that mixes adapters gives the same greedy tokens; the table names them."""
     import mixed_batch
 
-    payload = mixed_batch.main(["--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    payload = mixed_batch.main(["--quick", "--warm-start", "--model", tiny_llama, "--out", str(tmp_path)])
     runs = payload["runs"]["none"]
     assert set(runs) == set(mixed_batch.SIDES) and all(r[0]["step_ms"] > 0 for r in runs.values())
     table = (tmp_path / "mixed_batch-quick.md").read_text()
@@ -318,7 +334,7 @@ def test_lora_init_table_reads_the_saved_runs(tmp_path, monkeypatch):
 def test_lm_loss_quick(tiny_chat_llama, tmp_path):
     import lm_loss
 
-    payload = lm_loss.main(["--quick", "--model", tiny_chat_llama, "--out", str(tmp_path)])
+    payload = lm_loss.main(["--quick", "--warm-start", "--model", tiny_chat_llama, "--out", str(tmp_path)])
     every, response = payload["runs"]["every"][0], payload["runs"]["response"][0]
     assert abs(every["loss"] - response["loss"]) < 1e-4  # the same loss from fewer logits
     assert "| logits where the loss reads (default) |" in (tmp_path / "lm_loss-quick.md").read_text()
