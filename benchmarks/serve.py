@@ -34,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_warm_start  # noqa: E402
 
 TEXTS = [
     "a moving, funny and beautifully acted film",
@@ -262,6 +263,7 @@ def _generate_batch(artifact: Path, prompts: list[str], tokens: int) -> dict:
     it runs on this model (its failure is recorded, not hidden)."""
     import torch
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     import adapters
 
@@ -269,9 +271,16 @@ def _generate_batch(artifact: Path, prompts: list[str], tokens: int) -> dict:
     try:
         ids = [model.encode([p])["input_ids"][0].tolist() for p in prompts]
         config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=model.tokenizer.eos_token_id)
+        # its paged cache sized for these prompts: by default it takes 90% of free memory, a GPU's sizing, which
+        # on a CPU host is most of the RAM, zero-filled (15 of the 18 s of 4 prompts of 8 tokens, on 2 cores)
+        pages = ContinuousBatchingConfig().page_size
+        blocks = sum(-(-(len(row) + tokens) // pages) for row in ids)
+        cache = ContinuousBatchingConfig(num_blocks=blocks, max_batch_tokens=sum(map(len, ids)) + len(ids))
         started = time.perf_counter()
         with torch.inference_mode():
-            outputs = model.backbone.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
+            outputs = model.backbone.generate_batch(
+                inputs=ids, generation_config=config, continuous_batching_config=cache, progress_bar=False
+            )
         generated = sum(len(o.generated_tokens) for o in outputs.values())
         return {"generate_batch_tokens_per_second": generated / (time.perf_counter() - started)}
     except Exception as err:  # noqa: BLE001 - reported beside, as the issue asks
@@ -308,28 +317,35 @@ def _prefill_ms(artifact: Path, prompts: list[str], sizes: tuple[int, ...] = (1,
     return {str(n): statistics.median(prefill(n) for _ in range(repeats)) for n in sizes}
 
 
-def _generate_in_fresh_process(artifact: Path, prompts: list[str], tokens: int) -> float:
-    """``_generate_one_at_a_time`` in a new process, as the served side runs in one."""
-    script = [sys.executable, __file__, "--generate-in-process", str(artifact), "--max-tokens", str(tokens)]
-    done = subprocess.run([*script, "--prompts", json.dumps(prompts)], capture_output=True, text=True, check=True)
-    return float(done.stdout.strip().splitlines()[-1])
+def _generate_in_fresh_process(artifact: Path, prompts: list[str], tokens: int, warm: bool) -> float:
+    """``_generate_one_at_a_time`` in a new process, as the served side runs in one (``warm``: ``run_child``'s)."""
+    from common import run_child
+
+    flags = ["--generate-in-process", str(artifact), "--max-tokens", str(tokens), "--prompts", json.dumps(prompts)]
+    return float(run_child(__file__, flags, timeout=1800, warm=warm))
 
 
 def _one_client_rounds(
-    server_args: tuple, name: str, prompts: list[str], tokens: int, rounds: int, running: Server | None = None
+    server_args: tuple,
+    name: str,
+    prompts: list[str],
+    tokens: int,
+    rounds: int,
+    running: Server | None = None,
+    warm: bool = False,
 ) -> dict:
     """One streaming client of artifact ``name`` on a fresh server (``server_args``: its artifacts and names)
     against ``generate`` on the same artifact in a fresh process, ``rounds`` times, alternating which goes
     first: on a shared 2-core VM two runs of one side differ by 10-30%, so one pair decides nothing.
     ``running``: a server of those artifacts already up, used instead of fresh ones (``--quick``: the code
-    path, not the numbers)."""
+    path, not the numbers); ``warm``: ``generate``'s process forked from a zygote (``--warm-start``)."""
     paths, names = server_args
     served: list[float] = []
     own: list[float] = []
     for r in range(rounds):
         for side in ("served", "generate") if r % 2 == 0 else ("generate", "served"):
             if side == "generate":
-                own.append(_generate_in_fresh_process(paths[names.index(name)], prompts, tokens))
+                own.append(_generate_in_fresh_process(paths[names.index(name)], prompts, tokens, warm))
                 continue
             if running is not None:
                 served.append(_levels(running.port, [name], prompts, tokens, len(prompts), 1)["tokens_per_second"])
@@ -390,14 +406,14 @@ def _generation_round(args, quantization: str | None, tmp: Path, tokens: int, pe
         loaded = load_test(server.port, 16, 1)
         background.join()
         one_client = (paths, [*names, "task0"]), names[0], (prompts * per_level)[: per_level // 2], tokens
-        quick_one_client = _one_client_rounds(*one_client, 1, running=server) if args.quick else None
+        quick_one_client = _one_client_rounds(*one_client, 1, server, args.warm_start) if args.quick else None
     finally:
         server.close()
     return {
         "levels": levels,
         "memory_mb": memory,
         "classifier_p50_ms": {"idle": idle["p50_ms"], "during_generation": loaded["p50_ms"]},
-        "one_client": quick_one_client or _one_client_rounds(*one_client, 3),
+        "one_client": quick_one_client or _one_client_rounds(*one_client, 3, warm=args.warm_start),
         "in_process": _generate_batch(paths[0], (prompts * per_level)[: per_level // 2], tokens),
         "prefill_ms": _prefill_ms(paths[0], prompts),
     }
@@ -615,6 +631,7 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer requests, one round")
+    add_warm_start(p)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")

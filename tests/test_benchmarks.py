@@ -231,13 +231,14 @@ def test_serve_overload_quick(tiny_llama, tmp_path):
 def test_serve_generation_quick(tiny_llama, tmp_path):
     import serve
 
-    payload = serve.main(["--generation", "--quick", "--model", tiny_llama, "--out", str(tmp_path)])
+    payload = serve.main(["--generation", "--quick", "--warm-start", "--model", tiny_llama, "--out", str(tmp_path)])
     levels = payload["rounds"]["fp32"]["levels"]
     assert set(levels) == {"1 client", "4 clients, 2 adapters", "4 clients, 1 adapter"}
     assert all(r["tokens_per_second"] > 0 for r in levels.values())
     one = payload["rounds"]["fp32"]["one_client"]
     assert len(one["served_tokens_per_second"]) == len(one["generate_tokens_per_second"]) == 1
     assert one["ratio_of_medians"] > 0
+    assert payload["rounds"]["fp32"]["in_process"]["generate_batch_tokens_per_second"] > 0  # beside, no error
     assert set(payload["rounds"]["fp32"]["prefill_ms"]) == {"1", "8", "16"}
     assert all(ms > 0 for ms in payload["rounds"]["fp32"]["prefill_ms"].values())
     assert "| base | clients | tokens/s |" in (tmp_path / "serve-generation-quick.md").read_text()
