@@ -112,8 +112,9 @@ def fresh_process(
 
 
 def _forking_is_safe() -> bool:
-    """Linux without CUDA: a child forked after its parent touched the CUDA driver cannot use it, and importing
-    bitsandbytes does; elsewhere ``fork`` is missing or unsafe with the system's libraries (macOS)."""
+    """Linux without CUDA: a child forked after its parent initialised the CUDA driver cannot use it, and the
+    zygote's imports initialise it (bitsandbytes' import reads the device's compute capability to pick its library);
+    elsewhere ``fork`` is missing or unsafe with the system's libraries (macOS)."""
     return sys.platform == "linux" and not torch.cuda.is_available()
 
 
