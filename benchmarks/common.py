@@ -95,11 +95,11 @@ def run_child(script: str, args: list[str], timeout: int = 3600, env: dict | Non
 
 
 def fresh_process(
-    script: str, args: list[str], env: dict, timeout: float, warm: bool, preload: tuple[str, ...] = PRELOAD
+    script: str, args: list[str], env: dict, timeout: float | None, warm: bool, preload: tuple[str, ...] = PRELOAD
 ) -> tuple[int, str, str]:
     """``python script args`` in a fresh process under ``env``: its exit code, stdout and stderr. ``warm``: forked
     from a zygote (``zygote.py``: the ``preload`` imports paid once per environment) where fork is safe, else
-    started afresh."""
+    started afresh. ``timeout``: seconds, None for none."""
     if not (warm and _forking_is_safe()):
         done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env)
         return done.returncode, done.stdout, done.stderr
@@ -146,7 +146,7 @@ class Zygote:
         self.pending = b""  # read from the zygote, not yet a whole line
         atexit.register(self.close)
 
-    def run(self, script: str, args: list[str], timeout: float) -> tuple[int, str, str]:
+    def run(self, script: str, args: list[str], timeout: float | None) -> tuple[int, str, str]:
         with tempfile.TemporaryDirectory(prefix="zygote-") as folder:
             out, err = Path(folder) / "stdout", Path(folder) / "stderr"
             request = {"script": script, "args": args, "cwd": os.getcwd(), "stdout": str(out), "stderr": str(err)}

@@ -177,7 +177,7 @@ def _measured(cell: dict, warm: bool) -> tuple[int, str, str]:
     """One cell measured in fresh processes (2 under torchrun for a parallel cell): exit code, stdout, stderr."""
     args = ["--measure", json.dumps(cell)]
     if not cell.get("parallel"):
-        return fresh_process(__file__, args, dict(os.environ), timeout=3600, warm=warm)
+        return fresh_process(__file__, args, dict(os.environ), timeout=None, warm=warm)  # a big cell takes long
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     done = subprocess.run([*launcher, __file__, *args], capture_output=True, text=True)
     return done.returncode, done.stdout, done.stderr
