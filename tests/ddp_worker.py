@@ -3,9 +3,11 @@ and writes what tests/test_distributed.py and tests/test_fsdp.py compare: each r
 (whole, also under FSDP) and metrics, and whether the saved artifact reloads with equal logits.
 ``--crash-at N`` ends the main process abruptly after step N (a crash: nothing is cleaned up). Several runs
 separated by ``--then`` train one after another in the same processes (one launch, one process group), each
-with its own options and ``--out``: a launch's start-up is most of a tiny run's time."""
+with its own options and ``--out``: a launch's start-up is most of a tiny run's time. What each run prints is
+also written to its ``--out``/``printed<rank>.txt``, since the launch's output mixes every run's."""
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -27,7 +29,35 @@ def main():
     argv = sys.argv[1:]
     for is_separator, options in itertools.groupby(argv, lambda a: a == "--then"):
         if not is_separator:
-            run(parse(list(options)))
+            args = parse(list(options))
+            with _printed_to(Path(args.out)):
+                run(args)
+
+
+class _Tee:
+    """Writes to the launch's stdout and to this run's file (flushed at once: ``--crash-at`` ends abruptly)."""
+
+    def __init__(self, stdout, file):
+        self.stdout, self.file = stdout, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        self.file.flush()
+        return self.stdout.write(text)
+
+    def flush(self) -> None:
+        self.stdout.flush()
+
+    def __getattr__(self, name: str):  # the rest of a text stream (isatty, encoding, fileno): the launch's stdout
+        return getattr(self.stdout, name)
+
+
+@contextlib.contextmanager
+def _printed_to(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"printed{os.environ.get('RANK', '0')}.txt", "w") as file:
+        with contextlib.redirect_stdout(_Tee(sys.stdout, file)):
+            yield
 
 
 def parse(options: list[str]) -> argparse.Namespace:

@@ -124,16 +124,31 @@ def test_4bit_storage_is_reinterpreted_not_converted(tiny_llama):
 # --- under torchrun (subprocesses) -----------------------------------------------------------------
 
 
+FSDP_CASES = {  # every 2-process FSDP run the tests compare, by its folder's name
+    "lora-nf4": ["--adapter", "lora", "--batch-size", "4", "--fsdp"],
+    "sharded-load": ["--adapter", "lora", "--batch-size", "4", "--fsdp", "--shard-load"],
+    "bottleneck-none": ["--adapter", "bottleneck", "--quantization", "none", "--batch-size", "4", "--fsdp"],
+    "bf16": ["--adapter", "lora", "--batch-size", "4", "--fsdp", "--mixed-precision", "bf16"],
+}
+
+
 @pytest.fixture(scope="module")
-def fsdp_run(tiny_llama, tmp_path_factory):
-    """The 2-process FSDP run of LoRA on NF4, launched once per session and compared by several tests."""
+def fsdp_runs(tiny_llama, tmp_path_factory):
+    """The runs of ``FSDP_CASES``, trained one after another in one 2-process launch, made once per session;
+    returns a case's folder and what that case printed."""
 
     def launch(folder: Path) -> None:
-        printed = _launch(folder / "run", 2, "--model", tiny_llama, "--adapter", "lora", "--batch-size", "4", "--fsdp")
-        (folder / "printed.txt").write_text(printed)
+        runs = {folder / name: ["--model", tiny_llama, *options] for name, options in FSDP_CASES.items()}
+        _launch(None, 2, *one_after_another(runs))
 
-    folder = made_once(tmp_path_factory, "fsdp-lora-nf4", launch)
-    return folder / "run", (folder / "printed.txt").read_text()
+    folder = made_once(tmp_path_factory, "fsdp-runs", launch)
+    return lambda name: (folder / name, "".join(p.read_text() for p in sorted((folder / name).glob("printed*.txt"))))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(fsdp_runs):
+    """The 2-process FSDP run of LoRA on NF4 that several tests compare against: its folder and what it printed."""
+    return fsdp_runs("lora-nf4")
 
 
 COMPARED = [("lora", "nf4"), ("bottleneck", "none")]  # both of each: an adapter kind and a base
@@ -158,13 +173,8 @@ def single_runs(tiny_llama, tmp_path_factory):
 
 @pytest.mark.slow  # subprocess runs end to end; `make test` runs them
 @pytest.mark.parametrize("adapter,quantization", COMPARED)
-def test_fsdp_on_two_processes_matches_one_process(tiny_llama, tmp_path, adapter, quantization, single_runs, request):
-    if (adapter, quantization) == ("lora", "nf4"):
-        sharded_out, printed = request.getfixturevalue("fsdp_run")
-    else:
-        sharded_out = tmp_path / "fsdp"
-        common = ["--model", tiny_llama, "--adapter", adapter, "--quantization", quantization]
-        printed = _launch(sharded_out, 2, *common, "--batch-size", "4", "--fsdp")
+def test_fsdp_on_two_processes_matches_one_process(adapter, quantization, single_runs, fsdp_runs):
+    sharded_out, printed = fsdp_runs(f"{adapter}-{quantization}")
     single_out = single_runs(adapter, quantization)
 
     sharded, single = [_trained(sharded_out, r) for r in (0, 1)], _trained(single_out)
@@ -184,15 +194,13 @@ def test_fsdp_on_two_processes_matches_one_process(tiny_llama, tmp_path, adapter
 
 
 @pytest.mark.slow
-def test_a_sharded_load_trains_exactly_as_a_whole_load_then_shard(tiny_llama, tmp_path, fsdp_run):
+def test_a_sharded_load_trains_exactly_as_a_whole_load_then_shard(fsdp_runs, fsdp_run):
     """adapt(fsdp=True): each rank reads and quantizes only its shard; the run is the same run, bit for bit."""
-    common = ["--model", tiny_llama, "--adapter", "lora", "--batch-size", "4", "--fsdp", "--shard-load"]
-    whole, _ = fsdp_run
-    printed = _launch(tmp_path / "sharded-load", 2, *common)
+    (sharded, printed), (whole, _) = fsdp_runs("sharded-load"), fsdp_run
     assert "FSDP2: 2 blocks + the root sharded over 2 processes" in printed
-    _assert_close(_trained(tmp_path / "sharded-load"), _trained(whole), atol=0)
-    assert _metrics(tmp_path / "sharded-load")["eval_loss"] == _metrics(whole)["eval_loss"]
-    assert json.loads((tmp_path / "sharded-load" / "reload.json").read_text())["same_logits"]
+    _assert_close(_trained(sharded), _trained(whole), atol=0)
+    assert _metrics(sharded)["eval_loss"] == _metrics(whole)["eval_loss"]
+    assert json.loads((sharded / "reload.json").read_text())["same_logits"]
 
 
 @pytest.mark.slow
@@ -208,15 +216,14 @@ def test_fsdp_resumes_exactly_after_a_crash(tiny_llama, tmp_path, fsdp_run):
 
 
 @pytest.mark.slow
-def test_bf16_gather_keeps_every_4bit_byte(tiny_llama, tmp_path):
+def test_bf16_gather_keeps_every_4bit_byte(fsdp_runs):
     """bitsandbytes#1945 / accelerate#3983: gathered in bf16, the packed NF4 bytes must come back unchanged."""
-    common = ["--model", tiny_llama, "--adapter", "lora", "--batch-size", "4", "--fsdp", "--mixed-precision", "bf16"]
-    printed = _launch(tmp_path / "bf16", 2, *common)
+    out, printed = fsdp_runs("bf16")
     assert "all-gather in bfloat16" in printed
-    metrics = _metrics(tmp_path / "bf16")
+    metrics = _metrics(out)
     assert metrics["4bit_bytes_unchanged"] and metrics["eval_accuracy"] > 0.8
     # the sharded model computes in bf16, the reload in fp32: close, not equal
-    assert json.loads((tmp_path / "bf16" / "reload.json").read_text())["max_logit_difference"] < 0.1
+    assert json.loads((out / "reload.json").read_text())["max_logit_difference"] < 0.1
 
 
 @pytest.mark.slow
