@@ -100,18 +100,23 @@ def fresh_process(
     """``python script args`` in a fresh process under ``env``: its exit code, stdout and stderr. ``warm``: forked
     from a zygote (``zygote.py``: the ``preload`` imports paid once per environment) where fork is safe, else
     started afresh. ``timeout``: seconds, None for none."""
-    if not (warm and _forking_is_safe()):
+    if not (warm and forking_is_safe()):
         done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, env=env)
         return done.returncode, done.stdout, done.stderr
+    return zygote(env, preload).run(script, args, timeout)
+
+
+def zygote(env: dict, preload: tuple[str, ...] = PRELOAD) -> Zygote:
+    """The running zygote of ``env`` and ``preload``, started when there is none."""
     key = (preload, tuple(sorted(env.items())))
     if key not in _ZYGOTES:
         while len(_ZYGOTES) >= MAX_ZYGOTES:  # the oldest environment's goes: each holds the imports' memory
             _ZYGOTES.pop(next(iter(_ZYGOTES))).close()
         _ZYGOTES[key] = Zygote(env, preload)
-    return _ZYGOTES[key].run(script, args, timeout)
+    return _ZYGOTES[key]
 
 
-def _forking_is_safe() -> bool:
+def forking_is_safe() -> bool:
     """Linux without CUDA: a child forked after its parent initialised the CUDA driver cannot use it, and the
     zygote's imports initialise it (bitsandbytes' import reads the device's compute capability to pick its library);
     elsewhere ``fork`` is missing or unsafe with the system's libraries (macOS)."""
@@ -146,20 +151,34 @@ class Zygote:
         self.pending = b""  # read from the zygote, not yet a whole line
         atexit.register(self.close)
 
-    def run(self, script: str, args: list[str], timeout: float | None) -> tuple[int, str, str]:
+    def run(
+        self, script: str, args: list[str], timeout: float | None, cwd: str | None = None, **how: bool
+    ) -> tuple[int, str, str]:
+        """``script`` run with ``args`` in a forked child: its exit code, stdout and stderr. ``how``: the protocol's
+        ``module`` and ``session``, and ``merged`` (stderr into stdout, returned as stdout). On a timeout the child
+        (with ``session``, its whole group) is killed and ``subprocess.TimeoutExpired`` carries its output so far."""
         with tempfile.TemporaryDirectory(prefix="zygote-") as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-            request = {"script": script, "args": args, "cwd": os.getcwd(), "stdout": str(out), "stderr": str(err)}
-            self._send(request)
+            out, err = Path(folder) / "stdout", Path(folder) / ("stdout" if how.get("merged") else "stderr")
+            request = {
+                "script": script,
+                "args": args,
+                "cwd": cwd or os.getcwd(),
+                "stdout": str(out),
+                "stderr": str(err),
+            }
+            self._send({**request, "module": how.get("module", False), "session": how.get("session", False)})
             pid = self._answer(None)["pid"]
             try:
                 returncode = self._answer(timeout)["returncode"]
             except TimeoutError:
+                kill = os.killpg if how.get("session") else os.kill  # a session: its group, as a GPU check part
                 with contextlib.suppress(ProcessLookupError):  # it may have ended since
-                    os.kill(pid, signal.SIGKILL)  # as subprocess.run does on its timeout, then the same error
+                    kill(pid, signal.SIGKILL)  # as subprocess.run does on its timeout, then the same error
                 self._answer(None)
-                raise subprocess.TimeoutExpired([script, *args], timeout) from None
-            return returncode, out.read_text(errors="replace"), err.read_text(errors="replace")
+                output = out.read_text(errors="replace")
+                raise subprocess.TimeoutExpired([script, *args], timeout, output=output) from None
+            stderr = "" if how.get("merged") else err.read_text(errors="replace")
+            return returncode, out.read_text(errors="replace"), stderr
 
     def _send(self, request: dict) -> None:
         assert self.process.stdin is not None

@@ -47,6 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import forking_is_safe, zygote  # noqa: E402
 
 # seconds per part: what each took on an H200 (memory: 10 cells at about 21 s each), with room;
 # the total --budget caps them all
@@ -76,26 +77,39 @@ def device_info() -> dict:
     return info
 
 
-def run_part(command: list[str], timeout: float, env: dict | None = None) -> dict:
-    """Run one part in its own process (own session, so a timeout kills its children too)."""
+def run_part(command: list[str], timeout: float, env: dict | None = None, warm: bool = False) -> dict:
+    """Run one part in its own process (own session, so a timeout kills its children too). ``warm``: forked from a
+    zygote (``zygote.py``), as a dry run on a CPU does, where each part's 5-7 s of imports is most of it."""
     started = time.perf_counter()
+    environ = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    # a part with an environment of its own would need a zygote of its own: no saving for one process
+    run = _forked if warm and not env else _started
+    status, output = run(command, max(timeout, 1), {**environ, **(env or {})})
+    return {"status": status, "seconds": round(time.perf_counter() - started, 1), "output_tail": output[-4000:]}
+
+
+def _started(command: list[str], timeout: float, env: dict) -> tuple[str, str]:
     proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
-        start_new_session=True,
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
     )
     try:
-        output, _ = proc.communicate(timeout=max(timeout, 1))
-        status = "passed" if proc.returncode == 0 else "failed"
+        output, _ = proc.communicate(timeout=timeout)
+        return ("passed" if proc.returncode == 0 else "failed"), output
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
-        output, _ = proc.communicate()
-        status = "timeout"
-    return {"status": status, "seconds": round(time.perf_counter() - started, 1), "output_tail": output[-4000:]}
+        return "timeout", proc.communicate()[0]
+
+
+def _forked(command: list[str], timeout: float, env: dict) -> tuple[str, str]:
+    """``command`` (``python script ...`` or ``python -m module ...``) forked from a zygote, in a session."""
+
+    module = command[1] == "-m"
+    script, args = (command[2], command[3:]) if module else (command[1], command[2:])
+    try:
+        code, output, _ = zygote(env).run(script, args, timeout, str(ROOT), module=module, session=True, merged=True)
+        return ("passed" if code == 0 else "failed"), output
+    except subprocess.TimeoutExpired as stop:
+        return "timeout", str(stop.output or "")
 
 
 def correctness(ctx) -> dict:
@@ -151,7 +165,7 @@ def memory(ctx) -> dict:
         cmd += ["--limit", str(ctx.memory_cells)]
     if ctx.dry_run:
         cmd += ["--model", ctx.model, "--limit", "1", "--max-seq-len", "64"]  # one cell: a zygote would not pay
-    result = run_part(cmd, ctx.timeout("memory"))
+    result = run_part(cmd, ctx.timeout("memory"), warm=ctx.warm)
     path = ctx.out / f"memory_accuracy-gpu{ctx.suffix}.json"
     if result["status"] == "passed" and path.exists():
         data = json.loads(path.read_text())
@@ -182,7 +196,7 @@ def throughput(ctx) -> dict:
         cmd.append("--warm-start")  # its runs forked from a process with the imports (zygote.py)
     else:  # a third side, ours with regional torch.compile (its compile time reported)
         cmd.append("--compile")
-    result = run_part(cmd, ctx.timeout("throughput"))
+    result = run_part(cmd, ctx.timeout("throughput"), warm=ctx.warm)
     path = ctx.out / f"throughput-gpu{ctx.suffix}.json"
     if result["status"] == "passed" and path.exists():
         data = json.loads(path.read_text())
@@ -195,7 +209,7 @@ def recipe(ctx) -> dict:
     cmd = [sys.executable, "recipes/sentiment.py", "--output", str(output)]
     if ctx.dry_run:
         cmd += ["--model", ctx.model, "--train-size", "32", "--eval-size", "16"]
-    result = run_part(cmd, ctx.timeout("recipe"))
+    result = run_part(cmd, ctx.timeout("recipe"), warm=ctx.warm)
     if result["status"] == "passed":
         result["summary"] = json.loads((output / "results.json").read_text())
     return result
@@ -206,6 +220,7 @@ def fsdp(ctx) -> dict:
     result = run_part(
         [sys.executable, "benchmarks/fsdp_check.py", "--model", ctx.model, "--out", str(ctx.out), f"--name={name}"],
         ctx.timeout("fsdp"),
+        warm=ctx.warm,
     )
     path = ctx.out / f"fsdp-check{name}.json"
     if path.exists():
@@ -224,7 +239,7 @@ def shard_load(ctx) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     cmd += ["tests/shard_load_worker.py", "--out", str(out), "--case", f"{ctx.model},nf4,bfloat16,classification"]
     out.mkdir(parents=True, exist_ok=True)
-    result = run_part(cmd, ctx.timeout("shard-load"))
+    result = run_part(cmd, ctx.timeout("shard-load"), warm=ctx.warm)
     reports = [json.loads(p.read_text())["cases"][0] for p in sorted(out.glob("rank*.json"))]
     if result["status"] == "passed" and len(reports) == ranks:
         result["summary"] = {
@@ -252,7 +267,7 @@ def scale(ctx) -> dict:
     sizes += ["--warm-start"] if ctx.dry_run else []  # its runs forked from a process with the imports
     name = "gpu-8b" + ctx.suffix
     cmd = [sys.executable, "benchmarks/throughput.py", "--model", folder, *sizes, "--repeats", "1"]
-    result = run_part([*cmd, "--out", str(ctx.out), "--name", name], ctx.timeout("scale") * 0.7)
+    result = run_part([*cmd, "--out", str(ctx.out), "--name", name], ctx.timeout("scale") * 0.7, warm=ctx.warm)
     result["write_seconds"] = written
     path = ctx.out / f"throughput-{name}.json"
     if result["status"] == "passed" and path.exists():
@@ -262,7 +277,7 @@ def scale(ctx) -> dict:
     memory_name = "memory_accuracy-gpu-8b" + ctx.suffix
     if ctx.dry_run:
         cmd += ["--max-seq-len", "64", "--warm-start"]
-    estimate = run_part([*cmd, "--out", str(ctx.out), "--name", memory_name], ctx.timeout("scale"))
+    estimate = run_part([*cmd, "--out", str(ctx.out), "--name", memory_name], ctx.timeout("scale"), warm=ctx.warm)
     path = ctx.out / f"{memory_name}.json"
     if estimate["status"] == "passed" and path.exists():
         result["memory"] = json.loads(path.read_text())["summary"]
@@ -289,6 +304,7 @@ class Context:
         self.shapes_dir = Path(args.shapes_dir) if args.shapes_dir else (work / "shapes" if args.dry_run else None)
         self.out = Path(args.out)
         self.suffix = "-dry-run" if args.dry_run else ""
+        self.warm = args.dry_run and forking_is_safe()  # parts forked from a zygote (run_part)
         self.deadline = time.monotonic() + (args.budget if not args.dry_run else max(args.budget, 2400))
 
     def timeout(self, part: str) -> float:

@@ -16,13 +16,16 @@ differs: its peak RSS leaves out the library pages it never touches, which a fre
 (``--warm-start``) for checking a benchmark, as the tests do; the published tables start every run afresh.
 
 Protocol, one JSON line each way: the parent sends ``{"script", "args", "cwd", "stdout", "stderr"}`` (the last
-two: files for the child's output); the zygote answers ``{"pid"}`` once the child runs, then ``{"returncode"}``.
+two: files for the child's output, one file for both when equal) and optionally ``"module"`` (``script`` names a
+module, run as ``python -m``) and ``"session"`` (the child starts a session, so a timeout can kill its group); the
+zygote answers ``{"pid"}`` once the child runs, then ``{"returncode"}``.
 It exits when its stdin closes. ``common.run_child`` drives it: ``python zygote.py [module ...]``.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import os
@@ -50,12 +53,18 @@ def _exit_code(stop: SystemExit) -> int:
 
 
 def _run(request: dict) -> int:
-    """The script as ``__main__`` with its arguments, its folder first on ``sys.path``, as the interpreter runs it."""
-    script = os.path.abspath(request["script"])
-    sys.argv = [script, *request["args"]]
-    sys.path.insert(0, os.path.dirname(script))
+    """The script (or with ``module``, the module, as ``python -m`` runs it) as ``__main__`` with its arguments and
+    its folder (the working folder) first on ``sys.path``, as the interpreter runs it."""
     try:
-        runpy.run_path(script, run_name="__main__")
+        if request.get("module"):
+            sys.argv = [request["script"], *request["args"]]
+            sys.path.insert(0, os.getcwd())
+            runpy.run_module(request["script"], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(request["script"])
+            sys.argv = [script, *request["args"]]
+            sys.path.insert(0, os.path.dirname(script))
+            runpy.run_path(script, run_name="__main__")
         return 0
     except SystemExit as stop:
         return _exit_code(stop)
@@ -68,17 +77,25 @@ def _child(request: dict) -> None:
     """In the forked child: output to the parent's files, the script run, then the process's exit, never a return."""
     code = 1
     try:
+        if request.get("session"):
+            os.setsid()  # a process group of its own: a timeout kills whatever it started too
         os.chdir(request["cwd"])
         _redirect(0, os.devnull, os.O_RDONLY)
         _redirect(1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        _redirect(2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        if request["stderr"] == request["stdout"]:  # one stream, in the order written
+            os.dup2(1, 2)
+        else:
+            _redirect(2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         sys.stdin = open(os.devnull)  # noqa: SIM115 - the process's own stdin until it exits
         code = _run(request)
         atexit._run_exitfuncs()  # what the interpreter runs at exit; os._exit below skips it
+    except BaseException:  # setting the child up failed (a folder gone): said where its stderr goes, exit code 1
+        traceback.print_exc()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        for stream in (sys.stdout, sys.stderr):  # a script may have closed them (json.tool closes stdout)
+            with contextlib.suppress(BaseException):
+                stream.flush()
+        os._exit(code)  # always: the child never returns into the zygote's loop
 
 
 def serve(requests, answers) -> None:

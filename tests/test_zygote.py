@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import common  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not common._forking_is_safe(), reason="runs start afresh here: nothing forks")
+pytestmark = pytest.mark.skipif(not common.forking_is_safe(), reason="runs start afresh here: nothing forks")
 
 LIGHT = ("json",)
 """What the zygotes of the tests of the protocol import: it does not depend on what is preloaded."""
@@ -99,3 +100,35 @@ def test_each_environment_gets_its_own_zygote_and_the_oldest_is_closed(tmp_path,
     monkeypatch.setattr(common, "MAX_ZYGOTES", 1)
     assert _light(script, env | {"ZYGOTE_TEST_FLAG": "other"})[1] == "other\n"
     assert len(common._ZYGOTES) == 1 and first.process.poll() == 0  # closed: it ended at the end of its input
+
+
+def test_a_module_in_a_session_with_one_stream_as_the_gpu_check_runs_its_parts(tmp_path, env):
+    """``python -m module``; stdout and stderr in one stream; a timeout kills the child's whole process group (what a
+    GPU check part started too), and the output so far comes with the error."""
+    (tmp_path / "data.json").write_text('{"b": 1}')
+    code, out, _ = common.zygote(env, LIGHT).run(
+        "json.tool", ["data.json"], 60, str(tmp_path), module=True, merged=True
+    )
+    assert code == 0 and json.loads(out) == {"b": 1}
+    grandchild = tmp_path / "grandchild.pid"
+    script = _script(
+        tmp_path,
+        f"""
+        import subprocess, sys, time
+        print("to stdout", flush=True)
+        print("to stderr", file=sys.stderr, flush=True)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open({str(grandchild)!r}, "w").write(str(child.pid))
+        time.sleep(60)
+        """,
+    )
+    with pytest.raises(subprocess.TimeoutExpired) as stopped:
+        common.zygote(env, LIGHT).run(script, [], 3, session=True, merged=True)
+    assert "to stdout" in stopped.value.output and "to stderr" in stopped.value.output
+    pid = int(grandchild.read_text())
+    for _ in range(50):  # killed with its group; reaped by init once gone
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the part's own child {pid} outlived the timeout")
