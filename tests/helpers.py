@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,3 +225,16 @@ def one_after_another(runs: dict[Path, list[str]]) -> list[str]:
         out.mkdir(parents=True, exist_ok=True)
         options += [*(["--then"] if options else []), "--out", str(out), *rest]
     return options
+
+
+DDP_WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def launch_ddp_worker(processes: int, options: list[str], expect: int = 0) -> str:
+    """``tests/ddp_worker.py`` with ``options`` under ``torchrun --standalone`` on ``processes`` processes, one
+    thread each; asserts its exit code (``expect``) and returns what it printed."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, str(DDP_WORKER), *options], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout

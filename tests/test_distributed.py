@@ -1,17 +1,14 @@
 """Training under 2 CPU processes (torchrun, gloo) equals one process with the same global batch."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import made_once, one_after_another
+from tests.helpers import launch_ddp_worker, made_once, one_after_another
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
 # the runs compared, each by name: the worker's options besides the model, the batch size and the folder
 CASES = {
     "lora": ["--adapter", "lora"],
@@ -26,16 +23,8 @@ def _launch(model: str, processes: int, batch_size: int, root: Path) -> None:
     runs = {
         root / name: ["--model", model, "--batch-size", str(batch_size), *options] for name, options in CASES.items()
     }
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    done = subprocess.run(
-        [*launcher, str(WORKER), *one_after_another(runs)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count(f"training on {processes} process(es)") == len(CASES)
+    printed = launch_ddp_worker(processes, one_after_another(runs))
+    assert printed.count(f"training on {processes} process(es)") == len(CASES)
 
 
 @pytest.fixture(scope="module")

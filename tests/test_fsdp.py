@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 import adapters
 from adapters.errors import ConfigError
 from adapters.sharding.fsdp import check_fsdp, match_4bit_storage
-from tests.helpers import made_once, one_after_another, toy_sentiment
+from tests.helpers import DDP_WORKER, launch_ddp_worker, made_once, one_after_another, toy_sentiment
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -29,10 +28,7 @@ def _launch(out: Path | None, processes: int, *extra: str, expect: int = 0) -> s
     if out is not None:
         out.mkdir(exist_ok=True)
         extra = ("--out", str(out), *extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    done = subprocess.run([*cmd, str(WORKER), *extra], capture_output=True, text=True, timeout=300, env=ENV)
-    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return launch_ddp_worker(processes, list(extra), expect)
 
 
 def _trained(out: Path, rank: int = 0) -> dict[str, torch.Tensor]:
@@ -238,7 +234,7 @@ def test_two_nodes_on_one_host_match_two_local_processes(tiny_llama, tmp_path, f
             [
                 *[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"],
                 *["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port],
-                *[str(WORKER), "--out", str(out), *common],
+                *[str(DDP_WORKER), "--out", str(out), *common],
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
