@@ -152,13 +152,21 @@ class Zygote:
         atexit.register(self.close)
 
     def run(
-        self, script: str, args: list[str], timeout: float | None, cwd: str | None = None, **how: bool
+        self,
+        script: str,
+        args: list[str],
+        timeout: float | None,
+        cwd: str | None = None,
+        *,
+        module: bool = False,
+        session: bool = False,
+        merged: bool = False,
     ) -> tuple[int, str, str]:
-        """``script`` run with ``args`` in a forked child: its exit code, stdout and stderr. ``how``: the protocol's
-        ``module`` and ``session``, and ``merged`` (stderr into stdout, returned as stdout). On a timeout the child
-        (with ``session``, its whole group) is killed and ``subprocess.TimeoutExpired`` carries its output so far."""
+        """``script`` run with ``args`` in a forked child: its exit code, stdout and stderr. ``module`` and
+        ``session``: the protocol's; ``merged``: stderr into stdout, returned as stdout. On a timeout the child (with
+        ``session``, its whole group) is killed and ``subprocess.TimeoutExpired`` carries its output so far."""
         with tempfile.TemporaryDirectory(prefix="zygote-") as folder:
-            out, err = Path(folder) / "stdout", Path(folder) / ("stdout" if how.get("merged") else "stderr")
+            out, err = Path(folder) / "stdout", Path(folder) / ("stdout" if merged else "stderr")
             request = {
                 "script": script,
                 "args": args,
@@ -166,18 +174,18 @@ class Zygote:
                 "stdout": str(out),
                 "stderr": str(err),
             }
-            self._send({**request, "module": how.get("module", False), "session": how.get("session", False)})
+            self._send({**request, "module": module, "session": session})
             pid = self._answer(None)["pid"]
             try:
                 returncode = self._answer(timeout)["returncode"]
             except TimeoutError:
-                kill = os.killpg if how.get("session") else os.kill  # a session: its group, as a GPU check part
+                kill = os.killpg if session else os.kill  # a session: its group, as a GPU check part
                 with contextlib.suppress(ProcessLookupError):  # it may have ended since
                     kill(pid, signal.SIGKILL)  # as subprocess.run does on its timeout, then the same error
                 self._answer(None)
                 output = out.read_text(errors="replace")
                 raise subprocess.TimeoutExpired([script, *args], timeout, output=output) from None
-            stderr = "" if how.get("merged") else err.read_text(errors="replace")
+            stderr = "" if merged else err.read_text(errors="replace")
             return returncode, out.read_text(errors="replace"), stderr
 
     def _send(self, request: dict) -> None:

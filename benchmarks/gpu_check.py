@@ -103,7 +103,6 @@ def _started(command: list[str], timeout: float, env: dict) -> tuple[str, str]:
 
 def _forked(command: list[str], timeout: float, env: dict) -> tuple[str, str]:
     """``command`` (``python script ...`` or ``python -m module ...``) forked from a zygote, in a session."""
-
     module = command[1] == "-m"
     script, args = (command[2], command[3:]) if module else (command[1], command[2:])
     try:
@@ -264,8 +263,8 @@ def scale(ctx) -> dict:
     started = time.perf_counter()
     folder = str(write("llama-3.1-8b", ctx.shapes_dir, progress=False, **(tiny if ctx.dry_run else {})))
     written = round(time.perf_counter() - started, 1)
-    sizes = ["--seq-len", "64", "--batch", "4", "--steps", "2"] if ctx.dry_run else ["--steps", "10"]
-    sizes += ["--warm-start"] if ctx.dry_run else []  # its runs forked from a process with the imports
+    # a dry run: tiny sizes, its runs forked from a process with the imports (--warm-start)
+    sizes = ["--seq-len", "64", "--batch", "4", "--steps", "2", "--warm-start"] if ctx.dry_run else ["--steps", "10"]
     name = "gpu-8b" + ctx.suffix
     cmd = [sys.executable, "benchmarks/throughput.py", "--model", folder, *sizes, "--repeats", "1"]
     result = run_part([*cmd, "--out", str(ctx.out), "--name", name], ctx.timeout("scale") * 0.7, warm=ctx.warm)
