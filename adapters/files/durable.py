@@ -7,10 +7,10 @@ journal for folders that already hold something:
   and folders flushed (``fsync``), then renamed to ``path`` in one step, and the parent flushed.
 * **A folder that holds an earlier write, or the user's files** (the caller decided, by the manifest, what may
   be replaced): the new files are written into ``path/.qadapters-staging`` and flushed with their manifest;
-  then a ``COMMIT`` file (the list of earlier files to remove) is flushed, and from that moment the write is
-  decided: each new file is renamed over its old one, the earlier files not written again are removed, the
-  manifest is renamed last and the staging folder removed. Only the library's own files are ever renamed or
-  removed; every other entry of ``path`` stays where it is.
+  then a ``COMMIT`` file (the list of earlier files to remove) is flushed aside and renamed into place, and from
+  that moment the write is decided: each new file is renamed over its old one, the earlier files not written
+  again are removed, the manifest is renamed last and the staging folder removed. Only the library's own files
+  are ever renamed or removed; every other entry of ``path`` stays where it is.
 
 A kill before ``COMMIT`` leaves the old folder as it was (the staging folder is removed by the next write);
 a kill after it leaves a decided write that any reader or writer finishes (``recover``) before it looks at the
@@ -218,10 +218,15 @@ def _commit(path: Path, work: Path, fresh: bool, replaces: Iterable[str]) -> Non
         os.replace(work, path)
         fsync_dir(path.parent)
         return
+    # the decision is the rename of a flushed COMMIT: written in place, a kill between creating the file and
+    # filling it left an empty COMMIT, a decided write whose list no reader could read (a real kill found it)
     _step("write commit")
-    with open(work / COMMIT, "w") as f:
+    pending = work / f"{COMMIT}.tmp"
+    with open(pending, "w") as f:
         json.dump({"remove": sorted(set(replaces) - {MANIFEST})}, f)
         f.flush()
         os.fsync(f.fileno())
+    _step("rename commit")
+    os.replace(pending, work / COMMIT)
     fsync_dir(work)
     _roll_forward(path, work)

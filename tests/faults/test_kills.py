@@ -130,7 +130,7 @@ def test_a_reader_killed_while_finishing_a_decided_save(tiny_llama, tmp_path):
     reference = tmp_path / "reference"
     new.save_pretrained(reference)
     expected, kills = _tensors(reference), 0
-    for step in range(3, 40):  # past the manifest, the flush and the commit file: a decided save
+    for step in range(4, 40):  # past the manifest, the flush, the commit file and its rename: a decided save
         art = tmp_path / f"art-{step}"
         shutil.copytree(template, art)
         if not _killed_at(step, lambda a=art: new.save_pretrained(a, overwrite=True)):
@@ -144,6 +144,37 @@ def test_a_reader_killed_while_finishing_a_decided_save(tiny_llama, tmp_path):
         assert read_manifest(art) is not None
     print(f"reader kills: {kills}")
     assert kills >= 20, kills
+
+
+def test_a_kill_while_the_commit_is_written_leaves_the_old_artifact(tiny_llama, tmp_path, monkeypatch):
+    """Killed after the commit file was created and before it was filled (inside one step, where the step kills
+    do not reach; a real kill at a random moment found it): the save was not decided, the old artifact opens, and
+    the next save goes through."""
+    old, new = _model(tiny_llama), _model(tiny_llama, seed=1)
+    art = tmp_path / "art"
+    old.save_pretrained(art)
+    (art / "notes.txt").write_text("mine")
+    expected = _tensors(art)
+
+    dump = durable.json.dump
+
+    def killed_while_writing(obj, *args, **kwargs):
+        if isinstance(obj, dict) and set(obj) == {"remove"}:  # the commit's list (the manifest is written before)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return dump(obj, *args, **kwargs)
+
+    pid = os.fork()
+    if pid == 0:  # the child: dies inside the commit file's write
+        monkeypatch.setattr(durable.json, "dump", killed_while_writing)
+        try:
+            new.save_pretrained(art, overwrite=True)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert _tensors(open_artifact(art).path) == expected and (art / "notes.txt").read_text() == "mine"
+    new.save_pretrained(art, overwrite=True)
+    assert _tensors(open_artifact(art).path) != expected and (art / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
